@@ -1,0 +1,1 @@
+"""nanofast: a nanochat-compatible GPT training and inference stack built on fast kernels."""

@@ -1,0 +1,148 @@
+"""Checkpoints in nanochat's directory format, plus everything an exact resume needs.
+
+A checkpoint directory holds, per saved step: `model_{step:06d}.pt` (the model state dict),
+`meta_{step:06d}.json` (with `model_config`, and for nanofast runs the loop and data-loader state)
+and `optim_{step:06d}_rank{r}.pt` (each rank's optimizer state and RNG state).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from nanofast import ops
+from nanofast.model import GPT, GPTConfig
+
+_MODEL_FILE = re.compile(r"^model_(\d{6})\.pt$")
+_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or not a nanochat/nanofast GPT checkpoint."""
+
+
+def latest_step(directory: str | Path) -> int | None:
+    """The highest step with a model file in `directory`, or None when there is none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    steps = [int(m.group(1)) for f in directory.iterdir() if (m := _MODEL_FILE.match(f.name))]
+    return max(steps) if steps else None
+
+
+def save_checkpoint(directory: str | Path, step: int, model: GPT, optimizer: torch.optim.Optimizer | None,
+                    meta: dict, rank: int = 0) -> None:
+    """Write step `step`: the model and metadata from rank 0, the optimizer shard and RNG from every rank.
+
+    Files are written under a temporary name and renamed, so a crash never leaves a half file that
+    `latest_step` would pick up.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        meta = dict(meta, step=step, model_config=model.config.to_dict())
+        _atomic_save(directory / f"model_{step:06d}.pt", lambda p: torch.save(model.state_dict(), p))
+        _atomic_save(directory / f"meta_{step:06d}.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    if optimizer is not None:
+        shard = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        _atomic_save(directory / f"optim_{step:06d}_rank{rank}.pt", lambda p: torch.save(shard, p))
+
+
+def _atomic_save(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def read_meta(directory: str | Path, step: int) -> dict:
+    path = Path(directory) / f"meta_{step:06d}.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint metadata {path} is missing: the checkpoint is incomplete") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint metadata {path} is corrupt ({e.msg}): delete the step or re-save it") from None
+
+
+def config_from_meta(meta: dict, where: str) -> GPTConfig:
+    cfg = meta.get("model_config")
+    if not isinstance(cfg, dict) or any(k not in cfg for k in _CONFIG_KEYS):
+        raise CheckpointError(f"{where} has no GPT model_config with {', '.join(_CONFIG_KEYS)}: not a nanochat/nanofast checkpoint")
+    # Checkpoints from before sliding windows attended over the full context.
+    return GPTConfig(**{k: cfg[k] for k in _CONFIG_KEYS}, window_pattern=cfg.get("window_pattern", "L"))
+
+
+def load_state_dict_file(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} does not exist") from None
+    except Exception as e:  # torch raises many types for truncated/garbled files
+        raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable ({type(e).__name__}): re-download or re-save it") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint file {path} does not hold a state dict")
+    # torch.compile'd models save their keys under `_orig_mod.`.
+    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def build_model(config: GPTConfig, state: dict, device: str | torch.device = "cpu",
+                compute_dtype: torch.dtype = torch.float32, where: str = "checkpoint") -> GPT:
+    """A GPT of `config` holding `state` (fp32 masters; embeddings recast for bf16 compute)."""
+    with torch.device("meta"):
+        model = GPT(config, compute_dtype=compute_dtype)
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
+        raise CheckpointError(f"{where} does not match nanofast's GPT ({detail}): not a nanochat/nanofast GPT checkpoint of this shape")
+    for key, tensor in state.items():
+        want = model.state_dict()[key].shape
+        if tuple(tensor.shape) != tuple(want):
+            raise CheckpointError(f"{where}: {key} has shape {tuple(tensor.shape)}, the model_config implies {tuple(want)}")
+    model.to_empty(device=device)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    # Rotary tables are not in checkpoints (and are garbage after to_empty): recompute them.
+    model.cos, model.sin = ops.rotary_tables(model.cos.size(0), config.head_dim, device=device)
+    model.cast_embeddings()
+    return model
+
+
+def resolve(path: str | Path) -> tuple[Path, int]:
+    """A checkpoint directory (its latest step) or a `model_XXXXXX.pt` file -> (directory, step)."""
+    path = Path(path)
+    if path.is_file():
+        m = _MODEL_FILE.match(path.name)
+        if not m:
+            raise CheckpointError(f"{path} is not named model_XXXXXX.pt: pass the checkpoint directory or its model file")
+        return path.parent, int(m.group(1))
+    step = latest_step(path)
+    if step is None:
+        raise CheckpointError(f"no checkpoint (model_XXXXXX.pt) in {path}: train first or check the path")
+    return path, step
+
+
+def load_nanochat(path: str | Path, device: str | torch.device = "cpu",
+                  compute_dtype: torch.dtype = torch.float32) -> GPT:
+    """Load a nanochat (or nanofast) checkpoint into nanofast's GPT.
+
+    path: a checkpoint directory (its latest step is taken) or a `model_XXXXXX.pt` file beside its
+    `meta_XXXXXX.json`. Returns the model in eval mode; it computes the same logits as nanochat.
+    """
+    directory, step = resolve(path)
+    meta = read_meta(directory, step)
+    config = config_from_meta(meta, f"{directory}/meta_{step:06d}.json")
+    state = load_state_dict_file(directory / f"model_{step:06d}.pt")
+    return build_model(config, state, device, compute_dtype, where=f"{directory}/model_{step:06d}.pt").eval()
+
+
+def load_optimizer_shard(directory: str | Path, step: int, rank: int = 0) -> dict:
+    path = Path(directory) / f"optim_{step:06d}_rank{rank}.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"optimizer state {path} is missing: cannot resume step {step} exactly") from None
+    except Exception as e:
+        raise CheckpointError(f"optimizer state {path} is corrupt ({type(e).__name__})") from None

@@ -1,0 +1,316 @@
+"""A minimal GPT with nanochat's architecture, so nanochat checkpoints load and give the same logits.
+
+Rotary (theta 100k, half-split), QK-norm with a 1.2 scale, parameter-free RMSNorm, ReLU^2 MLP, no
+biases, untied head, vocab padded to 64, logit softcap 15, value embeddings with gates on
+alternating layers, sliding-window pattern, GQA, x0/resid lambdas, smear and backout.
+Every heavy op goes through `nanofast.ops`, where kernels plug in.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from nanofast import ops
+
+VOCAB_PAD = 64  # pad the vocab so the lm_head GEMM has tensor-core friendly N
+SMEAR_CHANNELS = 24
+VE_GATE_CHANNELS = 12
+QK_SCALE = 1.2
+SOFTCAP = 15.0
+
+
+@dataclass
+class GPTConfig:
+    """The architecture, with nanochat's `model_config` field names (saved in checkpoint metadata)."""
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.n_layer >= 1, f"n_layer must be >= 1, got {self.n_layer}"),
+            (self.sequence_len >= 1, f"sequence_len must be >= 1, got {self.sequence_len}"),
+            (self.vocab_size >= 1, f"vocab_size must be >= 1, got {self.vocab_size}"),
+            (self.n_head >= 1 and self.n_kv_head >= 1, f"n_head ({self.n_head}) and n_kv_head ({self.n_kv_head}) must be >= 1"),
+            (self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}"),
+            (self.n_head % self.n_kv_head == 0, f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head} (GQA groups must be whole)"),
+            (self.n_embd // self.n_head % 2 == 0, f"head_dim {self.n_embd // self.n_head} must be even for rotary"),
+            (self.n_embd >= SMEAR_CHANNELS, f"n_embd {self.n_embd} must be >= {SMEAR_CHANNELS} (the smear gate reads that many channels)"),
+            (bool(self.window_pattern) and set(self.window_pattern.upper()) <= {"S", "L"},
+             f"window_pattern {self.window_pattern!r} must be a non-empty string of S and L"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"impossible model shape: {message}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // VOCAB_PAD) * VOCAB_PAD
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def config_for_depth(depth: int, vocab_size: int, sequence_len: int, aspect_ratio: int = 64,
+                     head_dim: int = 128, n_kv_head: int | None = None, window_pattern: str = "SSSL") -> GPTConfig:
+    """nanochat's one dial: d_model = ceil(depth * aspect_ratio / head_dim) * head_dim, heads of head_dim.
+
+    n_kv_head defaults to n_head (no GQA). Impossible combinations raise ValueError naming the problem.
+    """
+    if depth < 1 or aspect_ratio < 1 or head_dim < 1:
+        raise ValueError(f"impossible model shape: depth ({depth}), aspect_ratio ({aspect_ratio}) and head_dim ({head_dim}) must be >= 1")
+    n_embd = -(-depth * aspect_ratio // head_dim) * head_dim
+    n_head = n_embd // head_dim
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                     n_kv_head=n_head if n_kv_head is None else n_kv_head, n_embd=n_embd, window_pattern=window_pattern)
+
+
+def has_value_embed(layer: int, n_layer: int) -> bool:
+    """Value embeddings on alternating layers, always including the last."""
+    return layer % 2 == (n_layer - 1) % 2
+
+
+def window_sizes(config: GPTConfig) -> list[int]:
+    """Left attention window per layer: the pattern tiled over layers, the last layer always long.
+
+    S = T/4 rounded up to a multiple of 128 (flash-attn's tile), L = T.
+    """
+    long = config.sequence_len
+    short = -(-long // 4 // 128) * 128
+    pattern = config.window_pattern.upper()
+    sizes = [short if pattern[i % len(pattern)] == "S" else long for i in range(config.n_layer)]
+    sizes[-1] = long
+    return sizes
+
+
+class Linear(nn.Linear):
+    """Bias-free linear over an fp32 master weight (out, in), computed in the activation's dtype."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.c_q = Linear(config.n_embd, config.n_head * config.head_dim)
+        self.c_k = Linear(config.n_embd, config.n_kv_head * config.head_dim)
+        self.c_v = Linear(config.n_embd, config.n_kv_head * config.head_dim)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.ve_gate = Linear(VE_GATE_CHANNELS, config.n_kv_head) if has_value_embed(layer, config.n_layer) else None
+
+    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                window: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            # ResFormer value residual, gated per KV head from the first channels; range (0, 3).
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = ops.qk_norm_rope(q, k, cos, sin, scale=QK_SCALE)
+        y = ops.attention(q, k, v, window)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(torch.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window):
+        x = x + self.attn(ops.norm(x), ve, cos, sin, window)
+        return x + self.mlp(ops.norm(x))
+
+
+class GPT(nn.Module):
+    """The GPT. State-dict keys match nanochat's, so its checkpoints load unchanged.
+
+    `compute_dtype` is the activation dtype (bf16 on GPU, fp32 on CPU, fp16 selectable); parameters
+    stay fp32 masters, except that embedding tables are stored in the compute dtype when it is bf16
+    (they are only gathered, and the optimizer tolerates it), as nanochat does.
+    """
+
+    def __init__(self, config: GPTConfig, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.compute_dtype = compute_dtype
+        self.windows = window_sizes(config)
+        V, C = config.padded_vocab_size, config.n_embd
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(V, C),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = Linear(C, V)
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        self.smear_gate = Linear(SMEAR_CHANNELS, 1)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
+        kv_dim = config.n_kv_head * config.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(config.n_layer)
+                                           if has_value_embed(i, config.n_layer)})
+        # 10x the training length so generation past it still has angles; not saved in checkpoints.
+        cos, sin = ops.rotary_tables(config.sequence_len * 10, config.head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanochat's initialisation: uniform blocks (bound sqrt(3/d)), zero output projections."""
+        C, L = self.config.n_embd, self.config.n_layer
+        s = math.sqrt(3.0 / C)  # uniform bound with the std of N(0, 1/C): no outliers
+        nn.init.normal_(self.transformer.wte.weight, std=0.8)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        for i in range(L):
+            self.resid_lambdas[i] = 1.15 - 0.10 * i / max(L - 1, 1)
+            self.x0_lambdas[i] = 0.20 - 0.15 * i / max(L - 1, 1)
+        nn.init.zeros_(self.smear_lambda)
+        nn.init.constant_(self.backout_lambda, 0.2)
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        for block in self.transformer.h:
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        self.cos, self.sin = ops.rotary_tables(self.config.sequence_len * 10, self.config.head_dim, device=self.cos.device)
+        self.cast_embeddings()
+
+    def cast_embeddings(self) -> None:
+        """Store embedding tables in bf16 when computing in bf16 (fp16 keeps fp32: GradScaler needs it)."""
+        if self.compute_dtype == torch.bfloat16:
+            self.transformer.wte.to(torch.bfloat16)
+            self.value_embeds.to(torch.bfloat16)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                loss_reduction: str = "mean") -> torch.Tensor:
+        """idx: (B, T) int64 token ids. Returns the loss (targets (B, T), -1 = ignore) or
+        fp32 softcapped logits (B, T, vocab_size)."""
+        B, T = idx.shape
+        if T > self.cos.size(0):
+            raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.cos.size(0)} positions)")
+        dtype = self.compute_dtype
+        cos, sin = self.cos[:T].to(dtype), self.sin[:T].to(dtype)
+        x = ops.norm(self.transformer.wte(idx).to(dtype))
+        if T > 1:
+            # Smear: a gated copy of the previous token's embedding, cheap bigram information.
+            gate = self.smear_lambda.to(dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
+            x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        x0 = x
+        x_mid = None
+        backout_layer = self.config.n_layer // 2
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.windows[i])
+            if i == backout_layer:
+                x_mid = x
+        # Backout: remove the cached mid-depth residual (low-level features) before the head.
+        x = ops.norm(x - self.backout_lambda.to(dtype) * x_mid)
+        logits = self.lm_head(x)[..., :self.config.vocab_size]
+        if targets is None:
+            return ops.softcap_logits(logits, SOFTCAP)
+        return ops.softcap_cross_entropy(logits, targets, SOFTCAP, reduction=loss_reduction)
+
+    # ---- accounting -------------------------------------------------------------------------
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts per group, as nanochat reports them (scaling laws use matrices + lm_head)."""
+        count = lambda params: sum(p.numel() for p in params)
+        counts = {
+            "wte": self.transformer.wte.weight.numel(),
+            "value_embeds": count(self.value_embeds.parameters()),
+            "lm_head": self.lm_head.weight.numel(),
+            "transformer_matrices": count(self.transformer.h.parameters()),
+            "scalars": count([self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight,
+                              self.smear_lambda, self.backout_lambda]),
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 per matmul weight, plus 12*H*D*window for attention per layer."""
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, Linear))
+        T, H, D = self.config.sequence_len, self.config.n_head, self.config.head_dim
+        attn = sum(12 * H * D * min(w, T) for w in self.windows)
+        return 6 * matmul + attn
+
+    # ---- optimizer groups ---------------------------------------------------------------------
+    def param_groups(self, unembedding_lr: float = 0.008, embedding_lr: float = 0.3, matrix_lr: float = 0.02,
+                     scalar_lr: float = 0.5, weight_decay: float = 0.28, lr_scale: float = 1.0) -> list[dict]:
+        """nanochat's MuonAdamW groups. AdamW LRs scale as (d_model/768)^-0.5; `lr_scale` is the
+        batch-size correction applied to every LR."""
+        dscale = (self.config.n_embd / 768) ** -0.5
+        adam = dict(kind="adamw", eps=1e-10)
+        matrices = list(self.transformer.h.parameters())
+        groups = [
+            dict(adam, params=[self.lm_head.weight], lr=unembedding_lr * dscale * lr_scale, betas=(0.8, 0.96), weight_decay=0.01),
+            dict(adam, params=[self.transformer.wte.weight], lr=embedding_lr * dscale * lr_scale, betas=(0.8, 0.995), weight_decay=0.001),
+            dict(adam, params=list(self.value_embeds.parameters()), lr=0.5 * embedding_lr * dscale * lr_scale, betas=(0.8, 0.995), weight_decay=0.01),
+            dict(adam, params=[self.resid_lambdas], lr=0.01 * scalar_lr * lr_scale, betas=(0.8, 0.95), weight_decay=0.05),
+            dict(adam, params=[self.x0_lambdas], lr=scalar_lr * lr_scale, betas=(0.96, 0.95), weight_decay=0.0),
+            dict(adam, params=[self.smear_gate.weight, self.smear_lambda, self.backout_lambda], lr=0.2 * lr_scale, betas=(0.8, 0.95), weight_decay=0.0),
+        ]
+        for shape in sorted({tuple(p.shape) for p in matrices}):
+            groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape],
+                               lr=matrix_lr * lr_scale, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=weight_decay))
+        groups = [g for g in groups if g["params"]]
+        for g in groups:
+            g["initial_lr"] = g["lr"]
+        return groups
+
+    # ---- sampling (naive full recompute; the paged engine lives in its own module) -------------
+    @torch.no_grad()
+    def generate(self, tokens: list[int], max_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 seed: int = 42):
+        """Yield up to `max_tokens` new token ids after the prompt `tokens`, recomputing the whole
+        sequence each step (the reference generation every faster engine is checked against)."""
+        if not tokens:
+            raise ValueError("generate needs a non-empty prompt (start it with the BOS token)")
+        device = self.cos.device
+        rng = torch.Generator(device=device).manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids[:, -self.config.sequence_len:])[:, -1, :]
+            if temperature == 0.0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=rng)
+            ids = torch.cat([ids, nxt], dim=1)
+            yield int(nxt.item())

@@ -1,0 +1,122 @@
+"""The model's compute boundaries: every op a kernel plugs into is one plain function here.
+
+Each function below is the plain-torch implementation the model runs today on every device; the
+kernel issues swap in `nanofast.kernels` implementations behind the same signatures, chosen by
+device, so the CPU test suite keeps executing the same call sites the GPU runs.
+Layouts follow flash-attn: activations (B, T, H, D), so no transposes are needed around attention.
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+
+try:  # FA3 (Hopper) ships as flash_attn_interface; FA2 as flash_attn. Both optional.
+    import flash_attn_interface as _fa3
+except ImportError:
+    _fa3 = None
+try:
+    import flash_attn as _fa2
+except ImportError:
+    _fa2 = None
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm over the last dim (torch's default eps), any leading shape, any float dtype."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = x @ weight.T with the fp32 master weight cast to the activation dtype.
+
+    x: (..., in) in the compute dtype; weight: (out, in), usually fp32. Casting the weight (not
+    autocasting) keeps the optimizer on fp32 masters while the matmul runs in bf16/fp16.
+    """
+    return F.linear(x, weight.to(dtype=x.dtype))
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float = 100_000.0,
+                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (seq_len, head_dim // 2), fp32: angle t * base^(-2i/head_dim)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary in nanochat's half-split convention (a rotation by -theta, kept for checkpoint parity).
+
+    x: (B, T, H, D); cos, sin: (T, D/2) in x's dtype. y1 = x1 cos + x2 sin; y2 = -x1 sin + x2 cos.
+    """
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary, then parameter-free RMSNorm over D, then multiply by `scale`, for q and k.
+
+    q: (B, T, Hq, D), k: (B, T, Hk, D); cos, sin: (T, D/2). A rotation preserves each pair's norm,
+    so norm-then-rotate equals rotate-then-norm: the fused kernel is free to pick its order.
+    """
+    q = norm(apply_rotary(q, cos, sin)) * scale
+    k = norm(apply_rotary(k, cos, sin)) * scale
+    return q, k
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal attention with a left sliding window, default softmax scale 1/sqrt(D).
+
+    q: (B, T, Hq, D); k, v: (B, T, Hkv, D) with Hq % Hkv == 0 (GQA). Query i sees keys j with
+    i - window <= j <= i (flash-attn's window_size=(window, 0)). Returns (B, T, Hq, D).
+    """
+    if q.is_cuda and (_fa3 is not None or _fa2 is not None) and q.dtype in (torch.bfloat16, torch.float16):
+        fa = _fa3 if (_fa3 is not None and torch.cuda.get_device_capability(q.device)[0] == 9) else _fa2
+        if fa is not None:
+            out = fa.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+            return out[0] if isinstance(out, tuple) else out
+    return _sdpa_attention(q, k, v, window)
+
+
+def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    T = q.size(1)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) views
+    gqa = q.size(1) != k.size(1)
+    if window >= T - 1:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return y.transpose(1, 2)
+    # Banded attention without a (T, T) mask: each block of `window` queries only needs keys from
+    # [block_start - window, block_end), so the work and the mask are O(T * window), not O(T^2).
+    chunk = max(window, 1)
+    outs = []
+    for start in range(0, T, chunk):
+        end = min(start + chunk, T)
+        kstart = max(0, start - window)
+        qi = torch.arange(start, end, device=q.device)[:, None]
+        kj = torch.arange(kstart, end, device=q.device)[None, :]
+        mask = (kj <= qi) & (kj >= qi - window)
+        outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, kstart:end], v[:, :, kstart:end],
+                                                   attn_mask=mask, enable_gqa=gqa))
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, softcap: float = 15.0,
+                          reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of `softcap * tanh(logits / softcap)` computed in fp32, ignore_index -1.
+
+    logits: (..., V) any float dtype; targets: (...) int64 with -1 for positions without a loss.
+    reduction "mean" (over non-ignored positions), "sum" or "none" (shape of targets).
+    """
+    capped = softcap_logits(logits, softcap)
+    loss = F.cross_entropy(capped.reshape(-1, capped.size(-1)), targets.reshape(-1), ignore_index=-1,
+                           reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def softcap_logits(logits: torch.Tensor, softcap: float = 15.0) -> torch.Tensor:
+    """`softcap * tanh(logits / softcap)` in fp32: bounds logits smoothly to (-softcap, softcap)."""
+    logits = logits.float()
+    return softcap * torch.tanh(logits / softcap)
+

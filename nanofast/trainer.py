@@ -1,0 +1,160 @@
+"""The one training loop. Pretraining, mid-training and SFT differ only in data and settings."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from nanofast import checkpoint
+from nanofast.common import Dist, print0
+from nanofast.optim import apply_schedules
+
+
+@dataclass
+class LoopSettings:
+    num_iterations: int
+    grad_accum: int = 1
+    warmup_steps: int = 40
+    warmdown_ratio: float = 0.65
+    final_lr_frac: float = 0.05
+    eval_every: int = 250       # <= 0: only at the end
+    save_every: int = -1        # <= 0: only at the end
+    log_every: int = 10
+    tokens_per_step: int = 0    # global tokens per optimizer step, for throughput
+    flops_per_token: float = 0.0
+    peak_flops: float | None = None  # per device; None -> MFU not applicable
+
+
+@dataclass
+class LoopState:
+    """Everything besides model/optimizer/loader that an exact resume needs, JSON-able."""
+    step: int = 0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    tokens_per_second: list[float] = field(default_factory=list)
+
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batches, settings: LoopSettings,
+          checkpoint_dir: str | Path, dist_info: Dist, meta: dict,
+          evaluate: Callable[[], dict] | None = None, state: LoopState | None = None,
+          step_model: torch.nn.Module | None = None, scaler: torch.amp.GradScaler | None = None) -> LoopState:
+    """Run optimizer steps `state.step .. num_iterations`, evaluating, logging and checkpointing.
+
+    loader yields (inputs, targets, loader_state); the loader state after the last consumed batch is
+    saved with every checkpoint, so a resumed loop sees exactly the batches it would have seen.
+    `step_model` is the (possibly compiled) module that runs the training step; `model` is saved.
+    Returns the final loop state (losses, evaluations, throughput).
+    """
+    state = state or LoopState()
+    step_model = step_model or model
+    world = dist_info.world_size
+    last = settings.num_iterations
+    bar = tqdm(total=last, initial=state.step, disable=not dist_info.is_master, desc="train", unit="step",
+               dynamic_ncols=True)
+    loader_state: dict | None = meta.get("loader_state")
+    while True:
+        step = state.step
+        is_last = step == last
+        if evaluate is not None and (is_last or (settings.eval_every > 0 and step % settings.eval_every == 0)):
+            model.eval()
+            result = dict(evaluate(), step=step)
+            model.train()
+            state.evals.append(result)
+            bar.write(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()
+                                                          if isinstance(v, float)))
+        if is_last or (settings.save_every > 0 and step > 0 and step % settings.save_every == 0):
+            checkpoint.save_checkpoint(checkpoint_dir, step, model, optimizer,
+                                       dict(meta, loader_state=loader_state, loop_state=asdict(state)),
+                                       rank=dist_info.rank)
+        if is_last:
+            break
+
+        t0 = time.perf_counter()
+        apply_schedules(optimizer, step, last, warmup_steps=settings.warmup_steps,
+                        warmdown_ratio=settings.warmdown_ratio, final_lr_frac=settings.final_lr_frac)
+        loss_sum = torch.zeros((), device=_device(model))
+        for _ in range(settings.grad_accum):
+            x, y, loader_state = next(loader)
+            loss = step_model(x, y)
+            loss_sum += loss.detach()
+            # Each backward sums gradients: divide so the step sees the mean over micro-batches.
+            scaled = loss / settings.grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+        train_loss = loss_sum.item() / (settings.grad_accum * world)  # .item() syncs: the timing is honest
+        dt = time.perf_counter() - t0
+
+        state.step = step + 1
+        state.train_seconds += dt
+        state.losses.append((state.step, train_loss))
+        tps = settings.tokens_per_step / dt if settings.tokens_per_step else 0.0
+        state.tokens_per_second.append(tps)
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}")
+        if settings.log_every > 0 and (state.step % settings.log_every == 0 or state.step == 1):
+            bar.write(f"step {state.step:05d}/{last} | loss {train_loss:.4f} | {dt * 1000:.0f} ms | "
+                      f"{tps:,.0f} tok/s | MFU {_mfu(settings, tps, world)}")
+    bar.close()
+    return state
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _mfu(settings: LoopSettings, tokens_per_second: float, world: int) -> str:
+    mfu = mfu_percent(settings.flops_per_token, tokens_per_second, settings.peak_flops, world)
+    return "n/a (CPU or unknown GPU)" if mfu is None else f"{mfu:.1f}%"
+
+
+def mfu_percent(flops_per_token: float, tokens_per_second: float, peak_flops: float | None, world: int) -> float | None:
+    """Model FLOPs utilisation in percent, or None where the peak is unknown (CPU)."""
+    if peak_flops is None:
+        return None
+    return 100 * flops_per_token * tokens_per_second / (peak_flops * world)
+
+
+def resume_state(checkpoint_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 rank: int = 0) -> tuple[LoopState, dict] | None:
+    """Load the latest checkpoint in `checkpoint_dir` into model and optimizer (and the RNG).
+
+    Returns (loop_state, meta) or None when there is nothing to resume.
+    """
+    step = checkpoint.latest_step(checkpoint_dir)
+    if step is None:
+        return None
+    meta = checkpoint.read_meta(checkpoint_dir, step)
+    state = checkpoint.load_state_dict_file(Path(checkpoint_dir) / f"model_{step:06d}.pt")
+    try:
+        model.load_state_dict(state)  # copies into the existing parameters, keeping their dtypes
+    except RuntimeError as e:
+        raise checkpoint.CheckpointError(f"cannot resume from {checkpoint_dir}: the checkpoint does not match "
+                                         f"the model ({str(e).splitlines()[0]})") from None
+    shard = checkpoint.load_optimizer_shard(checkpoint_dir, step, rank)
+    optimizer.load_state_dict(shard["optimizer"])
+    torch.set_rng_state(shard["rng"])
+    if shard.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(shard["cuda_rng"])
+    loop = meta.get("loop_state") or {}
+    loop_state = LoopState(step=step, losses=[tuple(x) for x in loop.get("losses", [])], evals=loop.get("evals", []),
+                           train_seconds=loop.get("train_seconds", 0.0),
+                           tokens_per_second=loop.get("tokens_per_second", []))
+    print0(f"resumed from {checkpoint_dir} at step {step}")
+    return loop_state, meta
+

@@ -1,0 +1,73 @@
+"""nanofast's one entry point: every stage of the pipeline, on a laptop CPU or on 8xH100.
+
+    python train.py --stage all                                   # CPU: the `cpu` preset
+    torchrun --standalone --nproc_per_node=8 train.py --stage all # 8 GPUs: the `speedrun` preset
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nanofast.common import autodetect_device, base_dir, init_distributed, print0, shutdown_distributed
+from nanofast.pipeline import AVAILABLE, STAGES, Run, report_path, run_stages
+from nanofast.presets import make_settings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", required=True, help=f"one of: {', '.join(STAGES)}, all")
+    p.add_argument("--preset", choices=["smoke", "cpu", "speedrun"], default=None,
+                   help="default: speedrun with a GPU, cpu without")
+    p.add_argument("--base-dir", default=None, help="artefact folder (env NANOFAST_BASE_DIR, default ~/.cache/nanofast)")
+    p.add_argument("--data", choices=["default", "climbmix"], default=None, help="pretraining corpus")
+    p.add_argument("--depth", type=int, default=None, help="the model-size dial (d_model = 64 x depth)")
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--window-pattern", default=None, help="sliding windows tiled over layers, e.g. SSSL")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--device-batch-size", type=int, default=None)
+    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per step; -1 = nanochat's rule")
+    p.add_argument("--num-iterations", type=int, default=None, help="-1 = from --target-param-data-ratio")
+    p.add_argument("--target-param-data-ratio", type=float, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--eval-tokens", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the training step")
+    p.add_argument("--seed", type=int, default=None)
+    args = p.parse_args(argv)
+    valid = list(STAGES) + ["all"]
+    if args.stage not in valid:
+        p.error(f"unknown stage {args.stage!r}: choose one of {', '.join(valid)}")
+    if args.stage not in AVAILABLE and args.stage != "all":
+        p.error(f"stage {args.stage!r} is not available in this version of nanofast (available: {', '.join(AVAILABLE)})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = autodetect_device()
+    preset = args.preset or ("speedrun" if device == "cuda" else "cpu")
+    overrides = {k: v for k, v in vars(args).items() if k not in ("stage", "preset", "base_dir")}
+    try:
+        settings = make_settings(preset, **overrides)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run = Run(settings=settings, base=base_dir(args.base_dir), device=device, dist=init_distributed(device))
+    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    try:
+        outcome = run_stages(run, stages)
+    except (ValueError, FileNotFoundError) as e:  # our one-line, actionable errors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_distributed()
+    print0("\nstages: " + "; ".join(f"{s}: {o}" for s, o in outcome.items()))
+    if "report" in outcome:
+        print0(f"report: {report_path(run)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

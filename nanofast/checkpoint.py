@@ -33,8 +33,9 @@ def latest_step(directory: str | Path) -> int | None:
 
 
 def save_checkpoint(directory: str | Path, step: int, model: GPT, optimizer: torch.optim.Optimizer | None,
-                    meta: dict, rank: int = 0) -> None:
-    """Write step `step`: the model and metadata from rank 0, the optimizer shard and RNG from every rank.
+                    meta: dict, rank: int = 0, rank_state: dict | None = None) -> None:
+    """Write step `step`: the model and metadata from rank 0; from every rank its optimizer shard,
+    RNG state and `rank_state` (per-rank extras such as the data loader's position).
 
     Files are written under a temporary name and renamed, so a crash never leaves a half file that
     `latest_step` would pick up.
@@ -47,7 +48,7 @@ def save_checkpoint(directory: str | Path, step: int, model: GPT, optimizer: tor
         _atomic_save(directory / f"meta_{step:06d}.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
     if optimizer is not None:
         shard = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None, **(rank_state or {})}
         _atomic_save(directory / f"optim_{step:06d}_rank{rank}.pt", lambda p: torch.save(shard, p))
 
 

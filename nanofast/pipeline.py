@@ -185,7 +185,7 @@ def stage_pretrain(run: Run, t0: float) -> None:
     optimizer = MuonAdamW(model.param_groups(lr_scale=plan.lr_scale, weight_decay=plan.weight_decay))
     ckpt_dir = run.checkpoint_dir("base")
     resumed = resume_state(ckpt_dir, model, optimizer, run.dist.rank)
-    state, loader_state = (resumed[0], resumed[1].get("loader_state")) if resumed else (LoopState(), None)
+    state, loader_state = resumed if resumed else (LoopState(), None)
 
     params, flops = model.num_params(), model.flops_per_token()
     print0(f"model {config} | {params['total']:,} params | {flops:.3e} FLOPs/token | {plan}")
@@ -204,7 +204,7 @@ def stage_pretrain(run: Run, t0: float) -> None:
                             tokens_per_step=plan.total_batch_size, flops_per_token=flops, peak_flops=peak_flops(device))
     step_model = torch.compile(model, dynamic=False) if s.compile else model
     scaler = torch.amp.GradScaler(device) if run.dtype == torch.float16 else None
-    meta = dict(settings=asdict(s), plan=asdict(plan), loader_state=loader_state)
+    meta = dict(settings=asdict(s), plan=asdict(plan))
     with loader:
         state = train(model, optimizer, loader, settings, ckpt_dir, run.dist, meta, evaluate=evaluate,
                       state=state, step_model=step_model, scaler=scaler)

@@ -50,7 +50,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
     """Run optimizer steps `state.step .. num_iterations`, evaluating, logging and checkpointing.
 
     loader yields (inputs, targets, loader_state); the loader state after the last consumed batch is
-    saved with every checkpoint, so a resumed loop sees exactly the batches it would have seen.
+    saved with every checkpoint (per rank), so a resumed loop sees exactly the batches it would have seen.
     `step_model` is the (possibly compiled) module that runs the training step; `model` is saved.
     Returns the final loop state (losses, evaluations, throughput).
     """
@@ -60,21 +60,23 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
     last = settings.num_iterations
     bar = tqdm(total=last, initial=state.step, disable=not dist_info.is_master, desc="train", unit="step",
                dynamic_ncols=True)
-    loader_state: dict | None = meta.get("loader_state")
+    loader_state: dict | None = None
+    start_step = state.step  # a checkpoint of this step exists (or it is step 0): never re-save it
     while True:
         step = state.step
         is_last = step == last
-        if evaluate is not None and (is_last or (settings.eval_every > 0 and step % settings.eval_every == 0)):
+        fresh = step > start_step or start_step == 0  # a resumed step was evaluated before the save
+        if evaluate is not None and fresh and (is_last or (settings.eval_every > 0 and step % settings.eval_every == 0)):
             model.eval()
             result = dict(evaluate(), step=step)
             model.train()
             state.evals.append(result)
             bar.write(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()
                                                           if isinstance(v, float)))
-        if is_last or (settings.save_every > 0 and step > 0 and step % settings.save_every == 0):
-            checkpoint.save_checkpoint(checkpoint_dir, step, model, optimizer,
-                                       dict(meta, loader_state=loader_state, loop_state=asdict(state)),
-                                       rank=dist_info.rank)
+        if step > start_step and (is_last or (settings.save_every > 0 and step % settings.save_every == 0)):
+            # Each rank reads its own share of the data, so each saves its own loader position.
+            checkpoint.save_checkpoint(checkpoint_dir, step, model, optimizer, dict(meta, loop_state=asdict(state)),
+                                       rank=dist_info.rank, rank_state={"loader_state": loader_state})
         if is_last:
             break
 
@@ -131,10 +133,10 @@ def mfu_percent(flops_per_token: float, tokens_per_second: float, peak_flops: fl
 
 
 def resume_state(checkpoint_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 rank: int = 0) -> tuple[LoopState, dict] | None:
+                 rank: int = 0) -> tuple[LoopState, dict | None] | None:
     """Load the latest checkpoint in `checkpoint_dir` into model and optimizer (and the RNG).
 
-    Returns (loop_state, meta) or None when there is nothing to resume.
+    Returns (loop_state, this rank's loader state) or None when there is nothing to resume.
     """
     step = checkpoint.latest_step(checkpoint_dir)
     if step is None:
@@ -156,5 +158,5 @@ def resume_state(checkpoint_dir: str | Path, model: torch.nn.Module, optimizer: 
                            train_seconds=loop.get("train_seconds", 0.0),
                            tokens_per_second=loop.get("tokens_per_second", []))
     print0(f"resumed from {checkpoint_dir} at step {step}")
-    return loop_state, meta
+    return loop_state, shard.get("loader_state")
 

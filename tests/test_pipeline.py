@@ -76,16 +76,27 @@ def test_stage_all_runs_end_to_end_and_skips_finished_stages(tmp_path):
     assert "tokenizer: skipped (already done); pretrain: skipped (already done)" in again.stdout
 
 
-def test_torchrun_two_processes_trains(tokenized, tmp_path):
+def test_torchrun_two_processes_train_and_resume_exactly(tokenized, tmp_path):
     base = copy_base(tokenized, tmp_path / "dist")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           "--stage", "pretrain", "--preset", "smoke", "--base-dir", str(base), "--num-iterations", "3",
-           "--device-batch-size", "2", "--eval-every", "0", "--eval-tokens", "512"]
-    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    pre = section(base, "pretrain")
-    assert pre["world_size"] == 2 and len(pre["losses"]) == 3
-    assert (base / "checkpoints" / "base" / "optim_000003_rank1.pt").exists()
+           "--stage", "pretrain", "--preset", "smoke", "--base-dir", str(base), "--num-iterations", "4",
+           "--save-every", "2", "--device-batch-size", "2", "--eval-every", "0", "--eval-tokens", "512"]
+
+    def torchrun() -> dict:
+        out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        return section(base, "pretrain")
+
+    full = torchrun()
+    assert full["world_size"] == 2 and len(full["losses"]) == 4
+    ckpt = base / "checkpoints" / "base"
+    assert (ckpt / "optim_000004_rank1.pt").exists()
+    # Each rank resumes its own loader position: the resumed run repeats the uninterrupted one.
+    for f in ckpt.glob("*000004*"):
+        f.unlink()
+    (base / "report" / "pretrain.json").unlink()
+    resumed = torchrun()
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"]), atol=1e-6, rtol=0)
 
 
 def run_main(capsys, *argv) -> tuple[int, str]:

@@ -95,23 +95,23 @@ def ensure_corpus(run: Run) -> None:
         dataset.write_default_corpus(run.data_dir, num_shards=s.corpus_shards, max_chars=s.corpus_chars)
 
 
-def training_texts(data_dir: Path, max_chars: int):
-    """Documents from the training shards, in order, until `max_chars` characters were yielded."""
-    seen = 0
+def training_texts(data_dir: Path, max_chars: int, counter: list[int]):
+    """Documents from the training shards, in order, until `max_chars` characters were yielded;
+    counter[0] accumulates the characters yielded."""
     for _, texts in dataset.iter_documents(dataset.split_shards(data_dir, "train")):
         for text in texts:
             yield text
-            seen += len(text)
-            if seen >= max_chars:
+            counter[0] += len(text)
+            if counter[0] >= max_chars:
                 return
 
 
 def stage_tokenizer(run: Run, t0: float) -> None:
     if run.dist.is_master:
         ensure_corpus(run)
-        chars = sum(len(t) for t in training_texts(run.data_dir, run.settings.tokenizer_chars))
+        chars = [0]
         t_train = time.perf_counter()
-        tokenizer = Tokenizer.train(training_texts(run.data_dir, run.settings.tokenizer_chars),
+        tokenizer = Tokenizer.train(training_texts(run.data_dir, run.settings.tokenizer_chars, chars),
                                     vocab_size=run.settings.vocab_size)
         train_seconds = time.perf_counter() - t_train
         tokenizer.save(run.tokenizer_dir)
@@ -119,7 +119,7 @@ def stage_tokenizer(run: Run, t0: float) -> None:
             (t for _, ts in dataset.iter_documents(dataset.split_shards(run.data_dir, "val")) for t in ts), 200))
         report = compression_report(tokenizer, val_texts)
         write_section(run.report_dir, "tokenizer", dict(
-            vocab_size=tokenizer.vocab_size, train_chars=chars, train_seconds=train_seconds,
+            vocab_size=tokenizer.vocab_size, train_chars=chars[0], train_seconds=train_seconds,
             compression=report, compression_table=compression_table(report), seconds=time.perf_counter() - t0))
         print0(compression_table(report))
     _barrier(run)

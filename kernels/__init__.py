@@ -2,6 +2,6 @@
 
 This package imports nothing from the rest of nanofast, so other projects can take it alone.
 """
-from .newton_schulz import newton_schulz
+from .newton_schulz import CLASSIC_NS_COEFFS, POLAR_EXPRESS_COEFFS, newton_schulz, newton_schulz_reference
 
-__all__ = ["newton_schulz"]
+__all__ = ["newton_schulz", "newton_schulz_reference", "POLAR_EXPRESS_COEFFS", "CLASSIC_NS_COEFFS"]

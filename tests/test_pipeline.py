@@ -1,5 +1,6 @@
 """train.py end to end on the smoke preset: stages, skipping, exact resume, torchrun, and its errors."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -155,3 +156,12 @@ def test_settings_overrides_and_unknown_preset():
         make_settings("huge")
     with pytest.raises(ValueError, match="unknown data"):
         make_settings("cpu", data="web")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_compute_dtypes_train(tokenized, tmp_path, dtype):
+    base = copy_base(tokenized, tmp_path / dtype)
+    assert pretrain(base, "--dtype", dtype, "--num-iterations", "3", "--eval-every", "0") == 0
+    pre = section(base, "pretrain")
+    assert pre["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
+    assert all(math.isfinite(loss) for _, loss in pre["losses"]) and math.isfinite(pre["val_bpb"])

@@ -1,0 +1,37 @@
+"""Which implementation runs a kernel call: "torch" (the reference), "triton" or "cuda".
+
+The default follows the tensor's device: the Triton kernel on CUDA tensors, the torch reference
+on CPU. Both kernel backends also execute on CPU tensors, so every kernel runs without a GPU:
+"triton" through Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is imported,
+which is why it is checked here rather than failing deep inside a launch), and "cuda" through the
+CPU emulation build of the very same CUDA source.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels through its interpreter (decided when triton was imported)."""
+    if "triton" not in sys.modules:
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
+
+
+def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
+    """The backend to run on tensor `x`: `backend` if given (validated), else by device."""
+    if backend is None:
+        return "triton" if x.is_cuda else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton" and not x.is_cuda and not triton_interpreting():
+        raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                           "in the environment before triton is imported")
+    return backend

@@ -45,6 +45,7 @@ setup(
     package_dir={"nanofast": "nanofast", "nanofast.kernels": "kernels"},
     install_requires=[
         "torch>=2.5",
+        "triton>=3.4; platform_system == 'Linux'",
         "numpy",
         "tiktoken>=0.7",
         "rustbpe>=0.1.0",

@@ -1,7 +1,15 @@
 """nanofast.kernels: drop-in kernels, each beside its plain-torch reference.
 
 This package imports nothing from the rest of nanofast, so other projects can take it alone.
+Every kernel takes `backend=` ("torch", "triton", "cuda"; None picks by device: Triton on CUDA
+tensors, the torch reference on CPU) and runs on CPU tensors too: Triton through its interpreter
+(TRITON_INTERPRET=1 set before triton is imported), CUDA through the CPU emulation build.
 """
+from .backend import BACKENDS, resolve_backend
 from .newton_schulz import CLASSIC_NS_COEFFS, POLAR_EXPRESS_COEFFS, newton_schulz, newton_schulz_reference
+from .qk_norm_rope import QKNormRope, qk_norm_rope, qk_norm_rope_inplace, qk_norm_rope_reference
+from .rms_norm import RMSNorm, rms_norm, rms_norm_reference
 
-__all__ = ["newton_schulz", "newton_schulz_reference", "POLAR_EXPRESS_COEFFS", "CLASSIC_NS_COEFFS"]
+__all__ = ["BACKENDS", "resolve_backend", "newton_schulz", "newton_schulz_reference", "POLAR_EXPRESS_COEFFS",
+           "CLASSIC_NS_COEFFS", "rms_norm", "rms_norm_reference", "RMSNorm", "qk_norm_rope", "qk_norm_rope_inplace",
+           "qk_norm_rope_reference", "QKNormRope"]

@@ -85,6 +85,13 @@ def compile_triton(fn, signature: dict[str, str], constexprs: dict[str, object],
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from .backend import triton_interpreting
+
+    if triton_interpreting():
+        # Under TRITON_INTERPRET=1 triton.language's own @jit helpers (tl.sum, tl.cdiv) are
+        # interpreter functions the compiler cannot inline: compile in a process without it.
+        raise RuntimeError("compile_triton needs a process without TRITON_INTERPRET=1 "
+                           "(run `python -m nanofast.kernels.report`, or compile in a subprocess)")
     names = list(signature)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)

@@ -7,9 +7,10 @@ Layouts follow flash-attn: activations (B, T, H, D), so no transposes are needed
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
+
+from nanofast import kernels
 
 try:  # FA3 (Hopper) ships as flash_attn_interface; FA2 as flash_attn. Both optional.
     import flash_attn_interface as _fa3
@@ -21,9 +22,33 @@ except ImportError:
     _fa2 = None
 
 
+_KERNEL_BACKEND: str | None = None
+
+
+def set_kernel_backend(backend: str | None) -> None:
+    """Choose who computes the kernel-backed ops (norm, qk_norm_rope) for every model.
+
+    None (default): by device, the Triton kernels on CUDA tensors and plain torch on CPU.
+    "torch", "triton" or "cuda" force one; on CPU tensors "triton" runs Triton's interpreter and
+    "cuda" the CPU emulation build of the CUDA source: slow, but the same kernels the GPU runs.
+    """
+    if backend not in (None, *kernels.BACKENDS):
+        raise ValueError(f"kernel backend must be None or one of {kernels.BACKENDS}, got {backend!r}")
+    global _KERNEL_BACKEND
+    _KERNEL_BACKEND = backend
+
+
+def kernel_backend(x: torch.Tensor) -> str:
+    """The backend the kernel-backed ops use for tensor `x`."""
+    return _KERNEL_BACKEND or ("triton" if x.is_cuda else "torch")
+
+
 def norm(x: torch.Tensor) -> torch.Tensor:
-    """Parameter-free RMSNorm over the last dim (torch's default eps), any leading shape, any float dtype."""
-    return F.rms_norm(x, (x.size(-1),))
+    """Parameter-free RMSNorm over the last dim (F.rms_norm's default eps), any leading shape and float dtype."""
+    backend = kernel_backend(x)
+    if backend == "torch":
+        return F.rms_norm(x, (x.size(-1),))
+    return kernels.rms_norm(x, backend=backend)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -59,8 +84,11 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     """Rotary, then parameter-free RMSNorm over D, then multiply by `scale`, for q and k.
 
     q: (B, T, Hq, D), k: (B, T, Hk, D); cos, sin: (T, D/2). A rotation preserves each pair's norm,
-    so norm-then-rotate equals rotate-then-norm: the fused kernel is free to pick its order.
+    so norm-then-rotate equals rotate-then-norm: the fused kernel normalises first.
     """
+    backend = kernel_backend(q)
+    if backend != "torch":
+        return kernels.qk_norm_rope(q, k, cos, sin, scale=scale, backend=backend)
     q = norm(apply_rotary(q, cos, sin)) * scale
     k = norm(apply_rotary(k, cos, sin)) * scale
     return q, k

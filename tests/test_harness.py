@@ -36,3 +36,31 @@ def test_backend_resolution():
     assert resolve_backend("triton", x) == "triton"
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("cudnn", x)
+
+
+def test_compile_gate_refuses_to_run_under_the_interpreter():
+    from nanofast.kernels.compile_gate import compile_triton
+
+    with pytest.raises(RuntimeError, match="without TRITON_INTERPRET"):
+        compile_triton(None, {}, {})
+
+
+def test_report_command_prints_the_facts_of_every_kernel(tmp_path):
+    """`python -m nanofast.kernels.report`, in a process without the interpreter, as a user runs it."""
+    import os
+    import subprocess
+    import sys
+
+    from nanofast.kernels.qk_norm_rope import KERNEL_CONFIGS as QK
+    from nanofast.kernels.rms_norm import KERNEL_CONFIGS as RMS
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "facts.md"
+    proc = subprocess.run([sys.executable, "-m", "nanofast.kernels.report", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert text == proc.stdout
+    rows = [line for line in text.splitlines() if line.startswith("| _")]
+    assert len([r for r in rows if "sm_90 |" in r]) == len(RMS) + len(QK)
+    assert "## CUDA kernels (csrc/), sm_90a" in text and "## CUDA kernels (csrc/), sm_80" in text

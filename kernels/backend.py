@@ -27,11 +27,25 @@ def triton_interpreting() -> bool:
 
 def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
     """The backend to run on tensor `x`: `backend` if given (validated), else by device."""
+    if torch.compiler.is_compiling():
+        return _resolve_constant(backend, x.device)
+    return _resolve(backend, x.device)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(backend: str | None, device: torch.device) -> str:
+    # Whether Triton interprets is a knob Dynamo cannot trace; it is fixed when triton is
+    # imported, so under torch.compile the whole choice is a trace-time constant.
+    return _resolve(backend, device)
+
+
+def _resolve(backend: str | None, device: torch.device) -> str:
+    is_cuda = device.type == "cuda"
     if backend is None:
-        return "triton" if x.is_cuda else "torch"
+        return "triton" if is_cuda else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend == "triton" and not x.is_cuda and not triton_interpreting():
+    if backend == "triton" and not is_cuda and not triton_interpreting():
         raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
                            "in the environment before triton is imported")
     return backend

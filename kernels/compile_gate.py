@@ -8,9 +8,13 @@ exact signatures and block sizes an H100 runs; `python -m nanofast.kernels.repor
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,6 +34,9 @@ class MachineFacts:
     shared_bytes: int
     local_bytes: int  # > 0 means registers spilled to local memory
     instructions: dict[str, int] = field(default_factory=dict)
+    # Triton only, read off the TTIR: atomic ops (a deterministic reduction has none), stores, and
+    # 64-bit multiplies (row * stride in int64: offsets past 2^31 elements stay correct).
+    ttir: dict[str, int] = field(default_factory=dict)
 
     @property
     def spills(self) -> bool:
@@ -100,7 +107,34 @@ def compile_triton(fn, signature: dict[str, str], constexprs: dict[str, object],
     label = config or ", ".join(f"{k}={v}" for k, v in constexprs.items()) + f", warps={num_warps}"
     facts = cubin_facts(compiled.asm["cubin"], fn.__name__, label, arch)
     facts.shared_bytes = max(facts.shared_bytes, compiled.metadata.shared)
+    ttir = compiled.asm["ttir"]
+    facts.ttir = {"atomics": ttir.count("atomic"), "stores": ttir.count("tt.store"),
+                  "i64_muls": len(re.findall(r"arith\.muli [^\n]*: (?:tensor<[0-9x]+xi64>|i64) ", ttir))}
     return facts
+
+
+def configs_facts(module: str, jobs: list[tuple[int, int]]) -> dict[tuple[int, int], dict]:
+    """Facts of `module.KERNEL_CONFIGS[index]` compiled for sm_`arch`, for each (index, arch) job.
+
+    Returns {(index, arch): facts as a flat dict (MachineFacts fields plus the TTIR counts)}. In a
+    process that interprets Triton the compilation runs in a child process without the interpreter.
+    """
+    from .backend import triton_interpreting
+
+    if triton_interpreting():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        proc = subprocess.run([sys.executable, "-m", "nanofast.kernels.compile_gate", module, json.dumps(jobs)],
+                              capture_output=True, text=True, env=env, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {module}.KERNEL_CONFIGS failed:\n{proc.stderr[-4000:]}")
+        rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    else:
+        configs = importlib.import_module(module).KERNEL_CONFIGS
+        rows = []
+        for index, arch in jobs:
+            facts = compile_triton(**configs[index], arch=arch)
+            rows.append(dict(dataclasses.asdict(facts), **facts.ttir, index=index))
+    return {(row["index"], row["arch"]): row for row in rows}
 
 
 def facts_table(rows: list[MachineFacts]) -> str:
@@ -111,3 +145,7 @@ def facts_table(rows: list[MachineFacts]) -> str:
         ins = ", ".join(f"{k} x{v}" for k, v in sorted(r.instructions.items()))
         out.append(f"| {r.kernel} | {r.config} | sm_{r.arch} | {r.registers} | {r.shared_bytes} | {r.local_bytes} | {ins} |")
     return "\n".join(out)
+
+
+if __name__ == "__main__":  # the child process of configs_facts: python -m ... MODULE JOBS_JSON
+    print(json.dumps([f for f in configs_facts(sys.argv[1], json.loads(sys.argv[2])).values()]))

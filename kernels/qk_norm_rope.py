@@ -610,19 +610,6 @@ def _inplace_triton(qkv, positions, cos_sin_cache, num_q_heads: int, num_kv_head
 # Backend dispatch, custom ops (torch.compile) and autograd
 # ----------------------------------------------------------------------------------------------
 
-@torch.compiler.assume_constant_result
-def _resolve_backend_const(backend: str | None, device: torch.device) -> str:
-    return resolve_backend(backend, torch.empty(0, device=device))
-
-
-def _resolve_backend(backend: str | None, x: torch.Tensor) -> str:
-    """`resolve_backend`, callable while Dynamo traces: whether Triton interprets is read from a knob
-    Dynamo cannot trace, and it is fixed at import, so it is a trace-time constant."""
-    if torch.compiler.is_compiling():
-        return _resolve_backend_const(backend, x.device)
-    return resolve_backend(backend, x)
-
-
 def _launchers(backend: str, validated: bool = False):
     """(fwd, bwd, inplace) launchers of a kernel backend; `validated`: the caller already checked
     the inputs, so the Triton launchers skip their (~5 us of Python) checks."""
@@ -753,7 +740,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     w.r.t. q, k and the weights (not cos/sin on the kernel backends).
     """
     _check_qk(q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved)
-    backend = _resolve_backend(backend, q)
+    backend = resolve_backend(backend, q)
     if backend == "torch":
         q_out, k_out = qk_norm_rope_reference(q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved)
         return q_out.contiguous(), k_out.contiguous()
@@ -781,7 +768,7 @@ def qk_norm_rope_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cac
     """
     _check_inplace(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight, k_weight,
                    scale, eps, interleaved)
-    backend = _resolve_backend(backend, qkv)
+    backend = resolve_backend(backend, qkv)
     if backend == "torch":
         qk_norm_rope_inplace_reference(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight,
                                        k_weight, scale, eps, interleaved)

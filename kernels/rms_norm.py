@@ -581,19 +581,6 @@ def _validate(x, weight, eps, residual) -> None:
         raise ValueError(f"eps must be a real number >= 0 or None, got {eps!r}")
 
 
-@torch.compiler.assume_constant_result
-def _resolve_backend_const(backend: Optional[str], device: torch.device) -> str:
-    return resolve_backend(backend, torch.empty(0, device=device))
-
-
-def _resolve_backend(backend: Optional[str], x: Tensor) -> str:
-    """`resolve_backend`, callable while Dynamo traces: whether Triton interprets is read from a
-    C-extension knob Dynamo cannot trace, and it is fixed at import, so it is a trace-time constant."""
-    if torch.compiler.is_compiling():
-        return _resolve_backend_const(backend, x.device)
-    return resolve_backend(backend, x)
-
-
 def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = None,
              residual: Optional[Tensor] = None, backend: Optional[str] = None):
     """RMSNorm over the last dim of x, optionally fused with a preceding residual add.
@@ -615,7 +602,7 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = 
     """
     _validate(x, weight, eps, residual)
     eps = default_eps(x.dtype) if eps is None else float(eps)
-    be = _resolve_backend(backend, x)
+    be = resolve_backend(backend, x)
     if be == "torch":
         return rms_norm_reference(x, weight, eps, residual)
     if be == "triton" and x.dtype not in _TRITON_DTYPES:

@@ -12,15 +12,12 @@ sm_90 / sm_80 and their machine code checked (compile gate).
 from __future__ import annotations
 
 import importlib
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from nanofast.kernels.compile_gate import configs_facts
 from nanofast import ops
 
 # `nanofast.kernels` re-exports the function `qk_norm_rope`, which shadows the submodule as an
@@ -592,41 +589,12 @@ MAX_REGISTERS = 128
 MAX_SHARED = {90: 227 * 1024, 80: 163 * 1024}  # per-CTA opt-in maximum: H100, A100
 SM80_CONFIGS = [1, 7]  # fwd bf16 Hq=Hk=13 D=128; bwd bf16 Hq=Hk=13 D=128
 
-# Compiling happens in a child process without TRITON_INTERPRET: in this (interpreting) process
-# @triton.jit functions, triton.language's own (tl.sum) and this module's helpers, are interpreter
-# wrappers the compiler cannot inline. The child also reads each kernel's TTIR for atomics.
-_GATE_SCRIPT = r"""
-import dataclasses, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from nanofast.kernels.compile_gate import compile_triton
-import importlib
-KERNEL_CONFIGS = importlib.import_module("nanofast.kernels.qk_norm_rope").KERNEL_CONFIGS
 
-out = []
-for index, arch in json.loads(sys.argv[1]):
-    cfg = KERNEL_CONFIGS[index]
-    facts = dataclasses.asdict(compile_triton(**cfg, arch=arch))
-    names = list(cfg["signature"])
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in cfg["aligned"]}
-    src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"], attrs=attrs)
-    ttir = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}).asm["ttir"]
-    facts.update(index=index, atomics=ttir.count("atomic"), stores=ttir.count("tt.store"))
-    out.append(facts)
-print(json.dumps(out))
-"""
-
-
+# The compilation runs in a child process without TRITON_INTERPRET (see compile_gate.configs_facts).
 @pytest.fixture(scope="module")
 def gate_facts() -> dict:
     jobs = [[i, 90] for i in range(len(KERNEL_CONFIGS))] + [[i, 80] for i in SM80_CONFIGS]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _GATE_SCRIPT, json.dumps(jobs)], capture_output=True, text=True,
-                          env=env, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {(f["index"], f["arch"]): f for f in json.loads(proc.stdout.strip().splitlines()[-1])}
+    return configs_facts("nanofast.kernels.qk_norm_rope", jobs)
 
 
 def test_kernel_configs_cover_nanochat_and_match_launchers():

@@ -1,6 +1,7 @@
 """The one training loop. Pretraining, mid-training and SFT differ only in data and settings."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,6 +14,10 @@ from tqdm import tqdm
 from nanofast import checkpoint
 from nanofast.common import Dist, print0
 from nanofast.optim import apply_schedules
+
+
+class NonFiniteLoss(ValueError):
+    """The training loss became NaN or infinite."""
 
 
 @dataclass
@@ -101,6 +106,13 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
         train_loss = loss_sum.item() / (settings.grad_accum * world)  # .item() syncs: the timing is honest
         dt = time.perf_counter() - t0
+        if not math.isfinite(train_loss):
+            # The optimizer already applied a non-finite update: going on would only spread NaN.
+            last_good = checkpoint.latest_step(checkpoint_dir)
+            where = (f"{Path(checkpoint_dir) / f'model_{last_good:06d}.pt'}" if last_good is not None
+                     else f"none in {checkpoint_dir}")
+            raise NonFiniteLoss(f"training loss is {train_loss} at step {step + 1}: stopped; "
+                                f"last good checkpoint: {where}")
 
         state.step = step + 1
         state.train_seconds += dt

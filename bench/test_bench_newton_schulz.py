@@ -31,3 +31,51 @@ def test_bench_newton_schulz_reference(benchmark, shape):
                                 flops=newton_schulz_flops(shape), threads=torch.get_num_threads())
     out = benchmark(newton_schulz_reference, G, STEPS)
     assert out.shape == G.shape and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: the full 5-step iteration, Triton kernels vs the torch reference (eager and compiled)
+# --------------------------------------------------------------------------------------------
+
+_ON_GPU = torch.cuda.is_available()
+# nanochat's matrix shapes (attention d x d, MLP 4d x d and d x 4d) for depth 12 .. 26, and 4096^2.
+GPU_SHAPES = [s for d in (768, 1280, 1536, 1664) for s in ((d, d), (4 * d, d), (d, 4 * d))] + [(4096, 4096)]
+IMPLS = ["triton", "torch_eager", "torch_compile"]
+
+
+def _gpu_impl(name: str):
+    from nanofast.kernels.newton_schulz import newton_schulz
+
+    if name == "triton":
+        return lambda G: newton_schulz(G, STEPS, backend="triton", dtype=torch.bfloat16)
+    if name == "torch_eager":
+        return lambda G: newton_schulz_reference(G, STEPS, dtype=torch.bfloat16)
+    return torch.compile(lambda G: newton_schulz_reference(G, STEPS, dtype=torch.bfloat16), dynamic=False)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bench_newton_schulz_gpu(benchmark, shape, impl):
+    if not _ON_GPU:
+        pytest.skip("GPU timing: no CUDA device (the Triton kernels would run through the interpreter, "
+                    "whose speed says nothing about the GPU; CPU torch baselines are timed above)")
+    G = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(0))
+    fn = _gpu_impl(impl)
+    for _ in range(3):  # warm-up: Triton JIT compilation and torch.compile tracing stay out of the timing
+        fn(G)
+    torch.cuda.synchronize()
+
+    def run():
+        out = fn(G)
+        torch.cuda.synchronize()
+        return out
+
+    out = benchmark(run)
+    # TFLOP/s counted with the dense reference's FLOPs (the symmetric kernels do fewer, so this is
+    # the speed-up-relevant "effective" rate, comparable across implementations).
+    flops = newton_schulz_flops(shape)
+    benchmark.extra_info.update(shape=list(shape), steps=STEPS, dtype="bfloat16", device=torch.cuda.get_device_name(),
+                                impl=impl, flops=flops)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["tflops"] = flops / benchmark.stats.stats.mean / 1e12
+    assert out.shape == G.shape and torch.isfinite(out).all()

@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .backend import resolve_backend
+
 # Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932), optimised for exactly
 # five iterations on singular values in (0, 1]: the early steps have a steep slope at zero to
 # lift tiny singular values fast; the later ones pull the spectrum into a narrow band around 1.
@@ -93,6 +95,34 @@ def default_iteration_dtype(G: Tensor) -> torch.dtype:
     return torch.promote_types(G.dtype, torch.float32)
 
 
+def _prepare(G: Tensor, steps: int, coefficients, eps: float, dtype: torch.dtype | None
+             ) -> tuple[Tensor, list[tuple[float, float, float]], bool]:
+    """Validate, resolve coefficients and normalise: shared by every backend so they iterate on the
+    same X_0. Returns (X_0 as (..., min, max) wide matrices in the iteration dtype, coeffs, tall)."""
+    _check_input(G)
+    coeffs = resolve_coefficients(coefficients, steps)
+    if dtype is None:
+        dtype = default_iteration_dtype(G)
+    elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+
+    X = G.to(dtype)
+    # Norm accumulated in >= fp32: a bf16 sum of squares over a large matrix loses digits.
+    norm_dtype = torch.promote_types(dtype, torch.float32)
+    norm = torch.linalg.matrix_norm(X.to(norm_dtype), keepdim=True)
+    X = X / (norm * 1.01 + eps).to(dtype)
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    return X, coeffs, tall
+
+
+def _finish(X: Tensor, G: Tensor, tall: bool) -> Tensor:
+    if tall:
+        X = X.mT
+    return X.to(G.dtype).contiguous()
+
+
 def newton_schulz_reference(
     G: Tensor,
     steps: int = 5,
@@ -114,28 +144,12 @@ def newton_schulz_reference(
         keeps every singular value strictly inside (0, 1), where the polynomials are designed),
         then `steps` updates X <- a X + (b A + c A^2) X with A = X X^T (transposed for tall).
     """
-    _check_input(G)
-    coeffs = resolve_coefficients(coefficients, steps)
-    if dtype is None:
-        dtype = default_iteration_dtype(G)
-    elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-
-    X = G.to(dtype)
-    # Norm accumulated in >= fp32: a bf16 sum of squares over a large matrix loses digits.
-    norm_dtype = torch.promote_types(dtype, torch.float32)
-    norm = torch.linalg.matrix_norm(X.to(norm_dtype), keepdim=True)
-    X = X / (norm * 1.01 + eps).to(dtype)
-    tall = G.size(-2) > G.size(-1)
-    if tall:
-        X = X.mT
+    X, coeffs, tall = _prepare(G, steps, coefficients, eps, dtype)
     for a, b, c in coeffs:
         A = X @ X.mT
         B = b * A + c * (A @ A)
         X = a * X + B @ X
-    if tall:
-        X = X.mT
-    return X.to(G.dtype).contiguous()
+    return _finish(X, G, tall)
 
 
 def newton_schulz(
@@ -144,11 +158,31 @@ def newton_schulz(
     coefficients: str | Sequence[tuple[float, float, float]] = "polar_express",
     eps: float = 1e-6,
     dtype: torch.dtype | None = None,
+    backend: str | None = None,
 ) -> Tensor:
     """Orthogonalise each (m, n) matrix of G (..., m, n); see `newton_schulz_reference`.
 
+    backend: "torch" (the reference), "triton" (batched Triton kernels, `newton_schulz_triton`;
+    iteration dtype float16 / bfloat16 / float32, default bf16 on CUDA and fp32 on CPU) or None
+    (Triton on CUDA tensors, torch on CPU). There is no CUDA-source version: "cuda" raises.
     Returns a (..., m, n) tensor in G's dtype whose singular values are pulled towards 1 while the
-    singular vectors of G are kept. Raises TypeError/ValueError naming G, steps, coefficients or
-    dtype on bad input.
+    singular vectors of G are kept. Raises TypeError/ValueError naming G, steps, coefficients,
+    dtype or backend on bad input.
     """
-    return newton_schulz_reference(G, steps=steps, coefficients=coefficients, eps=eps, dtype=dtype)
+    _check_input(G)
+    backend = resolve_backend(backend, G)
+    if backend == "torch":
+        return newton_schulz_reference(G, steps=steps, coefficients=coefficients, eps=eps, dtype=dtype)
+    if backend == "cuda":
+        raise ValueError("backend='cuda' is not available for newton_schulz (no CUDA-source kernel exists); "
+                         "use backend='triton' or 'torch'")
+    from .newton_schulz_triton import TRITON_DTYPES, newton_schulz_triton
+
+    if dtype is None:
+        # fp64 inputs on CPU would default to an fp64 iteration, which the kernels do not run.
+        dtype = default_iteration_dtype(G)
+        dtype = dtype if dtype in TRITON_DTYPES else torch.float32
+    elif dtype not in TRITON_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32 for backend='triton', got {dtype!r}")
+    X, coeffs, tall = _prepare(G, steps, coefficients, eps, dtype)
+    return _finish(newton_schulz_triton(X, coeffs, dtype), G, tall)

@@ -1,0 +1,326 @@
+"""Triton kernels for one Newton-Schulz / Polar Express step, batched over a stack of matrices.
+
+Per step, for a stack X of (batch, m, n) matrices with m <= n (wide; the caller transposes tall
+inputs, see `newton_schulz.newton_schulz`), three launches, each ONE grid over
+(batch, tile_m, tile_n) with fp32 accumulation and outputs in X's dtype:
+
+    1. A = X X^T                 (m x m, symmetric)   `ns_gram_triton`
+    2. B = b A + c (A @ A)       (m x m, symmetric)   `ns_poly_triton`
+    3. X' = a X + B @ X          (m x n)              `ns_update_triton`
+
+A and B are symmetric, so kernels 1 and 2 only run the upper-triangle tiles (tile_m <= tile_n)
+and store each off-diagonal tile twice (itself and its transpose): about half the tensor-core
+FLOPs of a dense product. Diagonal tiles are symmetrised explicitly (lower half := transposed
+upper half), so the outputs are *bitwise* symmetric whatever order the MMA hardware sums in; that
+keeps B = bA + cA^2 exactly symmetric too, as the maths assumes.
+
+Supported: fp16 / bf16 / fp32 (fp32 dots run in IEEE fp32, not TF32, to match torch's fp32
+matmul); tile sizes are fixed per shape class by `_meta` (no start-up autotuning).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+try:  # triton is optional: backend="torch" works without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only on installs without triton
+    triton = None
+    tl = None
+
+__all__ = ["newton_schulz_triton", "ns_gram_triton", "ns_poly_triton", "ns_update_triton", "KERNEL_CONFIGS",
+           "TRITON_DTYPES"]
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _ns_sym_store(out_ptr, acc, rows, cols, pid_m, pid_n, M, stride_om, BLOCK: tl.constexpr):
+        """Store the (BLOCK, BLOCK) fp32 tile `acc` of a symmetric (M, M) matrix at tile
+        (pid_m, pid_n), pid_m <= pid_n, and its transpose at (pid_n, pid_m); diagonal tiles are
+        symmetrised. rows / cols: global row / column indices of the tile (unit column stride)."""
+        val = acc.to(out_ptr.dtype.element_ty)
+        # Round first, then transpose: the mirrored tile holds the very same bits.
+        val_t = tl.trans(val)
+        local = tl.arange(0, BLOCK)
+        # keep (r, c) of the tile itself unless it lies below the diagonal of a diagonal tile:
+        # written as an index comparison (pid_n - pid_m >= 1 makes it always true) rather than a
+        # scalar predicate, which broadcasts the same way compiled and interpreted.
+        keep = local[:, None] <= local[None, :] + (pid_n - pid_m) * BLOCK
+        # Diagonal tile: the lower half is the transposed upper half, so A == A^T bitwise even if
+        # the MMA's summation order differed between element (r, c) and (c, r).
+        val = tl.where(keep, val, val_t)
+        mask = (rows[:, None] < M) & (cols[None, :] < M)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], val, mask=mask)
+        # Mirror: element (c, r) of the transposed tile. Rows of the store are `cols`, so the
+        # contiguous dim is still the tile's fastest dim (Triton converts the layout through
+        # shared memory for coalesced 128-bit stores).
+        # Only off-diagonal tiles are mirrored: their rows all lie before tile pid_n's first row.
+        mask_t = (cols[:, None] < M) & (rows[None, :] < pid_n * BLOCK) & (rows[None, :] < M)
+        tl.store(out_ptr + cols[:, None] * stride_om + rows[None, :], val_t, mask=mask_t)
+
+    @triton.jit
+    def _ns_gram_kernel(X, A, M, N, stride_xb, stride_xm, stride_ab, stride_am,
+                        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        """A[b] = X[b] X[b]^T. X: (batch, M, N), A: (batch, M, M), unit column strides.
+        Grid (batch, tiles, tiles); programs below the diagonal exit at once."""
+        pid_b = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_n = tl.program_id(2)
+        if pid_m > pid_n:
+            return
+        # int64 batch offsets: a stack of 4096^2 matrices passes 2^31 elements after 128 of them.
+        xb = X + pid_b.to(tl.int64) * stride_xb
+        rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+        cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for k0 in range(0, N, BLOCK_K):
+            k = k0 + ks
+            kmask = k[None, :] < N
+            # Zero-filled masked loads: padding rows/columns contribute exactly 0 to every dot.
+            a = tl.load(xb + rows[:, None] * stride_xm + k[None, :], mask=(rows[:, None] < M) & kmask, other=0.0)
+            b = tl.load(xb + cols[:, None] * stride_xm + k[None, :], mask=(cols[:, None] < M) & kmask, other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        _ns_sym_store(A + pid_b.to(tl.int64) * stride_ab, acc, rows, cols, pid_m, pid_n, M, stride_am, BLOCK)
+
+    @triton.jit
+    def _ns_poly_kernel(A, B, M, stride_ab, stride_am, stride_bb, stride_bm, coef_b, coef_c,
+                        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        """B[b] = coef_b * A[b] + coef_c * A[b] @ A[b] for symmetric A: (batch, M, M), unit column
+        strides. Grid (batch, tiles, tiles); programs below the diagonal exit at once."""
+        pid_b = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_n = tl.program_id(2)
+        if pid_m > pid_n:
+            return
+        ab = A + pid_b.to(tl.int64) * stride_ab
+        rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+        cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for k0 in range(0, M, BLOCK_K):
+            k = k0 + ks
+            a = tl.load(ab + rows[:, None] * stride_am + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < M),
+                        other=0.0)
+            b = tl.load(ab + k[:, None] * stride_am + cols[None, :], mask=(k[:, None] < M) & (cols[None, :] < M),
+                        other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        # Fused epilogue in fp32: one rounding of b*A + c*A^2 instead of rounding A^2 first.
+        # tl.cast: scalars arrive as Python floats interpreted and fp32 compiled; compute in fp32.
+        mask = (rows[:, None] < M) & (cols[None, :] < M)
+        a_tile = tl.load(ab + rows[:, None] * stride_am + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc = tl.cast(coef_b, tl.float32) * a_tile + tl.cast(coef_c, tl.float32) * acc
+        _ns_sym_store(B + pid_b.to(tl.int64) * stride_bb, acc, rows, cols, pid_m, pid_n, M, stride_bm, BLOCK)
+
+    @triton.jit
+    def _ns_update_kernel(X, B, Y, M, N, stride_xb, stride_xm, stride_bb, stride_bm, stride_yb, stride_ym, coef_a,
+                          BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        """Y[b] = coef_a * X[b] + B[b] @ X[b]. X, Y: (batch, M, N), B: (batch, M, M), unit column
+        strides; Y must not alias X (other programs still read X). Grid (batch, M tiles, N tiles)."""
+        pid_b = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_n = tl.program_id(2)
+        xb = X + pid_b.to(tl.int64) * stride_xb
+        bb = B + pid_b.to(tl.int64) * stride_bb
+        rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+        cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for k0 in range(0, M, BLOCK_K):
+            k = k0 + ks
+            p = tl.load(bb + rows[:, None] * stride_bm + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < M),
+                        other=0.0)
+            q = tl.load(xb + k[:, None] * stride_xm + cols[None, :], mask=(k[:, None] < M) & (cols[None, :] < N),
+                        other=0.0)
+            acc = tl.dot(p, q, acc, input_precision=PRECISION)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        x_tile = tl.load(xb + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc = tl.cast(coef_a, tl.float32) * x_tile + acc
+        tl.store(Y + pid_b.to(tl.int64) * stride_yb + rows[:, None] * stride_ym + cols[None, :],
+                 acc.to(Y.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch meta-parameters (shared by the launchers and KERNEL_CONFIGS)
+# --------------------------------------------------------------------------------------------
+
+# Shape classes. nanochat's Gram sides (m = 768 .. 1664) give only 6..13 row tiles of 128, i.e.
+# 21..91 upper-triangle CTAs per matrix for 132 SMs: 64-wide tiles (4 warps, one m64 warpgroup MMA)
+# quadruple the CTA count. At m = 4096, 128-wide tiles (8 warps) halve the operand traffic per
+# FLOP and still give 528 CTAs. 4 stages of 64x64 + 64x64 16-bit operands are 64 KB of shared
+# memory, 3 stages of 128x64 + 64x128 are 96 KB: both leave room for the transposed-store buffer.
+_LARGE_M = 2048
+
+
+def _meta(m: int, dtype: torch.dtype) -> dict:
+    """BLOCK, BLOCK_K, num_warps, num_stages and dot precision for Gram side m and dtype."""
+    wide = dtype == torch.float32
+    if m > _LARGE_M:
+        # fp32 operands are twice the bytes: a 32-deep K step keeps 3 stages inside 227 KB.
+        meta = dict(BLOCK=128, BLOCK_K=32 if wide else 64, num_warps=8, num_stages=3)
+    else:
+        meta = dict(BLOCK=64, BLOCK_K=32 if wide else 64, num_warps=4, num_stages=4)
+    # fp32 stays IEEE fp32 (torch's fp32 matmul default); 16-bit inputs take the tensor-core path.
+    meta["PRECISION"] = "ieee" if wide else "tf32"
+    return meta
+
+
+def _check_stack(x: Tensor, name: str, square: bool = False) -> None:
+    if not isinstance(x, Tensor) or x.ndim != 3:
+        raise ValueError(f"{name} must be a (batch, m, n) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if x.dtype not in TRITON_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32 for the Triton kernels, got {x.dtype}")
+    if square and x.size(1) != x.size(2):
+        raise ValueError(f"{name} must be a stack of square matrices, got shape {tuple(x.shape)}")
+
+
+def _unit_cols(x: Tensor) -> Tensor:
+    # The kernels assume unit column stride (coalesced, vectorisable rows); anything else is copied.
+    return x if x.stride(-1) == 1 or x.size(-1) <= 1 else x.contiguous()
+
+
+def _launch_args(meta: dict) -> tuple[dict, dict]:
+    const = {k: meta[k] for k in ("BLOCK", "BLOCK_K", "PRECISION")}
+    return const, {"num_warps": meta["num_warps"], "num_stages": meta["num_stages"]}
+
+
+def ns_gram_triton(X: Tensor, meta: dict | None = None) -> Tensor:
+    """A = X X^T per matrix. X: (batch, m, n) fp16/bf16/fp32 -> A: (batch, m, m), X's dtype,
+    bitwise symmetric. `meta` overrides the tile configuration (tests use small tiles)."""
+    _check_stack(X, "X")
+    X = _unit_cols(X)
+    bsz, m, n = X.shape
+    A = torch.empty((bsz, m, m), dtype=X.dtype, device=X.device)
+    if A.numel() == 0:
+        return A
+    meta = meta or _meta(m, X.dtype)
+    tiles = triton.cdiv(m, meta["BLOCK"])
+    const, opts = _launch_args(meta)
+    _ns_gram_kernel[(bsz, tiles, tiles)](X, A, m, n, X.stride(0), X.stride(1), A.stride(0), A.stride(1),
+                                         **const, **opts)
+    return A
+
+
+def ns_poly_triton(A: Tensor, b: float, c: float, meta: dict | None = None) -> Tensor:
+    """B = b A + c A @ A per matrix, for symmetric A: (batch, m, m) fp16/bf16/fp32 -> B, A's dtype,
+    bitwise symmetric. Only A's upper triangle of tiles drives the output; A must be symmetric."""
+    _check_stack(A, "A", square=True)
+    A = _unit_cols(A)
+    bsz, m, _ = A.shape
+    B = torch.empty_like(A, memory_format=torch.contiguous_format)
+    if B.numel() == 0:
+        return B
+    meta = meta or _meta(m, A.dtype)
+    tiles = triton.cdiv(m, meta["BLOCK"])
+    const, opts = _launch_args(meta)
+    _ns_poly_kernel[(bsz, tiles, tiles)](A, B, m, A.stride(0), A.stride(1), B.stride(0), B.stride(1),
+                                         float(b), float(c), **const, **opts)
+    return B
+
+
+def ns_update_triton(X: Tensor, B: Tensor, a: float, meta: dict | None = None) -> Tensor:
+    """X' = a X + B @ X per matrix. X: (batch, m, n), B: (batch, m, m), same fp16/bf16/fp32 dtype
+    -> X': (batch, m, n), a new tensor in X's dtype."""
+    _check_stack(X, "X")
+    _check_stack(B, "B", square=True)
+    if B.shape[0] != X.shape[0] or B.shape[1] != X.shape[1] or B.dtype != X.dtype or B.device != X.device:
+        raise ValueError(f"B must be (batch, m, m) = {(X.shape[0], X.shape[1], X.shape[1])} with X's dtype and "
+                         f"device, got {tuple(B.shape)} {B.dtype} {B.device}")
+    X, B = _unit_cols(X), _unit_cols(B)
+    bsz, m, n = X.shape
+    Y = torch.empty((bsz, m, n), dtype=X.dtype, device=X.device)
+    if Y.numel() == 0:
+        return Y
+    meta = meta or _meta(m, X.dtype)
+    const, opts = _launch_args(meta)
+    grid = (bsz, triton.cdiv(m, meta["BLOCK"]), triton.cdiv(n, meta["BLOCK"]))
+    _ns_update_kernel[grid](X, B, Y, m, n, X.stride(0), X.stride(1), B.stride(0), B.stride(1), Y.stride(0),
+                            Y.stride(1), float(a), **const, **opts)
+    return Y
+
+
+def newton_schulz_triton(X: Tensor, coefficients: Sequence[tuple[float, float, float]], dtype: torch.dtype,
+                         meta: dict | None = None) -> Tensor:
+    """Run the iteration X <- a X + (b A + c A^2) X, A = X X^T, once per (a, b, c) in `coefficients`.
+
+    Args:
+        X: (..., m, n) with m <= n (wide: the caller transposes tall matrices), already normalised
+            (singular values inside (0, 1)); leading dims are a batch run in one grid per launch.
+        coefficients: resolved (a, b, c) float tuples, one per step.
+        dtype: iteration dtype, float16 / bfloat16 / float32 (X is cast to it).
+    Returns:
+        (..., m, n) tensor in `dtype`.
+    """
+    if triton is None:
+        raise RuntimeError("newton_schulz_triton needs triton installed")
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32 for the Triton iteration, got {dtype}")
+    if not isinstance(X, Tensor) or X.ndim < 2:
+        raise ValueError("X must be a (..., m, n) tensor")
+    if X.size(-2) > X.size(-1):
+        raise ValueError(f"X must be wide (m <= n; transpose tall matrices first), got shape {tuple(X.shape)}")
+    lead, (m, n) = X.shape[:-2], X.shape[-2:]
+    x = X.to(dtype).reshape(-1, m, n)
+    for a, b, c in coefficients:
+        A = ns_gram_triton(x, meta)
+        B = ns_poly_triton(A, b, c, meta)
+        x = ns_update_triton(x, B, a, meta)
+    return x.reshape(*lead, m, n)
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations an H100 runs (compiled and checked by the compile gate)
+# --------------------------------------------------------------------------------------------
+
+def _config(kernel: str, m: int, n: int, dtype: torch.dtype) -> dict:
+    t = _TL_DTYPE[dtype]
+    meta = _meta(m, dtype)
+    const, opts = _launch_args(meta)
+    if kernel == "gram":
+        fn, ptrs, ints = _ns_gram_kernel, ("X", "A"), ("M", "N", "stride_xb", "stride_xm", "stride_ab", "stride_am")
+        floats = ()
+    elif kernel == "poly":
+        fn, ptrs, ints = _ns_poly_kernel, ("A", "B"), ("M", "stride_ab", "stride_am", "stride_bb", "stride_bm")
+        floats = ("coef_b", "coef_c")
+    else:
+        fn, ptrs = _ns_update_kernel, ("X", "B", "Y")
+        ints = ("M", "N", "stride_xb", "stride_xm", "stride_bb", "stride_bm", "stride_yb", "stride_ym")
+        floats = ("coef_a",)
+    sig = {**{p: f"*{t}" for p in ptrs}, **{i: "i32" for i in ints}, **{f: "fp32" for f in floats},
+           "BLOCK": "constexpr", "BLOCK_K": "constexpr", "PRECISION": "constexpr"}
+    # What Triton's launcher specialises for contiguous nanochat stacks: 16-byte aligned pointers,
+    # sizes and strides multiples of 16 (every nanochat width is).
+    return dict(fn=fn, signature=sig, constexprs=const, aligned=ptrs + ints, **opts,
+                config=f"{kernel} m={m} n={n} {t} BLOCK={meta['BLOCK']}x{meta['BLOCK_K']} "
+                       f"warps={meta['num_warps']} stages={meta['num_stages']}")
+
+
+def _kernel_configs() -> list[dict]:
+    if triton is None:
+        return []
+    out = []
+    # Small class (nanochat d = 768 .. 1664; the d x 4d shapes share the Gram side d) and large (4096).
+    for m, n, dtypes in ((768, 3072, (torch.bfloat16, torch.float16)), (1664, 6656, (torch.bfloat16,)),
+                         (4096, 4096, (torch.bfloat16, torch.float16))):
+        for dt in dtypes:
+            for kernel in ("gram", "poly", "update"):
+                out.append(_config(kernel, m, n, dt))
+    return out
+
+
+KERNEL_CONFIGS: list[dict] = _kernel_configs()
+"""Each entry: keyword arguments of `compile_gate.compile_triton` built from the launchers' `_meta`,
+so `compile_triton(**cfg, arch=90)` compiles exactly what an H100 launches. Compile them in a
+process without TRITON_INTERPRET=1 (see `compile_gate.configs_facts`)."""

@@ -1,0 +1,214 @@
+"""Triton Newton-Schulz kernels (run by the Triton interpreter, see tests/conftest.py) against torch
+matmuls, end to end against backend="torch", and compiled for sm_90 by the compile gate.
+
+bf16 is not run here (the interpreter multiplies bf16 bit patterns); the kernels differ between
+fp16 and bf16 only in dtype, and the bf16 configurations are compiled and checked below.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanofast.kernels.compile_gate import configs_facts
+from nanofast.kernels.newton_schulz import newton_schulz
+from nanofast.kernels.newton_schulz_triton import (KERNEL_CONFIGS, _meta, newton_schulz_triton, ns_gram_triton,
+                                                   ns_poly_triton, ns_update_triton)
+
+# Small tiles (16 is tl.dot's minimum) so that shapes of a few dozen rows already have several
+# tile rows, off-diagonal mirrored tiles, partial edge tiles and a multi-step K loop.
+SMALL = dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1)
+# (batch, m, n) with m <= n: 1x1, 1x9, non-multiples of the tile (17, 33, 70, 130) and an exact one.
+SHAPES = [(1, 1, 1), (3, 1, 9), (1, 17, 40), (3, 33, 70), (1, 64, 64), (1, 70, 130)]
+DTYPES = [torch.float32, torch.float16]
+DT_ID = {torch.float32: "fp32", torch.float16: "fp16"}
+
+
+def _meta_for(dtype: torch.dtype) -> dict:
+    return dict(SMALL, PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _budget(out: torch.Tensor, ref64: torch.Tensor, torch_out: torch.Tensor, dtype: torch.dtype) -> None:
+    """fp32: within 8x torch's own fp32 error (+ a few ulps of the largest entry; a different but
+    equally valid summation order). fp16: within 2x torch's fp16 error vs fp64 plus one fp16 ulp of
+    the largest entry (the output is rounded to fp16 once, exactly like torch's)."""
+    err = (out.double() - ref64).abs().max().item()
+    torch_err = (torch_out.double() - ref64).abs().max().item()
+    scale = ref64.abs().max().item()
+    if dtype == torch.float32:
+        bound = 8 * torch_err + 8 * torch.finfo(torch.float32).eps * scale + 1e-30
+    else:
+        bound = 2 * torch_err + torch.finfo(torch.float16).eps * scale + 1e-30
+    assert err <= bound, (err, torch_err, bound)
+
+
+def _rand(shape, dtype, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gram_matches_torch_and_is_exactly_symmetric(shape, dtype):
+    X = _rand(shape, dtype)
+    A = ns_gram_triton(X, _meta_for(dtype))
+    assert A.shape == (shape[0], shape[1], shape[1]) and A.dtype == dtype
+    assert torch.equal(A, A.mT)  # bitwise, including the diagonal tiles
+    _budget(A, X.double() @ X.double().mT, X @ X.mT, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_poly_matches_torch_and_is_exactly_symmetric(shape, dtype):
+    bsz, m, _ = shape
+    Y = _rand((bsz, m, m), torch.float64, seed=1)
+    A = (Y + Y.mT).to(dtype)  # exactly symmetric input, as the Gram kernel produces
+    b, c = -2.808917465908714, 0.5000178451051316
+    B = ns_poly_triton(A, b, c, _meta_for(dtype))
+    assert torch.equal(B, B.mT)
+    A64 = A.double()
+    _budget(B, b * A64 + c * (A64 @ A64), b * A + c * (A @ A), dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 33, 33), (2, 70, 70)], ids=lambda s: "x".join(map(str, s)))
+def test_poly_output_is_the_mirrored_upper_triangle(shape):
+    # The interpreter's dot is symmetric anyway, so feed a NON-symmetric A: only the explicit
+    # diagonal-tile symmetrisation and the off-diagonal-only mirror store make the output the
+    # upper triangle of the dense product mirrored, and bitwise symmetric.
+    A = _rand(shape, torch.float32, seed=6)
+    B = ns_poly_triton(A, 0.5, 0.25, _meta_for(torch.float32))
+    A64 = A.double()
+    dense = 0.5 * A64 + 0.25 * (A64 @ A64)
+    expected = dense.triu() + dense.triu(1).mT
+    assert torch.equal(B, B.mT)
+    assert (B.double() - expected).abs().max().item() <= 1e-5 * dense.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_update_matches_torch(shape, dtype):
+    bsz, m, n = shape
+    X = _rand(shape, dtype, seed=2)
+    B = _rand((bsz, m, m), dtype, seed=3)
+    a = 3.8916678022926607
+    # Guard: the output is a fresh tensor and X is left untouched (other programs read it).
+    X_before = X.clone()
+    out = ns_update_triton(X, B, a, _meta_for(dtype))
+    assert torch.equal(X, X_before) and out.data_ptr() != X.data_ptr()
+    _budget(out, a * X.double() + B.double() @ X.double(), a * X + B @ X, dtype)
+
+
+def test_launcher_default_meta_and_non_contiguous_input():
+    # The launchers' own tile classes (64-wide here) and a strided view (copied to unit stride).
+    X = _rand((2, 40, 130), torch.float32, seed=4)[:, :, ::2]
+    A = ns_gram_triton(X)
+    assert torch.equal(A, A.mT)
+    _budget(A, X.double() @ X.double().mT, X @ X.mT, torch.float32)
+    assert _meta(768, torch.bfloat16)["BLOCK"] == 64 and _meta(4096, torch.bfloat16)["BLOCK"] == 128
+
+
+# End to end: both backends iterate on the same normalised X_0 (shared code in newton_schulz).
+# fp32: the kernels agree with torch's fp32 iteration to rounding (measured max 2.5e-6 over these
+# shapes and several seeds). fp16: measured against the fp64 iteration, within 2x torch's own fp16
+# error plus 8 fp16 ulps (2^-10) of the O(1) outputs: the first Polar Express step has slope ~8 at
+# zero, so a single rounding difference in X_0-sized entries is amplified; measured worst (seeds
+# 0..3): Triton 0.024 where torch's fp16 error was 0.020, and Triton 0.008 where torch's was 0.001.
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("coefficients", ["polar_express", "classic"])
+def test_end_to_end_matches_torch_backend(coefficients, dtype):
+    g = torch.Generator().manual_seed(5)
+    for shape in [(1, 1), (1, 9), (5, 3), (17, 40), (2, 33, 20)]:
+        G = torch.randn(shape, generator=g)
+        ref = newton_schulz(G, coefficients=coefficients, dtype=dtype, backend="torch")
+        out = newton_schulz(G, coefficients=coefficients, dtype=dtype, backend="triton")
+        assert out.shape == G.shape and out.dtype == G.dtype
+        if dtype == torch.float32:
+            err = (out - ref).abs().max().item()
+            assert err <= 2e-5, (shape, err)
+        else:
+            ref64 = newton_schulz(G.double(), coefficients=coefficients, dtype=torch.float64, backend="torch")
+            err = (out.double() - ref64).abs().max().item()
+            torch_err = (ref.double() - ref64).abs().max().item()
+            assert err <= 2 * torch_err + 8 * 2.0 ** -10, (shape, err, torch_err)
+
+
+# The bands measured for the torch reference in tests/test_newton_schulz.py.
+BANDS = {"polar_express": (0.858, 1.142), "classic": (0.681, 1.203)}
+
+
+@pytest.mark.parametrize("name", list(BANDS))
+def test_singular_values_in_reference_band(name):
+    lo, hi = BANDS[name]
+    torch.manual_seed(2)
+    # fp32 iteration; spectra well-conditioned enough for the band's precondition (see test_newton_schulz).
+    for G in [torch.randn(32, 96), torch.randn(48, 24), torch.randn(3, 20, 20)]:
+        s = torch.linalg.svdvals(newton_schulz(G, coefficients=name, backend="triton").double())
+        assert lo <= s.min() and s.max() <= hi, (s.min().item(), s.max().item())
+
+
+def test_nan_propagates_only_within_its_matrix():
+    G = torch.randn(3, 9, 20)
+    G[1, 4, 7] = float("nan")
+    out = newton_schulz(G, backend="triton")
+    assert out[1].isnan().all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+    ref = newton_schulz(G, backend="torch")
+    assert torch.allclose(out[0], ref[0], atol=2e-5) and torch.allclose(out[2], ref[2], atol=2e-5)
+
+
+def test_zero_matrix_and_errors():
+    assert torch.equal(newton_schulz(torch.zeros(2, 5, 7), backend="triton"), torch.zeros(2, 5, 7))
+    with pytest.raises(ValueError, match="cuda"):
+        newton_schulz(torch.randn(4, 4), backend="cuda")
+    with pytest.raises(TypeError, match="dtype"):
+        newton_schulz(torch.randn(4, 4), dtype=torch.float64, backend="triton")
+    with pytest.raises(ValueError, match="wide"):
+        newton_schulz_triton(torch.randn(5, 3), [(1.0, 0.0, 0.0)], torch.float32)
+    with pytest.raises(TypeError, match="float16"):
+        ns_gram_triton(torch.randn(1, 3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="square"):
+        ns_poly_triton(torch.randn(1, 3, 4), 1.0, 1.0)
+    # fp64 input with the default dtype iterates in fp32 and returns fp64.
+    out = newton_schulz(torch.randn(6, 10, dtype=torch.float64), backend="triton")
+    assert out.dtype == torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# Compile gate: every H100 configuration compiled for sm_90 (in a child process without the
+# interpreter), with the facts that make it a tensor-core kernel that fits the SM.
+# --------------------------------------------------------------------------------------------
+
+MAX_SHARED_SM90 = 227 * 1024
+MAX_REGISTERS = 255
+
+
+@pytest.fixture(scope="module")
+def gate_facts() -> dict:
+    return configs_facts("nanofast.kernels.newton_schulz_triton", [[i, 90] for i in range(len(KERNEL_CONFIGS))])
+
+
+def test_kernel_configs_cover_h100_shapes():
+    labels = [c["config"] for c in KERNEL_CONFIGS]
+    assert {c["signature"]["X" if "X" in c["signature"] else "A"] for c in KERNEL_CONFIGS} == {"*bf16", "*fp16"}
+    assert {lbl.split()[0] for lbl in labels} == {"gram", "poly", "update"}
+    assert any("m=768 " in lbl for lbl in labels) and any("m=1664 " in lbl for lbl in labels)
+    assert any("m=4096 " in lbl for lbl in labels)
+    for c in KERNEL_CONFIGS:
+        assert list(c["signature"]) == list(c["fn"].arg_names), c["config"]
+        m = int(c["config"].split()[1][2:])
+        meta = _meta(m, torch.bfloat16)
+        assert c["num_warps"] == meta["num_warps"] and c["num_stages"] == meta["num_stages"]
+        assert c["constexprs"]["BLOCK"] == meta["BLOCK"] and c["constexprs"]["BLOCK_K"] == meta["BLOCK_K"]
+
+
+@pytest.mark.parametrize("index", range(len(KERNEL_CONFIGS)),
+                         ids=[c["config"].split(" BLOCK")[0].replace(" ", "-") for c in KERNEL_CONFIGS])
+def test_compile_gate_sm90(gate_facts, index):
+    cfg, f = KERNEL_CONFIGS[index], gate_facts[(index, 90)]
+    where = f"{cfg['config']}: {f}"
+    assert f["kernel"] == cfg["fn"].__name__, where
+    assert f["instructions"].get("HGMMA", 0) > 0, "no Hopper warpgroup MMA: " + where
+    assert f["local_bytes"] == 0 and f["instructions"].get("STL", 0) == 0, "register spills: " + where
+    assert f["registers"] <= MAX_REGISTERS and f["shared_bytes"] <= MAX_SHARED_SM90, where
+    assert f["instructions"].get("STG.E.128", 0) > 0, "stores not vectorised: " + where
+    # int64 batch offsets (a stack passes 2^31 elements quickly at 4096^2).
+    assert f["i64_muls"] > 0 and f["atomics"] == 0, where

@@ -7,8 +7,9 @@ work and state across ranks (ZeRO-2 style), and gathers the updated parameters b
 Param groups are dicts with 'params' and 'kind':
   kind='adamw': lr (required), betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0 (decoupled).
   kind='muon':  lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.0,
-                ns_coefficients='polar_express'. All params of a Muon group share one shape
-                (>= 2-D) so they are stacked and orthogonalised as one batch.
+                ns_coefficients='polar_express', ns_backend=None (newton_schulz's backend:
+                None = Triton on CUDA, torch on CPU). All params of a Muon group share one
+                shape (>= 2-D) so they are stacked and orthogonalised as one batch.
 Each group also remembers initial_lr (and Muon groups initial_weight_decay) for the schedules.
 
 Muon step per matrix, all in the stacked batch:
@@ -38,7 +39,7 @@ from nanofast.kernels.newton_schulz import newton_schulz, resolve_coefficients
 
 ADAMW_DEFAULTS: dict[str, Any] = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
 MUON_DEFAULTS: dict[str, Any] = dict(lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.0,
-                                     ns_coefficients="polar_express")
+                                     ns_coefficients="polar_express", ns_backend=None)
 SMALL_PARAM_NUMEL = 1024  # AdamW params below this are all-reduced whole: sharding would not pay
 
 
@@ -136,7 +137,7 @@ def normuon_buffer_shape(shape: torch.Size, count: int) -> tuple[int, ...]:
 @torch.no_grad()
 def muon_update_(params: Tensor, grads: Tensor, momentum_buf: Tensor, second_buf: Tensor, *, lr: float,
                  momentum: float, beta2: float, weight_decay: float, ns_steps: int = 5,
-                 ns_coefficients: str = "polar_express") -> None:
+                 ns_coefficients: str = "polar_express", ns_backend: str | None = None) -> None:
     """One Muon (+NorMuon, cautious weight decay) step in place for a stack of matrices.
 
     Args:
@@ -155,7 +156,7 @@ def muon_update_(params: Tensor, grads: Tensor, momentum_buf: Tensor, second_buf
     row_norm = u32.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     u = (u32 * (target / row_norm)).to(params.dtype)
 
-    u = newton_schulz(u, steps=ns_steps, coefficients=ns_coefficients)
+    u = newton_schulz(u, steps=ns_steps, coefficients=ns_coefficients, backend=ns_backend)
 
     # Snap ||u||_F to sqrt(min(m, n)); the norms are in fp32 because bf16 sums lose digits.
     norm = torch.linalg.matrix_norm(u.float(), keepdim=True).clamp_min(1e-6)
@@ -386,7 +387,7 @@ class MuonAdamW(torch.optim.Optimizer):
         second = torch.stack([self.state[p]["second_momentum_buffer"] for p in owned])
         muon_update_(params, grads, mom, second, lr=group["lr"], momentum=group["momentum"],
                      beta2=group["beta2"], weight_decay=group["weight_decay"], ns_steps=group["ns_steps"],
-                     ns_coefficients=group["ns_coefficients"])
+                     ns_coefficients=group["ns_coefficients"], ns_backend=group["ns_backend"])
         torch._foreach_copy_([self.state[p]["momentum_buffer"] for p in owned], list(mom.unbind(0)))
         torch._foreach_copy_([self.state[p]["second_momentum_buffer"] for p in owned], list(second.unbind(0)))
         return params

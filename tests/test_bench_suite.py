@@ -1,0 +1,17 @@
+"""The benchmark suite stays importable and collectable (its timings run with `make bench`)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmarks_collect():
+    out = subprocess.run([sys.executable, "-m", "pytest", "bench", "--collect-only", "-q"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    collected = [line for line in out.stdout.splitlines() if "::" in line]
+    for name in ("test_bench_train_step", "test_bench_tokenizer", "test_bench_newton_schulz",
+                 "test_bench_optimizer_step", "test_bench_rms_norm", "test_bench_qk_norm_rope"):
+        assert any(name in line for line in collected), name

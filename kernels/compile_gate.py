@@ -113,8 +113,8 @@ def compile_triton(fn, signature: dict[str, str], constexprs: dict[str, object],
     return facts
 
 
-def configs_facts(module: str, jobs: list[tuple[int, int]]) -> dict[tuple[int, int], dict]:
-    """Facts of `module.KERNEL_CONFIGS[index]` compiled for sm_`arch`, for each (index, arch) job.
+def configs_facts(module: str, jobs: list[tuple[int, int]], attr: str = "KERNEL_CONFIGS") -> dict[tuple[int, int], dict]:
+    """Facts of `module.<attr>[index]` (default KERNEL_CONFIGS) compiled for sm_`arch`, per (index, arch) job.
 
     Returns {(index, arch): facts as a flat dict (MachineFacts fields plus the TTIR counts)}. In a
     process that interprets Triton the compilation runs in a child process without the interpreter.
@@ -123,13 +123,13 @@ def configs_facts(module: str, jobs: list[tuple[int, int]]) -> dict[tuple[int, i
 
     if triton_interpreting():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        proc = subprocess.run([sys.executable, "-m", "nanofast.kernels.compile_gate", module, json.dumps(jobs)],
+        proc = subprocess.run([sys.executable, "-m", "nanofast.kernels.compile_gate", module, json.dumps(jobs), attr],
                               capture_output=True, text=True, env=env, timeout=900)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {module}.KERNEL_CONFIGS failed:\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"compiling {module}.{attr} failed:\n{proc.stderr[-4000:]}")
         rows = json.loads(proc.stdout.strip().splitlines()[-1])
     else:
-        configs = importlib.import_module(module).KERNEL_CONFIGS
+        configs = getattr(importlib.import_module(module), attr)
         rows = []
         for index, arch in jobs:
             facts = compile_triton(**configs[index], arch=arch)
@@ -147,5 +147,5 @@ def facts_table(rows: list[MachineFacts]) -> str:
     return "\n".join(out)
 
 
-if __name__ == "__main__":  # the child process of configs_facts: python -m ... MODULE JOBS_JSON
-    print(json.dumps([f for f in configs_facts(sys.argv[1], json.loads(sys.argv[2])).values()]))
+if __name__ == "__main__":  # the child process of configs_facts: python -m ... MODULE JOBS_JSON ATTR
+    print(json.dumps([f for f in configs_facts(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]).values()]))

@@ -163,17 +163,27 @@ if triton is not None:
 _LARGE_M = 2048
 
 
-def _meta(m: int, dtype: torch.dtype) -> dict:
-    """BLOCK, BLOCK_K, num_warps, num_stages and dot precision for Gram side m and dtype."""
+def _meta(m: int, dtype: torch.dtype, arch: int = 90) -> dict:
+    """BLOCK, BLOCK_K, num_warps, num_stages and dot precision for Gram side m, dtype and sm_`arch`."""
     wide = dtype == torch.float32
     if m > _LARGE_M:
         # fp32 operands are twice the bytes: a 32-deep K step keeps 3 stages inside 227 KB.
         meta = dict(BLOCK=128, BLOCK_K=32 if wide else 64, num_warps=8, num_stages=3)
     else:
-        meta = dict(BLOCK=64, BLOCK_K=32 if wide else 64, num_warps=4, num_stages=4)
+        # Ampere's mma.sync keeps the accumulators in registers the 4-stage pipeline also needs:
+        # the gram kernel spilled there (compile gate, sm_80), 3 stages do not.
+        meta = dict(BLOCK=64, BLOCK_K=32 if wide else 64, num_warps=4, num_stages=4 if arch >= 90 else 3)
     # fp32 stays IEEE fp32 (torch's fp32 matmul default); 16-bit inputs take the tensor-core path.
     meta["PRECISION"] = "ieee" if wide else "tf32"
     return meta
+
+
+def _arch(x: Tensor) -> int:
+    """SM version the tensor's kernels compile for (CPU tensors: the interpreter, configured as sm_90)."""
+    if not x.is_cuda:
+        return 90
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return 10 * major + minor
 
 
 def _check_stack(x: Tensor, name: str, square: bool = False) -> None:
@@ -205,7 +215,7 @@ def ns_gram_triton(X: Tensor, meta: dict | None = None) -> Tensor:
     A = torch.empty((bsz, m, m), dtype=X.dtype, device=X.device)
     if A.numel() == 0:
         return A
-    meta = meta or _meta(m, X.dtype)
+    meta = meta or _meta(m, X.dtype, _arch(X))
     tiles = triton.cdiv(m, meta["BLOCK"])
     const, opts = _launch_args(meta)
     _ns_gram_kernel[(bsz, tiles, tiles)](X, A, m, n, X.stride(0), X.stride(1), A.stride(0), A.stride(1),
@@ -222,7 +232,7 @@ def ns_poly_triton(A: Tensor, b: float, c: float, meta: dict | None = None) -> T
     B = torch.empty_like(A, memory_format=torch.contiguous_format)
     if B.numel() == 0:
         return B
-    meta = meta or _meta(m, A.dtype)
+    meta = meta or _meta(m, A.dtype, _arch(A))
     tiles = triton.cdiv(m, meta["BLOCK"])
     const, opts = _launch_args(meta)
     _ns_poly_kernel[(bsz, tiles, tiles)](A, B, m, A.stride(0), A.stride(1), B.stride(0), B.stride(1),
@@ -243,7 +253,7 @@ def ns_update_triton(X: Tensor, B: Tensor, a: float, meta: dict | None = None) -
     Y = torch.empty((bsz, m, n), dtype=X.dtype, device=X.device)
     if Y.numel() == 0:
         return Y
-    meta = meta or _meta(m, X.dtype)
+    meta = meta or _meta(m, X.dtype, _arch(X))
     const, opts = _launch_args(meta)
     grid = (bsz, triton.cdiv(m, meta["BLOCK"]), triton.cdiv(n, meta["BLOCK"]))
     _ns_update_kernel[grid](X, B, Y, m, n, X.stride(0), X.stride(1), B.stride(0), B.stride(1), Y.stride(0),
@@ -284,9 +294,9 @@ def newton_schulz_triton(X: Tensor, coefficients: Sequence[tuple[float, float, f
 # Configurations an H100 runs (compiled and checked by the compile gate)
 # --------------------------------------------------------------------------------------------
 
-def _config(kernel: str, m: int, n: int, dtype: torch.dtype) -> dict:
+def _config(kernel: str, m: int, n: int, dtype: torch.dtype, arch: int = 90) -> dict:
     t = _TL_DTYPE[dtype]
-    meta = _meta(m, dtype)
+    meta = _meta(m, dtype, arch)
     const, opts = _launch_args(meta)
     if kernel == "gram":
         fn, ptrs, ints = _ns_gram_kernel, ("X", "A"), ("M", "N", "stride_xb", "stride_xm", "stride_ab", "stride_am")
@@ -307,7 +317,7 @@ def _config(kernel: str, m: int, n: int, dtype: torch.dtype) -> dict:
                        f"warps={meta['num_warps']} stages={meta['num_stages']}")
 
 
-def _kernel_configs() -> list[dict]:
+def _kernel_configs(arch: int = 90) -> list[dict]:
     if triton is None:
         return []
     out = []
@@ -316,11 +326,12 @@ def _kernel_configs() -> list[dict]:
                          (4096, 4096, (torch.bfloat16, torch.float16))):
         for dt in dtypes:
             for kernel in ("gram", "poly", "update"):
-                out.append(_config(kernel, m, n, dt))
+                out.append(_config(kernel, m, n, dt, arch))
     return out
 
 
 KERNEL_CONFIGS: list[dict] = _kernel_configs()
+KERNEL_CONFIGS_SM80: list[dict] = _kernel_configs(80)  # what an A100 launches (for compile_triton(..., arch=80))
 """Each entry: keyword arguments of `compile_gate.compile_triton` built from the launchers' `_meta`,
 so `compile_triton(**cfg, arch=90)` compiles exactly what an H100 launches. Compile them in a
 process without TRITON_INTERPRET=1 (see `compile_gate.configs_facts`)."""

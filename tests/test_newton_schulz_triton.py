@@ -11,7 +11,7 @@ import torch
 
 from nanofast.kernels.compile_gate import configs_facts
 from nanofast.kernels.newton_schulz import newton_schulz
-from nanofast.kernels.newton_schulz_triton import (KERNEL_CONFIGS, _meta, newton_schulz_triton, ns_gram_triton,
+from nanofast.kernels.newton_schulz_triton import (KERNEL_CONFIGS, KERNEL_CONFIGS_SM80, _meta, newton_schulz_triton, ns_gram_triton,
                                                    ns_poly_triton, ns_update_triton)
 
 # Small tiles (16 is tl.dot's minimum) so that shapes of a few dozen rows already have several
@@ -178,12 +178,19 @@ def test_zero_matrix_and_errors():
 # --------------------------------------------------------------------------------------------
 
 MAX_SHARED_SM90 = 227 * 1024
+MAX_SHARED_SM80 = 163 * 1024  # A100's per-CTA opt-in maximum
 MAX_REGISTERS = 255
 
 
 @pytest.fixture(scope="module")
 def gate_facts() -> dict:
     return configs_facts("nanofast.kernels.newton_schulz_triton", [[i, 90] for i in range(len(KERNEL_CONFIGS))])
+
+
+@pytest.fixture(scope="module")
+def gate_facts_sm80() -> dict:
+    return configs_facts("nanofast.kernels.newton_schulz_triton", [[i, 80] for i in range(len(KERNEL_CONFIGS_SM80))],
+                         attr="KERNEL_CONFIGS_SM80")
 
 
 def test_kernel_configs_cover_h100_shapes():
@@ -212,3 +219,15 @@ def test_compile_gate_sm90(gate_facts, index):
     assert f["instructions"].get("STG.E.128", 0) > 0, "stores not vectorised: " + where
     # int64 batch offsets (a stack passes 2^31 elements quickly at 4096^2).
     assert f["i64_muls"] > 0 and f["atomics"] == 0, where
+
+
+@pytest.mark.parametrize("index", range(len(KERNEL_CONFIGS_SM80)),
+                         ids=[c["config"].split(" BLOCK")[0].replace(" ", "-") for c in KERNEL_CONFIGS_SM80])
+def test_compile_gate_sm80(gate_facts_sm80, index):
+    """The A100 tile configurations: mma.sync tensor cores (HMMA), no spills, and the pipelined
+    tiles fit its smaller shared memory."""
+    cfg, f = KERNEL_CONFIGS_SM80[index], gate_facts_sm80[(index, 80)]
+    where = f"{cfg['config']}: {f}"
+    assert f["instructions"].get("HMMA", 0) > 0 and f["instructions"].get("HGMMA", 0) == 0, where
+    assert f["local_bytes"] == 0 and f["instructions"].get("STL", 0) == 0, "register spills: " + where
+    assert f["registers"] <= MAX_REGISTERS and f["shared_bytes"] <= MAX_SHARED_SM80, where

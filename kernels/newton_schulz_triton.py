@@ -95,6 +95,22 @@ if triton is not None:
         _ns_sym_store(A + pid_b.to(tl.int64) * stride_ab, acc, rows, cols, pid_m, pid_n, M, stride_am, BLOCK)
 
     @triton.jit
+    def _ns_tile_matmul(L, stride_l, R, stride_r, rows, cols, M, K, N,
+                        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        """fp32 (BLOCK, BLOCK) tile of L @ R at `rows` x `cols`: L (M, K), R (K, N), both with unit
+        column strides. Zero-filled masked loads: padding contributes exactly 0 to every dot."""
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + ks
+            a = tl.load(L + rows[:, None] * stride_l + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K),
+                        other=0.0)
+            b = tl.load(R + k[:, None] * stride_r + cols[None, :], mask=(k[:, None] < K) & (cols[None, :] < N),
+                        other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
     def _ns_poly_kernel(A, B, M, stride_ab, stride_am, stride_bb, stride_bm, coef_b, coef_c,
                         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         """B[b] = coef_b * A[b] + coef_c * A[b] @ A[b] for symmetric A: (batch, M, M), unit column
@@ -107,15 +123,7 @@ if triton is not None:
         ab = A + pid_b.to(tl.int64) * stride_ab
         rows = pid_m * BLOCK + tl.arange(0, BLOCK)
         cols = pid_n * BLOCK + tl.arange(0, BLOCK)
-        ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        for k0 in range(0, M, BLOCK_K):
-            k = k0 + ks
-            a = tl.load(ab + rows[:, None] * stride_am + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < M),
-                        other=0.0)
-            b = tl.load(ab + k[:, None] * stride_am + cols[None, :], mask=(k[:, None] < M) & (cols[None, :] < M),
-                        other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _ns_tile_matmul(ab, stride_am, ab, stride_am, rows, cols, M, M, M, BLOCK, BLOCK_K, PRECISION)
         # Fused epilogue in fp32: one rounding of b*A + c*A^2 instead of rounding A^2 first.
         # tl.cast: scalars arrive as Python floats interpreted and fp32 compiled; compute in fp32.
         mask = (rows[:, None] < M) & (cols[None, :] < M)
@@ -135,15 +143,7 @@ if triton is not None:
         bb = B + pid_b.to(tl.int64) * stride_bb
         rows = pid_m * BLOCK + tl.arange(0, BLOCK)
         cols = pid_n * BLOCK + tl.arange(0, BLOCK)
-        ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        for k0 in range(0, M, BLOCK_K):
-            k = k0 + ks
-            p = tl.load(bb + rows[:, None] * stride_bm + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < M),
-                        other=0.0)
-            q = tl.load(xb + k[:, None] * stride_xm + cols[None, :], mask=(k[:, None] < M) & (cols[None, :] < N),
-                        other=0.0)
-            acc = tl.dot(p, q, acc, input_precision=PRECISION)
+        acc = _ns_tile_matmul(bb, stride_bm, xb, stride_xm, rows, cols, M, M, N, BLOCK, BLOCK_K, PRECISION)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
         x_tile = tl.load(xb + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         acc = tl.cast(coef_a, tl.float32) * x_tile + acc

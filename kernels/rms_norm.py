@@ -106,6 +106,17 @@ def rms_norm_reference(x: Tensor, weight: Optional[Tensor] = None, eps: Optional
 if triton is not None:
 
     @triton.jit
+    def _load_h(x_rows, R, rows64, stride_r, c, mask, HAS_RESIDUAL: tl.constexpr):
+        """The (rows, c) tile of the normalised input h: x, or x + r rounded once to x's dtype
+        (fp32 add then one rounding == the correctly rounded 16-bit add torch does, since fp32 has
+        more than 2p + 2 mantissa bits; the interpreter cannot add bf16 natively)."""
+        x = tl.load(x_rows + c[None, :], mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(R + rows64[:, None] * stride_r + c[None, :], mask=mask, other=0.0)
+            return (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        return x
+
+    @triton.jit
     def _rms_norm_fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, N, D, eps,
                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_CHUNKS: tl.constexpr,
                              HAS_WEIGHT: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
@@ -126,15 +137,9 @@ if triton is not None:
             # Single pass: the whole row lives in registers between the reduction and the store.
             col_mask = cols < D
             mask = row_mask[:, None] & col_mask[None, :]
-            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
+            h = _load_h(x_rows, R, rows64, stride_r, cols, mask, HAS_RESIDUAL)
             if HAS_RESIDUAL:
-                r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-                # fp32 add then one rounding == the correctly rounded 16-bit add torch does (fp32
-                # has more than 2p + 2 mantissa bits), and the interpreter cannot add bf16 natively.
-                h = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
                 tl.store(H + rows64[:, None] * stride_h + cols[None, :], h, mask=mask)
-            else:
-                h = x
             hf = h.to(tl.float32)
             rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / D + eps32)
             tl.store(RSTD + rows, rstd, mask=row_mask)
@@ -151,13 +156,9 @@ if triton is not None:
             for k in range(NUM_CHUNKS):
                 c = k * BLOCK_D + cols
                 mask = row_mask[:, None] & (c < D)[None, :]
-                x = tl.load(x_rows + c[None, :], mask=mask, other=0.0)
+                h = _load_h(x_rows, R, rows64, stride_r, c, mask, HAS_RESIDUAL)
                 if HAS_RESIDUAL:
-                    r = tl.load(R + rows64[:, None] * stride_r + c[None, :], mask=mask, other=0.0)
-                    h = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
                     tl.store(H + rows64[:, None] * stride_h + c[None, :], h, mask=mask)
-                else:
-                    h = x
                 hf = h.to(tl.float32)
                 acc += hf * hf
             rstd = tl.rsqrt(tl.sum(acc, axis=1) / D + eps32)
@@ -165,14 +166,9 @@ if triton is not None:
             for k in range(NUM_CHUNKS):
                 c = k * BLOCK_D + cols
                 mask = row_mask[:, None] & (c < D)[None, :]
-                x = tl.load(x_rows + c[None, :], mask=mask, other=0.0)
-                if HAS_RESIDUAL:
-                    # Recompute h from x and r rather than reading back H: re-reading H written
-                    # by other threads of this CTA would need a barrier to be race-free.
-                    r = tl.load(R + rows64[:, None] * stride_r + c[None, :], mask=mask, other=0.0)
-                    h = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
-                else:
-                    h = x
+                # Recompute h from x and r rather than reading back H: re-reading H written by
+                # other threads of this CTA would need a barrier to be race-free.
+                h = _load_h(x_rows, R, rows64, stride_r, c, mask, HAS_RESIDUAL)
                 y = h.to(tl.float32) * rstd[:, None]
                 if HAS_WEIGHT:
                     w = tl.load(W + c, mask=c < D, other=0.0).to(tl.float32)

@@ -8,7 +8,7 @@ inputs, see `newton_schulz.newton_schulz`), three launches, each ONE grid over
     2. B = b A + c (A @ A)       (m x m, symmetric)   `ns_poly_triton`
     3. X' = a X + B @ X          (m x n)              `ns_update_triton`
 
-A and B are symmetric, so kernels 1 and 2 only run the upper-triangle tiles (tile_m <= tile_n)
+A and B are symmetric, so kernels 1 and 2 only launch the upper-triangle tiles (tile_m <= tile_n)
 and store each off-diagonal tile twice (itself and its transpose): about half the tensor-core
 FLOPs of a dense product. Diagonal tiles are symmetrised explicitly (lower half := transposed
 upper half), so the outputs are *bitwise* symmetric whatever order the MMA hardware sums in; that
@@ -70,15 +70,25 @@ if triton is not None:
         tl.store(out_ptr + cols[:, None] * stride_om + rows[None, :], val_t, mask=mask_t)
 
     @triton.jit
+    def _ns_upper_tile(pid):
+        """Tile (row, col), row <= col, of the pid-th upper-triangle tile, enumerated column by
+        column: pid = col * (col + 1) / 2 + row. Launching only these programs (rather than a full
+        tiles x tiles grid whose lower half exits) halves the CTAs the scheduler has to retire.
+        col = floor((sqrt(8 pid + 1) - 1) / 2) in fp32: exact for the integers involved (< 2^24),
+        and the neighbouring perfect squares are >= 8 apart, far beyond the rounding of the sqrt;
+        the two integer corrections make the result exact regardless."""
+        col = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+        col = tl.where(col * (col + 1) // 2 > pid, col - 1, col)
+        col = tl.where((col + 1) * (col + 2) // 2 <= pid, col + 1, col)
+        return pid - col * (col + 1) // 2, col
+
+    @triton.jit
     def _ns_gram_kernel(X, A, M, N, stride_xb, stride_xm, stride_ab, stride_am,
                         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         """A[b] = X[b] X[b]^T. X: (batch, M, N), A: (batch, M, M), unit column strides.
-        Grid (batch, tiles, tiles); programs below the diagonal exit at once."""
+        Grid (batch, tiles * (tiles + 1) / 2): one program per upper-triangle tile."""
         pid_b = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_n = tl.program_id(2)
-        if pid_m > pid_n:
-            return
+        pid_m, pid_n = _ns_upper_tile(tl.program_id(1))
         # int64 batch offsets: a stack of 4096^2 matrices passes 2^31 elements after 128 of them.
         xb = X + pid_b.to(tl.int64) * stride_xb
         rows = pid_m * BLOCK + tl.arange(0, BLOCK)
@@ -114,12 +124,9 @@ if triton is not None:
     def _ns_poly_kernel(A, B, M, stride_ab, stride_am, stride_bb, stride_bm, coef_b, coef_c,
                         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         """B[b] = coef_b * A[b] + coef_c * A[b] @ A[b] for symmetric A: (batch, M, M), unit column
-        strides. Grid (batch, tiles, tiles); programs below the diagonal exit at once."""
+        strides. Grid (batch, tiles * (tiles + 1) / 2): one program per upper-triangle tile."""
         pid_b = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_n = tl.program_id(2)
-        if pid_m > pid_n:
-            return
+        pid_m, pid_n = _ns_upper_tile(tl.program_id(1))
         ab = A + pid_b.to(tl.int64) * stride_ab
         rows = pid_m * BLOCK + tl.arange(0, BLOCK)
         cols = pid_n * BLOCK + tl.arange(0, BLOCK)
@@ -218,7 +225,7 @@ def ns_gram_triton(X: Tensor, meta: dict | None = None) -> Tensor:
     meta = meta or _meta(m, X.dtype, _arch(X))
     tiles = triton.cdiv(m, meta["BLOCK"])
     const, opts = _launch_args(meta)
-    _ns_gram_kernel[(bsz, tiles, tiles)](X, A, m, n, X.stride(0), X.stride(1), A.stride(0), A.stride(1),
+    _ns_gram_kernel[(bsz, tiles * (tiles + 1) // 2)](X, A, m, n, X.stride(0), X.stride(1), A.stride(0), A.stride(1),
                                          **const, **opts)
     return A
 
@@ -235,7 +242,7 @@ def ns_poly_triton(A: Tensor, b: float, c: float, meta: dict | None = None) -> T
     meta = meta or _meta(m, A.dtype, _arch(A))
     tiles = triton.cdiv(m, meta["BLOCK"])
     const, opts = _launch_args(meta)
-    _ns_poly_kernel[(bsz, tiles, tiles)](A, B, m, A.stride(0), A.stride(1), B.stride(0), B.stride(1),
+    _ns_poly_kernel[(bsz, tiles * (tiles + 1) // 2)](A, B, m, A.stride(0), A.stride(1), B.stride(0), B.stride(1),
                                          float(b), float(c), **const, **opts)
     return B
 

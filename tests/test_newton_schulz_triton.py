@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from nanofast.kernels.compile_gate import configs_facts
 from nanofast.kernels.newton_schulz import newton_schulz
-from nanofast.kernels.newton_schulz_triton import (KERNEL_CONFIGS, KERNEL_CONFIGS_SM80, _meta, newton_schulz_triton, ns_gram_triton,
+from nanofast.kernels.newton_schulz_triton import (KERNEL_CONFIGS, KERNEL_CONFIGS_SM80, _meta, _ns_upper_tile,
+                                                   newton_schulz_triton, ns_gram_triton,
                                                    ns_poly_triton, ns_update_triton)
 
 # Small tiles (16 is tl.dot's minimum) so that shapes of a few dozen rows already have several
@@ -44,6 +47,28 @@ def _budget(out: torch.Tensor, ref64: torch.Tensor, torch_out: torch.Tensor, dty
 def _rand(shape, dtype, seed=0, scale=0.3):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+@triton.jit
+def _upper_tile_probe(out, n, BLOCK: tl.constexpr):
+    pids = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    r, c = _ns_upper_tile(pids)
+    tl.store(out + 2 * pids, r, mask=pids < n)
+    tl.store(out + 2 * pids + 1, c, mask=pids < n)
+
+
+def test_upper_tile_enumeration_covers_each_upper_tile_once():
+    """The symmetric kernels launch tiles * (tiles + 1) / 2 programs and decode their tile from
+    the program id: every upper-triangle tile must come out exactly once, up to 2^12 tile rows
+    (m = 2^18 at 64-wide tiles, far past any Gram side Muon meets)."""
+    for tiles in (1, 2, 3, 7, 64, 4096):
+        n = tiles * (tiles + 1) // 2
+        got = torch.full((n, 2), -1, dtype=torch.int32)
+        _upper_tile_probe[(triton.cdiv(n, 1 << 16),)](got, n, BLOCK=1 << 16)
+        rows, cols = torch.triu_indices(tiles, tiles)
+        order = torch.argsort(cols * tiles + rows)  # column by column, rows ascending
+        expected = torch.stack([rows[order], cols[order]], dim=1).to(torch.int32)
+        assert torch.equal(got, expected), tiles
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)

@@ -11,6 +11,7 @@ Working on the side with the smaller Gram matrix keeps the cost at O(min(m, n)^2
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Sequence
 
@@ -35,6 +36,7 @@ POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
 CLASSIC_NS_COEFFS: tuple[tuple[float, float, float], ...] = ((3.4445, -4.7750, 2.0315),)
 
 __all__ = ["newton_schulz", "newton_schulz_reference", "resolve_coefficients", "default_iteration_dtype",
+           "nesterov_normalize_", "nesterov_normalize_reference", "row_scales",
            "POLAR_EXPRESS_COEFFS", "CLASSIC_NS_COEFFS"]
 
 _NAMED = {"polar_express": POLAR_EXPRESS_COEFFS, "classic": CLASSIC_NS_COEFFS}
@@ -95,22 +97,27 @@ def default_iteration_dtype(G: Tensor) -> torch.dtype:
     return torch.promote_types(G.dtype, torch.float32)
 
 
-def _prepare(G: Tensor, steps: int, coefficients, eps: float, dtype: torch.dtype | None
+def _check_dtype(dtype) -> None:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+
+
+def _prepare(G: Tensor, steps: int, coefficients, eps: float, dtype: torch.dtype | None, normalized: bool = False
              ) -> tuple[Tensor, list[tuple[float, float, float]], bool]:
     """Validate, resolve coefficients and normalise: shared by every backend so they iterate on the
     same X_0. Returns (X_0 as (..., min, max) wide matrices in the iteration dtype, coeffs, tall)."""
     _check_input(G)
     coeffs = resolve_coefficients(coefficients, steps)
+    _check_dtype(dtype)
     if dtype is None:
         dtype = default_iteration_dtype(G)
-    elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
 
     X = G.to(dtype)
-    # Norm accumulated in >= fp32: a bf16 sum of squares over a large matrix loses digits.
-    norm_dtype = torch.promote_types(dtype, torch.float32)
-    norm = torch.linalg.matrix_norm(X.to(norm_dtype), keepdim=True)
-    X = X / (norm * 1.01 + eps).to(dtype)
+    if not normalized:
+        # Norm accumulated in >= fp32: a bf16 sum of squares over a large matrix loses digits.
+        norm_dtype = torch.promote_types(dtype, torch.float32)
+        norm = torch.linalg.matrix_norm(X.to(norm_dtype), keepdim=True)
+        X = X / (norm * 1.01 + eps).to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT
@@ -129,6 +136,7 @@ def newton_schulz_reference(
     coefficients: str | Sequence[tuple[float, float, float]] = "polar_express",
     eps: float = 1e-6,
     dtype: torch.dtype | None = None,
+    normalized: bool = False,
 ) -> Tensor:
     """Approximately orthogonalise each matrix of G with a quintic Newton-Schulz iteration.
 
@@ -139,12 +147,13 @@ def newton_schulz_reference(
         coefficients: "polar_express" (default), "classic", or an explicit sequence of (a, b, c).
         eps: added to the scaled Frobenius norm, so an all-zero matrix maps to zero (not NaN).
         dtype: iteration dtype; default bf16 on CUDA, else max(G.dtype, fp32).
+        normalized: G is already X_0 (e.g. from `nesterov_normalize_`): skip the normalisation.
     Returns:
         (..., m, n) tensor in G's dtype: X_0 = G / (||G||_F * 1.01 + eps) per matrix (the 1.01
         keeps every singular value strictly inside (0, 1), where the polynomials are designed),
         then `steps` updates X <- a X + (b A + c A^2) X with A = X X^T (transposed for tall).
     """
-    X, coeffs, tall = _prepare(G, steps, coefficients, eps, dtype)
+    X, coeffs, tall = _prepare(G, steps, coefficients, eps, dtype, normalized)
     for a, b, c in coeffs:
         A = X @ X.mT
         B = b * A + c * (A @ A)
@@ -159,6 +168,7 @@ def newton_schulz(
     eps: float = 1e-6,
     dtype: torch.dtype | None = None,
     backend: str | None = None,
+    normalized: bool = False,
 ) -> Tensor:
     """Orthogonalise each (m, n) matrix of G (..., m, n); see `newton_schulz_reference`.
 
@@ -172,11 +182,12 @@ def newton_schulz(
     _check_input(G)
     backend = resolve_backend(backend, G)
     if backend == "torch":
-        return newton_schulz_reference(G, steps=steps, coefficients=coefficients, eps=eps, dtype=dtype)
+        return newton_schulz_reference(G, steps=steps, coefficients=coefficients, eps=eps, dtype=dtype,
+                                       normalized=normalized)
     if backend == "cuda":
         raise ValueError("backend='cuda' is not available for newton_schulz (no CUDA-source kernel exists); "
                          "use backend='triton' or 'torch'")
-    from .newton_schulz_triton import TRITON_DTYPES, newton_schulz_triton
+    from .newton_schulz_triton import TRITON_DTYPES, newton_schulz_iterate_op
 
     if dtype is None:
         # fp64 inputs on CPU would default to an fp64 iteration, which the kernels do not run.
@@ -184,5 +195,96 @@ def newton_schulz(
         dtype = dtype if dtype in TRITON_DTYPES else torch.float32
     elif dtype not in TRITON_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32 for backend='triton', got {dtype!r}")
-    X, coeffs, tall = _prepare(G, steps, coefficients, eps, dtype)
-    return _finish(newton_schulz_triton(X, coeffs, dtype), G, tall)
+    X, coeffs, tall = _prepare(G, steps, coefficients, eps, dtype, normalized)
+    return _finish(newton_schulz_iterate_op(X, [v for abc in coeffs for v in abc]), G, tall)
+
+
+# --------------------------------------------------------------------------------------------
+# Muon's prologue: Nesterov momentum, row equilibration and the normalisation, fused
+# --------------------------------------------------------------------------------------------
+
+def _check_prologue(grad, momentum_buf, momentum, eps, dtype) -> torch.dtype:
+    _check_input(grad)
+    if not isinstance(momentum_buf, Tensor) or momentum_buf.shape != grad.shape or momentum_buf.dtype != grad.dtype:
+        raise ValueError(f"momentum_buf must be a tensor of grad's shape {tuple(grad.shape)} and dtype {grad.dtype}, "
+                         f"got {tuple(momentum_buf.shape) if isinstance(momentum_buf, Tensor) else momentum_buf!r}"
+                         f"{' ' + str(momentum_buf.dtype) if isinstance(momentum_buf, Tensor) else ''}")
+    if momentum_buf.device != grad.device:
+        raise ValueError(f"momentum_buf must be on grad's device {grad.device}, got {momentum_buf.device}")
+    for name, t in (("grad", grad), ("momentum_buf", momentum_buf)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (it is updated in place as rows), got strides {t.stride()}")
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or eps < 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    _check_dtype(dtype)
+    return default_iteration_dtype(grad) if dtype is None else dtype
+
+
+def row_scales(row_sq: Tensor, equilibrate_rows: bool, eps: float) -> Tensor:
+    """Per-row factors that equilibrate and normalise, from each row's sum of squares.
+
+    row_sq: (..., m) fp32, sum of u^2 over each row of (..., m, n). Returns (..., m, 1) fp32 s with
+    X_0 = s * u. Equilibration scales row i to the mean row norm ||u||_F / sqrt(m) (rows of exactly
+    zero stay zero: their norm is clamped to 1e-6, as in the reference); the normalisation is then
+    NS's X / (||X||_F * 1.01 + eps), with ||X||_F computed from the same row sums, so no second pass
+    over the matrix is needed.
+    """
+    if equilibrate_rows:
+        target = row_sq.sum(-1, keepdim=True).sqrt() / math.sqrt(row_sq.size(-1))
+        factor = target / row_sq.sqrt().clamp_min(1e-6)
+    else:
+        factor = torch.ones_like(row_sq)
+    frob = (factor.square() * row_sq).sum(-1, keepdim=True).sqrt()
+    return (factor / (frob * 1.01 + eps)).unsqueeze(-1)
+
+
+def nesterov_normalize_reference(grad: Tensor, momentum_buf: Tensor, momentum: float, *,
+                                 equilibrate_rows: bool = True, eps: float = 1e-6,
+                                 dtype: torch.dtype | None = None) -> Tensor:
+    """Plain-torch definition of `nesterov_normalize_` (same arguments, same in-place effects)."""
+    dtype = _check_prologue(grad, momentum_buf, momentum, eps, dtype)
+    momentum_buf.lerp_(grad, 1 - momentum)
+    u = grad.lerp_(momentum_buf, momentum)
+    row_sq = u.float().square().sum(-1)
+    return (u.float() * row_scales(row_sq, equilibrate_rows, eps)).to(dtype)
+
+
+def nesterov_normalize_(grad: Tensor, momentum_buf: Tensor, momentum: float, *, equilibrate_rows: bool = True,
+                        eps: float = 1e-6, dtype: torch.dtype | None = None, backend: str | None = None) -> Tensor:
+    """Muon's prologue in two passes over the data: Nesterov momentum, row equilibration and
+    Newton-Schulz's input normalisation, returning X_0 for `newton_schulz(X_0, normalized=True)`.
+
+    Args:
+        grad: (..., m, n) contiguous fp32/fp16/bf16 gradients; overwritten with the Nesterov
+            direction u = lerp(g, m', mu).
+        momentum_buf: like grad; updated in place to m' = lerp(m, g, 1 - mu).
+        momentum: mu in [0, 1].
+        equilibrate_rows: scale every row of u to the mean row norm first (MuonEq).
+        eps, dtype: as in `newton_schulz` (dtype: the iteration dtype X_0 is returned in).
+        backend: "torch", "triton" or None (Triton on CUDA tensors).
+    Returns:
+        X_0: (..., m, n) in `dtype`, every matrix scaled to ||X_0||_F = ||.||_F / (||.||_F * 1.01 + eps).
+
+    Unfused, this is ~15 fp32-sized passes over the matrices (two lerps, a cast, three norms, two
+    scalings); the Triton path reads g and m once (writing m' and u plus each row's sum of squares),
+    forms the per-row factors on the tiny (..., m) vector, and reads u once more to write X_0: 5.5
+    passes. X_0 is rounded to `dtype` once, where the unfused path rounds before normalising.
+    """
+    _check_input(grad)
+    backend = resolve_backend(backend, grad)
+    if backend == "torch":
+        return nesterov_normalize_reference(grad, momentum_buf, momentum, equilibrate_rows=equilibrate_rows,
+                                            eps=eps, dtype=dtype)
+    if backend == "cuda":
+        raise ValueError("backend='cuda' is not available for nesterov_normalize_ (no CUDA-source kernel exists); "
+                         "use backend='triton' or 'torch'")
+    dtype = _check_prologue(grad, momentum_buf, momentum, eps, dtype)
+    from .newton_schulz_triton import TRITON_DTYPES, nesterov_rows_triton, scale_rows_triton
+
+    for name, dt in (("grad", grad.dtype), ("dtype", dtype)):
+        if dt not in TRITON_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32 for backend='triton', got {dt}")
+    row_sq = nesterov_rows_triton(grad, momentum_buf, float(momentum))
+    return scale_rows_triton(grad, row_scales(row_sq, equilibrate_rows, eps), dtype)

@@ -31,8 +31,8 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
     triton = None
     tl = None
 
-__all__ = ["newton_schulz_triton", "ns_gram_triton", "ns_poly_triton", "ns_update_triton", "KERNEL_CONFIGS",
-           "TRITON_DTYPES"]
+__all__ = ["newton_schulz_triton", "newton_schulz_iterate_op", "ns_gram_triton", "ns_poly_triton", "ns_update_triton",
+           "nesterov_rows_triton", "scale_rows_triton", "KERNEL_CONFIGS", "PROLOGUE_CONFIGS", "TRITON_DTYPES"]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -156,6 +156,47 @@ if triton is not None:
         acc = tl.cast(coef_a, tl.float32) * x_tile + acc
         tl.store(Y + pid_b.to(tl.int64) * stride_yb + rows[:, None] * stride_ym + cols[None, :],
                  acc.to(Y.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _lerp(start, end, w):
+        """torch.lerp's formula (fp32): from whichever end is nearer, so lerp(a, b, 1) == b exactly."""
+        return tl.where(w < 0.5, start + w * (end - start), end - (end - start) * (1.0 - w))
+
+    @triton.jit
+    def _nesterov_rows_kernel(G, Mom, RowSq, N, mu, BLOCK_N: tl.constexpr):
+        """Row r of the (R, N) views: m' = lerp(m, g, 1 - mu) -> Mom, u = lerp(g, m', mu) -> G,
+        sum(u^2) in fp32 -> RowSq[r]. One program per row: each element is read and written once."""
+        row = tl.program_id(0)
+        base = row.to(tl.int64) * N  # R * N passes 2^31 for a stack of a few hundred 4096^2 matrices
+        mu = tl.cast(mu, tl.float32)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            g = tl.load(G + base + cols, mask=mask, other=0.0).to(tl.float32)
+            m = tl.load(Mom + base + cols, mask=mask, other=0.0).to(tl.float32)
+            # Round m' and u to their storage dtypes before using them, exactly as the two
+            # in-place torch lerps do, so the sums of squares describe the u that is stored.
+            m = _lerp(m, g, 1.0 - mu).to(Mom.dtype.element_ty)
+            u = _lerp(g, m.to(tl.float32), mu).to(G.dtype.element_ty)
+            tl.store(Mom + base + cols, m, mask=mask)
+            tl.store(G + base + cols, u, mask=mask)
+            uf = u.to(tl.float32)
+            acc += uf * uf
+        tl.store(RowSq + row, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _scale_rows_kernel(U, S, X, N, BLOCK_N: tl.constexpr):
+        """X[r, :] = U[r, :] * S[r] rounded once to X's dtype; (R, N) views, S fp32 (R,)."""
+        row = tl.program_id(0)
+        base = row.to(tl.int64) * N
+        s = tl.load(S + row)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            u = tl.load(U + base + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(X + base + cols, (u * s).to(X.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,6 +338,56 @@ def newton_schulz_triton(X: Tensor, coefficients: Sequence[tuple[float, float, f
     return x.reshape(*lead, m, n)
 
 
+# Row kernels: 1024 columns per loop step over 4 warps is 8 elements per thread, two 128-bit
+# fp32 loads per operand; rows are long (768 .. 6656), so one program per row streams them.
+_ROW_BLOCK, _ROW_WARPS = 1024, 4
+
+
+def _row_block(n: int) -> int:
+    return min(_ROW_BLOCK, triton.next_power_of_2(max(n, 1)))
+
+
+def nesterov_rows_triton(grad: Tensor, momentum_buf: Tensor, momentum: float) -> Tensor:
+    """In place: momentum_buf <- lerp(m, g, 1 - momentum), grad <- lerp(g, m', momentum).
+    grad, momentum_buf: (..., m, n) contiguous, same fp16/bf16/fp32 dtype. Returns the fp32 sum of
+    squares of each row of the new grad, shape (..., m)."""
+    n = grad.size(-1)
+    row_sq = torch.empty(grad.shape[:-1], dtype=torch.float32, device=grad.device)
+    if row_sq.numel() and n:
+        _nesterov_rows_kernel[(row_sq.numel(),)](grad, momentum_buf, row_sq, n, float(momentum),
+                                                 BLOCK_N=_row_block(n), num_warps=_ROW_WARPS)
+    else:
+        row_sq.zero_()
+    return row_sq
+
+
+def scale_rows_triton(u: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """u: (..., m, n) contiguous; scales: (..., m, 1) fp32. Returns u * scales in `dtype`, (..., m, n)."""
+    n = u.size(-1)
+    out = torch.empty(u.shape, dtype=dtype, device=u.device)
+    if out.numel():
+        _scale_rows_kernel[(out.numel() // n,)](u, scales.contiguous(), out, n, BLOCK_N=_row_block(n),
+                                                num_warps=_ROW_WARPS)
+    return out
+
+
+@torch.library.custom_op("nanofast::newton_schulz_iterate", mutates_args=())
+def newton_schulz_iterate_op(X: Tensor, coefficients: list[float]) -> Tensor:
+    """`newton_schulz_triton` as a torch.library op, so torch.compile (e.g. a compiled optimizer
+    step) keeps the Triton launches in its graph instead of breaking it. X: (..., m, n) wide, in
+    the iteration dtype; coefficients: the (a, b, c) tuples flattened, 3 floats per step.
+    Returns a new contiguous (..., m, n) tensor in X's dtype."""
+    if len(coefficients) == 0 or len(coefficients) % 3:
+        raise ValueError(f"coefficients must hold 3 floats per step (a, b, c), got {len(coefficients)} floats")
+    steps = [tuple(coefficients[i:i + 3]) for i in range(0, len(coefficients), 3)]
+    return newton_schulz_triton(X, steps, X.dtype)
+
+
+@newton_schulz_iterate_op.register_fake
+def _(X, coefficients):
+    return X.new_empty(X.shape)
+
+
 # --------------------------------------------------------------------------------------------
 # Configurations an H100 runs (compiled and checked by the compile gate)
 # --------------------------------------------------------------------------------------------
@@ -342,3 +433,27 @@ KERNEL_CONFIGS_SM80: list[dict] = _kernel_configs(80)  # what an A100 launches (
 """Each entry: keyword arguments of `compile_gate.compile_triton` built from the launchers' `_meta`,
 so `compile_triton(**cfg, arch=90)` compiles exactly what an H100 launches. Compile them in a
 process without TRITON_INTERPRET=1 (see `compile_gate.configs_facts`)."""
+
+
+def _prologue_configs() -> list[dict]:
+    if triton is None:
+        return []
+    out = []
+    # fp32 master weights' gradients (nanochat's default) and bf16 ones; X_0 out in bf16.
+    for gdt in (torch.float32, torch.bfloat16):
+        g = _TL_DTYPE[gdt]
+        for kernel, fn in (("nesterov_rows", _nesterov_rows_kernel), ("scale_rows", _scale_rows_kernel)):
+            if kernel == "nesterov_rows":
+                sig = {"G": f"*{g}", "Mom": f"*{g}", "RowSq": "*fp32", "N": "i32", "mu": "fp32"}
+                aligned = ("G", "Mom", "RowSq", "N")
+            else:
+                sig = {"U": f"*{g}", "S": "*fp32", "X": "*bf16", "N": "i32"}
+                aligned = ("U", "S", "X", "N")
+            out.append(dict(fn=fn, signature={**sig, "BLOCK_N": "constexpr"}, constexprs={"BLOCK_N": _ROW_BLOCK},
+                            aligned=aligned, num_warps=_ROW_WARPS, num_stages=1,
+                            config=f"{kernel} {g}{'->bf16' if kernel == 'scale_rows' else ''} "
+                                   f"BLOCK_N={_ROW_BLOCK} warps={_ROW_WARPS}"))
+    return out
+
+
+PROLOGUE_CONFIGS: list[dict] = _prologue_configs()  # the row kernels of nesterov_normalize_ (any arch)

@@ -20,7 +20,7 @@ def triton_facts(arch: int = 90) -> list[MachineFacts]:
     from .rms_norm import KERNEL_CONFIGS as RMS_CONFIGS
 
     ns_configs = ns.KERNEL_CONFIGS_SM80 if arch < 90 else ns.KERNEL_CONFIGS  # its tiles depend on the target
-    return [compile_triton(**cfg, arch=arch) for cfg in (*RMS_CONFIGS, *QK_CONFIGS, *ns_configs)]
+    return [compile_triton(**cfg, arch=arch) for cfg in (*RMS_CONFIGS, *QK_CONFIGS, *ns_configs, *ns.PROLOGUE_CONFIGS)]
 
 
 def cuda_facts(arch: str = "sm_90a") -> list[MachineFacts]:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nanofast.kernels.newton_schulz import newton_schulz, resolve_coefficients
+from nanofast.kernels.newton_schulz import nesterov_normalize_, newton_schulz, resolve_coefficients
 
 ADAMW_DEFAULTS: dict[str, Any] = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
 MUON_DEFAULTS: dict[str, Any] = dict(lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.0,
@@ -147,16 +147,11 @@ def muon_update_(params: Tensor, grads: Tensor, momentum_buf: Tensor, second_buf
     """
     m_rows, n_cols = params.size(-2), params.size(-1)
     red_dim = -1 if m_rows >= n_cols else -2  # average over the shorter side
-    momentum_buf.lerp_(grads, 1 - momentum)
-    u = grads.lerp_(momentum_buf, momentum)  # Nesterov: look ahead along the momentum
-
-    # Row equilibration in fp32: row norms span orders of magnitude, and the target is their mean.
-    u32 = u.float()
-    target = torch.linalg.matrix_norm(u32, keepdim=True) / math.sqrt(m_rows)
-    row_norm = u32.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    u = (u32 * (target / row_norm)).to(params.dtype)
-
-    u = newton_schulz(u, steps=ns_steps, coefficients=ns_coefficients, backend=ns_backend)
+    # Steps 1-2 and NS's input normalisation in one fused prologue (two passes over the data on
+    # the Triton path); the row norms are accumulated in fp32, since they span orders of magnitude.
+    x0 = nesterov_normalize_(grads, momentum_buf, momentum, backend=ns_backend)
+    u = newton_schulz(x0, steps=ns_steps, coefficients=ns_coefficients, backend=ns_backend,
+                      normalized=True).to(params.dtype)
 
     # Snap ||u||_F to sqrt(min(m, n)); the norms are in fp32 because bf16 sums lose digits.
     norm = torch.linalg.matrix_norm(u.float(), keepdim=True).clamp_min(1e-6)

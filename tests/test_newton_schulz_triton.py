@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 
 from nanofast.kernels.compile_gate import configs_facts
-from nanofast.kernels.newton_schulz import newton_schulz
-from nanofast.kernels.newton_schulz_triton import (KERNEL_CONFIGS, KERNEL_CONFIGS_SM80, _meta, _ns_upper_tile,
+from nanofast.kernels.newton_schulz import POLAR_EXPRESS_COEFFS, nesterov_normalize_, newton_schulz
+from nanofast.kernels.newton_schulz_triton import (KERNEL_CONFIGS, KERNEL_CONFIGS_SM80, PROLOGUE_CONFIGS, _meta,
+                                                   _ns_upper_tile,
                                                    newton_schulz_triton, ns_gram_triton,
                                                    ns_poly_triton, ns_update_triton)
 
@@ -205,6 +206,137 @@ def test_zero_matrix_and_errors():
 MAX_SHARED_SM90 = 227 * 1024
 MAX_SHARED_SM80 = 163 * 1024  # A100's per-CTA opt-in maximum
 MAX_REGISTERS = 255
+
+
+def test_opcheck_iterate_op():
+    """The torch.library registration: fake tensor, schema and dispatch checks of the op that
+    newton_schulz(backend="triton") calls (small tiles keep the interpreter fast)."""
+    op = torch.ops.nanofast.newton_schulz_iterate.default
+    coeffs = [v for abc in POLAR_EXPRESS_COEFFS[:2] for v in abc]
+    for shape, dtype in [((2, 5, 9), torch.float32), ((1, 3, 3), torch.float16), ((2, 3, 4, 6), torch.float32)]:
+        torch.library.opcheck(op, (_rand(shape, dtype, seed=5) * 0.2, coeffs))
+    with pytest.raises(ValueError, match="3 floats per step"):
+        op(_rand((1, 3, 4), torch.float32), [1.0, 2.0])
+
+
+def test_torch_compile_fullgraph_keeps_the_triton_iteration(monkeypatch):
+    """A compiled function (as a compiled optimizer step would be) traces newton_schulz without a
+    graph break and runs the Triton kernels, matching eager."""
+    import nanofast.kernels.newton_schulz_triton as nst
+
+    calls = []
+    real = nst.newton_schulz_triton
+    monkeypatch.setattr(nst, "newton_schulz_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def step(g):
+        return newton_schulz(g * 2.0, steps=2, backend="triton") + 1.0
+
+    G = _rand((2, 20, 12), torch.float32, seed=6)  # tall: transposed around the op
+    eager = step(G)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)(G)
+    assert len(calls) == 2
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused Muon prologue: Nesterov momentum + row equilibration + normalisation
+# --------------------------------------------------------------------------------------------
+
+def _unfused_prologue(g: torch.Tensor, m: torch.Tensor, mu: float, equilibrate: bool, eps: float = 1e-6):
+    """What the optimizer computed before the fusion, in fp64: two lerps, equilibration, NS's
+    normalisation."""
+    m = m.double().lerp(g.double(), 1 - mu)
+    u = g.double().lerp(m, mu)
+    if equilibrate:
+        target = torch.linalg.matrix_norm(u, keepdim=True) / u.size(-2) ** 0.5
+        u = u * (target / u.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+    return u / (torch.linalg.matrix_norm(u, keepdim=True) * 1.01 + eps), m, g.double().lerp(m, mu)
+
+
+# (stack..., m, n): 1x1, 1xN, Nx1, a stack of 3, more columns than one 1024-wide loop step.
+PROLOGUE_SHAPES = [(1, 1), (1, 9), (9, 1), (3, 5, 7), (2, 2, 3, 4), (3, 1030)]
+
+
+@pytest.mark.parametrize("equilibrate", [True, False], ids=["equilibrate", "plain"])
+@pytest.mark.parametrize("shape", PROLOGUE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("gdt,odt", [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                                     (torch.float16, torch.float16)], ids=["fp32", "fp32-fp16", "fp16"])
+def test_nesterov_normalize_matches_the_unfused_steps(shape, gdt, odt, equilibrate):
+    """Both backends against the unfused fp64 maths. Budget, in ulps of the largest entry: X_0 in
+    fp32 64 (sums of squares over a row, in another order), in fp16 1 (it is rounded once); the
+    in-place m' and u 4 (a lerp is three roundings, and u is built from the rounded m')."""
+    g, m = _rand(shape, gdt, seed=7), _rand(shape, gdt, seed=8)
+    m[..., 0, :] = 0  # a zero row in the momentum...
+    if len(shape) > 2 or shape[0] > 1:
+        g[..., -1, :], m[..., -1, :] = 0, 0  # ... and an all-zero row of u: its norm is clamped, not 0/0
+    want, want_m, want_u = _unfused_prologue(g, m, 0.9, equilibrate)
+    for backend in ("torch", "triton"):
+        gi, mi = g.clone(), m.clone()
+        x0 = nesterov_normalize_(gi, mi, 0.9, equilibrate_rows=equilibrate, dtype=odt, backend=backend)
+        assert x0.shape == g.shape and x0.dtype == odt and torch.isfinite(x0).all()
+        for got, ref, dt in ((x0, want, odt), (mi, want_m, gdt), (gi, want_u, gdt)):
+            ulps = (64 if dt == torch.float32 else 1) if got is x0 else 4
+            bound = ulps * torch.finfo(dt).eps * max(ref.abs().max().item(), 1e-30)
+            assert (got.double() - ref).abs().max().item() <= bound, (backend, dt)
+
+
+def test_nesterov_normalize_feeds_newton_schulz():
+    """nesterov_normalize_ + newton_schulz(normalized=True) equals the lerps + newton_schulz(u),
+    for wide and tall stacks, both backends (the optimizer's path)."""
+    for shape in [(2, 12, 20), (3, 20, 12)]:
+        g, m = _rand(shape, torch.float32, seed=9), _rand(shape, torch.float32, seed=10)
+        u = g.lerp(m.lerp(g, 0.05), 0.95)
+        want = newton_schulz(u, steps=3, backend="torch")
+        for backend in ("torch", "triton"):
+            x0 = nesterov_normalize_(g.clone(), m.clone(), 0.95, equilibrate_rows=False, backend=backend)
+            got = newton_schulz(x0, steps=3, backend=backend, normalized=True)
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
+def test_nesterov_normalize_nan_stays_in_its_matrix_and_zero_maps_to_zero():
+    g, m = _rand((3, 4, 6), torch.float32, seed=11), torch.zeros(3, 4, 6)
+    g[1, 2, 3] = float("nan")
+    g[2] = 0
+    x0 = nesterov_normalize_(g, m, 0.9, backend="triton")
+    assert torch.isnan(x0[1]).all() and torch.isfinite(x0[0]).all()
+    assert torch.equal(x0[2], torch.zeros(4, 6))
+
+
+def test_nesterov_normalize_errors():
+    g, m = torch.zeros(4, 6), torch.zeros(4, 6)
+    cases = [
+        (dict(grad=torch.zeros(6)), ValueError, "G must have shape"),
+        (dict(grad=torch.zeros(4, 6, dtype=torch.int32)), TypeError, "floating dtype"),
+        (dict(momentum_buf=torch.zeros(4, 5)), ValueError, "momentum_buf must be a tensor of grad's shape"),
+        (dict(momentum_buf=torch.zeros(4, 6, dtype=torch.float64)), ValueError, "momentum_buf must be"),
+        (dict(grad=torch.zeros(6, 4).mT, momentum_buf=torch.zeros(6, 4).mT), ValueError, "grad must be contiguous"),
+        (dict(momentum=1.5), ValueError, "momentum must be a float in"),
+        (dict(momentum=True), ValueError, "momentum must be a float in"),
+        (dict(eps=-1.0), ValueError, "eps must be"),
+        (dict(dtype=torch.int8), TypeError, "dtype must be a floating"),
+        (dict(dtype=torch.float64, backend="triton"), TypeError, "dtype must be float16, bfloat16 or float32"),
+        (dict(backend="cuda"), ValueError, "backend='cuda' is not available"),
+        (dict(backend="gpu"), ValueError, "backend must be one of"),
+    ]
+    for over, exc, msg in cases:
+        kw = dict(grad=g, momentum_buf=m, momentum=0.9, backend="torch")
+        kw.update(over)
+        with pytest.raises(exc, match=msg):
+            nesterov_normalize_(kw.pop("grad"), kw.pop("momentum_buf"), kw.pop("momentum"), **kw)
+
+
+@pytest.mark.parametrize("index", range(len(PROLOGUE_CONFIGS)), ids=[c["config"].replace(" ", "-")
+                                                                      for c in PROLOGUE_CONFIGS])
+def test_prologue_compile_gate_sm90(index):
+    """The row kernels are memory-bound streams: 128-bit loads and stores, no spills, int64 row
+    offsets, no atomics (the row sums are written once per row: deterministic)."""
+    cfg = PROLOGUE_CONFIGS[index]
+    f = configs_facts("nanofast.kernels.newton_schulz_triton", [[index, 90]], attr="PROLOGUE_CONFIGS")[(index, 90)]
+    where = f"{cfg['config']}: {f}"
+    assert f["instructions"].get("LDG.E.128", 0) > 0 and f["instructions"].get("STG.E.128", 0) > 0, where
+    assert f["local_bytes"] == 0 and f["registers"] <= 64, where
+    assert f["i64_muls"] > 0 and f["atomics"] == 0, where
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,14 @@ tensors, the torch reference on CPU) and runs on CPU tensors too: Triton through
 (TRITON_INTERPRET=1 set before triton is imported), CUDA through the CPU emulation build.
 """
 from .backend import BACKENDS, resolve_backend
-from .newton_schulz import CLASSIC_NS_COEFFS, POLAR_EXPRESS_COEFFS, newton_schulz, newton_schulz_reference
+from .newton_schulz import (CLASSIC_NS_COEFFS, POLAR_EXPRESS_COEFFS, nesterov_normalize_, newton_schulz,
+                            newton_schulz_reference)
+from .paged_attention import (paged_decode_attention, paged_decode_attention_reference, paged_kv_write,
+                              paged_kv_write_reference)
 from .qk_norm_rope import QKNormRope, qk_norm_rope, qk_norm_rope_inplace, qk_norm_rope_reference
 from .rms_norm import RMSNorm, rms_norm, rms_norm_reference
 
 __all__ = ["BACKENDS", "resolve_backend", "newton_schulz", "newton_schulz_reference", "POLAR_EXPRESS_COEFFS",
-           "CLASSIC_NS_COEFFS", "rms_norm", "rms_norm_reference", "RMSNorm", "qk_norm_rope", "qk_norm_rope_inplace",
+           "CLASSIC_NS_COEFFS", "nesterov_normalize_", "paged_decode_attention", "paged_decode_attention_reference",
+           "paged_kv_write", "paged_kv_write_reference", "rms_norm", "rms_norm_reference", "RMSNorm", "qk_norm_rope", "qk_norm_rope_inplace",
            "qk_norm_rope_reference", "QKNormRope"]

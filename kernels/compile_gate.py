@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # 3.9 warns its default changes in 3.10: pin it
 
-KEY_INSTRUCTIONS = ("LDG.E.128", "STG.E.128", "LDG.E.64", "LDG.E", "HGMMA", "HMMA", "STL", "LDL", "SHFL.BFLY", "BAR.SYNC")
+# LDGSTS: cp.async (Ampere+), how Triton's software-pipelined tile loads appear in SASS.
+KEY_INSTRUCTIONS = ("LDG.E.128", "STG.E.128", "LDG.E.64", "LDG.E", "LDGSTS.E.BYPASS.128", "HGMMA", "HMMA", "STL",
+                    "LDL", "SHFL.BFLY", "BAR.SYNC")
 
 
 @dataclass

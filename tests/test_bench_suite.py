@@ -13,5 +13,6 @@ def test_benchmarks_collect():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     collected = [line for line in out.stdout.splitlines() if "::" in line]
     for name in ("test_bench_train_step", "test_bench_tokenizer", "test_bench_newton_schulz",
-                 "test_bench_optimizer_step", "test_bench_rms_norm", "test_bench_qk_norm_rope"):
+                 "test_bench_optimizer_step", "test_bench_rms_norm", "test_bench_qk_norm_rope",
+                 "test_bench_paged_attention"):
         assert any(name in line for line in collected), name

@@ -1,0 +1,156 @@
+"""Paged KV-cache decode attention: the Triton kernel against what a user would otherwise run.
+
+    python -m pytest bench/test_bench_paged_attention.py --benchmark-only
+
+Implementations:
+  triton  paged_decode_attention(backend="triton"): reads each sequence's pages in place
+          (GQA-packed, split-KV with automatic split count).
+  sdpa    the usual fallback: gather every sequence's pages into dense (B, S, Hkv, D) K/V tensors
+          (k_cache[block_table]) and call torch's scaled_dot_product_attention with a length mask
+          and enable_gqa=True. Pays the gather (a read + write of the whole padded KV) first.
+  torch   paged_decode_attention_reference: the module's per-sequence loop (the CPU path).
+
+On a GPU: decode shapes of a serving batch, B in {1, 16, 64} sequences of context 512 .. 8192,
+D = 128, page_size 16, bf16, MHA (16 / 16 heads) and GQA (32 query / 8 kv heads). extra_info
+records the bytes of K/V the attention must read (sum over sequences of L * Hkv * D * 2 tensors,
+plus q and the output), the achieved GB/s against that, and the % of the device's DRAM bandwidth.
+
+On CPU: only the torch paths are timed (their ratio in the same run is meaningful; absolute CPU
+times say nothing about a GPU). The Triton kernel would run through the interpreter (numpy), whose
+speed says nothing about the kernel, so it is not timed there; one tiny case checks, when the
+interpreter is active (TRITON_INTERPRET=1 before triton is imported), that the benchmarked
+call path returns the reference's result.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanofast.kernels.backend import triton_interpreting
+
+pa = importlib.import_module("nanofast.kernels.paged_attention")
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+DTYPE = torch.bfloat16 if GPU else torch.float32
+PAGE_SIZE = 16
+
+if GPU:
+    SHAPES = [(b, ctx, hq, hkv, 128) for b in (1, 16, 64) for ctx in (512, 2048, 8192)
+              for hq, hkv in ((16, 16), (32, 8))]
+else:
+    SHAPES = [(1, 256, 8, 2, 64), (4, 512, 8, 2, 64)]
+IMPLS = ["triton", "sdpa", "torch"]
+
+# DRAM bandwidth (GB/s) by device name, for when the properties do not expose the memory clock.
+_PEAK_GBPS = [("H100 PCIe", 2000), ("H100 NVL", 3900), ("H100", 3350), ("H200", 4800), ("H800", 3350),
+              ("A100-SXM4-80GB", 2039), ("A100 80GB PCIe", 1935), ("A100", 1555), ("L40S", 864), ("L4", 300)]
+
+
+def peak_bandwidth_gbps() -> float | None:
+    """The device's DRAM bandwidth in GB/s (2 x memory clock x bus width, or a table by name)."""
+    if not GPU:
+        return None
+    props = torch.cuda.get_device_properties(0)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+    return next((gbps for key, gbps in _PEAK_GBPS if key in props.name), None)
+
+
+def bytes_read(seq_lens: list[int], hq: int, hkv: int, d: int, itemsize: int) -> int:
+    """The floor any decode attention pays: every K and V row of every sequence once, q read and
+    the output written once (block table and lengths are negligible)."""
+    return (2 * sum(seq_lens) * hkv * d + 2 * len(seq_lens) * hq * d) * itemsize
+
+
+def make_inputs(B: int, ctx: int, hq: int, hkv: int, d: int):
+    """A paged cache holding B sequences of exactly ctx tokens on shuffled pages (as a serving pool
+    looks after some churn), plus a few free pages."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pages_per_seq = -(-ctx // PAGE_SIZE)
+    num_pages = B * pages_per_seq + 8
+    k_cache = torch.randn((num_pages, PAGE_SIZE, hkv, d), generator=g).to(DEVICE, DTYPE)
+    v_cache = torch.randn((num_pages, PAGE_SIZE, hkv, d), generator=g).to(DEVICE, DTYPE)
+    block_table = torch.randperm(num_pages, generator=g)[:B * pages_per_seq].view(B, pages_per_seq)
+    block_table = block_table.to(DEVICE, torch.int32)
+    seq_lens = torch.full((B,), ctx, dtype=torch.int32, device=DEVICE)
+    q = torch.randn((B, hq, d), generator=g).to(DEVICE, DTYPE)
+    return q, k_cache, v_cache, block_table, seq_lens
+
+
+def sdpa_gather(q, k_cache, v_cache, block_table, seq_lens):
+    """Dense fallback: gather pages to (B, Hkv, S, D), mask positions >= seq_len, call SDPA."""
+    B, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    idx = block_table.long()
+    k = k_cache[idx].flatten(1, 2).transpose(1, 2)  # (B, Hkv, max_pages * page, D)
+    v = v_cache[idx].flatten(1, 2).transpose(1, 2)
+    mask = (torch.arange(k.shape[2], device=q.device) < seq_lens[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, enable_gqa=hq != hkv)
+    return out[:, :, 0, :]
+
+
+def make_impl(impl: str):
+    if impl == "triton":
+        return lambda *a: pa.paged_decode_attention(*a, backend="triton")
+    if impl == "sdpa":
+        return sdpa_gather
+    if impl == "torch":
+        return lambda *a: pa.paged_decode_attention_reference(*a)
+    raise ValueError(impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}-ctx{s[1]}-q{s[2]}kv{s[3]}-D{s[4]}")
+def test_bench_paged_decode(benchmark, shape, impl):
+    if not GPU and impl == "triton":
+        pytest.skip("triton on CPU would run Triton's interpreter, whose speed says nothing about the kernel")
+    B, ctx, hq, hkv, d = shape
+    if GPU and impl == "torch" and B * ctx > 16 * 2048:
+        pytest.skip("the per-sequence reference loop is only timed on small batches (it syncs per sequence)")
+    args = make_inputs(B, ctx, hq, hkv, d)
+    fn = make_impl(impl)
+    inner = 20 if GPU else 2  # calls per timed round: launch overhead and timer resolution do not dominate
+
+    def run():
+        with torch.no_grad():
+            for _ in range(inner):
+                out = fn(*args)
+        if GPU:
+            torch.cuda.synchronize()
+        return out
+
+    out = run()  # warm-up: compilation outside the timed rounds, and a correctness check
+    ref = pa.paged_decode_attention_reference(*args)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    benchmark.group = f"paged decode B={B} ctx={ctx} Hq={hq} Hkv={hkv} D={d} {DEVICE}"
+    benchmark.pedantic(run, rounds=10 if GPU else 3, iterations=1, warmup_rounds=1)
+    nbytes = bytes_read([ctx] * B, hq, hkv, d, args[0].element_size())
+    info = dict(device=torch.cuda.get_device_name(0) if GPU else "cpu", dtype=str(DTYPE).replace("torch.", ""),
+                batch=B, context=ctx, hq=hq, hkv=hkv, d=d, page_size=PAGE_SIZE, bytes_per_call=nbytes,
+                calls_per_round=inner)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:  # absent with --benchmark-disable
+        seconds = stats.stats.median / inner
+        gbps = nbytes / seconds / 1e9
+        peak = peak_bandwidth_gbps()
+        info.update(us_per_call=round(seconds * 1e6, 2), GBps=round(gbps, 1), peak_GBps=peak,
+                    bandwidth_percent=None if peak is None else round(100 * gbps / peak, 1))
+    benchmark.extra_info.update(info)
+
+
+def test_triton_path_sanity_cpu():
+    """The benchmarked Triton call path on a tiny case, through the interpreter (CPU only)."""
+    if GPU:
+        pytest.skip("on a GPU the benchmark cases themselves check the Triton path against the reference")
+    if not triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (as tests/conftest.py does)")
+    args = make_inputs(2, 40, 4, 2, 64)
+    for splits in (1, 3):
+        out = pa.paged_decode_attention(*args, num_splits=splits, backend="triton")
+        torch.testing.assert_close(out, pa.paged_decode_attention_reference(*args), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sdpa_gather(*args), pa.paged_decode_attention_reference(*args), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,534 @@
+"""Tests for nanofast.kernels.paged_attention (paged KV-cache decode attention + paged KV write).
+
+The Triton kernels run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+Every decode result is compared with two yardsticks: the module's plain-torch reference, and an
+independent dense implementation written here (each sequence's K/V rebuilt position by position
+from the pages, masked causal / sliding-window attention of the last position) evaluated in fp64.
+
+Error budgets, per dtype (outputs are O(1): softmax-weighted means of N(0, 1) values):
+
+    fp32: max|kernel - dense64| <= 1e-5 and max|kernel - reference| <= 1e-5
+          (fp32 accumulation in both; only the summation order differs).
+    fp16: max|kernel - dense64| <= 2 * max|dense16 - dense64| + 2^-11
+          dense16 = the same dense attention computed with fp16 torch ops (what a user gets from
+          plain torch in fp16); the kernel accumulates in fp32 but rounds P to fp16 for the P @ V
+          tensor-core product (as FlashAttention does) and rounds the output once: the extra
+          2^-11 * max(1, max|out|) (half an fp16 ulp of the output, one rounding) covers that.
+          max|kernel - reference| <= 2^-10 * max(1, max|out|) (both fp32 inside, each rounded once
+          to fp16, plus P's rounding in the kernel).
+    bf16: the interpreter cannot run tl.dot on bf16 (it multiplies raw bit patterns), so bf16 is
+          covered by the compile gate (sm_90 machine code) and by the torch backend here:
+          max|reference - dense64| <= 2^-8 (one bf16 rounding of an O(1) output).
+
+Poison: every cache slot the kernel must not read (unused tail of each last page, pages of no
+sequence, pages that block_table entries past a sequence's used count point to) holds NaN, and
+those block_table entries also hold out-of-range ids: a single stray read shows up as NaN or a
+fault. Outputs written into a preallocated buffer are checked for untouched guard bands.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from nanofast.kernels import compile_gate
+
+pa = importlib.import_module("nanofast.kernels.paged_attention")
+KERNEL_CONFIGS = pa.KERNEL_CONFIGS
+paged_decode_attention = pa.paged_decode_attention
+paged_decode_attention_reference = pa.paged_decode_attention_reference
+paged_kv_write = pa.paged_kv_write
+paged_kv_write_reference = pa.paged_kv_write_reference
+
+DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+NAN = float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# Builders and the independent dense yardstick
+# ----------------------------------------------------------------------------------------------
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def make_case(B, Hq, Hkv, D, page_size, seq_lens, dtype, seed, spare_pages=3, q_pad=True):
+    """A poisoned paged cache holding B sequences of the given lengths.
+
+    Pages are a random permutation of the whole pool (so ids near the pool's end are used); the
+    pool has `spare_pages` pages no sequence owns. Cache slots not holding a sequence position are
+    NaN. block_table (B, max_pages) has >= 2 entries past every sequence's used pages, holding ids
+    of NaN pages, negative and out-of-range ids. q is a (B, Hq, D) slice of a packed qkv-like
+    buffer whose other columns are NaN (q_pad=True), else contiguous.
+    Returns q, k_cache, v_cache, block_table, seq_lens and the dense fp64 K, V per sequence.
+    """
+    g = _gen(seed)
+    used = [-(-L // page_size) for L in seq_lens]
+    max_pages = max(used) + 2
+    num_pages = sum(used) + spare_pages
+    perm = torch.randperm(num_pages, generator=g)
+    k_cache = torch.full((num_pages, page_size, Hkv, D), NAN, dtype=torch.float64)
+    v_cache = torch.full_like(k_cache, NAN)
+    block_table = torch.empty((B, max_pages), dtype=torch.int32)
+    spare = perm[sum(used):]
+    dense = []
+    start = 0
+    for b, L in enumerate(seq_lens):
+        pages = perm[start:start + used[b]]
+        start += used[b]
+        junk = [int(spare[(b + i) % len(spare)]) if len(spare) else 0 for i in range(max_pages - used[b])]
+        # Garbage past the used pages: poisoned pages, a negative id, an id far outside the pool.
+        if len(junk) >= 3:
+            junk[1], junk[2] = -7, 2 ** 31 - 1
+        block_table[b] = torch.tensor(pages.tolist() + junk, dtype=torch.int32)
+        k = torch.randn((L, Hkv, D), generator=g, dtype=torch.float64)
+        v = torch.randn((L, Hkv, D), generator=g, dtype=torch.float64)
+        pos = torch.arange(L)
+        k_cache[pages[pos // page_size], pos % page_size] = k
+        v_cache[pages[pos // page_size], pos % page_size] = v
+        dense.append((k, v))
+    qv = torch.randn((B, Hq, D), generator=g, dtype=torch.float64)
+    if q_pad:
+        buf = torch.full((B, (Hq + 2 * Hkv) * D + 3), NAN, dtype=dtype)
+        buf[:, :Hq * D] = qv.flatten(1).to(dtype)
+        q = buf[:, :Hq * D].unflatten(-1, (Hq, D))
+        assert B == 1 or not q.is_contiguous()
+    else:
+        q = qv.to(dtype)
+    seq = torch.tensor(seq_lens, dtype=torch.int32)
+    # Dense copies of what the (rounded) cache holds, for the fp64 yardstick.
+    dense = [(k.to(dtype).double(), v.to(dtype).double()) for k, v in dense]
+    return q, k_cache.to(dtype), v_cache.to(dtype), block_table, seq, dense
+
+
+def dense_attention(q, dense, window, scale, dtype=torch.float64):
+    """Independent definition: the last position of each sequence attends its dense K/V with a
+    causal (+ sliding window) mask over ALL positions, computed with torch ops in `dtype`."""
+    B, Hq, D = q.shape
+    out = []
+    for b, (k, v) in enumerate(dense):
+        L, Hkv, _ = k.shape
+        group = Hq // Hkv
+        kk = k.to(dtype).repeat_interleave(group, dim=1).transpose(0, 1)  # (Hq, L, D)
+        vv = v.to(dtype).repeat_interleave(group, dim=1).transpose(0, 1)
+        s = (q[b].to(dtype)[:, None, :] @ kk.transpose(1, 2))[:, 0] * scale  # (Hq, L)
+        j = torch.arange(L)
+        allowed = j <= L - 1
+        if window is not None:
+            allowed &= j >= L - 1 - window
+        s = s.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        out.append((p[:, None, :] @ vv)[:, 0])
+    return torch.stack(out)
+
+
+def _max_err(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode: Triton vs reference vs dense fp64
+# ----------------------------------------------------------------------------------------------
+
+# (B, Hq, Hkv, D, page_size, seq_lens, window, num_splits). BLOCK_N is 64 keys (16 for fp32 at
+# D = 80), so lengths 65..200 span several tiles; 7 splits of 1..4 tiles leave splits empty.
+CASES = [
+    (1, 1, 1, 16, 1, [1], None, 1),                       # smallest: one key, page of one slot
+    (3, 2, 1, 16, 3, [2, 3, 4], None, 2),                 # page_size - 1, page_size, + 1; group 2
+    (3, 3, 1, 80, 16, [15, 16, 17], 5, 3),                # group 3, D = 80 (masked to 128), window 5
+    (5, 8, 1, 16, 3, [1, 70, 130, 65, 5], None, 7),       # group 8, several tiles, empty splits
+    (2, 4, 2, 80, 16, [100, 33], 0, 2),                   # window 0: only the current key
+    (3, 6, 3, 16, 1, [67, 1, 20], 5, 3),                  # page size 1, odd Hkv
+    (2, 3, 3, 80, 5, [49, 11], None, 1),                  # page size 5, group 1, direct write
+    (1, 8, 2, 32, 17, [150], 5, 2),                       # page 17; window -> one tile, split 2 empty
+    (1, 16, 2, 16, 16, [200], None, 7),                   # group 8, long sequence over 7 splits
+    (3, 2, 2, 16, 3, [64, 128, 129], 70, 3),              # lengths at / past tile multiples, window 70
+]
+
+
+def _case_id(c):
+    B, Hq, Hkv, D, ps, lens, w, s = c
+    return f"B{B}-q{Hq}kv{Hkv}-D{D}-ps{ps}-L{'_'.join(map(str, lens))}-w{w}-s{s}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DT_ID.get)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_decode_triton_matches_reference_and_dense(case, dtype):
+    B, Hq, Hkv, D, ps, lens, window, splits = case
+    q, kc, vc, bt, sl, dense = make_case(B, Hq, Hkv, D, ps, lens, dtype, seed=CASES.index(case))
+    scale = 1.0 / math.sqrt(D)
+    out = paged_decode_attention(q, kc, vc, bt, sl, window=window, num_splits=splits, backend="triton")
+    assert out.shape == (B, Hq, D) and out.dtype == dtype and out.is_contiguous()
+    assert torch.isfinite(out).all(), "NaN/inf: a poisoned slot was read"
+    ref = paged_decode_attention_reference(q, kc, vc, bt, sl, window=window)
+    assert torch.isfinite(ref).all()
+    want = dense_attention(q.double(), dense, window, scale)
+    err, err_ref = _max_err(out, want), _max_err(out, ref)
+    half_ulp = 2.0 ** -11 * max(1.0, want.abs().max().item())  # one fp16 rounding of the output
+    if dtype == torch.float32:
+        assert err <= 1e-5 and err_ref <= 1e-5, (err, err_ref)
+    else:
+        torch_err = _max_err(dense_attention(q.double(), dense, window, scale, dtype=dtype), want)
+        assert err <= 2 * torch_err + half_ulp, (err, torch_err)
+        assert err_ref <= 2 * half_ulp, err_ref
+    # The reference itself matches the dense definition (it is the CPU path users get).
+    assert _max_err(ref, want) <= (1e-6 if dtype == torch.float32 else half_ulp)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+def test_split_count_does_not_change_the_result(splits):
+    # One fixed problem, every split count: differences are fp32 merge roundoff only.
+    q, kc, vc, bt, sl, dense = make_case(2, 4, 2, 16, 3, [131, 9], torch.float32, seed=7)
+    base = paged_decode_attention(q, kc, vc, bt, sl, num_splits=1, backend="triton")
+    out = paged_decode_attention(q, kc, vc, bt, sl, num_splits=splits, backend="triton")
+    assert _max_err(out, base) <= 2e-6
+    assert _max_err(out, dense_attention(q.double(), dense, None, 0.25)) <= 1e-5
+
+
+def test_scale_window_and_default_backend():
+    q, kc, vc, bt, sl, dense = make_case(2, 4, 1, 16, 4, [30, 7], torch.float32, seed=3)
+    # backend=None on CPU tensors is the torch reference.
+    out = paged_decode_attention(q, kc, vc, bt, sl, scale=0.7, window=9)
+    torch.testing.assert_close(out, paged_decode_attention_reference(q, kc, vc, bt, sl, 0.7, 9), rtol=0, atol=0)
+    want = dense_attention(q.double(), dense, 9, 0.7)
+    assert _max_err(out, want) <= 1e-6
+    tri = paged_decode_attention(q, kc, vc, bt, sl, scale=0.7, window=9, num_splits=2, backend="triton")
+    assert _max_err(tri, want) <= 1e-5
+    # scale=None is 1/sqrt(D); a window wider than every sequence is full attention.
+    full = paged_decode_attention(q, kc, vc, bt, sl, window=10 ** 9, backend="triton")
+    assert _max_err(full, dense_attention(q.double(), dense, None, 0.25)) <= 1e-5
+
+
+def test_torch_backend_bf16_and_fp64():
+    q, kc, vc, bt, sl, dense = make_case(3, 4, 2, 80, 3, [1, 8, 40], torch.bfloat16, seed=11)
+    out = paged_decode_attention(q, kc, vc, bt, sl, window=5, backend="torch")
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert _max_err(out, dense_attention(q.double(), dense, 5, 80 ** -0.5)) <= 2.0 ** -8
+    q, kc, vc, bt, sl, dense = make_case(2, 2, 1, 16, 5, [12, 5], torch.float64, seed=12)
+    out = paged_decode_attention(q, kc, vc, bt, sl, backend="torch")
+    assert _max_err(out, dense_attention(q, dense, None, 0.25)) <= 1e-12
+
+
+def test_cache_views_with_free_strides():
+    # k_cache / v_cache as views kv[:, 0] / kv[:, 1] of one (pages, 2, page, Hkv, D) buffer, and a
+    # contiguous q: only D must be contiguous.
+    q, kc, vc, bt, sl, dense = make_case(2, 4, 2, 16, 3, [20, 70], torch.float16, seed=5, q_pad=False)
+    kv = torch.stack([kc, vc], dim=1)
+    out = paged_decode_attention(q, kv[:, 0], kv[:, 1], bt, sl, num_splits=2, backend="triton")
+    ref = paged_decode_attention_reference(q, kc, vc, bt, sl)
+    assert _max_err(out, ref) <= 2.0 ** -10
+
+
+def test_q_with_non_unit_last_stride_is_copied():
+    q, kc, vc, bt, sl, _ = make_case(2, 2, 1, 16, 3, [5, 9], torch.float32, seed=6, q_pad=False)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, Hq, D) with stride(-1) = Hq
+    assert qt.stride(-1) != 1
+    out = paged_decode_attention(qt, kc, vc, bt, sl, backend="triton")
+    assert _max_err(out, paged_decode_attention_reference(q, kc, vc, bt, sl)) <= 1e-5
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_output_guard_bands_untouched(splits):
+    # Write into a strided view of a sentinel-filled buffer: only the (B, Hq, D) window changes.
+    B, Hq, Hkv, D = 3, 4, 2, 80
+    q, kc, vc, bt, sl, dense = make_case(B, Hq, Hkv, D, 16, [3, 40, 17], torch.float16, seed=9)
+    sentinel = 1234.0
+    buf = torch.full((B + 2, Hq + 1, D + 8), sentinel, dtype=torch.float16)
+    out = buf[1:B + 1, :Hq, 4:D + 4]
+    got = pa._decode_triton(q, kc, vc, bt, sl, D ** -0.5, None, splits, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    mask = torch.ones_like(buf, dtype=torch.bool)
+    mask[1:B + 1, :Hq, 4:D + 4] = False
+    assert (buf[mask] == sentinel).all(), "the kernel wrote outside its output"
+    assert _max_err(out, paged_decode_attention_reference(q, kc, vc, bt, sl)) <= 2.0 ** -10
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_unchecked_bad_values_never_fault(splits):
+    # What CUDA callers get without the (CPU-only) value checks: seq_lens beyond the block table's
+    # capacity are clamped to it, keys on out-of-range page ids are skipped, a length of 0 gives
+    # zeros (no 0/0, and no -inf - -inf in the merge); no NaN, no stray read.
+    q, kc, vc, bt, sl, dense = make_case(3, 2, 1, 16, 4, [8, 12, 5], torch.float32, seed=13)
+    bt = bt.clone()
+    cap = bt.shape[1] * 4
+    bt[0, 1] = kc.shape[0] + 3  # positions 4..7 of sequence 0 now point outside the pool
+    bt[1, 3:] = bt[1, 0]        # sequence 1 will read (cap - 12) more keys from its first page
+    bad = torch.tensor([8, cap + 50, 0], dtype=torch.int32)
+    out = pa._decode_triton(q, kc, vc, bt, bad, 0.25, None, splits)
+    assert torch.isfinite(out).all()
+    assert (out[2] == 0).all()
+    k0, v0 = dense[0]
+    keep = torch.tensor([0, 1, 2, 3])
+    k1, v1 = dense[1]
+    extra = torch.arange(cap - 12) % 4
+    dense_fixed = [(k0[keep], v0[keep]), (torch.cat([k1, k1[extra]]), torch.cat([v1, v1[extra]]))]
+    assert _max_err(out[:2], dense_attention(q[:2].double(), dense_fixed, None, 0.25)) <= 1e-5
+
+
+def test_auto_split_heuristic():
+    # CPU (no SM count): 1. CUDA: ~2 CTAs per SM, bounded by the tiles of the longest key range.
+    assert pa._auto_splits(1, 8, 8192, None, 64, None) == 1
+    assert pa._auto_splits(1, 8, 8192, None, 64, 132) == 33          # ceil(264 / 8)
+    assert pa._auto_splits(64, 8, 8192, None, 64, 132) == 1          # 512 programs fill 132 SMs
+    assert pa._auto_splits(1, 1, 100, None, 64, 132) == 2            # only 2 tiles of keys
+    assert pa._auto_splits(1, 1, 8192, 10, 64, 132) == 1             # window: 11 keys, one tile
+    assert pa._auto_splits(1, 1, 10 ** 6, None, 16, 10 ** 4) == pa.MAX_SPLITS
+    # None on CPU runs one split (the interpreter's default) and matches the reference.
+    q, kc, vc, bt, sl, _ = make_case(2, 2, 2, 16, 3, [70, 2], torch.float32, seed=4)
+    out = paged_decode_attention(q, kc, vc, bt, sl, backend="triton")
+    assert _max_err(out, paged_decode_attention_reference(q, kc, vc, bt, sl)) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Paged KV write
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DT_ID.get)
+@pytest.mark.parametrize("page_size,Hkv,D", [(1, 1, 16), (3, 3, 80), (16, 2, 32)])
+def test_kv_write_matches_reference_and_touches_only_its_slots(page_size, Hkv, D, dtype, slot_dtype):
+    g = _gen(page_size * 100 + D)
+    N = 9
+    num_pages = max(7, -(-12 // page_size))  # room for 9 tokens plus untouched slots
+    kc0 = torch.randn((num_pages, page_size, Hkv, D), generator=g).to(dtype)
+    vc0 = torch.randn((num_pages, page_size, Hkv, D), generator=g).to(dtype)
+    # k, v as slices of a packed qkv-like buffer (non-contiguous rows).
+    buf = torch.randn((N, (2 + 2 * Hkv) * D + 5), generator=g).to(dtype)
+    k = buf[:, 2 * D:(2 + Hkv) * D].unflatten(-1, (Hkv, D))
+    v = buf[:, (2 + Hkv) * D:(2 + 2 * Hkv) * D].unflatten(-1, (Hkv, D))
+    slots = torch.randperm(num_pages * page_size, generator=g)[:N]
+    slots[[1, 4]] = torch.tensor([-1, -100])  # padding tokens: skipped
+    if num_pages * page_size > N:
+        slots[-1] = num_pages * page_size - 1  # the pool's very last slot
+    slots = slots.to(slot_dtype)
+    caches = {}
+    for backend in ("torch", "triton"):
+        kc, vc = kc0.clone(), vc0.clone()
+        paged_kv_write(k, v, kc, vc, slots, backend=backend)
+        caches[backend] = (kc, vc)
+    for name, (kc, vc) in caches.items():
+        expect_k, expect_v = kc0.clone(), vc0.clone()
+        for i, s in enumerate(slots.tolist()):
+            if s >= 0:
+                expect_k[s // page_size, s % page_size] = k[i]
+                expect_v[s // page_size, s % page_size] = v[i]
+        # Bitwise: written slots hold exactly k/v, every other slot is untouched.
+        assert torch.equal(kc.view(torch.uint8), expect_k.view(torch.uint8)), name
+        assert torch.equal(vc.view(torch.uint8), expect_v.view(torch.uint8)), name
+
+
+def test_kv_write_into_strided_cache_views_then_decode():
+    # Decode-loop shape: append each sequence's new token with paged_kv_write into kv[:, 0/1]
+    # views, then attend; equals dense attention over the extended sequences.
+    q, kc, vc, bt, sl, dense = make_case(2, 4, 2, 16, 3, [5, 9], torch.float32, seed=21, q_pad=False)
+    kv = torch.stack([kc, vc], dim=1)
+    g = _gen(22)
+    new_k, new_v = torch.randn((2, 2, 16), generator=g), torch.randn((2, 2, 16), generator=g)
+    pos = sl.long()  # the new token's position = old length (5 and 9: both inside allocated pages)
+    slot = bt[torch.arange(2), pos // 3].long() * 3 + pos % 3
+    paged_kv_write(new_k, new_v, kv[:, 0], kv[:, 1], slot, backend="triton")
+    sl2 = sl + 1
+    out = paged_decode_attention(q, kv[:, 0], kv[:, 1], bt, sl2, num_splits=2, backend="triton")
+    dense2 = [(torch.cat([k, new_k[b, None].double()]), torch.cat([v, new_v[b, None].double()]))
+              for b, (k, v) in enumerate(dense)]
+    assert _max_err(out, dense_attention(q.double(), dense2, None, 0.25)) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+
+def _bad_decode_cases():
+    q, kc, vc = torch.randn(2, 4, 16), torch.randn(6, 3, 2, 16), torch.randn(6, 3, 2, 16)
+    bt, sl = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32), torch.tensor([7, 9], dtype=torch.int32)
+    base = dict(q=q, k_cache=kc, v_cache=vc, block_table=bt, seq_lens=sl)
+    return [
+        (dict(base, q=[1.0]), TypeError, r"q must be a torch.Tensor of shape \(B, Hq, D\)"),
+        (dict(base, q=q[0]), ValueError, r"q must have shape \(B, Hq, D\)"),
+        (dict(base, q=q.long()), TypeError, "q must be a floating tensor"),
+        (dict(base, k_cache=kc[0]), ValueError, r"k_cache must have shape \(num_pages, page_size, Hkv, D\)"),
+        (dict(base, v_cache=vc.half()), TypeError, "v_cache must have q's dtype"),
+        (dict(base, k_cache=kc.half(), v_cache=vc.half()), TypeError, "k_cache must have q's dtype"),
+        (dict(base, v_cache=torch.randn(6, 3, 1, 16)), ValueError, "v_cache must have k_cache's shape"),
+        (dict(base, k_cache=torch.randn(6, 3, 2, 8), v_cache=torch.randn(6, 3, 2, 8)), ValueError,
+         "head dim D=16"),
+        (dict(base, q=torch.randn(2, 3, 16)), ValueError, "Hq=3 must be a multiple of .* Hkv=2"),
+        (dict(base, k_cache=torch.randn(6, 3, 16, 2).transpose(-1, -2)), ValueError,
+         "k_cache must be contiguous in its last dim"),
+        (dict(base, k_cache=kc.to("meta")), ValueError, "k_cache is on meta"),
+        (dict(base, block_table=bt.long()), TypeError, "block_table must be an int32 tensor"),
+        (dict(base, block_table=bt[0]), ValueError, r"block_table must have shape \(B, max_pages\)"),
+        (dict(base, block_table=bt[:1]), ValueError, r"block_table must have shape \(B, max_pages\) = \(2"),
+        (dict(base, block_table=bt.to("meta")), ValueError, "block_table is on meta"),
+        (dict(base, seq_lens=sl.long()), TypeError, "seq_lens must be an int32 tensor"),
+        (dict(base, seq_lens=sl[:1]), ValueError, r"seq_lens must have shape \(B,\) = \(2,\)"),
+        (dict(base, seq_lens=sl[None]), ValueError, r"seq_lens must have shape \(B,\)"),
+        (dict(base, seq_lens=torch.tensor([0, 9], dtype=torch.int32)), ValueError,
+         r"seq_lens must lie in \[1, max_pages \* page_size = 9\]"),
+        (dict(base, seq_lens=torch.tensor([7, 10], dtype=torch.int32)), ValueError, "seq_lens must lie in"),
+        (dict(base, block_table=torch.tensor([[0, 6, 2], [3, 4, 5]], dtype=torch.int32)), ValueError,
+         r"block_table entries of used pages must be page ids in \[0, num_pages = 6\)"),
+        (dict(base, block_table=torch.tensor([[0, 1, 2], [-1, 4, 5]], dtype=torch.int32)), ValueError,
+         "block_table entries of used pages"),
+        (dict(base, scale=0.0), ValueError, "scale must be None"),
+        (dict(base, scale=-1.0), ValueError, "scale must be None"),
+        (dict(base, scale=float("nan")), ValueError, "scale must be None"),
+        (dict(base, window=-1), ValueError, "window must be None .* >= 0, got -1"),
+        (dict(base, window=2.5), TypeError, "window must be None or an int"),
+        (dict(base, window=True), TypeError, "window must be None or an int"),
+        (dict(base, num_splits=0), ValueError, "num_splits must be None"),
+        (dict(base, num_splits=pa.MAX_SPLITS + 1), ValueError, "num_splits must be None"),
+        (dict(base, backend="cudnn"), ValueError, "backend must be one of"),
+        (dict(base, q=q.double(), k_cache=kc.double(), v_cache=vc.double(), backend="triton"), TypeError,
+         "q must be float16, bfloat16 or float32"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_decode_cases())))
+def test_bad_decode_input_raises_clear_errors(case):
+    kwargs, exc, match = _bad_decode_cases()[case]
+    with pytest.raises(exc, match=match):
+        paged_decode_attention(**kwargs)
+    if "backend" not in kwargs:
+        # Validation does not depend on the backend, and the reference checks the same things.
+        with pytest.raises(exc, match=match):
+            paged_decode_attention(**kwargs, backend="triton")
+        if "num_splits" not in kwargs:
+            with pytest.raises(exc, match=match):
+                paged_decode_attention_reference(**kwargs)
+
+
+def test_garbage_past_used_pages_is_accepted():
+    # Entries past a sequence's used pages are not validated (they may hold anything).
+    q, kc, vc = torch.randn(2, 4, 16), torch.randn(6, 3, 2, 16), torch.randn(6, 3, 2, 16)
+    bt = torch.tensor([[0, 1, -5], [3, 4, 99]], dtype=torch.int32)
+    sl = torch.tensor([6, 4], dtype=torch.int32)
+    out = paged_decode_attention(q, kc, vc, bt, sl, backend="triton")
+    assert _max_err(out, paged_decode_attention_reference(q, kc, vc, bt, sl)) <= 1e-5
+
+
+def _bad_write_cases():
+    k, v = torch.randn(3, 2, 16), torch.randn(3, 2, 16)
+    kc, vc = torch.randn(4, 3, 2, 16), torch.randn(4, 3, 2, 16)
+    slots = torch.tensor([0, 5, -1])
+    base = dict(k=k, v=v, k_cache=kc, v_cache=vc, slot_mapping=slots)
+    return [
+        (dict(base, k="k"), TypeError, r"k must be a torch.Tensor of shape \(N, Hkv, D\)"),
+        (dict(base, k=k[0]), ValueError, r"k must have shape \(N, Hkv, D\)"),
+        (dict(base, v=v[:2]), ValueError, "v must have k's shape"),
+        (dict(base, v=v.half()), TypeError, "v must have k's dtype"),
+        (dict(base, k=k.long(), v=v.long()), TypeError, "k must be a floating tensor"),
+        (dict(base, k_cache=kc.half()), TypeError, "k_cache must have k's dtype"),
+        (dict(base, v_cache=vc[..., :8]), ValueError, "v_cache must have k_cache's shape"),
+        (dict(base, k_cache=torch.randn(4, 3, 1, 16), v_cache=torch.randn(4, 3, 1, 16)), ValueError,
+         r"\(Hkv, D\) = \(2, 16\) from k"),
+        (dict(base, k_cache=kc[None]), ValueError, "k_cache must have shape"),
+        (dict(base, slot_mapping=slots.float()), TypeError, "slot_mapping must be an int32 or int64"),
+        (dict(base, slot_mapping=slots[:2]), ValueError, r"slot_mapping must have shape \(N,\) = \(3,\)"),
+        (dict(base, slot_mapping=torch.tensor([0, 12, 1])), ValueError,
+         r"slot_mapping values must be < num_pages \* page_size = 12"),
+        (dict(base, slot_mapping=slots.to("meta")), ValueError, "slot_mapping is on meta"),
+        (dict(base, backend="tpu"), ValueError, "backend must be one of"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_write_cases())))
+def test_bad_write_input_raises_clear_errors(case):
+    kwargs, exc, match = _bad_write_cases()[case]
+    for backend in (["torch", "triton"] if "backend" not in kwargs else [None]):
+        extra = {} if backend is None else {"backend": backend}
+        with pytest.raises(exc, match=match):
+            paged_kv_write(**kwargs, **extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile gate: what an H100 runs, compiled for sm_90 (and sm_80), machine code checked
+# ----------------------------------------------------------------------------------------------
+
+# Measured (triton 3.9, sm_90): decode 16-bit 72-78 registers (8 warps at D = 128, 4 at D = 64),
+# fp32 64, merge 32-64, write 30-32; no local memory anywhere. 128 keeps >= 2 decode CTAs (16
+# warps) resident per SM and flags regressions (4 warps at 64 keys measured 110-142).
+MAX_REGISTERS = 128
+MAX_SHARED = {90: 227 * 1024, 80: 163 * 1024}  # per-CTA opt-in maximum: H100, A100
+SM80_CONFIGS = [4]  # decode bf16 group 8 D=128 split
+
+
+@pytest.fixture(scope="module")
+def gate_facts() -> dict:
+    jobs = [[i, 90] for i in range(len(KERNEL_CONFIGS))] + [[i, 80] for i in SM80_CONFIGS]
+    return compile_gate.configs_facts("nanofast.kernels.paged_attention", jobs)
+
+
+def test_kernel_configs_cover_serving_shapes_and_match_launchers():
+    names = {c["fn"].__name__ for c in KERNEL_CONFIGS}
+    assert names == {"_paged_decode_kernel", "_paged_decode_merge_kernel", "_paged_kv_write_kernel"}
+    labels = " | ".join(c["config"] for c in KERNEL_CONFIGS)
+    for dt in ("bf16", "fp16"):
+        for d in (64, 128):
+            assert f"decode {dt} " in labels and f"D={d}" in labels
+    for g in (1, 4, 8):
+        assert f"group={g} D=128" in labels
+    assert "split" in labels and "direct" in labels and "decode fp32" in labels and "page=256" in labels
+    assert KERNEL_CONFIGS[SM80_CONFIGS[0]]["config"].startswith("decode bf16 group=8 D=128 page=16 split")
+    for c in KERNEL_CONFIGS:
+        # Every kernel argument is described, in order, and the meta-parameters are the launcher's.
+        assert list(c["signature"]) == list(c["fn"].arg_names), c["config"]
+        assert set(c["aligned"]) <= set(c["signature"]) and all(c["signature"][a] != "constexpr" for a in c["aligned"])
+        words = dict(w.split("=") for w in c["config"].split() if "=" in w)
+        kind, dt = c["config"].split()[:2]
+        if kind == "decode":
+            item = {"bf16": 2, "fp16": 2, "fp32": 4}[dt]
+            meta = pa._decode_meta(int(words["group"]), int(words["D"]), item)
+            assert (c["num_warps"], c["num_stages"]) == (meta["num_warps"], meta["num_stages"])
+            assert all(c["constexprs"][n] == meta[n] for n in ("BLOCK_G", "BLOCK_N", "BLOCK_D"))
+        elif kind == "merge":
+            meta = pa._merge_meta(int(words["splits"]), int(words["D"]))
+            assert c["num_warps"] == meta["num_warps"] and c["constexprs"]["BLOCK_S"] == meta["BLOCK_S"]
+        else:
+            meta = pa._write_meta(int(words["Hkv"]), int(words["D"]))
+            assert c["num_warps"] == meta["num_warps"] and c["constexprs"]["BLOCK_H"] == meta["BLOCK_H"]
+
+
+def _check_facts(cfg: dict, f: dict, arch: int) -> None:
+    where = f"{cfg['config']} sm_{arch}: {f}"
+    ins = f["instructions"]
+    name = cfg["fn"].__name__
+    assert f["arch"] == arch and f["kernel"] == name, where
+    assert f["local_bytes"] == 0 and ins.get("STL", 0) == 0 and ins.get("LDL", 0) == 0, "register spills: " + where
+    assert f["registers"] <= MAX_REGISTERS, where
+    assert f["shared_bytes"] <= MAX_SHARED[arch], where
+    assert f["stores"] > 0 and f["atomics"] == 0, where  # no atomics: the split merge is a second pass
+    # page_id * page_stride (decode, write) and row offsets are 64-bit multiplies: pools past 2^31
+    # elements index correctly (the interpreter cannot show it: it would need such a pool).
+    assert f["i64_muls"] > 0, where
+    if name == "_paged_decode_kernel":
+        if cfg["signature"]["K"] == "*fp32":
+            # fp32: exact fp32 FMA dot (input_precision="ieee"), no TF32 tensor-core rounding.
+            assert "HMMA" not in ins and "HGMMA" not in ins, where
+        else:
+            # 16 query rows (the GQA group padded to 16) are below wgmma's 64-row minimum, so the
+            # dots are Ampere-style mma.sync (HMMA.16816), not Hopper HGMMA. Measured 16 per
+            # BLOCK_N x D = 64 x 128 tile pair (QK^T and PV).
+            assert ins.get("HMMA", 0) >= 8 and "HGMMA" not in ins, where
+        # K/V tiles are gathered row by row (per-key page ids) but each row is D contiguous
+        # elements: 128-bit cp.async copies, pipelined num_stages deep into shared memory.
+        assert ins.get("LDGSTS.E.BYPASS.128", 0) >= 8, where
+        assert ins.get("LDG.E.128", 0) >= 1, where  # the q tile
+    else:
+        # merge reads the fp32 partials and write copies k/v rows, both with 128-bit accesses.
+        assert ins.get("LDG.E.128", 0) > 0, where
+        if name == "_paged_kv_write_kernel":
+            assert ins.get("STG.E.128", 0) > 0, where
+
+
+@pytest.mark.parametrize("index", range(len(KERNEL_CONFIGS)),
+                         ids=[c["config"].split(" BLOCK")[0].replace(" ", "-") for c in KERNEL_CONFIGS])
+def test_compile_gate_sm90(gate_facts, index):
+    _check_facts(KERNEL_CONFIGS[index], gate_facts[(index, 90)], 90)
+
+
+@pytest.mark.parametrize("index", SM80_CONFIGS)
+def test_compile_gate_sm80(gate_facts, index):
+    _check_facts(KERNEL_CONFIGS[index], gate_facts[(index, 80)], 80)

@@ -107,6 +107,7 @@ class Linear(nn.Linear):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.c_q = Linear(config.n_embd, config.n_head * config.head_dim)
         self.c_k = Linear(config.n_embd, config.n_kv_head * config.head_dim)
@@ -115,7 +116,7 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate = Linear(VE_GATE_CHANNELS, config.n_kv_head) if has_value_embed(layer, config.n_layer) else None
 
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                window: int) -> torch.Tensor:
+                window: int, kv=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -125,7 +126,7 @@ class CausalSelfAttention(nn.Module):
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = ops.qk_norm_rope(q, k, cos, sin, scale=QK_SCALE)
-        y = ops.attention(q, k, v, window)
+        y = ops.attention(q, k, v, window) if kv is None else kv.attend(self.layer, q, k, v, window)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -145,8 +146,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window):
-        x = x + self.attn(ops.norm(x), ve, cos, sin, window)
+    def forward(self, x, ve, cos, sin, window, kv=None):
+        x = x + self.attn(ops.norm(x), ve, cos, sin, window, kv)
         return x + self.mlp(ops.norm(x))
 
 
@@ -216,17 +217,31 @@ class GPT(nn.Module):
             self.value_embeds.to(torch.bfloat16)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_reduction: str = "mean") -> torch.Tensor:
+                loss_reduction: str = "mean", kv=None) -> torch.Tensor:
         """idx: (B, T) int64 token ids. Returns the loss (targets (B, T), -1 = ignore) or
-        fp32 softcapped logits (B, T, vocab_size)."""
+        fp32 softcapped logits (B, T, vocab_size).
+
+        kv: a `nanofast.kv_cache.PagedBatch` for the inference engine: idx is then (1, N), the new
+        tokens of several sequences flattened, each at its own position, attending to its pages of
+        the KV cache; returns the logits (S, vocab_size) of kv.logits_rows only.
+        """
         B, T = idx.shape
-        if T > self.cos.size(0):
-            raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.cos.size(0)} positions)")
         dtype = self.compute_dtype
-        cos, sin = self.cos[:T].to(dtype), self.sin[:T].to(dtype)
+        if kv is None:
+            if T > self.cos.size(0):
+                raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.cos.size(0)} positions)")
+            cos, sin = self.cos[:T].to(dtype), self.sin[:T].to(dtype)
+        else:
+            cos, sin = self.cos[kv.positions].to(dtype), self.sin[kv.positions].to(dtype)
         x = ops.norm(self.transformer.wte(idx).to(dtype))
-        if T > 1:
-            # Smear: a gated copy of the previous token's embedding, cheap bigram information.
+        # Smear: a gated copy of the previous token's embedding, cheap bigram information.
+        if kv is not None:
+            # Each sequence's previous token comes with the batch (the last token of the previous
+            # step or chunk): recomputing its normed embedding is one row gather, no state to keep.
+            prev = ops.norm(self.transformer.wte(kv.prev_tokens[None]).to(dtype))
+            gate = self.smear_lambda.to(dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+            x = x + gate * prev * kv.has_prev[None, :, None].to(dtype)
+        elif T > 1:
             gate = self.smear_lambda.to(dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
             x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
         x0 = x
@@ -235,12 +250,14 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.windows[i])
+            x = block(x, ve, cos, sin, self.windows[i], kv)
             if i == backout_layer:
                 x_mid = x
         # Backout: remove the cached mid-depth residual (low-level features) before the head.
-        x = ops.norm(x - self.backout_lambda.to(dtype) * x_mid)
-        logits = self.lm_head(x)[..., :self.config.vocab_size]
+        x = x - self.backout_lambda.to(dtype) * x_mid
+        if kv is not None:
+            x = x[0, kv.logits_rows]  # only the rows the engine samples from
+        logits = self.lm_head(ops.norm(x))[..., :self.config.vocab_size]
         if targets is None:
             return ops.softcap_logits(logits, SOFTCAP)
         return ops.softcap_cross_entropy(logits, targets, SOFTCAP, reduction=loss_reduction)

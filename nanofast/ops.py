@@ -130,6 +130,39 @@ def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
+def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Write N new keys/values (N, Hkv, D) into their cache slots (page * page_size + offset), in place."""
+    kernels.paged_kv_write(k, v, k_cache, v_cache, slot_mapping, backend=kernel_backend(k))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                           seq_lens: torch.Tensor, window: int) -> torch.Tensor:
+    """One query token per sequence, q (B, Hq, D), against its pages; see kernels.paged_decode_attention."""
+    return kernels.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, window=window,
+                                          backend=kernel_backend(q))
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor,
+                            context_len: int, window: int) -> torch.Tensor:
+    """A chunk of n queries (n, Hq, D) at positions context_len - n .. context_len - 1 of one
+    sequence, attending causally (left window `window`) to its first context_len cached positions.
+
+    pages: (ceil(context_len / page_size),) int64 page ids. The pages are gathered into a dense
+    (context_len, Hkv, D) view for SDPA: a prefill chunk does O(n * context) work per byte gathered,
+    so the gather is a small share, and prompts run in chunks of at most the engine's token budget.
+    """
+    n = q.size(0)
+    k = k_cache[pages].flatten(0, 1)[:context_len]
+    v = v_cache[pages].flatten(0, 1)[:context_len]
+    qi = torch.arange(context_len - n, context_len, device=q.device)[:, None]
+    kj = torch.arange(context_len, device=q.device)[None, :]
+    mask = (kj <= qi) & (kj >= qi - window)
+    y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                       attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
+    return y[0].transpose(0, 1)
+
+
 def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, softcap: float = 15.0,
                           reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of `softcap * tanh(logits / softcap)` computed in fp32, ignore_index -1.

@@ -1,0 +1,339 @@
+"""The inference engine: many conversations at once from one paged KV cache.
+
+Continuous batching: requests join and leave at every step. Each step the scheduler gives every
+running sequence its next tokens under a token budget (`max_batch_tokens`): one token for a
+sequence that is decoding, a chunk of its prompt for one that is prefilling, so a long prompt is
+spread over several steps instead of stalling everybody's decoding. All of a step's tokens run
+through the model in ONE forward: decode rows through the paged decode kernel as one batch,
+chunks against their gathered pages (`nanofast.kv_cache.PagedBatch`).
+
+Memory: pages come from a fixed pool (`BlockManager`). Prompts that share a prefix share its pages
+(prefix cache). When the pool runs out, the most recently admitted sequence is preempted: its
+pages are released and it is recomputed later from its tokens (often straight from the prefix
+cache), so no request ever fails for lack of memory once it fits the pool alone.
+
+Sampling (temperature, top-k, top-p, a seed per request) runs on the model's device; the engine
+reads the sampled ids back once per step for all sequences, not once per token per sequence.
+The calculator tool is nanochat's: <|python_start|>expr<|python_end|> is evaluated by
+`nanofast.tools.calculate` and its result forced in as <|output_start|>result<|output_end|>.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from nanofast.kv_cache import BlockManager, KVCache, PagedBatch
+from nanofast.model import GPT
+from nanofast.tokenizer import Tokenizer
+from nanofast.tools import calculate
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings. temperature 0 is greedy; top_k None and top_p 1.0 keep
+    every token; seed None draws one. Generation stops after emitting a token of
+    `stop_token_ids` (finish_reason "stop") or `max_tokens` tokens ("length")."""
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be a float in [0, 100], got {self.temperature!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be a float in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be None or an int, got {self.seed!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+@dataclass
+class TokenEvent:
+    """One new token of a request. The last event of a request has finished=True and a
+    finish_reason ("stop" or "length"); forced=True marks calculator output (not sampled)."""
+    request_id: int
+    token: int
+    finished: bool = False
+    finish_reason: str | None = None
+    forced: bool = False
+
+
+@dataclass
+class _Sequence:
+    id: int
+    tokens: list[int]
+    params: SamplingParams
+    rng: torch.Generator
+    prompt_len: int
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0   # tokens whose K/V are in the cache
+    registered: int = 0     # leading pages entered into the prefix cache
+    in_python: bool = False
+    python_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+class Engine:
+    """Serve many requests from `model` with a paged KV cache; see the module docstring.
+
+    Args:
+        model: a GPT (its device and compute dtype are used; put it in eval mode yourself).
+        tokenizer: needed for the calculator tool (tools=True); None disables the tool.
+        page_size: token slots per page.
+        num_pages: pool size; default enough for max_num_seqs sequences of the model's training
+            length (sequences may grow longer, to the rotary table's 10x, as pages allow).
+        max_num_seqs: most sequences running at once.
+        max_batch_tokens: token budget of one step (decode tokens + prefill chunks).
+    Not thread-safe: one thread calls add_request / abort / step.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, *, page_size: int = 16,
+                 num_pages: int | None = None, max_num_seqs: int = 64, max_batch_tokens: int = 2048,
+                 tools: bool = True):
+        for name, v in (("page_size", page_size), ("max_num_seqs", max_num_seqs),
+                        ("max_batch_tokens", max_batch_tokens)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        cfg = model.config
+        if num_pages is None:
+            num_pages = max_num_seqs * math.ceil(cfg.sequence_len / page_size)
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.cos.device
+        self.blocks = BlockManager(num_pages, page_size)
+        self.cache = KVCache(cfg.n_layer, num_pages, page_size, cfg.n_kv_head, cfg.head_dim, model.compute_dtype,
+                             self.device)
+        self.page_size, self.max_num_seqs, self.max_batch_tokens = page_size, max_num_seqs, max_batch_tokens
+        # A sequence must fit the pool alone (so preemption always makes progress) and the rotary table.
+        self.max_context = min(model.cos.size(0), num_pages * page_size)
+        self.tools = None
+        if tools and tokenizer is not None:
+            self.tools = {name: tokenizer.encode_special(f"<|{name}|>")
+                          for name in ("python_start", "python_end", "output_start", "output_end")}
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []
+        self._next_id = 0
+        self._seed_rng = random.Random(0)
+        self.stats = {"steps": 0, "preemptions": 0, "tokens": 0}
+
+    # ---- requests --------------------------------------------------------------------------
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> int:
+        """Queue a request; returns its id. prompt: token ids (non-empty; start with BOS)."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        vocab = self.model.config.vocab_size
+        if not prompt or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt must be a non-empty list of token ids in [0, {vocab})")
+        if len(prompt) + params.max_tokens > self.max_context:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the engine's "
+                             f"context of {self.max_context} tokens")
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        rng = torch.Generator(device=self.device).manual_seed(seed)
+        seq = _Sequence(self._next_id, list(prompt), params, rng, len(prompt))
+        self._next_id += 1
+        self.waiting.append(seq)
+        return seq.id
+
+    def abort(self, request_id: int) -> None:
+        """Drop a request (e.g. its client went away) and free its pages; unknown ids are ignored."""
+        for queue in (self.running, self.waiting):
+            for seq in list(queue):
+                if seq.id == request_id:
+                    self._release(seq)
+                    queue.remove(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    # ---- the step --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Schedule, run the model once over every scheduled token, sample; the new tokens."""
+        scheduled = self._schedule()
+        if not scheduled:
+            return []
+        batch, idx = self._build_batch(scheduled)
+        logits = self.model(idx, kv=batch)
+        self.stats["steps"] += 1
+        self.stats["tokens"] += idx.size(1)
+        ready = []
+        for row, (seq, n) in enumerate(scheduled):
+            seq.num_computed += n
+            full = seq.num_computed // self.page_size
+            if full > seq.registered:
+                self.blocks.register(seq.pages, seq.tokens, seq.registered, full)
+                seq.registered = full
+            if seq.num_computed == len(seq.tokens):
+                ready.append((row, seq))
+        if not ready:
+            return []
+        tokens = self._sample(logits[[row for row, _ in ready]], [seq for _, seq in ready])
+        events: list[TokenEvent] = []
+        for (_, seq), token in zip(ready, tokens):
+            self._append(seq, token, events)
+        return events
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[list[int]]:
+        """Run prompts to completion together; the emitted tokens of each (a final stop token included)."""
+        ids = [self.add_request(p, params) for p in prompts]
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        while self.has_unfinished():
+            for ev in self.step():
+                if ev.request_id in out:
+                    out[ev.request_id].append(ev.token)
+        return [out[i] for i in ids]
+
+    # ---- scheduling ------------------------------------------------------------------------
+    def _schedule(self) -> list[tuple[_Sequence, int]]:
+        """(sequence, new tokens) for this step: decode rows (1 token) first, then chunks."""
+        budget = self.max_batch_tokens
+        scheduled: list[tuple[_Sequence, int]] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            if self._reserve(seq, seq.num_computed + n):
+                scheduled.append((seq, n))
+                budget -= n
+                i += 1
+            else:  # out of pages: recompute-preempt the newest sequence (possibly this one)
+                self._preempt(self.running[-1])
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.pages:
+                # Reuse cached full pages of the prefix, but leave at least the last token to
+                # compute: its logits give the first new token.
+                seq.pages = self.blocks.match_prefix(seq.tokens, (len(seq.tokens) - 1) // self.page_size)
+                seq.num_computed, seq.registered = len(seq.pages) * self.page_size, len(seq.pages)
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            if not self._reserve(seq, seq.num_computed + n):
+                self._release(seq)
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            budget -= n
+        return sorted(scheduled, key=lambda s: s[1] > 1)  # stable: decode rows first
+
+    def _reserve(self, seq: _Sequence, num_tokens: int) -> bool:
+        """Give seq pages for num_tokens tokens; all or nothing."""
+        need = math.ceil(num_tokens / self.page_size) - len(seq.pages)
+        taken = []
+        for _ in range(need):
+            page = self.blocks.allocate()
+            if page is None:
+                for p in taken:
+                    self.blocks.release(p)
+                return False
+            taken.append(page)
+        seq.pages.extend(taken)
+        return True
+
+    def _release(self, seq: _Sequence) -> None:
+        for page in seq.pages:
+            self.blocks.release(page)
+        seq.pages, seq.num_computed, seq.registered = [], 0, 0
+
+    def _preempt(self, seq: _Sequence) -> None:
+        self._release(seq)
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.stats["preemptions"] += 1
+
+    def _build_batch(self, scheduled: list[tuple[_Sequence, int]]) -> tuple[PagedBatch, torch.Tensor]:
+        P = self.page_size
+        idx, positions, prev, slots, logits_rows, ctx_lens, chunks = [], [], [], [], [], [], []
+        num_decode = 0
+        for row, (seq, n) in enumerate(scheduled):
+            start = len(idx)
+            for j in range(seq.num_computed, seq.num_computed + n):
+                idx.append(seq.tokens[j])
+                positions.append(j)
+                prev.append(seq.tokens[j - 1] if j > 0 else 0)
+                slots.append(seq.pages[j // P] * P + j % P)
+            logits_rows.append(len(idx) - 1)
+            ctx_lens.append(seq.num_computed + n)
+            if n == 1:
+                num_decode += 1
+            else:
+                chunks.append((row, start, n))
+        width = max(len(seq.pages) for seq, _ in scheduled)
+        # Rows are padded with page 0: entries past a sequence's used pages are never read.
+        table = [seq.pages + [0] * (width - len(seq.pages)) for seq, _ in scheduled]
+        dev = self.device
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        batch = PagedBatch(
+            cache=self.cache, positions=pos, prev_tokens=torch.tensor(prev, dtype=torch.long, device=dev),
+            has_prev=pos > 0, slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_table=torch.tensor(table, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            num_decode=num_decode, chunks=chunks, context_lens=ctx_lens)
+        return batch, torch.tensor([idx], dtype=torch.long, device=dev)
+
+    # ---- sampling and tokens ---------------------------------------------------------------
+    @staticmethod
+    def _sample(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+        """logits (S, V) fp32 -> one token per sequence; a single device-to-host read for all."""
+        out = logits.argmax(dim=-1)
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.temperature == 0.0:
+                continue
+            row = logits[i] / p.temperature
+            if p.top_k is not None and p.top_k < row.numel():
+                kth = torch.topk(row, p.top_k).values[-1]
+                row = row.masked_fill(row < kth, float("-inf"))
+            if p.top_p < 1.0:
+                probs, order = torch.sort(torch.softmax(row, dim=-1), descending=True)
+                # drop a token once the mass before it already reaches top_p (the first always stays)
+                drop = (probs.cumsum(0) - probs) >= p.top_p
+                row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+            out[i] = torch.multinomial(torch.softmax(row, dim=-1), 1, generator=seq.rng)[0]
+        return out.tolist()
+
+    def _append(self, seq: _Sequence, token: int, events: list[TokenEvent], forced: bool = False) -> None:
+        """Add a token to seq, emit its event; finish the sequence or run the calculator as due."""
+        seq.tokens.append(token)
+        p = seq.params
+        reason = "stop" if (not forced and token in p.stop_token_ids) else (
+            "length" if seq.num_generated >= p.max_tokens else None)
+        events.append(TokenEvent(seq.id, token, reason is not None, reason, forced))
+        if reason is not None:
+            self._release(seq)
+            self.running.remove(seq)
+            return
+        if self.tools is None or forced:
+            return
+        if token == self.tools["python_start"]:
+            seq.in_python, seq.python_tokens = True, []
+        elif token == self.tools["python_end"] and seq.in_python:
+            seq.in_python = False
+            result = calculate(self.tokenizer.decode(seq.python_tokens))
+            if result is not None:
+                out = [self.tools["output_start"], *self.tokenizer.encode(result), self.tools["output_end"]]
+                for t in out:
+                    self._append(seq, t, events, forced=True)
+                    if events[-1].finished:
+                        break
+        elif seq.in_python:
+            seq.python_tokens.append(token)

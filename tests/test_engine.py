@@ -1,0 +1,275 @@
+"""The paged inference engine against plain full-recompute generation (CPU, fp32).
+
+The contract: for greedy sampling, every request's tokens equal, token for token, what
+`GPT.generate` produces for that prompt alone, whatever else the engine runs at the same time:
+different prompt lengths, shared prefixes (prefix cache), prompts chunked under the token budget,
+preemption forced by a pool too small for everybody, sliding windows, GQA. Then the block
+manager's bookkeeping, sampling controls, stop/length/abort, the calculator tool, and errors.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanofast import kv_cache, ops
+from nanofast.engine import Engine, SamplingParams
+from nanofast.kv_cache import BlockManager
+from nanofast.model import GPT, config_for_depth
+from nanofast.tools import calculate
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
+
+
+def _model(n_kv_head: int | None = None, windows: list[int] | None = None, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    cfg = config_for_depth(2, vocab_size=300, sequence_len=48, head_dim=16, n_kv_head=n_kv_head)
+    model = GPT(cfg)
+    model.init_weights()
+    with torch.no_grad():  # nanochat zero-inits the output projections: perturb so every path matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    if windows is not None:
+        model.windows = windows
+    return model.eval()
+
+
+def _prompts(seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(0, 300, (9,), generator=g).tolist()
+    out = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (1, 3, 4, 5, 17, 30)]
+    out += [shared + torch.randint(0, 300, (n,), generator=g).tolist() for n in (0, 2, 8)]
+    out.append(list(shared))  # an exact duplicate: fully cached but for its last token
+    return out
+
+
+def _reference(model: GPT, prompts, max_tokens: int) -> list[list[int]]:
+    return [list(model.generate(p, max_tokens)) for p in prompts]
+
+
+@pytest.mark.parametrize("n_kv_head,windows", [(None, None), (2, [5, 48]), (1, [0, 7])],
+                         ids=["mha", "gqa-window5", "mqa-window0"])
+def test_greedy_equals_full_recompute_under_pressure(n_kv_head, windows):
+    model = _model(n_kv_head, windows)
+    prompts = _prompts()
+    # 10 pages of 4 slots for 10 requests of up to 40 tokens: preemption is unavoidable; a budget
+    # of 7 tokens chunks every longer prompt.
+    engine = Engine(model, page_size=4, num_pages=10, max_num_seqs=6, max_batch_tokens=7)
+    got = engine.generate(prompts, GREEDY)
+    assert got == _reference(model, prompts, GREEDY.max_tokens)
+    assert engine.stats["preemptions"] > 0 and engine.blocks.hits > 0
+    assert engine.blocks.available == engine.blocks.num_pages and not engine.has_unfinished()
+
+
+def test_roomy_pool_single_step_prefill_matches_too():
+    model = _model()
+    prompts = _prompts(seed=2)
+    engine = Engine(model, page_size=16, max_num_seqs=64, max_batch_tokens=4096)
+    assert engine.generate(prompts, GREEDY) == _reference(model, prompts, GREEDY.max_tokens)
+    assert engine.stats["preemptions"] == 0
+
+
+@pytest.mark.parametrize("page_size", [1, 3])
+def test_requests_joining_mid_flight(page_size):
+    """Continuous batching: requests added while others decode get the same tokens."""
+    model = _model(2)
+    prompts = _prompts(seed=3)[:6]
+    engine = Engine(model, page_size=page_size, num_pages=200, max_batch_tokens=16)
+    out: dict[int, list[int]] = {}
+    ids = []
+    for p in prompts:
+        ids.append(engine.add_request(p, GREEDY))
+        for ev in engine.step():  # one step between arrivals
+            out.setdefault(ev.request_id, []).append(ev.token)
+    while engine.has_unfinished():
+        for ev in engine.step():
+            out.setdefault(ev.request_id, []).append(ev.token)
+    assert [out[i] for i in ids] == _reference(model, prompts, GREEDY.max_tokens)
+
+
+def test_kernel_backends_in_the_engine():
+    """The engine's attention through the Triton kernels (interpreter): paged KV write and decode."""
+    model = _model(2, [6, 48])
+    prompts = _prompts(seed=4)[:4]
+    want = _reference(model, prompts, 6)
+    ops.set_kernel_backend("triton")
+    try:
+        got = Engine(model, page_size=4, num_pages=40, max_batch_tokens=12).generate(
+            prompts, SamplingParams(max_tokens=6, temperature=0.0))
+    finally:
+        ops.set_kernel_backend(None)
+    assert got == want
+
+
+def test_hash_collisions_cannot_return_wrong_text(monkeypatch):
+    """With every page hashing alike, the token/parent verification must keep outputs exact."""
+    monkeypatch.setattr(kv_cache, "page_key", lambda parent, tokens: b"same")
+    model = _model()
+    prompts = _prompts(seed=5)
+    engine = Engine(model, page_size=4, num_pages=12, max_batch_tokens=9)
+    assert engine.generate(prompts, GREEDY) == _reference(model, prompts, GREEDY.max_tokens)
+
+
+# ---- block manager ------------------------------------------------------------------------------
+
+def test_block_manager_refcounts_prefix_cache_and_lru_eviction():
+    bm = BlockManager(num_pages=4, page_size=2)
+    a = [bm.allocate() for _ in range(3)]
+    assert a == [0, 1, 2] and bm.available == 1
+    tokens = [5, 6, 7, 8, 9, 10]
+    bm.register(a, tokens, 0, 3)
+    b = bm.match_prefix([5, 6, 7, 8, 1, 1], max_pages=3)
+    assert b == [0, 1] and bm.ref[0] == 2  # shared, verified page by page
+    assert bm.match_prefix([5, 6, 0, 0], max_pages=2) == [0] and bm.ref[0] == 3
+    for p in a + b + [0]:
+        bm.release(p)
+    assert bm.in_use == 0 and list(bm.evictable) == [2, 1, 0]  # least recently released first
+    assert bm.allocate() == 3  # a free page before any eviction
+    assert bm.allocate() == 2 and bm.match_prefix(tokens, 3) == [0, 1]  # page 2's entry is gone
+    with pytest.raises(RuntimeError, match="released more often"):
+        bm.release(3) or bm.release(3)
+
+
+def test_abort_and_finish_free_every_page():
+    model = _model()
+    engine = Engine(model, page_size=4, num_pages=30)
+    long = engine.add_request(list(range(1, 20)), SamplingParams(max_tokens=20, temperature=0.0))
+    short = engine.add_request([1, 2], SamplingParams(max_tokens=2, temperature=0.0))
+    events = engine.step() + engine.step()
+    assert [e.finish_reason for e in events if e.request_id == short] == [None, "length"]
+    assert engine.blocks.in_use > 0
+    engine.abort(long)
+    assert not engine.has_unfinished() and engine.blocks.in_use == 0 and engine.step() == []
+
+
+def test_stop_tokens_end_a_request_with_reason_stop():
+    model = _model()
+    prompt = [3, 1, 4, 1, 5]
+    free_run = list(model.generate(prompt, 8))
+    stop = free_run[3]
+    engine = Engine(model)
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(stop,)))
+    events = []
+    while engine.has_unfinished():
+        events += engine.step()
+    first = free_run.index(stop)
+    assert [e.token for e in events] == free_run[:first + 1]
+    assert events[-1].finished and events[-1].finish_reason == "stop" and events[-1].request_id == rid
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+
+def test_sampling_seeds_topk_topp():
+    model = _model()
+    prompts = _prompts(seed=6)[:4]
+    hot = SamplingParams(max_tokens=8, temperature=1.5, seed=123)
+    a = Engine(model).generate(prompts, hot)
+    b = Engine(model, max_batch_tokens=5).generate(prompts[::-1], hot)[::-1]  # other batch, order, chunks
+    assert a == b  # a request's tokens depend on its seed only
+    c = Engine(model).generate(prompts, SamplingParams(max_tokens=8, temperature=1.5, seed=124))
+    assert a != c
+    greedy = Engine(model).generate(prompts, SamplingParams(max_tokens=8, temperature=0.0))
+    for narrow in (SamplingParams(max_tokens=8, temperature=1.0, top_k=1, seed=1),
+                   SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-6, seed=2)):
+        assert Engine(model).generate(prompts, narrow) == greedy
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    """Every sampled token lies in the top-k set / the top-p nucleus of its distribution."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    engine = Engine(_model())
+    for params, allowed in [
+        (SamplingParams(temperature=2.0, top_k=3), lambda row: set(torch.topk(row, 3).indices.tolist())),
+        (SamplingParams(temperature=1.0, top_p=0.5), lambda row: _nucleus(row, 0.5)),
+    ]:
+        seqs = []
+        for i in range(3):
+            rid = engine.add_request([1], params)
+            seqs.append(next(s for s in engine.waiting if s.id == rid))
+        for _ in range(50):
+            for row, tok in zip(logits, engine._sample(logits, seqs)):
+                assert tok in allowed(row)
+        engine.waiting.clear()
+
+
+def _nucleus(row: torch.Tensor, p: float) -> set[int]:
+    probs, order = torch.sort(torch.softmax(row, -1), descending=True)
+    keep = (probs.cumsum(0) - probs) < p
+    return set(order[keep].tolist())
+
+
+# ---- the calculator tool -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("expr,want", [("1+2", "3"), ("12/4", "3"), ("7/2", "3.5"), ("1,234 * 2", "2468"),
+                                       ("(3 - 5) * -2", "4"), ("10 // 3 + 10 % 3", "4"),
+                                       ("'strawberry'.count('r')", "3"), ('"a,b,a".count("a")', "2")])
+def test_calculator_allowed(expr, want):
+    assert calculate(expr) == want
+
+
+@pytest.mark.parametrize("expr", ["2**10", "__import__('os')", "x + 1", "open('f')", "'a' * 3", "1/0", "",
+                                  "[1, 2]", "'abc'.upper()", "len('abc')", "().__class__", "1" * 300,
+                                  "'ab'.count('a', 1)", "(" * 200 + "1" + ")" * 200])
+def test_calculator_refuses(expr):
+    assert calculate(expr) is None
+
+
+def test_calculator_output_is_forced_into_the_sequence(monkeypatch):
+    """A scripted sampler emits <|python_start|>2+3<|python_end|>: the engine forces
+    <|output_start|>5<|output_end|> in (forced=True), runs those tokens through the model, and
+    continues sampling after them."""
+    import argparse
+    import inspect
+
+    from nanofast.tokenizer import Tokenizer
+
+    tok = Tokenizer.train([inspect.getsource(m) for m in (argparse, inspect)], vocab_size=300)
+    model = _model()
+    sp = {n: tok.encode_special(f"<|{n}|>") for n in ("python_start", "python_end", "output_start", "output_end")}
+    script = [sp["python_start"], *tok.encode("2+3"), sp["python_end"], 7, 8]
+    engine = Engine(model, tok)
+    computed = []
+    real_sample = engine._sample
+
+    def scripted(logits, seqs):
+        real_sample(logits, seqs)
+        computed.append(seqs[0].num_computed)
+        return [script[len(computed) - 1]]
+
+    monkeypatch.setattr(engine, "_sample", scripted)
+    rid = engine.add_request([tok.bos_token_id, 5], SamplingParams(max_tokens=len(script) + 3))
+    events = []
+    while engine.has_unfinished():
+        events += engine.step()
+    forced = [sp["output_start"], *tok.encode("5"), sp["output_end"]]
+    n = len(script) - 2
+    assert [e.token for e in events] == script[:n] + forced + script[n:]
+    assert [e.forced for e in events] == [False] * n + [True] * len(forced) + [False, False]
+    assert events[-1].finish_reason == "length" and events[-1].request_id == rid
+    # the forced tokens went through the model (as one chunk) before the next token was sampled
+    assert computed[n] == 2 + n + len(forced)
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,msg", [(dict(max_tokens=0), "max_tokens"), (dict(temperature=-1.0), "temperature"),
+                                        (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
+                                        (dict(top_p=1.5), "top_p"), (dict(seed="x"), "seed")])
+def test_sampling_params_errors(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        SamplingParams(**kwargs)
+
+
+def test_engine_errors():
+    model = _model()
+    with pytest.raises(ValueError, match="page_size"):
+        Engine(model, page_size=0)
+    engine = Engine(model, page_size=4, num_pages=5)
+    with pytest.raises(ValueError, match="non-empty list of token ids"):
+        engine.add_request([], GREEDY)
+    with pytest.raises(ValueError, match="non-empty list of token ids"):
+        engine.add_request([1, 300], GREEDY)
+    with pytest.raises(ValueError, match="exceeds the engine's context of 20 tokens"):
+        engine.add_request([1] * 15, GREEDY)
+    with pytest.raises(TypeError, match="SamplingParams"):
+        engine.add_request([1], {"max_tokens": 3})

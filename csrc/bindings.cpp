@@ -35,6 +35,18 @@ int nf_qk_norm_rope_bwd(int dtype, int64_t B, int64_t T, int64_t Hq, int64_t Hk,
                         int kw_dtype, float* dqw_partial, float* dkw_partial, int64_t num_blocks, void* dq_weight,
                         void* dk_weight, float scale, int interleaved, void* stream);
 const char* nf_qk_norm_rope_error_string(int code);
+int nf_paged_attention_fwd(int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, const void* q, int64_t q_sb,
+                           int64_t q_sh, const void* k_cache, int64_t k_sp, int64_t k_ss, int64_t k_sh,
+                           const void* v_cache, int64_t v_sp, int64_t v_ss, int64_t v_sh, int64_t num_pages,
+                           int64_t page_size, const int* block_table, int64_t bt_sb, int64_t bt_sp, int64_t max_pages,
+                           const int* seq_lens, int64_t sl_s, int64_t window, float scale, int64_t num_splits,
+                           float* partial_out, float* partial_lse, void* out, int64_t o_sb, int64_t o_sh,
+                           void* stream);
+int nf_paged_kv_write(int dtype, int64_t N, int64_t Hkv, int64_t D, const void* k, int64_t k_sn, int64_t k_sh,
+                      const void* v, int64_t v_sn, int64_t v_sh, void* k_cache, int64_t kc_sp, int64_t kc_ss,
+                      int64_t kc_sh, void* v_cache, int64_t vc_sp, int64_t vc_ss, int64_t vc_sh, int64_t num_pages,
+                      int64_t page_size, const void* slot_mapping, int slot_is_int64, void* stream);
+const char* nf_paged_attention_error_string(int code);
 }
 // END launch prototypes
 
@@ -50,6 +62,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         NF_SYMBOL(d, nf_qk_norm_rope_fwd);
         NF_SYMBOL(d, nf_qk_norm_rope_bwd);
         NF_SYMBOL(d, nf_qk_norm_rope_error_string);
+        NF_SYMBOL(d, nf_paged_attention_fwd);
+        NF_SYMBOL(d, nf_paged_kv_write);
+        NF_SYMBOL(d, nf_paged_attention_error_string);
         return d;
     });
 }

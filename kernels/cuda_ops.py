@@ -1,4 +1,4 @@
-"""Launchers for the CUDA-source kernels in csrc/: RMSNorm and fused QK-norm + rotary.
+"""Launchers for the CUDA-source kernels in csrc/: RMSNorm, fused QK-norm + rotary, paged decode attention.
 
 The same csrc/*.cu file runs in two ways, behind the same `extern "C"` launch functions (raw
 pointers, sizes, element strides, dtype codes, scalars, a stream; they return 0 or an error code):
@@ -43,7 +43,8 @@ from .compile_gate import MachineFacts, count_instructions
 
 __all__ = [
     "rms_norm_fwd_cuda", "rms_norm_bwd_cuda", "qk_norm_rope_fwd_cuda", "qk_norm_rope_bwd_cuda",
-    "qk_norm_rope_inplace_cuda", "nvcc_facts", "NvccFacts", "emulation_library", "csrc_dir", "cache_dir",
+    "qk_norm_rope_inplace_cuda", "paged_decode_attention_cuda", "paged_kv_write_cuda", "nvcc_facts", "NvccFacts",
+    "emulation_library", "csrc_dir", "cache_dir",
     "ABI",
 ]
 
@@ -65,8 +66,14 @@ ABI: dict[str, tuple[str, list]] = {
     "nf_qk_norm_rope_bwd": ("qk_norm_rope.cu", [_I32, _I64, _I64, _I64, _I64, _I64, _P, *_S3, _P, *_S3, _P, *_S3,
                                                 _P, *_S3, _P, *_S3, _P, *_S3, _P, _P, _P, _I64, _P, _I64, _I32, _P,
                                                 _I32, _P, _I32, _P, _P, _I64, _P, _P, _F32, _I32, _P]),
+    "nf_paged_attention_fwd": ("paged_attention.cu", [_I32, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64,
+                                                      _I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64,
+                                                      _P, _I64, _I64, _F32, _I64, _P, _P, _P, _I64, _I64, _P]),
+    "nf_paged_kv_write": ("paged_attention.cu", [_I32, _I64, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _P, _I64,
+                                                 _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _I32, _P]),
 }
-_ERROR_FN = {"rms_norm.cu": "nf_rms_norm_error_string", "qk_norm_rope.cu": "nf_qk_norm_rope_error_string"}
+_ERROR_FN = {"rms_norm.cu": "nf_rms_norm_error_string", "qk_norm_rope.cu": "nf_qk_norm_rope_error_string",
+             "paged_attention.cu": "nf_paged_attention_error_string"}
 
 _WARPS_PER_BLOCK_QK = 4  # kWarps in csrc/qk_norm_rope.cu: the backward's partial rows per block
 _EMU_PERSISTENT_BLOCKS = 3  # CPU emulation: a few persistent blocks, so each one loops over rows/items
@@ -607,6 +614,208 @@ def qk_norm_rope_inplace_cuda(qkv: Tensor, positions: Tensor, cos_sin_cache: Ten
             cs + (D // 2) * cos_sin_cache.element_size(), cos_sin_cache.stride(0), DTYPE_CODES[cos_sin_cache.dtype],
             positions.data_ptr(), _ptr(q_weight), _wcode(q_weight), _ptr(k_weight), _wcode(k_weight), scale, eps,
             int(interleaved))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# paged KV-cache decode attention
+
+_PAGED_MAX_D = 256  # kMaxD in csrc/paged_attention.cu: at most 8 elements per lane in registers
+_PAGED_MAX_SPLITS = 65535  # gridDim.y
+_SPLIT_MIN_KEYS = 64  # a split should stream at least this many keys, or the merge costs more than it buys
+
+
+def _check_index_tensor(name: str, t, ndim: int, dtypes: tuple) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {' or '.join(str(d).replace('torch.', '') for d in dtypes)}, got {t.dtype}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be on a CPU or CUDA device, got {t.device}")
+
+
+def _unit_last(t):
+    """t with a unit last-dim stride (the kernels vectorise along D): small operands (q, new k/v)
+    are copied when needed; the caches are never copied (written in place, and far too big)."""
+    if isinstance(t, Tensor) and t.ndim and t.shape[-1] > 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    return t
+
+
+def _check_cache_pair(k_cache, v_cache) -> tuple[int, int, int, int]:
+    _check_tensor("k_cache", k_cache, 4)
+    _check_tensor("v_cache", v_cache, 4)
+    if min(k_cache.shape) < 1:
+        raise ValueError(f"k_cache must have shape (num_pages, page_size, Hkv, D) with every size >= 1, got "
+                         f"{tuple(k_cache.shape)}")
+    _check_shape("v_cache", v_cache, tuple(k_cache.shape))
+    _check_same_dtype("v_cache", v_cache, k_cache.dtype, "k_cache")
+    return tuple(k_cache.shape)
+
+
+def _paged_heads_layout(G: int) -> tuple[int, int, int]:
+    """(heads per warp, warps, blocks per KV head) as nf_paged_attention_fwd chooses them."""
+    hpw = 1 if G == 1 else 2 if G == 2 else 4
+    warps = min(-(-G // hpw), 8)
+    return hpw, warps, -(-G // (hpw * warps))
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def _default_num_splits(device: torch.device, B: int, Hkv: int, G: int, max_len: int) -> int:
+    """CUDA: enough splits for ~2 blocks per SM, each split >= _SPLIT_MIN_KEYS keys of the longest
+    possible sequence (max_pages * page_size: known without reading seq_lens, so no host sync).
+    The emulation runs blocks one after another: one split."""
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_counts:
+        _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    blocks = B * Hkv * _paged_heads_layout(G)[2]
+    want = -(-2 * _sm_counts[idx] // blocks)
+    return max(1, min(want, max_len // _SPLIT_MIN_KEYS, _PAGED_MAX_SPLITS))
+
+
+def _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits
+                           ) -> tuple[float, int, int]:
+    """Validate the arguments of paged_decode_attention_cuda; returns (scale, window or -1, num_splits)."""
+    _check_tensor("q", q, 3)
+    P, ps, Hkv, D = _check_cache_pair(k_cache, v_cache)
+    _check_index_tensor("block_table", block_table, 2, (torch.int32,))
+    _check_index_tensor("seq_lens", seq_lens, 1, (torch.int32,))
+    _check_device(q.device, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens)
+    _check_same_dtype("k_cache", k_cache, q.dtype, "q")
+    B, Hq, Dq = q.shape
+    if D > _PAGED_MAX_D:
+        raise ValueError(f"k_cache head dimension D = {D} exceeds the kernel's maximum {_PAGED_MAX_D}")
+    if Dq != D:
+        raise ValueError(f"q must have shape (B, Hq, D = {D}) to match k_cache, got {tuple(q.shape)}")
+    if Hq < 1 or Hq % Hkv:
+        raise ValueError(f"q has Hq = {Hq} heads: must be a positive multiple of the k_cache KV heads Hkv = {Hkv}")
+    if block_table.shape[0] != B or block_table.shape[1] < 1:
+        raise ValueError(f"block_table must have shape (B = {B}, max_pages >= 1), got {tuple(block_table.shape)}")
+    _check_shape("seq_lens", seq_lens, (B,))
+    max_len = block_table.shape[1] * ps
+    if max_len > 2**31 - 1:
+        raise ValueError(f"block_table max_pages * page_size = {max_len} positions exceed int32")
+    scale = _check_real("scale", scale)
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    w = -1 if window is None else _check_int("window", window, 0)
+    if w > 2**31 - 1:
+        w = -1  # a window longer than any sequence is no window
+    if num_splits is None:
+        S = _default_num_splits(q.device, B, Hkv, Hq // Hkv, max_len)
+    else:
+        S = _check_int("num_splits", num_splits, 1)
+        if S > _PAGED_MAX_SPLITS:
+            raise ValueError(f"num_splits must be <= {_PAGED_MAX_SPLITS}, got {S}")
+    if B * Hkv * _paged_heads_layout(Hq // Hkv)[2] > 2**31 - 1:
+        raise ValueError(f"B * Hkv = {B * Hkv} blocks exceed the launch grid")
+    if B and not q.is_cuda:
+        _check_paged_values(block_table, seq_lens, P, ps, w)
+    return scale, w, S
+
+
+def _check_paged_values(block_table: Tensor, seq_lens: Tensor, P: int, ps: int, window: int) -> None:
+    """CPU tensors: seq_lens in [1, max_pages * page_size]; block-table entries of every page the
+    kernel reads in [0, P). Entries of pages it does not read (past the sequence, before its
+    window) may be anything. On CUDA this would be a host sync per decode step (and a device assert
+    would poison the context), so there the kernel clamps lengths and drops keys of out-of-pool
+    pages instead: a wrong result for bad values, never a fault (as the Triton kernel does)."""
+    max_len = block_table.shape[1] * ps
+    lens = seq_lens.to(torch.int64)
+    lo, hi = int(lens.min()), int(lens.max())
+    if lo < 1 or hi > max_len:
+        raise ValueError(f"seq_lens must lie in [1, max_pages * page_size = {max_len}], got [{lo}, {hi}]")
+    last = (lens - 1) // ps
+    first = torch.zeros_like(last) if window < 0 else (lens - 1 - window).clamp(min=0) // ps
+    idx = torch.arange(block_table.shape[1])
+    read = (idx >= first[:, None]) & (idx <= last[:, None])
+    bad = read & ((block_table < 0) | (block_table >= P))
+    if bool(bad.any()):
+        b, p = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {p}] = {int(block_table[b, p])} is a page sequence {b} reads: it must "
+                         f"lie in [0, num_pages = {P})")
+
+
+def _paged_decode_attention_into(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                                 seq_lens: Tensor, scale: float, window: int, num_splits: int, out: Tensor) -> None:
+    """Attention into a caller-provided out (B, Hq, D) in q's dtype, any strides but a contiguous last
+    dim; arguments as _check_paged_attention returns them (window -1: none)."""
+    B, Hq, D = q.shape
+    if B == 0:
+        return
+    P, ps, Hkv, _ = k_cache.shape
+    part_o = part_lse = None
+    if num_splits > 1:
+        part_o = torch.empty((num_splits, B, Hq, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((num_splits, B, Hq), dtype=torch.float32, device=q.device)
+    ks, vs = k_cache.stride(), v_cache.stride()
+    _launch("nf_paged_attention_fwd", q.device, DTYPE_CODES[q.dtype], B, Hq, Hkv, D, q.data_ptr(), q.stride(0),
+            q.stride(1), k_cache.data_ptr(), ks[0], ks[1], ks[2], v_cache.data_ptr(), vs[0], vs[1], vs[2], P, ps,
+            block_table.data_ptr(), block_table.stride(0), block_table.stride(1), block_table.shape[1],
+            seq_lens.data_ptr(), seq_lens.stride(0), window, scale, num_splits, _ptr(part_o), _ptr(part_lse),
+            out.data_ptr(), out.stride(0), out.stride(1))
+
+
+def paged_decode_attention_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
+                                scale: float, window: int | None, num_splits: int | None) -> Tensor:
+    """Decode attention of one query token per sequence over a paged KV cache (csrc/paged_attention.cu).
+
+    q: (B, Hq, D) float32/float16/bfloat16, any strides (a non-unit last-dim stride costs a copy of q).
+    k_cache, v_cache:
+    (num_pages, page_size, Hkv, D) in q's dtype (NHD; any strides, last dim contiguous), D <= 256,
+    Hq a multiple of Hkv; query head h uses KV head h // (Hq // Hkv). block_table: (B, max_pages)
+    int32, page ids of each sequence's positions in order; entries past a sequence's used pages are
+    never read. seq_lens: (B,) int32 in [1, max_pages * page_size], the length including the current
+    token. Values (lengths, used page ids) are checked for CPU tensors; on CUDA (no host sync) the
+    kernel clamps lengths and skips keys in pages outside the pool instead. scale > 0 multiplies q.k. window None: all keys; w >= 0: keys j with len-1-w <= j <= len-1.
+    num_splits: split-KV factor (None: enough to fill ~2x the SMs on CUDA, 1 in the emulation).
+    Returns (B, Hq, D) in q's dtype; fp32 scores, online softmax, deterministic.
+    """
+    q = _unit_last(q)
+    scale, w, S = _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits)
+    out = torch.empty(tuple(q.shape), dtype=q.dtype, device=q.device)
+    _paged_decode_attention_into(q, k_cache, v_cache, block_table, seq_lens, scale, w, S, out)
+    return out
+
+
+def paged_kv_write_cuda(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Store k, v (N, Hkv, D) into the paged caches (num_pages, page_size, Hkv, D) in place.
+
+    k, v: any strides (a non-unit last-dim stride costs a copy); caches: last dim contiguous.
+    Token n goes to page slot_mapping[n] // page_size, offset slot_mapping[n] % page_size (int32 or
+    int64, < num_pages * page_size: raises for CPU tensors, skipped on CUDA where checking would
+    cost a host sync); negative slots are skipped (padding tokens). Values are copied
+    bit for bit; every other cache element is left untouched. Slots must be distinct (duplicates race).
+    """
+    k, v = _unit_last(k), _unit_last(v)
+    _check_tensor("k", k, 3)
+    _check_tensor("v", v, 3)
+    P, ps, Hkv, D = _check_cache_pair(k_cache, v_cache)
+    _check_index_tensor("slot_mapping", slot_mapping, 1, (torch.int32, torch.int64))
+    _check_device(k.device, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    N = k.shape[0]
+    _check_shape("k", k, (N, Hkv, D))
+    _check_shape("v", v, (N, Hkv, D))
+    _check_same_dtype("v", v, k.dtype, "k")
+    _check_same_dtype("k_cache", k_cache, k.dtype, "k")
+    _check_shape("slot_mapping", slot_mapping, (N,))
+    if N == 0:
+        return
+    if -(-N * Hkv // 4) > 2**31 - 1:
+        raise ValueError(f"N * Hkv = {N * Hkv} rows exceed the launch grid")
+    slots = slot_mapping.contiguous()
+    if not slots.is_cuda and int(slots.max()) >= P * ps:  # on CUDA the kernel skips them (no host sync)
+        raise ValueError(f"slot_mapping entries must be < num_pages * page_size = {P * ps} (or negative: skipped), "
+                         f"got {int(slots.max())}")
+    kcs, vcs = k_cache.stride(), v_cache.stride()
+    _launch("nf_paged_kv_write", k.device, DTYPE_CODES[k.dtype], N, Hkv, D, k.data_ptr(), k.stride(0), k.stride(1),
+            v.data_ptr(), v.stride(0), v.stride(1), k_cache.data_ptr(), kcs[0], kcs[1], kcs[2], v_cache.data_ptr(),
+            vcs[0], vcs[1], vcs[2], P, ps, slots.data_ptr(), int(slots.dtype == torch.int64))
 
 
 # ----------------------------------------------------------------------------------------------------------

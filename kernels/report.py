@@ -29,7 +29,7 @@ def cuda_facts(arch: str = "sm_90a") -> list[MachineFacts]:
     """Facts of every CUDA kernel in csrc/, compiled by nvcc for `arch`."""
     from .cuda_ops import nvcc_facts
 
-    return [f for source in ("rms_norm.cu", "qk_norm_rope.cu") for f in nvcc_facts(source, arch)]
+    return [f for source in ("rms_norm.cu", "qk_norm_rope.cu", "paged_attention.cu") for f in nvcc_facts(source, arch)]
 
 
 def main(argv: list[str] | None = None) -> int:

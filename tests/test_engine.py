@@ -86,12 +86,14 @@ def test_requests_joining_mid_flight(page_size):
     assert [out[i] for i in ids] == _reference(model, prompts, GREEDY.max_tokens)
 
 
-def test_kernel_backends_in_the_engine():
-    """The engine's attention through the Triton kernels (interpreter): paged KV write and decode."""
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernel_backends_in_the_engine(backend):
+    """The engine through the kernels the GPU runs, on CPU: Triton's interpreter or the CUDA
+    sources' emulation build (paged KV write and decode, RMSNorm, QK-norm+rotary)."""
     model = _model(2, [6, 48])
     prompts = _prompts(seed=4)[:4]
     want = _reference(model, prompts, 6)
-    ops.set_kernel_backend("triton")
+    ops.set_kernel_backend(backend)
     try:
         got = Engine(model, page_size=4, num_pages=40, max_batch_tokens=12).generate(
             prompts, SamplingParams(max_tokens=6, temperature=0.0))

@@ -1,0 +1,458 @@
+"""csrc/paged_attention.cu: paged KV-cache decode attention and the paged cache write, executed on
+the CPU through the emulation (csrc/cuda_emu.h) and compiled with nvcc for sm_90a and sm_80.
+
+Error budget: max|kernel - ref_fp64| <= 2 * max|torch_lowprec - ref_fp64| + atol(dtype) * max|ref|,
+where ref_fp64 is dense masked attention in float64 over the gathered pages and torch_lowprec the same
+maths done by torch in fp32 from the same (rounded) inputs and rounded to the input dtype once.
+atol: fp32 2e-6, fp16 2e-4, bf16 2e-3 (as tests/test_cuda_kernels.py).
+
+Every cache element the kernel must not read is NaN: slots past a sequence's length in its last
+page, slots before its window, whole pages nobody owns, and the pages that garbage block-table
+entries (past the used pages) point to; some garbage entries are far out of range. A single read of
+any of them would make the output non-finite (or fault).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+from nanofast.kernels import cuda_ops as co
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+ATOL = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+FACTOR = 2.0
+SOURCE = "paged_attention.cu"
+HAVE_NVCC = shutil.which("nvcc") is not None or bool(os.environ.get("NVCC"))
+HAVE_CXX = shutil.which(os.environ.get("CXX") or "g++") is not None
+
+
+@pytest.fixture(scope="module")
+def emu():
+    if not HAVE_CXX:
+        pytest.skip("no C++20 compiler (g++ / $CXX) to build the CPU emulation")
+    return co.emulation_library(SOURCE)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().contiguous()
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).clone()
+
+
+def _assert_budget(out, ref64, lowp, dtype, what):
+    assert out.shape == ref64.shape, what
+    assert torch.isfinite(out.double()).all(), f"{what}: non-finite output (read a poisoned cache slot?)"
+    err = (out.double() - ref64).abs().max().item()
+    base = (lowp.double() - ref64).abs().max().item()
+    atol = ATOL[dtype] * max(1.0, ref64.abs().max().item())
+    assert err <= FACTOR * base + atol, f"{what}: max err {err:.3g} > {FACTOR} * {base:.3g} + {atol:.3g}"
+
+
+def _visible(L: int, window: int | None) -> tuple[int, int]:
+    return (0 if window is None else max(0, L - 1 - window)), L
+
+
+def _make_q(B, Hq, D, dtype, layout, gen):
+    x = torch.randn(B, Hq, D, generator=gen)
+    if layout == "contig":
+        return x.to(dtype).contiguous()
+    if layout == "transposed":  # (Hq, B, D) storage viewed as (B, Hq, D)
+        return x.to(dtype).transpose(0, 1).contiguous().transpose(0, 1)
+    pad = {"padded": 8, "odd": 3}[layout]  # 8 keeps 16-byte rows (fp16 / fp32), 3 forces the scalar path
+    buf = torch.full((B, Hq, D + pad), float("nan"), dtype=dtype)
+    buf[..., :D] = x.to(dtype)
+    return buf[..., :D]
+
+
+def _make_caches(P, ps, Hkv, D, dtype, layout):
+    """NaN-filled k_cache, v_cache (P, ps, Hkv, D) in the given memory layout."""
+    def one():
+        if layout == "contig":
+            return torch.full((P, ps, Hkv, D), float("nan"), dtype=dtype)
+        if layout == "hnd":  # (P, Hkv, ps, D) storage seen as NHD: unusual but aligned strides
+            return torch.full((P, Hkv, ps, D), float("nan"), dtype=dtype).transpose(1, 2)
+        return torch.full((P, ps, Hkv, D + 1), float("nan"), dtype=dtype)[..., :D]  # "odd": scalar path
+    return one(), one()
+
+
+def _paged_problem(B, Hkv, G, D, ps, lens, window, dtype, q_layout, kv_layout, seed):
+    """Random problem with every unreadable cache element NaN. Returns q, k_cache, v_cache,
+    block_table, seq_lens and the dense fp32-valued K, V per sequence (visible positions only)."""
+    gen = torch.Generator().manual_seed(seed)
+    assert len(lens) == B
+    used = [-(-L // ps) for L in lens]
+    max_pages = max(used) + 2  # garbage entries past every sequence's pages
+    spare = 3  # pages nobody owns: NaN; garbage table entries point at them
+    P = sum(used) + spare
+    # Owned pages taken from a random permutation, biased to the pool's end: the largest page id is used.
+    perm = torch.randperm(P, generator=gen)
+    owned = torch.cat([torch.tensor([P - 1]), perm[perm != P - 1]])[: sum(used)]
+    owned = owned[torch.randperm(len(owned), generator=gen)]
+    free = sorted(set(range(P)) - set(owned.tolist()))
+    k_cache, v_cache = _make_caches(P, ps, Hkv, D, dtype, kv_layout)
+    bt = torch.empty(B, max_pages, dtype=torch.int32)
+    dense = []
+    at = 0
+    for b, L in enumerate(lens):
+        pages = owned[at:at + used[b]]
+        at += used[b]
+        garbage = [free[(b + i) % len(free)] if i % 3 else (-7 if i % 2 else 2**30) for i in range(max_pages - used[b])]
+        bt[b] = torch.tensor(pages.tolist() + garbage, dtype=torch.int32)
+        lo, hi = _visible(L, window)
+        K = torch.randn(hi - lo, Hkv, D, generator=gen).to(dtype)
+        V = torch.randn(hi - lo, Hkv, D, generator=gen).to(dtype)
+        for j in range(lo, hi):  # only the visible positions get values: everything else stays NaN
+            k_cache[pages[j // ps], j % ps] = K[j - lo]
+            v_cache[pages[j // ps], j % ps] = V[j - lo]
+        dense.append((K, V))
+    q = _make_q(B, Hkv * G, D, dtype, q_layout, gen)
+    return q, k_cache, v_cache, bt, torch.tensor(lens, dtype=torch.int32), dense
+
+
+def _reference(q, dense, scale, prec):
+    """Dense attention per sequence over its visible keys in `prec`; query head h reads KV head h // G."""
+    B, Hq, D = q.shape
+    out = torch.empty(B, Hq, D, dtype=prec)
+    for b, (K, V) in enumerate(dense):
+        G = Hq // K.shape[1]
+        Kx = K.to(prec).repeat_interleave(G, dim=1)  # (n, Hq, D)
+        Vx = V.to(prec).repeat_interleave(G, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].to(prec), Kx) * scale
+        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(s, dim=-1), Vx)
+    return out
+
+
+# (B, Hkv, G, D, page_size, seq_lens, window, num_splits, q layout, cache layout)
+CASES = [
+    (1, 1, 1, 16, 1, [1], None, 1, "contig", "contig"),
+    (3, 2, 2, 80, 3, [2, 3, 4], None, 2, "padded", "contig"),
+    (3, 1, 3, 128, 16, [15, 16, 17], 5, 3, "transposed", "hnd"),
+    (5, 2, 8, 16, 16, [1, 15, 16, 17, 40], None, 3, "contig", "odd"),
+    (1, 2, 8, 128, 3, [10], 0, 2, "padded", "contig"),
+    (3, 1, 1, 80, 1, [1, 7, 13], 5, 1, "odd", "contig"),
+    (3, 3, 2, 256, 16, [33, 16, 1], None, 2, "contig", "hnd"),
+    (2, 1, 3, 96, 3, [5, 31], 5, 3, "transposed", "odd"),
+    (1, 1, 40, 16, 3, [7], None, 1, "contig", "contig"),  # 40 heads: several blocks per KV head
+    (3, 2, 1, 20, 3, [9, 2, 3], 100, 2, "contig", "contig"),  # window longer than the sequence
+    (1, 1, 2, 128, 16, [48], 0, 3, "contig", "hnd"),  # one key: two of three splits empty
+    (3, 1, 8, 64, 1, [30, 1, 12], 5, 1, "transposed", "contig"),
+]
+
+
+def _case_id(c):
+    B, Hkv, G, D, ps, lens, w, S, ql, kl = c
+    return f"B{B}-Hkv{Hkv}-G{G}-D{D}-ps{ps}-L{'.'.join(map(str, lens))}-w{w}-S{S}-{ql}-{kl}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_paged_attention_matches_fp64_reference(emu, dtype, case):
+    B, Hkv, G, D, ps, lens, window, S, ql, kl = case
+    q, kc, vc, bt, sl, dense = _paged_problem(B, Hkv, G, D, ps, lens, window, dtype, ql, kl, seed=len(CASES) + D + B)
+    scale = 1.0 / math.sqrt(D)
+    before = [_bits(t) for t in (q, kc, vc, bt, sl)]
+    out = co.paged_decode_attention_cuda(q, kc, vc, bt, sl, scale, window, S)
+    assert out.dtype == dtype and out.shape == (B, Hkv * G, D)
+    ref64 = _reference(q, dense, scale, torch.float64)
+    lowp = _reference(q, dense, scale, torch.float32).to(dtype)
+    _assert_budget(out, ref64, lowp, dtype, f"out {_case_id(case)}")
+    for name, t, b in zip(("q", "k_cache", "v_cache", "block_table", "seq_lens"), (q, kc, vc, bt, sl), before):
+        assert torch.equal(_bits(t), b), f"{name} was modified"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_splits_agree_and_are_deterministic(emu, dtype):
+    """Every split count gives the same attention (within the budget), and each is bit-reproducible."""
+    q, kc, vc, bt, sl, dense = _paged_problem(3, 2, 3, 32, 3, [1, 11, 26], None, dtype, "contig", "contig", seed=7)
+    ref64 = _reference(q, dense, 0.3, torch.float64)
+    lowp = _reference(q, dense, 0.3, torch.float32).to(dtype)
+    for S in (1, 2, 3, 9):  # 9 splits: several are empty for the two shorter sequences
+        a = co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, None, S)
+        b = co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, None, S)
+        assert torch.equal(_bits(a), _bits(b)), f"num_splits={S}: two runs differ"
+        _assert_budget(a, ref64, lowp, dtype, f"num_splits={S}")
+    default = co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, None, None)  # emulation default: 1 split
+    assert torch.equal(_bits(default), _bits(co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, None, 1)))
+
+
+@pytest.mark.parametrize("S", [1, 3])
+@pytest.mark.parametrize("pad", [0, 8, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_paged_attention_writes_only_its_output(emu, dtype, pad, S):
+    """Output inside NaN guard bands (a guard batch row before and after, padded rows; pad 3 breaks
+    the 16-byte alignment): every output element written, no guard element."""
+    B, Hkv, G, D = 3, 2, 2, 48
+    q, kc, vc, bt, sl, dense = _paged_problem(B, Hkv, G, D, 4, [3, 9, 1], 5, dtype, "contig", "contig", seed=11)
+    buf = torch.full((B + 2, Hkv * G, D + pad), float("nan"), dtype=dtype)
+    out = buf[1:1 + B, :, :D]
+    mask = torch.zeros(buf.shape, dtype=torch.bool)
+    mask[1:1 + B, :, :D] = True
+    co._paged_decode_attention_into(q, kc, vc, bt, sl, 0.25, 5, S, out)
+    assert torch.isnan(buf[~mask].float()).all(), "a guard element was written"
+    assert torch.isfinite(buf[mask].float()).all(), "an output element was not written"
+    ref = co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.25, 5, S)
+    if pad != 3:  # same (vectorised) path: same bits
+        assert torch.equal(_bits(out), _bits(ref))
+    _assert_budget(out, _reference(q, dense, 0.25, torch.float64),
+                   _reference(q, dense, 0.25, torch.float32).to(dtype), dtype, "guarded out")
+
+
+def test_empty_batch(emu):
+    q = torch.randn(0, 4, 16)
+    kc = torch.randn(2, 4, 2, 16)
+    out = co.paged_decode_attention_cuda(q, kc, kc, torch.zeros(0, 3, dtype=torch.int32),
+                                         torch.zeros(0, dtype=torch.int32), 0.25, None, None)
+    assert out.shape == (0, 4, 16)
+    co.paged_kv_write_cuda(torch.randn(0, 2, 16), torch.randn(0, 2, 16), kc, kc.clone(), torch.zeros(0, dtype=torch.int64))
+
+
+def test_default_num_splits_formula():
+    """On CUDA: ~2 blocks per SM, at most one split per 64 positions of the longest possible sequence."""
+    dev = torch.device("cuda", 0)
+    saved = dict(co._sm_counts)
+    try:
+        co._sm_counts[0] = 132
+        assert co._default_num_splits(dev, 1, 8, 4, 4096) == 33  # 8 blocks -> 264 / 8
+        assert co._default_num_splits(dev, 1, 8, 4, 100) == 1  # too short to split
+        assert co._default_num_splits(dev, 64, 8, 1, 1 << 20) == 1  # 512 blocks already fill the GPU
+        assert co._default_num_splits(dev, 1, 1, 40, 1 << 20) == 132  # 40 heads: 2 blocks per KV head
+    finally:
+        co._sm_counts.clear()
+        co._sm_counts.update(saved)
+    assert co._default_num_splits(torch.device("cpu"), 1, 1, 1, 1 << 20) == 1
+
+
+# ------------------------------------------------------------------------------------------------ cache write
+
+@pytest.mark.parametrize("layout", ["contig", "odd"])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_paged_kv_write_exact(emu, dtype, slot_dtype, layout):
+    gen = torch.Generator().manual_seed(3)
+    N, Hkv, D, P, ps = 7, 3, 40, 5, 3
+    wide = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[dtype]
+    info = torch.iinfo(wide)
+
+    def rand_bits(*shape):  # arbitrary bit patterns: NaN payloads, infinities, subnormals, -0
+        return torch.randint(info.min, info.max, shape, generator=gen, dtype=torch.int64).to(wide).view(dtype)
+
+    pad = 0 if layout == "contig" else 1
+    kc_buf, vc_buf = rand_bits(P, ps, Hkv, D + pad), rand_bits(P, ps, Hkv, D + pad)
+    kc, vc = kc_buf[..., :D], vc_buf[..., :D]
+    k = rand_bits(N, Hkv + 1, D + 2 * pad)[:, :Hkv, :D]  # strided source rows
+    v = rand_bits(N, Hkv, D)
+    slots = torch.randperm(P * ps, generator=gen)[:N]
+    slots[[1, 4]] = torch.tensor([-1, -5])  # padding tokens
+    slots[0] = P * ps - 1  # the very last slot of the pool
+    slots = slots.to(slot_dtype)
+    kc_before, vc_before, k_before = _bits(kc_buf), _bits(vc_buf), _bits(k)
+    co.paged_kv_write_cuda(k, v, kc, vc, slots)
+    exp_k, exp_v = kc_before.clone(), vc_before.clone()
+    kb, vb = _bits(k), _bits(v)
+    for n, s in enumerate(slots.tolist()):
+        if s >= 0:
+            exp_k[s // ps, s % ps, :, :D] = kb[n]
+            exp_v[s // ps, s % ps, :, :D] = vb[n]
+    assert torch.equal(_bits(kc_buf), exp_k), "k_cache differs from the expected bit-exact scatter"
+    assert torch.equal(_bits(vc_buf), exp_v), "v_cache differs from the expected bit-exact scatter"
+    assert torch.equal(_bits(k), k_before), "k was modified"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
+def test_write_then_attend(emu, dtype):
+    """A decode step end to end: store the new token's k/v through paged_kv_write_cuda, then attend."""
+    gen = torch.Generator().manual_seed(5)
+    B, Hkv, G, D, ps, P = 2, 2, 2, 32, 4, 9
+    lens = [6, 3]
+    kc = torch.full((P, ps, Hkv, D), float("nan"), dtype=dtype)
+    vc = torch.full((P, ps, Hkv, D), float("nan"), dtype=dtype)
+    bt = torch.tensor([[8, 2, 5], [0, 7, 7]], dtype=torch.int32)
+    K = [torch.randn(L, Hkv, D, generator=gen).to(dtype) for L in lens]
+    V = [torch.randn(L, Hkv, D, generator=gen).to(dtype) for L in lens]
+    for b, L in enumerate(lens):  # every position, the newest included, goes in through the kernel
+        slots = torch.tensor([int(bt[b, j // ps]) * ps + j % ps for j in range(L)], dtype=torch.int64)
+        co.paged_kv_write_cuda(K[b], V[b], kc, vc, slots)
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(dtype)
+    out = co.paged_decode_attention_cuda(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), 0.2, None, 2)
+    dense = list(zip(K, V))
+    _assert_budget(out, _reference(q, dense, 0.2, torch.float64), _reference(q, dense, 0.2, torch.float32).to(dtype),
+                   dtype, "write then attend")
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+def _err_cases():
+    q = torch.randn(2, 4, 16)
+    kc = torch.randn(5, 3, 2, 16)
+    bt = torch.zeros(2, 3, dtype=torch.int32)
+    sl = torch.tensor([1, 9], dtype=torch.int32)
+    att = co.paged_decode_attention_cuda
+    k = torch.randn(3, 2, 16)
+    sm = torch.tensor([0, 4, -1])
+    wr = co.paged_kv_write_cuda
+    return [
+        (lambda: att(q.numpy(), kc, kc, bt, sl, 0.25, None, 1), TypeError, "q must be a torch.Tensor"),
+        (lambda: att(q[0], kc, kc, bt, sl, 0.25, None, 1), ValueError, "q must have 3 dims"),
+        (lambda: att(q.double(), kc, kc, bt, sl, 0.25, None, 1), TypeError, "q must be float32"),
+        (lambda: att(q, kc.half(), kc.half(), bt, sl, 0.25, None, 1), TypeError, "k_cache must have the dtype of q"),
+        (lambda: att(q, kc, kc.half(), bt, sl, 0.25, None, 1), TypeError, "v_cache must have the dtype of k_cache"),
+        (lambda: att(q, kc[0], kc, bt, sl, 0.25, None, 1), ValueError, "k_cache must have 4 dims"),
+        (lambda: att(q, kc, kc[:4], bt, sl, 0.25, None, 1), ValueError, "v_cache must have shape"),
+        (lambda: att(q, kc[:, :0], kc[:, :0], bt, sl, 0.25, None, 1), ValueError, "k_cache must have shape"),
+        (lambda: att(q, kc.transpose(2, 3), kc, bt, sl, 0.25, None, 1), ValueError, "k_cache must have a contiguous"),
+        (lambda: att(q[..., :8], kc, kc, bt, sl, 0.25, None, 1), ValueError, "q must have shape (B, Hq, D = 16)"),
+        (lambda: att(q[:, :3], kc, kc, bt, sl, 0.25, None, 1), ValueError, "multiple of the k_cache KV heads"),
+        (lambda: att(torch.randn(2, 4, 264), torch.randn(5, 3, 2, 264), torch.randn(5, 3, 2, 264), bt, sl, 0.25, None,
+                     1), ValueError, "exceeds the kernel's maximum 256"),
+        (lambda: att(q, kc, kc, bt.long(), sl, 0.25, None, 1), TypeError, "block_table must be int32"),
+        (lambda: att(q, kc, kc, bt[0], sl, 0.25, None, 1), ValueError, "block_table must have 2 dims"),
+        (lambda: att(q, kc, kc, bt[:1], sl, 0.25, None, 1), ValueError, "block_table must have shape (B = 2"),
+        (lambda: att(q, kc, kc, bt, sl.long(), 0.25, None, 1), TypeError, "seq_lens must be int32"),
+        (lambda: att(q, kc, kc, bt, sl[:1], 0.25, None, 1), ValueError, "seq_lens must have shape (2,)"),
+        (lambda: att(q, kc, kc, bt, sl - 1, 0.25, None, 1), ValueError, "seq_lens must lie in [1, "),
+        (lambda: att(q, kc, kc, bt, sl + 1, 0.25, None, 1), ValueError, "seq_lens must lie in [1, "),
+        (lambda: att(q, kc, kc, bt - 1, sl, 0.25, None, 1), ValueError, "block_table[0, 0] = -1"),
+        (lambda: att(q, kc, kc, bt + 5, sl, 0.25, None, 1), ValueError, "must lie in [0, num_pages = 5)"),
+        (lambda: att(q, kc, kc, bt, sl, 0.0, None, 1), ValueError, "scale must be > 0"),
+        (lambda: att(q, kc, kc, bt, sl, float("inf"), None, 1), ValueError, "scale must be a finite"),
+        (lambda: att(q, kc, kc, bt, sl, "0.25", None, 1), TypeError, "scale must be a float"),
+        (lambda: att(q, kc, kc, bt, sl, 0.25, -1, 1), ValueError, "window must be >= 0"),
+        (lambda: att(q, kc, kc, bt, sl, 0.25, 2.0, 1), TypeError, "window must be an int"),
+        (lambda: att(q, kc, kc, bt, sl, 0.25, None, 0), ValueError, "num_splits must be >= 1"),
+        (lambda: att(q, kc, kc, bt, sl, 0.25, None, 1.5), TypeError, "num_splits must be an int"),
+        (lambda: att(q, kc, kc, bt, sl, 0.25, None, 70000), ValueError, "num_splits must be <= 65535"),
+        (lambda: att(q, kc, kc.to("meta"), bt, sl, 0.25, None, 1), ValueError, "v_cache must be on a CPU or CUDA"),
+        (lambda: wr(k.numpy(), k, kc, kc, sm), TypeError, "k must be a torch.Tensor"),
+        (lambda: wr(k, k[:2], kc, kc, sm), ValueError, "v must have shape (3, 2, 16)"),
+        (lambda: wr(k[..., :8], k[..., :8], kc, kc, sm), ValueError, "k must have shape (3, 2, 16)"),
+        (lambda: wr(k, k.half(), kc, kc, sm), TypeError, "v must have the dtype of k"),
+        (lambda: wr(k.half(), k.half(), kc, kc, sm), TypeError, "k_cache must have the dtype of k"),
+        (lambda: wr(k, k, kc, kc[:, :2], sm), ValueError, "v_cache must have shape"),
+        (lambda: wr(k, k, kc, kc, sm.float()), TypeError, "slot_mapping must be int32 or int64"),
+        (lambda: wr(k, k, kc, kc, sm[:2]), ValueError, "slot_mapping must have shape (3,)"),
+        (lambda: wr(k, k, kc, kc, sm + 12), ValueError, "slot_mapping entries must be < num_pages * page_size = 15"),
+    ]
+
+
+@pytest.mark.parametrize("idx", range(len(_err_cases())))
+def test_argument_errors(idx):
+    call, exc, msg = _err_cases()[idx]
+    with pytest.raises(exc, match=re.escape(msg)):
+        call()
+
+
+def test_unread_block_table_entries_are_not_validated(emu):
+    """Entries past the used pages, and before a window, are the caller's garbage: accepted."""
+    kc = torch.randn(4, 2, 1, 8)
+    bt = torch.tensor([[-1, 3, 99]], dtype=torch.int32)  # position 2..3 live in page 3; window 1 skips page 0
+    out = co.paged_decode_attention_cuda(torch.randn(1, 1, 8), kc, kc, bt, torch.tensor([4], dtype=torch.int32), 0.3,
+                                         1, 1)
+    assert torch.isfinite(out).all()
+
+
+def test_small_operands_with_strided_last_dim_are_copied(emu):
+    """q, k and v may have any strides (a copy gives the kernels unit stride on D); caches may not."""
+    gen = torch.Generator().manual_seed(2)
+    kc = torch.randn(3, 2, 1, 8, generator=gen)
+    vc = torch.randn(3, 2, 1, 8, generator=gen)
+    bt = torch.tensor([[2, 0]], dtype=torch.int32)
+    sl = torch.tensor([3], dtype=torch.int32)
+    q = torch.randn(1, 8, 2, generator=gen).transpose(1, 2)  # (1, 2, 8), last-dim stride 2
+    assert torch.equal(co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, None, 1),
+                       co.paged_decode_attention_cuda(q.contiguous(), kc, vc, bt, sl, 0.3, None, 1))
+    k = torch.randn(2, 8, 1, generator=gen).transpose(1, 2)
+    kc2, vc2 = kc.clone(), vc.clone()
+    co.paged_kv_write_cuda(k, k, kc2, vc2, torch.tensor([5, -1]))
+    assert torch.equal(kc2[2, 1], k[0]) and torch.equal(vc2[2, 1], k[0]) and torch.equal(kc2[:2], kc[:2])
+    with pytest.raises(ValueError, match="k_cache must have a contiguous last dimension"):
+        strided = torch.randn(3, 2, 1, 16)[..., ::2]
+        co.paged_kv_write_cuda(k, k, strided, strided.clone(), torch.tensor([5, -1]))
+
+
+def test_kernels_mask_bad_values_without_faulting(emu):
+    """On CUDA values are not checked on the host (that would sync): the kernels clamp lengths to the
+    block table's capacity, drop keys whose page id is outside the pool and skip slots past the
+    cache, so bad values give a wrong result but never a fault. Exercised here through the unchecked
+    entry points."""
+    gen = torch.Generator().manual_seed(4)
+    kc = torch.full((3, 2, 1, 8), float("nan"))
+    vc = torch.full((3, 2, 1, 8), float("nan"))
+    K, V = torch.randn(4, 1, 8, generator=gen), torch.randn(4, 1, 8, generator=gen)
+    kc[1], vc[1] = K[:2], V[:2]  # positions 0, 1 in page 1
+    kc[2], vc[2] = K[2:], V[2:]  # positions 2, 3 in page 2
+    q = torch.randn(3, 2, 8, generator=gen)
+    bt = torch.tensor([[1, 2**30], [1, 2], [1, 2]], dtype=torch.int32)
+    sl = torch.tensor([4, 100, 0], dtype=torch.int32)
+    for S in (1, 3):
+        out = torch.full((3, 2, 8), float("nan"))
+        co._paged_decode_attention_into(q, kc, vc, bt, sl, 0.3, -1, S, out)
+        ref = _reference(q[:2], [(K[:2], V[:2]), (K, V)], 0.3, torch.float64)  # page 2**30 dropped; 100 -> 4
+        assert (out[:2].double() - ref).abs().max() < 1e-5, S
+        assert torch.equal(out[2], torch.zeros(2, 8)), f"no keys (length 0) must give zeros, got {out[2]}"
+    k = torch.randn(2, 1, 8, generator=gen)
+    kc2, vc2 = kc.clone(), vc.clone()
+    slots = torch.tensor([6, 1], dtype=torch.int64)  # 6 = num_pages * page_size: past the cache
+    co._launch("nf_paged_kv_write", k.device, 0, 2, 1, 8, k.data_ptr(), 8, 8, k.data_ptr(), 8, 8, kc2.data_ptr(),
+               16, 8, 8, vc2.data_ptr(), 16, 8, 8, 3, 2, slots.data_ptr(), 1)
+    assert torch.equal(_bits(kc2[1:]), _bits(kc[1:])) and torch.equal(kc2[0, 1], k[1])
+
+
+def test_launch_functions_reject_bad_arguments(emu):
+    lib = emu
+    q = torch.randn(1, 2, 8)
+    kc = torch.randn(2, 2, 1, 8)
+    bt = torch.zeros(1, 1, dtype=torch.int32)
+    sl = torch.ones(1, dtype=torch.int32)
+    out = torch.empty_like(q)
+    args = [0, 1, 2, 1, 8, q.data_ptr(), 16, 8, kc.data_ptr(), 16, 8, 8, kc.data_ptr(), 16, 8, 8, 2, 2,
+            bt.data_ptr(), 1, 1, 1, sl.data_ptr(), 1, -1, 0.5, 1, None, None, out.data_ptr(), 16, 8]
+    assert lib.nf_paged_attention_fwd(*args, None) == 0
+    for i, bad in ((0, 5), (3, 3), (4, 300), (26, 2), (25, 0.0)):  # dtype, Hq < Hkv, D, splits w/o scratch, scale
+        a = list(args)
+        a[i] = bad
+        rc = lib.nf_paged_attention_fwd(*a, None)
+        assert rc == -1 and b"invalid argument" in lib.nf_paged_attention_error_string(rc), (i, bad)
+    with pytest.raises(RuntimeError, match="nf_paged_kv_write failed .*invalid argument"):
+        co._launch("nf_paged_kv_write", q.device, 0, 0, 1, 8, q.data_ptr(), 8, 8, q.data_ptr(), 8, 8, kc.data_ptr(),
+                   16, 8, 8, kc.data_ptr(), 16, 8, 8, 2, 2, bt.data_ptr(), 0)
+
+
+# ------------------------------------------------------------------------------------------------ nvcc
+
+# 128: the cap __launch_bounds__(256, 2) gives ptxas (16 warps per SM); the others are small by design.
+REG_BOUND = {"paged_attention_kernel": 128, "paged_attention_merge_kernel": 40, "paged_kv_write_kernel": 40}
+INSTANTIATIONS = {"paged_attention_kernel": 21, "paged_attention_merge_kernel": 3, "paged_kv_write_kernel": 4}
+
+
+@pytest.mark.skipif(not HAVE_NVCC, reason="nvcc not found (install the CUDA toolkit or set NVCC)")
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_nvcc_facts_paged_attention(arch):
+    facts = co.nvcc_facts(SOURCE, arch)
+    counts = {}
+    for f in facts:
+        counts[f.kernel] = counts.get(f.kernel, 0) + 1
+        what = f"{f.kernel}<{f.config}> sm_{f.arch}"
+        assert f.spill_store_bytes == 0 and f.spill_load_bytes == 0 and f.local_bytes == 0, f"{what}: {f}"
+        assert 0 < f.registers <= REG_BOUND[f.kernel], f"{what}: {f.registers} registers"
+        assert f.shared_bytes == 0, f"{what}: {f.shared_bytes} B shared (the design uses shuffles only)"
+        assert f.barriers == 0, f"{what}: uses a block barrier"
+        if not f.instructions:
+            continue  # no nvdisasm (triton wheel) to read SASS
+        assert f.instructions.get("STL", 0) == 0 and f.instructions.get("LDL", 0) == 0, what
+        targs = [a.strip() for a in f.config.split(",")]
+        if f.kernel == "paged_attention_kernel":
+            hpw = int(targs[3])
+            # dot-product butterfly and segment merge: at least one shuffle per head for each, plus acc
+            assert f.instructions.get("SHFL.BFLY", 0) >= 3 * hpw, f"{what}: {f.instructions}"
+            if int(targs[1]) > 1:  # the VEC path: q, K and V rows as 16-byte loads
+                assert f.instructions.get("LDG.E.128", 0) >= 3, f"{what}: {f.instructions}"
+        if f.kernel == "paged_kv_write_kernel" and int(targs[1]) > 1:
+            assert f.instructions.get("LDG.E.128", 0) >= 2 and f.instructions.get("STG.E.128", 0) >= 2, what
+    assert counts == INSTANTIATIONS

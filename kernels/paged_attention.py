@@ -204,28 +204,33 @@ def _check_kernel_dtype(x: Tensor, name: str) -> None:
 def paged_decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                                      seq_lens: Tensor, scale: float | None = None,
                                      window: int | None = None) -> Tensor:
-    """Plain-torch paged decode attention: gathers each sequence's pages, softmax in fp32.
+    """Plain-torch paged decode attention: gathers every sequence's pages, masked softmax in fp32.
 
-    Same arguments and result as `paged_decode_attention` (fp64 inputs compute in fp64). Loops over
-    the batch on the host (reads seq_lens back: a device sync on CUDA), so it is the readable
-    definition and the CPU path, not a fast GPU path.
+    Same arguments and result as `paged_decode_attention` (fp64 inputs compute in fp64). One batched
+    gather of the whole block table (no host loop, no device sync), then positions outside
+    [lo, L-1] are masked out of the scores AND the values: block-table entries past a sequence's
+    used pages are replaced by page 0 before the gather, and unused slots may hold anything (NaN
+    included), which must not leak through a zero softmax weight (0 * NaN = NaN).
     """
     _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window)
     B, Hq, D = q.shape
     page_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     acc = torch.promote_types(q.dtype, torch.float32)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    for b, L in enumerate(seq_lens.tolist()):
-        pages = block_table[b, :(L + page_size - 1) // page_size].long()
-        lo = 0 if window is None else max(0, L - 1 - window)
-        k = k_cache[pages].flatten(0, 1)[lo:L].to(acc)  # (n, Hkv, D): positions lo .. L-1
-        v = v_cache[pages].flatten(0, 1)[lo:L].to(acc)
-        qg = q[b].to(acc).view(Hkv, Hq // Hkv, D)  # query head h uses kv head h // group
-        s = torch.einsum("hgd,nhd->hgn", qg, k) * scale
-        o = torch.einsum("hgn,nhd->hgd", torch.softmax(s, dim=-1), v)
-        out[b] = o.reshape(Hq, D).to(q.dtype)
-    return out
+    lens = seq_lens.long()[:, None]  # (B, 1)
+    used = torch.arange(block_table.shape[1], device=q.device)[None, :] < (lens + page_size - 1) // page_size
+    pages = torch.where(used, block_table.long(), 0)
+    pos = torch.arange(block_table.shape[1] * page_size, device=q.device)[None, :]
+    valid = pos < lens
+    if window is not None:
+        valid &= pos >= lens - 1 - window
+    k = k_cache[pages].flatten(1, 2).to(acc)  # (B, n, Hkv, D)
+    v = v_cache[pages].flatten(1, 2).to(acc).masked_fill(~valid[:, :, None, None], 0)
+    qg = q.to(acc).view(B, Hkv, Hq // Hkv, D)  # query head h uses kv head h // group
+    s = torch.einsum("bhgd,bnhd->bhgn", qg, k) * scale
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    o = torch.einsum("bhgn,bnhd->bhgd", torch.softmax(s, dim=-1), v)
+    return o.reshape(B, Hq, D).to(q.dtype)
 
 
 def paged_kv_write_reference(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:

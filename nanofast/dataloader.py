@@ -318,3 +318,110 @@ class PackedLoader:
     def __del__(self) -> None:
         if hasattr(self, "_thread"):
             self.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Conversations (mid-training, SFT): whole conversations, loss masks, padding
+# ------------------------------------------------------------------------------------------------
+
+class ConversationLoader:
+    """Iterator over `(inputs, targets, state)` of rendered conversations, (B, T) int64 on `device`.
+
+    Unlike pretraining documents, a conversation is never split across rows: each row of T+1 tokens
+    is filled best-fit (largest buffered conversation that fits the space left) and the rest is
+    padding. Targets are -1 wherever the conversation's mask is 0 (user turns, tool output, the BOS
+    of the next conversation) and on padding, so only the assistant's own tokens are trained.
+    Conversations longer than T+1 are cut. Rows stay BOS-aligned.
+
+    `conversations` is a sequence of conversation dicts (a `nanofast.tasks.Task` is one); rank r of
+    w takes positions r, r+w, ... of a per-epoch shuffle (seeded), so ranks see disjoint data. The
+    state with each batch is JSON-able (epoch, cursor, buffered positions): passing it back as
+    `state=` continues exactly after that batch. `loop=False` stops after one epoch.
+    """
+
+    def __init__(self, tokenizer: Any, conversations: Any, batch_size: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1, device: str | torch.device = "cpu", seed: int = 0, buffer_size: int = 64,
+                 state: dict | None = None, loop: bool = True):
+        if batch_size < 1 or seq_len < 1 or buffer_size < 1:
+            raise ValueError(f"batch_size, seq_len and buffer_size must be >= 1, got {batch_size}, {seq_len}, "
+                             f"{buffer_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if len(conversations) < world_size:
+            raise ValueError(f"{len(conversations)} conversations cannot feed {world_size} ranks")
+        self.tokenizer, self.conversations = tokenizer, conversations
+        self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.device, self.seed, self.buffer_size, self.loop = torch.device(device), seed, buffer_size, loop
+        state = state or {"epoch": 0, "cursor": 0, "buffer": []}
+        if not isinstance(state, dict) or set(state) != {"epoch", "cursor", "buffer"}:
+            raise ValueError("state must be the dict a ConversationLoader returned with a batch")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._epoch_order(self.epoch)
+        # buffer entries: (epoch, position in that epoch's order) -> rendered (ids, mask)
+        self.buffer: list[tuple[int, int, list[int], list[int]]] = []
+        for epoch, pos in state["buffer"]:
+            self.buffer.append((epoch, pos, *self._render(self._epoch_order(epoch)[pos])))
+        self.exhausted = False
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.conversations), generator=g).tolist()
+        return order[self.rank::self.world_size]
+
+    def _render(self, index: int) -> tuple[list[int], list[int]]:
+        return self.tokenizer.render_conversation(self.conversations[index], max_tokens=self.seq_len + 1)
+
+    def _refill(self) -> None:
+        while len(self.buffer) < self.buffer_size and not self.exhausted:
+            if self.cursor == len(self._order):
+                if not self.loop:
+                    self.exhausted = True
+                    break
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._epoch_order(self.epoch)
+            self.buffer.append((self.epoch, self.cursor, *self._render(self._order[self.cursor])))
+            self.cursor += 1
+
+    def _row(self) -> tuple[list[int], list[int]] | None:
+        ids: list[int] = []
+        mask: list[int] = []
+        space = self.seq_len + 1
+        while True:
+            self._refill()
+            fits = [i for i, b in enumerate(self.buffer) if len(b[2]) <= space]
+            if not fits:
+                break
+            best = max(fits, key=lambda i: (len(self.buffer[i][2]), -i))  # largest, oldest first
+            _, _, conv_ids, conv_mask = self.buffer.pop(best)
+            ids += conv_ids
+            mask += conv_mask
+            space -= len(conv_ids)
+        if not ids:
+            return None
+        pad = self.seq_len + 1 - len(ids)
+        return ids + [self.tokenizer.bos_token_id] * pad, mask + [0] * pad
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "buffer": [[e, p] for e, p, _, _ in self.buffer]}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        rows = []
+        for _ in range(self.batch_size):
+            row = self._row()
+            if row is None:
+                raise StopIteration  # loop=False and the epoch is used up (a partial batch is dropped)
+            rows.append(row)
+        ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
+        mask = torch.tensor([r[1] for r in rows], dtype=torch.bool)
+        targets = torch.where(mask[:, 1:], ids[:, 1:], -1)
+        return ids[:, :-1].to(self.device), targets.to(self.device), self.state()
+
+    # context-manager symmetry with PackedLoader, so stages can treat both alike
+    def __enter__(self) -> "ConversationLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None

@@ -62,12 +62,15 @@ class SamplingParams:
 @dataclass
 class TokenEvent:
     """One new token of a request. The last event of a request has finished=True and a
-    finish_reason ("stop" or "length"); forced=True marks calculator output (not sampled)."""
+    finish_reason ("stop" or "length"); forced=True marks calculator output (not sampled).
+    logprob: log p(token) under the model's untempered distribution as the engine computed it
+    (None for forced tokens): RL compares it with the trainer's to measure their mismatch."""
     request_id: int
     token: int
     finished: bool = False
     finish_reason: str | None = None
     forced: bool = False
+    logprob: float | None = None
 
 
 @dataclass
@@ -186,10 +189,10 @@ class Engine:
                 ready.append((row, seq))
         if not ready:
             return []
-        tokens = self._sample(logits[[row for row, _ in ready]], [seq for _, seq in ready])
+        sampled = self._sample(logits[[row for row, _ in ready]], [seq for _, seq in ready])
         events: list[TokenEvent] = []
-        for (_, seq), token in zip(ready, tokens):
-            self._append(seq, token, events)
+        for (_, seq), (token, logprob) in zip(ready, sampled):
+            self._append(seq, token, events, logprob=logprob)
         return events
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[list[int]]:
@@ -292,8 +295,9 @@ class Engine:
 
     # ---- sampling and tokens ---------------------------------------------------------------
     @staticmethod
-    def _sample(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
-        """logits (S, V) fp32 -> one token per sequence; a single device-to-host read for all."""
+    def _sample(logits: torch.Tensor, seqs: list[_Sequence]) -> list[tuple[int, float]]:
+        """logits (S, V) fp32 -> (token, its untempered log-probability) per sequence, with a
+        single device-to-host read for all of them."""
         out = logits.argmax(dim=-1)
         for i, seq in enumerate(seqs):
             p = seq.params
@@ -309,15 +313,19 @@ class Engine:
                 drop = (probs.cumsum(0) - probs) >= p.top_p
                 row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
             out[i] = torch.multinomial(torch.softmax(row, dim=-1), 1, generator=seq.rng)[0]
-        return out.tolist()
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, out[:, None])[:, 0]
+        # float64 holds every token id exactly, so ids and log-probs travel in one transfer
+        both = torch.stack([out.double(), logprobs.double()], dim=1).tolist()
+        return [(int(t), lp) for t, lp in both]
 
-    def _append(self, seq: _Sequence, token: int, events: list[TokenEvent], forced: bool = False) -> None:
+    def _append(self, seq: _Sequence, token: int, events: list[TokenEvent], forced: bool = False,
+                logprob: float | None = None) -> None:
         """Add a token to seq, emit its event; finish the sequence or run the calculator as due."""
         seq.tokens.append(token)
         p = seq.params
         reason = "stop" if (not forced and token in p.stop_token_ids) else (
             "length" if seq.num_generated >= p.max_tokens else None)
-        events.append(TokenEvent(seq.id, token, reason is not None, reason, forced))
+        events.append(TokenEvent(seq.id, token, reason is not None, reason, forced, logprob))
         if reason is not None:
             self._release(seq)
             self.running.remove(seq)

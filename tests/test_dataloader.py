@@ -305,3 +305,90 @@ def test_argument_and_state_errors(corpus, tmp_path):
     with PackedLoader(NoBos(), data_dir, batch_size=2, seq_len=8) as loader:
         with pytest.raises(ValueError, match="each starting with the BOS id"):
             next(loader)
+
+
+# ---- conversations (mid-training / SFT) -----------------------------------------------------------
+
+from nanofast.dataloader import ConversationLoader  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    import inspect
+
+    from nanofast.tokenizer import Tokenizer
+
+    return Tokenizer.train([inspect.getsource(m) for m in (json, random, threading)], vocab_size=400)
+
+
+def _conversations(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    out = []
+    for i in range(n):
+        turns = []
+        for _ in range(rng.randint(1, 2)):
+            turns.append({"role": "user", "content": f"q{i} " + " ".join(rng.choices(words, k=rng.randint(1, 12)))})
+            turns.append({"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 20)))})
+        out.append({"messages": turns})
+    return out
+
+
+def test_conversation_rows_hold_whole_conversations_and_train_only_assistant_tokens(chat_tokenizer):
+    convs = _conversations(40)
+    rendered = dict(tuple(map(tuple, chat_tokenizer.render_conversation(c, max_tokens=97))) for c in convs)
+    loader = ConversationLoader(chat_tokenizer, convs, batch_size=1, seq_len=96, loop=False, buffer_size=8)
+    seen = []
+    bos = chat_tokenizer.bos_token_id
+    for x, y, _ in loader:
+        assert x.shape == y.shape == (1, 96)
+        for row, row_y in zip(x.tolist(), y.tolist()):
+            assert row[0] == bos
+            # Split at BOS tokens: each piece is a whole conversation or padding; the last piece may
+            # end one token early (the row's final token is only visible as a target).
+            starts = [i for i, t in enumerate(row) if t == bos]
+            pieces = [row[a:b] for a, b in zip(starts, starts[1:] + [len(row)])]
+            mask = []
+            for j, piece in enumerate(pieces):
+                if piece == [bos]:  # padding (no conversation is a lone BOS)
+                    mask += [0]
+                    continue
+                match = [k for k in rendered if (k == tuple(piece)) or
+                         (j == len(pieces) - 1 and len(k) == len(piece) + 1 and k[:-1] == tuple(piece))]
+                assert match, "a split or foreign conversation"
+                seen.append(match[0])
+                mask += list(rendered[match[0]])
+            mask += [0] * (97 - len(mask))  # the row's final token was padding
+            # trained targets are exactly the conversation masks' 1s (shifted by one)
+            assert [t >= 0 for t in row_y] == [bool(m) for m in mask[1:97]]
+    assert sorted(seen) == sorted(rendered)  # one epoch: every conversation exactly once (none dropped)
+
+
+def test_conversation_loader_exact_resume_and_disjoint_ranks(chat_tokenizer):
+    convs = _conversations(30, seed=1)
+    a = ConversationLoader(chat_tokenizer, convs, batch_size=2, seq_len=64, seed=3)
+    batches = [next(a) for _ in range(25)]  # crosses epochs
+    for k in (0, 7, 13, 20):
+        b = ConversationLoader(chat_tokenizer, convs, batch_size=2, seq_len=64, seed=3,
+                               state=json.loads(json.dumps(batches[k][2])))
+        for want in batches[k + 1:k + 5]:
+            got = next(b)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    firsts = []
+    for rank in range(3):
+        loader = ConversationLoader(chat_tokenizer, convs, batch_size=1, seq_len=200, rank=rank, world_size=3,
+                                    loop=False)
+        firsts.append({tuple(x[0].tolist()) for x, _, _ in loader})
+    assert not (firsts[0] & firsts[1]) and not (firsts[1] & firsts[2])
+
+
+def test_long_conversations_are_cut_and_errors(chat_tokenizer):
+    long = [{"messages": [{"role": "user", "content": "alpha " * 200}, {"role": "assistant", "content": "beta"}]}]
+    x, y, _ = next(ConversationLoader(chat_tokenizer, long, batch_size=1, seq_len=16))
+    assert x.shape == (1, 16) and (y == -1).all()  # the assistant's answer was cut off: nothing to train
+    with pytest.raises(ValueError, match="batch_size"):
+        ConversationLoader(chat_tokenizer, long, batch_size=0, seq_len=16)
+    with pytest.raises(ValueError, match="cannot feed 2 ranks"):
+        ConversationLoader(chat_tokenizer, long, batch_size=1, seq_len=16, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="state must be"):
+        ConversationLoader(chat_tokenizer, long, batch_size=1, seq_len=16, state={"epoch": 0})

@@ -189,8 +189,9 @@ def test_top_k_and_top_p_restrict_the_support():
             rid = engine.add_request([1], params)
             seqs.append(next(s for s in engine.waiting if s.id == rid))
         for _ in range(50):
-            for row, tok in zip(logits, engine._sample(logits, seqs)):
+            for row, (tok, logprob) in zip(logits, engine._sample(logits, seqs)):
                 assert tok in allowed(row)
+                assert logprob == pytest.approx(torch.log_softmax(row, -1)[tok].item(), abs=1e-5)
         engine.waiting.clear()
 
 
@@ -236,7 +237,7 @@ def test_calculator_output_is_forced_into_the_sequence(monkeypatch):
     def scripted(logits, seqs):
         real_sample(logits, seqs)
         computed.append(seqs[0].num_computed)
-        return [script[len(computed) - 1]]
+        return [(script[len(computed) - 1], 0.0)]
 
     monkeypatch.setattr(engine, "_sample", scripted)
     rid = engine.add_request([tok.bos_token_id, 5], SamplingParams(max_tokens=len(script) + 3))
@@ -275,3 +276,20 @@ def test_engine_errors():
         engine.add_request([1] * 15, GREEDY)
     with pytest.raises(TypeError, match="SamplingParams"):
         engine.add_request([1], {"max_tokens": 3})
+
+
+def test_event_logprobs_equal_the_full_forward():
+    """What RL compares: the engine's log p(token) vs a full forward over the finished sequence."""
+    model = _model(2, [5, 48])
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    engine = Engine(model, page_size=4, max_batch_tokens=5)
+    engine.add_request(prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=3))
+    events = []
+    while engine.has_unfinished():
+        events += engine.step()
+    ids = torch.tensor([prompt + [e.token for e in events]])
+    with torch.no_grad():
+        full = torch.log_softmax(model(ids[:, :-1])[0], -1)
+    want = full[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None])[:, 0]
+    got = torch.tensor([e.logprob for e in events])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

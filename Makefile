@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench
+.PHONY: run test bench browser
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,23 @@ run: $(STAMP)
 	$(BIN)/python train.py --stage all $(ARGS)
 
 # The test suite (what .ci/run calls).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest tests -q
+
+# Debian's chromium + chromedriver for tests/test_web_ui.py, installed once when apt-get is there
+# (as root, or through passwordless sudo). Never fatal: without them that one test file skips.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "no apt-get: install chromium and chromedriver yourself, or tests/test_web_ui.py skips"; \
+	  else \
+	    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	    echo "installing chromium chromium-driver with apt-get (for tests/test_web_ui.py)"; \
+	    ( $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	        chromium chromium-driver >/dev/null ) \
+	      || echo "could not install chromium: tests/test_web_ui.py will skip"; \
+	  fi; \
+	fi
 
 # Benchmarks (pytest-benchmark): see bench/README.md for saving and comparing baselines.
 bench: $(STAMP)

@@ -43,6 +43,7 @@ setup(
     python_requires=">=3.10",
     packages=["nanofast", "nanofast.kernels"],
     package_dir={"nanofast": "nanofast", "nanofast.kernels": "kernels"},
+    package_data={"nanofast": ["static/*.html"]},  # the chat page served by nanofast.serve
     install_requires=[
         "torch>=2.5",
         "triton>=3.4; platform_system == 'Linux'",
@@ -51,11 +52,14 @@ setup(
         "rustbpe>=0.1.0",
         "pyarrow>=15",
         "filelock",
+        "pyyaml",  # the CORE eval bundle's core.yaml
         "tqdm",
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.4", "pybind11", "ninja"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.4", "pybind11", "ninja",
+                "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "selenium>=4.11"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]", "triton>=3.4", "ninja", "pybind11"],
     },
     ext_modules=ext_modules,

@@ -1,0 +1,224 @@
+"""Chat with a trained model in the terminal: `python -m nanofast.chat`.
+
+Multi-turn by default (type a message, the answer streams back; `/clear` starts over, `/quit` or
+end of input exits); `-p "prompt"` answers once and exits. The default checkpoint is the newest of
+sft, mid and base under the data root, in that order of preference.
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from nanofast.checkpoint import CheckpointError, latest_step, load_nanochat
+from nanofast.common import autodetect_device, base_dir, default_dtype
+from nanofast.detokenize import IncrementalDetokenizer
+from nanofast.engine import Engine, SamplingParams
+from nanofast.model import GPT
+from nanofast.tokenizer import TOKENIZER_FILE, Tokenizer
+
+CHECKPOINT_STAGES = ("sft", "mid", "base")  # preference order: the most post-trained first
+NO_CHECKPOINT = "run `python train.py --stage all` first or pass --checkpoint"
+
+
+def default_checkpoint(base: Path | None = None) -> Path | None:
+    """The first of `<base>/checkpoints/{sft,mid,base}` holding a model file, or None."""
+    root = Path(base) if base is not None else base_dir()
+    for stage in CHECKPOINT_STAGES:
+        directory = root / "checkpoints" / stage
+        if latest_step(directory) is not None:
+            return directory
+    return None
+
+
+def find_tokenizer_dir(checkpoint: Path) -> Path:
+    """Where the tokenizer of `checkpoint` lives: beside the `checkpoints/` folder that holds it
+    (nanofast's `<base>/checkpoints/<stage>` and nanochat's `<base>/<x>_checkpoints/<tag>` both
+    put it at `<base>/tokenizer`), else the data root's."""
+    directory = checkpoint.parent if checkpoint.is_file() else checkpoint
+    candidates = [directory.resolve().parents[1] / "tokenizer", base_dir() / "tokenizer"]
+    for c in candidates:
+        if (c / TOKENIZER_FILE).is_file() or (c / "tokenizer.pkl").is_file():
+            return c
+    raise FileNotFoundError(f"no tokenizer found for checkpoint {checkpoint} (looked in "
+                            f"{', '.join(str(c) for c in candidates)}): pass --tokenizer DIR")
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """A nanofast tokenizer directory (`tokenizer.json`), or nanochat's (`tokenizer.pkl`)."""
+    directory = Path(directory)
+    if (directory / TOKENIZER_FILE).is_file() or not (directory / "tokenizer.pkl").is_file():
+        return Tokenizer.load(directory)
+    # nanochat pickles its tiktoken Encoding. Unpickling runs code from the file: only load your own.
+    with open(directory / "tokenizer.pkl", "rb") as f:
+        return Tokenizer(pickle.load(f))
+
+
+def load_model(checkpoint: str | Path | None, tokenizer_dir: str | Path | None,
+               device: str) -> tuple[GPT, Tokenizer, Path]:
+    """Load (model, tokenizer, checkpoint path); a missing default checkpoint is a CheckpointError
+    that says how to make one."""
+    if checkpoint is None:
+        checkpoint = default_checkpoint()
+        if checkpoint is None:
+            where = base_dir() / "checkpoints"
+            raise CheckpointError(f"no checkpoint in {where}/{{{','.join(CHECKPOINT_STAGES)}}}: {NO_CHECKPOINT}")
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise CheckpointError(f"--checkpoint {checkpoint} does not exist: {NO_CHECKPOINT}")
+    model = load_nanochat(checkpoint, device, compute_dtype=default_dtype(device))
+    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else find_tokenizer_dir(checkpoint))
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's model has "
+                              f"{model.config.vocab_size}: pass the --tokenizer it was trained with")
+    return model, tokenizer, checkpoint
+
+
+def stop_tokens(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The ids that end an assistant turn (nanochat also stops at a stray BOS)."""
+    return (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
+
+
+def stream_reply(engine: Engine, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
+                 generated: list[int] | None = None) -> Iterator[str]:
+    """Run one request to completion on `engine`, yielding its text as it is produced.
+
+    Every token the request produced (the stop token included) is appended to `generated`.
+    """
+    detok = IncrementalDetokenizer(tokenizer)
+    request_id = engine.add_request(prompt, params)
+    finished = False
+    try:
+        while not finished and engine.has_unfinished():
+            for event in engine.step():
+                if event.request_id != request_id:
+                    continue
+                if generated is not None:
+                    generated.append(event.token)
+                if event.finished:
+                    finished = True
+                if not (event.finish_reason == "stop" and event.token in params.stop_token_ids):
+                    piece = detok.add(event.token)
+                    if piece:
+                        yield piece
+        tail = detok.flush()
+        if tail:
+            yield tail
+    finally:
+        if not finished:  # the consumer stopped early (e.g. Ctrl-C): free the request's pages
+            engine.abort(request_id)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="nanofast or nanochat checkpoint directory (or model_XXXXXX.pt)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: beside the checkpoints)")
+    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k")
+    p.add_argument("--max-tokens", type=int, default=512, help="most tokens per answer")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (turn i uses seed + i)")
+    args = p.parse_args(argv)
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        p.error(f"--top-k must be >= 0, got {args.top_k}")
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    return args
+
+
+def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
+         stderr: TextIO | None = None) -> int:
+    """Run the chat; answers go to `stdout`, banners and errors to `stderr`. Returns the exit code."""
+    args = parse_args(argv)
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    device = args.device or autodetect_device()
+    try:
+        model, tokenizer, checkpoint = load_model(args.checkpoint, args.tokenizer, device)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=stderr)
+        return 1
+    engine = Engine(model, tokenizer, max_num_seqs=1)
+    context = min(model.config.sequence_len, getattr(engine, "max_context", model.config.sequence_len))
+    sp = {n: tokenizer.encode_special(n) for n in ("<|user_start|>", "<|user_end|>", "<|assistant_start|>",
+                                                   "<|assistant_end|>")}
+
+    # The conversation is kept as token ids, so tool calls stay special tokens in later prompts.
+    conversation = [tokenizer.bos_token_id]
+    turn = 0
+
+    def answer(text: str) -> bool:
+        """Stream the reply to `text`; False (conversation unchanged) when it does not fit the context."""
+        nonlocal conversation, turn
+        prompt = conversation + [sp["<|user_start|>"], *tokenizer.encode(text), sp["<|user_end|>"],
+                                 sp["<|assistant_start|>"]]
+        room = context - len(prompt)
+        if room < 1:
+            print(f"error: the conversation is {len(prompt)} tokens, the model's context is {context}: "
+                  "/clear to start over", file=stderr)
+            return False
+        params = SamplingParams(max_tokens=min(args.max_tokens, room), temperature=args.temperature,
+                                top_k=args.top_k or None, seed=None if args.seed is None else args.seed + turn,
+                                stop_token_ids=stop_tokens(tokenizer))
+        generated: list[int] = []
+        for piece in stream_reply(engine, tokenizer, prompt, params, generated):
+            stdout.write(piece)
+            stdout.flush()
+        stdout.write("\n")
+        stdout.flush()
+        if generated and generated[-1] in params.stop_token_ids:
+            generated[-1] = sp["<|assistant_end|>"]  # a stray BOS also closes the turn as assistant_end
+        else:
+            generated.append(sp["<|assistant_end|>"])  # cut by max_tokens: close the turn anyway
+        conversation = prompt + generated
+        turn += 1
+        return True
+
+    def loop() -> int:
+        """The one-shot answer, or the read-answer loop until /quit or end of input."""
+        nonlocal conversation, turn
+        if args.prompt is not None:
+            if not args.prompt.strip():
+                print("error: -p needs a non-empty prompt", file=stderr)
+                return 2
+            return 0 if answer(args.prompt) else 1
+        interactive = stdin.isatty()
+        print(f"nanofast chat: {checkpoint} on {device}. /clear resets, /quit exits.", file=stderr)
+        while True:
+            if interactive:
+                stdout.write("\nYou: ")
+                stdout.flush()
+            line = stdin.readline()
+            if not line:  # end of input
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text == "/quit":
+                break
+            if text == "/clear":
+                conversation, turn = [tokenizer.bos_token_id], 0
+                print("(conversation cleared)", file=stderr)
+                continue
+            if interactive:
+                stdout.write("Assistant: ")
+            answer(text)
+        return 0
+
+    try:
+        with torch.inference_mode():
+            return loop()
+    except KeyboardInterrupt:  # Ctrl-C: stream_reply has already aborted the running request
+        stdout.write("\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

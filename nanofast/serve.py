@@ -1,0 +1,575 @@
+"""An OpenAI-compatible chat server with a built-in web UI: `python -m nanofast.serve`.
+
+Threads: the Engine is not thread-safe, so ONE background thread (`EngineWorker`) owns it. HTTP
+handlers run on uvicorn's asyncio loop and talk to that thread only through a thread-safe command
+queue ("add" a request, "abort" one); the thread loops `engine.step()` while any request is
+unfinished, blocks on the queue when idle, and hands each token event back to the request's
+asyncio.Queue with `loop.call_soon_threadsafe`. A client that disconnects mid-stream gets an
+"abort" command, which frees its KV-cache pages.
+
+Endpoints: POST /v1/chat/completions (streaming or not), GET /v1/models, GET /health, GET / (UI).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanofast.detokenize import IncrementalDetokenizer, StopMatcher
+from nanofast.engine import Engine, SamplingParams, TokenEvent
+from nanofast.tokenizer import Tokenizer
+
+STATIC_DIR = Path(__file__).parent / "static"
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class ServeLimits:
+    """What one request may ask for; anything beyond is answered with a 4xx."""
+    max_messages: int = 64
+    max_chars: int = 32_000           # all message contents together
+    max_body_bytes: int = 1_000_000   # the raw request body
+    max_tokens: int = 4096            # the largest max_tokens a request may ask for
+    default_max_tokens: int = 512     # when the request gives none (cut to what fits the context)
+    max_stop: int = 4                 # stop sequences per request, as OpenAI allows
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's `{"error": {message, type, param, code}}` with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+# ---- the engine thread --------------------------------------------------------------------------
+@dataclass(eq=False)
+class RequestHandle:
+    """One request's link between the engine thread and its HTTP handler."""
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # TokenEvent or an exception
+    request_id: int | None = None   # set by the engine thread once added
+    finished: bool = False          # the handler saw the last event (or gave up)
+
+
+class EngineWorker:
+    """Owns an Engine on a background thread; see the module docstring."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._active: dict[int, RequestHandle] = {}
+        self._stats = self._snapshot()
+        self._thread = threading.Thread(target=self._run, name="nanofast-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
+        """Queue a request; call from the event loop that will read the handle's events."""
+        handle = RequestHandle(asyncio.get_running_loop())
+        self._commands.put(("add", handle, prompt, params))
+        return handle
+
+    def abort(self, handle: RequestHandle) -> None:
+        """Stop a request and free its pages (a no-op when it already finished)."""
+        handle.finished = True
+        self._commands.put(("abort", handle))
+
+    def stats(self) -> dict:
+        """Running requests and KV pages in use, as of the engine thread's last iteration."""
+        return dict(self._stats)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running (requests are only served while it is)."""
+        return self._thread.is_alive()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread (running requests are dropped)."""
+        self._commands.put(("stop",))
+        self._thread.join(timeout)
+
+    def _snapshot(self) -> dict:
+        blocks = getattr(self.engine, "blocks", None)
+        return {"running_requests": len(self._active), "engine_unfinished": self.engine.has_unfinished(),
+                "pages_in_use": getattr(blocks, "in_use", None), "pages_total": getattr(blocks, "num_pages", None)}
+
+    def _deliver(self, handle: RequestHandle, item: TokenEvent | BaseException) -> bool:
+        """Hand `item` to the request's event loop; False when that loop is gone (request dropped)."""
+        try:
+            handle.loop.call_soon_threadsafe(handle.events.put_nowait, item)
+            return True
+        except RuntimeError:  # its event loop is closed: nobody will read this request any more
+            if handle.request_id in self._active:
+                self.engine.abort(handle.request_id)
+                del self._active[handle.request_id]
+            return False
+
+    def _handle(self, command: tuple) -> bool:
+        """Apply one command; False on "stop"."""
+        kind = command[0]
+        if kind == "stop":
+            for rid, handle in list(self._active.items()):
+                self._deliver(handle, RuntimeError("the server is shutting down"))
+                self.engine.abort(rid)
+            self._active.clear()
+            return False
+        handle = command[1]
+        if kind == "add":
+            if handle.finished:  # aborted before it was even added
+                return True
+            try:
+                handle.request_id = self.engine.add_request(command[2], command[3])
+            except Exception as e:
+                self._deliver(handle, e)
+                return True
+            self._active[handle.request_id] = handle
+        elif kind == "abort" and handle.request_id in self._active:
+            self.engine.abort(handle.request_id)
+            del self._active[handle.request_id]
+        return True
+
+    def _run(self) -> None:
+        running = True
+        while running:
+            # Block only when idle; otherwise take whatever arrived and keep stepping.
+            commands = [self._commands.get()] if not self.engine.has_unfinished() else []
+            while True:
+                try:
+                    commands.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+            for command in commands:
+                running = self._handle(command) and running
+            outbox: list[tuple[RequestHandle, TokenEvent | BaseException]] = []
+            if running and self.engine.has_unfinished():
+                try:
+                    events = self.engine.step()
+                except Exception as e:  # a failed step fails its requests, not the server
+                    error = RuntimeError(f"engine step failed: {type(e).__name__}: {e}")
+                    for rid, handle in list(self._active.items()):
+                        outbox.append((handle, error))
+                        self.engine.abort(rid)
+                    self._active.clear()
+                    events = []
+                for event in events:
+                    handle = self._active.get(event.request_id)
+                    if handle is None:
+                        continue
+                    if event.finished:
+                        del self._active[event.request_id]
+                    outbox.append((handle, event))
+            # Stats first: a client that saw its last token then finds them up to date.
+            self._stats = self._snapshot()
+            if not all([self._deliver(handle, item) for handle, item in outbox]):
+                self._stats = self._snapshot()
+
+
+# ---- request parsing ----------------------------------------------------------------------------
+@dataclass
+class ChatRequest:
+    """A validated chat-completions request."""
+    prompt: list[int]
+    params: SamplingParams
+    stops: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _message_text(content: Any, i: int) -> str:
+    """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"messages[{i}].content[{j}] must be {{\"type\": \"text\", \"text\": str}}: "
+                                    "only text content is supported", f"messages[{i}].content", "invalid_content")
+            parts.append(part["text"])
+        content = "".join(parts)
+    if not isinstance(content, str):
+        raise APIError(400, f"messages[{i}].content must be a string, got {type(content).__name__}",
+                       f"messages[{i}].content", "invalid_content")
+    if not content.strip():
+        raise APIError(400, f"messages[{i}].content is empty", f"messages[{i}].content", "empty_content")
+    return content
+
+
+def parse_messages(messages: Any, limits: ServeLimits) -> list[dict]:
+    """Validate OpenAI messages into nanochat's conversation format (ending with a user turn)."""
+    if messages is None:
+        raise APIError(400, "missing required parameter 'messages'", "messages", "missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages",
+                       "invalid_value")
+    if len(messages) > limits.max_messages:
+        raise APIError(400, f"too many messages: {len(messages)}, at most {limits.max_messages}", "messages",
+                       "too_many_messages")
+    out, chars = [], 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise APIError(400, f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]",
+                           "invalid_value")
+        role = m.get("role")
+        if role not in ROLES:
+            raise APIError(400, f"messages[{i}].role is {role!r}: expected one of {', '.join(ROLES)}",
+                           f"messages[{i}].role", "invalid_role")
+        # nanochat has no system turn: a leading one is merged into the first user message.
+        k = i - (messages[0].get("role") == "system")
+        expected = "system" if role == "system" and i == 0 else ("user" if k % 2 == 0 else "assistant")
+        if role != expected:
+            raise APIError(400, f"messages[{i}].role is {role!r}, expected {expected!r}: after an optional "
+                                "leading system message, turns must alternate user/assistant starting with user",
+                           f"messages[{i}].role", "invalid_role_order")
+        text = _message_text(m.get("content"), i)
+        chars += len(text)
+        out.append({"role": role, "content": text})
+    if out[-1]["role"] != "user":
+        raise APIError(400, f"the last message (messages[{len(out) - 1}]) must be from the user",
+                       f"messages[{len(out) - 1}].role", "invalid_role_order")
+    if chars > limits.max_chars:
+        raise APIError(400, f"messages hold {chars} characters, at most {limits.max_chars}", "messages",
+                       "too_many_characters")
+    return out
+
+
+def parse_request(body: Any, tokenizer: Tokenizer, model_id: str, context: int, limits: ServeLimits,
+                  stop_ids: tuple[int, ...]) -> ChatRequest:
+    """Validate a chat-completions body; raises APIError naming the offending parameter."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
+    model = body.get("model")
+    if model is not None and model != model_id:
+        raise APIError(404, f"the model {model!r} does not exist: this server serves {model_id!r}", "model",
+                       "model_not_found")
+    messages = parse_messages(body.get("messages"), limits)
+
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise APIError(400, f"'stream' must be a boolean, got {stream!r}", "stream", "invalid_type")
+    stream = bool(stream)
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
+        raise APIError(400, "'stream_options' must be an object like {\"include_usage\": true}", "stream_options",
+                       "invalid_type")
+    if options is not None and not stream:
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options",
+                       "invalid_value")
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise APIError(400, f"only n=1 is supported, got {n!r}", "n", "unsupported_value")
+
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    if max_tokens is not None and (not _is_int(max_tokens) or not 1 <= max_tokens <= limits.max_tokens):
+        raise APIError(400, f"'{param}' must be an integer in [1, {limits.max_tokens}], got {max_tokens!r}",
+                       param, "invalid_value")
+    temperature = body.get("temperature")
+    temperature = 1.0 if temperature is None else temperature
+    if not _is_number(temperature) or not 0 <= temperature <= 2:
+        raise APIError(400, f"'temperature' must be a number in [0, 2], got {temperature!r}", "temperature",
+                       "invalid_value")
+    top_p = body.get("top_p")
+    top_p = 1.0 if top_p is None else top_p
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise APIError(400, f"'top_p' must be a number in (0, 1], got {top_p!r}", "top_p", "invalid_value")
+    top_k = body.get("top_k")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise APIError(400, f"'top_k' must be an integer >= 1, got {top_k!r}", "top_k", "invalid_value")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise APIError(400, f"'seed' must be an integer, got {seed!r}", "seed", "invalid_type")
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > limits.max_stop:
+        raise APIError(400, f"'stop' must be a non-empty string or a list of at most {limits.max_stop} non-empty "
+                            f"strings, got {stop!r}", "stop", "invalid_value")
+
+    prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+    if len(prompt) >= context:
+        raise APIError(400, f"the prompt is {len(prompt)} tokens; the model's context is {context} tokens, "
+                            "which must also leave room for the answer: shorten the messages", "messages",
+                       "context_length_exceeded")
+    room = context - len(prompt)
+    if max_tokens is not None and max_tokens > room:
+        raise APIError(400, f"the prompt ({len(prompt)} tokens) + '{param}' ({max_tokens}) exceed the model's "
+                            f"context of {context} tokens: ask for at most {room}", param, "context_length_exceeded")
+    params = SamplingParams(max_tokens=max_tokens if max_tokens is not None else min(limits.default_max_tokens, room),
+                            temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed,
+                            stop_token_ids=stop_ids)
+    return ChatRequest(prompt, params, tuple(stops), stream,
+                       bool(options and options.get("include_usage")))
+
+
+# ---- running a request --------------------------------------------------------------------------
+class Completion:
+    """Turns one request's token events into text pieces: detokenised, stop sequences applied."""
+
+    def __init__(self, worker: EngineWorker, handle: RequestHandle, tokenizer: Tokenizer, request: ChatRequest):
+        self.worker, self.handle, self.request = worker, handle, request
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.matcher = StopMatcher(request.stops)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+
+    async def next_event(self) -> TokenEvent:
+        item = await self.handle.events.get()
+        if isinstance(item, BaseException):
+            self.handle.finished = True
+            raise item
+        return item
+
+    async def pieces(self, first: TokenEvent | None = None) -> AsyncIterator[str]:
+        """Yield text pieces until the request finishes; then `finish_reason` is set."""
+        while self.finish_reason is None:
+            event, first = (first, None) if first is not None else (await self.next_event(), None)
+            self.completion_tokens += 1  # every generated token counts, the stop token included
+            text = ""
+            if not (event.finish_reason == "stop" and event.token in self.request.params.stop_token_ids):
+                text = self.detok.add(event.token)
+            if event.finished:
+                text += self.detok.flush()
+            out, stopped = self.matcher.push(text)
+            if stopped:
+                self.worker.abort(self.handle)  # the rest of the answer is not wanted: free its pages
+                self.finish_reason = "stop"
+            elif event.finished:
+                self.handle.finished = True
+                out += self.matcher.flush()
+                self.finish_reason = "length" if event.finish_reason == "length" else "stop"
+            if out:
+                yield out
+
+    def close(self) -> None:
+        """Abort the request in the engine unless it already finished."""
+        if not self.handle.finished:
+            self.worker.abort(self.handle)
+
+    def usage(self) -> dict:
+        n = len(self.request.prompt)
+        return {"prompt_tokens": n, "completion_tokens": self.completion_tokens,
+                "total_tokens": n + self.completion_tokens}
+
+
+class _SSEResponse(StreamingResponse):
+    """A StreamingResponse that always watches for the client going away (whatever the ASGI
+    version) and runs `on_close` however the stream ends, so an abandoned request is aborted."""
+
+    def __init__(self, content: AsyncIterator[str], on_close, **kwargs):
+        super().__init__(content, media_type="text/event-stream", **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the client went away mid-write
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            self.on_close()
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ---- the app ------------------------------------------------------------------------------------
+def context_window(engine: Engine) -> int:
+    """Tokens a prompt and its answer may span: the model's training length, or less if the
+    engine's page pool is smaller."""
+    return min(engine.model.config.sequence_len, getattr(engine, "max_context", engine.model.config.sequence_len))
+
+
+def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, limits: ServeLimits | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`. Starts the engine thread now; it stops at app shutdown
+    (or with `app.state.worker.close()`). `app.state.worker` exposes the worker for inspection."""
+    if not isinstance(model_id, str) or not model_id:
+        raise ValueError(f"model_id must be a non-empty string, got {model_id!r}")
+    limits = limits or ServeLimits()
+    worker = EngineWorker(engine)
+    context = context_window(engine)
+    stop_ids = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
+    created = int(time.time())
+    page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+
+    async def lifespan(app: FastAPI):
+        yield
+        worker.close()
+
+    app = FastAPI(title="nanofast", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.worker, app.state.engine, app.state.limits = worker, engine, limits
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, code).response()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = worker.alive
+        return JSONResponse({"status": "ok" if ok else "engine thread stopped", "model": model_id, **worker.stats()},
+                            status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                            "owned_by": "nanofast"}]}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        raw = await request.body()
+        if len(raw) > limits.max_body_bytes:
+            raise APIError(413, f"request body is {len(raw)} bytes, at most {limits.max_body_bytes}", None,
+                           "request_too_large")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+        req = parse_request(body, tokenizer, model_id, context, limits, stop_ids)
+        completion = Completion(worker, worker.submit(req.prompt, req.params), tokenizer, req)
+        cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        try:
+            first = await completion.next_event()  # engine-side rejections become a 4xx, not a broken stream
+        except ValueError as e:
+            raise APIError(400, str(e), None, "invalid_value") from None
+        except RuntimeError as e:
+            raise APIError(500, str(e), None, "engine_error", type="server_error") from None
+        except BaseException:
+            completion.close()
+            raise
+
+        if not req.stream:
+            try:
+                text = "".join([piece async for piece in completion.pieces(first)])
+            except RuntimeError as e:
+                raise APIError(500, str(e), None, "engine_error", type="server_error") from None
+            finally:
+                completion.close()
+            return JSONResponse({
+                "id": cid, "object": "chat.completion", "created": now, "model": model_id,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                             "logprobs": None, "finish_reason": completion.finish_reason}],
+                "usage": completion.usage()})
+
+        def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+            out = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_id,
+                   "system_fingerprint": None,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            if req.include_usage:
+                out["usage"] = None  # OpenAI: null on every chunk but the last when usage is asked for
+            return out
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield _sse(chunk({"role": "assistant", "content": ""}))
+                async for piece in completion.pieces(first):
+                    yield _sse(chunk({"content": piece}))
+                yield _sse(chunk({}, completion.finish_reason))
+                if req.include_usage:
+                    yield _sse({"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_id,
+                                "system_fingerprint": None, "choices": [], "usage": completion.usage()})
+            except RuntimeError as e:  # the engine failed mid-stream: headers are gone, report in-band
+                yield _sse(APIError(500, str(e), None, "engine_error", type="server_error").body())
+            finally:
+                completion.close()
+            yield _sse("[DONE]")
+
+        return _SSEResponse(events(), completion.close, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+# ---- command line -------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--checkpoint", default=None, help="nanofast or nanochat checkpoint directory (default: latest sft/mid/base)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: beside the checkpoints)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--model-id", default=None, help="the model name clients send (default: nanofast-<checkpoint dir>)")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together")
+    p.add_argument("--page-size", type=int, default=16, help="KV-cache tokens per page")
+    p.add_argument("--num-pages", type=int, default=None, help="KV-cache pages (default: the engine's)")
+    p.add_argument("--max-tokens-limit", type=int, default=ServeLimits.max_tokens, help="largest max_tokens a request may ask for")
+    p.add_argument("--default-max-tokens", type=int, default=ServeLimits.default_max_tokens)
+    args = p.parse_args(argv)
+    for name in ("port", "max_num_seqs", "page_size", "max_tokens_limit", "default_max_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the checkpoint and serve it with uvicorn until interrupted."""
+    import torch
+    import uvicorn
+
+    from nanofast.chat import load_model
+    from nanofast.checkpoint import CheckpointError
+    from nanofast.common import autodetect_device
+
+    args = parse_args(argv)
+    device = args.device or autodetect_device()
+    try:
+        model, tokenizer, checkpoint = load_model(args.checkpoint, args.tokenizer, device)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    torch.set_grad_enabled(False)
+    engine = Engine(model, tokenizer, page_size=args.page_size, num_pages=args.num_pages,
+                    max_num_seqs=args.max_num_seqs)
+    directory = checkpoint.parent if checkpoint.is_file() else checkpoint
+    model_id = args.model_id or f"nanofast-{directory.resolve().name}"
+    limits = ServeLimits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens)
+    app = create_app(engine, tokenizer, model_id, limits)
+    print(f"serving {model_id} ({checkpoint}, {device}) on http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""`python -m nanofast.chat` on a tiny checkpoint saved the way training saves them."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanofast import chat
+from nanofast.checkpoint import save_checkpoint
+from nanofast.engine import Engine, SamplingParams
+from test_serve import stop_ids, tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A data root laid out like train.py's: tokenizer/ and checkpoints/sft/."""
+    root = tmp_path_factory.mktemp("chatbase")
+    tokenizer = tiny_tokenizer()
+    tokenizer.save(root / "tokenizer")
+    save_checkpoint(root / "checkpoints" / "sft", 5, tiny_model(tokenizer), None, meta={})
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(base):
+    """(tokenizer, engine) over the checkpoint as loaded back, for the expected answers."""
+    model, tokenizer, _ = chat.load_model(base / "checkpoints" / "sft", None, "cpu")
+    return tokenizer, Engine(model, tokenizer)
+
+
+def answer(reference, prompt: list[int], max_tokens: int) -> tuple[str, list[int]]:
+    """Greedy tokens for `prompt` and their text without the stop token."""
+    tokenizer, engine = reference
+    ids = stop_ids(tokenizer)
+    out = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=ids))[0]
+    return tokenizer.decode(out[:-1] if out[-1] in ids else out), out
+
+
+def user_turn(tokenizer, text: str) -> list[int]:
+    sp = tokenizer.encode_special
+    return [sp("<|user_start|>"), *tokenizer.encode(text), sp("<|user_end|>"), sp("<|assistant_start|>")]
+
+
+def run_main(argv: list[str], stdin: str = "") -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = chat.main(argv, stdin=io.StringIO(stdin), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_default_checkpoint_prefers_sft(base, tmp_path, monkeypatch):
+    assert chat.default_checkpoint(base) == base / "checkpoints" / "sft"
+    monkeypatch.setenv("NANOFAST_BASE_DIR", str(base))
+    assert chat.default_checkpoint() == base / "checkpoints" / "sft"
+    assert chat.find_tokenizer_dir(base / "checkpoints" / "sft") == base / "tokenizer"
+    assert chat.default_checkpoint(tmp_path) is None
+
+
+def test_one_shot_prompt(base, reference):
+    expected, _ = answer(reference, [reference[0].bos_token_id, *user_turn(reference[0], "Hi there")], 10)
+    code, out, err = run_main(["--checkpoint", str(base / "checkpoints" / "sft"), "-p", "Hi there",
+                               "--temperature", "0", "--max-tokens", "10"])
+    assert code == 0, err
+    assert out == expected + "\n" and expected
+
+
+def test_one_shot_as_a_subprocess_with_the_default_checkpoint(base, reference):
+    expected, _ = answer(reference, [reference[0].bos_token_id, *user_turn(reference[0], "Hi there")], 8)
+    env = dict(os.environ, NANOFAST_BASE_DIR=str(base), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "nanofast.chat", "-p", "Hi there", "--temperature", "0",
+                          "--max-tokens", "8", "--device", "cpu"],
+                         cwd=ROOT, env=env, capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout.decode("utf-8") == expected + "\n"
+
+
+def test_interactive_multi_turn_clear_and_quit(base, reference):
+    tokenizer = reference[0]
+    end = tokenizer.encode_special("<|assistant_end|>")
+    first_prompt = [tokenizer.bos_token_id, *user_turn(tokenizer, "hello")]
+    first, first_tokens = answer(reference, first_prompt, 6)
+    closed = first_tokens[:-1] + [end] if first_tokens[-1] in stop_ids(tokenizer) else first_tokens + [end]
+    second, _ = answer(reference, first_prompt + closed + user_turn(tokenizer, "and then?"), 6)
+    stdin = "hello\n\nand then?\n/clear\nhello\n/quit\nnever read\n"
+    code, out, err = run_main(["--checkpoint", str(base / "checkpoints" / "sft"), "--temperature", "0",
+                               "--max-tokens", "6"], stdin)
+    assert code == 0, err
+    # the second answer sees the first turn; after /clear the first answer comes again
+    assert out == f"{first}\n{second}\n{first}\n"
+    assert second != first
+    assert "(conversation cleared)" in err
+
+
+def test_interactive_ends_at_eof_and_sampling_with_a_seed_repeats(base):
+    args = ["--checkpoint", str(base / "checkpoints" / "sft"), "--max-tokens", "8", "--seed", "7",
+            "--temperature", "1.0"]
+    code, out, _ = run_main(args, "hi\nhi\n")
+    assert code == 0 and out.endswith("\n") and out.count("\n") >= 2
+    assert run_main(args, "hi\nhi\n")[1] == out  # same seed, same answers
+
+
+def test_conversation_longer_than_the_context_is_refused(base):
+    code, out, err = run_main(["--checkpoint", str(base / "checkpoints" / "sft"), "-p", "word " * 200])
+    assert code == 1 and out == ""
+    assert "context is 128" in err and "/clear" in err
+
+
+def test_missing_checkpoint_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOFAST_BASE_DIR", str(tmp_path))
+    code, out, err = run_main(["-p", "hi"])
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1
+    assert "run `python train.py --stage all` first or pass --checkpoint" in err
+    code, _, err = run_main(["--checkpoint", str(tmp_path / "nope"), "-p", "hi"])
+    assert code == 1 and "does not exist" in err
+
+
+def test_tokenizer_must_match_the_checkpoint(base, tmp_path):
+    from nanofast.tokenizer import Tokenizer
+    from test_serve import TEXTS
+
+    Tokenizer.train(TEXTS, vocab_size=290).save(tmp_path / "other")
+    code, _, err = run_main(["--checkpoint", str(base / "checkpoints" / "sft"), "--tokenizer",
+                             str(tmp_path / "other"), "-p", "hi"])
+    assert code == 1 and "--tokenizer" in err and "300" in err
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(SystemExit):
+        chat.parse_args(["--temperature", "-1"])
+    with pytest.raises(SystemExit):
+        chat.parse_args(["--max-tokens", "0"])
+
+
+def test_stopping_a_reply_early_aborts_its_request(reference):
+    tokenizer, engine = reference
+    prompt = [tokenizer.bos_token_id, *user_turn(tokenizer, "Hi there")]
+    params = SamplingParams(max_tokens=50, temperature=0.0, stop_token_ids=stop_ids(tokenizer))
+    generated: list[int] = []
+    pieces = chat.stream_reply(engine, tokenizer, prompt, params, generated)
+    next(pieces)
+    assert engine.has_unfinished()
+    pieces.close()  # what Ctrl-C in the middle of an answer does
+    assert not engine.has_unfinished() and engine.blocks.in_use == 0
+    assert 0 < len(generated) < 50
+
+
+def test_ctrl_c_exits_quietly(base):
+    class Interrupting(io.StringIO):
+        def readline(self, *args):
+            raise KeyboardInterrupt
+
+    out = io.StringIO()
+    code = chat.main(["--checkpoint", str(base / "checkpoints" / "sft")], stdin=Interrupting(), stdout=out,
+                     stderr=io.StringIO())
+    assert code == 130 and out.getvalue() == "\n"

@@ -1,0 +1,487 @@
+"""The OpenAI-compatible server around a tiny random GPT and the real Engine, over real HTTP."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from nanofast.detokenize import IncrementalDetokenizer, StopMatcher
+from nanofast.engine import Engine, SamplingParams
+from nanofast.model import GPT, config_for_depth
+from nanofast.serve import ServeLimits, create_app
+from nanofast.tokenizer import Tokenizer
+
+MODEL_ID = "nanofast-tiny"
+CONTEXT = 128
+LIMITS = ServeLimits(max_messages=8, max_chars=2000, max_tokens=100, default_max_tokens=16)
+TEXTS = [f"The number {i} is {'even' if i % 2 == 0 else 'odd'}. Emoji 😀🎉 and 中文字符 test {i}. Café naïve."
+         for i in range(300)]
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """A byte-level BPE with a few merges: multi-byte characters span several tokens."""
+    return Tokenizer.train(TEXTS, vocab_size=300)
+
+
+def tiny_model(tokenizer: Tokenizer, seed: int = 3) -> GPT:
+    """A random 2-layer GPT whose answers depend on the whole prompt."""
+    torch.manual_seed(seed)
+    model = GPT(config_for_depth(2, tokenizer.vocab_size, CONTEXT, aspect_ratio=32, head_dim=32))
+    model.init_weights()
+    with torch.no_grad():
+        # init_weights zeroes the output projections, which leaves a model that only sees the
+        # last two tokens: every prompt would get the same answer.
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(std=0.5)
+            block.mlp.c_proj.weight.normal_(std=0.5)
+    return model.eval()
+
+
+def stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    return (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
+
+
+def prompt_of(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    return tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+
+
+def greedy(model: GPT, tokenizer: Tokenizer, messages: list[dict], max_tokens: int) -> tuple[str, list[int]]:
+    """The reference answer: a fresh Engine's greedy tokens, decoded without the stop token."""
+    ids = stop_ids(tokenizer)
+    out = Engine(model, tokenizer).generate(
+        [prompt_of(tokenizer, messages)], SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=ids))[0]
+    shown = out[:-1] if out and out[-1] in ids else out
+    return tokenizer.decode(shown), out
+
+
+class ServerThread:
+    """uvicorn serving `app` from a background thread on a free 127.0.0.1 port."""
+
+    def __init__(self, app):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer) -> GPT:
+    return tiny_model(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def server(model, tokenizer):
+    engine = Engine(model, tokenizer, page_size=16, max_num_seqs=8)
+    app = create_app(engine, tokenizer, MODEL_ID, LIMITS)
+    with ServerThread(app) as srv:
+        srv.app, srv.engine = app, engine
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            srv.client = client
+            yield srv
+
+
+def chat(server, **body) -> httpx.Response:
+    body.setdefault("model", MODEL_ID)
+    return server.client.post("/v1/chat/completions", json=body)
+
+
+def sse_events(text: str) -> list[str]:
+    """The data fields of a Server-Sent Events body, in order."""
+    blocks = [b for b in text.split("\n\n") if b.strip()]
+    assert all(b.startswith("data: ") for b in blocks), blocks
+    return [b[len("data: "):] for b in blocks]
+
+
+def check_completion(obj: dict) -> None:
+    """Every field OpenAI's chat.completion object requires, with the right types."""
+    assert obj["object"] == "chat.completion"
+    assert isinstance(obj["id"], str) and obj["id"].startswith("chatcmpl-")
+    assert isinstance(obj["created"], int) and abs(obj["created"] - time.time()) < 600
+    assert obj["model"] == MODEL_ID
+    [choice] = obj["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] in ("stop", "length") and "logprobs" in choice
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    usage = obj["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert all(isinstance(v, int) for v in usage.values())
+
+
+def check_chunk(obj: dict, cid: str, created: int) -> None:
+    assert obj["object"] == "chat.completion.chunk"
+    assert obj["id"] == cid and obj["created"] == created and obj["model"] == MODEL_ID
+    assert isinstance(obj["choices"], list)
+    for choice in obj["choices"]:
+        assert choice["index"] == 0 and isinstance(choice["delta"], dict) and "finish_reason" in choice
+
+
+def stream_chat(server, **body) -> tuple[str, list[dict]]:
+    """POST a streaming request; (concatenated content, parsed chunks), with the framing checked."""
+    r = chat(server, stream=True, **body)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    data = sse_events(r.text)
+    assert data[-1] == "[DONE]" and "[DONE]" not in data[:-1]
+    chunks = [json.loads(d) for d in data[:-1]]
+    cid, created = chunks[0]["id"], chunks[0]["created"]
+    for c in chunks:
+        check_chunk(c, cid, created)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    content_chunks = [c for c in chunks if c["choices"]]
+    final = content_chunks[-1]["choices"][0]
+    assert final["delta"] == {} and final["finish_reason"] in ("stop", "length")
+    assert all(c["choices"][0]["finish_reason"] is None for c in content_chunks[:-1])
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in content_chunks)
+    return text, chunks
+
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+def test_models_health_and_index(server):
+    models = server.client.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert [(m["id"], m["object"], m["owned_by"]) for m in models["data"]] == [(MODEL_ID, "model", "nanofast")]
+    health = server.client.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL_ID and health["pages_total"] > 0
+    page = server.client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<meta name="viewport"' in page.text and "/v1/chat/completions" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no external resources
+
+
+def test_non_stream_is_greedy_engine_output_with_exact_usage(server, model, tokenizer):
+    r = chat(server, messages=HELLO, temperature=0, max_tokens=12)
+    assert r.status_code == 200, r.text
+    obj = r.json()
+    check_completion(obj)
+    text, tokens = greedy(model, tokenizer, HELLO, 12)
+    assert obj["choices"][0]["message"]["content"] == text
+    assert obj["usage"]["prompt_tokens"] == len(prompt_of(tokenizer, HELLO))
+    assert obj["usage"]["completion_tokens"] == len(tokens)
+    expected_reason = "stop" if tokens[-1] in stop_ids(tokenizer) else "length"
+    assert obj["choices"][0]["finish_reason"] == expected_reason
+    # greedy is deterministic: the same request again gives the same text
+    again = chat(server, messages=HELLO, temperature=0, max_tokens=12).json()
+    assert again["choices"][0]["message"]["content"] == text and again["id"] != obj["id"]
+
+
+def test_stream_matches_non_stream_and_reports_usage(server, tokenizer):
+    body = dict(messages=HELLO, temperature=0, max_tokens=10)
+    full = chat(server, **body).json()
+    text, chunks = stream_chat(server, stream_options={"include_usage": True}, **body)
+    assert text == full["choices"][0]["message"]["content"]
+    assert len([c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]) >= 2  # streamed
+    usage_chunk = chunks[-1]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == full["usage"]
+    assert all(c["usage"] is None for c in chunks[:-1])
+    # without include_usage there is no usage chunk and no usage field
+    text2, chunks2 = stream_chat(server, **body)
+    assert text2 == text and all("usage" not in c and c["choices"] for c in chunks2)
+
+
+def test_max_tokens_gives_length(server):
+    obj = chat(server, messages=HELLO, temperature=0, max_tokens=3).json()
+    check_completion(obj)
+    assert obj["choices"][0]["finish_reason"] == "length" and obj["usage"]["completion_tokens"] == 3
+    # the default max_tokens (the server's limit) applies when none is given
+    obj = chat(server, messages=HELLO, temperature=0).json()
+    assert obj["usage"]["completion_tokens"] == LIMITS.default_max_tokens
+
+
+def test_stop_sequences_cut_the_text(server):
+    text = chat(server, messages=HELLO, temperature=0, max_tokens=24).json()["choices"][0]["message"]["content"]
+    assert len(text) >= 6, text
+    stop = text[3:5]
+    expected = text[:text.find(stop)]
+    for form in (stop, [stop], ["never-appears-zz", stop]):
+        obj = chat(server, messages=HELLO, temperature=0, max_tokens=24, stop=form).json()
+        assert obj["choices"][0]["message"]["content"] == expected
+        assert obj["choices"][0]["finish_reason"] == "stop"
+        assert obj["usage"]["completion_tokens"] < 24
+    streamed, chunks = stream_chat(server, messages=HELLO, temperature=0, max_tokens=24, stop=stop)
+    assert streamed == expected and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_seeded_sampling_is_reproducible(server):
+    body = dict(messages=HELLO, temperature=1.0, top_k=50, top_p=0.9, seed=1234, max_tokens=12)
+    a, b = (chat(server, **body).json()["choices"][0]["message"]["content"] for _ in range(2))
+    assert a == b
+
+
+def test_concurrent_requests_all_complete_correctly(server, model, tokenizer):
+    convs = [[{"role": "user", "content": f"Question number {i}: {'why ' * i}?"}] for i in range(6)]
+    expected = [greedy(model, tokenizer, c, 14)[0] for c in convs]
+
+    def one(i: int) -> str:
+        body = dict(messages=convs[i], temperature=0, max_tokens=14)
+        if i % 2:
+            return stream_chat(server, **body)[0]
+        return chat(server, **body).json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(len(convs)) as pool:
+        got = list(pool.map(one, range(len(convs))))
+    assert got == expected
+
+
+def test_concurrent_requests_with_async_client(server):
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            rs = await asyncio.gather(*[
+                client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 5 + i, "temperature": 0})
+                for i in range(5)])
+        return [r.json()["choices"][0]["message"]["content"] for r in rs]
+
+    full = chat(server, messages=HELLO, max_tokens=9, temperature=0).json()["choices"][0]["message"]["content"]
+    texts = asyncio.run(run())
+    assert texts[-1] == full and all(full.startswith(t) for t in texts)
+
+
+LONG = "word " * 200  # far more than the 128-token context
+
+
+@pytest.mark.parametrize("body, status, param, code", [
+    (b"{not json", 400, None, "invalid_json"),
+    (b"[1, 2]", 400, None, "invalid_json"),
+    ({}, 400, "messages", "missing_required_parameter"),
+    ({"messages": []}, 400, "messages", "invalid_value"),
+    ({"messages": "hi"}, 400, "messages", "invalid_value"),
+    ({"messages": [{"role": "user", "content": ""}]}, 400, "messages[0].content", "empty_content"),
+    ({"messages": [{"role": "user", "content": "   "}]}, 400, "messages[0].content", "empty_content"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "invalid_content"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "invalid_role"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages[0].role", "invalid_role_order"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400,
+     "messages[1].role", "invalid_role_order"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, 400,
+     "messages[1].role", "invalid_role_order"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 400,
+     "messages[1].role", "invalid_role_order"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}] * 4
+     + [{"role": "user", "content": "hi"}]}, 400, "messages", "too_many_messages"),
+    ({"messages": [{"role": "user", "content": "x" * 2001}]}, 400, "messages", "too_many_characters"),
+    ({"messages": [{"role": "user", "content": "x" * 1_100_000}]}, 413, None, "request_too_large"),
+    ({"messages": [{"role": "user", "content": LONG}]}, 400, "messages", "context_length_exceeded"),
+    ({"messages": HELLO, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ({"messages": HELLO, "max_tokens": 101}, 400, "max_tokens", "invalid_value"),
+    ({"messages": HELLO, "max_tokens": "5"}, 400, "max_tokens", "invalid_value"),
+    ({"messages": HELLO, "max_completion_tokens": -1}, 400, "max_completion_tokens", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "word " * 10}], "max_tokens": 100}, 400, "max_tokens",
+     "context_length_exceeded"),
+    ({"messages": HELLO, "temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ({"messages": HELLO, "temperature": -0.1}, 400, "temperature", "invalid_value"),
+    ({"messages": HELLO, "top_p": 0}, 400, "top_p", "invalid_value"),
+    ({"messages": HELLO, "top_p": 1.5}, 400, "top_p", "invalid_value"),
+    ({"messages": HELLO, "top_k": 0}, 400, "top_k", "invalid_value"),
+    ({"messages": HELLO, "seed": "x"}, 400, "seed", "invalid_type"),
+    ({"messages": HELLO, "stop": ""}, 400, "stop", "invalid_value"),
+    ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+    ({"messages": HELLO, "stream": "yes"}, 400, "stream", "invalid_type"),
+    ({"messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value"),
+    ({"messages": HELLO, "n": 2}, 400, "n", "unsupported_value"),
+    ({"messages": HELLO, "model": "gpt-4"}, 404, "model", "model_not_found"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, param, code):
+    if isinstance(body, bytes):
+        r = server.client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        r = server.client.post("/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["code"] == code
+    assert isinstance(error["message"], str) and error["message"]
+    if param and param != "messages":
+        assert param.split("[")[0].split(".")[0] in error["message"]  # the message names the parameter
+    ok = chat(server, messages=HELLO, max_tokens=2)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_system_message_is_merged_into_the_first_user_turn(server, model, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "More?"}]
+    obj = chat(server, messages=messages, temperature=0, max_tokens=6).json()
+    assert obj["usage"]["prompt_tokens"] == len(prompt_of(tokenizer, messages))
+    assert obj["choices"][0]["message"]["content"] == greedy(model, tokenizer, messages, 6)[0]
+    # list-of-parts content, as OpenAI clients send it, is the same text
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}]
+    same = chat(server, messages=parts, temperature=0, max_tokens=6).json()
+    assert same["choices"][0]["message"]["content"] == greedy(model, tokenizer, HELLO, 6)[0]
+
+
+def test_unknown_route_and_method_are_json_errors(server):
+    r = server.client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = server.client.get("/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_client_disconnect_aborts_the_request_and_frees_its_pages(server, monkeypatch):
+    aborted = []
+    original = server.engine.abort
+    monkeypatch.setattr(server.engine, "abort", lambda rid: (aborted.append(rid), original(rid)))
+    body = {"model": MODEL_ID, "messages": HELLO, "max_tokens": 100, "stream": True, "temperature": 0}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            seen = 0
+            for line in lines:
+                if line.startswith("data: ") and '"content"' in line:
+                    seen += 1
+                    if seen == 3:
+                        break
+            busy = server.client.get("/health").json()
+            assert busy["running_requests"] == 1 and busy["pages_in_use"] > 0
+        # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        health = server.client.get("/health").json()
+        if aborted and health["running_requests"] == 0:
+            break
+        time.sleep(0.05)
+    assert len(aborted) == 1, "the disconnect did not abort the request"
+    assert health["running_requests"] == 0 and health["pages_in_use"] == 0 and not health["engine_unfinished"]
+    ok = chat(server, messages=HELLO, max_tokens=2)
+    assert ok.status_code == 200
+
+
+def test_stop_token_ends_with_stop_and_is_not_shown(tokenizer):
+    """A model that always says <|assistant_end|>: empty content, finish_reason "stop", 1 token."""
+    model = tiny_model(tokenizer)
+    with torch.no_grad():
+        # Equal embedding rows and zero output projections make the final hidden state the
+        # all-ones vector for every input, so this head row wins every argmax.
+        model.transformer.wte.weight.fill_(1.0)
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+        for ve in model.value_embeds.values():
+            ve.weight.zero_()
+        model.lm_head.weight[tokenizer.encode_special("<|assistant_end|>")] = 0.5
+    app = create_app(Engine(model, tokenizer), tokenizer, MODEL_ID, LIMITS)
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            full = await client.post("/v1/chat/completions", json={"messages": HELLO, "temperature": 0})
+            stream = await client.post("/v1/chat/completions", json={"messages": HELLO, "stream": True})
+        return full, stream
+
+    try:
+        full, stream = asyncio.run(run())
+    finally:
+        app.state.worker.close()
+    obj = full.json()
+    check_completion(obj)
+    assert obj["choices"][0]["message"]["content"] == "" and obj["choices"][0]["finish_reason"] == "stop"
+    assert obj["usage"]["completion_tokens"] == 1
+    data = sse_events(stream.text)
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert data[-1] == "[DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == ""
+
+
+# ---- detokenisation and stop matching ----------------------------------------------------------
+
+def split_char_tokens(tokenizer: Tokenizer, ids: list[int]) -> int:
+    """How many tokens are not valid UTF-8 on their own (they hold part of a character)."""
+    count = 0
+    for t in ids:
+        try:
+            tokenizer.enc.decode_single_token_bytes(t).decode("utf-8")
+        except UnicodeDecodeError:
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("text", ["Emoji 😀🎉 and 中文字符", "naïve café 👩‍👩‍👧 日本語のテキスト", "🎉"])
+def test_detokenizer_never_splits_a_character(tokenizer, text):
+    merged = tokenizer.encode(text)
+    raw_bytes = list(text.encode("utf-8"))  # ids 0..255 are the single bytes: every character split
+    for ids in (merged, raw_bytes):
+        detok = IncrementalDetokenizer(tokenizer)
+        pieces = [detok.add(t) for t in ids] + [detok.flush()]
+        assert all("\ufffd" not in p for p in pieces)
+        assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert split_char_tokens(tokenizer, raw_bytes) > 0
+    # pieces appear as soon as a character is complete, not only at the end
+    detok = IncrementalDetokenizer(tokenizer)
+    assert [detok.add(b) for b in "a😀".encode()] == ["a", "", "", "", "😀"]
+
+
+def test_detokenizer_matches_decode_on_invalid_utf8(tokenizer):
+    # A stray continuation byte, a truncated 3-byte character mid-stream, a truncated one at the end.
+    ids = [ord("x"), 0x80, ord("y"), 0xE4, 0xB8, ord("z"), *list("中".encode())[:2]]
+    detok = IncrementalDetokenizer(tokenizer)
+    text = "".join(detok.add(t) for t in ids) + detok.flush()
+    assert text == tokenizer.decode(ids)
+    assert "\ufffd" in text
+    with pytest.raises(ValueError, match="token must be an id"):
+        detok.add(tokenizer.vocab_size)
+
+
+def test_detokenizer_on_random_token_streams(tokenizer):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(0, tokenizer.vocab_size, (40,), generator=g).tolist()
+        detok = IncrementalDetokenizer(tokenizer)
+        assert detok.add_many(ids) + detok.flush() == tokenizer.decode(ids)
+
+
+def test_stop_matcher_holds_back_partial_matches():
+    m = StopMatcher(["STOP", "xyz"])
+    assert m.push("hello S") == ("hello ", False)
+    assert m.push("T") == ("", False)
+    assert m.push("AR") == ("STAR", False)
+    assert m.push(" x") == (" ", False)
+    assert m.push("yzzz STOP") == ("", True)
+    assert m.push("more") == ("", True) and m.flush() == ""
+    m = StopMatcher(["END"])
+    assert m.push("the E") == ("the ", False) and m.flush() == "E"
+    m = StopMatcher([])
+    assert m.push("anything") == ("anything", False)
+    with pytest.raises(ValueError, match="stop sequences"):
+        StopMatcher([""])
+
+
+def test_health_reports_a_stopped_engine_thread(model, tokenizer):
+    app = create_app(Engine(model, tokenizer), tokenizer, MODEL_ID, LIMITS)
+    app.state.worker.close()
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.get("/health")
+
+    r = asyncio.run(run())
+    assert r.status_code == 503 and r.json()["status"] == "engine thread stopped"
+    with pytest.raises(ValueError, match="model_id"):
+        create_app(Engine(model, tokenizer), tokenizer, "", LIMITS)

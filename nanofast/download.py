@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -93,25 +93,34 @@ def _verify(part: Path, total: int | None) -> None:
         raise RetryableError(f"{part.name}: not a readable parquet file ({e})") from None
 
 
-def download_shard(index: int, data_dir: Path, base_url: str = CLIMBMIX_URL, retries: int = 5,
-                   backoff: float = 1.0, timeout: float = 30) -> Path:
-    """Download one shard (skipped if already present) with up to `retries` retries."""
-    final = data_dir / shard_name(index)
+def download_file(url: str, final: Path, retries: int = 5, backoff: float = 1.0, timeout: float = 30,
+                  verify: Callable[[Path, int | None], None] = _verify) -> Path:
+    """Download `url` to `final` (skipped if already present) with up to `retries` retries.
+
+    Bytes stream into `<final>.part` (resumed on the next attempt) and are renamed to `final` only
+    after `verify(part, expected_size)` accepts them; by default that checks for a whole parquet
+    file. `verify` raises RetryableError to reject the bytes (deleting `part` if not resumable).
+    """
     if final.exists():
         return final
-    url = base_url.format(i=index)
     part = final.with_name(final.name + ".part")
     for attempt in range(retries + 1):
         try:
             total = _fetch(url, part, timeout)
-            _verify(part, total)
-            os.replace(part, final)  # atomic: the final name only ever names a whole shard
+            verify(part, total)
+            os.replace(part, final)  # atomic: the final name only ever names a whole file
             return final
         except RetryableError as e:
             if attempt == retries:
                 raise DownloadError(f"gave up after {retries + 1} attempts: {e}") from None
             time.sleep(min(backoff * 2 ** attempt, MAX_BACKOFF))
     raise AssertionError("unreachable")
+
+
+def download_shard(index: int, data_dir: Path, base_url: str = CLIMBMIX_URL, retries: int = 5,
+                   backoff: float = 1.0, timeout: float = 30) -> Path:
+    """Download one shard (skipped if already present) with up to `retries` retries."""
+    return download_file(base_url.format(i=index), data_dir / shard_name(index), retries, backoff, timeout)
 
 
 def _check_args(indices: list[int], base_url: str, workers: int, retries: int, backoff: float,

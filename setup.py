@@ -41,7 +41,7 @@ setup(
     version="0.1.0",
     description="Fast GPU kernels and a thin nanochat-style training driver",
     python_requires=">=3.10",
-    packages=["nanofast", "nanofast.kernels"],
+    packages=["nanofast", "nanofast.kernels", "nanofast.tasks"],
     package_dir={"nanofast": "nanofast", "nanofast.kernels": "kernels"},
     package_data={"nanofast": ["static/*.html"]},  # the chat page served by nanofast.serve
     install_requires=[

@@ -10,7 +10,7 @@ import os
 import sys
 
 from nanofast.common import autodetect_device, base_dir, init_distributed, print0, shutdown_distributed
-from nanofast.pipeline import AVAILABLE, STAGES, Run, report_path, run_stages
+from nanofast.pipeline import STAGES, Run, report_path, run_stages
 from nanofast.presets import make_settings
 
 
@@ -36,12 +36,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the training step")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--download-tasks", action=argparse.BooleanOptionalAction, default=None,
+                   help="fetch the real task datasets (SmolTalk, MMLU, ARC, GSM8K, HumanEval, CORE); "
+                        "default: cached data, else generated offline data")
+    p.add_argument("--task-size", type=int, default=None, help="cap on examples per task")
+    p.add_argument("--midtrain-iterations", type=int, default=None, help="-1 = one epoch of the mixture")
+    p.add_argument("--sft-iterations", type=int, default=None, help="-1 = one epoch of the mixture")
+    p.add_argument("--rl-steps", type=int, default=None)
+    p.add_argument("--rl-samples", type=int, default=None, help="answers per question (GRPO group size)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="RL compute precision; fp16 (with loss scaling) removes most of the sampler/trainer "
+                        "mismatch that bf16 rounding causes")
+    p.add_argument("--eval-examples", type=int, default=None, help="examples per evaluation task (-1: all)")
     args = p.parse_args(argv)
     valid = list(STAGES) + ["all"]
     if args.stage not in valid:
         p.error(f"unknown stage {args.stage!r}: choose one of {', '.join(valid)}")
-    if args.stage not in AVAILABLE and args.stage != "all":
-        p.error(f"stage {args.stage!r} is not available in this version of nanofast (available: {', '.join(AVAILABLE)})")
     return args
 
 

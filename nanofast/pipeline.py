@@ -11,20 +11,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanofast import dataset
+from tqdm import tqdm
+
+from nanofast import checkpoint, core_eval, dataset
+from nanofast.chat_eval import chatcore, evaluate_generative, evaluate_task
 from nanofast.common import Dist, default_dtype, parse_dtype, peak_flops, print0
-from nanofast.dataloader import PackedLoader
+from nanofast.dataloader import ConversationLoader, PackedLoader
 from nanofast.download import download_climbmix
 from nanofast.evaluate import evaluate_bpb
 from nanofast.model import GPT, config_for_depth
-from nanofast.optim import MuonAdamW
+from nanofast.optim import MuonAdamW, apply_schedules
 from nanofast.presets import Settings
 from nanofast.report import build_report, read_section, write_section
+from nanofast.rl import grpo_loss, policy_batch, rollouts
+from nanofast.tasks import TaskMixture, load_task
 from nanofast.tokenizer import Tokenizer, compression_report, compression_table
 from nanofast.trainer import LoopSettings, LoopState, mfu_percent, resume_state, train
 
 STAGES = ("tokenizer", "pretrain", "midtrain", "sft", "rl", "eval", "report")
-AVAILABLE = ("tokenizer", "pretrain", "report")  # the post-training stages arrive in their own issue
+# Checkpoint folder of each training stage, and which earlier one a stage starts from.
+CHECKPOINTS = {"pretrain": "base", "midtrain": "mid", "sft": "sft", "rl": "rl"}
 
 # nanochat's reference point for its batch-size and horizon rules: depth 12 trains best at 2^19 tokens/step.
 REF_DEPTH = 12
@@ -64,18 +70,16 @@ def stage_done(run: Run, stage: str) -> bool:
 
 def run_stages(run: Run, stages: list[str]) -> dict[str, str]:
     """Run `stages` in order; for `all`-style lists skip stages whose output exists. Returns
-    {stage: "ran" | "skipped (already done)" | "not available in this version"}."""
+    {stage: "ran" | "skipped (already done)"}."""
     outcome = {}
     for stage in stages:
-        if stage not in AVAILABLE:
-            outcome[stage] = "not available in this version"
-            continue
         if stage != "report" and len(stages) > 1 and stage_done(run, stage):
             outcome[stage] = "skipped (already done)"
             continue
         print0(f"=== stage: {stage} ===")
         t0 = time.perf_counter()
-        {"tokenizer": stage_tokenizer, "pretrain": stage_pretrain, "report": stage_report}[stage](run, t0)
+        {"tokenizer": stage_tokenizer, "pretrain": stage_pretrain, "midtrain": stage_midtrain, "sft": stage_sft,
+         "rl": stage_rl, "eval": stage_eval, "report": stage_report}[stage](run, t0)
         outcome[stage] = "ran"
     return outcome
 
@@ -227,6 +231,185 @@ def stage_pretrain(run: Run, t0: float) -> None:
             mfu=mfu_percent(flops, tps, peak_flops(device), run.dist.world_size),
             train_seconds=state.train_seconds, samples=samples, checkpoint_dir=str(ckpt_dir),
             seconds=time.perf_counter() - t0))
+    _barrier(run)
+
+
+# ---- mid-training and SFT: the same loop, on conversations ---------------------------------------
+# nanochat's mixtures (SmolTalk, MMLU auxiliary train, GSM8K with tool calls, identity, SpellingBee);
+# each falls back to its offline generator when the real data is not cached (see nanofast.tasks).
+MIDTRAIN_MIX = ("smoltalk", "mmlu", "gsm8k", "identity", "spellingbee", "spellingbee")
+SFT_MIX = ("smoltalk", "mmlu", "arc_easy", "arc_challenge", "gsm8k", "identity", "spellingbee", "arithmetic")
+
+
+def task_dir(run: Run) -> Path:
+    return run.base / "tasks"
+
+
+def _load_task(run: Run, name: str, split: str):
+    s = run.settings
+    return load_task(name, split, data_dir=task_dir(run), download=s.download_tasks, seed=s.seed, size=s.task_size)
+
+
+def load_stage_model(run: Run, stage: str, dtype: torch.dtype | None = None) -> GPT:
+    """The latest checkpoint a stage wrote (one-line error naming the stage to run first)."""
+    directory = run.checkpoint_dir(CHECKPOINTS[stage])
+    if checkpoint.latest_step(directory) is None:
+        raise FileNotFoundError(f"no {stage} checkpoint in {directory}: run `train.py --stage {stage}` first")
+    return checkpoint.load_nanochat(directory, run.device, dtype or run.dtype).train()
+
+
+def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, ...], iterations: int) -> None:
+    """Continue training the `init_from` model on a task mixture: the pretraining loop with the
+    conversation loader, no warmup, LRs at finetune_lr_scale decayed linearly to 0."""
+    s, device = run.settings, run.device
+    tokenizer = load_tokenizer(run)
+    model = load_stage_model(run, init_from)
+    train_mix = TaskMixture([_load_task(run, n, "train") for n in mix], seed=s.seed)
+    val_mix = TaskMixture([_load_task(run, n, "test") for n in sorted(set(mix))], seed=s.seed)
+    sources = {t.name: t.source for t in train_mix.tasks}
+    rows_per_step = s.device_batch_size * run.dist.world_size
+    if iterations <= 0:  # one epoch, counting ~2 conversations per row as packing typically gives
+        iterations = max(1, len(train_mix) // (2 * rows_per_step))
+    optimizer = MuonAdamW(model.param_groups(lr_scale=s.finetune_lr_scale))
+    ckpt_dir = run.checkpoint_dir(CHECKPOINTS[stage])
+    resumed = resume_state(ckpt_dir, model, optimizer, run.dist.rank)
+    state, loader_state = resumed if resumed else (LoopState(), None)
+    token_bytes = tokenizer.token_bytes().to(device)
+    print0(f"{stage}: {len(train_mix):,} conversations ({sources}), {iterations} steps of {rows_per_step} rows")
+
+    def evaluate() -> dict:
+        val = ConversationLoader(tokenizer, val_mix, s.device_batch_size, s.seq_len, rank=run.dist.rank,
+                                 world_size=run.dist.world_size, device=device, seed=s.seed, loop=False)
+        batches = ((x, y) for x, y, _ in itertools.islice(val, 8))
+        return {"val_bpb": evaluate_bpb(model, batches, token_bytes)}
+
+    loader = ConversationLoader(tokenizer, train_mix, s.device_batch_size, s.seq_len, rank=run.dist.rank,
+                                world_size=run.dist.world_size, device=device, seed=s.seed, state=loader_state)
+    settings = LoopSettings(num_iterations=iterations, warmup_steps=0, warmdown_ratio=1.0, final_lr_frac=0.0,
+                            eval_every=s.eval_every, save_every=s.save_every, log_every=s.log_every,
+                            tokens_per_step=rows_per_step * s.seq_len, flops_per_token=model.flops_per_token(),
+                            peak_flops=peak_flops(device))
+    scaler = torch.amp.GradScaler(device) if run.dtype == torch.float16 else None
+    state = train(model, optimizer, loader, settings, ckpt_dir, run.dist, dict(settings=asdict(s), stage=stage),
+                  evaluate=evaluate, state=state, scaler=scaler)
+    if run.dist.is_master:
+        steady = state.tokens_per_second[1:] or state.tokens_per_second
+        tps = statistics.median(steady) if steady else 0.0
+        write_section(run.report_dir, stage, dict(
+            iterations=iterations, conversations=len(train_mix), task_sources=sources, losses=state.losses,
+            evals=state.evals, final_loss=state.losses[-1][1] if state.losses else float("nan"),
+            val_bpb=state.evals[-1]["val_bpb"] if state.evals else None, median_tokens_per_second=tps,
+            mfu=mfu_percent(model.flops_per_token(), tps, peak_flops(device), run.dist.world_size),
+            train_seconds=state.train_seconds, checkpoint_dir=str(ckpt_dir), seconds=time.perf_counter() - t0))
+    _barrier(run)
+
+
+def stage_midtrain(run: Run, t0: float) -> None:
+    _finetune(run, t0, "midtrain", "pretrain", MIDTRAIN_MIX, run.settings.midtrain_iterations)
+
+
+def stage_sft(run: Run, t0: float) -> None:
+    _finetune(run, t0, "sft", "midtrain", SFT_MIX, run.settings.sft_iterations)
+
+
+# ---- RL -----------------------------------------------------------------------------------------
+RL_TASK = "gsm8k"  # offline: GSM8K-format arithmetic problems
+
+
+def stage_rl(run: Run, t0: float) -> None:
+    """GRPO (see nanofast.rl) from the SFT model; held-out accuracy before and after is recorded."""
+    s, device, world, rank = run.settings, run.device, run.dist.world_size, run.dist.rank
+    dtype = parse_dtype(s.precision) if s.precision else run.dtype
+    tokenizer = load_tokenizer(run)
+    model = load_stage_model(run, "sft", dtype)
+    train_task, test_task = _load_task(run, RL_TASK, "train"), _load_task(run, RL_TASK, "test")
+    optimizer = MuonAdamW(model.param_groups(lr_scale=s.rl_lr_scale))
+    ckpt_dir = run.checkpoint_dir(CHECKPOINTS["rl"])
+    resumed = resume_state(ckpt_dir, model, optimizer, rank)
+    state = resumed[0] if resumed else LoopState()
+    saved = checkpoint.read_meta(ckpt_dir, state.step) if resumed else {}
+    history = saved.get("rl_history", [])
+    # fp16's narrow exponent range needs loss scaling; the scaler skips steps whose gradients overflow.
+    scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
+    heldout = dict(max_examples=s.eval_examples, max_new_tokens=s.rl_max_tokens)
+    before = saved.get("heldout_before")
+    if rank == 0 and not resumed:
+        before = evaluate_generative(model.eval(), tokenizer, test_task, **heldout)
+    per_rank = max(1, s.rl_questions // world)
+    bar = tqdm(range(state.step, s.rl_steps), disable=not run.dist.is_master, desc="rl", unit="step")
+    for step in bar:
+        t_step = time.perf_counter()
+        apply_schedules(optimizer, step, s.rl_steps, warmup_steps=0, warmdown_ratio=1.0, final_lr_frac=0.0)
+        first = (step * s.rl_questions + rank * per_rank) % len(train_task)
+        indices = [(first + i) % len(train_task) for i in range(per_rank)]
+        rolls = rollouts(model, tokenizer, train_task, indices, s.rl_samples, max_new_tokens=s.rl_max_tokens,
+                         seed=s.seed + step * 7919 + rank)
+        model.train()
+        x, y, adv, engine_lp = policy_batch(rolls, tokenizer.bos_token_id, torch.device(device))
+        loss, stats = grpo_loss(model, x, y, adv, engine_lp)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        reward = sum(r.reward for r in rolls) / len(rolls)
+        row = dict(step=step + 1, reward=reward, loss=loss.item(), seconds=time.perf_counter() - t_step, **stats)
+        history.append(row)
+        state.step = step + 1
+        state.losses.append((step + 1, loss.item()))
+        bar.set_postfix(reward=f"{reward:.2f}", kl=f"{stats['kl_engine_trainer']:.2e}")
+        if s.log_every > 0 and (step + 1) % s.log_every == 0 or step + 1 == s.rl_steps:
+            bar.write(f"rl step {step + 1:04d} | reward {reward:.3f} | |dlogp| {stats['logp_abs_diff']:.2e} | "
+                      f"KL {stats['kl_engine_trainer']:.2e} | {row['seconds']:.1f} s")
+        if step + 1 == s.rl_steps or (s.save_every > 0 and (step + 1) % s.save_every == 0):
+            checkpoint.save_checkpoint(ckpt_dir, step + 1, model, optimizer,
+                                       dict(settings=asdict(s), stage="rl", rl_history=history, heldout_before=before,
+                                            loop_state=asdict(state)), rank=rank)
+    bar.close()
+    if run.dist.is_master:
+        after = evaluate_generative(model.eval(), tokenizer, test_task, **heldout)
+        write_section(run.report_dir, "rl", dict(
+            task=test_task.name, source=test_task.source, precision=str(dtype).removeprefix("torch."),
+            steps=s.rl_steps, questions_per_step=s.rl_questions, samples=s.rl_samples, history=history,
+            heldout_before=before, heldout_after=after,
+            mean_logp_abs_diff=statistics.fmean(h["logp_abs_diff"] for h in history) if history else None,
+            mean_kl=statistics.fmean(h["kl_engine_trainer"] for h in history) if history else None,
+            seconds=time.perf_counter() - t0))
+    _barrier(run)
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+CHAT_EVAL_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spellingbee")
+
+
+def stage_eval(run: Run, t0: float) -> None:
+    """CORE for the base model; the chat tasks and ChatCORE for every later checkpoint present."""
+    s = run.settings
+    if run.dist.is_master:
+        tokenizer = load_tokenizer(run)
+        limit = None if s.eval_examples < 0 else s.eval_examples
+        results: dict[str, dict] = {}
+        for stage in ("pretrain", "midtrain", "sft", "rl"):
+            if checkpoint.latest_step(run.checkpoint_dir(CHECKPOINTS[stage])) is None:
+                continue
+            model = load_stage_model(run, stage).eval()
+            label = CHECKPOINTS[stage]
+            if stage == "pretrain":
+                bundle = core_eval.ensure_bundle(run.base, download=s.download_tasks)
+                tasks = core_eval.load_core_tasks(bundle) if bundle else core_eval.offline_core_tasks(seed=s.seed)
+                results[label] = {"core": core_eval.evaluate_core(model, tokenizer, tasks, max_per_task=limit)}
+                print0(f"eval {label}: CORE {results[label]['core']['core']:.4f} ({results[label]['core']['source']})")
+                continue
+            per_task = {}
+            for name in CHAT_EVAL_TASKS:
+                task = _load_task(run, name, "test")
+                per_task[name] = evaluate_task(model, tokenizer, task, max_examples=limit,
+                                               max_new_tokens=s.eval_max_tokens)
+                print0(f"eval {label} {name}: {per_task[name]['accuracy']:.4f} ({task.source}, n={per_task[name]['n']})")
+            results[label] = {"tasks": per_task, "chatcore": chatcore(per_task)}
+        write_section(run.report_dir, "eval", dict(results=results, seconds=time.perf_counter() - t0))
     _barrier(run)
 
 

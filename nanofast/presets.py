@@ -31,6 +31,22 @@ class Settings:
     dtype: str | None = None          # None = bf16 on GPU, fp32 on CPU
     compile: bool = True
     seed: int = 42
+    # mid-training and SFT (the same loop; conversations packed whole, loss on assistant tokens)
+    download_tasks: bool = False      # fetch the real task datasets; else use what is cached, or generate
+    task_size: int | None = None      # cap on examples per task (None: each task's full split)
+    midtrain_iterations: int = -1     # -1: one epoch of the mixture
+    sft_iterations: int = -1
+    finetune_lr_scale: float = 0.5    # LRs relative to pretraining's, decayed linearly to 0
+    # RL (GRPO on GSM8K-style problems)
+    rl_steps: int = 50
+    rl_questions: int = 16            # questions per step (all ranks together)
+    rl_samples: int = 16              # answers per question
+    rl_max_tokens: int = 256
+    rl_lr_scale: float = 0.05
+    precision: str | None = None      # RL compute dtype: fp16 (loss scaling), bf16, fp32; None = dtype
+    # evaluation
+    eval_examples: int = 500          # per task (-1: all)
+    eval_max_tokens: int = 256
 
 
 PRESETS: dict[str, Settings] = {
@@ -38,13 +54,18 @@ PRESETS: dict[str, Settings] = {
     "smoke": Settings(corpus_shards=4, corpus_chars=3_000_000, vocab_size=1024, tokenizer_chars=2_000_000,
                       depth=2, head_dim=64, window_pattern="SL", seq_len=128, device_batch_size=4,
                       total_batch_size=512, num_iterations=30, eval_every=15, eval_tokens=4096,
-                      log_every=10, sample_tokens=16, compile=False),
+                      log_every=10, sample_tokens=16, compile=False, task_size=200, midtrain_iterations=10,
+                      sft_iterations=10, rl_steps=3, rl_questions=4, rl_samples=4, rl_max_tokens=24,
+                      eval_examples=12, eval_max_tokens=24),
     # The README's main job: a tiny model on the embedded corpus in about 10-15 minutes on 2 cores.
     "cpu": Settings(corpus_shards=8, vocab_size=8192, tokenizer_chars=50_000_000, depth=4, head_dim=64,
                     window_pattern="SSSL", seq_len=512, device_batch_size=8, total_batch_size=4096,
-                    num_iterations=300, eval_every=100, eval_tokens=64 * 1024, log_every=20, compile=False),
+                    num_iterations=300, eval_every=100, eval_tokens=64 * 1024, log_every=20, compile=False,
+                    task_size=2000, midtrain_iterations=100, sft_iterations=100, rl_steps=30, rl_questions=8,
+                    rl_samples=8, rl_max_tokens=64, eval_examples=100, eval_max_tokens=64),
     # nanochat's depth-24 speedrun on 8xH100 (ClimbMix, auto batch size and horizon).
-    "speedrun": Settings(data="climbmix", corpus_shards=370, depth=24, seq_len=2048, device_batch_size=16),
+    "speedrun": Settings(data="climbmix", corpus_shards=370, depth=24, seq_len=2048, device_batch_size=16,
+                         download_tasks=True),
 }
 
 
@@ -57,6 +78,8 @@ def make_settings(preset: str, **overrides) -> Settings:
     if unknown:
         raise ValueError(f"unknown setting(s) {sorted(unknown)}")
     settings = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    if settings.precision not in (None, "fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {settings.precision!r}: choose fp32, bf16 or fp16")
     if settings.data not in ("default", "climbmix"):
         raise ValueError(f"unknown data {settings.data!r}: choose 'default' (embedded corpus) or 'climbmix'")
     return settings

@@ -63,18 +63,37 @@ def test_stage_all_runs_end_to_end_and_skips_finished_stages(tmp_path):
            "--num-iterations", "8", "--eval-every", "4"]
     out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "tokenizer: ran; pretrain: ran; midtrain: not available in this version" in out.stdout
+    assert ("tokenizer: ran; pretrain: ran; midtrain: ran; sft: ran; rl: ran; eval: ran; report: ran"
+            in out.stdout), out.stdout[-3000:]
     assert f"report: {base / 'report.md'}" in out.stdout
     report = (base / "report.md").read_text()
-    for needle in ("## System", "## Tokenizer", "bytes/token", "val bpb", "tokens/s", "![loss curve](loss_curve.png)"):
-        assert needle in report
-    assert (base / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    for needle in ("## System", "git_commit", "## Tokenizer", "bytes/token", "val bpb", "tokens/s",
+                   "![loss curve](loss_curve.png)", "## Mid-training", "## SFT", "## RL (GRPO)",
+                   "held-out accuracy", "KL(engine||trainer)", "## Metrics", "| CORE | ", "| ChatCORE |",
+                   "## Time and cost", "cost estimate"):
+        assert needle in report, needle
+    assert "Stages without results" not in report
+    for png in ("loss_curve.png", "loss_midtrain.png", "loss_sft.png", "rl_curve.png"):
+        assert (base / png).read_bytes()[:4] == b"\x89PNG", png
     pre = section(base, "pretrain")
     assert pre["num_iterations"] == 8 and len(pre["losses"]) == 8 and pre["mfu"] is None
     assert pre["losses"][-1][1] < pre["losses"][0][1]  # it learns
+    for stage in ("midtrain", "sft"):
+        sec = section(base, stage)
+        assert len(sec["losses"]) == sec["iterations"] and sec["val_bpb"] > 0
+        assert set(sec["task_sources"].values()) == {"offline"}  # no network here: generated data, and it says so
+        assert sec["evals"][-1]["val_bpb"] < sec["evals"][0]["val_bpb"]  # the conversations are learned
+    rl = section(base, "rl")
+    assert len(rl["history"]) == 3 and rl["heldout_before"]["n"] == rl["heldout_after"]["n"] > 0
+    assert rl["mean_kl"] < 1e-4  # fp32 sampler and trainer agree (same maths, different kernels)
+    results = section(base, "eval")["results"]
+    assert set(results) == {"base", "mid", "sft", "rl"} and results["base"]["core"]["source"] == "offline"
+    for label in ("mid", "sft", "rl"):
+        assert {t["source"] for t in results[label]["tasks"].values()} == {"offline"}
+        assert results[label]["chatcore"] is not None
     again = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "tokenizer: skipped (already done); pretrain: skipped (already done)" in again.stdout
+    assert "tokenizer: skipped (already done); pretrain: skipped (already done); midtrain: skipped" in again.stdout
 
 
 def test_torchrun_two_processes_train_and_resume_exactly(tokenized, tmp_path):
@@ -105,12 +124,20 @@ def run_main(capsys, *argv) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
-def test_unknown_and_unavailable_stages_are_usage_errors(capsys):
-    for stage, message in (("pretrian", "unknown stage 'pretrian'"), ("sft", "not available in this version")):
+def test_unknown_stages_and_precisions_are_usage_errors(capsys):
+    for argv, message in ((["--stage", "pretrian"], "unknown stage 'pretrian'"),
+                          (["--stage", "rl", "--precision", "fp8"], "invalid choice: 'fp8'")):
         with pytest.raises(SystemExit) as e:
-            train.main(["--stage", stage])
+            train.main(argv)
         assert e.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_stage_without_its_input_checkpoint_is_a_one_line_error(tokenized, tmp_path, capsys):
+    base = copy_base(tokenized, tmp_path / "nosft")
+    for stage, needed in (("midtrain", "pretrain"), ("sft", "midtrain"), ("rl", "sft")):
+        code, err = run_main(capsys, "--stage", stage, "--preset", "smoke", "--base-dir", str(base))
+        assert code == 1 and f"run `train.py --stage {needed}` first" in err and "\n" not in err
 
 
 def test_missing_tokenizer_is_a_one_line_error(tmp_path, capsys):
@@ -165,3 +192,61 @@ def test_low_precision_compute_dtypes_train(tokenized, tmp_path, dtype):
     pre = section(base, "pretrain")
     assert pre["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
     assert all(math.isfinite(loss) for _, loss in pre["losses"]) and math.isfinite(pre["val_bpb"])
+
+
+@pytest.fixture(scope="module")
+def sft_base(tokenized, tmp_path_factory) -> Path:
+    """A base dir with the smoke pretrain, midtrain and SFT checkpoints."""
+    base = copy_base(tokenized, tmp_path_factory.mktemp("post") / "run")
+    for stage in ("pretrain", "midtrain", "sft"):
+        assert train.main(["--stage", stage, "--preset", "smoke", "--base-dir", str(base), "--num-iterations", "4"]) == 0
+    return base
+
+
+def rl(base: Path, *extra: str) -> int:
+    return train.main(["--stage", "rl", "--preset", "smoke", "--base-dir", str(base), *extra])
+
+
+def test_rl_in_fp16_with_loss_scaling_logs_the_mismatch(sft_base, tmp_path):
+    base = copy_base(sft_base, tmp_path / "fp16")
+    assert rl(base, "--precision", "fp16") == 0
+    sec = section(base, "rl")
+    assert sec["precision"] == "float16" and len(sec["history"]) == 3
+    for row in sec["history"]:
+        assert math.isfinite(row["loss"]) and 0 <= row["kl_engine_trainer"] < 1.0 and row["logp_abs_diff"] >= 0
+    report = base / "report.md"
+    assert train.main(["--stage", "report", "--preset", "smoke", "--base-dir", str(base)]) == 0
+    assert "precision float16" in report.read_text()
+
+
+def test_rl_resumes_exactly(sft_base, tmp_path):
+    base = copy_base(sft_base, tmp_path / "rl")
+    args = ("--rl-steps", "4", "--save-every", "2")
+    assert rl(base, *args) == 0
+    full = section(base, "rl")
+    ckpt = base / "checkpoints" / "rl"
+    for f in ckpt.glob("*000004*"):
+        f.unlink()
+    (base / "report" / "rl.json").unlink()
+    assert rl(base, *args) == 0
+    resumed = section(base, "rl")
+    assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]
+    for a, b in zip(resumed["history"], full["history"]):
+        assert a["reward"] == b["reward"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    assert resumed["heldout_before"] == full["heldout_before"]
+
+
+def test_sft_resumes_exactly(sft_base, tmp_path):
+    base = copy_base(sft_base, tmp_path / "sft")
+    shutil.rmtree(base / "checkpoints" / "sft")
+    args = ["--stage", "sft", "--preset", "smoke", "--base-dir", str(base), "--sft-iterations", "6",
+            "--save-every", "3", "--eval-every", "3"]
+    assert train.main(args) == 0
+    full = section(base, "sft")
+    for f in (base / "checkpoints" / "sft").glob("*000006*"):
+        f.unlink()
+    (base / "report" / "sft.json").unlink()
+    assert train.main(args) == 0
+    resumed = section(base, "sft")
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"]), atol=1e-6, rtol=0)
+    assert resumed["val_bpb"] == pytest.approx(full["val_bpb"], abs=1e-6)

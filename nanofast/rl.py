@@ -1,0 +1,103 @@
+"""Reinforcement learning on tasks with checkable answers (GSM8K-style): nanochat's simplified GRPO.
+
+Per step, on-policy: every question is answered `samples` times by the current model through the
+paged engine; each answer gets the task's reward; advantage = reward - mean reward of its question
+(no std normalisation, no KL term, no clipping: one update per batch of fresh samples); the loss is
+-sum(advantage * log p(token)) over the sampled tokens, divided by their number (token-level
+normalisation). Calculator output forced in by the engine is not the policy's choice: masked out.
+
+Sampler/trainer mismatch: the engine (paged attention, one token at a time) and the trainer (full
+sequence forward) compute the same distribution with different kernels and rounding. In bf16
+that gap is large enough to bias the policy gradient (arXiv 2510.26788); fp16's 10-bit mantissa
+shrinks it. Each step reports mean |logp_engine - logp_trainer| and the KL(engine || trainer)
+estimated on the sampled tokens (k3: E[r - 1 - log r], r = p_trainer / p_engine).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nanofast.engine import Engine, SamplingParams
+from nanofast.model import GPT
+from nanofast.tokenizer import Tokenizer
+
+
+@dataclass
+class Rollout:
+    prompt: list[int]
+    tokens: list[int]          # the answer, as generated (stop token included)
+    trained: list[bool]        # sampled by the policy (False: forced calculator output)
+    engine_logprobs: list[float]
+    reward: float
+    advantage: float = 0.0
+
+
+def rollouts(model: GPT, tokenizer: Tokenizer, task: Any, indices: list[int], samples: int, *, max_new_tokens: int,
+             temperature: float = 1.0, seed: int = 0) -> list[Rollout]:
+    """`samples` answers to each task[i], i in `indices`, with rewards and GRPO advantages."""
+    engine = Engine(model, tokenizer, max_num_seqs=max(1, len(indices) * samples))
+    stop = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
+    requests = []
+    for qi, i in enumerate(indices):
+        conv = task[i]
+        prompt = tokenizer.render_for_completion(conv)
+        for s in range(samples):
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed + qi * samples + s,
+                                    stop_token_ids=stop)
+            requests.append((engine.add_request(prompt, params), conv, prompt))
+    events: dict[int, list] = {rid: [] for rid, _, _ in requests}
+    was_training = model.training
+    model.eval()
+    while engine.has_unfinished():
+        for ev in engine.step():
+            events[ev.request_id].append(ev)
+    model.train(was_training)
+    out = []
+    for rid, conv, prompt in requests:
+        evs = events[rid]
+        text = tokenizer.decode([e.token for e in evs if e.token not in stop])
+        out.append(Rollout(prompt, [e.token for e in evs], [not e.forced for e in evs],
+                           [e.logprob if e.logprob is not None else 0.0 for e in evs], task.reward(conv, text)))
+    for q in range(len(indices)):
+        group = out[q * samples:(q + 1) * samples]
+        mean = sum(r.reward for r in group) / len(group)
+        for r in group:
+            r.advantage = r.reward - mean
+    return out
+
+
+def policy_batch(rolls: list[Rollout], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor, torch.Tensor]:
+    """Right-padded (N, T) inputs and targets (-1 except on sampled answer tokens), per-row
+    advantages (N,) and the engine's log-probs aligned with the targets (N, T)."""
+    rows = [r.prompt + r.tokens for r in rolls]
+    width = max(map(len, rows)) - 1
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), width), -1, dtype=torch.long)
+    engine_lp = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, (r, row) in enumerate(zip(rolls, rows)):
+        x[i, :len(row) - 1] = torch.tensor(row[:-1])
+        start = len(r.prompt) - 1  # the target at position start is the first answer token
+        for j, (tok, trained, lp) in enumerate(zip(r.tokens, r.trained, r.engine_logprobs)):
+            if trained:
+                y[i, start + j] = tok
+                engine_lp[i, start + j] = lp
+    adv = torch.tensor([r.advantage for r in rolls], dtype=torch.float32)
+    return x.to(device), y.to(device), adv.to(device), engine_lp.to(device)
+
+
+def grpo_loss(model: GPT, x: torch.Tensor, y: torch.Tensor, advantages: torch.Tensor,
+              engine_logprobs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The policy-gradient loss (token-level normalised) and the sampler/trainer mismatch stats."""
+    logp = -model(x, y, loss_reduction="none").view_as(y).float()  # log p(target), 0 where y == -1
+    mask = y >= 0
+    count = mask.sum().clamp_min(1)
+    loss = -(advantages[:, None] * logp * mask).sum() / count
+    with torch.no_grad():
+        diff = (logp - engine_logprobs)[mask]  # log(p_trainer / p_engine)
+        stats = {"logp_abs_diff": diff.abs().mean().item() if diff.numel() else 0.0,
+                 "kl_engine_trainer": (diff.exp() - 1 - diff).mean().item() if diff.numel() else 0.0,
+                 "tokens": int(mask.sum())}
+    return loss, stats

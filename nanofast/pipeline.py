@@ -26,7 +26,7 @@ from nanofast.report import build_report, read_section, write_section
 from nanofast.rl import grpo_loss, policy_batch, rollouts
 from nanofast.tasks import TaskMixture, load_task
 from nanofast.tokenizer import Tokenizer, compression_report, compression_table
-from nanofast.trainer import LoopSettings, LoopState, mfu_percent, resume_state, train
+from nanofast.trainer import LoopSettings, LoopState, LossScaler, mfu_percent, resume_state, train
 
 STAGES = ("tokenizer", "pretrain", "midtrain", "sft", "rl", "eval", "report")
 # Checkpoint folder of each training stage, and which earlier one a stage starts from.
@@ -207,7 +207,7 @@ def stage_pretrain(run: Run, t0: float) -> None:
                             eval_every=s.eval_every, save_every=s.save_every, log_every=s.log_every,
                             tokens_per_step=plan.total_batch_size, flops_per_token=flops, peak_flops=peak_flops(device))
     step_model = torch.compile(model, dynamic=False) if s.compile else model
-    scaler = torch.amp.GradScaler(device) if run.dtype == torch.float16 else None
+    scaler = LossScaler() if run.dtype == torch.float16 else None
     meta = dict(settings=asdict(s), plan=asdict(plan))
     with loader:
         state = train(model, optimizer, loader, settings, ckpt_dir, run.dist, meta, evaluate=evaluate,
@@ -289,7 +289,7 @@ def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, .
                             eval_every=s.eval_every, save_every=s.save_every, log_every=s.log_every,
                             tokens_per_step=rows_per_step * s.seq_len, flops_per_token=model.flops_per_token(),
                             peak_flops=peak_flops(device))
-    scaler = torch.amp.GradScaler(device) if run.dtype == torch.float16 else None
+    scaler = LossScaler() if run.dtype == torch.float16 else None
     state = train(model, optimizer, loader, settings, ckpt_dir, run.dist, dict(settings=asdict(s), stage=stage),
                   evaluate=evaluate, state=state, scaler=scaler)
     if run.dist.is_master:
@@ -330,7 +330,9 @@ def stage_rl(run: Run, t0: float) -> None:
     saved = checkpoint.read_meta(ckpt_dir, state.step) if resumed else {}
     history = saved.get("rl_history", [])
     # fp16's narrow exponent range needs loss scaling; the scaler skips steps whose gradients overflow.
-    scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
+    scaler = LossScaler() if dtype == torch.float16 else None
+    if scaler is not None and state.loss_scaler:
+        scaler.load_state_dict(state.loss_scaler)
     heldout = dict(max_examples=s.eval_examples, max_new_tokens=s.rl_max_tokens)
     before = saved.get("heldout_before")
     if rank == 0 and not resumed:
@@ -350,7 +352,7 @@ def stage_rl(run: Run, t0: float) -> None:
         (scaler.scale(loss) if scaler is not None else loss).backward()
         if scaler is not None:
             scaler.step(optimizer)
-            scaler.update()
+            state.loss_scaler = scaler.state_dict()
         else:
             optimizer.step()
         model.zero_grad(set_to_none=True)

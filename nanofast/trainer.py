@@ -20,6 +20,63 @@ class NonFiniteLoss(ValueError):
     """The training loss became NaN or infinite."""
 
 
+class LossScaler:
+    """Dynamic loss scaling for fp16 training that every rank agrees on.
+
+    fp16's largest value is 65504 and its smallest normal 6e-5: gradients underflow unless the loss
+    is multiplied up, and an overflow (inf/NaN) must skip the step. torch's GradScaler decides per
+    process; nanofast's optimizer averages gradients inside its step (no DDP), so a rank that skips
+    while another steps would deadlock the collectives. Here the overflow flag is all-reduced (MAX)
+    before anyone steps, so all ranks skip or step together.
+
+    Scale starts at `init_scale`, halves on an overflow (the update is skipped: parameters and
+    optimizer state stay; the step still counts), doubles after `growth_interval` clean steps.
+    """
+
+    def __init__(self, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 200):
+        if init_scale <= 0 or growth_factor <= 1 or not 0 < backoff_factor < 1 or growth_interval < 1:
+            raise ValueError("LossScaler needs init_scale > 0, growth_factor > 1, 0 < backoff_factor < 1, "
+                             "growth_interval >= 1")
+        self.scale_value, self.good_steps = float(init_scale), 0
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self.skipped = 0
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale_value
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Unscale the gradients in place; step unless any rank saw inf/NaN. True if it stepped."""
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        found = torch.zeros(1, device=device)
+        inv = torch.full((1,), 1.0 / self.scale_value, device=device)
+        by_type: dict[tuple, list[torch.Tensor]] = {}
+        for g in grads:  # the fused check-and-unscale wants one device and dtype per call
+            by_type.setdefault((g.device, g.dtype), []).append(g)
+        for group in by_type.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, inv)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        if found.item() > 0:
+            self.scale_value *= self.backoff_factor
+            self.good_steps = 0
+            self.skipped += 1
+            return False
+        optimizer.step()
+        self.good_steps += 1
+        if self.good_steps % self.growth_interval == 0:
+            self.scale_value *= self.growth_factor
+        return True
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale_value, "good_steps": self.good_steps, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale_value, self.good_steps = float(state["scale"]), int(state["good_steps"])
+        self.skipped = int(state.get("skipped", 0))
+
+
 @dataclass
 class LoopSettings:
     num_iterations: int
@@ -43,6 +100,7 @@ class LoopState:
     evals: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     tokens_per_second: list[float] = field(default_factory=list)
+    loss_scaler: dict | None = None  # LossScaler.state_dict() when training in fp16
 
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor, dict]]
@@ -51,7 +109,7 @@ Batches = Iterator[tuple[torch.Tensor, torch.Tensor, dict]]
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batches, settings: LoopSettings,
           checkpoint_dir: str | Path, dist_info: Dist, meta: dict,
           evaluate: Callable[[], dict] | None = None, state: LoopState | None = None,
-          step_model: torch.nn.Module | None = None, scaler: torch.amp.GradScaler | None = None) -> LoopState:
+          step_model: torch.nn.Module | None = None, scaler: LossScaler | None = None) -> LoopState:
     """Run optimizer steps `state.step .. num_iterations`, evaluating, logging and checkpointing.
 
     loader yields (inputs, targets, loader_state); the loader state after the last consumed batch is
@@ -61,6 +119,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
     """
     state = state or LoopState()
     step_model = step_model or model
+    if scaler is not None and state.loss_scaler:
+        scaler.load_state_dict(state.loss_scaler)
     world = dist_info.world_size
     last = settings.num_iterations
     bar = tqdm(total=last, initial=state.step, disable=not dist_info.is_master, desc="train", unit="step",
@@ -97,8 +157,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
             scaled = loss / settings.grad_accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
+            scaler.step(optimizer)  # an overflowing step is skipped on every rank alike
+            state.loss_scaler = scaler.state_dict()
         else:
             optimizer.step()
         model.zero_grad(set_to_none=True)
@@ -168,7 +228,8 @@ def resume_state(checkpoint_dir: str | Path, model: torch.nn.Module, optimizer: 
     loop = meta.get("loop_state") or {}
     loop_state = LoopState(step=step, losses=[tuple(x) for x in loop.get("losses", [])], evals=loop.get("evals", []),
                            train_seconds=loop.get("train_seconds", 0.0),
-                           tokens_per_second=loop.get("tokens_per_second", []))
+                           tokens_per_second=loop.get("tokens_per_second", []),
+                           loss_scaler=loop.get("loss_scaler"))
     print0(f"resumed from {checkpoint_dir} at step {step}")
     return loop_state, shard.get("loader_state")
 

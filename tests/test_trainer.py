@@ -63,3 +63,77 @@ def test_loop_records_losses_and_saves_the_end(tmp_path):
     assert [s for s, _ in state.losses] == [1, 2, 3, 4]
     assert [e["step"] for e in state.evals] == [0, 2, 4]
     assert latest_step(tmp_path) == 4 and len(state.tokens_per_second) == 4
+
+
+# ---- fp16 loss scaling -------------------------------------------------------------------------
+
+from nanofast.trainer import LossScaler  # noqa: E402
+
+
+def _scaled_step(model, opt, scaler, poison: bool) -> bool:
+    x = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(7))
+    scaler.scale(model(x, x)).backward()
+    if poison:
+        model.lm_head.weight.grad[0, 0] = float("inf")  # an fp16 overflow somewhere in the backward
+    stepped = scaler.step(opt)
+    model.zero_grad(set_to_none=True)
+    return stepped
+
+
+def test_loss_scaler_skips_overflowing_steps_and_recovers():
+    model, opt = tiny()
+    scaler = LossScaler(init_scale=1024.0, growth_interval=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not _scaled_step(model, opt, scaler, poison=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing moved
+    assert scaler.scale_value == 512.0 and scaler.skipped == 1 and not opt.state
+    assert _scaled_step(model, opt, scaler, poison=False)
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert _scaled_step(model, opt, scaler, poison=False) and scaler.scale_value == 1024.0  # grew back
+    # unscaling is exact: a scaled step equals an unscaled one
+    m1, o1 = tiny()
+    m2, o2 = tiny()
+    x = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(8))
+    LossScaler(init_scale=256.0).scale(m1(x, x)).backward()
+    for p in m1.parameters():
+        if p.grad is not None:
+            p.grad.div_(256.0)
+    o1.step()
+    s2 = LossScaler(init_scale=256.0)
+    s2.scale(m2(x, x)).backward()
+    s2.step(o2)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    state = scaler.state_dict()
+    fresh = LossScaler()
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+    with pytest.raises(ValueError, match="backoff_factor"):
+        LossScaler(backoff_factor=2.0)
+
+
+def _scaler_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model, opt = tiny()
+    scaler = LossScaler(init_scale=64.0)
+    stepped = [_scaled_step(model, opt, scaler, poison=(rank == 1)),  # only rank 1 overflows...
+               _scaled_step(model, opt, scaler, poison=False)]
+    torch.save({"stepped": stepped, "scale": scaler.scale_value,
+                "params": [p.detach().clone() for p in model.parameters()]}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_loss_scaler_ranks_skip_together(tmp_path):
+    """...and both ranks skip that step (a lone skip would deadlock the optimizer's collectives),
+    then step together, ending with identical parameters."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "res")
+    mp.spawn(_scaler_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert r0["stepped"] == r1["stepped"] == [False, True]
+    assert r0["scale"] == r1["scale"] == 32.0
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)

@@ -14,5 +14,6 @@ def test_benchmarks_collect():
     collected = [line for line in out.stdout.splitlines() if "::" in line]
     for name in ("test_bench_train_step", "test_bench_tokenizer", "test_bench_newton_schulz",
                  "test_bench_optimizer_step", "test_bench_rms_norm", "test_bench_qk_norm_rope",
-                 "test_bench_paged_attention", "test_bench_engine"):
+                 "test_bench_paged_attention", "test_bench_engine", "test_bench_fp8_quant",
+                 "test_bench_fp8_gemm"):
         assert any(name in line for line in collected), name

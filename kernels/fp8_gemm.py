@@ -1,0 +1,409 @@
+"""FP8 GEMM for Hopper: out = (a * scale_a) @ (b * scale_b)^T (+ bias), one rounding to out_dtype.
+
+Layouts follow `F.linear`: a is the (M, K) activation, b the (N, K) weight, both with unit stride
+along K, so both operand tiles are K-contiguous (K-major), which is the only layout Hopper's fp8
+wgmma accepts for both A and B. Scales are fp32, tensorwise (one value) or rowwise (one per row of
+a / per output column of b); they are applied once to the fp32 accumulator in the epilogue, never
+to the operands, so the tensor cores see the raw fp8 bytes.
+
+Backends (`fp8_gemm(..., backend=)`):
+    "torch"      `fp8_gemm_reference`: dequantise to fp32, fp32 matmul (exact products, fp32 sums).
+    "triton"     the kernel below (sm_90 SASS: QGMMA.64xNx32.F32.E4M3.E4M3 / .E5M2.E4M3, the fp8
+                 warpgroup MMA; HGMMA is the 16-bit one), fp32 accumulator; on CPU tensors
+                 it runs through the Triton interpreter.
+    "scaled_mm"  `torch._scaled_mm` (cuBLASLt on CUDA; a dequantising fallback on CPU).
+    None         "triton" on CUDA tensors, "torch" on CPU tensors.
+
+Accumulation (`use_fast_accum`): an fp8 wgmma does not accumulate in full fp32 -- the H100 tensor
+core keeps only about 14 bits of the running sum's mantissa inside the instruction chain
+(DeepSeek-V3 technical report, "Increasing Accumulation Precision"). Triton chains every k32 wgmma
+of one `tl.dot` into its accumulator, and on sm_90 it also chains *across* dots when the
+accumulator is passed in (`max_num_imprecise_acc` defaults to 2^30 for fp8 there), so:
+    use_fast_accum=True   acc = tl.dot(a, b, acc): the whole K reduction stays inside the tensor
+                          core's reduced-precision accumulator (fastest; nanochat/torchao use it in
+                          the forward pass only, where K is d and errors do not compound).
+    use_fast_accum=False  acc += tl.dot(a, b): each BLOCK_K (= 128) slice is reduced by the tensor
+                          core from a zeroed temporary and then promoted into an fp32 register
+                          accumulator with a CUDA-core FADD ("split accumulator"; the same promotion
+                          interval DeepSeek-V3 uses). Use it for the backward GEMMs, whose K is the
+                          token count (up to 2^19).
+Triton's interpreter evaluates every dot as an fp32 numpy matmul plus the accumulator, so on CPU
+both modes compute the same fp32 sum; the difference only exists on the GPU.
+
+Shapes: any M, N, K >= 0 (edges are masked / clamped, K need not be a multiple of 16 or of the
+tile); fast paths need what Triton's launcher specialises on: 16-byte aligned base pointers and row
+strides (K % 16 == 0 for contiguous operands), which every nanochat width is. Supported operand
+pairs: e4m3 x e4m3, e4m3 x e5m2, e5m2 x e4m3; e5m2 x e5m2 is rejected, as `torch._scaled_mm` on CUDA
+rejects it (cuBLASLt has no such kernel; the CPU build of torch 2.13 would accept it). Hopper's
+wgmma itself could do it, but a recipe that only works on one backend is a trap: gradients are e5m2
+on one side only.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backend import resolve_backend
+
+try:  # triton is optional: backend="torch" / "scaled_mm" work without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only on installs without triton
+    triton = None
+    tl = None
+
+__all__ = ["fp8_gemm", "fp8_gemm_reference", "fp8_gemm_scaled_mm", "fp8_gemm_triton", "FP8_DTYPES", "OUT_DTYPES",
+           "FP8_GEMM_BACKENDS", "KERNEL_CONFIGS"]
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FP8_GEMM_BACKENDS = ("torch", "triton", "scaled_mm")
+_TL_DTYPE = {torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5", torch.bfloat16: "bf16",
+             torch.float16: "fp16", torch.float32: "fp32"}
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _fp8_gemm_kernel(A, B, C, SA, SB, BIAS, M, N, K, stride_am, stride_bn, stride_cm,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, ROWWISE_A: tl.constexpr,
+                         ROWWISE_B: tl.constexpr, HAS_BIAS: tl.constexpr, FAST_ACCUM: tl.constexpr):
+        """C[m, n] = sa[m] sb[n] sum_k A[m, k] B[n, k] (+ BIAS[n]), fp32 accumulation, one rounding.
+
+        A: (M, K) fp8, B: (N, K) fp8, both unit K stride; C: (M, N), unit column stride; SA: fp32
+        scalar or (M,) (ROWWISE_A); SB: fp32 scalar or (N,) (ROWWISE_B); BIAS: (N,) any float dtype.
+        Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), one program per output tile.
+        """
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        # Grouped ordering: consecutive programs sweep GROUP_M row tiles for each column tile, so a
+        # wave of 132 CTAs touches ~GROUP_M row panels of A and ~132 / GROUP_M column panels of B,
+        # which stay L2-resident, instead of streaming all of B once per row of tiles.
+        group = GROUP_M * num_pid_n
+        first_m = (pid // group) * GROUP_M
+        group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % group_m
+        pid_n = (pid % group) // group_m
+
+        row0 = pid_m * BLOCK_M
+        col0 = pid_n * BLOCK_N
+        # int64 panel bases: M * K passes 2^31 at M = 2^19 tokens and K >= 4096; offsets inside
+        # a tile (< BLOCK * stride) stay int32.
+        a_base = A + row0.to(tl.int64) * stride_am
+        b_base = B + col0.to(tl.int64) * stride_bn
+        rm = row0 + tl.arange(0, BLOCK_M)
+        rn = col0 + tl.arange(0, BLOCK_N)
+        # Edge tiles re-read the last valid row / column instead of masking: loads stay unpredicated
+        # and in bounds, and the duplicated rows / columns are never stored.
+        am = tl.minimum(rm, M - 1) - row0
+        bn = tl.minimum(rn, N - 1) - col0
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_base + am[:, None] * stride_am + rk[None, :]
+        b_ptrs = b_base + bn[:, None] * stride_bn + rk[None, :]
+
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                # Zero-filled K tail: padding contributes exactly 0 to every dot.
+                kmask = rk[None, :] < K - k0
+                a = tl.load(a_ptrs, mask=kmask, other=0.0)
+                b = tl.load(b_ptrs, mask=kmask, other=0.0)
+            # B tile is (BLOCK_N, BLOCK_K) K-major: its transpose is the K-major B operand wgmma wants.
+            if FAST_ACCUM:
+                acc = tl.dot(a, tl.trans(b), acc)
+            else:
+                # Fresh zero accumulator per K-step, promoted with an fp32 add (split accumulator).
+                acc += tl.dot(a, tl.trans(b))
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+
+        # Epilogue in fp32: scales, then bias, then the single rounding to C's dtype.
+        if ROWWISE_A:
+            acc = acc * tl.load(SA + tl.minimum(rm, M - 1))[:, None]
+            if ROWWISE_B:
+                acc = acc * tl.load(SB + tl.minimum(rn, N - 1))[None, :]
+            else:
+                acc = acc * tl.load(SB)
+        else:
+            if ROWWISE_B:
+                acc = acc * (tl.load(SA) * tl.load(SB + tl.minimum(rn, N - 1)))[None, :]
+            else:
+                acc = acc * (tl.load(SA) * tl.load(SB))  # tensorwise: one multiply per element
+        if HAS_BIAS:
+            acc = acc + tl.load(BIAS + tl.minimum(rn, N - 1)).to(tl.float32)[None, :]
+        c_ptrs = C + row0.to(tl.int64) * stride_cm + (rm - row0)[:, None] * stride_cm + rn[None, :]
+        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# --------------------------------------------------------------------------------------------
+# Launch meta-parameters (shared by the launcher and KERNEL_CONFIGS)
+# --------------------------------------------------------------------------------------------
+
+_SMALL_M = 64
+
+
+def _meta(m: int, n: int, k: int, arch: int = 90) -> dict:
+    """Tile configuration for an (m, n, k) GEMM on sm_`arch`; fixed per shape class, no autotuning.
+
+    sm_90: BLOCK_K = 128 fp8 bytes is one 128-byte swizzled shared-memory row and four k32 wgmmas
+    per stage. Large M (nanochat's B*T = 2^15 .. 2^19): 128x128 tiles over 8 warps (two m64
+    warpgroups), 4 stages of 16 + 16 KB = 128 KB of shared memory; 128x256 would double the
+    accumulator to 128 fp32 registers per thread, which the split accumulator's second copy cannot
+    afford. Small M (decode, M <= 64): one m64 warpgroup, so no MMA rows are wasted on padding.
+    """
+    if arch >= 90:
+        if m <= _SMALL_M:
+            meta = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
+        else:
+            meta = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4)
+    else:
+        # Ada (sm_89 mma.sync e4m3) has ~100 KB of shared memory per SM: 3 stages of 64-deep tiles.
+        # Not compile-gated; correctness only.
+        meta = dict(BLOCK_M=64 if m <= _SMALL_M else 128, BLOCK_N=128, BLOCK_K=64, num_warps=4 if m <= _SMALL_M else 8,
+                    num_stages=3)
+    meta["GROUP_M"] = 8
+    return meta
+
+
+def _arch(x: Tensor) -> int:
+    """SM version the kernel compiles for (CPU tensors: the interpreter, configured as sm_90)."""
+    if not x.is_cuda:
+        return 90
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return 10 * major + minor
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (shared by every backend, so all of them accept exactly the same calls)
+# --------------------------------------------------------------------------------------------
+
+def _scale_kind(scale: object, name: str, rowwise_shape: tuple[int, int]) -> bool:
+    """True for a rowwise scale of shape `rowwise_shape`, False for a tensorwise one (a single
+    value: shape (), (1,) or (1, 1)); raises naming `name` otherwise."""
+    if not isinstance(scale, Tensor):
+        raise TypeError(f"{name} must be a float32 tensor, got {type(scale).__name__}")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {scale.dtype}")
+    if scale.ndim <= 2 and scale.numel() == 1:
+        return False
+    if tuple(scale.shape) == rowwise_shape:
+        return True
+    raise ValueError(f"{name} must be a single value (tensorwise, shape ()) or rowwise of shape {rowwise_shape}, "
+                     f"got {tuple(scale.shape)}")
+
+
+def _check(a: object, b: object, scale_a: object, scale_b: object, out_dtype: object, bias: object,
+           use_fast_accum: object) -> tuple[bool, bool]:
+    """Validate the arguments of `fp8_gemm`; returns (scale_a rowwise, scale_b rowwise)."""
+    for name, x in (("a", a), ("b", b)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be 2-D ({'M' if name == 'a' else 'N'}, K), got shape {tuple(x.shape)}")
+        if x.dtype not in FP8_DTYPES:
+            raise TypeError(f"{name} must be float8_e4m3fn or float8_e5m2, got {x.dtype}")
+        # K-major operands: the layout fp8 wgmma needs (and F.linear's weight already has).
+        if x.stride(1) != 1 and x.size(1) > 1:
+            raise ValueError(f"{name} must have unit stride along K (row-major {tuple(x.shape)}), got strides "
+                             f"{x.stride()}; a transposed view needs .contiguous()")
+    if a.dtype == torch.float8_e5m2 and b.dtype == torch.float8_e5m2:
+        raise ValueError("a and b are both float8_e5m2: e5m2 x e5m2 is not supported (as torch._scaled_mm on CUDA); "
+                         "keep one operand in float8_e4m3fn")
+    if b.size(1) != a.size(1):
+        raise ValueError(f"b must be (N, K) with K = a.shape[1] = {a.size(1)}, got shape {tuple(b.shape)}")
+    if b.device != a.device:
+        raise ValueError(f"b must be on a's device {a.device}, got {b.device}")
+    m, n = a.size(0), b.size(0)
+    rowwise_a = _scale_kind(scale_a, "scale_a", (m, 1))
+    rowwise_b = _scale_kind(scale_b, "scale_b", (1, n))
+    for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
+        if s.device != a.device:
+            raise ValueError(f"{name} must be on a's device {a.device}, got {s.device}")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be torch.bfloat16, torch.float16 or torch.float32, got {out_dtype}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape (N,) = ({n},), got {tuple(bias.shape)}")
+        if bias.dtype not in (out_dtype, torch.float32):
+            raise TypeError(f"bias must be out_dtype ({out_dtype}) or float32, got {bias.dtype}")
+        if bias.device != a.device:
+            raise ValueError(f"bias must be on a's device {a.device}, got {bias.device}")
+    if not isinstance(use_fast_accum, bool):
+        raise TypeError(f"use_fast_accum must be a bool, got {type(use_fast_accum).__name__}")
+    return rowwise_a, rowwise_b
+
+
+# --------------------------------------------------------------------------------------------
+# Implementations
+# --------------------------------------------------------------------------------------------
+
+def fp8_gemm_reference(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *,
+                       out_dtype: torch.dtype = torch.bfloat16, bias: Tensor | None = None,
+                       use_fast_accum: bool = False) -> Tensor:
+    """Plain torch: (a.float() * scale_a) @ (b.float() * scale_b).T (+ bias) in fp32, then out_dtype.
+
+    Same arguments and checks as `fp8_gemm`; `use_fast_accum` is accepted for signature parity and
+    has no effect (torch's fp32 matmul always accumulates in fp32). Returns (M, N) in out_dtype.
+    """
+    rowwise_a, rowwise_b = _check(a, b, scale_a, scale_b, out_dtype, bias, use_fast_accum)
+    # Every fp8 value and every scaled fp8 value up to the scale's rounding is exact in fp32.
+    sa = scale_a.reshape(-1, 1) if rowwise_a else scale_a.reshape(())
+    sb = scale_b.reshape(-1, 1) if rowwise_b else scale_b.reshape(())
+    out = (a.float() * sa) @ (b.float() * sb).T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def fp8_gemm_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *,
+                       out_dtype: torch.dtype = torch.bfloat16, bias: Tensor | None = None,
+                       use_fast_accum: bool = False) -> Tensor:
+    """`torch._scaled_mm(a, b.t(), scale_a, scale_b, bias=, out_dtype=, use_fast_accum=)`.
+
+    torch 2.13 accepts tensorwise pairs and rowwise pairs ((M, 1) with (1, N)) on CPU, any M, N, K,
+    fp32/fp16/bf16 out and bias; it raises "Invalid scaling configuration" for a tensorwise scale
+    mixed with a rowwise one, so a mixed pair is passed as two rowwise scales (the tensorwise one
+    broadcast: the same product). On CUDA cuBLASLt adds its own rules (K and N multiples of 16;
+    rowwise only with bf16 out), which torch reports itself.
+    """
+    rowwise_a, rowwise_b = _check(a, b, scale_a, scale_b, out_dtype, bias, use_fast_accum)
+    if rowwise_a != rowwise_b:  # e.g. a rowwise GEMM over a single row, whose (1, 1) scale reads as tensorwise
+        sa = scale_a.reshape(-1, 1).expand(a.size(0), 1).contiguous()
+        sb = scale_b.reshape(1, -1).expand(1, b.size(0)).contiguous()
+    else:
+        sa = scale_a if rowwise_a else scale_a.reshape(())
+        sb = scale_b if rowwise_b else scale_b.reshape(())
+    return torch._scaled_mm(a, b.t(), sa, sb, bias=bias, out_dtype=out_dtype, use_fast_accum=use_fast_accum)
+
+
+def fp8_gemm_triton(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *,
+                    out_dtype: torch.dtype = torch.bfloat16, bias: Tensor | None = None,
+                    use_fast_accum: bool = False, meta: dict | None = None, out: Tensor | None = None) -> Tensor:
+    """The Triton kernel. Arguments as `fp8_gemm`, plus:
+
+    meta: tile override (BLOCK_M, BLOCK_N, BLOCK_K >= 16, GROUP_M, num_warps, num_stages); tests use
+        small tiles so that small shapes have several tiles, edge tiles and multi-step K loops.
+    out: optional (M, N) out_dtype destination with unit column stride (any row stride, e.g. a view
+        into a larger buffer); written in place and returned.
+    Returns (M, N) in out_dtype.
+    """
+    if triton is None:
+        raise RuntimeError("fp8_gemm_triton needs triton installed")
+    rowwise_a, rowwise_b = _check(a, b, scale_a, scale_b, out_dtype, bias, use_fast_accum)
+    (m, k), n = a.shape, b.size(0)
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    elif (not isinstance(out, Tensor) or tuple(out.shape) != (m, n) or out.dtype != out_dtype
+          or out.device != a.device or (out.stride(1) != 1 and n > 1)):
+        raise ValueError(f"out must be an ({m}, {n}) {out_dtype} tensor on {a.device} with unit column stride")
+    if m == 0 or n == 0:
+        return out
+    meta = dict(meta or _meta(m, n, k, _arch(a)))
+    if meta["BLOCK_K"] < 16 or meta["BLOCK_M"] < 16 or meta["BLOCK_N"] < 16:
+        raise ValueError(f"meta tiles must be >= 16 (tl.dot's minimum), got {meta}")
+    sa = scale_a.reshape(-1).contiguous() if rowwise_a else scale_a.reshape(())
+    sb = scale_b.reshape(-1).contiguous() if rowwise_b else scale_b.reshape(())
+    grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    # max(stride, 1): a (M, 0) operand may report row stride 0; with K = 0 nothing is loaded anyway.
+    # BIAS gets a dummy pointer when absent (HAS_BIAS=False compiles the load away).
+    _fp8_gemm_kernel[grid](
+        a, b, out, sa, sb, bias if bias is not None else sa, m, n, k, max(a.stride(0), 1), max(b.stride(0), 1),
+        max(out.stride(0), 1),
+        BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"], BLOCK_K=meta["BLOCK_K"], GROUP_M=meta["GROUP_M"],
+        EVEN_K=k % meta["BLOCK_K"] == 0, ROWWISE_A=rowwise_a, ROWWISE_B=rowwise_b, HAS_BIAS=bias is not None,
+        FAST_ACCUM=use_fast_accum, num_warps=meta["num_warps"], num_stages=meta["num_stages"])
+    return out
+
+
+def fp8_gemm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *, out_dtype: torch.dtype = torch.bfloat16,
+             bias: Tensor | None = None, use_fast_accum: bool = False, backend: str | None = None) -> Tensor:
+    """out = (a.float() * scale_a) @ (b.float() * scale_b).T (+ bias), fp32 accumulation, rounded once.
+
+    Args:
+        a: (M, K) float8_e4m3fn or float8_e5m2, unit stride along K (row-major activations).
+        b: (N, K) float8_e4m3fn or float8_e5m2, unit stride along K (F.linear's weight layout).
+            e5m2 x e4m3 and e4m3 x e5m2 are allowed (backward GEMMs take e5m2 gradients);
+            e5m2 x e5m2 raises ValueError, as torch._scaled_mm does on CUDA.
+        scale_a: fp32, tensorwise (shape (), (1,) or (1, 1)) or rowwise (M, 1) (per row of a).
+        scale_b: fp32, tensorwise or rowwise (1, N) (per row of b = per output column).
+        out_dtype: torch.bfloat16, torch.float16 or torch.float32.
+        bias: optional (N,) in out_dtype or float32, added in fp32 before the single rounding.
+        use_fast_accum: False promotes partial sums to an fp32 accumulator every BLOCK_K (split
+            accumulator); True keeps the whole reduction in the tensor core's accumulator (faster,
+            less accurate on Hopper; the forward pass only). See the module docstring.
+        backend: "torch", "triton", "scaled_mm" or None (triton on CUDA, torch on CPU).
+    Returns:
+        (M, N) tensor in out_dtype, contiguous, on a's device.
+    """
+    if backend is not None and backend not in FP8_GEMM_BACKENDS:
+        raise ValueError(f"backend must be one of {FP8_GEMM_BACKENDS} or None, got {backend!r}")
+    kwargs = dict(out_dtype=out_dtype, bias=bias, use_fast_accum=use_fast_accum)
+    if backend == "scaled_mm":
+        return fp8_gemm_scaled_mm(a, b, scale_a, scale_b, **kwargs)
+    if not isinstance(a, Tensor):
+        raise TypeError(f"a must be a tensor, got {type(a).__name__}")
+    if resolve_backend(backend, a) == "triton":
+        return fp8_gemm_triton(a, b, scale_a, scale_b, **kwargs)
+    return fp8_gemm_reference(a, b, scale_a, scale_b, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations an H100 runs (compiled and checked by the compile gate)
+# --------------------------------------------------------------------------------------------
+
+def _config(m: int, n: int, k: int, a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.dtype,
+            rowwise: bool, fast_accum: bool, bias: bool = False) -> dict:
+    meta = _meta(m, n, k, 90)
+    sig = {"A": f"*{_TL_DTYPE[a_dtype]}", "B": f"*{_TL_DTYPE[b_dtype]}", "C": f"*{_TL_DTYPE[out_dtype]}",
+           "SA": "*fp32", "SB": "*fp32", "BIAS": f"*{_TL_DTYPE[out_dtype]}", "M": "i32", "N": "i32", "K": "i32",
+           "stride_am": "i32", "stride_bn": "i32", "stride_cm": "i32"}
+    const = dict(BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"], BLOCK_K=meta["BLOCK_K"], GROUP_M=meta["GROUP_M"],
+                 EVEN_K=k % meta["BLOCK_K"] == 0, ROWWISE_A=rowwise, ROWWISE_B=rowwise, HAS_BIAS=bias,
+                 FAST_ACCUM=fast_accum)
+    sig.update({name: "constexpr" for name in const})
+    # What Triton's launcher specialises for contiguous nanochat operands: 16-byte aligned
+    # pointers, sizes and row strides multiples of 16 (every nanochat width is).
+    aligned = ("A", "B", "C", "SA", "SB", "BIAS", "N", "K", "stride_am", "stride_bn", "stride_cm")
+    label = (f"{_TL_DTYPE[a_dtype]}x{_TL_DTYPE[b_dtype]}->{_TL_DTYPE[out_dtype]} m={m} n={n} k={k} "
+             f"{'rowwise' if rowwise else 'tensorwise'} {'fast' if fast_accum else 'split'}{' bias' if bias else ''} "
+             f"BLOCK={meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']} warps={meta['num_warps']} "
+             f"stages={meta['num_stages']}")
+    return dict(fn=_fp8_gemm_kernel, signature=sig, constexprs=const, aligned=aligned, num_warps=meta["num_warps"],
+                num_stages=meta["num_stages"], config=label)
+
+
+def _kernel_configs() -> list[dict]:
+    if triton is None:
+        return []
+    e4, e5, bf16 = torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16
+    big, small = 65536, 32  # B*T rows of a training step; a decode-sized M
+    return [
+        # forward (e4m3 x e4m3 -> bf16), tensorwise and rowwise, fast and split accumulation
+        _config(big, 1280, 1280, e4, e4, bf16, rowwise=False, fast_accum=True),
+        _config(big, 1280, 1280, e4, e4, bf16, rowwise=False, fast_accum=False),
+        _config(big, 5120, 1280, e4, e4, bf16, rowwise=True, fast_accum=True),
+        _config(big, 5120, 1280, e4, e4, bf16, rowwise=True, fast_accum=False, bias=True),
+        # backward: dgrad = dY (e5m2) @ W (e4m3); wgrad = dY^T (e5m2) @ X^T (e4m3), K = tokens
+        _config(big, 1280, 5120, e5, e4, bf16, rowwise=False, fast_accum=False),
+        _config(1280, 5120, big, e5, e4, bf16, rowwise=True, fast_accum=False),
+        # small M (decode), and a K that is not a multiple of BLOCK_K (masked tail)
+        _config(small, 65536, 1280, e4, e4, bf16, rowwise=True, fast_accum=True),
+        _config(big, 768, 784, e4, e4, bf16, rowwise=False, fast_accum=False),
+    ]
+
+
+KERNEL_CONFIGS: list[dict] = _kernel_configs()
+"""Keyword arguments of `compile_gate.compile_triton`, built from the launcher's `_meta`, so
+`compile_triton(**cfg, arch=90)` compiles exactly what an H100 launches. Compile them in a process
+without TRITON_INTERPRET=1 (see `compile_gate.configs_facts`)."""

@@ -1,0 +1,133 @@
+"""FP8 linear layer: `y = x @ weight.T (+ bias)` with every GEMM in FP8, forward and backward.
+
+Recipes (dynamic scaling, computed from the current tensors):
+  * "tensorwise": one scale per tensor. The quantisation also writes the transposed copy the
+    backward GEMMs need (same scale), so each tensor is read once for both layouts.
+  * "rowwise": one scale per row of each GEMM operand (per token for activations, per output
+    feature for weights): more accurate for outlier rows, but the backward GEMMs reduce over the
+    other dimension, so x and weight are re-quantised transposed there (their column scales differ).
+
+Formats: e4m3 (more mantissa) for activations and weights in the forward, e5m2 (more range) for the
+output gradient in the backward, as Transformer Engine and torchao do. Accumulation is always fp32;
+Hopper's fast (reduced-precision) accumulation is used only in the forward GEMM, where the errors
+do not compound through the backward. The weight gradient comes out in fp32, so fp32 master
+weights accumulate it without another rounding.
+
+Shapes: the GEMMs need K and N multiples of 16 (FP8 tensor-core MMAs and `torch._scaled_mm` read
+16-byte aligned rows): other shapes are rejected with a ValueError rather than silently padded (the
+model's layers all satisfy it; pad the layer, not every call). M (tokens) is free.
+
+backend: "torch" (the plain-torch references of the quantisation and the GEMM: the same
+algorithm, readable), "scaled_mm" (`torch._scaled_mm` for the GEMMs: cuBLASLt on GPU, also runs on
+CPU), "triton" (nanofast's Triton quantisation and GEMM kernels), None (Triton on CUDA tensors,
+torch on CPU).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backend import resolve_backend
+from .fp8_gemm import fp8_gemm
+from .fp8_quant import quantize_fp8
+
+__all__ = ["fp8_linear", "FP8_BACKENDS", "FP8_RECIPES"]
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+FP8_BACKENDS = ("torch", "scaled_mm", "triton")
+FP8_RECIPES = ("tensorwise", "rowwise")
+
+
+def _resolve(backend: str | None, x: Tensor) -> tuple[str, str]:
+    """(quantisation backend, GEMM backend) for fp8_linear's `backend`."""
+    if backend is None:
+        backend = "triton" if x.is_cuda else "torch"
+    if backend not in FP8_BACKENDS:
+        raise ValueError(f"backend must be one of {FP8_BACKENDS} or None, got {backend!r}")
+    if backend == "scaled_mm":
+        # cuBLASLt does the GEMMs; the quantisation is the device's default (Triton on GPU).
+        return resolve_backend(None, x), "scaled_mm"
+    resolve_backend(backend, x)  # "triton" on CPU needs the interpreter: a clear error if absent
+    return backend, backend
+
+
+class _FP8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, recipe: str, qb: str, gb: str) -> Tensor:
+        ctx.recipe, ctx.qb, ctx.gb, ctx.has_bias = recipe, qb, gb, bias is not None
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        out_bias = bias.to(x.dtype) if bias is not None else None
+        if recipe == "tensorwise":
+            xq, xs, xq_t, _ = quantize_fp8(x, E4M3, transpose=True, backend=qb)
+            wq, ws, wq_t, _ = quantize_fp8(weight, E4M3, transpose=True, backend=qb)
+            ctx.save_for_backward(xq_t, xs, wq_t, ws)
+            return fp8_gemm(xq, wq, xs, ws, out_dtype=x.dtype, bias=out_bias, use_fast_accum=True, backend=gb)
+        xq, xs, _, _ = quantize_fp8(x, E4M3, recipe="rowwise", backend=qb)
+        wq, ws, _, _ = quantize_fp8(weight, E4M3, recipe="rowwise", backend=qb)
+        ctx.save_for_backward(x, weight)
+        return fp8_gemm(xq, wq, xs, ws.t(), out_dtype=x.dtype, bias=out_bias, use_fast_accum=True, backend=gb)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        qb, gb = ctx.qb, ctx.gb
+        gy = gy.contiguous()
+        if ctx.recipe == "tensorwise":
+            xq_t, xs, wq_t, ws = ctx.saved_tensors
+            gq, gs, gq_t, _ = quantize_fp8(gy, E5M2, transpose=True, backend=qb)
+            dx = fp8_gemm(gq, wq_t, gs, ws, out_dtype=ctx.x_dtype, backend=gb)          # (M,N)(N,K): B = W^T rows
+            dw = fp8_gemm(gq_t, xq_t, gs, xs, out_dtype=torch.float32, backend=gb)      # (N,M)(M,K): B = x^T rows
+        else:
+            x, weight = ctx.saved_tensors
+            gq, gs, _, _ = quantize_fp8(gy, E5M2, recipe="rowwise", backend=qb)
+            wtq, wts, _, _ = quantize_fp8(weight.t().contiguous(), E4M3, recipe="rowwise", backend=qb)
+            dx = fp8_gemm(gq, wtq, gs, wts.t(), out_dtype=ctx.x_dtype, backend=gb)
+            gtq, gts, _, _ = quantize_fp8(gy.t().contiguous(), E5M2, recipe="rowwise", backend=qb)
+            xtq, xts, _, _ = quantize_fp8(x.t().contiguous(), E4M3, recipe="rowwise", backend=qb)
+            dw = fp8_gemm(gtq, xtq, gts, xts.t(), out_dtype=torch.float32, backend=gb)
+        db = gy.float().sum(0) if ctx.has_bias else None
+        return dx, dw.to(ctx.w_dtype), db, None, None, None
+
+
+def _check(x, weight, bias, recipe) -> None:
+    if not isinstance(x, Tensor) or x.ndim < 1 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be a float32/bfloat16/float16 tensor (..., K), got "
+                        f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(weight, Tensor) or weight.ndim != 2 or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating (N, K) tensor as in F.linear, got "
+                        f"{tuple(getattr(weight, 'shape', ()))}")
+    N, K = weight.shape
+    if x.size(-1) != K:
+        raise ValueError(f"x's last dim ({x.size(-1)}) must equal weight's K ({K}); weight is (N, K) = {(N, K)}")
+    if K % 16 or N % 16:
+        raise ValueError(f"fp8_linear needs K and N multiples of 16 (FP8 MMA / _scaled_mm row alignment), got "
+                         f"weight (N, K) = {(N, K)}: pad the layer's dimensions or keep it in bf16")
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (N,)):
+        raise ValueError(f"bias must be None or a ({N},) tensor, got {tuple(getattr(bias, 'shape', ()))}")
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"recipe must be one of {FP8_RECIPES}, got {recipe!r}")
+    if weight.device != x.device or (bias is not None and bias.device != x.device):
+        raise ValueError(f"x, weight and bias must be on one device, got {x.device}, {weight.device}")
+
+
+def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, recipe: str = "tensorwise",
+               backend: str | None = None) -> Tensor:
+    """F.linear with FP8 GEMMs (see the module docstring).
+
+    Args:
+        x: (..., K) fp32/bf16/fp16 activations, any leading dims.
+        weight: (N, K) as in F.linear (fp32 master weights are quantised directly).
+        bias: optional (N,).
+        recipe: "tensorwise" or "rowwise" dynamic scaling.
+        backend: "torch", "scaled_mm", "triton" or None.
+    Returns:
+        (..., N) in x's dtype; differentiable in x, weight and bias (weight's gradient in its dtype,
+        computed in fp32).
+    """
+    _check(x, weight, bias, recipe)
+    qb, gb = _resolve(backend, x)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.size(-1))
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    out = _FP8Linear.apply(x2d, weight, bias, recipe, qb, gb)
+    return out.reshape(*lead, weight.size(0))

@@ -1,0 +1,206 @@
+"""fp8_linear (forward and backward) against fp32 maths, across backends and recipes; the model's
+per-class GEMM precision; training a tiny model in fp8 / fp16 vs bf16; the precision report.
+
+Error budgets (relative Frobenius error vs the fp32 result, K >= 64): e4m3 has 3 mantissa bits
+(unit roundoff 2^-4), e5m2 2 bits (2^-3); a dot product of K such products averages the
+independent rounding errors, so the output error sits well below one unit roundoff:
+    forward y (e4m3 x e4m3)        <= 0.05
+    dx (e5m2 grad x e4m3 weight)   <= 0.10
+    dw (e5m2 grad x e4m3 x)        <= 0.10
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nanofast import ops
+from nanofast.kernels import fp8_linear
+from nanofast.model import GPT, config_for_depth, parse_linear_precision
+from nanofast.optim import MuonAdamW
+from nanofast.precision import precision_report, precision_table
+from nanofast.trainer import LossScaler
+
+BUDGET = {"y": 0.05, "dx": 0.10, "dw": 0.10}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _case(M=37, K=64, N=48, seed=0, dtype=torch.float32, outlier=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    if outlier:
+        # One token 1e5x larger: with one scale per tensor every other row lands in e4m3's
+        # subnormal range (below 2^-6 of the max), where the relative precision collapses.
+        x[3] *= 1e5
+    w = torch.randn(N, K, generator=g) / math.sqrt(K)
+    gy = torch.randn(M, N, generator=g)
+    return x.to(dtype), w, gy.to(dtype)
+
+
+def _run(x, w, gy, **kw):
+    x = x.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    y = fp8_linear(x, w, **kw)
+    y.backward(gy)
+    return y.detach(), x.grad, w.grad
+
+
+def _exact(x, w, gy):
+    x = x.double().requires_grad_()
+    w = w.double().requires_grad_()
+    y = x @ w.t()
+    y.backward(gy.double())
+    return y.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("backend", ["torch", "scaled_mm", "triton"])
+@pytest.mark.parametrize("shape", [(1, 64, 16), (37, 64, 48), (130, 96, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_fp8_linear_within_budget_and_backends_agree(shape, backend, recipe):
+    x, w, gy = _case(*shape)
+    got = _run(x, w, gy, recipe=recipe, backend=backend)
+    want = _exact(x, w, gy)
+    # Triton on CPU runs through the interpreter, whose fp32->fp8 cast loses a rounding carry on
+    # ~2-5% of values (halving them; triton issue 8322, pinned down in tests/test_fp8_quant.py): a
+    # looser budget there. Compiled, the kernels cast with cvt.rn.satfinite, as torch does.
+    slack = 4.0 if backend == "triton" else 1.0
+    for name, a, b in zip(("y", "dx", "dw"), got, want):
+        assert _rel(a, b) <= slack * BUDGET[name], (name, _rel(a, b))
+    assert got[0].dtype == x.dtype and got[2].dtype == w.dtype
+    if backend == "scaled_mm":  # the same quantised operands: only the fp32 summation order differs
+        ref = _run(x, w, gy, recipe=recipe, backend="torch")
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_rowwise_beats_tensorwise_on_outlier_rows():
+    x, w, gy = _case(outlier=True)
+    want = _exact(x, w, gy)[0]
+    errs = {r: _rel(_run(x, w, gy, recipe=r, backend="torch")[0][torch.arange(37) != 3],
+                    want[torch.arange(37) != 3]) for r in ("tensorwise", "rowwise")}
+    assert errs["rowwise"] < errs["tensorwise"] / 2, errs
+
+
+def test_leading_dims_bf16_activations_and_bias():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 5, 32, generator=g).to(torch.bfloat16)
+    w, b = torch.randn(16, 32, generator=g) / 6, torch.randn(16, generator=g)
+    y = fp8_linear(x, w, b, backend="scaled_mm")
+    assert y.shape == (2, 3, 5, 16) and y.dtype == torch.bfloat16
+    assert _rel(y, x.double() @ w.double().t() + b.double()) <= BUDGET["y"]
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(x=torch.randn(4, 20), w=torch.randn(16, 20)), ValueError, "multiples of 16"),
+    (dict(x=torch.randn(4, 32), w=torch.randn(24, 32)), ValueError, "multiples of 16"),
+    (dict(x=torch.randn(4, 32), w=torch.randn(16, 48)), ValueError, "must equal weight's K"),
+    (dict(x=torch.randn(4, 32).to(torch.int32), w=torch.randn(16, 32)), TypeError, "x must be"),
+    (dict(x=torch.randn(4, 32), w=torch.randn(16, 32), recipe="blockwise"), ValueError, "recipe"),
+    (dict(x=torch.randn(4, 32), w=torch.randn(16, 32), backend="te"), ValueError, "backend"),
+    (dict(x=torch.randn(4, 32), w=torch.randn(16, 32), bias=torch.randn(3)), ValueError, "bias"),
+])
+def test_errors(kwargs, exc, msg):
+    x, w = kwargs.pop("x"), kwargs.pop("w")
+    with pytest.raises(exc, match=msg):
+        fp8_linear(x, w, **kwargs)
+
+
+# ---- the model's GEMM precision ----------------------------------------------------------------
+
+def _tiny(seed=0, dtype=torch.float32) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(config_for_depth(2, vocab_size=256, sequence_len=32, head_dim=32), compute_dtype=dtype)
+    model.init_weights()
+    return model
+
+
+def test_parse_and_set_linear_precision():
+    assert parse_linear_precision("fp8") == {"attn": "fp8", "mlp": "fp8"}
+    assert parse_linear_precision("attn=fp16,lm_head=bf16") == {"attn": "fp16", "lm_head": "bf16"}
+    assert parse_linear_precision(None) == {}
+    for bad in ("fp4", "attn=fp4", "head=fp8"):
+        with pytest.raises(ValueError):
+            parse_linear_precision(bad)
+    model = _tiny()
+    with torch.no_grad():  # the zero-initialised output projections would hide every GEMM's rounding
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randint(0, 256, (2, 32))
+    base = model(x)
+    model.set_linear_precision({"attn": "fp8", "mlp": "fp8"})
+    assert {m.precision for m in model.linears()["attn"]} == {"fp8"} and model.lm_head.precision is None
+    model.train()
+    assert not torch.equal(model(x), base)  # fp8 GEMMs in training
+    model.eval()
+    assert torch.equal(model(x), base)  # ... and the compute dtype for evaluation and inference
+
+
+def _markov_batches(steps: int, batch: int = 8, T: int = 33, vocab: int = 128):
+    """Sequences from a fixed random Markov chain: the best achievable loss is the chain's entropy,
+    so the loss keeps meaning something after the easy part is learned."""
+    g = torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn(vocab, vocab, generator=g) * 3, dim=-1)
+    entropy = -(probs * probs.log()).sum(-1).mean().item()
+    out = []
+    for _ in range(steps):
+        seq = [torch.randint(0, vocab, (batch,), generator=g)]
+        for _ in range(T - 1):
+            seq.append(torch.multinomial(probs[seq[-1]], 1, generator=g)[:, 0])
+        out.append(torch.stack(seq, 1))
+    return out, entropy
+
+
+def _train(precision: str | None, dtype: torch.dtype, batches: list[torch.Tensor]) -> float:
+    """Final loss (mean of the last 20 steps) of a depth-1 model (d_model 64, vocab 128): small
+    enough that bf16/fp16 matmuls, emulated on CPU, stay fast."""
+    torch.manual_seed(0)
+    model = GPT(config_for_depth(1, vocab_size=128, sequence_len=32, head_dim=32), compute_dtype=dtype)
+    model.init_weights()
+    model.set_linear_precision(parse_linear_precision(precision))
+    opt = MuonAdamW(model.param_groups())
+    scaler = LossScaler() if dtype == torch.float16 else None  # fp16 trains with loss scaling
+    losses = []
+    for seq in batches:
+        loss = model(seq[:, :-1], seq[:, 1:])
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+        else:
+            loss.backward()
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return sum(losses[-20:]) / 20
+
+
+def test_tiny_model_trains_in_fp8_and_fp16_about_as_well_as_bf16():
+    """200 steps on the same batches: fp8 (tensorwise, torch._scaled_mm) and fp16 (loss scaling)
+    end within 0.05 nats of bf16, all well below the uniform loss ln(128) = 4.85."""
+    batches, entropy = _markov_batches(200)
+    ops.set_fp8_backend("scaled_mm")
+    try:
+        final = {"bf16": _train(None, torch.bfloat16, batches), "fp8": _train("fp8", torch.bfloat16, batches),
+                 "fp16": _train(None, torch.float16, batches)}
+    finally:
+        ops.set_fp8_backend(None)
+    assert final["bf16"] < math.log(128) - 1.0, (final, entropy)  # it learned the chain's structure
+    for name in ("fp8", "fp16"):
+        assert abs(final[name] - final["bf16"]) <= 0.05, (final, entropy)
+
+
+def test_precision_report_orders_the_formats():
+    model = _tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randint(0, 256, (2, 32))
+    report = precision_report(model, x, x)
+    s = report["settings"]
+    mean = {k: sum(v["gemms"].values()) / len(v["gemms"]) for k, v in s.items()}
+    assert mean["fp16"] < mean["bf16"] < mean["fp8"]  # 10, 7 and 3 mantissa bits
+    assert len(s["fp8"]["gemms"]) == 2 * 6 + 1 and all(0 < e < 0.1 for e in s["fp8"]["gemms"].values())
+    assert "| fp8 |" in precision_table(report)

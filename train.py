@@ -34,6 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=None)
     p.add_argument("--save-every", type=int, default=None)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--linear-precision", default=None,
+                   help="GEMM precision of the linears while training: fp8 | fp16 | bf16 | fp32 (attention and "
+                        "MLP), or per class, e.g. attn=fp8,mlp=fp8,lm_head=bf16; fp8 layers run in the compute "
+                        "dtype for evaluation and inference")
+    p.add_argument("--fp8-recipe", choices=["tensorwise", "rowwise"], default=None, help="fp8 dynamic scaling")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the training step")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--download-tasks", action=argparse.BooleanOptionalAction, default=None,

@@ -94,14 +94,44 @@ def window_sizes(config: GPTConfig) -> list[int]:
     return sizes
 
 
+LINEAR_PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+LINEAR_CLASSES = ("attn", "mlp", "lm_head")
+
+
 class Linear(nn.Linear):
-    """Bias-free linear over an fp32 master weight (out, in), computed in the activation's dtype."""
+    """Bias-free linear over an fp32 master weight (out, in), computed in the activation's dtype
+    unless `precision` says otherwise (see ops.linear). fp8 applies in training only: in eval mode
+    (evaluation, the inference engine) an fp8 layer runs in the activation dtype, as nanochat swaps
+    its fp8 layers back to bf16 for inference."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self.precision: str | None = None
+        self.recipe = "tensorwise"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight)
+        precision = None if (self.precision == "fp8" and not self.training) else self.precision
+        return ops.linear(x, self.weight, precision, self.recipe)
+
+
+def parse_linear_precision(text: str | None) -> dict[str, str]:
+    """"fp8" (attention and MLP linears in fp8; lm_head stays in the compute dtype, where logit
+    precision matters most), "fp16"/"bf16"/"fp32" (same, that dtype), or per class:
+    "attn=fp8,mlp=fp8,lm_head=bf16". None or "" -> {} (every GEMM in the compute dtype)."""
+    if not text:
+        return {}
+    if "=" not in text:
+        if text not in LINEAR_PRECISIONS:
+            raise ValueError(f"linear precision must be one of {LINEAR_PRECISIONS} or 'class=precision,...', got {text!r}")
+        return {"attn": text, "mlp": text}
+    spec = {}
+    for part in text.split(","):
+        cls, _, prec = part.partition("=")
+        if cls.strip() not in LINEAR_CLASSES or prec.strip() not in LINEAR_PRECISIONS:
+            raise ValueError(f"bad linear precision item {part!r}: expected class=precision with class in "
+                             f"{LINEAR_CLASSES} and precision in {LINEAR_PRECISIONS}")
+        spec[cls.strip()] = prec.strip()
+    return spec
 
 
 class CausalSelfAttention(nn.Module):
@@ -261,6 +291,23 @@ class GPT(nn.Module):
         if targets is None:
             return ops.softcap_logits(logits, SOFTCAP)
         return ops.softcap_cross_entropy(logits, targets, SOFTCAP, reduction=loss_reduction)
+
+    def linears(self) -> dict[str, list[Linear]]:
+        """The GEMM layers by class. The value-embedding and smear gates (12 and 24 inputs) are
+        left out: too small for any precision trade-off, and not fp8-aligned."""
+        blocks = self.transformer.h
+        return {"attn": [m for b in blocks for m in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.attn.c_proj)],
+                "mlp": [m for b in blocks for m in (b.mlp.c_fc, b.mlp.c_proj)], "lm_head": [self.lm_head]}
+
+    def set_linear_precision(self, spec: dict[str, str], recipe: str = "tensorwise") -> None:
+        """Per layer class ("attn", "mlp", "lm_head") GEMM precision; classes not named compute in
+        the activation dtype. See parse_linear_precision."""
+        unknown = set(spec) - set(LINEAR_CLASSES)
+        if unknown or any(p not in LINEAR_PRECISIONS for p in spec.values()):
+            raise ValueError(f"linear precision spec must map {LINEAR_CLASSES} to {LINEAR_PRECISIONS}, got {spec}")
+        for cls, layers in self.linears().items():
+            for layer in layers:
+                layer.precision, layer.recipe = spec.get(cls), recipe
 
     # ---- accounting -------------------------------------------------------------------------
     def num_params(self) -> dict[str, int]:

@@ -51,13 +51,34 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return kernels.rms_norm(x, backend=backend)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """y = x @ weight.T with the fp32 master weight cast to the activation dtype.
+_PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_FP8_BACKEND: str | None = None
+
+
+def set_fp8_backend(backend: str | None) -> None:
+    """Who runs fp8 linears: None (Triton on CUDA, the torch reference on CPU), "torch",
+    "scaled_mm" (torch._scaled_mm) or "triton"; see nanofast.kernels.fp8_linear."""
+    if backend not in (None, "torch", "scaled_mm", "triton"):
+        raise ValueError(f"fp8 backend must be None, 'torch', 'scaled_mm' or 'triton', got {backend!r}")
+    global _FP8_BACKEND
+    _FP8_BACKEND = backend
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, precision: str | None = None,
+           recipe: str = "tensorwise") -> torch.Tensor:
+    """y = x @ weight.T, the GEMM in `precision`, the result in x's dtype.
 
     x: (..., in) in the compute dtype; weight: (out, in), usually fp32. Casting the weight (not
     autocasting) keeps the optimizer on fp32 masters while the matmul runs in bf16/fp16.
+    precision: None (x's dtype), "fp32", "bf16", "fp16" (cast both operands, cast the result back),
+    or "fp8" (kernels.fp8_linear with `recipe`: e4m3 forward, e5m2 gradients, fp32 accumulation).
     """
-    return F.linear(x, weight.to(dtype=x.dtype))
+    if precision is None:
+        return F.linear(x, weight.to(dtype=x.dtype))
+    if precision == "fp8":
+        return kernels.fp8_linear(x, weight, recipe=recipe, backend=_FP8_BACKEND)
+    dt = _PRECISION_DTYPES[precision]
+    return F.linear(x.to(dt), weight.to(dt)).to(x.dtype)
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float = 100_000.0,

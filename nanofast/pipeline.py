@@ -19,8 +19,9 @@ from nanofast.common import Dist, default_dtype, parse_dtype, peak_flops, print0
 from nanofast.dataloader import ConversationLoader, PackedLoader
 from nanofast.download import download_climbmix
 from nanofast.evaluate import evaluate_bpb
-from nanofast.model import GPT, config_for_depth
+from nanofast.model import GPT, config_for_depth, parse_linear_precision
 from nanofast.optim import MuonAdamW, apply_schedules
+from nanofast.precision import precision_report, precision_table
 from nanofast.presets import Settings
 from nanofast.report import build_report, read_section, write_section
 from nanofast.rl import grpo_loss, policy_batch, rollouts
@@ -185,6 +186,7 @@ def stage_pretrain(run: Run, t0: float) -> None:
         model = GPT(config, compute_dtype=run.dtype)
     model.to_empty(device=device)
     model.init_weights()
+    model.set_linear_precision(parse_linear_precision(s.linear_precision), s.fp8_recipe)
     plan = plan_training(model, s, run.dist.world_size)
     optimizer = MuonAdamW(model.param_groups(lr_scale=plan.lr_scale, weight_decay=plan.weight_decay))
     ckpt_dir = run.checkpoint_dir("base")
@@ -214,6 +216,13 @@ def stage_pretrain(run: Run, t0: float) -> None:
                       state=state, step_model=step_model, scaler=scaler)
 
     if run.dist.is_master:
+        precision = None
+        if s.linear_precision:  # what the chosen GEMM precisions cost, on a validation batch
+            with PackedLoader(tokenizer, run.data_dir, s.device_batch_size, s.seq_len, split="val",
+                              device=device, loop=False) as val:
+                x, y, _ = next(iter(val))
+            precision = precision_report(model, x, y)
+            print0(precision_table(precision))
         model.eval()
         samples = [p + tokenizer.decode(list(model.generate(tokenizer.encode(p, prepend="<|bos|>"), s.sample_tokens)))
                    for p in SAMPLE_PROMPTS]
@@ -230,6 +239,7 @@ def stage_pretrain(run: Run, t0: float) -> None:
             tokens_per_second=state.tokens_per_second, median_tokens_per_second=tps,
             mfu=mfu_percent(flops, tps, peak_flops(device), run.dist.world_size),
             train_seconds=state.train_seconds, samples=samples, checkpoint_dir=str(ckpt_dir),
+            linear_precision=s.linear_precision, fp8_recipe=s.fp8_recipe, precision_report=precision,
             seconds=time.perf_counter() - t0))
     _barrier(run)
 
@@ -264,6 +274,7 @@ def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, .
     s, device = run.settings, run.device
     tokenizer = load_tokenizer(run)
     model = load_stage_model(run, init_from)
+    model.set_linear_precision(parse_linear_precision(s.linear_precision), s.fp8_recipe)
     train_mix = TaskMixture([_load_task(run, n, "train") for n in mix], seed=s.seed)
     val_mix = TaskMixture([_load_task(run, n, "test") for n in sorted(set(mix))], seed=s.seed)
     sources = {t.name: t.source for t in train_mix.tasks}

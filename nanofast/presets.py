@@ -29,6 +29,8 @@ class Settings:
     log_every: int = 10
     sample_tokens: int = 32
     dtype: str | None = None          # None = bf16 on GPU, fp32 on CPU
+    linear_precision: str | None = None  # GEMM precision per layer class: "fp8", "attn=fp8,mlp=fp16", ...
+    fp8_recipe: str = "tensorwise"    # or "rowwise" (dynamic scaling)
     compile: bool = True
     seed: int = 42
     # mid-training and SFT (the same loop; conversations packed whole, loss on assistant tokens)
@@ -78,6 +80,11 @@ def make_settings(preset: str, **overrides) -> Settings:
     if unknown:
         raise ValueError(f"unknown setting(s) {sorted(unknown)}")
     settings = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    from nanofast.model import parse_linear_precision
+
+    parse_linear_precision(settings.linear_precision)  # a bad spec fails here, before any work
+    if settings.fp8_recipe not in ("tensorwise", "rowwise"):
+        raise ValueError(f"unknown fp8 recipe {settings.fp8_recipe!r}: choose tensorwise or rowwise")
     if settings.precision not in (None, "fp32", "bf16", "fp16"):
         raise ValueError(f"unknown precision {settings.precision!r}: choose fp32, bf16 or fp16")
     if settings.data not in ("default", "climbmix"):

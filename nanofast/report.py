@@ -91,6 +91,11 @@ def build_report(report_dir: str | Path, out_path: str | Path) -> Path:
                   f"- final train loss: {pre['final_loss']:.4f}; val bpb: {pre['val_bpb']:.4f}",
                   f"- throughput: {pre['median_tokens_per_second']:,.0f} tokens/s (median step), MFU: {_mfu(pre.get('mfu'))}",
                   f"- training time: {pre['train_seconds']:.1f} s", ""]
+        if pre.get("precision_report"):
+            from nanofast.precision import precision_table
+
+            lines += [f"### Matmul precision ({pre['linear_precision']}, fp8 recipe {pre['fp8_recipe']})", "",
+                      precision_table(pre["precision_report"]), ""]
         png = plot_losses([tuple(x) for x in pre.get("losses", [])], pre.get("evals", []),
                           out_path.with_name("loss_curve.png"))
         lines += [f"![loss curve]({png.name})", ""]

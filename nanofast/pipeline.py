@@ -344,10 +344,18 @@ def stage_rl(run: Run, t0: float) -> None:
     scaler = LossScaler() if dtype == torch.float16 else None
     if scaler is not None and state.loss_scaler:
         scaler.load_state_dict(state.loss_scaler)
+    # Held-out accuracy greedy (as evaluated) and sampled at the rollouts' temperature 1 (what GRPO
+    # optimises directly: it sharpens the sampling distribution towards rewarded answers).
     heldout = dict(max_examples=s.eval_examples, max_new_tokens=s.rl_max_tokens)
+
+    def measure() -> dict:
+        model.eval()
+        return {"greedy": evaluate_generative(model, tokenizer, test_task, **heldout),
+                "sampled": evaluate_generative(model, tokenizer, test_task, temperature=1.0, **heldout)}
+
     before = saved.get("heldout_before")
     if rank == 0 and not resumed:
-        before = evaluate_generative(model.eval(), tokenizer, test_task, **heldout)
+        before = measure()
     per_rank = max(1, s.rl_questions // world)
     bar = tqdm(range(state.step, s.rl_steps), disable=not run.dist.is_master, desc="rl", unit="step")
     for step in bar:
@@ -382,7 +390,7 @@ def stage_rl(run: Run, t0: float) -> None:
                                             loop_state=asdict(state)), rank=rank)
     bar.close()
     if run.dist.is_master:
-        after = evaluate_generative(model.eval(), tokenizer, test_task, **heldout)
+        after = measure()
         write_section(run.report_dir, "rl", dict(
             task=test_task.name, source=test_task.source, precision=str(dtype).removeprefix("torch."),
             steps=s.rl_steps, questions_per_step=s.rl_questions, samples=s.rl_samples, history=history,

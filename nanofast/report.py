@@ -119,12 +119,15 @@ def build_report(report_dir: str | Path, out_path: str | Path) -> Path:
     rl = sections["rl"]
     if rl:
         b, a = rl.get("heldout_before") or {}, rl.get("heldout_after") or {}
+        nan = {"accuracy": float("nan"), "n": 0}
         lines += ["## RL (GRPO)", "",
                   f"- {rl['steps']} steps x {rl['questions_per_step']} questions x {rl['samples']} samples on "
-                  f"{rl['task']} ({rl['source']} data), precision {rl['precision']}",
-                  f"- held-out accuracy: {b.get('accuracy', float('nan')):.4f} before -> "
-                  f"{a.get('accuracy', float('nan')):.4f} after (n={a.get('n', 0)})",
-                  f"- sampler/trainer mismatch ({rl['precision']}): mean |logp_engine - logp_trainer| "
+                  f"{rl['task']} ({rl['source']} data), precision {rl['precision']}"]
+        for mode in ("greedy", "sampled"):
+            before, after = b.get(mode, nan), a.get(mode, nan)
+            lines.append(f"- held-out accuracy ({mode}{', temperature 1' if mode == 'sampled' else ''}): "
+                         f"{before['accuracy']:.4f} before -> {after['accuracy']:.4f} after (n={after['n']})")
+        lines += [f"- sampler/trainer mismatch ({rl['precision']}): mean |logp_engine - logp_trainer| "
                   f"{_num(rl.get('mean_logp_abs_diff'))}, KL(engine||trainer) {_num(rl.get('mean_kl'))}", ""]
         hist = rl.get("history", [])
         if hist:

@@ -84,7 +84,8 @@ def test_stage_all_runs_end_to_end_and_skips_finished_stages(tmp_path):
         assert set(sec["task_sources"].values()) == {"offline"}  # no network here: generated data, and it says so
         assert sec["evals"][-1]["val_bpb"] < sec["evals"][0]["val_bpb"]  # the conversations are learned
     rl = section(base, "rl")
-    assert len(rl["history"]) == 3 and rl["heldout_before"]["n"] == rl["heldout_after"]["n"] > 0
+    for mode in ("greedy", "sampled"):
+        assert len(rl["history"]) == 3 and rl["heldout_before"][mode]["n"] == rl["heldout_after"][mode]["n"] > 0
     assert rl["mean_kl"] < 1e-4  # fp32 sampler and trainer agree (same maths, different kernels)
     results = section(base, "eval")["results"]
     assert set(results) == {"base", "mid", "sft", "rl"} and results["base"]["core"]["source"] == "offline"

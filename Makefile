@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench browser
+.PHONY: run test bench guard browser
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,7 @@ run: $(STAMP)
 # The test suite (what .ci/run calls).
 test: $(STAMP) browser
 	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest bench -m guard -q
 
 # Debian's chromium + chromedriver for tests/test_web_ui.py, installed once when apt-get is there
 # (as root, or through passwordless sudo). Never fatal: without them that one test file skips.
@@ -41,3 +42,7 @@ browser:
 # Benchmarks (pytest-benchmark): see bench/README.md for saving and comparing baselines.
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench --benchmark-only $(ARGS)
+
+# The throughput guard alone: same-run ratios, kernel machine-code facts (and GPU peak fractions).
+guard: $(STAMP)
+	$(BIN)/python -m pytest bench -m guard -q $(ARGS)

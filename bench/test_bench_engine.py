@@ -109,6 +109,7 @@ def run_batch(model: GPT, batch: int, prompt_len: int = PROMPT_LEN, new_tokens: 
     }
 
 
+@pytest.mark.expensive  # ~40 s on a 2-core CPU
 @pytest.mark.parametrize("batch", BATCHES)
 def test_bench_inference(benchmark, model, batch):
     result = benchmark.pedantic(run_batch, args=(model, batch), rounds=1, iterations=1)
@@ -144,6 +145,7 @@ def offline_throughput(model: GPT, requests, one_at_a_time: bool) -> dict:
     return {"seconds": dt, "tokens": sum(map(len, outs)), "tokens_per_s": sum(map(len, outs)) / dt, "outputs": outs}
 
 
+@pytest.mark.expensive
 def test_bench_offline_throughput_vs_one_at_a_time(model):
     """The same requests both ways, in one run; the outputs must agree (greedy)."""
     requests = offline_requests(64 if ON_GPU else 16, model.config.vocab_size)

@@ -61,6 +61,7 @@ GPU_SHAPES = _gpu_shapes()
 GPU_IMPLS = ["triton", "triton_fast_accum", "scaled_mm_fast_accum", "bf16_mm"]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("impl", GPU_IMPLS)
 @pytest.mark.parametrize("case", GPU_SHAPES, ids=lambda c: f"{c[0]}-M{c[1]}")
 def test_bench_fp8_gemm_gpu(benchmark, case, impl):

@@ -63,6 +63,7 @@ def test_bench_mlp_fwd_bwd(benchmark, tokens, d, impl):
 TRAIN = (12, 2048, 16, 32768) if ON_GPU else (2, 128, 4, 4096)  # depth, T, B, vocab
 
 
+@pytest.mark.expensive  # fp16 matmuls are emulated slowly on CPU: ~30 s
 @pytest.mark.parametrize("precision", ["bf16", "fp8", "fp16"])
 def test_bench_train_step_by_precision(benchmark, precision):
     """Tokens/s of a whole training step (fwd, bwd, MuonAdamW) in bf16, fp8 linears (bf16 around

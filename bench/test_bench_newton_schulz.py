@@ -53,6 +53,7 @@ def _gpu_impl(name: str):
     return torch.compile(lambda G: newton_schulz_reference(G, STEPS, dtype=torch.bfloat16), dynamic=False)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_bench_newton_schulz_gpu(benchmark, shape, impl):
@@ -126,6 +127,7 @@ def test_bench_prologue_cpu(benchmark, impl):
     assert out.shape == shape and torch.isfinite(out).all()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["fused_triton", "unfused_eager", "unfused_compile"])
 @pytest.mark.parametrize("shape", [(12, 1280, 1280), (12, 5120, 1280), (8, 4096, 4096)],
                          ids=lambda s: "x".join(map(str, s)))

@@ -38,6 +38,7 @@ def sync():
         torch.cuda.synchronize()
 
 
+@pytest.mark.expensive  # ~30 s on a 2-core CPU
 @pytest.mark.parametrize("ns_backend", NS_BACKENDS)
 @pytest.mark.parametrize("depth,T,B,vocab,head_dim", CASES, ids=[f"d{c[0]}" for c in CASES])
 def test_optimizer_step(benchmark, depth, T, B, vocab, head_dim, ns_backend):

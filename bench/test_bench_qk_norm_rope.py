@@ -132,6 +132,7 @@ def _run(benchmark, impl, B, T, H, D, dtype, backward):
                                 pct_of_peak_bandwidth=None if peak is None else round(100 * gbps * 1e9 / peak, 1))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="GPU shapes need a CUDA device")
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}xT{}xH{}".format(*s))

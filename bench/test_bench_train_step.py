@@ -38,7 +38,8 @@ def make_step(compiled: bool):
     return step, model
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.expensive)],
+                         ids=["eager", "compiled"])  # compiling takes ~10-30 s on a 2-core CPU
 def test_train_step(benchmark, compiled):
     step, model = make_step(compiled)
     benchmark.group = f"train step d{DEPTH} T{T} B{B} {DEVICE}"

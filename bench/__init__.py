@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark), the throughput guard and the performance page; see bench/README.md."""

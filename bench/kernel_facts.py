@@ -1,0 +1,178 @@
+"""The machine-code facts of every kernel, as the table the guard compares against.
+
+    python -m bench.kernel_facts            # print the current facts as JSON
+    python -m bench.kernel_facts --write    # refresh bench/baselines/kernel_facts.json
+
+Every Triton configuration the kernel modules list (their KERNEL_CONFIGS / PROLOGUE_CONFIGS, the
+same set `python -m nanofast.kernels.report` prints) is compiled for sm_90, and every CUDA kernel in
+csrc/ by nvcc for sm_90a (skipped, and said so, when nvcc is absent). Per configuration: registers,
+shared bytes, local and stack bytes (a Triton kernel's register spills land in its STACK frame, which
+cuobjdump reports apart from LOCAL), spill bytes (CUDA, from ptxas) and the key SASS
+instruction counts, including the tensor-core MMAs of both precisions (HGMMA for fp16/bf16, QGMMA
+for fp8: compile_gate's list has no QGMMA, so GMMA opcodes are counted here). No GPU is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+# As compile_gate pins it: triton 3.9 warns that its FP-fusion default changes in 3.10 (FFMA in SASS).
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = Path(__file__).resolve().parent / "baselines" / "kernel_facts.json"
+ARCH = 90
+# (module, attribute) of every Triton config list: what nanofast.kernels.report compiles for sm_90.
+TRITON_SOURCES = [("nanofast.kernels.rms_norm", "KERNEL_CONFIGS"), ("nanofast.kernels.qk_norm_rope", "KERNEL_CONFIGS"),
+                  ("nanofast.kernels.newton_schulz_triton", "KERNEL_CONFIGS"),
+                  ("nanofast.kernels.newton_schulz_triton", "PROLOGUE_CONFIGS"),
+                  ("nanofast.kernels.paged_attention", "KERNEL_CONFIGS"), ("nanofast.kernels.fp8_quant", "KERNEL_CONFIGS"),
+                  ("nanofast.kernels.fp8_gemm", "KERNEL_CONFIGS")]
+CUDA_SOURCES = ("rms_norm.cu", "qk_norm_rope.cu", "paged_attention.cu")
+GMMA_OPS = ("HGMMA", "QGMMA", "IGMMA")  # Hopper warpgroup MMAs: fp16/bf16, fp8, int8
+
+
+def fact_key(row: dict) -> str:
+    """The table key of one compiled configuration: kernel, its config label, target."""
+    return f"{row['kernel']} [{row['config']}] sm_{row['arch']}"
+
+
+def _sass_facts(cubin: bytes) -> tuple[dict[str, int], dict[str, int]]:
+    """(REG/STACK/SHARED/LOCAL from cuobjdump, key instruction counts from nvdisasm) of one cubin."""
+    from nanofast.kernels.compile_gate import _tool, count_instructions
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), path], capture_output=True, text=True, check=True).stdout
+    numbers = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    counts = count_instructions(sass)
+    opcodes = Counter(re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, flags=re.M))
+    counts.update({op: opcodes[op] for op in GMMA_OPS if opcodes[op] and op not in counts})
+    return numbers, counts
+
+
+def triton_config_facts(cfg: dict, arch: int = ARCH) -> dict:
+    """Compile one `compile_gate.compile_triton`-style config dict for sm_`arch`; its facts row.
+
+    Must run in a process without TRITON_INTERPRET=1 (the interpreter's helpers cannot be compiled).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(cfg["signature"])
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in cfg.get("aligned", ())}
+    src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"], attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 3)})
+    numbers, counts = _sass_facts(compiled.asm["cubin"])
+    config = cfg.get("config") or ", ".join(f"{k}={v}" for k, v in cfg["constexprs"].items())
+    return {"source": "triton", "kernel": cfg["fn"].__name__, "config": config, "arch": arch,
+            "registers": numbers.get("REG", 0), "shared_bytes": max(numbers.get("SHARED", 0), compiled.metadata.shared),
+            "local_bytes": numbers.get("LOCAL", 0), "stack_bytes": numbers.get("STACK", 0), "spill_bytes": 0, "instructions": dict(sorted(counts.items()))}
+
+
+def cuda_facts(arch: str = "sm_90a") -> list[dict]:
+    """Facts rows of every CUDA kernel in csrc/ (nvcc; raises FileNotFoundError without nvcc)."""
+    from nanofast.kernels.cuda_ops import nvcc_facts
+
+    rows = []
+    for source in CUDA_SOURCES:
+        for f in nvcc_facts(source, arch):
+            rows.append({"source": "cuda", "kernel": f.kernel, "config": f.config, "arch": f.arch,
+                         "registers": f.registers, "shared_bytes": f.shared_bytes, "local_bytes": f.local_bytes,
+                         "stack_bytes": f.local_bytes, "spill_bytes": f.spill_store_bytes + f.spill_load_bytes,
+                         "instructions": dict(sorted(f.instructions.items()))})
+    return rows
+
+
+def _collect_here(cuda: bool) -> dict:
+    rows = []
+    for module, attr in TRITON_SOURCES:
+        rows += [triton_config_facts(cfg) for cfg in getattr(importlib.import_module(module), attr)]
+    notes = []
+    if cuda:
+        try:
+            rows += cuda_facts()
+        except FileNotFoundError as e:  # no CUDA toolkit: the Triton kernels are still checked
+            notes.append(f"CUDA kernels not compiled: {e}")
+    kernels: dict[str, dict] = {}
+    for row in rows:
+        key, n = fact_key(row), 2
+        while key in kernels:  # two configs with one label: keep both, numbered in order
+            key, n = f"{fact_key(row)} #{n}", n + 1
+        kernels[key] = row
+    return {"kernels": kernels, "notes": notes}
+
+
+def collect(cuda: bool = True) -> dict:
+    """The current facts: {"kernels": {key: row}, "notes": [...], "versions": {...}}.
+
+    In a process that interprets Triton (the tests set TRITON_INTERPRET=1) the compilation runs in
+    a child process without the interpreter, as compile_gate.configs_facts does.
+    """
+    from nanofast.kernels.backend import triton_interpreting
+
+    if triton_interpreting():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        args = [sys.executable, "-m", "bench.kernel_facts"] + ([] if cuda else ["--no-cuda"])
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"collecting kernel facts failed:\n{proc.stderr[-4000:]}")
+        return json.loads(proc.stdout)
+    out = _collect_here(cuda)
+    out["versions"] = tool_versions()
+    return out
+
+
+def tool_versions() -> dict:
+    """The compiler versions the facts depend on (a different triton / nvcc may change them)."""
+    import triton
+
+    versions = {"triton": triton.__version__}
+    try:
+        from nanofast.kernels.cuda_ops import _nvcc
+
+        text = subprocess.run([_nvcc(), "--version"], capture_output=True, text=True, timeout=60).stdout
+        found = re.search(r"release (\d+\.\d+)", text)
+        versions["nvcc"] = found.group(1) if found else None
+    except (FileNotFoundError, OSError, subprocess.TimeoutExpired):
+        versions["nvcc"] = None
+    return versions
+
+
+def load_table(path: Path = TABLE) -> dict:
+    """The committed table ({"kernels": {...}, ...})."""
+    return json.loads(Path(path).read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--write", action="store_true", help=f"write the table to {TABLE.relative_to(ROOT)}")
+    p.add_argument("--no-cuda", action="store_true", help="skip the nvcc build of csrc/")
+    args = p.parse_args(argv)
+    facts = collect(cuda=not args.no_cuda)
+    text = json.dumps({"generated_by": "python -m bench.kernel_facts --write", **facts}, indent=1) + "\n"
+    if args.write:
+        TABLE.parent.mkdir(parents=True, exist_ok=True)
+        TABLE.write_text(text)
+        print(f"wrote {len(facts['kernels'])} kernel configs to {TABLE.relative_to(ROOT)}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

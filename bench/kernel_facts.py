@@ -20,8 +20,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
-from collections import Counter
 from pathlib import Path
 
 # As compile_gate pins it: triton 3.9 warns that its FP-fusion default changes in 3.10 (FFMA in SASS).
@@ -37,7 +35,6 @@ TRITON_SOURCES = [("nanofast.kernels.rms_norm", "KERNEL_CONFIGS"), ("nanofast.ke
                   ("nanofast.kernels.paged_attention", "KERNEL_CONFIGS"), ("nanofast.kernels.fp8_quant", "KERNEL_CONFIGS"),
                   ("nanofast.kernels.fp8_gemm", "KERNEL_CONFIGS")]
 CUDA_SOURCES = ("rms_norm.cu", "qk_norm_rope.cu", "paged_attention.cu")
-GMMA_OPS = ("HGMMA", "QGMMA", "IGMMA")  # Hopper warpgroup MMAs: fp16/bf16, fp8, int8
 
 
 def fact_key(row: dict) -> str:
@@ -46,21 +43,12 @@ def fact_key(row: dict) -> str:
 
 
 def _sass_facts(cubin: bytes) -> tuple[dict[str, int], dict[str, int]]:
-    """(REG/STACK/SHARED/LOCAL from cuobjdump, key instruction counts from nvdisasm) of one cubin."""
-    from nanofast.kernels.compile_gate import _tool, count_instructions
+    """(REG/STACK/SHARED/LOCAL, key instruction counts) of one cubin, read by compile_gate."""
+    from nanofast.kernels.compile_gate import cubin_facts
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True,
-                               text=True, check=True).stdout
-        sass = subprocess.run([_tool("nvdisasm"), path], capture_output=True, text=True, check=True).stdout
-    numbers = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
-    counts = count_instructions(sass)
-    opcodes = Counter(re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, flags=re.M))
-    counts.update({op: opcodes[op] for op in GMMA_OPS if opcodes[op] and op not in counts})
-    return numbers, counts
+    f = cubin_facts(cubin, "", "", ARCH)
+    numbers = {"REG": f.registers, "STACK": f.stack_bytes, "SHARED": f.shared_bytes, "LOCAL": f.local_bytes}
+    return numbers, dict(f.instructions)
 
 
 def triton_config_facts(cfg: dict, arch: int = ARCH) -> dict:

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # 3.9 warns its default changes in 3.10: pin it
 
 # LDGSTS: cp.async (Ampere+), how Triton's software-pipelined tile loads appear in SASS.
-KEY_INSTRUCTIONS = ("LDG.E.128", "STG.E.128", "LDG.E.64", "LDG.E", "LDGSTS.E.BYPASS.128", "HGMMA", "HMMA", "STL",
-                    "LDL", "SHFL.BFLY", "BAR.SYNC")
+# HGMMA / QGMMA: Hopper warpgroup MMAs on fp16/bf16 and on fp8 operands.
+KEY_INSTRUCTIONS = ("LDG.E.128", "STG.E.128", "LDG.E.64", "LDG.E", "LDGSTS.E.BYPASS.128", "HGMMA", "QGMMA", "HMMA",
+                    "STL", "LDL", "SHFL.BFLY", "BAR.SYNC")
 
 
 @dataclass
@@ -36,13 +37,15 @@ class MachineFacts:
     shared_bytes: int
     local_bytes: int  # > 0 means registers spilled to local memory
     instructions: dict[str, int] = field(default_factory=dict)
+    # cuobjdump books a Triton kernel's spill slots as STACK, with LOCAL still 0: both count.
+    stack_bytes: int = 0
     # Triton only, read off the TTIR: atomic ops (a deterministic reduction has none), stores, and
     # 64-bit multiplies (row * stride in int64: offsets past 2^31 elements stay correct).
     ttir: dict[str, int] = field(default_factory=dict)
 
     @property
     def spills(self) -> bool:
-        return self.local_bytes > 0 or self.instructions.get("STL", 0) > 0
+        return self.local_bytes > 0 or self.stack_bytes > 0 or self.instructions.get("STL", 0) > 0
 
 
 def _tool(name: str) -> str:
@@ -75,10 +78,10 @@ def cubin_facts(cubin: bytes, kernel: str, config: str, arch: int) -> MachineFac
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True,
                                text=True, check=True).stdout
         sass = subprocess.run([_tool("nvdisasm"), path], capture_output=True, text=True, check=True).stdout
-    numbers = {k: int(v) for k, v in re.findall(r"\b(REG|SHARED|LOCAL):(\d+)", usage)}
+    numbers = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
     return MachineFacts(kernel=kernel, config=config, arch=arch, registers=numbers.get("REG", 0),
                         shared_bytes=numbers.get("SHARED", 0), local_bytes=numbers.get("LOCAL", 0),
-                        instructions=count_instructions(sass))
+                        instructions=count_instructions(sass), stack_bytes=numbers.get("STACK", 0))
 
 
 def compile_triton(fn, signature: dict[str, str], constexprs: dict[str, object], *, num_warps: int = 4,

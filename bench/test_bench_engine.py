@@ -23,6 +23,7 @@ import time
 import pytest
 import torch
 
+from bench.gpu_peaks import peak_bandwidth_gbps
 from nanofast.common import peak_flops
 from nanofast.engine import Engine, SamplingParams
 from nanofast.model import GPT, config_for_depth
@@ -33,8 +34,6 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 DEPTH, VOCAB, SEQ = (20, 65536, 2048) if ON_GPU else (4, 32768, 512)
 PROMPT_LEN, NEW_TOKENS = 32, (256 if ON_GPU else 64)
 BATCHES = [1, 8, 32, 128] if ON_GPU else [1, 8]
-# H100 SXM HBM3 bandwidth; None where unknown (CPU), so MBU is reported as null there.
-PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 
 def _model() -> GPT:
@@ -54,13 +53,6 @@ def model() -> GPT:
 def _sync():
     if ON_GPU:
         torch.cuda.synchronize()
-
-
-def _peak_bandwidth() -> float | None:
-    if not ON_GPU:
-        return None
-    name = torch.cuda.get_device_name()
-    return next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
 
 
 def run_batch(model: GPT, batch: int, prompt_len: int = PROMPT_LEN, new_tokens: int = NEW_TOKENS) -> dict:
@@ -96,7 +88,8 @@ def run_batch(model: GPT, batch: int, prompt_len: int = PROMPT_LEN, new_tokens: 
     step_bytes = weight_bytes + batch * mean_ctx * kv_per_token  # one decode step reads all weights + every KV
     matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     step_flops = batch * (2 * matmul_params + 4 * cfg.n_layer * cfg.n_head * cfg.head_dim * mean_ctx)
-    bw, peak = _peak_bandwidth(), peak_flops(DEVICE)
+    gbps, peak = peak_bandwidth_gbps(), peak_flops(DEVICE)
+    bw = gbps * 1e9 if gbps else None  # None on CPU: MBU is reported as null, not guessed
     return {
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "device": DEVICE,
         "ttft_ms": ttft * 1e3, "tpot_ms": tpot * 1e3, "tokens_per_s": generated / total,

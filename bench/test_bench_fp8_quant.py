@@ -24,6 +24,8 @@ import torch
 
 from nanofast.kernels.fp8_quant import FP8_MAX, quantize_fp8, quantize_fp8_reference
 
+from bench.gpu_peaks import bandwidth_info
+
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -34,24 +36,6 @@ else:
     SHAPES = [(256, 768)]
 IMPLS = ["triton", "triton-delayed", "torch", "compile"]
 RECIPES = ["tensorwise+T", "rowwise"]
-
-# DRAM bandwidth (GB/s) by device name, for when the properties do not expose the memory clock.
-_PEAK_GBPS = [("H100 PCIe", 2000), ("H100 NVL", 3900), ("H100", 3350), ("H200", 4800), ("H800", 3350),
-              ("A100-SXM4-80GB", 2039), ("A100 80GB PCIe", 1935), ("A100", 1555), ("L40S", 864), ("L4", 300),
-              ("RTX 4090", 1008)]
-
-
-def peak_bandwidth_gbps() -> float | None:
-    """DRAM bandwidth in GB/s: 2 (double data rate) x memory clock x bus width, or a table by name;
-    None on CPU or an unknown device."""
-    if not GPU:
-        return None
-    props = torch.cuda.get_device_properties(0)
-    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
-    if clock_khz and bus_bits:
-        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
-    return next((gbps for key, gbps in _PEAK_GBPS if key in props.name), None)
-
 
 def bytes_moved(tokens: int, d: int, recipe: str, itemsize: int) -> int:
     """Byte model, each tensor once: read x; write q (1 byte/elem) [+ q_t]; scales and amax (fp32)."""
@@ -133,11 +117,5 @@ def test_bench_fp8_quant(benchmark, shape, impl, recipe):
     nbytes = bytes_moved(tokens, d, recipe, x.element_size())
     info = dict(device=torch.cuda.get_device_name(0) if GPU else "cpu", dtype=str(dtype).replace("torch.", ""),
                 tokens=tokens, d=d, bytes_per_call=nbytes, calls_per_round=inner)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None:  # absent with --benchmark-disable
-        seconds = stats.stats.median / inner
-        gbps = nbytes / seconds / 1e9
-        peak = peak_bandwidth_gbps()
-        info.update(us_per_call=round(seconds * 1e6, 2), GBps=round(gbps, 1), peak_GBps=peak,
-                    bandwidth_percent=None if peak is None else round(100 * gbps / peak, 1))
+    info.update(bandwidth_info(benchmark, nbytes, inner))
     benchmark.extra_info.update(info)

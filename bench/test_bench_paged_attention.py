@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from nanofast.kernels.backend import triton_interpreting
 
+from bench.gpu_peaks import bandwidth_info
+
 pa = importlib.import_module("nanofast.kernels.paged_attention")
 
 GPU = torch.cuda.is_available()
@@ -44,22 +46,6 @@ if GPU:
 else:
     SHAPES = [(1, 256, 8, 2, 64), (4, 512, 8, 2, 64)]
 IMPLS = ["triton", "sdpa", "torch"]
-
-# DRAM bandwidth (GB/s) by device name, for when the properties do not expose the memory clock.
-_PEAK_GBPS = [("H100 PCIe", 2000), ("H100 NVL", 3900), ("H100", 3350), ("H200", 4800), ("H800", 3350),
-              ("A100-SXM4-80GB", 2039), ("A100 80GB PCIe", 1935), ("A100", 1555), ("L40S", 864), ("L4", 300)]
-
-
-def peak_bandwidth_gbps() -> float | None:
-    """The device's DRAM bandwidth in GB/s (2 x memory clock x bus width, or a table by name)."""
-    if not GPU:
-        return None
-    props = torch.cuda.get_device_properties(0)
-    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
-    if clock_khz and bus_bits:
-        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
-    return next((gbps for key, gbps in _PEAK_GBPS if key in props.name), None)
-
 
 def bytes_read(seq_lens: list[int], hq: int, hkv: int, d: int, itemsize: int) -> int:
     """The floor any decode attention pays: every K and V row of every sequence once, q read and
@@ -133,13 +119,7 @@ def test_bench_paged_decode(benchmark, shape, impl):
     info = dict(device=torch.cuda.get_device_name(0) if GPU else "cpu", dtype=str(DTYPE).replace("torch.", ""),
                 batch=B, context=ctx, hq=hq, hkv=hkv, d=d, page_size=PAGE_SIZE, bytes_per_call=nbytes,
                 calls_per_round=inner)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None:  # absent with --benchmark-disable
-        seconds = stats.stats.median / inner
-        gbps = nbytes / seconds / 1e9
-        peak = peak_bandwidth_gbps()
-        info.update(us_per_call=round(seconds * 1e6, 2), GBps=round(gbps, 1), peak_GBps=peak,
-                    bandwidth_percent=None if peak is None else round(100 * gbps / peak, 1))
+    info.update(bandwidth_info(benchmark, nbytes, inner))
     benchmark.extra_info.update(info)
 
 

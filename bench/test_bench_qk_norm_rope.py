@@ -20,6 +20,8 @@ import importlib
 import pytest
 import torch
 
+from bench.gpu_peaks import peak_bandwidth_gbps
+
 qnr = importlib.import_module("nanofast.kernels.qk_norm_rope")  # the module (the package re-exports the function)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,18 +30,6 @@ try:  # optional comparison, GPU only
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
 except ImportError:
     liger_rotary_pos_emb = None
-
-# Peak DRAM bandwidth (bytes/s) by GPU name fragment, most specific first.
-_PEAK_BW = [("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H200", 4.8e12), ("H800", 3.35e12),
-            ("B200", 8.0e12), ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12)]
-
-
-def peak_bandwidth() -> float | None:
-    if DEVICE != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((bw for frag, bw in _PEAK_BW if frag in name), None)
-
 
 def bytes_moved(B: int, T: int, HQ: int, HK: int, D: int, elt: int, backward: bool, norm: bool = True) -> int:
     """DRAM bytes a fused implementation must move (the minimum; extra passes only add to it).
@@ -125,11 +115,11 @@ def _run(benchmark, impl, B, T, H, D, dtype, backward):
         return
     seconds = benchmark.stats.stats.median
     moved = bytes_moved(B, T, H, H, D, q.element_size(), backward, norm=impl != "liger_rope_only")
-    peak = peak_bandwidth()
+    peak = peak_bandwidth_gbps()
     gbps = moved / seconds / 1e9
     benchmark.extra_info.update(impl=impl, device=DEVICE, dtype=str(dtype), tokens=B * T, heads=H, head_dim=D,
                                 bytes=moved, gb_per_s=round(gbps, 2),
-                                pct_of_peak_bandwidth=None if peak is None else round(100 * gbps * 1e9 / peak, 1))
+                                pct_of_peak_bandwidth=None if peak is None else round(100 * gbps / peak, 1))
 
 
 @pytest.mark.gpu

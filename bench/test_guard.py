@@ -67,7 +67,7 @@ def _cuda_median_seconds(fn, reps: int = 20, warmup: int = 3) -> float:
 
 def _peaks() -> tuple[float | None, float | None]:
     """(DRAM bytes/s, dense bf16 FLOP/s) of this GPU (None when unknown)."""
-    from bench.test_bench_rms_norm import peak_bandwidth_gbps
+    from bench.gpu_peaks import peak_bandwidth_gbps
     from nanofast.common import peak_flops
 
     gbps = peak_bandwidth_gbps()

@@ -253,7 +253,8 @@ RATIO_CASES: dict[str, RatioCase] = {c.name: c for c in [
 REGISTER_MARGIN = 8  # registers may grow by max(8, 10%) (an allocation wobble), not more
 REGISTER_MARGIN_FRACTION = 0.10
 TENSOR_CORE_OPS = ("HGMMA", "QGMMA", "HMMA")  # a kernel that had tensor-core MMAs must keep them
-VECTOR_OPS = ("LDG.E.128", "LDGSTS.E.BYPASS.128", "STG.E.128")  # 128-bit loads, cp.async tile loads, stores
+# 128-bit loads, cp.async tile loads, stores, TMA tile loads and stores
+VECTOR_OPS = ("LDG.E.128", "LDGSTS.E.BYPASS.128", "STG.E.128", "UTMALDG", "UTMASTG")
 
 
 def register_limit(before: int) -> int:

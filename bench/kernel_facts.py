@@ -8,8 +8,8 @@ same set `python -m nanofast.kernels.report` prints) is compiled for sm_90, and 
 csrc/ by nvcc for sm_90a (skipped, and said so, when nvcc is absent). Per configuration: registers,
 shared bytes, local and stack bytes (a Triton kernel's register spills land in its STACK frame, which
 cuobjdump reports apart from LOCAL), spill bytes (CUDA, from ptxas) and the key SASS
-instruction counts, including the tensor-core MMAs of both precisions (HGMMA for fp16/bf16, QGMMA
-for fp8: compile_gate's list has no QGMMA, so GMMA opcodes are counted here). No GPU is needed.
+instruction counts (compile_gate's list: the tensor-core MMAs of both precisions, HGMMA for
+fp16/bf16 and QGMMA for fp8, cp.async and TMA tile copies, 128-bit loads and stores). No GPU is needed.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""FP8 GEMM timings: the Triton kernel vs torch._scaled_mm (cuBLASLt) vs a bf16 torch.mm.
+"""FP8 GEMM timings: the Triton kernels (tiled and persistent TMA) vs torch._scaled_mm (cuBLASLt) vs a
+bf16 torch.mm.
 
 Run with
     python -m pytest bench/test_bench_fp8_gemm.py --benchmark-only
@@ -58,7 +59,9 @@ def _gpu_shapes() -> list[tuple[str, int, int, int]]:
 
 
 GPU_SHAPES = _gpu_shapes()
-GPU_IMPLS = ["triton", "triton_fast_accum", "scaled_mm_fast_accum", "bf16_mm"]
+# triton_persistent*: the persistent TMA kernel, timed beside the pointer kernel it may replace.
+GPU_IMPLS = ["triton", "triton_fast_accum", "triton_persistent", "triton_persistent_fast_accum",
+             "scaled_mm_fast_accum", "bf16_mm"]
 
 
 @pytest.mark.gpu
@@ -79,7 +82,7 @@ def test_bench_fp8_gemm_gpu(benchmark, case, impl):
     else:
         a, sa = _quantize(x)
         b, sb = _quantize(w)
-        backend = "scaled_mm" if impl.startswith("scaled_mm") else "triton"
+        backend = impl.removesuffix("_fast_accum")
         fast = impl.endswith("fast_accum")
 
         def fn():
@@ -102,7 +105,7 @@ def test_bench_fp8_gemm_gpu(benchmark, case, impl):
         tflops = flops / benchmark.stats.stats.mean / 1e12
         benchmark.extra_info.update(tflops=tflops, pct_of_peak=100 * tflops / H100_SXM_DENSE_TFLOPS[kind])
     assert out.shape == (m, n) and torch.isfinite(out[:64]).all()
-    if impl == "triton":  # the kernel agrees with the dequantised reference on a slice of rows
+    if impl in ("triton", "triton_persistent"):  # the kernel agrees with the dequantised reference on a slice of rows
         want = fp8_gemm_reference(a[:256], b, sa, sb, out_dtype=torch.float32)
         err = (out[:256].float() - want).abs().max().item()
         assert err <= 2 ** -7 * want.abs().max().item(), err  # within bf16 rounding of the largest entry

@@ -23,7 +23,7 @@ from nanofast.trainer import LossScaler
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 MLP_SHAPES = [(2 ** 15, d) for d in (768, 1280, 1664)] if ON_GPU else [(512, 256)]
-FP8_BACKENDS = ["triton", "scaled_mm"] if ON_GPU else ["scaled_mm"]
+FP8_BACKENDS = ["triton", "triton_persistent", "scaled_mm"] if ON_GPU else ["scaled_mm"]
 
 
 def _sync():

@@ -4,7 +4,7 @@
   compiled vs eager, interleaved repetitions, medians, each against a floor.
 * The machine-code facts of every kernel config (bench/kernel_facts.py) against the committed
   bench/baselines/kernel_facts.json: no spills, registers within max(8, 10%) of the table, no lost
-  HGMMA/QGMMA/HMMA, no lost 128-bit / cp.async memory access.
+  HGMMA/QGMMA/HMMA, no lost 128-bit / cp.async / TMA memory access.
 * With a GPU only: each kernel's fraction of the device's peak (bandwidth or FLOP/s) against the
   floors in bench/baselines/gpu_floors.json (null until the first GPU run: reported, not checked).
 """

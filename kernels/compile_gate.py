@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # 3.9 warns its default changes in 3.10: pin it
 
 # LDGSTS: cp.async (Ampere+), how Triton's software-pipelined tile loads appear in SASS.
+# UTMALDG / UTMASTG: Hopper TMA bulk tensor copies (a whole tile per instruction, one thread).
 # HGMMA / QGMMA: Hopper warpgroup MMAs on fp16/bf16 and on fp8 operands.
-KEY_INSTRUCTIONS = ("LDG.E.128", "STG.E.128", "LDG.E.64", "LDG.E", "LDGSTS.E.BYPASS.128", "HGMMA", "QGMMA", "HMMA",
-                    "STL", "LDL", "SHFL.BFLY", "BAR.SYNC")
+KEY_INSTRUCTIONS = ("LDG.E.128", "STG.E.128", "LDG.E.64", "LDG.E", "LDGSTS.E.BYPASS.128", "UTMALDG", "UTMASTG",
+                    "HGMMA", "QGMMA", "HMMA", "STL", "LDL", "SHFL.BFLY", "BAR.SYNC")
 
 
 @dataclass

@@ -11,6 +11,10 @@ Backends (`fp8_gemm(..., backend=)`):
     "triton"     the kernel below (sm_90 SASS: QGMMA.64xNx32.F32.E4M3.E4M3 / .E5M2.E4M3, the fp8
                  warpgroup MMA; HGMMA is the 16-bit one), fp32 accumulator; on CPU tensors
                  it runs through the Triton interpreter.
+    "triton_persistent"  the same product from a persistent kernel (one CTA per SM looping over
+                 tiles) that moves tiles with TMA (sm_90 SASS: UTMALDG / UTMASTG, QGMMA); needs
+                 16-byte aligned rows (K % 16 == 0). Which of the two is faster on which shapes is
+                 for `bench/test_bench_fp8_gemm.py` to say on an H100; unmeasured so far.
     "scaled_mm"  `torch._scaled_mm` (cuBLASLt on CUDA; a dequantising fallback on CPU).
     None         "triton" on CUDA tensors, "torch" on CPU tensors.
 
@@ -48,16 +52,17 @@ from .backend import resolve_backend
 try:  # triton is optional: backend="torch" / "scaled_mm" work without it
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - exercised only on installs without triton
     triton = None
     tl = None
 
-__all__ = ["fp8_gemm", "fp8_gemm_reference", "fp8_gemm_scaled_mm", "fp8_gemm_triton", "FP8_DTYPES", "OUT_DTYPES",
-           "FP8_GEMM_BACKENDS", "KERNEL_CONFIGS"]
+__all__ = ["fp8_gemm", "fp8_gemm_reference", "fp8_gemm_scaled_mm", "fp8_gemm_triton", "tma_aligned", "FP8_DTYPES",
+           "OUT_DTYPES", "FP8_GEMM_BACKENDS", "KERNEL_CONFIGS"]
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-FP8_GEMM_BACKENDS = ("torch", "triton", "scaled_mm")
+FP8_GEMM_BACKENDS = ("torch", "triton", "triton_persistent", "scaled_mm")
 _TL_DTYPE = {torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5", torch.bfloat16: "bf16",
              torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -144,6 +149,60 @@ if triton is not None:
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+    @triton.jit
+    def _fp8_gemm_persistent_kernel(a_desc, b_desc, c_desc, SA, SB, BIAS, M, N, K,
+                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, ROWWISE_A: tl.constexpr,
+                                    ROWWISE_B: tl.constexpr, HAS_BIAS: tl.constexpr, FAST_ACCUM: tl.constexpr):
+        """The same product as `_fp8_gemm_kernel`, persistent and through TMA.
+
+        a_desc / b_desc: TMA descriptors of A (M, K) and B (N, K) with [BLOCK_M | BLOCK_N, BLOCK_K]
+        boxes; c_desc: C (M, N) with a [BLOCK_M, BLOCK_N] box. Grid: (min(NUM_SMS, tiles),); program
+        p computes tiles p, p + NUM_SMS, ... in the grouped order.
+
+        Why: one CTA per SM for the whole GEMM, so the 132 SMs never wait on a ragged last wave of
+        short-lived CTAs, and `flatten=True` lets the pipeliner issue the next tile's TMA loads
+        while this tile's epilogue runs. TMA (one thread issues a whole 16 KB box copy, tracked by
+        an mbarrier) replaces 256 threads' address arithmetic and cp.async per stage, and its
+        out-of-bounds boxes are zero-filled on load and clipped on store: no edge clamping or
+        masks anywhere, and the K tail needs no EVEN_K variant.
+        """
+        start = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        group = GROUP_M * num_pid_n
+        for tile in tl.range(start, num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+            first_m = (tile // group) * GROUP_M
+            group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+            row0 = (first_m + (tile % group) % group_m) * BLOCK_M
+            col0 = ((tile % group) // group_m) * BLOCK_N
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for kt in range(k_tiles):
+                a = a_desc.load([row0, kt * BLOCK_K])
+                b = b_desc.load([col0, kt * BLOCK_K])
+                if FAST_ACCUM:
+                    acc = tl.dot(a, b.T, acc)
+                else:
+                    acc += tl.dot(a, b.T)  # split accumulator, as in _fp8_gemm_kernel
+            rm = row0 + tl.arange(0, BLOCK_M)
+            rn = col0 + tl.arange(0, BLOCK_N)
+            if ROWWISE_A:
+                acc = acc * tl.load(SA + rm, mask=rm < M, other=0.0)[:, None]
+                if ROWWISE_B:
+                    acc = acc * tl.load(SB + rn, mask=rn < N, other=0.0)[None, :]
+                else:
+                    acc = acc * tl.load(SB)
+            else:
+                if ROWWISE_B:
+                    acc = acc * (tl.load(SA) * tl.load(SB + rn, mask=rn < N, other=0.0))[None, :]
+                else:
+                    acc = acc * (tl.load(SA) * tl.load(SB))
+            if HAS_BIAS:
+                acc = acc + tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            c_desc.store([row0, col0], acc.to(c_desc.dtype))
+
+
 # --------------------------------------------------------------------------------------------
 # Launch meta-parameters (shared by the launcher and KERNEL_CONFIGS)
 # --------------------------------------------------------------------------------------------
@@ -180,6 +239,25 @@ def _arch(x: Tensor) -> int:
         return 90
     major, minor = torch.cuda.get_device_capability(x.device)
     return 10 * major + minor
+
+
+def _num_sms(x: Tensor) -> int:
+    """Persistent grid size: the GPU's SM count (132 on an H100 SXM); on CPU (the interpreter) a
+    few programs, so that each of them loops over several tiles."""
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+
+
+def tma_aligned(x: Tensor) -> bool:
+    """Whether a 2-D tensor's rows can be TMA boxes: 16-byte aligned base pointer and row stride
+    (the persistent kernel's requirement on a, b and out)."""
+    return x.data_ptr() % 16 == 0 and (x.size(0) <= 1 or x.stride(0) * x.element_size() % 16 == 0)
+
+
+def _check_tma(x: Tensor, name: str) -> None:
+    if not tma_aligned(x):
+        raise ValueError(f"{name}: the persistent TMA kernel needs a 16-byte aligned base and row stride, got "
+                         f"shape {tuple(x.shape)}, strides {x.stride()} ({x.dtype}, data_ptr % 16 = "
+                         f"{x.data_ptr() % 16}); use persistent=False")
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,13 +367,19 @@ def fp8_gemm_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *
 
 def fp8_gemm_triton(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *,
                     out_dtype: torch.dtype = torch.bfloat16, bias: Tensor | None = None,
-                    use_fast_accum: bool = False, meta: dict | None = None, out: Tensor | None = None) -> Tensor:
+                    use_fast_accum: bool = False, meta: dict | None = None, out: Tensor | None = None,
+                    persistent: bool = False) -> Tensor:
     """The Triton kernel. Arguments as `fp8_gemm`, plus:
 
-    meta: tile override (BLOCK_M, BLOCK_N, BLOCK_K >= 16, GROUP_M, num_warps, num_stages); tests use
-        small tiles so that small shapes have several tiles, edge tiles and multi-step K loops.
+    meta: tile override (BLOCK_M, BLOCK_N, BLOCK_K >= 16, GROUP_M, num_warps, num_stages, and
+        NUM_SMS for the persistent kernel); tests use small tiles so that small shapes have several
+        tiles, edge tiles and multi-step K loops.
     out: optional (M, N) out_dtype destination with unit column stride (any row stride, e.g. a view
         into a larger buffer); written in place and returned.
+    persistent: the persistent TMA kernel (`_fp8_gemm_persistent_kernel`). TMA reads and writes
+        16-byte aligned rows, so a, b and out need 16-byte aligned base pointers and row strides
+        (K % 16 == 0 for contiguous fp8 operands; N % 8 for a contiguous 16-bit out, N % 4 for
+        fp32); anything else raises ValueError naming the tensor.
     Returns (M, N) in out_dtype.
     """
     if triton is None:
@@ -314,6 +398,19 @@ def fp8_gemm_triton(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *,
         raise ValueError(f"meta tiles must be >= 16 (tl.dot's minimum), got {meta}")
     sa = scale_a.reshape(-1).contiguous() if rowwise_a else scale_a.reshape(())
     sb = scale_b.reshape(-1).contiguous() if rowwise_b else scale_b.reshape(())
+    if persistent and k > 0:  # K = 0 (an empty sum: bias or zeros) has no TMA box to load
+        for name, x in (("a", a), ("b", b), ("out", out)):
+            _check_tma(x, name)
+        bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+        num_sms = meta.get("NUM_SMS") or _num_sms(a)
+        grid = (min(num_sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
+        _fp8_gemm_persistent_kernel[grid](
+            TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
+            TensorDescriptor.from_tensor(out, [bm, bn]), sa, sb, bias if bias is not None else sa, m, n, k,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=meta["GROUP_M"], NUM_SMS=num_sms, ROWWISE_A=rowwise_a,
+            ROWWISE_B=rowwise_b, HAS_BIAS=bias is not None, FAST_ACCUM=use_fast_accum, num_warps=meta["num_warps"],
+            num_stages=meta["num_stages"])
+        return out
     grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     # max(stride, 1): a (M, 0) operand may report row stride 0; with K = 0 nothing is loaded anyway.
     # BIAS gets a dummy pointer when absent (HAS_BIAS=False compiles the load away).
@@ -342,7 +439,8 @@ def fp8_gemm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *, out_dtyp
         use_fast_accum: False promotes partial sums to an fp32 accumulator every BLOCK_K (split
             accumulator); True keeps the whole reduction in the tensor core's accumulator (faster,
             less accurate on Hopper; the forward pass only). See the module docstring.
-        backend: "torch", "triton", "scaled_mm" or None (triton on CUDA, torch on CPU).
+        backend: "torch", "triton", "triton_persistent", "scaled_mm" or None (triton on CUDA,
+            torch on CPU).
     Returns:
         (M, N) tensor in out_dtype, contiguous, on a's device.
     """
@@ -353,6 +451,9 @@ def fp8_gemm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *, out_dtyp
         return fp8_gemm_scaled_mm(a, b, scale_a, scale_b, **kwargs)
     if not isinstance(a, Tensor):
         raise TypeError(f"a must be a tensor, got {type(a).__name__}")
+    if backend == "triton_persistent":
+        resolve_backend("triton", a)  # on CPU: a clear error unless the interpreter is on
+        return fp8_gemm_triton(a, b, scale_a, scale_b, persistent=True, **kwargs)
     if resolve_backend(backend, a) == "triton":
         return fp8_gemm_triton(a, b, scale_a, scale_b, **kwargs)
     return fp8_gemm_reference(a, b, scale_a, scale_b, **kwargs)
@@ -363,30 +464,40 @@ def fp8_gemm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *, out_dtyp
 # --------------------------------------------------------------------------------------------
 
 def _config(m: int, n: int, k: int, a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.dtype,
-            rowwise: bool, fast_accum: bool, bias: bool = False) -> dict:
+            rowwise: bool, fast_accum: bool, bias: bool = False, persistent: bool = False) -> dict:
     meta = _meta(m, n, k, 90)
-    sig = {"A": f"*{_TL_DTYPE[a_dtype]}", "B": f"*{_TL_DTYPE[b_dtype]}", "C": f"*{_TL_DTYPE[out_dtype]}",
-           "SA": "*fp32", "SB": "*fp32", "BIAS": f"*{_TL_DTYPE[out_dtype]}", "M": "i32", "N": "i32", "K": "i32",
-           "stride_am": "i32", "stride_bn": "i32", "stride_cm": "i32"}
-    const = dict(BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"], BLOCK_K=meta["BLOCK_K"], GROUP_M=meta["GROUP_M"],
-                 EVEN_K=k % meta["BLOCK_K"] == 0, ROWWISE_A=rowwise, ROWWISE_B=rowwise, HAS_BIAS=bias,
-                 FAST_ACCUM=fast_accum)
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    a_t, b_t, c_t = _TL_DTYPE[a_dtype], _TL_DTYPE[b_dtype], _TL_DTYPE[out_dtype]
+    const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=meta["GROUP_M"])
+    if persistent:
+        # The descriptors' types carry their box shapes; the launcher asserts the 16-byte rows.
+        sig = {"a_desc": f"tensordesc<{a_t}[{bm}, {bk}]>", "b_desc": f"tensordesc<{b_t}[{bn}, {bk}]>",
+               "c_desc": f"tensordesc<{c_t}[{bm}, {bn}]>"}
+        const["NUM_SMS"] = 132  # H100 SXM
+        aligned = ("SA", "SB", "BIAS", "N", "K")
+    else:
+        sig = {"A": f"*{a_t}", "B": f"*{b_t}", "C": f"*{c_t}"}
+        const["EVEN_K"] = k % bk == 0
+        # What Triton's launcher specialises for contiguous nanochat operands: 16-byte aligned
+        # pointers, sizes and row strides multiples of 16 (every nanochat width is).
+        aligned = ("A", "B", "C", "SA", "SB", "BIAS", "N", "K", "stride_am", "stride_bn", "stride_cm")
+    sig.update({"SA": "*fp32", "SB": "*fp32", "BIAS": f"*{c_t}", "M": "i32", "N": "i32", "K": "i32"})
+    if not persistent:
+        sig.update({"stride_am": "i32", "stride_bn": "i32", "stride_cm": "i32"})
+    const.update(ROWWISE_A=rowwise, ROWWISE_B=rowwise, HAS_BIAS=bias, FAST_ACCUM=fast_accum)
     sig.update({name: "constexpr" for name in const})
-    # What Triton's launcher specialises for contiguous nanochat operands: 16-byte aligned
-    # pointers, sizes and row strides multiples of 16 (every nanochat width is).
-    aligned = ("A", "B", "C", "SA", "SB", "BIAS", "N", "K", "stride_am", "stride_bn", "stride_cm")
-    label = (f"{_TL_DTYPE[a_dtype]}x{_TL_DTYPE[b_dtype]}->{_TL_DTYPE[out_dtype]} m={m} n={n} k={k} "
-             f"{'rowwise' if rowwise else 'tensorwise'} {'fast' if fast_accum else 'split'}{' bias' if bias else ''} "
-             f"BLOCK={meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']} warps={meta['num_warps']} "
-             f"stages={meta['num_stages']}")
-    return dict(fn=_fp8_gemm_kernel, signature=sig, constexprs=const, aligned=aligned, num_warps=meta["num_warps"],
+    label = (f"{a_t}x{b_t}->{c_t} m={m} n={n} k={k} {'rowwise' if rowwise else 'tensorwise'} "
+             f"{'fast' if fast_accum else 'split'}{' bias' if bias else ''} BLOCK={bm}x{bn}x{bk} "
+             f"warps={meta['num_warps']} stages={meta['num_stages']}{' persistent' if persistent else ''}")
+    fn = _fp8_gemm_persistent_kernel if persistent else _fp8_gemm_kernel
+    return dict(fn=fn, signature=sig, constexprs=const, aligned=aligned, num_warps=meta["num_warps"],
                 num_stages=meta["num_stages"], config=label)
 
 
 def _kernel_configs() -> list[dict]:
     if triton is None:
         return []
-    e4, e5, bf16 = torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16
+    e4, e5, bf16, f32 = torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float32
     big, small = 65536, 32  # B*T rows of a training step; a decode-sized M
     return [
         # forward (e4m3 x e4m3 -> bf16), tensorwise and rowwise, fast and split accumulation
@@ -400,6 +511,12 @@ def _kernel_configs() -> list[dict]:
         # small M (decode), and a K that is not a multiple of BLOCK_K (masked tail)
         _config(small, 65536, 1280, e4, e4, bf16, rowwise=True, fast_accum=True),
         _config(big, 768, 784, e4, e4, bf16, rowwise=False, fast_accum=False),
+        # the persistent TMA kernel: fp8_linear's forward, dgrad and fp32 wgrad (the largest
+        # epilogue staging buffer: a 64 KB fp32 tile on top of the 4 load stages), and decode M
+        _config(big, 5120, 1280, e4, e4, bf16, rowwise=False, fast_accum=True, persistent=True),
+        _config(big, 1280, 5120, e5, e4, bf16, rowwise=True, fast_accum=False, bias=True, persistent=True),
+        _config(1280, 5120, big, e5, e4, f32, rowwise=False, fast_accum=False, persistent=True),
+        _config(small, 65536, 1280, e4, e4, bf16, rowwise=True, fast_accum=True, persistent=True),
     ]
 
 

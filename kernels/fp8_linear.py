@@ -19,8 +19,10 @@ model's layers all satisfy it; pad the layer, not every call). M (tokens) is fre
 
 backend: "torch" (the plain-torch references of the quantisation and the GEMM: the same
 algorithm, readable), "scaled_mm" (`torch._scaled_mm` for the GEMMs: cuBLASLt on GPU, also runs on
-CPU), "triton" (nanofast's Triton quantisation and GEMM kernels), None (Triton on CUDA tensors,
-torch on CPU).
+CPU), "triton" (nanofast's Triton quantisation and GEMM kernels), "triton_persistent" (the same
+quantisation, the persistent TMA GEMM; TMA needs 16-byte aligned rows, and the tensorwise weight
+gradient reduces over the tokens, so with M % 16 != 0 that one GEMM runs the pointer kernel),
+None (Triton on CUDA tensors, torch on CPU).
 """
 from __future__ import annotations
 
@@ -28,13 +30,13 @@ import torch
 from torch import Tensor
 
 from .backend import resolve_backend
-from .fp8_gemm import fp8_gemm
+from .fp8_gemm import fp8_gemm, tma_aligned
 from .fp8_quant import quantize_fp8
 
 __all__ = ["fp8_linear", "FP8_BACKENDS", "FP8_RECIPES"]
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-FP8_BACKENDS = ("torch", "scaled_mm", "triton")
+FP8_BACKENDS = ("torch", "scaled_mm", "triton", "triton_persistent")
 FP8_RECIPES = ("tensorwise", "rowwise")
 
 
@@ -47,8 +49,17 @@ def _resolve(backend: str | None, x: Tensor) -> tuple[str, str]:
     if backend == "scaled_mm":
         # cuBLASLt does the GEMMs; the quantisation is the device's default (Triton on GPU).
         return resolve_backend(None, x), "scaled_mm"
+    if backend == "triton_persistent":  # Triton quantisation, the persistent TMA GEMM
+        return resolve_backend("triton", x), "triton_persistent"
     resolve_backend(backend, x)  # "triton" on CPU needs the interpreter: a clear error if absent
     return backend, backend
+
+
+def _gemm(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor, gb: str, **kwargs) -> Tensor:
+    """fp8_gemm on GEMM backend `gb`; the persistent kernel only where its operands are TMA-aligned."""
+    if gb == "triton_persistent" and not (tma_aligned(a) and tma_aligned(b)):
+        gb = "triton"
+    return fp8_gemm(a, b, sa, sb, backend=gb, **kwargs)
 
 
 class _FP8Linear(torch.autograd.Function):
@@ -61,11 +72,11 @@ class _FP8Linear(torch.autograd.Function):
             xq, xs, xq_t, _ = quantize_fp8(x, E4M3, transpose=True, backend=qb)
             wq, ws, wq_t, _ = quantize_fp8(weight, E4M3, transpose=True, backend=qb)
             ctx.save_for_backward(xq_t, xs, wq_t, ws)
-            return fp8_gemm(xq, wq, xs, ws, out_dtype=x.dtype, bias=out_bias, use_fast_accum=True, backend=gb)
+            return _gemm(xq, wq, xs, ws, gb, out_dtype=x.dtype, bias=out_bias, use_fast_accum=True)
         xq, xs, _, _ = quantize_fp8(x, E4M3, recipe="rowwise", backend=qb)
         wq, ws, _, _ = quantize_fp8(weight, E4M3, recipe="rowwise", backend=qb)
         ctx.save_for_backward(x, weight)
-        return fp8_gemm(xq, wq, xs, ws.t(), out_dtype=x.dtype, bias=out_bias, use_fast_accum=True, backend=gb)
+        return _gemm(xq, wq, xs, ws.t(), gb, out_dtype=x.dtype, bias=out_bias, use_fast_accum=True)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
@@ -74,16 +85,16 @@ class _FP8Linear(torch.autograd.Function):
         if ctx.recipe == "tensorwise":
             xq_t, xs, wq_t, ws = ctx.saved_tensors
             gq, gs, gq_t, _ = quantize_fp8(gy, E5M2, transpose=True, backend=qb)
-            dx = fp8_gemm(gq, wq_t, gs, ws, out_dtype=ctx.x_dtype, backend=gb)          # (M,N)(N,K): B = W^T rows
-            dw = fp8_gemm(gq_t, xq_t, gs, xs, out_dtype=torch.float32, backend=gb)      # (N,M)(M,K): B = x^T rows
+            dx = _gemm(gq, wq_t, gs, ws, gb, out_dtype=ctx.x_dtype)          # (M,N)(N,K): B = W^T rows
+            dw = _gemm(gq_t, xq_t, gs, xs, gb, out_dtype=torch.float32)      # (N,M)(M,K): B = x^T rows
         else:
             x, weight = ctx.saved_tensors
             gq, gs, _, _ = quantize_fp8(gy, E5M2, recipe="rowwise", backend=qb)
             wtq, wts, _, _ = quantize_fp8(weight.t().contiguous(), E4M3, recipe="rowwise", backend=qb)
-            dx = fp8_gemm(gq, wtq, gs, wts.t(), out_dtype=ctx.x_dtype, backend=gb)
+            dx = _gemm(gq, wtq, gs, wts.t(), gb, out_dtype=ctx.x_dtype)
             gtq, gts, _, _ = quantize_fp8(gy.t().contiguous(), E5M2, recipe="rowwise", backend=qb)
             xtq, xts, _, _ = quantize_fp8(x.t().contiguous(), E4M3, recipe="rowwise", backend=qb)
-            dw = fp8_gemm(gtq, xtq, gts, xts.t(), out_dtype=torch.float32, backend=gb)
+            dw = _gemm(gtq, xtq, gts, xts.t(), gb, out_dtype=torch.float32)
         db = gy.float().sum(0) if ctx.has_bias else None
         return dx, dw.to(ctx.w_dtype), db, None, None, None
 
@@ -118,7 +129,7 @@ def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, recipe: st
         weight: (N, K) as in F.linear (fp32 master weights are quantised directly).
         bias: optional (N,).
         recipe: "tensorwise" or "rowwise" dynamic scaling.
-        backend: "torch", "scaled_mm", "triton" or None.
+        backend: "torch", "scaled_mm", "triton", "triton_persistent" or None.
     Returns:
         (..., N) in x's dtype; differentiable in x, weight and bias (weight's gradient in its dtype,
         computed in fp32).

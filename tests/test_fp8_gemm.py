@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -108,11 +109,21 @@ def test_matches_fp64_reference(shape, scaling, out_dtype):
     sa, sb = _scales(scaling, m, n, seed=idx)
     ref, mag = _ref64(a, b, sa, sb, bias)
     where = f"{da}x{db} bias={None if bias is None else bias.dtype}"
+    meta = MEDIUM if m * n > 10_000 else SMALL
     for fast in (False, True):
-        out = fp8_gemm_triton(a, b, sa, sb, out_dtype=out_dtype, bias=bias, use_fast_accum=fast,
-                              meta=MEDIUM if m * n > 10_000 else SMALL)
+        out = fp8_gemm_triton(a, b, sa, sb, out_dtype=out_dtype, bias=bias, use_fast_accum=fast, meta=meta)
         assert out.shape == (m, n) and out.dtype == out_dtype
         _assert_within_budget(out, ref, mag, k, f"triton fast={fast} {where}")
+        if k % 16:  # TMA needs 16-byte rows: refused (the error test checks the message)
+            continue
+        # The persistent TMA kernel on 3 programs (several tiles each, a ragged last round), into
+        # an out view whose row stride is padded to 16 bytes as TMA requires.
+        buf = torch.full((m, -(-n * out_dtype.itemsize // 16) * 16 // out_dtype.itemsize), float("nan"),
+                         dtype=out_dtype)
+        out = fp8_gemm_triton(a, b, sa, sb, out_dtype=out_dtype, bias=bias, use_fast_accum=fast,
+                              meta=dict(meta, NUM_SMS=3), out=buf[:, :n], persistent=True)
+        _assert_within_budget(out, ref, mag, k, f"persistent fast={fast} {where}")
+        assert buf[:, n:].isnan().all(), "persistent kernel wrote past N"
     _assert_within_budget(fp8_gemm_reference(a, b, sa, sb, out_dtype=out_dtype, bias=bias), ref, mag, k,
                           "reference " + where)
     # mixed scales: torch._scaled_mm refuses them, so the wrapper broadcasts the tensorwise one
@@ -146,6 +157,56 @@ def test_guard_bands_and_strided_operands(k):
     assert out_buf[guard].isnan().all()
 
 
+def test_persistent_guard_bands_and_tma_zero_fill():
+    """The persistent kernel reads operands through TMA boxes that hang over every edge (M, N and
+    the K tail): the descriptors' bounds must zero-fill them, so the NaN guard bands around the
+    operand views are never read, and its clipped stores leave the NaN around the out view alone."""
+    m, n, k = 37, 45, 48  # K = 48: a 32-wide K tail box half out of bounds
+    bufs = []
+    for rows, seed in ((m, 1), (n, 2)):
+        buf = torch.empty(rows + 3, k + 16, dtype=E4)  # row stride 64 bytes; views start 64 bytes in
+        buf.view(torch.uint8).fill_(0x7F)  # e4m3fn NaN
+        buf[1:rows + 1, :k] = _fp8((rows, k), E4, seed)
+        bufs.append(buf[1:rows + 1, :k])
+    a, b = bufs
+    sa, sb = _scales("rowwise", m, n, seed=3)
+    bias = torch.randn(n)
+    out_buf = torch.full((m + 4, 88), float("nan"), dtype=torch.float16)  # 176-byte rows
+    out = out_buf[2:m + 2, 8:n + 8]
+    for meta in (dict(SMALL, NUM_SMS=3), dict(MEDIUM, NUM_SMS=1)):
+        out_buf.fill_(float("nan"))
+        got = fp8_gemm_triton(a, b, sa, sb, out_dtype=torch.float16, bias=bias, meta=meta, out=out, persistent=True)
+        assert got.data_ptr() == out.data_ptr()
+        ref, mag = _ref64(a, b, sa, sb, bias)
+        _assert_within_budget(out, ref, mag, k, f"persistent {meta}")
+        guard = torch.ones_like(out_buf, dtype=torch.bool)
+        guard[2:m + 2, 8:n + 8] = False
+        assert out_buf[guard].isnan().all()
+
+
+def test_persistent_refuses_unaligned_rows():
+    """TMA rows must be 16-byte aligned: each misaligned tensor is named, nothing is launched."""
+    s = torch.tensor(1.0)
+    a, b = _fp8((8, 32), E4, 0), _fp8((16, 32), E4, 1)
+    cases = [
+        (dict(a=_fp8((8, 24), E4, 0), b=_fp8((16, 24), E4, 1)), "^a: the persistent TMA kernel"),
+        (dict(b=_fp8((16, 40), E4, 3)[:, :32]), "^b: the persistent TMA kernel"),
+        (dict(a=_fp8((8 * 32 + 8,), E4, 4)[8:].view(8, 32)), "^a: .*data_ptr % 16 = 8"),
+        (dict(out=torch.empty(8, 20, dtype=torch.bfloat16)[:, :16]), "^out: the persistent TMA kernel"),
+    ]
+    for over, msg in cases:
+        kw = dict(dict(a=a, b=b), **over)
+        with pytest.raises(ValueError, match=msg):
+            fp8_gemm_triton(kw["a"], kw["b"], s, s, out=kw.get("out"), meta=SMALL, persistent=True)
+    # a 48-byte row stride is 16-byte aligned: accepted
+    wide = _fp8((8, 48), E4, 2)[:, :32]
+    ref, mag = _ref64(wide, b, s, s, None)
+    _assert_within_budget(fp8_gemm_triton(wide, b, s, s, out_dtype=torch.float32, meta=dict(SMALL, NUM_SMS=2),
+                                          persistent=True), ref, mag, 32, "strided a")
+    with pytest.raises(ValueError, match="^a: the persistent TMA kernel"):
+        fp8_gemm(_fp8((8, 24), E4, 0), _fp8((16, 24), E4, 1), s, s, backend="triton_persistent")
+
+
 def test_launcher_default_tiles_and_dispatch():
     """The launcher's own tile classes (64x128x128 for M <= 64, 128x128x128 above) and the backend
     dispatch: None on CPU is the reference, 'triton' the kernel, 'scaled_mm' torch._scaled_mm."""
@@ -158,6 +219,9 @@ def test_launcher_default_tiles_and_dispatch():
         want = fp8_gemm_reference(a, b, sa, sb, out_dtype=torch.float16)
         assert torch.equal(fp8_gemm(a, b, sa, sb, out_dtype=torch.float16), want)
         assert torch.equal(fp8_gemm(a, b, sa, sb, out_dtype=torch.float16, backend="torch"), want)
+        # 'triton_persistent' allocates a contiguous out: TMA needs N * 4 bytes % 16 == 0 for fp32
+        out = fp8_gemm(a, b[:128], sa, sb[:, :128], out_dtype=torch.float32, backend="triton_persistent")
+        _assert_within_budget(out, ref[:, :128], mag[:, :128], k, "persistent")
     with pytest.raises(ValueError, match="backend must be one of"):
         fp8_gemm(a, b, sa, sb, backend="cuda")
 
@@ -173,6 +237,10 @@ def test_empty_and_zero_k():
     out = fp8_gemm_triton(a, b, sa, sa, out_dtype=torch.float16, bias=bias, meta=SMALL)
     assert torch.equal(out, bias.half().expand(3, 5))
     assert torch.equal(fp8_gemm_triton(a, b, sa, sa, out_dtype=torch.float32, meta=SMALL), torch.zeros(3, 5))
+    # the persistent kernel has no K = 0 box to load: the pointer kernel writes the empty sum
+    out = torch.empty(3, 8, dtype=torch.float16)[:, :5]
+    fp8_gemm_triton(a, b, sa, sa, out_dtype=torch.float16, bias=bias, meta=SMALL, out=out, persistent=True)
+    assert torch.equal(out, bias.half().expand(3, 5))
 
 
 def test_errors_name_the_argument():
@@ -267,9 +335,17 @@ def test_kernel_configs_follow_the_launcher():
         meta = _meta(m, n, k)
         assert c["num_warps"] == meta["num_warps"] and c["num_stages"] == meta["num_stages"], c["config"]
         assert all(c["constexprs"][key] == meta[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
-        assert c["constexprs"]["EVEN_K"] == (k % meta["BLOCK_K"] == 0)
+        if c["fn"].__name__ == "_fp8_gemm_persistent_kernel":
+            assert c["config"].endswith(" persistent") and c["constexprs"]["NUM_SMS"] == 132
+            # the descriptors' boxes are the launcher's tiles
+            bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+            assert [c["signature"][d].split("[")[1] for d in ("a_desc", "b_desc", "c_desc")] == [
+                f"{bm}, {bk}]>", f"{bn}, {bk}]>", f"{bm}, {bn}]>"], c["config"]
+        else:
+            assert c["constexprs"]["EVEN_K"] == (k % meta["BLOCK_K"] == 0)
     labels = " | ".join(c["config"] for c in KERNEL_CONFIGS)
-    for needed in ("fp8e4nvxfp8e4nv->bf16", "fp8e5xfp8e4nv->bf16", "tensorwise", "rowwise", " fast", " split"):
+    for needed in ("fp8e4nvxfp8e4nv->bf16", "fp8e5xfp8e4nv->bf16", "fp8e5xfp8e4nv->fp32", "tensorwise", "rowwise",
+                   " fast", " split", "persistent"):
         assert needed in labels, needed
 
 
@@ -281,17 +357,24 @@ def test_compile_gate_sm90(gate_facts, index):
     assert f["config"] == cfg["config"], where
     # Hopper's fp8 warpgroup MMA is QGMMA in SASS (HGMMA is the fp16/bf16 one), with the operand
     # formats in the mnemonic: e.g. QGMMA.64x128x32.F32.E5M2.E4M3 for an e5m2 x e4m3 dot.
-    fmt = {"*fp8e4nv": "E4M3", "*fp8e5": "E5M2"}
-    want = (f"QGMMA.64x{cfg['constexprs']['BLOCK_N']}x32.F32."
-            f"{fmt[cfg['signature']['A']]}.{fmt[cfg['signature']['B']]}")
+    fmt = {"fp8e4nv": "E4M3", "fp8e5": "E5M2"}
+    persistent = cfg["fn"].__name__ == "_fp8_gemm_persistent_kernel"
+    a_t, b_t = (re.search(r"(fp8e4nv|fp8e5)", cfg["signature"][name]).group(1)
+                for name in (("a_desc", "b_desc") if persistent else ("A", "B")))
+    want = f"QGMMA.64x{cfg['constexprs']['BLOCK_N']}x32.F32.{fmt[a_t]}.{fmt[b_t]}"
     assert set(f["gmma"]) == {want}, where
     # One k32 instruction per 32 of BLOCK_K, per m64 warpgroup row (the loop body is emitted once).
     assert f["gmma"][want] == cfg["constexprs"]["BLOCK_K"] // 32, where
     assert f["local"] == 0 and f["instructions"].get("STL", 0) == 0, "register spills: " + where
     assert f["registers"] <= MAX_REGISTERS and f["shared"] <= MAX_SHARED_SM90, where
-    # cp.async 16-byte tile loads (the software pipeline) and 128-bit output stores.
-    assert f["instructions"].get("LDGSTS.E.BYPASS.128", 0) > 0, "tile loads not vectorised: " + where
-    assert f["instructions"].get("STG.E.128", 0) > 0, "stores not vectorised: " + where
+    if persistent:
+        # Tiles move by TMA (bulk tensor copies: one instruction per box), none by cp.async.
+        assert f["instructions"].get("UTMALDG", 0) > 0 and f["instructions"].get("UTMASTG", 0) > 0, where
+        assert f["instructions"].get("LDGSTS.E.BYPASS.128", 0) == 0, where
+    else:
+        # cp.async 16-byte tile loads (the software pipeline) and 128-bit output stores.
+        assert f["instructions"].get("LDGSTS.E.BYPASS.128", 0) > 0, "tile loads not vectorised: " + where
+        assert f["instructions"].get("STG.E.128", 0) > 0, "stores not vectorised: " + where
     # The split accumulator survives compilation as CUDA-core fp32 adds (one per accumulator
     # element per thread and K-step: BLOCK_M * BLOCK_N / threads); fast accumulation has none.
     c = cfg["constexprs"]
@@ -301,5 +384,7 @@ def test_compile_gate_sm90(gate_facts, index):
     else:
         assert f["fadd"] >= per_thread, where
     # bf16 output rounds to nearest even in compiled code (the interpreter truncates).
-    assert f["cvt_rn_bf16"] > 0, where
-    assert f["i64_muls"] > 0, "no int64 panel offsets: " + where
+    if "bf16" in cfg["signature"]["c_desc" if persistent else "C"]:
+        assert f["cvt_rn_bf16"] > 0, where
+    if not persistent:  # TMA coordinates are int32 box indices; the descriptor holds 64-bit strides
+        assert f["i64_muls"] > 0, "no int64 panel offsets: " + where

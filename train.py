@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rl-steps", type=int, default=None)
     p.add_argument("--rl-samples", type=int, default=None, help="answers per question (GRPO group size)")
     p.add_argument("--rl-lr-scale", type=float, default=None, help="RL learning rates relative to pretraining's")
+    p.add_argument("--rl-eval-examples", type=int, default=None,
+                   help="held-out questions answered before and after RL (greedy and sampled)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="RL compute precision; fp16 (with loss scaling) removes most of the sampler/trainer "
                         "mismatch that bf16 rounding causes")

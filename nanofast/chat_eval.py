@@ -55,11 +55,12 @@ def evaluate_categorical(model: GPT, tokenizer: Tokenizer, task: Any, *, max_exa
     return {"accuracy": acc, "centered": (acc - base) / (1 - base), "n": n, "source": task.source}
 
 
-def evaluate_generative(model: GPT, tokenizer: Tokenizer, task: Any, *, max_examples: int | None = None,
-                        max_new_tokens: int = 256, temperature: float = 0.0, engine: Engine | None = None) -> dict:
-    """Accuracy of answers generated (greedy by default) for every prompt at once through the paged
-    engine, stopping at <|assistant_end|>; the calculator tool is live, as in chat.
-    Returns {"accuracy", "centered" (chance 0), "n", "source"}."""
+def generative_outcomes(model: GPT, tokenizer: Tokenizer, task: Any, *, max_examples: int | None = None,
+                        max_new_tokens: int = 256, temperature: float = 0.0, engine: Engine | None = None) -> list[bool]:
+    """Whether each of the first `max_examples` answers of `task`, generated (greedy by default;
+    at temperature > 0 request i samples with seed i, so reruns pair up) for every prompt at once
+    through the paged engine and stopped at <|assistant_end|>, is correct by the task's rule. The
+    calculator tool is live, as in chat."""
     n = len(task) if max_examples is None else min(len(task), max_examples)
     engine = engine or Engine(model, tokenizer, max_num_seqs=64)
     stop = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
@@ -73,9 +74,31 @@ def evaluate_generative(model: GPT, tokenizer: Tokenizer, task: Any, *, max_exam
         for ev in engine.step():
             if ev.token not in stop:
                 out[ev.request_id].append(ev.token)
-    correct = sum(bool(task.evaluate(c, tokenizer.decode(out[i]))) for c, i in zip(convs, ids))
-    acc = correct / max(n, 1)
-    return {"accuracy": acc, "centered": acc, "n": n, "source": task.source}
+    return [bool(task.evaluate(c, tokenizer.decode(out[i]))) for c, i in zip(convs, ids)]
+
+
+def evaluate_generative(model: GPT, tokenizer: Tokenizer, task: Any, *, max_examples: int | None = None,
+                        max_new_tokens: int = 256, temperature: float = 0.0, engine: Engine | None = None) -> dict:
+    """Accuracy of generated answers (see `generative_outcomes`).
+    Returns {"accuracy", "centered" (chance 0), "n", "source"}."""
+    correct = generative_outcomes(model, tokenizer, task, max_examples=max_examples, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, engine=engine)
+    acc = sum(correct) / max(len(correct), 1)
+    return {"accuracy": acc, "centered": acc, "n": len(correct), "source": task.source}
+
+
+def paired_change(before: list[bool], after: list[bool]) -> dict:
+    """Accuracy change on the same questions (paired): mean of after_i - before_i with a normal
+    95% confidence interval from the per-question differences, which cancels the questions' own
+    difficulty and so is far tighter than comparing two independent accuracies."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"before and after must be equally long and non-empty, got {len(before)} and {len(after)}")
+    d = [int(a) - int(b) for b, a in zip(before, after)]
+    n = len(d)
+    mean = sum(d) / n
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / max(n - 1, 1) / n)
+    return {"change": mean, "ci95": [mean - 1.96 * se, mean + 1.96 * se], "n": n,
+            "improved": sum(x > 0 for x in d), "worsened": sum(x < 0 for x in d)}
 
 
 def evaluate_task(model: GPT, tokenizer: Tokenizer, task: Any, **kwargs) -> dict:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanofast import checkpoint, core_eval, dataset
-from nanofast.chat_eval import chatcore, evaluate_generative, evaluate_task
+from nanofast.chat_eval import chatcore, evaluate_task, generative_outcomes, paired_change
 from nanofast.common import Dist, default_dtype, parse_dtype, peak_flops, print0
 from nanofast.dataloader import ConversationLoader, PackedLoader
 from nanofast.download import download_climbmix
@@ -306,10 +306,12 @@ def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, .
     if run.dist.is_master:
         steady = state.tokens_per_second[1:] or state.tokens_per_second
         tps = statistics.median(steady) if steady else 0.0
+        useful = state.target_tokens_per_second[1:] or state.target_tokens_per_second
         write_section(run.report_dir, stage, dict(
             iterations=iterations, conversations=len(train_mix), task_sources=sources, losses=state.losses,
             evals=state.evals, final_loss=state.losses[-1][1] if state.losses else float("nan"),
             val_bpb=state.evals[-1]["val_bpb"] if state.evals else None, median_tokens_per_second=tps,
+            median_target_tokens_per_second=statistics.median(useful) if useful else 0.0,
             mfu=mfu_percent(model.flops_per_token(), tps, peak_flops(device), run.dist.world_size),
             train_seconds=state.train_seconds, checkpoint_dir=str(ckpt_dir), seconds=time.perf_counter() - t0))
     _barrier(run)
@@ -345,13 +347,17 @@ def stage_rl(run: Run, t0: float) -> None:
     if scaler is not None and state.loss_scaler:
         scaler.load_state_dict(state.loss_scaler)
     # Held-out accuracy greedy (as evaluated) and sampled at the rollouts' temperature 1 (what GRPO
-    # optimises directly: it sharpens the sampling distribution towards rewarded answers).
-    heldout = dict(max_examples=s.eval_examples, max_new_tokens=s.rl_max_tokens)
+    # optimises directly: it sharpens the sampling distribution towards rewarded answers). The same
+    # questions and sampling seeds before and after, so the change is measured paired.
+    heldout = dict(max_examples=s.rl_eval_examples, max_new_tokens=s.rl_max_tokens)
 
     def measure() -> dict:
         model.eval()
-        return {"greedy": evaluate_generative(model, tokenizer, test_task, **heldout),
-                "sampled": evaluate_generative(model, tokenizer, test_task, temperature=1.0, **heldout)}
+        return {"greedy": generative_outcomes(model, tokenizer, test_task, **heldout),
+                "sampled": generative_outcomes(model, tokenizer, test_task, temperature=1.0, **heldout)}
+
+    def accuracy(outcomes: list[bool]) -> dict:
+        return {"accuracy": sum(outcomes) / max(len(outcomes), 1), "n": len(outcomes), "source": test_task.source}
 
     before = saved.get("heldout_before")
     if rank == 0 and not resumed:
@@ -393,8 +399,10 @@ def stage_rl(run: Run, t0: float) -> None:
         after = measure()
         write_section(run.report_dir, "rl", dict(
             task=test_task.name, source=test_task.source, precision=str(dtype).removeprefix("torch."),
-            steps=s.rl_steps, questions_per_step=s.rl_questions, samples=s.rl_samples, history=history,
-            heldout_before=before, heldout_after=after,
+            steps=s.rl_steps, questions_per_step=s.rl_questions, samples=s.rl_samples, lr_scale=s.rl_lr_scale,
+            history=history, heldout_before={m: accuracy(v) for m, v in before.items()},
+            heldout_after={m: accuracy(v) for m, v in after.items()},
+            heldout_change={m: paired_change(before[m], after[m]) for m in before},
             mean_logp_abs_diff=statistics.fmean(h["logp_abs_diff"] for h in history) if history else None,
             mean_kl=statistics.fmean(h["kl_engine_trainer"] for h in history) if history else None,
             seconds=time.perf_counter() - t0))

@@ -45,6 +45,7 @@ class Settings:
     rl_samples: int = 16              # answers per question
     rl_max_tokens: int = 256
     rl_lr_scale: float = 0.05
+    rl_eval_examples: int = 500       # held-out questions measured before and after RL
     precision: str | None = None      # RL compute dtype: fp16 (loss scaling), bf16, fp32; None = dtype
     # evaluation
     eval_examples: int = 500          # per task (-1: all)
@@ -58,13 +59,17 @@ PRESETS: dict[str, Settings] = {
                       total_batch_size=512, num_iterations=30, eval_every=15, eval_tokens=4096,
                       log_every=10, sample_tokens=16, compile=False, task_size=200, midtrain_iterations=10,
                       sft_iterations=10, rl_steps=3, rl_questions=4, rl_samples=4, rl_max_tokens=24,
-                      eval_examples=12, eval_max_tokens=24),
+                      rl_eval_examples=12, eval_examples=12, eval_max_tokens=24),
     # The README's main job: a tiny model on the embedded corpus in about 10-15 minutes on 2 cores.
     "cpu": Settings(corpus_shards=8, vocab_size=8192, tokenizer_chars=50_000_000, depth=4, head_dim=64,
                     window_pattern="SSSL", seq_len=512, device_batch_size=8, total_batch_size=4096,
                     num_iterations=300, eval_every=100, eval_tokens=64 * 1024, log_every=20, compile=False,
-                    task_size=2000, midtrain_iterations=100, sft_iterations=100, rl_steps=30, rl_questions=8,
-                    rl_samples=8, rl_max_tokens=64, eval_examples=100, eval_max_tokens=64),
+                    task_size=2000, midtrain_iterations=100, sft_iterations=100, eval_examples=100, eval_max_tokens=64,
+                    # RL: 30 steps at LR x 0.05 left held-out accuracy flat; from the same SFT model
+                    # 100 steps at x 0.05 raised sampled accuracy 0.41 -> 0.64 and at x 0.15 to 0.77
+                    # (greedy 0.77 -> 0.89; n = 300).
+                    rl_steps=100, rl_questions=8, rl_samples=8, rl_max_tokens=64, rl_lr_scale=0.15,
+                    rl_eval_examples=300),
     # nanochat's depth-24 speedrun on 8xH100 (ClimbMix, auto batch size and horizon).
     "speedrun": Settings(data="climbmix", corpus_shards=370, depth=24, seq_len=2048, device_batch_size=16,
                          download_tasks=True),

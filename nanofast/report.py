@@ -111,7 +111,10 @@ def build_report(report_dir: str | Path, out_path: str | Path) -> Path:
                   f"- {sec['iterations']:,} steps over {sec['conversations']:,} conversations; task data: "
                   + ", ".join(f"{k} ({v})" for k, v in sec["task_sources"].items()),
                   f"- final train loss: {sec['final_loss']:.4f}; val bpb (held-out conversations): {bpb}",
-                  f"- throughput: {sec['median_tokens_per_second']:,.0f} tokens/s, MFU: {_mfu(sec.get('mfu'))}", ""]
+                  f"- throughput: {sec['median_tokens_per_second']:,.0f} tokens/s computed (padding included)"
+                  + (f", of which {sec['median_target_tokens_per_second']:,.0f}/s carry loss"
+                     if "median_target_tokens_per_second" in sec else "")
+                  + f"; MFU: {_mfu(sec.get('mfu'))}", ""]
         png = plot_losses([tuple(x) for x in sec.get("losses", [])], sec.get("evals", []),
                           out_path.with_name(f"loss_{stage}.png"), title=title)
         lines += [f"![{stage} loss]({png.name})", ""]
@@ -123,10 +126,16 @@ def build_report(report_dir: str | Path, out_path: str | Path) -> Path:
         lines += ["## RL (GRPO)", "",
                   f"- {rl['steps']} steps x {rl['questions_per_step']} questions x {rl['samples']} samples on "
                   f"{rl['task']} ({rl['source']} data), precision {rl['precision']}"]
+        changes = rl.get("heldout_change") or {}
         for mode in ("greedy", "sampled"):
             before, after = b.get(mode, nan), a.get(mode, nan)
-            lines.append(f"- held-out accuracy ({mode}{', temperature 1' if mode == 'sampled' else ''}): "
-                         f"{before['accuracy']:.4f} before -> {after['accuracy']:.4f} after (n={after['n']})")
+            line = (f"- held-out accuracy ({mode}{', temperature 1' if mode == 'sampled' else ''}): "
+                    f"{before['accuracy']:.4f} before -> {after['accuracy']:.4f} after (n={after['n']})")
+            if mode in changes:
+                c = changes[mode]
+                line += (f"; paired change {c['change']:+.4f}, 95% CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] "
+                         f"({c['improved']} questions gained, {c['worsened']} lost)")
+            lines.append(line)
         lines += [f"- sampler/trainer mismatch ({rl['precision']}): mean |logp_engine - logp_trainer| "
                   f"{_num(rl.get('mean_logp_abs_diff'))}, KL(engine||trainer) {_num(rl.get('mean_kl'))}", ""]
         hist = rl.get("history", [])

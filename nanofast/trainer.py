@@ -99,7 +99,10 @@ class LoopState:
     losses: list[tuple[int, float]] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
-    tokens_per_second: list[float] = field(default_factory=list)
+    tokens_per_second: list[float] = field(default_factory=list)  # computed positions (padding included)
+    # positions with a target (y >= 0): equal to the above in pretraining; in SFT padding and the
+    # user's turns are computed but carry no loss, so this is the useful throughput
+    target_tokens_per_second: list[float] = field(default_factory=list)
     loss_scaler: dict | None = None  # LossScaler.state_dict() when training in fp16
 
 
@@ -149,10 +152,12 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
         apply_schedules(optimizer, step, last, warmup_steps=settings.warmup_steps,
                         warmdown_ratio=settings.warmdown_ratio, final_lr_frac=settings.final_lr_frac)
         loss_sum = torch.zeros((), device=_device(model))
+        targets = torch.zeros((), device=_device(model))
         for _ in range(settings.grad_accum):
             x, y, loader_state = next(loader)
             loss = step_model(x, y)
             loss_sum += loss.detach()
+            targets += (y >= 0).sum()
             # Each backward sums gradients: divide so the step sees the mean over micro-batches.
             scaled = loss / settings.grad_accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -162,9 +167,11 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
         else:
             optimizer.step()
         model.zero_grad(set_to_none=True)
+        totals = torch.stack([loss_sum, targets])
         if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-        train_loss = loss_sum.item() / (settings.grad_accum * world)  # .item() syncs: the timing is honest
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        loss_total, target_total = totals.tolist()  # syncs with the device: the timing is honest
+        train_loss = loss_total / (settings.grad_accum * world)
         dt = time.perf_counter() - t0
         if not math.isfinite(train_loss):
             # The optimizer already applied a non-finite update: going on would only spread NaN.
@@ -179,6 +186,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
         state.losses.append((state.step, train_loss))
         tps = settings.tokens_per_step / dt if settings.tokens_per_step else 0.0
         state.tokens_per_second.append(tps)
+        state.target_tokens_per_second.append(target_total / dt)
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}")
         if settings.log_every > 0 and (state.step % settings.log_every == 0 or state.step == 1):
@@ -229,6 +237,7 @@ def resume_state(checkpoint_dir: str | Path, model: torch.nn.Module, optimizer: 
     loop_state = LoopState(step=step, losses=[tuple(x) for x in loop.get("losses", [])], evals=loop.get("evals", []),
                            train_seconds=loop.get("train_seconds", 0.0),
                            tokens_per_second=loop.get("tokens_per_second", []),
+                           target_tokens_per_second=loop.get("target_tokens_per_second", []),
                            loss_scaler=loop.get("loss_scaler"))
     print0(f"resumed from {checkpoint_dir} at step {step}")
     return loop_state, shard.get("loader_state")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 
 import pytest
 import torch
 
-from nanofast.chat_eval import chatcore, evaluate_categorical, evaluate_generative, evaluate_task
+from nanofast.chat_eval import (chatcore, evaluate_categorical, evaluate_generative, evaluate_task,
+                                generative_outcomes, paired_change)
 from nanofast.model import GPT, config_for_depth
 from nanofast.tasks import load_task
 from nanofast.tokenizer import Tokenizer
@@ -70,3 +72,32 @@ def test_dispatch_and_chatcore(tok, model):
     results = {"arc_easy": {"centered": 0.5}, "gsm8k": {"centered": 0.1}, "smoltalk": {"centered": 9.0}}
     assert chatcore(results) == pytest.approx(0.3)  # only ChatCORE's tasks count
     assert chatcore({}) is None
+
+
+def test_generative_outcomes_pair_up_across_reruns(tok, model):
+    """Per-question outcomes behind the accuracy; sampled reruns reuse seed i for question i, so
+    the same model gives the same outcomes (what makes before/after RL a paired comparison)."""
+    task = load_task("arithmetic", "test", size=6)
+    greedy = generative_outcomes(model, tok, task, max_new_tokens=10)
+    assert len(greedy) == 6 and evaluate_generative(model, tok, task, max_new_tokens=10)["accuracy"] == sum(greedy) / 6
+    sampled = [generative_outcomes(model, tok, task, max_new_tokens=10, temperature=1.0) for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_paired_change_and_its_interval():
+    before = [True] * 50 + [False] * 50
+    after = [True] * 50 + [True] * 30 + [False] * 20       # 30 gained, none lost
+    c = paired_change(before, after)
+    assert c["change"] == pytest.approx(0.3) and (c["improved"], c["worsened"], c["n"]) == (30, 0, 100)
+    d = [0] * 70 + [1] * 30
+    se = math.sqrt(sum((x - 0.3) ** 2 for x in d) / 99 / 100)
+    assert c["ci95"] == pytest.approx([0.3 - 1.96 * se, 0.3 + 1.96 * se])
+    assert c["ci95"][0] > 0  # measurable: the interval excludes no change
+    same = paired_change(before, before)
+    assert same["change"] == 0 and same["ci95"] == [0, 0]
+    swapped = paired_change(before, before[::-1])  # as many gained as lost: no change, wide interval
+    assert swapped["change"] == 0 and swapped["ci95"][0] < -0.1 < 0.1 < swapped["ci95"][1]
+    with pytest.raises(ValueError, match="equally long"):
+        paired_change([True], [True, False])
+    with pytest.raises(ValueError, match="non-empty"):
+        paired_change([], [])

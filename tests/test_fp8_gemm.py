@@ -131,19 +131,22 @@ def test_matches_fp64_reference(shape, scaling, out_dtype):
     _assert_within_budget(out, ref, mag, k, "scaled_mm " + where)
 
 
+def _nan_guarded(shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """An fp8 view one row and 16 columns inside a NaN-filled buffer: reading past any edge shows."""
+    rows, k = shape
+    buf = torch.empty(rows + 3, k + 16, dtype=E4)
+    buf.view(torch.uint8).fill_(0x7F)  # e4m3fn NaN
+    buf[1:rows + 1, :k] = _fp8((rows, k), E4, seed)
+    return buf[1:rows + 1, :k]
+
+
 @pytest.mark.parametrize("k", [48, 64], ids=["masked-K", "even-K"])
 def test_guard_bands_and_strided_operands(k):
     """Operands are views into fp8 buffers whose extra rows / columns are NaN, and the output is a
     view into a NaN buffer: the result must be finite (nothing past K or past M / N was read) and
     every element outside the (M, N) window must still be NaN (nothing written past the edges)."""
     m, n = 37, 45
-    bufs = []
-    for rows, seed in ((m, 1), (n, 2)):
-        buf = torch.empty(rows + 3, k + 16, dtype=E4)
-        buf.view(torch.uint8).fill_(0x7F)  # e4m3fn NaN
-        buf[1:rows + 1, :k] = _fp8((rows, k), E4, seed)
-        bufs.append(buf[1:rows + 1, :k])
-    a, b = bufs
+    a, b = _nan_guarded((m, k), 1), _nan_guarded((n, k), 2)
     sa, sb = _scales("rowwise", m, n, seed=3)
     bias = torch.randn(n)
     out_buf = torch.full((m + 4, n + 40), float("nan"), dtype=torch.float16)
@@ -162,13 +165,7 @@ def test_persistent_guard_bands_and_tma_zero_fill():
     the K tail): the descriptors' bounds must zero-fill them, so the NaN guard bands around the
     operand views are never read, and its clipped stores leave the NaN around the out view alone."""
     m, n, k = 37, 45, 48  # K = 48: a 32-wide K tail box half out of bounds
-    bufs = []
-    for rows, seed in ((m, 1), (n, 2)):
-        buf = torch.empty(rows + 3, k + 16, dtype=E4)  # row stride 64 bytes; views start 64 bytes in
-        buf.view(torch.uint8).fill_(0x7F)  # e4m3fn NaN
-        buf[1:rows + 1, :k] = _fp8((rows, k), E4, seed)
-        bufs.append(buf[1:rows + 1, :k])
-    a, b = bufs
+    a, b = _nan_guarded((m, k), 1), _nan_guarded((n, k), 2)  # 16-byte aligned rows and bases
     sa, sb = _scales("rowwise", m, n, seed=3)
     bias = torch.randn(n)
     out_buf = torch.full((m + 4, 88), float("nan"), dtype=torch.float16)  # 176-byte rows

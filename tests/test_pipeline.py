@@ -85,7 +85,12 @@ def test_stage_all_runs_end_to_end_and_skips_finished_stages(tmp_path):
         assert sec["evals"][-1]["val_bpb"] < sec["evals"][0]["val_bpb"]  # the conversations are learned
     rl = section(base, "rl")
     for mode in ("greedy", "sampled"):
-        assert len(rl["history"]) == 3 and rl["heldout_before"][mode]["n"] == rl["heldout_after"][mode]["n"] > 0
+        assert len(rl["history"]) == 3 and rl["heldout_before"][mode]["n"] == rl["heldout_after"][mode]["n"] == 12
+        change = rl["heldout_change"][mode]
+        assert change["n"] == 12 and change["ci95"][0] <= change["change"] <= change["ci95"][1]
+        assert change["change"] == pytest.approx(rl["heldout_after"][mode]["accuracy"]
+                                                 - rl["heldout_before"][mode]["accuracy"])
+    assert "paired change" in report and "95% CI" in report and "/s carry loss" in report
     assert rl["mean_kl"] < 1e-4  # fp32 sampler and trainer agree (same maths, different kernels)
     results = section(base, "eval")["results"]
     assert set(results) == {"base", "mid", "sft", "rl"} and results["base"]["core"]["source"] == "offline"

@@ -137,3 +137,20 @@ def test_loss_scaler_ranks_skip_together(tmp_path):
     assert r0["scale"] == r1["scale"] == 32.0
     for a, b in zip(r0["params"], r1["params"]):
         assert torch.equal(a, b)
+
+
+def test_throughput_counts_computed_and_loss_bearing_tokens_apart(tmp_path):
+    """tokens_per_second prices every computed position (what MFU needs); the target rate counts
+    only positions with a loss (y >= 0), which is what SFT's padding and masked turns reduce."""
+    def masked():
+        for x, y, st in batches():
+            y = y.clone()
+            y[:, 12:] = -1  # the last 4 of 16 positions carry no loss: 24 of 32 per batch
+            yield x, y, st
+
+    model, opt = tiny()
+    settings = LoopSettings(num_iterations=3, eval_every=0, log_every=0, tokens_per_step=32)
+    state = train(model, opt, masked(), settings, tmp_path, Dist(), {})
+    assert len(state.target_tokens_per_second) == 3
+    for computed, useful in zip(state.tokens_per_second, state.target_tokens_per_second):
+        assert useful == pytest.approx(computed * 24 / 32)

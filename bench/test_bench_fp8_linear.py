@@ -18,7 +18,7 @@ from nanofast import ops
 from nanofast.kernels import fp8_linear
 from nanofast.model import GPT, config_for_depth, parse_linear_precision
 from nanofast.optim import MuonAdamW
-from nanofast.trainer import LossScaler
+from nanofast.trainer import LossScaler, backward_and_step
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -81,12 +81,7 @@ def test_bench_train_step_by_precision(benchmark, precision):
 
     def step():
         loss = model(x, x)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-        else:
-            loss.backward()
-            opt.step()
+        backward_and_step(loss, opt, scaler)
         model.zero_grad(set_to_none=True)
         _sync()
         return loss.item()

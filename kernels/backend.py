@@ -49,3 +49,12 @@ def _resolve(backend: str | None, device: torch.device) -> str:
         raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
                            "in the environment before triton is imported")
     return backend
+
+
+def target_arch(x: torch.Tensor) -> int:
+    """SM version (e.g. 90) the kernels launched on `x` compile for; CPU tensors run through the
+    interpreter, which the kernels treat as sm_90 (their tile choices are the H100's)."""
+    if not x.is_cuda:
+        return 90
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return 10 * major + minor

@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import resolve_backend
+from .backend import resolve_backend, target_arch
 
 try:  # triton is optional: backend="torch" / "scaled_mm" work without it
     import triton
@@ -233,14 +233,6 @@ def _meta(m: int, n: int, k: int, arch: int = 90) -> dict:
     return meta
 
 
-def _arch(x: Tensor) -> int:
-    """SM version the kernel compiles for (CPU tensors: the interpreter, configured as sm_90)."""
-    if not x.is_cuda:
-        return 90
-    major, minor = torch.cuda.get_device_capability(x.device)
-    return 10 * major + minor
-
-
 def _num_sms(x: Tensor) -> int:
     """Persistent grid size: the GPU's SM count (132 on an H100 SXM); on CPU (the interpreter) a
     few programs, so that each of them loops over several tiles."""
@@ -393,7 +385,7 @@ def fp8_gemm_triton(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *,
         raise ValueError(f"out must be an ({m}, {n}) {out_dtype} tensor on {a.device} with unit column stride")
     if m == 0 or n == 0:
         return out
-    meta = dict(meta or _meta(m, n, k, _arch(a)))
+    meta = dict(meta or _meta(m, n, k, target_arch(a)))
     if meta["BLOCK_K"] < 16 or meta["BLOCK_M"] < 16 or meta["BLOCK_N"] < 16:
         raise ValueError(f"meta tiles must be >= 16 (tl.dot's minimum), got {meta}")
     sa = scale_a.reshape(-1).contiguous() if rowwise_a else scale_a.reshape(())

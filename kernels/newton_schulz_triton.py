@@ -24,6 +24,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .backend import target_arch
+
 try:  # triton is optional: backend="torch" works without it
     import triton
     import triton.language as tl
@@ -226,14 +228,6 @@ def _meta(m: int, dtype: torch.dtype, arch: int = 90) -> dict:
     return meta
 
 
-def _arch(x: Tensor) -> int:
-    """SM version the tensor's kernels compile for (CPU tensors: the interpreter, configured as sm_90)."""
-    if not x.is_cuda:
-        return 90
-    major, minor = torch.cuda.get_device_capability(x.device)
-    return 10 * major + minor
-
-
 def _check_stack(x: Tensor, name: str, square: bool = False) -> None:
     if not isinstance(x, Tensor) or x.ndim != 3:
         raise ValueError(f"{name} must be a (batch, m, n) tensor, got "
@@ -263,7 +257,7 @@ def ns_gram_triton(X: Tensor, meta: dict | None = None) -> Tensor:
     A = torch.empty((bsz, m, m), dtype=X.dtype, device=X.device)
     if A.numel() == 0:
         return A
-    meta = meta or _meta(m, X.dtype, _arch(X))
+    meta = meta or _meta(m, X.dtype, target_arch(X))
     tiles = triton.cdiv(m, meta["BLOCK"])
     const, opts = _launch_args(meta)
     _ns_gram_kernel[(bsz, tiles * (tiles + 1) // 2)](X, A, m, n, X.stride(0), X.stride(1), A.stride(0), A.stride(1),
@@ -280,7 +274,7 @@ def ns_poly_triton(A: Tensor, b: float, c: float, meta: dict | None = None) -> T
     B = torch.empty_like(A, memory_format=torch.contiguous_format)
     if B.numel() == 0:
         return B
-    meta = meta or _meta(m, A.dtype, _arch(A))
+    meta = meta or _meta(m, A.dtype, target_arch(A))
     tiles = triton.cdiv(m, meta["BLOCK"])
     const, opts = _launch_args(meta)
     _ns_poly_kernel[(bsz, tiles * (tiles + 1) // 2)](A, B, m, A.stride(0), A.stride(1), B.stride(0), B.stride(1),
@@ -301,7 +295,7 @@ def ns_update_triton(X: Tensor, B: Tensor, a: float, meta: dict | None = None) -
     Y = torch.empty((bsz, m, n), dtype=X.dtype, device=X.device)
     if Y.numel() == 0:
         return Y
-    meta = meta or _meta(m, X.dtype, _arch(X))
+    meta = meta or _meta(m, X.dtype, target_arch(X))
     const, opts = _launch_args(meta)
     grid = (bsz, triton.cdiv(m, meta["BLOCK"]), triton.cdiv(n, meta["BLOCK"]))
     _ns_update_kernel[grid](X, B, Y, m, n, X.stride(0), X.stride(1), B.stride(0), B.stride(1), Y.stride(0),

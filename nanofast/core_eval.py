@@ -492,6 +492,18 @@ def _distractors(rng: random.Random, docs, pool: list[tuple[int, int]], doc_inde
     return out
 
 
+def _distinct_windows(rng: random.Random, windows: list[tuple[int, int]], size: int, key):
+    """Yield `size` random (doc, line) windows whose key(doc, line) differ. A generator, so the
+    caller's own draws from `rng` interleave with the sampling exactly as in one loop."""
+    seen = set()
+    while len(seen) < size:
+        d, i = windows[rng.randrange(len(windows))]
+        k = key(d, i)
+        if k not in seen:
+            seen.add(k)
+            yield d, i
+
+
 def offline_core_tasks(seed: int = 0, size: int = 100) -> list[CoreTask]:
     """Three tasks generated from the stdlib corpus, one per ICL type, deterministic in `seed`:
 
@@ -506,23 +518,15 @@ def offline_core_tasks(seed: int = 0, size: int = 100) -> list[CoreTask]:
     docs, windows, common = _offline_corpus()
     if size > len(common):
         raise ValueError(f"size={size} exceeds the {len(common)} common lines of the corpus")
-    mc, seen = [], set()
-    while len(mc) < size:
-        d, i = windows[rng.randrange(len(windows))]
+    mc = []
+    for d, i in _distinct_windows(rng, windows, size, key=lambda d, i: "\n".join(docs[d][i - 3:i])):
         query, gold_line = "\n".join(docs[d][i - 3:i]), docs[d][i]
-        if query in seen:
-            continue
-        seen.add(query)
         choices = [gold_line] + _distractors(rng, docs, windows, d, {gold_line}, OFFLINE_MC_CHOICES - 1, 1)
         rng.shuffle(choices)
         mc.append({"query": query, "choices": choices, "gold": choices.index(gold_line)})
-    schema, seen = [], set()
-    while len(schema) < size:
-        d, i = windows[rng.randrange(len(windows))]
+    schema = []
+    for d, i in _distinct_windows(rng, windows, size, key=lambda d, i: docs[d][i]):
         context, continuation = "\n".join(docs[d][i - 2:i]), docs[d][i]
-        if continuation in seen:
-            continue
-        seen.add(continuation)
         options = [context] + _distractors(rng, docs, windows, d, {context}, OFFLINE_SCHEMA_OPTIONS - 1, 2)
         rng.shuffle(options)
         schema.append({"context_options": options, "continuation": continuation, "gold": options.index(context)})

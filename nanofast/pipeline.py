@@ -27,7 +27,8 @@ from nanofast.report import build_report, read_section, write_section
 from nanofast.rl import grpo_loss, policy_batch, rollouts
 from nanofast.tasks import TaskMixture, load_task
 from nanofast.tokenizer import Tokenizer, compression_report, compression_table
-from nanofast.trainer import LoopSettings, LoopState, LossScaler, mfu_percent, resume_state, train
+from nanofast.trainer import (LoopSettings, LoopState, LossScaler, backward_and_step, mfu_percent, resume_state,
+                              train)
 
 STAGES = ("tokenizer", "pretrain", "midtrain", "sft", "rl", "eval", "report")
 # Checkpoint folder of each training stage, and which earlier one a stage starts from.
@@ -374,12 +375,9 @@ def stage_rl(run: Run, t0: float) -> None:
         model.train()
         x, y, adv, engine_lp = policy_batch(rolls, tokenizer.bos_token_id, torch.device(device))
         loss, stats = grpo_loss(model, x, y, adv, engine_lp)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        backward_and_step(loss, optimizer, scaler)
         if scaler is not None:
-            scaler.step(optimizer)
             state.loss_scaler = scaler.state_dict()
-        else:
-            optimizer.step()
         model.zero_grad(set_to_none=True)
         reward = sum(r.reward for r in rolls) / len(rolls)
         row = dict(step=step + 1, reward=reward, loss=loss.item(), seconds=time.perf_counter() - t_step, **stats)

@@ -77,6 +77,18 @@ class LossScaler:
         self.skipped = int(state.get("skipped", 0))
 
 
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: LossScaler | None = None) -> None:
+    """loss.backward() and optimizer.step(); with a LossScaler (fp16) the loss is scaled first and
+    the step is skipped, on every rank alike, when a gradient overflowed. Gradients are left for
+    the caller to zero."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+
+
 @dataclass
 class LoopSettings:
     num_iterations: int

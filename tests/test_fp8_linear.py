@@ -21,7 +21,7 @@ from nanofast.kernels import fp8_linear
 from nanofast.model import GPT, config_for_depth, parse_linear_precision
 from nanofast.optim import MuonAdamW
 from nanofast.precision import precision_report, precision_table
-from nanofast.trainer import LossScaler
+from nanofast.trainer import LossScaler, backward_and_step
 
 BUDGET = {"y": 0.05, "dx": 0.10, "dw": 0.10}
 
@@ -189,12 +189,7 @@ def _train(precision: str | None, dtype: torch.dtype, batches: list[torch.Tensor
     losses = []
     for seq in batches:
         loss = model(seq[:, :-1], seq[:, 1:])
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-        else:
-            loss.backward()
-            opt.step()
+        backward_and_step(loss, opt, scaler)
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return sum(losses[-20:]) / 20

@@ -154,3 +154,27 @@ def test_throughput_counts_computed_and_loss_bearing_tokens_apart(tmp_path):
     assert len(state.target_tokens_per_second) == 3
     for computed, useful in zip(state.tokens_per_second, state.target_tokens_per_second):
         assert useful == pytest.approx(computed * 24 / 32)
+
+
+def test_backward_and_step_with_and_without_a_scaler():
+    """The one-call step the RL stage uses: plain, it equals backward + step; with a scaler it
+    equals the scaled step (same parameters: unscaling is exact) and skips on an overflow."""
+    from nanofast.trainer import backward_and_step
+
+    x = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(9))
+    runs = []
+    for scaler in (None, LossScaler(init_scale=256.0)):
+        model, opt = tiny()
+        backward_and_step(model(x, x), opt, scaler)
+        runs.append(list(model.parameters()))
+    manual, opt = tiny()
+    manual(x, x).backward()
+    opt.step()
+    for plain, scaled, ref in zip(*runs, manual.parameters()):
+        assert torch.equal(plain, ref)
+        torch.testing.assert_close(scaled, ref, rtol=1e-6, atol=1e-7)
+    model, opt = tiny()
+    before = [p.clone() for p in model.parameters()]
+    scaler = LossScaler()
+    backward_and_step(model(x, x) * float("inf"), opt, scaler)  # every gradient overflows
+    assert scaler.skipped == 1 and all(torch.equal(a, b) for a, b in zip(model.parameters(), before))

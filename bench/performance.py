@@ -205,12 +205,13 @@ def facts_summary(facts: dict) -> str:
 
     spills = [r for r in rows if any("spills" in p for p in facts_problems("", r, None))]
     tc = {op: sum(1 for r in rows if r.get("instructions", {}).get(op)) for op in ("HGMMA", "QGMMA", "HMMA")}
-    vec = sum(1 for r in rows if r.get("instructions", {}).get("LDG.E.128") or r.get("instructions", {}).get("LDGSTS.E.BYPASS.128"))
+    wide_loads = ("LDG.E.128", "LDGSTS.E.BYPASS.128", "UTMALDG")
+    vec = sum(1 for r in rows if any(r.get("instructions", {}).get(op) for op in wide_loads))
     versions = facts.get("versions", {})
     return (f"{len(tri)} Triton configs (sm_90) and {len(cu)} CUDA kernels (sm_90a) compiled with triton "
             f"{versions.get('triton')} / nvcc {versions.get('nvcc')}: {len(spills)} spill; tensor-core MMAs in "
             + ", ".join(f"{n} ({op})" for op, n in tc.items())
-            + f"; 128-bit or cp.async loads in {vec}; most registers {max((r['registers'] for r in rows), default=0)}.")
+            + f"; 128-bit, cp.async or TMA loads in {vec}; most registers {max((r['registers'] for r in rows), default=0)}.")
 
 
 def facts_table(facts: dict) -> str:

@@ -161,8 +161,9 @@ if triton is not None:
         p computes tiles p, p + NUM_SMS, ... in the grouped order.
 
         Why: one CTA per SM for the whole GEMM, so the 132 SMs never wait on a ragged last wave of
-        short-lived CTAs, and `flatten=True` lets the pipeliner issue the next tile's TMA loads
-        while this tile's epilogue runs. TMA (one thread issues a whole 16 KB box copy, tracked by
+        short-lived CTAs, and `flatten=True` hands the software pipeliner the tile and K loops as
+        one loop, so that the next tile's TMA loads can be in flight during this tile's epilogue
+        (the intent; whether it pays is what the GPU benchmark is for). TMA (one thread issues a whole 16 KB box copy, tracked by
         an mbarrier) replaces 256 threads' address arithmetic and cp.async per stage, and its
         out-of-bounds boxes are zero-filled on load and clipped on store: no edge clamping or
         masks anywhere, and the K tail needs no EVEN_K variant.

@@ -36,6 +36,7 @@ import torch
 
 from nanofast.kernels.fp8_quant import (FP8_MAX, KERNEL_CONFIGS, DelayedScaling, amax_floor, quantize_fp8,
                                         quantize_fp8_reference, quantize_fp8_triton)
+from oob_guard import GuardedAlloc
 
 fq = importlib.import_module("nanofast.kernels.fp8_quant")
 
@@ -396,39 +397,7 @@ def test_empty_inputs(backend):
 # Out-of-bounds protection: poisoned inputs, guarded outputs
 # ------------------------------------------------------------------------------------------------
 
-class GuardedAlloc:
-    """Replaces fq._alloc: every output/scratch buffer is a NaN-filled view into a bigger buffer
-    whose guard margins hold SENTINEL, so a store outside an output's rows/columns shows, and an
-    element never written stays NaN (no finite input here quantises to NaN)."""
-
-    SENTINEL = -256.0  # exact in fp32 and both fp8 formats
-
-    def __init__(self):
-        self.buffers = []
-
-    def __call__(self, shape, dtype, device):
-        if len(shape) == 2:
-            rows, cols = shape
-            buf = torch.full((rows + 2, cols + 5), self.SENTINEL, dtype=dtype, device=device)
-            view = buf[1:rows + 1, 2:2 + cols]
-        else:
-            n = shape[0] if shape else 1
-            buf = torch.full((n + 8,), self.SENTINEL, dtype=dtype, device=device)
-            view = buf[4:4 + n] if shape else buf[4]
-        view.fill_(float("nan"))
-        self.buffers.append((buf, view))
-        return view
-
-    def check(self):
-        assert self.buffers
-        for buf, view in self.buffers:
-            assert not torch.isnan(view.float()).any(), "an output element was never written"
-            guard = torch.ones(buf.shape, dtype=torch.bool)
-            if buf.ndim == 2:
-                guard[1:view.shape[0] + 1, 2:2 + view.shape[1]] = False
-            else:
-                guard[4:4 + max(view.numel(), 1)] = False
-            assert (buf.float()[guard] == self.SENTINEL).all(), "a store landed outside its output"
+GUARD_SENTINEL = -256.0  # exact in fp32 and both fp8 formats
 
 
 def _poisoned(t: torch.Tensor) -> torch.Tensor:
@@ -447,7 +416,7 @@ def test_poisoned_guard_bands(monkeypatch, M, K, in_dtype):
     s = torch.tensor(0.003)
     cases = [dict(transpose=True), dict(scale=s, transpose=True), dict(dtype=E5), dict(recipe="rowwise")]
     expected = [quantize_fp8_triton(x, **kw) for kw in cases]  # plain allocator, contiguous input
-    alloc = GuardedAlloc()
+    alloc = GuardedAlloc(GUARD_SENTINEL)
     monkeypatch.setattr(fq, "_alloc", alloc)
     for kw, want in zip(cases, expected):
         got = quantize_fp8_triton(_poisoned(x), **kw)

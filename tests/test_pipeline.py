@@ -38,22 +38,27 @@ def section(base: Path, stage: str) -> dict:
     return json.loads((base / "report" / f"{stage}.json").read_text())
 
 
+def interrupt_before(base: Path, stage: str, checkpoints: str, step: int) -> None:
+    """Make a finished run look killed before it saved `step`: drop that step's checkpoint files
+    (model, meta, every rank's optimizer shard) and the stage's report section."""
+    for f in (base / "checkpoints" / checkpoints).glob(f"*{step:06d}*"):
+        f.unlink()
+    (base / "report" / f"{stage}.json").unlink()
+
+
 def test_resume_reproduces_the_uninterrupted_run(tokenized, tmp_path):
     base = copy_base(tokenized, tmp_path / "run")
     args = ("--num-iterations", "6", "--save-every", "3", "--eval-every", "3")
     assert pretrain(base, *args) == 0
     full = section(base, "pretrain")
     # Interrupt after step 3: drop everything written later, then run the stage again.
-    ckpt = base / "checkpoints" / "base"
-    for f in ckpt.glob("*000006*"):
-        f.unlink()
-    (base / "report" / "pretrain.json").unlink()
+    interrupt_before(base, "pretrain", "base", 6)
     assert pretrain(base, *args) == 0
     resumed = section(base, "pretrain")
     assert [s for s, _ in resumed["losses"]] == list(range(1, 7))
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"]), atol=1e-6, rtol=0)
     assert resumed["val_bpb"] == pytest.approx(full["val_bpb"], abs=1e-6)
-    a = torch.load(ckpt / "model_000006.pt")
+    a = torch.load(base / "checkpoints" / "base" / "model_000006.pt")
     assert all(torch.isfinite(v).all() for v in a.values())
 
 
@@ -118,9 +123,7 @@ def test_torchrun_two_processes_train_and_resume_exactly(tokenized, tmp_path):
     ckpt = base / "checkpoints" / "base"
     assert (ckpt / "optim_000004_rank1.pt").exists()
     # Each rank resumes its own loader position: the resumed run repeats the uninterrupted one.
-    for f in ckpt.glob("*000004*"):
-        f.unlink()
-    (base / "report" / "pretrain.json").unlink()
+    interrupt_before(base, "pretrain", "base", 4)
     resumed = torchrun()
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"]), atol=1e-6, rtol=0)
 
@@ -230,10 +233,7 @@ def test_rl_resumes_exactly(sft_base, tmp_path):
     args = ("--rl-steps", "4", "--save-every", "2")
     assert rl(base, *args) == 0
     full = section(base, "rl")
-    ckpt = base / "checkpoints" / "rl"
-    for f in ckpt.glob("*000004*"):
-        f.unlink()
-    (base / "report" / "rl.json").unlink()
+    interrupt_before(base, "rl", "rl", 4)
     assert rl(base, *args) == 0
     resumed = section(base, "rl")
     assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]
@@ -249,9 +249,7 @@ def test_sft_resumes_exactly(sft_base, tmp_path):
             "--save-every", "3", "--eval-every", "3"]
     assert train.main(args) == 0
     full = section(base, "sft")
-    for f in (base / "checkpoints" / "sft").glob("*000006*"):
-        f.unlink()
-    (base / "report" / "sft.json").unlink()
+    interrupt_before(base, "sft", "sft", 6)
     assert train.main(args) == 0
     resumed = section(base, "sft")
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"]), atol=1e-6, rtol=0)

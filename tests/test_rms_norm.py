@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from nanofast.kernels.compile_gate import configs_facts
 from nanofast.kernels.rms_norm import (KERNEL_CONFIGS, RMSNorm, default_eps, rms_norm, rms_norm_bwd_triton,
                                        rms_norm_fwd_triton, rms_norm_reference)
+from oob_guard import GuardedAlloc
 
 # The module itself (the package re-exports a *function* named rms_norm, which shadows the
 # submodule attribute, so `import nanofast.kernels.rms_norm as rn` would bind the function).
@@ -240,42 +241,7 @@ def test_empty_rows():
 # Out-of-bounds protection: poisoned guard bands
 # ------------------------------------------------------------------------------------------------
 
-class GuardedAlloc:
-    """Replaces rn._alloc: every output/scratch buffer is a NaN-filled view into a bigger buffer
-    whose guard rows (above, below) and guard columns (left, right) hold SENTINEL, so any store
-    outside an output's rows/columns (masked lanes, row-block overhang, the D tail) shows. The
-    sentinel is finite and differs from the NaN that poisons the *inputs'* surroundings: a stray
-    store of a value computed from a stray (NaN) read must not go unnoticed."""
-
-    SENTINEL = -4096.0  # exact in fp32, fp16 and bf16; far from any RMSNorm output
-
-    def __init__(self):
-        self.buffers = []
-
-    def __call__(self, shape, dtype, device):
-        if len(shape) == 2:
-            rows, cols = shape
-            buf = torch.full((rows + 2, cols + 5), self.SENTINEL, dtype=dtype, device=device)
-            view = buf[1:rows + 1, 2:2 + cols]
-        else:
-            (n,) = shape
-            buf = torch.full((n + 8,), self.SENTINEL, dtype=dtype, device=device)
-            view = buf[4:4 + n]
-        view.fill_(float("nan"))
-        self.buffers.append((buf, view))
-        return view
-
-    def check(self):
-        assert self.buffers
-        for buf, view in self.buffers:
-            assert torch.isfinite(view).all(), "an output element was never written"
-            guard = torch.ones_like(buf, dtype=torch.bool)
-            if buf.ndim == 2:
-                rows, cols = view.shape
-                guard[1:rows + 1, 2:2 + cols] = False
-            else:
-                guard[4:4 + view.shape[0]] = False
-            assert (buf[guard] == self.SENTINEL).all(), "a store landed outside its output's rows/columns"
+GUARD_SENTINEL = -4096.0  # exact in fp32, fp16 and bf16; far from any RMSNorm output
 
 
 def _poisoned(t: torch.Tensor) -> torch.Tensor:
@@ -301,7 +267,7 @@ def test_poisoned_guard_bands(monkeypatch, N, D, dtype):
     # Unpoisoned run first (plain allocator, contiguous inputs): the expected values.
     y0, rstd0, h0 = rms_norm_fwd_triton(x, w, r, 1e-6)
     dx0, dw0 = rms_norm_bwd_triton(dy, h0, rstd0, w, dh)
-    alloc = GuardedAlloc()
+    alloc = GuardedAlloc(GUARD_SENTINEL, require_finite=True)
     monkeypatch.setattr(rn, "_alloc", alloc)
     y, rstd, h = rms_norm_fwd_triton(_poisoned(x), _poisoned(w), _poisoned(r), 1e-6)
     dx, dw = rms_norm_bwd_triton(_poisoned(dy), _poisoned(h), _poisoned(rstd), _poisoned(w), _poisoned(dh))
@@ -327,7 +293,7 @@ def test_dw_deterministic_partials(monkeypatch):
     dy, h = _randn((N, D), torch.bfloat16, g), _randn((N, D), torch.bfloat16, g)
     w = _randn((D,), torch.bfloat16, g)
     _, rstd, _ = rms_norm_fwd_triton(h, w, None, 1e-6)
-    alloc = GuardedAlloc()
+    alloc = GuardedAlloc(GUARD_SENTINEL, require_finite=True)
     monkeypatch.setattr(rn, "_alloc", alloc)
     dx1, dw1 = rms_norm_bwd_triton(dy, h, rstd, w, None)
     alloc.check()

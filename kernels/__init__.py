@@ -5,7 +5,12 @@ Every kernel takes `backend=` ("torch", "triton", "cuda"; None picks by device: 
 tensors, the torch reference on CPU) and runs on CPU tensors too: Triton through its interpreter
 (TRITON_INTERPRET=1 set before triton is imported), CUDA through the CPU emulation build.
 """
-from .backend import BACKENDS, resolve_backend
+from .backend import BACKENDS, resolve_backend, triton_interpreting
+
+if triton_interpreting():  # bf16 dots would multiply raw bit patterns (see kernels/interpreter.py)
+    from .interpreter import patch_bf16_dot
+
+    patch_bf16_dot()
 from .fp8_gemm import fp8_gemm, fp8_gemm_reference
 from .fp8_linear import fp8_linear
 from .fp8_quant import DelayedScaling, quantize_fp8, quantize_fp8_reference

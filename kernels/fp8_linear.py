@@ -62,41 +62,145 @@ def _gemm(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor, gb: str, **kwargs) -> Te
     return fp8_gemm(a, b, sa, sb, backend=gb, **kwargs)
 
 
+# The forward and backward maths, shared by the eager autograd.Function and the custom ops that
+# torch.compile traces. Tensorwise saves the quantised transposes (made in the forward's one read
+# of x and W); rowwise saves x and W, whose backward scales run along the other dimension.
+
+def _forward_tensorwise(x: Tensor, weight: Tensor, bias: Tensor | None, qb: str, gb: str):
+    xq, xs, xq_t, _ = quantize_fp8(x, E4M3, transpose=True, backend=qb)
+    wq, ws, wq_t, _ = quantize_fp8(weight, E4M3, transpose=True, backend=qb)
+    out_bias = bias.to(x.dtype) if bias is not None else None
+    out = _gemm(xq, wq, xs, ws, gb, out_dtype=x.dtype, bias=out_bias, use_fast_accum=True)
+    return out, xq_t, xs, wq_t, ws
+
+
+def _backward_tensorwise(gy: Tensor, xq_t: Tensor, xs: Tensor, wq_t: Tensor, ws: Tensor, x_dtype: torch.dtype,
+                         qb: str, gb: str) -> tuple[Tensor, Tensor]:
+    gq, gs, gq_t, _ = quantize_fp8(gy.contiguous(), E5M2, transpose=True, backend=qb)
+    dx = _gemm(gq, wq_t, gs, ws, gb, out_dtype=x_dtype)          # (M,N)(N,K): B = W^T rows
+    dw = _gemm(gq_t, xq_t, gs, xs, gb, out_dtype=torch.float32)  # (N,M)(M,K): B = x^T rows
+    return dx, dw
+
+
+def _forward_rowwise(x: Tensor, weight: Tensor, bias: Tensor | None, qb: str, gb: str) -> Tensor:
+    xq, xs, _, _ = quantize_fp8(x, E4M3, recipe="rowwise", backend=qb)
+    wq, ws, _, _ = quantize_fp8(weight, E4M3, recipe="rowwise", backend=qb)
+    out_bias = bias.to(x.dtype) if bias is not None else None
+    return _gemm(xq, wq, xs, ws.t(), gb, out_dtype=x.dtype, bias=out_bias, use_fast_accum=True)
+
+
+def _backward_rowwise(gy: Tensor, x: Tensor, weight: Tensor, qb: str, gb: str) -> tuple[Tensor, Tensor]:
+    gy = gy.contiguous()
+    gq, gs, _, _ = quantize_fp8(gy, E5M2, recipe="rowwise", backend=qb)
+    wtq, wts, _, _ = quantize_fp8(weight.t().contiguous(), E4M3, recipe="rowwise", backend=qb)
+    dx = _gemm(gq, wtq, gs, wts.t(), gb, out_dtype=x.dtype)
+    gtq, gts, _, _ = quantize_fp8(gy.t().contiguous(), E5M2, recipe="rowwise", backend=qb)
+    xtq, xts, _, _ = quantize_fp8(x.t().contiguous(), E4M3, recipe="rowwise", backend=qb)
+    dw = _gemm(gtq, xtq, gts, xts.t(), gb, out_dtype=torch.float32)
+    return dx, dw
+
+
 class _FP8Linear(torch.autograd.Function):
+    """Eager autograd: calls the maths directly (no custom-op dispatch per GEMM)."""
+
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, recipe: str, qb: str, gb: str) -> Tensor:
         ctx.recipe, ctx.qb, ctx.gb, ctx.has_bias = recipe, qb, gb, bias is not None
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-        out_bias = bias.to(x.dtype) if bias is not None else None
         if recipe == "tensorwise":
-            xq, xs, xq_t, _ = quantize_fp8(x, E4M3, transpose=True, backend=qb)
-            wq, ws, wq_t, _ = quantize_fp8(weight, E4M3, transpose=True, backend=qb)
-            ctx.save_for_backward(xq_t, xs, wq_t, ws)
-            return _gemm(xq, wq, xs, ws, gb, out_dtype=x.dtype, bias=out_bias, use_fast_accum=True)
-        xq, xs, _, _ = quantize_fp8(x, E4M3, recipe="rowwise", backend=qb)
-        wq, ws, _, _ = quantize_fp8(weight, E4M3, recipe="rowwise", backend=qb)
+            out, *saved = _forward_tensorwise(x, weight, bias, qb, gb)
+            ctx.save_for_backward(*saved)
+            return out
         ctx.save_for_backward(x, weight)
-        return _gemm(xq, wq, xs, ws.t(), gb, out_dtype=x.dtype, bias=out_bias, use_fast_accum=True)
+        return _forward_rowwise(x, weight, bias, qb, gb)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        qb, gb = ctx.qb, ctx.gb
-        gy = gy.contiguous()
         if ctx.recipe == "tensorwise":
-            xq_t, xs, wq_t, ws = ctx.saved_tensors
-            gq, gs, gq_t, _ = quantize_fp8(gy, E5M2, transpose=True, backend=qb)
-            dx = _gemm(gq, wq_t, gs, ws, gb, out_dtype=ctx.x_dtype)          # (M,N)(N,K): B = W^T rows
-            dw = _gemm(gq_t, xq_t, gs, xs, gb, out_dtype=torch.float32)      # (N,M)(M,K): B = x^T rows
+            dx, dw = _backward_tensorwise(gy, *ctx.saved_tensors, ctx.x_dtype, ctx.qb, ctx.gb)
         else:
-            x, weight = ctx.saved_tensors
-            gq, gs, _, _ = quantize_fp8(gy, E5M2, recipe="rowwise", backend=qb)
-            wtq, wts, _, _ = quantize_fp8(weight.t().contiguous(), E4M3, recipe="rowwise", backend=qb)
-            dx = _gemm(gq, wtq, gs, wts.t(), gb, out_dtype=ctx.x_dtype)
-            gtq, gts, _, _ = quantize_fp8(gy.t().contiguous(), E5M2, recipe="rowwise", backend=qb)
-            xtq, xts, _, _ = quantize_fp8(x.t().contiguous(), E4M3, recipe="rowwise", backend=qb)
-            dw = _gemm(gtq, xtq, gts, xts.t(), gb, out_dtype=torch.float32)
+            dx, dw = _backward_rowwise(gy, *ctx.saved_tensors, ctx.qb, ctx.gb)
         db = gy.float().sum(0) if ctx.has_bias else None
         return dx, dw.to(ctx.w_dtype), db, None, None, None
+
+
+# torch.compile: Dynamo cannot trace into a Triton launch under the interpreter (nor should it
+# re-trace the quantisation on a GPU), so the compiled graph sees opaque custom ops. Their fake
+# implementations run the same maths on the torch backend, which gives the shapes, dtypes and
+# strides of the kernels' outputs (opcheck in the tests holds them to it).
+
+@torch.library.custom_op("nanofast::fp8_linear_tensorwise_fwd", mutates_args=())
+def _tensorwise_fwd_op(x: Tensor, weight: Tensor, bias: Tensor | None, qb: str, gb: str
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _forward_tensorwise(x, weight, bias, qb, gb)
+
+
+@_tensorwise_fwd_op.register_fake
+def _(x, weight, bias, qb, gb):
+    return _forward_tensorwise(x, weight, bias, "torch", "torch")
+
+
+@torch.library.custom_op("nanofast::fp8_linear_tensorwise_bwd", mutates_args=())
+def _tensorwise_bwd_op(gy: Tensor, xq_t: Tensor, xs: Tensor, wq_t: Tensor, ws: Tensor, w_dtype: torch.dtype,
+                       qb: str, gb: str) -> tuple[Tensor, Tensor]:
+    dx, dw = _backward_tensorwise(gy, xq_t, xs, wq_t, ws, gy.dtype, qb, gb)
+    return dx, dw.to(w_dtype)
+
+
+@_tensorwise_bwd_op.register_fake
+def _(gy, xq_t, xs, wq_t, ws, w_dtype, qb, gb):
+    dx, dw = _backward_tensorwise(gy, xq_t, xs, wq_t, ws, gy.dtype, "torch", "torch")
+    return dx, dw.to(w_dtype)
+
+
+def _tensorwise_setup(ctx, inputs, output) -> None:
+    x, weight, bias, qb, gb = inputs
+    ctx.save_for_backward(*output[1:])
+    ctx.w_dtype, ctx.has_bias, ctx.qb, ctx.gb = weight.dtype, bias is not None, qb, gb
+
+
+def _tensorwise_backward(ctx, gy, *_unused):
+    dx, dw = torch.ops.nanofast.fp8_linear_tensorwise_bwd(gy, *ctx.saved_tensors, ctx.w_dtype, ctx.qb, ctx.gb)
+    return dx, dw, gy.float().sum(0) if ctx.has_bias else None, None, None
+
+
+_tensorwise_fwd_op.register_autograd(_tensorwise_backward, setup_context=_tensorwise_setup)
+
+
+@torch.library.custom_op("nanofast::fp8_linear_rowwise_fwd", mutates_args=())
+def _rowwise_fwd_op(x: Tensor, weight: Tensor, bias: Tensor | None, qb: str, gb: str) -> Tensor:
+    return _forward_rowwise(x, weight, bias, qb, gb)
+
+
+@_rowwise_fwd_op.register_fake
+def _(x, weight, bias, qb, gb):
+    return _forward_rowwise(x, weight, bias, "torch", "torch")
+
+
+@torch.library.custom_op("nanofast::fp8_linear_rowwise_bwd", mutates_args=())
+def _rowwise_bwd_op(gy: Tensor, x: Tensor, weight: Tensor, qb: str, gb: str) -> tuple[Tensor, Tensor]:
+    dx, dw = _backward_rowwise(gy, x, weight, qb, gb)
+    return dx, dw.to(weight.dtype)
+
+
+@_rowwise_bwd_op.register_fake
+def _(gy, x, weight, qb, gb):
+    dx, dw = _backward_rowwise(gy, x, weight, "torch", "torch")
+    return dx, dw.to(weight.dtype)
+
+
+def _rowwise_setup(ctx, inputs, output) -> None:
+    x, weight, bias, qb, gb = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias, ctx.qb, ctx.gb = bias is not None, qb, gb
+
+
+def _rowwise_backward(ctx, gy):
+    dx, dw = torch.ops.nanofast.fp8_linear_rowwise_bwd(gy, *ctx.saved_tensors, ctx.qb, ctx.gb)
+    return dx, dw, gy.float().sum(0) if ctx.has_bias else None, None, None
+
+
+_rowwise_fwd_op.register_autograd(_rowwise_backward, setup_context=_rowwise_setup)
 
 
 def _check(x, weight, bias, recipe) -> None:
@@ -140,5 +244,10 @@ def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, recipe: st
     x2d = x.reshape(-1, x.size(-1))
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    out = _FP8Linear.apply(x2d, weight, bias, recipe, qb, gb)
+    if not torch.compiler.is_compiling():
+        out = _FP8Linear.apply(x2d, weight, bias, recipe, qb, gb)
+    elif recipe == "tensorwise":
+        out = torch.ops.nanofast.fp8_linear_tensorwise_fwd(x2d, weight, bias, qb, gb)[0]
+    else:
+        out = torch.ops.nanofast.fp8_linear_rowwise_fwd(x2d, weight, bias, qb, gb)
     return out.reshape(*lead, weight.size(0))

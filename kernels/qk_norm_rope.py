@@ -2,7 +2,7 @@
 
 Per head vector x of length D (statistics in fp32 whatever the storage dtype):
 
-    n   = x * rsqrt(mean(x^2) + eps)            # RMSNorm over D (eps=None: finfo(x.dtype).eps, like F.rms_norm)
+    n   = x * rsqrt(mean(x^2) + eps)            # RMSNorm over D (eps=None: F.rms_norm's default, fp32's eps for 16-bit x)
     n   = n * weight                            # optional per-channel weight (D,) (Qwen3's q_norm / k_norm)
     out = scale * rotate(n, cos, sin)           # rotary, cos/sin (T, D/2)
 
@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .backend import resolve_backend
+from .rms_norm import default_eps
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_inplace", "qk_norm_rope_reference", "qk_norm_rope_inplace_reference",
            "qk_norm_rope_fwd_triton", "qk_norm_rope_bwd_triton", "qk_norm_rope_inplace_triton", "QKNormRope",
@@ -159,8 +160,10 @@ def _check_inplace(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_w
 
 
 def _resolve_eps(eps: float | None, dtype: torch.dtype) -> float:
-    """F.rms_norm's default: the machine epsilon of the input dtype."""
-    return float(torch.finfo(dtype).eps) if eps is None else float(eps)
+    """F.rms_norm's default (`rms_norm.default_eps`): the epsilon of the dtype the statistics are
+    computed in, fp32 for fp16/bf16 inputs. (finfo(bf16).eps = 7.8e-3 would shrink a head vector
+    with mean square 1e-3 by ~0.35, so a bf16 run would disagree with the fp32 and torch paths.)"""
+    return default_eps(dtype) if eps is None else float(eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +192,8 @@ def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, 
     last dim needs to be contiguous; cos, sin: (T' >= T, D/2), the first T rows are used, cast to
     q's dtype; q_weight, k_weight: optional (D,). Returns (q_out, k_out) in q's dtype and shapes.
     Without weights: rotary -> F.rms_norm -> * scale, exactly nanofast.ops.qk_norm_rope; with
-    weights: F.rms_norm(x, weight) -> rotary -> * scale (Qwen3). eps=None: finfo(q.dtype).eps.
+    weights: F.rms_norm(x, weight) -> rotary -> * scale (Qwen3). eps=None: F.rms_norm's default
+    (`default_eps`: fp32's 1.19e-7 for fp16/bf16 inputs).
     The two orders (and the kernels' norm-first order) agree when cos^2 + sin^2 = 1.
     """
     _check_qk(q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved)
@@ -734,7 +738,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     q: (B, T, Hq, D), k: (B, T, Hk, D) (GQA: Hk may differ), fp16/bf16/fp32 (fp64 on the torch
     backend), same dtype and device, last dim contiguous (views into a packed qkv buffer are fine);
     cos, sin: (T' >= T, D/2), rows 0..T-1 used; q_weight, k_weight: optional (D,) per-channel
-    weights; eps None: finfo(q.dtype).eps; interleaved: pair (2i, 2i+1) instead of (i, i + D/2).
+    weights; eps None: F.rms_norm's default (fp32's epsilon for fp16/bf16 q); interleaved: pair (2i, 2i+1) instead of (i, i + D/2).
     backend: None (Triton on CUDA, torch on CPU), "torch", "triton" or "cuda".
     Returns (q_out (B, T, Hq, D), k_out (B, T, Hk, D)), contiguous, in q's dtype; differentiable
     w.r.t. q, k and the weights (not cos/sin on the kernel backends).

@@ -16,10 +16,11 @@ from typing import TextIO
 import torch
 
 from nanofast.checkpoint import CheckpointError, latest_step, load_nanochat
-from nanofast.common import autodetect_device, base_dir, default_dtype
+from nanofast.common import DTYPES, autodetect_device, base_dir, default_dtype, parse_dtype
 from nanofast.detokenize import IncrementalDetokenizer
 from nanofast.engine import Engine, SamplingParams
 from nanofast.model import GPT
+from nanofast.ops import set_kernel_backend
 from nanofast.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CHECKPOINT_STAGES = ("sft", "mid", "base")  # preference order: the most post-trained first
@@ -59,10 +60,26 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         return Tokenizer(pickle.load(f))
 
 
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """Where and how the model runs: the flags the chat CLI and the server share."""
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--kernel-backend", choices=["torch", "triton", "cuda"], default=None,
+                   help="who runs the kernel-backed ops (default: Triton on GPU, torch on CPU); on CPU, triton runs "
+                        "Triton's interpreter (TRITON_INTERPRET=1) and cuda the CUDA sources' CPU emulation")
+
+
+def runtime(args: argparse.Namespace) -> tuple[str, torch.dtype]:
+    """(device, compute dtype) from `add_runtime_args`' flags; routes the kernel-backed ops."""
+    device = args.device or autodetect_device()
+    set_kernel_backend(args.kernel_backend, device)
+    return device, parse_dtype(args.dtype) if args.dtype else default_dtype(device)
+
+
 def load_model(checkpoint: str | Path | None, tokenizer_dir: str | Path | None,
-               device: str) -> tuple[GPT, Tokenizer, Path]:
-    """Load (model, tokenizer, checkpoint path); a missing default checkpoint is a CheckpointError
-    that says how to make one."""
+               device: str, dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer, Path]:
+    """Load (model, tokenizer, checkpoint path), computing in `dtype` (default: the device's); a
+    missing default checkpoint is a CheckpointError that says how to make one."""
     if checkpoint is None:
         checkpoint = default_checkpoint()
         if checkpoint is None:
@@ -71,7 +88,7 @@ def load_model(checkpoint: str | Path | None, tokenizer_dir: str | Path | None,
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise CheckpointError(f"--checkpoint {checkpoint} does not exist: {NO_CHECKPOINT}")
-    model = load_nanochat(checkpoint, device, compute_dtype=default_dtype(device))
+    model = load_nanochat(checkpoint, device, compute_dtype=dtype or default_dtype(device))
     tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else find_tokenizer_dir(checkpoint))
     if tokenizer.vocab_size != model.config.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's model has "
@@ -122,8 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="0 = no top-k")
     p.add_argument("--max-tokens", type=int, default=512, help="most tokens per answer")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (turn i uses seed + i)")
+    add_runtime_args(p)
     args = p.parse_args(argv)
     if args.temperature < 0:
         p.error(f"--temperature must be >= 0, got {args.temperature}")
@@ -139,9 +156,9 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     """Run the chat; answers go to `stdout`, banners and errors to `stderr`. Returns the exit code."""
     args = parse_args(argv)
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
-    device = args.device or autodetect_device()
     try:
-        model, tokenizer, checkpoint = load_model(args.checkpoint, args.tokenizer, device)
+        device, dtype = runtime(args)
+        model, tokenizer, checkpoint = load_model(args.checkpoint, args.tokenizer, device, dtype)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=stderr)
         return 1

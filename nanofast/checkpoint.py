@@ -23,12 +23,20 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt or not a nanochat/nanofast GPT checkpoint."""
 
 
-def latest_step(directory: str | Path) -> int | None:
-    """The highest step with a model file in `directory`, or None when there is none."""
+def latest_step(directory: str | Path, world_size: int | None = None) -> int | None:
+    """The highest step with a model file in `directory`, or None when there is none.
+
+    world_size: count only steps a resume can use: model, meta and the optimizer shard of every
+    rank 0..world_size-1 written. Ranks save one after another, so a run killed mid-save leaves
+    rank 0's files of a step without the others'; that step is skipped, not half-loaded.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return None
     steps = [int(m.group(1)) for f in directory.iterdir() if (m := _MODEL_FILE.match(f.name))]
+    if world_size is not None:
+        steps = [s for s in steps if (directory / f"meta_{s:06d}.json").is_file()
+                 and all((directory / f"optim_{s:06d}_rank{r}.pt").is_file() for r in range(world_size))]
     return max(steps) if steps else None
 
 

@@ -25,22 +25,36 @@ except ImportError:
 _KERNEL_BACKEND: str | None = None
 
 
-def set_kernel_backend(backend: str | None) -> None:
-    """Choose who computes the kernel-backed ops (norm, qk_norm_rope) for every model.
+def set_kernel_backend(backend: str | None, device: str | None = None) -> None:
+    """Choose who computes every kernel-backed op of the model, engine and optimizer.
 
     None (default): by device, the Triton kernels on CUDA tensors and plain torch on CPU.
     "torch", "triton" or "cuda" force one; on CPU tensors "triton" runs Triton's interpreter and
     "cuda" the CPU emulation build of the CUDA source: slow, but the same kernels the GPU runs.
+    "cuda" applies to the ops with CUDA sources (norm, qk_norm_rope, paged attention); the fp8
+    linears and Newton-Schulz then run their Triton kernels (see `triton_backend`).
+    device: where the model runs, if known: "triton" on "cpu" without the interpreter (which must
+    be chosen before triton is imported) is refused here rather than at the first kernel launch.
     """
     if backend not in (None, *kernels.BACKENDS):
         raise ValueError(f"kernel backend must be None or one of {kernels.BACKENDS}, got {backend!r}")
+    if backend == "triton" and device == "cpu" and not kernels.backend.triton_interpreting():
+        raise ValueError("kernel backend 'triton' on CPU runs Triton's interpreter: set TRITON_INTERPRET=1 in the "
+                         "environment")
     global _KERNEL_BACKEND
     _KERNEL_BACKEND = backend
 
 
 def kernel_backend(x: torch.Tensor) -> str:
-    """The backend the kernel-backed ops use for tensor `x`."""
+    """The backend of the ops with Triton and CUDA kernels (norms, qk_norm_rope, paged attention) for `x`."""
     return _KERNEL_BACKEND or ("triton" if x.is_cuda else "torch")
+
+
+def triton_backend(x: torch.Tensor) -> str:
+    """The backend of the ops whose only kernel is Triton (fp8 linears, Muon's Newton-Schulz) for `x`:
+    "triton" wherever the kernel backend is not "torch" (a "cuda" choice keeps them on their Triton
+    kernels, as on a GPU), else "torch"."""
+    return "torch" if kernel_backend(x) == "torch" else "triton"
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +70,8 @@ _FP8_BACKEND: str | None = None
 
 
 def set_fp8_backend(backend: str | None) -> None:
-    """Who runs fp8 linears: None (Triton on CUDA, the torch reference on CPU), "torch",
+    """Who runs fp8 linears: None (`triton_backend`: Triton on CUDA or when a kernel backend is
+    forced, the torch reference on CPU), "torch",
     "scaled_mm" (torch._scaled_mm) or "triton"; see nanofast.kernels.fp8_linear."""
     if backend not in (None, "torch", "scaled_mm", "triton"):
         raise ValueError(f"fp8 backend must be None, 'torch', 'scaled_mm' or 'triton', got {backend!r}")
@@ -76,7 +91,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, precision: str | None = None,
     if precision is None:
         return F.linear(x, weight.to(dtype=x.dtype))
     if precision == "fp8":
-        return kernels.fp8_linear(x, weight, recipe=recipe, backend=_FP8_BACKEND)
+        return kernels.fp8_linear(x, weight, recipe=recipe, backend=_FP8_BACKEND or triton_backend(x))
     dt = _PRECISION_DTYPES[precision]
     return F.linear(x.to(dt), weight.to(dt)).to(x.dtype)
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from tqdm import tqdm
 
-from nanofast import checkpoint, core_eval, dataset
+from nanofast import checkpoint, core_eval, dataset, ops
 from nanofast.chat_eval import chatcore, evaluate_task, generative_outcomes, paired_change
 from nanofast.common import Dist, default_dtype, parse_dtype, peak_flops, print0
 from nanofast.dataloader import ConversationLoader, PackedLoader
@@ -73,6 +73,7 @@ def stage_done(run: Run, stage: str) -> bool:
 def run_stages(run: Run, stages: list[str]) -> dict[str, str]:
     """Run `stages` in order; for `all`-style lists skip stages whose output exists. Returns
     {stage: "ran" | "skipped (already done)"}."""
+    ops.set_kernel_backend(run.settings.kernel_backend, run.device)
     outcome = {}
     for stage in stages:
         if stage != "report" and len(stages) > 1 and stage_done(run, stage):
@@ -169,6 +170,13 @@ def plan_training(model: GPT, s: Settings, world_size: int, base_weight_decay: f
                 weight_decay=base_weight_decay * (batch / REF_BATCH) ** 0.5 * ref_tokens / target_tokens)
 
 
+def compiled(model: GPT, s: Settings) -> torch.nn.Module:
+    """The module that runs training steps: `model` compiled for its one (batch, seq_len) shape, or
+    `model` itself. Evaluation, sampling and checkpoints use `model` (the shapes vary there, and its
+    state-dict keys stay free of torch.compile's `_orig_mod.` prefix)."""
+    return torch.compile(model, dynamic=False) if s.compile else model
+
+
 SAMPLE_PROMPTS = ("import os\n", "def main(", "class ", "The capital of France is")
 
 
@@ -191,7 +199,7 @@ def stage_pretrain(run: Run, t0: float) -> None:
     plan = plan_training(model, s, run.dist.world_size)
     optimizer = MuonAdamW(model.param_groups(lr_scale=plan.lr_scale, weight_decay=plan.weight_decay))
     ckpt_dir = run.checkpoint_dir("base")
-    resumed = resume_state(ckpt_dir, model, optimizer, run.dist.rank)
+    resumed = resume_state(ckpt_dir, model, optimizer, run.dist.rank, run.dist.world_size)
     state, loader_state = resumed if resumed else (LoopState(), None)
 
     params, flops = model.num_params(), model.flops_per_token()
@@ -209,7 +217,7 @@ def stage_pretrain(run: Run, t0: float) -> None:
     settings = LoopSettings(num_iterations=plan.num_iterations, grad_accum=plan.grad_accum,
                             eval_every=s.eval_every, save_every=s.save_every, log_every=s.log_every,
                             tokens_per_step=plan.total_batch_size, flops_per_token=flops, peak_flops=peak_flops(device))
-    step_model = torch.compile(model, dynamic=False) if s.compile else model
+    step_model = compiled(model, s)
     scaler = LossScaler() if run.dtype == torch.float16 else None
     meta = dict(settings=asdict(s), plan=asdict(plan))
     with loader:
@@ -284,7 +292,7 @@ def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, .
         iterations = max(1, len(train_mix) // (2 * rows_per_step))
     optimizer = MuonAdamW(model.param_groups(lr_scale=s.finetune_lr_scale))
     ckpt_dir = run.checkpoint_dir(CHECKPOINTS[stage])
-    resumed = resume_state(ckpt_dir, model, optimizer, run.dist.rank)
+    resumed = resume_state(ckpt_dir, model, optimizer, run.dist.rank, run.dist.world_size)
     state, loader_state = resumed if resumed else (LoopState(), None)
     token_bytes = tokenizer.token_bytes().to(device)
     print0(f"{stage}: {len(train_mix):,} conversations ({sources}), {iterations} steps of {rows_per_step} rows")
@@ -303,7 +311,7 @@ def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, .
                             peak_flops=peak_flops(device))
     scaler = LossScaler() if run.dtype == torch.float16 else None
     state = train(model, optimizer, loader, settings, ckpt_dir, run.dist, dict(settings=asdict(s), stage=stage),
-                  evaluate=evaluate, state=state, scaler=scaler)
+                  evaluate=evaluate, state=state, step_model=compiled(model, s), scaler=scaler)
     if run.dist.is_master:
         steady = state.tokens_per_second[1:] or state.tokens_per_second
         tps = statistics.median(steady) if steady else 0.0
@@ -339,7 +347,7 @@ def stage_rl(run: Run, t0: float) -> None:
     train_task, test_task = _load_task(run, RL_TASK, "train"), _load_task(run, RL_TASK, "test")
     optimizer = MuonAdamW(model.param_groups(lr_scale=s.rl_lr_scale))
     ckpt_dir = run.checkpoint_dir(CHECKPOINTS["rl"])
-    resumed = resume_state(ckpt_dir, model, optimizer, rank)
+    resumed = resume_state(ckpt_dir, model, optimizer, rank, world)
     state = resumed[0] if resumed else LoopState()
     saved = checkpoint.read_meta(ckpt_dir, state.step) if resumed else {}
     history = saved.get("rl_history", [])

@@ -1,4 +1,4 @@
-"""Run settings: three named presets, and command-line overrides of any field."""
+"""Run settings: four named presets, and command-line overrides of any field."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -31,7 +31,8 @@ class Settings:
     dtype: str | None = None          # None = bf16 on GPU, fp32 on CPU
     linear_precision: str | None = None  # GEMM precision per layer class: "fp8", "attn=fp8,mlp=fp16", ...
     fp8_recipe: str = "tensorwise"    # or "rowwise" (dynamic scaling)
-    compile: bool = True
+    compile: bool = True              # torch.compile the training step (pretraining, mid-training, SFT)
+    kernel_backend: str | None = None  # None: by device (Triton on CUDA, torch on CPU); torch | triton | cuda
     seed: int = 42
     # mid-training and SFT (the same loop; conversations packed whole, loss on assistant tokens)
     download_tasks: bool = False      # fetch the real task datasets; else use what is cached, or generate
@@ -70,6 +71,16 @@ PRESETS: dict[str, Settings] = {
                     # (greedy 0.77 -> 0.89; n = 300).
                     rl_steps=100, rl_questions=8, rl_samples=8, rl_max_tokens=64, rl_lr_scale=0.15,
                     rl_eval_examples=300),
+    # The speedrun's code path at toy size, for CI (tests/test_rehearsal.py): every switch the 8xH100
+    # run flips (torch.compile, bf16, fp8 linears, the Triton kernels, several ranks) with only the
+    # sizes changed, plus what a machine without a GPU or network forces: the kernel backend named
+    # explicitly (Triton's interpreter on CPU tensors) and the offline data.
+    "rehearsal": Settings(corpus_shards=4, corpus_chars=400_000, vocab_size=512, tokenizer_chars=400_000,
+                          depth=1, head_dim=32, seq_len=64, device_batch_size=2, total_batch_size=256,
+                          num_iterations=6, eval_every=3, eval_tokens=256, save_every=2, log_every=1,
+                          sample_tokens=4, dtype="bf16", linear_precision="fp8", kernel_backend="triton",
+                          task_size=40, midtrain_iterations=3, sft_iterations=3, rl_steps=2, rl_questions=2,
+                          rl_samples=2, rl_max_tokens=8, rl_eval_examples=4, eval_examples=4, eval_max_tokens=8),
     # nanochat's depth-24 speedrun on 8xH100 (ClimbMix, auto batch size and horizon).
     "speedrun": Settings(data="climbmix", corpus_shards=370, depth=24, seq_len=2048, device_batch_size=16,
                          download_tasks=True),
@@ -92,6 +103,8 @@ def make_settings(preset: str, **overrides) -> Settings:
         raise ValueError(f"unknown fp8 recipe {settings.fp8_recipe!r}: choose tensorwise or rowwise")
     if settings.precision not in (None, "fp32", "bf16", "fp16"):
         raise ValueError(f"unknown precision {settings.precision!r}: choose fp32, bf16 or fp16")
+    if settings.kernel_backend not in (None, "torch", "triton", "cuda"):
+        raise ValueError(f"unknown kernel backend {settings.kernel_backend!r}: choose torch, triton or cuda")
     if settings.data not in ("default", "climbmix"):
         raise ValueError(f"unknown data {settings.data!r}: choose 'default' (embedded corpus) or 'climbmix'")
     return settings

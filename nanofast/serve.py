@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanofast.chat import add_runtime_args
 from nanofast.detokenize import IncrementalDetokenizer, StopMatcher
 from nanofast.engine import Engine, SamplingParams, TokenEvent
 from nanofast.tokenizer import Tokenizer
@@ -529,13 +530,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--checkpoint", default=None, help="nanofast or nanochat checkpoint directory (default: latest sft/mid/base)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: beside the checkpoints)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--model-id", default=None, help="the model name clients send (default: nanofast-<checkpoint dir>)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together")
     p.add_argument("--page-size", type=int, default=16, help="KV-cache tokens per page")
     p.add_argument("--num-pages", type=int, default=None, help="KV-cache pages (default: the engine's)")
     p.add_argument("--max-tokens-limit", type=int, default=ServeLimits.max_tokens, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=ServeLimits.default_max_tokens)
+    add_runtime_args(p)
     args = p.parse_args(argv)
     for name in ("port", "max_num_seqs", "page_size", "max_tokens_limit", "default_max_tokens"):
         if getattr(args, name) < 1:
@@ -548,14 +549,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import uvicorn
 
-    from nanofast.chat import load_model
+    from nanofast.chat import load_model, runtime
     from nanofast.checkpoint import CheckpointError
-    from nanofast.common import autodetect_device
 
     args = parse_args(argv)
-    device = args.device or autodetect_device()
     try:
-        model, tokenizer, checkpoint = load_model(args.checkpoint, args.tokenizer, device)
+        device, dtype = runtime(args)
+        model, tokenizer, checkpoint = load_model(args.checkpoint, args.tokenizer, device, dtype)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

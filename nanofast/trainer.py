@@ -133,7 +133,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
     Returns the final loop state (losses, evaluations, throughput).
     """
     state = state or LoopState()
-    step_model = step_model or model
+    step_model = model if step_model is None else step_model  # `or` would call len() on a compiled module
     if scaler is not None and state.loss_scaler:
         scaler.load_state_dict(state.loss_scaler)
     world = dist_info.world_size
@@ -225,12 +225,17 @@ def mfu_percent(flops_per_token: float, tokens_per_second: float, peak_flops: fl
 
 
 def resume_state(checkpoint_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 rank: int = 0) -> tuple[LoopState, dict | None] | None:
-    """Load the latest checkpoint in `checkpoint_dir` into model and optimizer (and the RNG).
+                 rank: int = 0, world_size: int = 1) -> tuple[LoopState, dict | None] | None:
+    """Load the latest checkpoint in `checkpoint_dir` that every one of `world_size` ranks finished
+    saving into model and optimizer (and the RNG).
 
     Returns (loop_state, this rank's loader state) or None when there is nothing to resume.
     """
-    step = checkpoint.latest_step(checkpoint_dir)
+    step = checkpoint.latest_step(checkpoint_dir, world_size)
+    newest = checkpoint.latest_step(checkpoint_dir)
+    if newest is not None and newest != step:
+        print0(f"{checkpoint_dir}: step {newest} was not saved by all {world_size} ranks (killed while saving?): "
+               f"resuming from {'step ' + str(step) if step is not None else 'the start'}")
     if step is None:
         return None
     meta = checkpoint.read_meta(checkpoint_dir, step)

@@ -10,14 +10,16 @@ import os
 import sys
 
 from nanofast.common import autodetect_device, base_dir, init_distributed, print0, shutdown_distributed
+from nanofast.kernels import BACKENDS
+from nanofast.ops import KERNEL_BACKEND_HELP
 from nanofast.pipeline import STAGES, Run, report_path, run_stages
-from nanofast.presets import make_settings
+from nanofast.presets import PRESETS, make_settings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, help=f"one of: {', '.join(STAGES)}, all")
-    p.add_argument("--preset", choices=["smoke", "cpu", "speedrun", "rehearsal"], default=None,
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="default: speedrun with a GPU, cpu without")
     p.add_argument("--base-dir", default=None, help="artefact folder (env NANOFAST_BASE_DIR, default ~/.cache/nanofast)")
     p.add_argument("--data", choices=["default", "climbmix"], default=None, help="pretraining corpus")
@@ -40,9 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "dtype for evaluation and inference")
     p.add_argument("--fp8-recipe", choices=["tensorwise", "rowwise"], default=None, help="fp8 dynamic scaling")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the training step")
-    p.add_argument("--kernel-backend", choices=["torch", "triton", "cuda"], default=None,
-                   help="who runs the kernel-backed ops (default: Triton on GPU, torch on CPU); on CPU, triton "
-                        "runs Triton's interpreter (TRITON_INTERPRET=1) and cuda the CUDA sources' CPU emulation")
+    p.add_argument("--kernel-backend", choices=BACKENDS, default=None, help=KERNEL_BACKEND_HELP)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--download-tasks", action=argparse.BooleanOptionalAction, default=None,
                    help="fetch the real task datasets (SmolTalk, MMLU, ARC, GSM8K, HumanEval, CORE); "

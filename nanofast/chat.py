@@ -20,7 +20,8 @@ from nanofast.common import DTYPES, autodetect_device, base_dir, default_dtype, 
 from nanofast.detokenize import IncrementalDetokenizer
 from nanofast.engine import Engine, SamplingParams
 from nanofast.model import GPT
-from nanofast.ops import set_kernel_backend
+from nanofast.kernels import BACKENDS
+from nanofast.ops import KERNEL_BACKEND_HELP, set_kernel_backend
 from nanofast.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CHECKPOINT_STAGES = ("sft", "mid", "base")  # preference order: the most post-trained first
@@ -64,9 +65,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """Where and how the model runs: the flags the chat CLI and the server share."""
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--kernel-backend", choices=["torch", "triton", "cuda"], default=None,
-                   help="who runs the kernel-backed ops (default: Triton on GPU, torch on CPU); on CPU, triton runs "
-                        "Triton's interpreter (TRITON_INTERPRET=1) and cuda the CUDA sources' CPU emulation")
+    p.add_argument("--kernel-backend", choices=BACKENDS, default=None, help=KERNEL_BACKEND_HELP)
 
 
 def runtime(args: argparse.Namespace) -> tuple[str, torch.dtype]:

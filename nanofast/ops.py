@@ -23,6 +23,8 @@ except ImportError:
 
 
 _KERNEL_BACKEND: str | None = None
+KERNEL_BACKEND_HELP = ("who runs the kernel-backed ops (default: Triton on GPU, torch on CPU); on CPU, triton runs "
+                       "Triton's interpreter (TRITON_INTERPRET=1) and cuda the CUDA sources' CPU emulation")
 
 
 def set_kernel_backend(backend: str | None, device: str | None = None) -> None:

@@ -249,7 +249,7 @@ def stage_pretrain(run: Run, t0: float) -> None:
             mfu=mfu_percent(flops, tps, peak_flops(device), run.dist.world_size),
             train_seconds=state.train_seconds, samples=samples, checkpoint_dir=str(ckpt_dir),
             linear_precision=s.linear_precision, fp8_recipe=s.fp8_recipe, precision_report=precision,
-            seconds=time.perf_counter() - t0))
+            kernel_backend=s.kernel_backend or "by device", compile=s.compile, seconds=time.perf_counter() - t0))
     _barrier(run)
 
 

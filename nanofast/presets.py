@@ -74,9 +74,9 @@ PRESETS: dict[str, Settings] = {
     # The speedrun's code path at toy size: every switch the 8xH100 run flips (torch.compile, bf16,
     # fp8 linears, the Triton kernels) with only the sizes changed, plus what a machine without a GPU
     # or network forces: the kernel backend named explicitly (Triton's interpreter on CPU tensors)
-    # and the offline data. Work in progress (issue 13): not yet run end to end by any test, and
-    # with two ranks its corpus is too small (the val split has one row group for two ranks).
-    "rehearsal": Settings(corpus_shards=4, corpus_chars=400_000, vocab_size=512, tokenizer_chars=400_000,
+    # and the offline data. tests/test_rehearsal.py runs it on two ranks through every stage. The
+    # corpus is larger than the tokenizer needs so that each split has row groups for both ranks.
+    "rehearsal": Settings(corpus_shards=4, corpus_chars=3_000_000, vocab_size=512, tokenizer_chars=400_000,
                           depth=1, head_dim=32, seq_len=64, device_batch_size=2, total_batch_size=256,
                           num_iterations=6, eval_every=3, eval_tokens=256, save_every=2, log_every=1,
                           sample_tokens=4, dtype="bf16", linear_precision="fp8", kernel_backend="triton",

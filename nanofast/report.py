@@ -88,6 +88,8 @@ def build_report(report_dir: str | Path, out_path: str | Path) -> Path:
                   f"- steps: {pre['num_iterations']:,} x {pre['total_batch_size']:,} tokens "
                   f"({pre['num_iterations'] * pre['total_batch_size']:,} tokens), {pre['world_size']} process(es), "
                   f"{pre['device']} {pre['dtype']}",
+                  f"- kernels: {pre.get('kernel_backend', 'by device')} backend, "
+                  f"{'compiled' if pre.get('compile') else 'eager'} training step",
                   f"- final train loss: {pre['final_loss']:.4f}; val bpb: {pre['val_bpb']:.4f}",
                   f"- throughput: {pre['median_tokens_per_second']:,.0f} tokens/s (median step), MFU: {_mfu(pre.get('mfu'))}",
                   f"- training time: {pre['train_seconds']:.1f} s", ""]

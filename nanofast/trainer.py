@@ -130,6 +130,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
     loader yields (inputs, targets, loader_state); the loader state after the last consumed batch is
     saved with every checkpoint (per rank), so a resumed loop sees exactly the batches it would have seen.
     `step_model` is the (possibly compiled) module that runs the training step; `model` is saved.
+    Either is called as `(x, y, loss_reduction="sum")`: the summed loss over targets y >= 0, which
+    the loop weighs by the step's global target count.
     Returns the final loop state (losses, evaluations, throughput).
     """
     state = state or LoopState()
@@ -163,15 +165,22 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
         t0 = time.perf_counter()
         apply_schedules(optimizer, step, last, warmup_steps=settings.warmup_steps,
                         warmdown_ratio=settings.warmdown_ratio, final_lr_frac=settings.final_lr_frac)
+        # Every target token of the step weighs the same, on whichever rank and micro-batch it
+        # fell: each micro-batch's summed loss is divided by the step's global target count. A
+        # per-micro-batch mean would weigh SFT's sparse targets unevenly, and a micro-batch whose
+        # targets are all masked (a long user turn) would be 0/0 = NaN for every rank. The count
+        # stays a device tensor (no host sync); x world because the optimizer averages gradients.
+        batches = [next(loader) for _ in range(settings.grad_accum)]
+        loader_state = batches[-1][2]
+        target_total = sum((y >= 0).sum() for _, y, _ in batches).float()
+        if world > 1:
+            dist.all_reduce(target_total, op=dist.ReduceOp.SUM)
+        weight = world / target_total.clamp(min=1)
         loss_sum = torch.zeros((), device=_device(model))
-        targets = torch.zeros((), device=_device(model))
-        for _ in range(settings.grad_accum):
-            x, y, loader_state = next(loader)
-            loss = step_model(x, y)
+        for x, y, _ in batches:
+            loss = step_model(x, y, loss_reduction="sum")
             loss_sum += loss.detach()
-            targets += (y >= 0).sum()
-            # Each backward sums gradients: divide so the step sees the mean over micro-batches.
-            scaled = loss / settings.grad_accum
+            scaled = loss * weight
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if scaler is not None:
             scaler.step(optimizer)  # an overflowing step is skipped on every rank alike
@@ -179,11 +188,10 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
         else:
             optimizer.step()
         model.zero_grad(set_to_none=True)
-        totals = torch.stack([loss_sum, targets])
         if world > 1:
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-        loss_total, target_total = totals.tolist()  # syncs with the device: the timing is honest
-        train_loss = loss_total / (settings.grad_accum * world)
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+        loss_total, target_total = torch.stack([loss_sum, target_total]).tolist()  # a device sync: honest timing
+        train_loss = loss_total / max(target_total, 1.0)  # the mean over the step's target tokens
         dt = time.perf_counter() - t0
         if not math.isfinite(train_loss):
             # The optimizer already applied a non-finite update: going on would only spread NaN.

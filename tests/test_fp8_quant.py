@@ -30,12 +30,12 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from nanofast.kernels.fp8_quant import (FP8_MAX, KERNEL_CONFIGS, DelayedScaling, amax_floor, quantize_fp8,
                                         quantize_fp8_reference, quantize_fp8_triton)
+from fp8_interp import bits, check_q, interp_cast, precast
 from oob_guard import GuardedAlloc
 
 fq = importlib.import_module("nanofast.kernels.fp8_quant")
@@ -61,47 +61,12 @@ def _wide_range(shape, dtype, gen, decades: float = 3.0) -> torch.Tensor:
     return (torch.randn(shape, generator=gen) * mag).to(dtype)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
-
-
-def _interp_cast(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The Triton interpreter's own fp32 -> fp8 conversion (RTNE mode, as `.to()` requests it) of
-    fp32 values y: uint8 codes."""
-    import triton.language as tl
-    from triton._C.libtriton import ir
-    from triton.runtime.interpreter import _convert_float
-
-    out = _convert_float(y.float().contiguous().numpy(), tl.float32, {E4: tl.float8e4nv, E5: tl.float8e5}[dtype],
-                         ir.ROUNDING_MODE.RTNE)
-    return torch.from_numpy(np.ascontiguousarray(out).astype(np.uint8)).reshape(y.shape)
-
-
-def _precast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The definition's fp32 value before the fp8 rounding."""
-    return (x.float() / scale).clamp(-FP8_MAX[dtype], FP8_MAX[dtype])
-
-
 def _same_float(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equal fp32 values, except that any NaN equals any NaN (payloads may differ)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     nan = torch.isnan(a)
     return bool(torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32)))
-
-
-def _check_q(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, name: str) -> float:
-    """q from the Triton interpreter: bitwise the interpreter's conversion of the reference
-    pre-cast values; bitwise torch's cast wherever the two conversions agree. Returns the fraction
-    of elements where they disagree (the interpreter defect, not the kernel)."""
-    y = _precast(x, scale, dtype)
-    assert q.dtype == dtype and q.shape == x.shape and q.is_contiguous(), name
-    expect_interp = _interp_cast(y, dtype)
-    assert torch.equal(_bits(q), expect_interp), f"{name}: q differs from the interpreter's conversion of x / scale"
-    torch_q = _bits(y.to(dtype))
-    agree = expect_interp == torch_q
-    assert torch.equal(_bits(q)[agree], torch_q[agree]), name
-    return 1.0 - agree.float().mean().item() if q.numel() else 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,9 +106,9 @@ def test_reference_transpose_and_given_scale():
     q, scale, q_t, amax = quantize_fp8_reference(x, scale=s, transpose=True)
     assert scale.data_ptr() == s.data_ptr() and scale.shape == ()  # the given scale, as a () view
     assert torch.equal(amax, x.float().abs().amax())
-    assert q_t.shape == (23, 19) and q_t.is_contiguous() and torch.equal(_bits(q_t), _bits(q.t()))
+    assert q_t.shape == (23, 19) and q_t.is_contiguous() and torch.equal(bits(q_t), bits(q.t()))
     q1, scale1, _, _ = quantize_fp8_reference(x, scale=s.reshape(1))  # (1,) is accepted too
-    assert scale1.shape == () and torch.equal(_bits(q1), _bits(q))
+    assert scale1.shape == () and torch.equal(bits(q1), bits(q))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,7 +133,7 @@ def test_interpreter_fp8_conversion_defects(dtype):
     around = torch.cat([mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)])
     rand = _wide_range((200_000,), torch.float32, _gen(3), decades=4).clamp(-FP8_MAX[dtype], FP8_MAX[dtype])
     y = torch.cat([grid, around, rand, -grid, -around])
-    got = _interp_cast(y, dtype).view(dtype).float()
+    got = interp_cast(y, dtype).view(dtype).float()
     want = y.to(dtype).float()
     bad = got != want
     f = FMT[dtype]
@@ -183,7 +148,7 @@ def test_interpreter_fp8_conversion_defects(dtype):
     assert not unexplained.any(), list(zip(yb[unexplained][:5].tolist(), gv[unexplained][:5].tolist(),
                                            w[unexplained][:5].tolist()))
     # The grid values themselves (nothing to round) convert exactly, FP8_MAX included.
-    assert torch.equal(_interp_cast(grid, dtype).view(dtype).float(), grid)
+    assert torch.equal(interp_cast(grid, dtype).view(dtype).float(), grid)
     # How often it bites on random data. Measured (this sweep): values in the normal fp8 range 1.8%
     # (e4m3) / 4.7% (e5m2), carry cases (a factor-2 error); values in the fp8 subnormal range 25% /
     # 42%, 1 subnormal ulp each (or a carry out of the subnormals).
@@ -235,12 +200,12 @@ def test_triton_matches_reference(shape, in_dtype, dtype, variant):
     name = f"{shape} {in_dtype}->{dtype} {variant}"
     assert torch.equal(scale, rscale) and torch.equal(amax, ramax), name  # fp32, bitwise
     assert scale.shape == rscale.shape and amax.shape == ramax.shape
-    _check_q(q, x, scale, dtype, name)
+    check_q(q, x, scale, dtype, name)
     if variant == "given-scale+T":  # half the JIT scale: the largest |x| saturates to FP8_MAX exactly
         assert q.float().abs().max() == FP8_MAX[dtype] == rq.float().abs().max(), name
     if variant.endswith("+T"):
         assert q_t.shape == (shape[1], shape[0]) and q_t.is_contiguous() and q_t.dtype == dtype
-        assert torch.equal(_bits(q_t), _bits(q.t())), name
+        assert torch.equal(bits(q_t), bits(q.t())), name
         assert rq_t is not None
     else:
         assert q_t is None and rq_t is None
@@ -257,8 +222,8 @@ def test_triton_strided_inputs_equal_contiguous(layout, variant):
     for a, b in zip(got, want):
         assert (a is None) == (b is None)
         if a is not None:
-            assert a.dtype == b.dtype and torch.equal(_bits(a) if a.element_size() == 1 else a,
-                                                      _bits(b) if b.element_size() == 1 else b)
+            assert a.dtype == b.dtype and torch.equal(bits(a) if a.element_size() == 1 else a,
+                                                      bits(b) if b.element_size() == 1 else b)
 
 
 def test_triton_multi_tile_and_chunked_rows():
@@ -272,7 +237,7 @@ def test_triton_multi_tile_and_chunked_rows():
         q, scale, q_t, amax = _run_variant(x, E4, variant, "triton")
         _, rscale, _, ramax = _run_variant(x, E4, variant, "torch")
         assert torch.equal(scale, rscale) and torch.equal(amax, ramax), variant
-        _check_q(q, x, scale, E4, variant)
+        check_q(q, x, scale, E4, variant)
     for K in (4097, 9000):
         x = _wide_range((5, K), torch.bfloat16, g, decades=1)
         x[3, K - 1] = -500.0  # the row's max sits in the last chunk
@@ -280,7 +245,7 @@ def test_triton_multi_tile_and_chunked_rows():
         _, rscale, _, ramax = quantize_fp8_reference(x, E5, recipe="rowwise")
         assert fq._rowwise_meta(5, K)["NUM_CHUNKS"] > 1
         assert torch.equal(scale, rscale) and torch.equal(amax, ramax) and amax[3, 0] == 500.0
-        _check_q(q, x, scale, E5, f"rowwise K={K}")
+        check_q(q, x, scale, E5, f"rowwise K={K}")
 
 
 def test_given_scale_is_a_single_pass(monkeypatch):
@@ -295,7 +260,7 @@ def test_given_scale_is_a_single_pass(monkeypatch):
     s = torch.tensor(0.01)
     q, scale, q_t, amax = quantize_fp8(x, scale=s, transpose=True, backend="triton")
     assert torch.equal(amax, x.float().abs().amax()) and torch.equal(scale, s)
-    _check_q(q, x, s, E4, "given scale")
+    check_q(q, x, s, E4, "given scale")
     with pytest.raises(AssertionError, match="amax pass ran"):
         quantize_fp8(x, backend="triton")  # without a scale it does run (the spy works)
 
@@ -323,14 +288,14 @@ def test_zeros_get_a_finite_scale(backend, dtype, in_dtype):
     for transpose in (False, True):
         q, scale, q_t, amax = quantize_fp8(x, dtype, transpose=transpose, backend=backend)
         assert torch.equal(scale, floor_scale) and torch.equal(amax, torch.tensor(0.0))
-        assert (_bits(q) == 0).all() and (q_t is None or (_bits(q_t) == 0).all())
+        assert (bits(q) == 0).all() and (q_t is None or (bits(q_t) == 0).all())
     # Rowwise: zero rows get the floor scale; the other rows are unaffected.
     x[2, 5] = 3.0
     q, scale, _, amax = quantize_fp8(x, dtype, recipe="rowwise", backend=backend)
     want_scale = torch.full((9, 1), torch.finfo(torch.float32).tiny)
     want_scale[2, 0] = torch.tensor(3.0) / FP8_MAX[dtype]
     assert torch.equal(scale, want_scale) and amax[2, 0] == 3.0 and (amax[torch.arange(9) != 2] == 0).all()
-    assert q[2, 5].float() == FP8_MAX[dtype] and (_bits(q).sum() == _bits(q)[2, 5])
+    assert q[2, 5].float() == FP8_MAX[dtype] and (bits(q).sum() == bits(q)[2, 5])
     assert torch.isfinite(q.float() * scale).all()
 
 
@@ -351,13 +316,13 @@ def test_nan_and_inf(backend, dtype, in_dtype):
     qf = q.float()
     assert qf[0, 1] == fmax and qf[0, 2] == -fmax
     assert torch.equal(qf[0, [0, 3]], torch.tensor([4.0, 8.0])) and torch.equal(qf[1, 1:], torch.tensor([-4.0, 2.0, 16.0]))
-    assert torch.equal(_bits(q_t), _bits(q.t()))
+    assert torch.equal(bits(q_t), bits(q.t()))
     if backend == "torch":
         assert torch.isnan(qf[1, 0])
     else:
         # The kernel hands NaN to the conversion (the interpreter's conversion mangles NaN; Hopper's
         # cvt.rn.satfinite keeps it: the compile gate checks that instruction, the GPU test the value).
-        assert _bits(q)[1, 0] == _interp_cast(torch.tensor([nan]), dtype)[0]
+        assert bits(q)[1, 0] == interp_cast(torch.tensor([nan]), dtype)[0]
     # Only +-inf, given scale: amax is inf.
     q, _, _, amax = quantize_fp8(x[:1], dtype, scale=s, backend=backend)
     assert amax == inf and torch.equal(q.float(), torch.tensor([[4.0, fmax, -fmax, 8.0]]))
@@ -365,13 +330,13 @@ def test_nan_and_inf(backend, dtype, in_dtype):
     # is NaN everywhere -- the overflow is loud.
     q, scale, _, amax = quantize_fp8(x[:1], dtype, backend=backend)
     assert amax == inf and scale == inf
-    pre = _precast(x[:1], scale, dtype)
+    pre = precast(x[:1], scale, dtype)
     assert torch.equal(pre[0, [0, 3]], torch.zeros(2)) and torch.isnan(pre[0, 1:3]).all()
     if backend == "torch":
         assert torch.isnan(q.float() * scale).all()
         assert (q.float()[0, [0, 3]] == 0).all() and torch.isnan(q.float()[0, 1:3]).all()
     else:
-        assert torch.equal(_bits(q), _interp_cast(pre, dtype))
+        assert torch.equal(bits(q), interp_cast(pre, dtype))
     # Computed scale with a NaN: amax and scale NaN (torch.amax semantics).
     _, scale, _, amax = quantize_fp8(x, dtype, backend=backend)
     assert torch.isnan(amax) and torch.isnan(scale)
@@ -449,7 +414,7 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setattr(fq, "quantize_fp8_triton", boom)
     q, scale, _, amax = quantize_fp8(x)  # CPU tensor, backend None -> the torch reference
     rq, rscale, _, ramax = quantize_fp8_reference(x)
-    assert torch.equal(_bits(q), _bits(rq)) and torch.equal(scale, rscale) and torch.equal(amax, ramax)
+    assert torch.equal(bits(q), bits(rq)) and torch.equal(scale, rscale) and torch.equal(amax, ramax)
     with pytest.raises(AssertionError, match="triton launcher ran"):
         quantize_fp8(x, backend="triton")
     with pytest.raises(ValueError, match="no CUDA-source"):
@@ -515,9 +480,9 @@ def test_delayed_scaling_protocol(backend):
         assert torch.equal(amax, amax_now)
         rq, _, _, _ = quantize_fp8_reference(x, E4, scale=scale)
         if backend == "torch":
-            assert torch.equal(_bits(q), _bits(rq))
+            assert torch.equal(bits(q), bits(rq))
         else:
-            _check_q(q, x, scale, E4, f"step {step}")
+            check_q(q, x, scale, E4, f"step {step}")
         seen.append(amax_now)
         assert ds.steps == step + 1
     # Step 1 saw only the 2.0 peak; step 4 no longer sees the 50.0 of step 1 (window of 3).
@@ -565,13 +530,13 @@ def test_gpu_bitwise_equals_torch_cast(dtype):
     for variant in VARIANTS:
         got = _run_variant(x[1:], dtype, variant, "triton")
         want = _run_variant(x[1:], dtype, variant, "torch")
-        assert torch.equal(_bits(got[0]), _bits(want[0])) and torch.equal(got[1], want[1]), variant
-        assert torch.equal(got[3], want[3]) and (got[2] is None or torch.equal(_bits(got[2]), _bits(want[2]))), variant
+        assert torch.equal(bits(got[0]), bits(want[0])) and torch.equal(got[1], want[1]), variant
+        assert torch.equal(got[3], want[3]) and (got[2] is None or torch.equal(bits(got[2]), bits(want[2]))), variant
     s = torch.tensor(0.1, device="cuda")
     q, _, q_t, amax = quantize_fp8(x, dtype, scale=s, transpose=True, backend="triton")
     assert torch.isnan(q[0, 5].float()) and torch.isnan(q_t[5, 0].float()) and torch.isnan(amax)
     nan = torch.isnan(x)
-    assert torch.equal(_bits(q)[~nan], _bits(quantize_fp8_reference(x, dtype, scale=s)[0])[~nan])
+    assert torch.equal(bits(q)[~nan], bits(quantize_fp8_reference(x, dtype, scale=s)[0])[~nan])
 
 
 # ------------------------------------------------------------------------------------------------

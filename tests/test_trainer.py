@@ -33,9 +33,9 @@ class PoisonAfter(torch.nn.Module):
         super().__init__()
         self.model, self.n, self.calls = model, n, 0
 
-    def forward(self, x, y):
+    def forward(self, x, y, loss_reduction="mean"):
         self.calls += 1
-        loss = self.model(x, y)
+        loss = self.model(x, y, loss_reduction=loss_reduction)
         return loss * float("nan") if self.calls >= self.n else loss
 
 
@@ -178,3 +178,30 @@ def test_backward_and_step_with_and_without_a_scaler():
     scaler = LossScaler()
     backward_and_step(model(x, x) * float("inf"), opt, scaler)  # every gradient overflows
     assert scaler.skipped == 1 and all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+def test_every_target_token_of_a_step_weighs_the_same(tmp_path):
+    """grad_accum micro-batches with very different target counts (one with none at all, as a long
+    masked user turn gives in SFT) step on the gradient of the mean loss over all the step's
+    targets; the logged loss is that mean. A per-micro-batch mean would be NaN here (0/0)."""
+    x = torch.randint(0, 50, (2, 2, 16), generator=torch.Generator().manual_seed(3))
+    y = x.clone()
+    y[0, :, 5:] = -1  # 10 targets
+    y[1] = -1         # none
+
+    class Recording(MuonAdamW):
+        def step(self, *args, **kwargs):
+            self.grads = [p.grad.clone() for g in self.param_groups for p in g["params"]]
+            return super().step(*args, **kwargs)
+
+    model, _ = tiny()
+    opt = Recording(model.param_groups())
+    reference, _ = tiny()
+    expected_loss = reference(x.view(4, 16), y.view(4, 16))  # mean over the 10 targets
+    expected_loss.backward()
+    settings = LoopSettings(num_iterations=1, grad_accum=2, eval_every=0, log_every=0)
+    state = train(model, opt, iter([(x[0], y[0], {}), (x[1], y[1], {})]), settings, tmp_path, Dist(), {})
+    assert state.losses[0][1] == pytest.approx(expected_loss.item(), rel=1e-6)
+    ref_grads = [p.grad for g in reference.param_groups() for p in g["params"]]
+    for got, want in zip(opt.grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

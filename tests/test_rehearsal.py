@@ -1,0 +1,196 @@
+"""The 8xH100 speedrun's code path, rehearsed on CPU: `torchrun train.py --stage all` on the
+`rehearsal` preset, which changes only sizes. What each switch stands for on the GPU:
+
+- `torchrun --nproc_per_node=2` (gloo): the 8 NCCL ranks. Each rank reads its own row groups and
+  saves its own loader position and optimizer shard; Muon/AdamW reduce-scatter the gradients and
+  all-gather the updates; the losses are all-reduced.
+- `compile` (the preset's default, as in `speedrun`): the compiled training step of pretraining,
+  mid-training and SFT. Inductor emits C++ here and Triton on the GPU; the fp8 linears are
+  torch.library custom ops, opaque to both.
+- `dtype=bf16`: the H100's compute dtype for activations, the engine's KV cache and RL's sampler.
+- `linear_precision=fp8`: the attention and MLP linears train through FP8 GEMMs (E4M3 operands,
+  E5M2 gradients, tensorwise scales): Triton's FP8 kernels, QGMMA on an H100, run here by the
+  interpreter on the same source.
+- `kernel_backend=triton` (TRITON_INTERPRET=1): every op the GPU sends to a kernel (the norms,
+  fused QK-norm+rotary, paged KV writes and decode, FP8 quantisation and GEMMs, Muon's
+  Newton-Schulz) runs its Triton kernel, not the torch fallback a CPU run would pick.
+- the SIGKILL in pretraining: a preempted or crashed node. The rerun of the same command skips the
+  finished tokenizer, resumes pretraining at the last step every rank saved, and runs the rest.
+- the chat CLI and the HTTP server load the finished checkpoints with the same backend and dtype.
+
+A second, shorter run does pretraining and chat with `kernel_backend=cuda`: the CUDA sources (norms,
+QK-norm+rotary, paged attention) through their CPU emulation build, the fp8 linears and
+Newton-Schulz on their Triton kernels (they have no CUDA source).
+
+What this cannot show: speed, and the numerics of the compiled GPU kernels (the interpreter runs the
+kernels' source in numpy, and Inductor emits C++ here); see the README's "Rehearsal" section.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from nanofast.checkpoint import latest_step
+
+ROOT = Path(__file__).resolve().parents[1]
+# The interpreter, with fused multiply-adds as the GPU compiles them; one thread per rank (2 cores).
+ENV = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1", OMP_NUM_THREADS="1",
+           PYTHONUNBUFFERED="1")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+STAGES = ("tokenizer", "pretrain", "midtrain", "sft", "rl", "eval", "report")
+KILL_AFTER_STEP = 2  # pretraining saves every 2 of its 6 steps: killed during step 3
+
+
+def section(base: Path, stage: str) -> dict:
+    return json.loads((base / "report" / f"{stage}.json").read_text())
+
+
+def kill_once_saved(cmd: list[str], checkpoints: Path, step: int, log: Path, timeout: float = 900) -> None:
+    """Run `cmd` in its own process group and SIGKILL the whole group (torchrun and both ranks, no
+    chance to clean up) once every rank has saved `step` in `checkpoints`."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while latest_step(checkpoints, world_size=2) != step:
+                assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before saving step {step}:\n" \
+                                            + log.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"step {step} not saved after {timeout} s"
+                time.sleep(0.5)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def rehearsed(tmp_path_factory) -> tuple[Path, str]:
+    """A base dir after the whole rehearsal: killed in pretraining, then rerun to the report.
+    Returns it and the rerun's output."""
+    base = tmp_path_factory.mktemp("rehearsal")
+    cmd = [*TORCHRUN, "--stage", "all", "--preset", "rehearsal", "--base-dir", str(base)]
+    kill_once_saved(cmd, base / "checkpoints" / "base", KILL_AFTER_STEP, base.parent / "killed.log")
+    assert not (base / "report" / "pretrain.json").exists()  # it really died inside pretraining
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return base, out.stdout
+
+
+def finite_and_falling(losses: list) -> None:
+    values = [v for _, v in losses]
+    assert all(math.isfinite(v) for v in values), values
+    assert values[-1] < values[0], values
+
+
+def test_the_rerun_resumes_pretraining_and_runs_every_stage(rehearsed):
+    base, stdout = rehearsed
+    assert f"resumed from {base / 'checkpoints' / 'base'} at step {KILL_AFTER_STEP}" in stdout
+    assert ("stages: tokenizer: skipped (already done); pretrain: ran; midtrain: ran; sft: ran; rl: ran; "
+            "eval: ran; report: ran") in stdout
+    pre = section(base, "pretrain")
+    assert pre["world_size"] == 2 and [s for s, _ in pre["losses"]] == list(range(1, 7))
+    finite_and_falling(pre["losses"])
+
+
+def test_every_training_stage_learns_in_bf16_with_fp8_linears(rehearsed):
+    base, _ = rehearsed
+    pre = section(base, "pretrain")
+    assert (pre["dtype"], pre["linear_precision"], pre["kernel_backend"], pre["compile"]) \
+        == ("bfloat16", "fp8", "triton", True)
+    for stage in ("midtrain", "sft"):
+        sec = section(base, stage)
+        assert len(sec["losses"]) == sec["iterations"] == 3
+        finite_and_falling(sec["losses"])
+        assert sec["evals"][-1]["val_bpb"] < sec["evals"][0]["val_bpb"]
+    rl = section(base, "rl")
+    assert len(rl["history"]) == 2
+    # bf16 sampler (the engine's paged decode kernel) against the bf16 trainer: close, not equal
+    assert math.isfinite(rl["mean_kl"]) and rl["mean_kl"] < 1e-3
+    results = section(base, "eval")["results"]
+    assert set(results) == {"base", "mid", "sft", "rl"} and results["sft"]["chatcore"] is not None
+
+
+def test_the_report_has_every_section(rehearsed):
+    base, stdout = rehearsed
+    assert f"report: {base / 'report.md'}" in stdout
+    report = (base / "report.md").read_text()
+    for needle in ("## System", "## Tokenizer", "val bpb", "## Mid-training", "## SFT", "## RL (GRPO)",
+                   "KL(engine||trainer)", "- kernels: triton backend, compiled training step", "## Metrics", "| CORE | ", "| ChatCORE |", "## Time and cost"):
+        assert needle in report, needle
+    assert "Stages without results" not in report
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chat_once(base: Path, backend: str, prompt: str = "Hi there", max_tokens: int = 6) -> str:
+    """`python -m nanofast.chat -p` on the latest checkpoint under `base`, greedy."""
+    out = subprocess.run([sys.executable, "-m", "nanofast.chat", "-p", prompt, "--temperature", "0",
+                          "--max-tokens", str(max_tokens), "--device", "cpu", "--dtype", "bf16",
+                          "--kernel-backend", backend],
+                         cwd=ROOT, env=dict(ENV, NANOFAST_BASE_DIR=str(base)), capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    return out.stdout.decode("utf-8")
+
+
+def test_the_checkpoints_load_in_the_chat_cli_and_the_server(rehearsed):
+    base, _ = rehearsed
+    answer = chat_once(base, "triton")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "nanofast.serve", "--port", str(port), "--device", "cpu",
+                               "--dtype", "bf16", "--kernel-backend", "triton"],
+                              cwd=ROOT, env=dict(ENV, NANOFAST_BASE_DIR=str(base)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not come up in 180 s"
+                time.sleep(1)
+        body = json.dumps({"messages": [{"role": "user", "content": "Hi there"}], "temperature": 0,
+                           "max_tokens": 6}).encode()
+        request = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            reply = json.loads(r.read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    message = reply["choices"][0]["message"]["content"]
+    # The same greedy decode through the same engine and kernels: the CLI and the server agree.
+    assert answer == message + "\n"
+    assert reply["usage"]["completion_tokens"] >= 1
+
+
+def test_the_cuda_sources_train_and_decode(rehearsed, tmp_path):
+    """Pretraining (2 ranks, compiled, bf16, fp8) and chat with the kernel backend `cuda`."""
+    src, _ = rehearsed
+    base = tmp_path / "cuda"
+    base.mkdir()
+    for name in ("default_corpus", "tokenizer"):
+        shutil.copytree(src / name, base / name)
+    cmd = [*TORCHRUN, "--stage", "pretrain", "--preset", "rehearsal", "--base-dir", str(base),
+           "--kernel-backend", "cuda", "--num-iterations", "3", "--eval-every", "-1", "--save-every", "-1"]
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    pre = section(base, "pretrain")
+    assert pre["kernel_backend"] == "cuda" and pre["world_size"] == 2
+    finite_and_falling(pre["losses"])
+    assert chat_once(base, "cuda", max_tokens=4)

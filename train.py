@@ -34,7 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-param-data-ratio", type=float, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--eval-tokens", type=int, default=None)
-    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (<= 0: by time only)")
+    p.add_argument("--save-minutes", type=float, default=None,
+                   help="also checkpoint every this many minutes of training (default 30; <= 0: off)")
+    p.add_argument("--keep-checkpoints", type=int, default=None,
+                   help="newest checkpoints kept per stage (default 2; <= 0: all)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--linear-precision", default=None,
                    help="GEMM precision of the linears while training: fp8 | fp16 | bf16 | fp32 (attention and "

@@ -16,6 +16,7 @@ from nanofast import ops
 from nanofast.model import GPT, GPTConfig
 
 _MODEL_FILE = re.compile(r"^model_(\d{6})\.pt$")
+_STEP_FILE = re.compile(r"^(?:model|meta|optim)_(\d{6})(?:_rank\d+)?\.(?:pt|json)$")  # every file of a step
 _CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
 
 
@@ -30,14 +31,40 @@ def latest_step(directory: str | Path, world_size: int | None = None) -> int | N
     rank 0..world_size-1 written. Ranks save one after another, so a run killed mid-save leaves
     rank 0's files of a step without the others'; that step is skipped, not half-loaded.
     """
-    directory = Path(directory)
+    steps = _complete_steps(Path(directory), world_size)
+    return max(steps) if steps else None
+
+
+def _complete_steps(directory: Path, world_size: int | None) -> list[int]:
+    """Steps with a model file (and, given world_size, meta and every rank's optimizer shard)."""
     if not directory.is_dir():
-        return None
+        return []
     steps = [int(m.group(1)) for f in directory.iterdir() if (m := _MODEL_FILE.match(f.name))]
     if world_size is not None:
         steps = [s for s in steps if (directory / f"meta_{s:06d}.json").is_file()
                  and all((directory / f"optim_{s:06d}_rank{r}.pt").is_file() for r in range(world_size))]
-    return max(steps) if steps else None
+    return sorted(steps)
+
+
+def prune(directory: str | Path, keep: int, world_size: int) -> list[int]:
+    """Delete every step older than the `keep` newest steps that all `world_size` ranks completed;
+    return the deleted steps. Newer steps (another rank may still be writing one) are never
+    touched, so rank 0 may prune right after its own save without waiting for the others."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    directory = Path(directory)
+    complete = _complete_steps(directory, world_size)
+    if len(complete) <= keep:
+        return []
+    cutoff = complete[-keep]
+    old: dict[int, list[Path]] = {}
+    for f in directory.iterdir():
+        if (m := _STEP_FILE.match(f.name)) and int(m.group(1)) < cutoff:
+            old.setdefault(int(m.group(1)), []).append(f)
+    for files in old.values():
+        for f in files:
+            f.unlink(missing_ok=True)
+    return sorted(old)
 
 
 def save_checkpoint(directory: str | Path, step: int, model: GPT, optimizer: torch.optim.Optimizer | None,

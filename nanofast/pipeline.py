@@ -27,8 +27,8 @@ from nanofast.report import build_report, read_section, write_section
 from nanofast.rl import grpo_loss, policy_batch, rollouts
 from nanofast.tasks import TaskMixture, load_task
 from nanofast.tokenizer import Tokenizer, compression_report, compression_table
-from nanofast.trainer import (LoopSettings, LoopState, LossScaler, backward_and_step, mfu_percent, resume_state,
-                              train)
+from nanofast.trainer import (Checkpointer, LoopSettings, LoopState, LossScaler, backward_and_step, mfu_percent,
+                              resume_state, train)
 
 STAGES = ("tokenizer", "pretrain", "midtrain", "sft", "rl", "eval", "report")
 # Checkpoint folder of each training stage, and which earlier one a stage starts from.
@@ -215,7 +215,8 @@ def stage_pretrain(run: Run, t0: float) -> None:
             return {"val_bpb": evaluate_bpb(model, batches, token_bytes)}
 
     settings = LoopSettings(num_iterations=plan.num_iterations, grad_accum=plan.grad_accum,
-                            eval_every=s.eval_every, save_every=s.save_every, log_every=s.log_every,
+                            eval_every=s.eval_every, save_every=s.save_every, save_minutes=s.save_minutes,
+                            keep_checkpoints=s.keep_checkpoints, log_every=s.log_every,
                             tokens_per_step=plan.total_batch_size, flops_per_token=flops, peak_flops=peak_flops(device))
     step_model = compiled(model, s)
     scaler = LossScaler() if run.dtype == torch.float16 else None
@@ -306,7 +307,8 @@ def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, .
     loader = ConversationLoader(tokenizer, train_mix, s.device_batch_size, s.seq_len, rank=run.dist.rank,
                                 world_size=run.dist.world_size, device=device, seed=s.seed, state=loader_state)
     settings = LoopSettings(num_iterations=iterations, warmup_steps=0, warmdown_ratio=1.0, final_lr_frac=0.0,
-                            eval_every=s.eval_every, save_every=s.save_every, log_every=s.log_every,
+                            eval_every=s.eval_every, save_every=s.save_every, save_minutes=s.save_minutes,
+                            keep_checkpoints=s.keep_checkpoints, log_every=s.log_every,
                             tokens_per_step=rows_per_step * s.seq_len, flops_per_token=model.flops_per_token(),
                             peak_flops=peak_flops(device))
     scaler = LossScaler() if run.dtype == torch.float16 else None
@@ -372,6 +374,7 @@ def stage_rl(run: Run, t0: float) -> None:
     if rank == 0 and not resumed:
         before = measure()
     per_rank = max(1, s.rl_questions // world)
+    saver = Checkpointer(ckpt_dir, run.dist, torch.device(device), s.save_every, s.save_minutes, s.keep_checkpoints)
     bar = tqdm(range(state.step, s.rl_steps), disable=not run.dist.is_master, desc="rl", unit="step")
     for step in bar:
         t_step = time.perf_counter()
@@ -396,10 +399,9 @@ def stage_rl(run: Run, t0: float) -> None:
         if s.log_every > 0 and (step + 1) % s.log_every == 0 or step + 1 == s.rl_steps:
             bar.write(f"rl step {step + 1:04d} | reward {reward:.3f} | |dlogp| {stats['logp_abs_diff']:.2e} | "
                       f"KL {stats['kl_engine_trainer']:.2e} | {row['seconds']:.1f} s")
-        if step + 1 == s.rl_steps or (s.save_every > 0 and (step + 1) % s.save_every == 0):
-            checkpoint.save_checkpoint(ckpt_dir, step + 1, model, optimizer,
-                                       dict(settings=asdict(s), stage="rl", rl_history=history, heldout_before=before,
-                                            loop_state=asdict(state)), rank=rank)
+        if saver.due(step + 1, step + 1 == s.rl_steps):
+            saver.save(step + 1, model, optimizer, dict(settings=asdict(s), stage="rl", rl_history=history,
+                                                        heldout_before=before, loop_state=asdict(state)))
     bar.close()
     if run.dist.is_master:
         after = measure()

@@ -25,7 +25,9 @@ class Settings:
     target_param_data_ratio: float = 12.0
     eval_every: int = 250
     eval_tokens: int = 80 * 524288
-    save_every: int = -1
+    save_every: int = -1              # steps between checkpoints (<= 0: by save_minutes and at the end)
+    save_minutes: float = 30.0        # checkpoint once this much wall clock passed since the last (<= 0: off)
+    keep_checkpoints: int = 2         # newest complete checkpoints kept per stage (<= 0: all)
     log_every: int = 10
     sample_tokens: int = 32
     dtype: str | None = None          # None = bf16 on GPU, fp32 on CPU

@@ -89,6 +89,46 @@ def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scal
         scaler.step(optimizer)
 
 
+class Checkpointer:
+    """When a training loop saves, and which of its checkpoints stay. Holds no tensors.
+
+    A step is saved when it is the last, every `every` steps, and when `minutes` of wall clock have
+    passed since the last save (or since the loop began): a run killed after an hour loses at most
+    `minutes`. Clocks differ between ranks, so the time rule is agreed over them (one flag,
+    all-reduced with MAX): every rank saves the same steps, or a resume would find steps some rank
+    never wrote. After each save rank 0 deletes the steps older than the `keep` newest complete
+    ones (0: keep all), so a long run's checkpoints do not fill the disk.
+    """
+
+    def __init__(self, directory: str | Path, dist_info: Dist, device: torch.device, every: int = -1,
+                 minutes: float = 0.0, keep: int = 0):
+        self.directory, self.dist, self.device = Path(directory), dist_info, device
+        self.every, self.minutes, self.keep = every, minutes, keep
+        self.last_save = time.monotonic()
+
+    def due(self, step: int, is_last: bool) -> bool:
+        """Whether to save `step`. A collective when the time rule is on and there are several
+        ranks: every rank calls it at the same steps."""
+        if is_last or (self.every > 0 and step % self.every == 0):
+            return True
+        if self.minutes <= 0:
+            return False
+        late = time.monotonic() - self.last_save >= 60 * self.minutes
+        if self.dist.world_size > 1:
+            flag = torch.tensor(float(late), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            late = flag.item() > 0
+        return late
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
+             rank_state: dict | None = None) -> None:
+        checkpoint.save_checkpoint(self.directory, step, model, optimizer, meta, rank=self.dist.rank,
+                                   rank_state=rank_state)
+        self.last_save = time.monotonic()
+        if self.dist.is_master and self.keep > 0:
+            checkpoint.prune(self.directory, self.keep, self.dist.world_size)
+
+
 @dataclass
 class LoopSettings:
     num_iterations: int
@@ -97,7 +137,9 @@ class LoopSettings:
     warmdown_ratio: float = 0.65
     final_lr_frac: float = 0.05
     eval_every: int = 250       # <= 0: only at the end
-    save_every: int = -1        # <= 0: only at the end
+    save_every: int = -1        # <= 0: only at the end (and by save_minutes)
+    save_minutes: float = 0.0   # also save once this much wall clock passed since the last save; <= 0: off
+    keep_checkpoints: int = 0   # newest complete checkpoints kept; <= 0: all
     log_every: int = 10
     tokens_per_step: int = 0    # global tokens per optimizer step, for throughput
     flops_per_token: float = 0.0
@@ -142,6 +184,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
     last = settings.num_iterations
     bar = tqdm(total=last, initial=state.step, disable=not dist_info.is_master, desc="train", unit="step",
                dynamic_ncols=True)
+    saver = Checkpointer(checkpoint_dir, dist_info, _device(model), settings.save_every, settings.save_minutes,
+                         settings.keep_checkpoints)
     loader_state: dict | None = None
     start_step = state.step  # a checkpoint of this step exists (or it is step 0): never re-save it
     while True:
@@ -155,10 +199,10 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
             state.evals.append(result)
             bar.write(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()
                                                           if isinstance(v, float)))
-        if step > start_step and (is_last or (settings.save_every > 0 and step % settings.save_every == 0)):
+        if step > start_step and saver.due(step, is_last):
             # Each rank reads its own share of the data, so each saves its own loader position.
-            checkpoint.save_checkpoint(checkpoint_dir, step, model, optimizer, dict(meta, loop_state=asdict(state)),
-                                       rank=dist_info.rank, rank_state={"loader_state": loader_state})
+            saver.save(step, model, optimizer, dict(meta, loop_state=asdict(state)),
+                       rank_state={"loader_state": loader_state})
         if is_last:
             break
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train
+from killing import kill_once_saved
 from nanofast.presets import make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +63,23 @@ def test_resume_reproduces_the_uninterrupted_run(tokenized, tmp_path):
     assert all(torch.isfinite(v).all() for v in a.values())
 
 
-def test_stage_all_runs_end_to_end_and_skips_finished_stages(tmp_path):
-    base = tmp_path / "all"
-    cmd = [sys.executable, "train.py", "--stage", "all", "--preset", "smoke", "--base-dir", str(base),
-           "--num-iterations", "8", "--eval-every", "4"]
-    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+def stage_all(base: Path) -> list[str]:
+    return [sys.executable, "train.py", "--stage", "all", "--preset", "smoke", "--base-dir", str(base),
+            "--num-iterations", "8", "--eval-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def ran_all(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One uninterrupted `--stage all` run of the smoke preset."""
+    base = tmp_path_factory.mktemp("run") / "all"
+    out = subprocess.run(stage_all(base), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    return base, out
+
+
+def test_stage_all_runs_end_to_end_and_skips_finished_stages(ran_all):
+    base, out = ran_all
+    cmd = stage_all(base)
     assert ("tokenizer: ran; pretrain: ran; midtrain: ran; sft: ran; rl: ran; eval: ran; report: ran"
             in out.stdout), out.stdout[-3000:]
     assert f"report: {base / 'report.md'}" in out.stdout
@@ -105,6 +117,26 @@ def test_stage_all_runs_end_to_end_and_skips_finished_stages(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "tokenizer: skipped (already done); pretrain: skipped (already done); midtrain: skipped" in again.stdout
+
+
+def test_killed_in_each_training_stage_it_resumes_with_the_same_losses(ran_all, tmp_path):
+    """kill -9 in pretraining, then in mid-training, then in SFT, each time rerunning the same
+    command: each stage resumes at its last checkpoint, and every loss equals the uninterrupted
+    run's (fp32, one process: bitwise)."""
+    reference, _ = ran_all
+    base = tmp_path / "killed"
+    cmd = [*stage_all(base), "--save-every", "2"]
+    for stage, checkpoints in (("pretrain", "base"), ("midtrain", "mid"), ("sft", "sft")):
+        kill_once_saved(cmd, ROOT, ENV, base / "checkpoints" / checkpoints, 2, tmp_path / f"{stage}.log")
+        assert not (base / "report" / f"{stage}.json").exists(), f"{stage} finished before the kill"
+        if stage != "pretrain":
+            assert f"resumed from {base / 'checkpoints' / last} at step 2" in (tmp_path / f"{stage}.log").read_text()
+        last = checkpoints
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from {base / 'checkpoints' / 'sft'} at step 2" in out.stdout
+    for stage in ("pretrain", "midtrain", "sft"):
+        assert section(base, stage)["losses"] == section(reference, stage)["losses"], stage
 
 
 def test_torchrun_two_processes_train_and_resume_exactly(tokenized, tmp_path):

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from nanofast.checkpoint import latest_step
+from killing import kill_once_saved
 
 ROOT = Path(__file__).resolve().parents[1]
 # The interpreter, with fused multiply-adds as the GPU compiles them; one thread per rank (2 cores).
@@ -54,30 +53,14 @@ def section(base: Path, stage: str) -> dict:
     return json.loads((base / "report" / f"{stage}.json").read_text())
 
 
-def kill_once_saved(cmd: list[str], checkpoints: Path, step: int, log: Path, timeout: float = 900) -> None:
-    """Run `cmd` in its own process group and SIGKILL the whole group (torchrun and both ranks, no
-    chance to clean up) once every rank has saved `step` in `checkpoints`."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + timeout
-            while latest_step(checkpoints, world_size=2) != step:
-                assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before saving step {step}:\n" \
-                                            + log.read_text()[-3000:]
-                assert time.monotonic() < deadline, f"step {step} not saved after {timeout} s"
-                time.sleep(0.5)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def rehearsed(tmp_path_factory) -> tuple[Path, str]:
     """A base dir after the whole rehearsal: killed in pretraining, then rerun to the report.
     Returns it and the rerun's output."""
     base = tmp_path_factory.mktemp("rehearsal")
     cmd = [*TORCHRUN, "--stage", "all", "--preset", "rehearsal", "--base-dir", str(base)]
-    kill_once_saved(cmd, base / "checkpoints" / "base", KILL_AFTER_STEP, base.parent / "killed.log")
+    kill_once_saved(cmd, ROOT, ENV, base / "checkpoints" / "base", KILL_AFTER_STEP, base.parent / "killed.log",
+                    world_size=2)
     assert not (base / "report" / "pretrain.json").exists()  # it really died inside pretraining
     out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

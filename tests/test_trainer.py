@@ -205,3 +205,70 @@ def test_every_target_token_of_a_step_weighs_the_same(tmp_path):
     ref_grads = [p.grad for g in reference.param_groups() for p in g["params"]]
     for got, want in zip(opt.grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+# ---- checkpoint cadence and retention ----------------------------------------------------------
+
+from nanofast.trainer import Checkpointer  # noqa: E402
+
+
+def test_time_rule_saves_and_only_the_newest_checkpoints_stay(tmp_path):
+    """save_minutes ~0: every step is due; keep_checkpoints=2: only the two newest stay."""
+    model, opt = tiny()
+    settings = LoopSettings(num_iterations=4, eval_every=0, log_every=0, save_minutes=1e-9, keep_checkpoints=2)
+    train(model, opt, batches(), settings, tmp_path, Dist(), {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "meta_000003.json", "meta_000004.json", "model_000003.pt", "model_000004.pt",
+        "optim_000003_rank0.pt", "optim_000004_rank0.pt"]
+
+
+def test_without_a_rule_only_the_last_step_is_saved(tmp_path):
+    model, opt = tiny()
+    train(model, opt, batches(), LoopSettings(num_iterations=3, eval_every=0, log_every=0), tmp_path, Dist(), {})
+    assert latest_step(tmp_path) == 3 and len(list(tmp_path.glob("model_*.pt"))) == 1
+
+
+def _due_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # rank 1's clock says a save is due, rank 0's does not (a save 60 minutes from now)
+    saver = Checkpointer(out, Dist(rank, rank, world), torch.device("cpu"), minutes=1e-9 if rank else 60.0)
+    torch.save([saver.due(1, False), saver.due(2, True)], f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_time_rule_save(tmp_path):
+    """Clocks differ between ranks; a save one rank skips would leave a step no resume can use."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "due")
+    mp.spawn(_due_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    assert torch.load(f"{out}.0") == torch.load(f"{out}.1") == [True, True]
+
+
+def _touch_step(directory, step: int, ranks: range, meta: bool = True) -> None:
+    (directory / f"model_{step:06d}.pt").touch()
+    if meta:
+        (directory / f"meta_{step:06d}.json").touch()
+    for r in ranks:
+        (directory / f"optim_{step:06d}_rank{r}.pt").touch()
+
+
+def test_latest_step_and_prune_count_only_steps_every_rank_finished(tmp_path):
+    from nanofast.checkpoint import prune
+
+    for step in (2, 4, 6):
+        _touch_step(tmp_path, step, range(2))
+    _touch_step(tmp_path, 8, range(1))            # killed while rank 1 was saving step 8
+    _touch_step(tmp_path, 10, range(0), meta=False)  # killed right after rank 0's model file
+    assert latest_step(tmp_path) == 10 and latest_step(tmp_path, world_size=2) == 6
+    assert prune(tmp_path, keep=2, world_size=2) == [2]
+    assert prune(tmp_path, keep=2, world_size=2) == []
+    assert prune(tmp_path, keep=1, world_size=2) == [4]
+    # the steps newer than the newest complete one may still be being written: untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "meta_000006.json", "meta_000008.json", "model_000006.pt", "model_000008.pt", "model_000010.pt",
+        "optim_000006_rank0.pt", "optim_000006_rank1.pt", "optim_000008_rank0.pt"]
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        prune(tmp_path, keep=0, world_size=2)

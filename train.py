@@ -41,13 +41,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="newest checkpoints kept per stage (default 2; <= 0: all)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--linear-precision", default=None,
-                   help="GEMM precision of the linears while training: fp8 | fp16 | bf16 | fp32 (attention and "
+                   help="GEMM precision of the linears in pretraining: fp8 | fp16 | bf16 | fp32 (attention and "
                         "MLP), or per class, e.g. attn=fp8,mlp=fp8,lm_head=bf16; fp8 layers run in the compute "
                         "dtype for evaluation and inference")
     p.add_argument("--fp8-recipe", choices=["tensorwise", "rowwise"], default=None, help="fp8 dynamic scaling")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the training step")
     p.add_argument("--kernel-backend", choices=BACKENDS, default=None, help=KERNEL_BACKEND_HELP)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dist-timeout-minutes", type=float, default=None,
+                   help="several ranks: collective timeout (default 30)")
+    p.add_argument("--wait-minutes", type=float, default=None,
+                   help="several ranks: how long the others wait for rank 0's own work, e.g. evaluations (default 360)")
     p.add_argument("--download-tasks", action=argparse.BooleanOptionalAction, default=None,
                    help="fetch the real task datasets (SmolTalk, MMLU, ARC, GSM8K, HumanEval, CORE); "
                         "default: cached data, else generated offline data")
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run = Run(settings=settings, base=base_dir(args.base_dir), device=device, dist=init_distributed(device))
+    run = Run(settings=settings, base=base_dir(args.base_dir), device=device, dist=init_distributed(device, settings.dist_timeout_minutes))
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     try:
         outcome = run_stages(run, stages)

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from nanofast.engine import Engine, SamplingParams
 from nanofast.model import GPT
@@ -56,25 +57,40 @@ def evaluate_categorical(model: GPT, tokenizer: Tokenizer, task: Any, *, max_exa
 
 
 def generative_outcomes(model: GPT, tokenizer: Tokenizer, task: Any, *, max_examples: int | None = None,
-                        max_new_tokens: int = 256, temperature: float = 0.0, engine: Engine | None = None) -> list[bool]:
+                        max_new_tokens: int = 256, temperature: float = 0.0, engine: Engine | None = None,
+                        rank: int = 0, world_size: int = 1) -> list[bool]:
     """Whether each of the first `max_examples` answers of `task`, generated (greedy by default;
     at temperature > 0 request i samples with seed i, so reruns pair up) for every prompt at once
     through the paged engine and stopped at <|assistant_end|>, is correct by the task's rule. The
-    calculator tool is live, as in chat."""
+    calculator tool is live, as in chat.
+
+    With world_size > 1 (a process group formed) rank r answers examples r, r + world_size, ...
+    and every rank returns the whole list, in order: the seeds follow the example, not the rank,
+    so any number of ranks gives the outcomes one rank gives.
+    """
     n = len(task) if max_examples is None else min(len(task), max_examples)
     engine = engine or Engine(model, tokenizer, max_num_seqs=64)
     stop = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
-    convs = [task[i] for i in range(n)]
+    mine = range(rank, n, world_size)
+    convs = [task[i] for i in mine]
     prompts = [tokenizer.render_for_completion(c) for c in convs]
     budget = [min(max_new_tokens, engine.max_context - len(p)) for p in prompts]
     ids = [engine.add_request(p, SamplingParams(max_tokens=b, temperature=temperature, seed=i, stop_token_ids=stop))
-           for i, (p, b) in enumerate(zip(prompts, budget))]
+           for i, p, b in zip(mine, prompts, budget)]
     out: dict[int, list[int]] = {i: [] for i in ids}
     while engine.has_unfinished():
         for ev in engine.step():
             if ev.token not in stop:
                 out[ev.request_id].append(ev.token)
-    return [bool(task.evaluate(c, tokenizer.decode(out[i]))) for c, i in zip(convs, ids)]
+    outcomes = [bool(task.evaluate(c, tokenizer.decode(out[i]))) for c, i in zip(convs, ids)]
+    if world_size == 1:
+        return outcomes
+    shares: list[list[bool] | None] = [None] * world_size
+    dist.all_gather_object(shares, outcomes)
+    merged = [False] * n
+    for r, share in enumerate(shares):
+        merged[r::world_size] = share
+    return merged
 
 
 def evaluate_generative(model: GPT, tokenizer: Tokenizer, task: Any, *, max_examples: int | None = None,

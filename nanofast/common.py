@@ -1,6 +1,7 @@
 """Process-level plumbing shared by every stage: devices, dtypes, distributed setup, paths, logging."""
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import subprocess
@@ -49,8 +50,10 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: str) -> Dist:
-    """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU).
+def init_distributed(device: str, timeout_minutes: float = 30.0) -> Dist:
+    """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU),
+    with an explicit collective timeout (NCCL's default, 10 minutes, is shorter than a slow
+    checkpoint write of a large model).
 
     A plain `python train.py` (no RANK in the environment) is a world of one and creates no group.
     """
@@ -63,7 +66,8 @@ def init_distributed(device: str) -> Dist:
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo",
-                                device_id=torch.device("cuda", info.local_rank) if device == "cuda" else None)
+                                device_id=torch.device("cuda", info.local_rank) if device == "cuda" else None,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return info
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import pyarrow.parquet as pq
+from filelock import FileLock
 from tqdm import tqdm
 
 from nanofast.dataset import CLIMBMIX_NUM_SHARDS, CLIMBMIX_URL, shard_name
@@ -104,16 +105,21 @@ def download_file(url: str, final: Path, retries: int = 5, backoff: float = 1.0,
     if final.exists():
         return final
     part = final.with_name(final.name + ".part")
-    for attempt in range(retries + 1):
-        try:
-            total = _fetch(url, part, timeout)
-            verify(part, total)
-            os.replace(part, final)  # atomic: the final name only ever names a whole file
-            return final
-        except RetryableError as e:
-            if attempt == retries:
-                raise DownloadError(f"gave up after {retries + 1} attempts: {e}") from None
-            time.sleep(min(backoff * 2 ** attempt, MAX_BACKOFF))
+    # One writer per file, however many processes (ranks, nodes on a shared disk) want it: the
+    # others wait on the lock, then find the file whole. The OS drops a dead holder's lock.
+    with FileLock(str(final) + ".lock"):
+        for attempt in range(retries + 1):
+            if final.exists():
+                return final
+            try:
+                total = _fetch(url, part, timeout)
+                verify(part, total)
+                os.replace(part, final)  # atomic: the final name only ever names a whole file
+                return final
+            except RetryableError as e:
+                if attempt == retries:
+                    raise DownloadError(f"gave up after {retries + 1} attempts: {e}") from None
+                time.sleep(min(backoff * 2 ** attempt, MAX_BACKOFF))
     raise AssertionError("unreachable")
 
 
@@ -170,10 +176,21 @@ def download_shards(indices: Iterable[int], data_dir: str | os.PathLike, base_ur
     return [paths[i] for i in indices]
 
 
-def download_climbmix(data_dir: str | os.PathLike, num_train_shards: int, **kwargs) -> list[Path]:
-    """Download ClimbMix train shards 0..num_train_shards-1 plus the validation shard (the last).
-    Keyword arguments go to `download_shards`."""
+def download_climbmix(data_dir: str | os.PathLike, num_train_shards: int, rank: int = 0, world_size: int = 1,
+                      **kwargs) -> list[Path]:
+    """Download ClimbMix train shards 0..num_train_shards-1 plus the validation shard (the last);
+    return their paths in that order. Keyword arguments go to `download_shards`.
+
+    With several ranks each calls this: rank r fetches shards r, r + world_size, ... first, then
+    the rest, which by then are whole or being fetched by their owner (waited for on the file's
+    lock), so the ranks share the work and each returns only when every shard is there.
+    """
     val_index = CLIMBMIX_NUM_SHARDS - 1
     if not 1 <= num_train_shards <= val_index:
         raise ValueError(f"num_train_shards must be in [1, {val_index}], got {num_train_shards}")
-    return download_shards([*range(num_train_shards), val_index], data_dir, **kwargs)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    indices = [*range(num_train_shards), val_index]
+    order = indices[rank::world_size] + [i for k, i in enumerate(indices) if k % world_size != rank]
+    paths = dict(zip(order, download_shards(order, data_dir, **kwargs)))
+    return [paths[i] for i in indices]

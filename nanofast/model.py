@@ -333,9 +333,11 @@ class GPT(nn.Module):
 
     # ---- optimizer groups ---------------------------------------------------------------------
     def param_groups(self, unembedding_lr: float = 0.008, embedding_lr: float = 0.3, matrix_lr: float = 0.02,
-                     scalar_lr: float = 0.5, weight_decay: float = 0.28, lr_scale: float = 1.0) -> list[dict]:
+                     scalar_lr: float = 0.5, weight_decay: float = 0.28, lr_scale: float = 1.0,
+                     lr_frac: float = 1.0) -> list[dict]:
         """nanochat's MuonAdamW groups. AdamW LRs scale as (d_model/768)^-0.5; `lr_scale` is the
-        batch-size correction applied to every LR."""
+        batch-size correction, applied to every LR but the smear/backout group's (nanochat fixes
+        that one at 0.2); `lr_frac` multiplies every LR (fine-tuning's fraction of pretraining's)."""
         dscale = (self.config.n_embd / 768) ** -0.5
         adam = dict(kind="adamw", eps=1e-10)
         matrices = list(self.transformer.h.parameters())
@@ -345,13 +347,14 @@ class GPT(nn.Module):
             dict(adam, params=list(self.value_embeds.parameters()), lr=0.5 * embedding_lr * dscale * lr_scale, betas=(0.8, 0.995), weight_decay=0.01),
             dict(adam, params=[self.resid_lambdas], lr=0.01 * scalar_lr * lr_scale, betas=(0.8, 0.95), weight_decay=0.05),
             dict(adam, params=[self.x0_lambdas], lr=scalar_lr * lr_scale, betas=(0.96, 0.95), weight_decay=0.0),
-            dict(adam, params=[self.smear_gate.weight, self.smear_lambda, self.backout_lambda], lr=0.2 * lr_scale, betas=(0.8, 0.95), weight_decay=0.0),
+            dict(adam, params=[self.smear_gate.weight, self.smear_lambda, self.backout_lambda], lr=0.2, betas=(0.8, 0.95), weight_decay=0.0),
         ]
         for shape in sorted({tuple(p.shape) for p in matrices}):
             groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape],
                                lr=matrix_lr * lr_scale, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=weight_decay))
         groups = [g for g in groups if g["params"]]
         for g in groups:
+            g["lr"] *= lr_frac
             g["initial_lr"] = g["lr"]
         return groups
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -74,9 +75,14 @@ def run_stages(run: Run, stages: list[str]) -> dict[str, str]:
     """Run `stages` in order; for `all`-style lists skip stages whose output exists. Returns
     {stage: "ran" | "skipped (already done)"}."""
     ops.set_kernel_backend(run.settings.kernel_backend, run.device)
+    done = {stage: stage != "report" and len(stages) > 1 and stage_done(run, stage) for stage in stages}
+    if run.dist.world_size > 1:  # rank 0's view, decided once: a rank that skipped a stage the others
+        shared = [done]          # run would leave them waiting for it at the stage's end
+        dist.broadcast_object_list(shared, src=0)
+        done = shared[0]
     outcome = {}
     for stage in stages:
-        if stage != "report" and len(stages) > 1 and stage_done(run, stage):
+        if done[stage]:
             outcome[stage] = "skipped (already done)"
             continue
         print0(f"=== stage: {stage} ===")
@@ -87,17 +93,44 @@ def run_stages(run: Run, stages: list[str]) -> dict[str, str]:
     return outcome
 
 
-def _barrier(run: Run) -> None:
-    if run.dist.world_size > 1:
-        dist.barrier()
+def _join(run: Run, stage: str) -> None:
+    """Every rank waits here until all ranks have finished `stage`: a barrier on disk, not a
+    collective. Ranks finish a stage at very different times (rank 0 alone trains the tokenizer,
+    samples and evaluates; a rank may be slow to fetch its shards), which must not run into the
+    collective timeout; this wait has its own, `wait_minutes`. Each rank writes a marker naming this
+    launch (torchrun's run id), so markers a killed launch left behind do not count. A rank that
+    fails ends the job through torchrun. Multi-node runs need a shared --base-dir."""
+    if run.dist.world_size == 1:
+        return
+    sync = run.base / "sync"
+    sync.mkdir(parents=True, exist_ok=True)
+    launch = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    marker = sync / f"{stage}.rank{run.dist.rank}"
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(launch)
+    tmp.replace(marker)
+
+    def missing() -> list[int]:
+        markers = (sync / f"{stage}.rank{r}" for r in range(run.dist.world_size))
+        return [r for r, m in enumerate(markers) if not (m.is_file() and m.read_text() == launch)]
+
+    minutes = run.settings.wait_minutes
+    deadline = time.monotonic() + 60 * minutes
+    while late := missing():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {run.dist.rank}: rank(s) {late} did not finish the {stage} stage within "
+                               f"{minutes:g} minutes (--wait-minutes)")
+        time.sleep(0.2)
 
 
 # ---- tokenizer --------------------------------------------------------------------------------
 def ensure_corpus(run: Run) -> None:
-    """The pretraining shards: the embedded default corpus (written once) or ClimbMix (downloaded once)."""
+    """The pretraining shards, on every rank: ClimbMix downloaded once, the ranks sharing the shards
+    (file locks, not collectives), or the embedded default corpus, written once under a lock."""
     s = run.settings
     if s.data == "climbmix":
-        download_climbmix(run.data_dir, num_train_shards=s.corpus_shards)
+        download_climbmix(run.data_dir, num_train_shards=s.corpus_shards, rank=run.dist.rank,
+                          world_size=run.dist.world_size, progress=run.dist.is_master)
     else:
         dataset.write_default_corpus(run.data_dir, num_shards=s.corpus_shards, max_chars=s.corpus_chars)
 
@@ -114,8 +147,8 @@ def training_texts(data_dir: Path, max_chars: int, counter: list[int]):
 
 
 def stage_tokenizer(run: Run, t0: float) -> None:
+    ensure_corpus(run)
     if run.dist.is_master:
-        ensure_corpus(run)
         chars = [0]
         t_train = time.perf_counter()
         tokenizer = Tokenizer.train(training_texts(run.data_dir, run.settings.tokenizer_chars, chars),
@@ -129,7 +162,7 @@ def stage_tokenizer(run: Run, t0: float) -> None:
             vocab_size=tokenizer.vocab_size, train_chars=chars[0], train_seconds=train_seconds,
             compression=report, compression_table=compression_table(report), seconds=time.perf_counter() - t0))
         print0(compression_table(report))
-    _barrier(run)
+    _join(run, "tokenizer")
 
 
 # ---- pretraining ------------------------------------------------------------------------------
@@ -251,7 +284,7 @@ def stage_pretrain(run: Run, t0: float) -> None:
             train_seconds=state.train_seconds, samples=samples, checkpoint_dir=str(ckpt_dir),
             linear_precision=s.linear_precision, fp8_recipe=s.fp8_recipe, precision_report=precision,
             kernel_backend=s.kernel_backend or "by device", compile=s.compile, seconds=time.perf_counter() - t0))
-    _barrier(run)
+    _join(run, "pretrain")
 
 
 # ---- mid-training and SFT: the same loop, on conversations ---------------------------------------
@@ -283,15 +316,14 @@ def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, .
     conversation loader, no warmup, LRs at finetune_lr_scale decayed linearly to 0."""
     s, device = run.settings, run.device
     tokenizer = load_tokenizer(run)
-    model = load_stage_model(run, init_from)
-    model.set_linear_precision(parse_linear_precision(s.linear_precision), s.fp8_recipe)
+    model = load_stage_model(run, init_from)  # GEMMs in the compute dtype: linear_precision is pretraining's
     train_mix = TaskMixture([_load_task(run, n, "train") for n in mix], seed=s.seed)
     val_mix = TaskMixture([_load_task(run, n, "test") for n in sorted(set(mix))], seed=s.seed)
     sources = {t.name: t.source for t in train_mix.tasks}
     rows_per_step = s.device_batch_size * run.dist.world_size
     if iterations <= 0:  # one epoch, counting ~2 conversations per row as packing typically gives
         iterations = max(1, len(train_mix) // (2 * rows_per_step))
-    optimizer = MuonAdamW(model.param_groups(lr_scale=s.finetune_lr_scale))
+    optimizer = MuonAdamW(model.param_groups(lr_frac=s.finetune_lr_scale))
     ckpt_dir = run.checkpoint_dir(CHECKPOINTS[stage])
     resumed = resume_state(ckpt_dir, model, optimizer, run.dist.rank, run.dist.world_size)
     state, loader_state = resumed if resumed else (LoopState(), None)
@@ -325,7 +357,7 @@ def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, .
             median_target_tokens_per_second=statistics.median(useful) if useful else 0.0,
             mfu=mfu_percent(model.flops_per_token(), tps, peak_flops(device), run.dist.world_size),
             train_seconds=state.train_seconds, checkpoint_dir=str(ckpt_dir), seconds=time.perf_counter() - t0))
-    _barrier(run)
+    _join(run, stage)
 
 
 def stage_midtrain(run: Run, t0: float) -> None:
@@ -347,7 +379,7 @@ def stage_rl(run: Run, t0: float) -> None:
     tokenizer = load_tokenizer(run)
     model = load_stage_model(run, "sft", dtype)
     train_task, test_task = _load_task(run, RL_TASK, "train"), _load_task(run, RL_TASK, "test")
-    optimizer = MuonAdamW(model.param_groups(lr_scale=s.rl_lr_scale))
+    optimizer = MuonAdamW(model.param_groups(lr_frac=s.rl_lr_scale))
     ckpt_dir = run.checkpoint_dir(CHECKPOINTS["rl"])
     resumed = resume_state(ckpt_dir, model, optimizer, rank, world)
     state = resumed[0] if resumed else LoopState()
@@ -360,9 +392,9 @@ def stage_rl(run: Run, t0: float) -> None:
     # Held-out accuracy greedy (as evaluated) and sampled at the rollouts' temperature 1 (what GRPO
     # optimises directly: it sharpens the sampling distribution towards rewarded answers). The same
     # questions and sampling seeds before and after, so the change is measured paired.
-    heldout = dict(max_examples=s.rl_eval_examples, max_new_tokens=s.rl_max_tokens)
+    heldout = dict(max_examples=s.rl_eval_examples, max_new_tokens=s.rl_max_tokens, rank=rank, world_size=world)
 
-    def measure() -> dict:
+    def measure() -> dict:  # every rank answers its share of the questions
         model.eval()
         return {"greedy": generative_outcomes(model, tokenizer, test_task, **heldout),
                 "sampled": generative_outcomes(model, tokenizer, test_task, temperature=1.0, **heldout)}
@@ -371,7 +403,7 @@ def stage_rl(run: Run, t0: float) -> None:
         return {"accuracy": sum(outcomes) / max(len(outcomes), 1), "n": len(outcomes), "source": test_task.source}
 
     before = saved.get("heldout_before")
-    if rank == 0 and not resumed:
+    if not resumed:
         before = measure()
     per_rank = max(1, s.rl_questions // world)
     saver = Checkpointer(ckpt_dir, run.dist, torch.device(device), s.save_every, s.save_minutes, s.keep_checkpoints)
@@ -403,8 +435,8 @@ def stage_rl(run: Run, t0: float) -> None:
             saver.save(step + 1, model, optimizer, dict(settings=asdict(s), stage="rl", rl_history=history,
                                                         heldout_before=before, loop_state=asdict(state)))
     bar.close()
+    after = measure()
     if run.dist.is_master:
-        after = measure()
         write_section(run.report_dir, "rl", dict(
             task=test_task.name, source=test_task.source, precision=str(dtype).removeprefix("torch."),
             steps=s.rl_steps, questions_per_step=s.rl_questions, samples=s.rl_samples, lr_scale=s.rl_lr_scale,
@@ -414,7 +446,7 @@ def stage_rl(run: Run, t0: float) -> None:
             mean_logp_abs_diff=statistics.fmean(h["logp_abs_diff"] for h in history) if history else None,
             mean_kl=statistics.fmean(h["kl_engine_trainer"] for h in history) if history else None,
             seconds=time.perf_counter() - t0))
-    _barrier(run)
+    _join(run, "rl")
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
@@ -447,7 +479,7 @@ def stage_eval(run: Run, t0: float) -> None:
                 print0(f"eval {label} {name}: {per_task[name]['accuracy']:.4f} ({task.source}, n={per_task[name]['n']})")
             results[label] = {"tasks": per_task, "chatcore": chatcore(per_task)}
         write_section(run.report_dir, "eval", dict(results=results, seconds=time.perf_counter() - t0))
-    _barrier(run)
+    _join(run, "eval")
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -457,5 +489,4 @@ def report_path(run: Run) -> Path:
 
 def stage_report(run: Run, t0: float) -> None:
     if run.dist.is_master:
-        build_report(run.report_dir, report_path(run))
-    _barrier(run)
+        build_report(run.report_dir, report_path(run))  # the last stage: nobody waits for it

@@ -16,13 +16,11 @@ from nanofast.tasks import load_task
 from nanofast.tokenizer import Tokenizer
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
+def make_tokenizer() -> Tokenizer:
     return Tokenizer.train([inspect.getsource(m) for m in (json, inspect)], vocab_size=512)
 
 
-@pytest.fixture(scope="module")
-def model(tok) -> GPT:
+def make_model(tok: Tokenizer) -> GPT:
     torch.manual_seed(0)
     m = GPT(config_for_depth(2, tok.vocab_size, 256, head_dim=32))
     m.init_weights()
@@ -30,6 +28,16 @@ def model(tok) -> GPT:
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok) -> GPT:
+    return make_model(tok)
 
 
 def test_categorical_batched_equals_one_at_a_time(tok, model):
@@ -82,6 +90,49 @@ def test_generative_outcomes_pair_up_across_reruns(tok, model):
     assert len(greedy) == 6 and evaluate_generative(model, tok, task, max_new_tokens=10)["accuracy"] == sum(greedy) / 6
     sampled = [generative_outcomes(model, tok, task, max_new_tokens=10, temperature=1.0) for _ in range(2)]
     assert sampled[0] == sampled[1]
+
+
+class ParityTask:
+    """Arithmetic questions judged by the parity of the answer's code points: a random model gets
+    about half "right", so outcomes that differ in any answer differ in the list."""
+
+    def __init__(self):
+        self.task = load_task("arithmetic", "test", size=9)
+        self.source = self.task.source
+
+    def __len__(self) -> int:
+        return len(self.task)
+
+    def __getitem__(self, i: int):
+        return self.task[i]
+
+    def evaluate(self, conversation, text: str) -> bool:
+        return sum(map(ord, text)) % 2 == 0
+
+
+def _sharded_outcomes_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    tok = make_tokenizer()
+    model, task = make_model(tok), ParityTask()
+    outcomes = [generative_outcomes(model, tok, task, max_new_tokens=10, temperature=t, rank=rank, world_size=world)
+                for t in (0.0, 1.0)]
+    torch.save(outcomes, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_generative_outcomes_sharded_over_ranks_equal_one_rank(tok, model, tmp_path):
+    """RL's held-out measurement on 2 ranks: each answers every other question (seeded by question),
+    and both get the whole list one rank computes, greedy and sampled."""
+    import torch.multiprocessing as mp
+
+    task = ParityTask()
+    single = [generative_outcomes(model, tok, task, max_new_tokens=10, temperature=t) for t in (0.0, 1.0)]
+    assert all(True in o and False in o for o in single)
+    out = str(tmp_path / "outcomes")
+    mp.spawn(_sharded_outcomes_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    assert torch.load(f"{out}.0") == torch.load(f"{out}.1") == single and len(single[0]) == 9
 
 
 def test_paired_change_and_its_interval():

@@ -224,3 +224,24 @@ def test_argument_errors(tmp_path):
         download_climbmix(tmp_path, 0)
     with pytest.raises(ValueError, match=r"num_train_shards must be in \[1, 6542\]"):
         download_climbmix(tmp_path, 6543)
+
+
+def test_ranks_share_the_shards_and_each_file_is_fetched_once(server, tmp_path):
+    """Two ranks (threads here; processes and nodes on one disk alike) call download_climbmix at
+    once: each starts with its own share, waits on the file lock of a shard the other is fetching,
+    and returns every path once all are whole."""
+    results: dict[int, list] = {}
+
+    def rank(r: int) -> None:
+        results[r] = download_climbmix(tmp_path, 4, rank=r, world_size=2, base_url=server.url(), workers=2, **FAST)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for r in range(2):
+        assert_downloaded(server, results[r], [0, 1, 2, 3, 6542])
+    assert sorted(n for n, _ in server.requests) == sorted(f"shard_{i:05d}.parquet" for i in [0, 1, 2, 3, 6542])
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        download_climbmix(tmp_path, 4, rank=2, world_size=2, base_url=server.url())

@@ -262,3 +262,17 @@ def test_gpt_with_kernels_equals_gpt_without(kernel_backend, backend):
 def test_unknown_kernel_backend(kernel_backend):
     with pytest.raises(ValueError, match="kernel backend"):
         kernel_backend("cudnn")
+
+
+def test_param_groups_are_nanochats_learning_rates_at_depth_24():
+    """The speedrun's effective LRs (batch 2^20: lr_scale sqrt(2); d_model 1536: AdamW x (1536/768)^-0.5),
+    as nanochat's base_train computes them; smear/backout is fixed at 0.2, not batch-scaled. lr_frac
+    (fine-tuning) scales every group."""
+    with torch.device("meta"):
+        model = GPT(config_for_depth(24, vocab_size=32768, sequence_len=2048, head_dim=128))
+    for frac in (1.0, 0.5):
+        groups = model.param_groups(lr_scale=2 ** 0.5, lr_frac=frac)
+        lrs = [round(g["lr"] / frac, 5) for g in groups]
+        assert lrs[:6] == [0.008, 0.3, 0.15, 0.00707, 0.70711, 0.2]
+        assert {round(g["lr"] / frac, 5) for g in groups[6:]} == {0.02828} and groups[6]["kind"] == "muon"
+        assert all(g["initial_lr"] == g["lr"] for g in groups)

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -310,3 +311,76 @@ def test_sft_resumes_exactly(sft_base, tmp_path):
     resumed = section(base, "sft")
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"]), atol=1e-6, rtol=0)
     assert resumed["val_bpb"] == pytest.approx(full["val_bpb"], abs=1e-6)
+
+
+def test_speedrun_preset_plans_nanochats_run_on_8_gpus():
+    """runs/speedrun.sh's pretraining at depth 24: 2^20 tokens per step (4 micro-steps of 16 x 2048
+    on 8 ranks) for 5,568 steps (ratio 8 x 729,810,624 scaling params), fp8 in every linear class."""
+    from nanofast.model import GPT, config_for_depth, parse_linear_precision
+    from nanofast.pipeline import plan_training, scaling_params
+
+    s = make_settings("speedrun")
+    with torch.device("meta"):
+        model = GPT(config_for_depth(s.depth, s.vocab_size, s.seq_len, s.aspect_ratio, s.head_dim,
+                                     window_pattern=s.window_pattern))
+    assert scaling_params(model) == 729_810_624
+    plan = plan_training(model, s, world_size=8)
+    assert (plan.total_batch_size, plan.grad_accum, plan.num_iterations) == (2 ** 20, 4, 5568)
+    assert plan.lr_scale == pytest.approx(2 ** 0.5) and plan.weight_decay == pytest.approx(0.05974, abs=1e-5)
+    assert parse_linear_precision(s.linear_precision) == {"attn": "fp8", "mlp": "fp8", "lm_head": "fp8"}
+    assert (s.data, s.corpus_shards, s.eval_examples, s.compile, s.save_minutes) == ("climbmix", 170, -1, True, 30.0)
+
+
+SLOW_RANKS = """
+# Test scaffolding (tests/test_pipeline.py): rank 1 is slow to fetch the corpus, rank 0 slow to
+# evaluate, each by far longer than the collective timeout the test sets.
+import os
+import time
+
+if os.environ.get("RANK") in ("0", "1"):
+    from nanofast import core_eval, dataset
+
+    def slowed(fn):
+        def wrapper(*args, **kwargs):
+            time.sleep(20)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    if os.environ["RANK"] == "1":
+        dataset.write_default_corpus = slowed(dataset.write_default_corpus)
+    else:
+        core_eval.evaluate_core = slowed(core_eval.evaluate_core)
+"""
+
+
+def test_two_nodes_with_a_slow_rank_outlast_the_collective_timeout(tmp_path):
+    """Two torchrun "nodes" of one rank each on this machine (a loopback rendezvous, one --base-dir),
+    with a 9 s collective timeout: rank 1 spends 20 s fetching the corpus while rank 0 trains the
+    tokenizer, and rank 0 spends 20 s more on CORE while rank 1 has nothing to do. The ranks meet on
+    disk at each stage's end (their own wait), so the run finishes; its evaluation numbers are the
+    ones one process computes on the same checkpoints."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_RANKS)
+    base = tmp_path / "slow"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=slow-{port}"]
+    args = ["train.py", "--stage", "all", "--preset", "smoke", "--base-dir", str(base), "--num-iterations", "4",
+            "--eval-every", "0", "--device-batch-size", "2", "--dist-timeout-minutes", "0.15"]
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(hooks), str(ROOT)]))
+    nodes = [subprocess.Popen([*node, f"--node-rank={r}", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [n.communicate(timeout=600) for n in nodes]
+    for n, (stdout, stderr) in zip(nodes, outs):
+        assert n.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert "report: ran" in "".join(o for o, _ in outs) and section(base, "pretrain")["world_size"] == 2
+    # the slow parts really ran: rank 1 finished the tokenizer stage long after rank 0, CORE took 20 s
+    marks = {r: (base / "sync" / f"tokenizer.rank{r}").stat().st_mtime for r in (0, 1)}
+    assert marks[1] - marks[0] > 10 and section(base, "eval")["seconds"] > 20
+    two_ranks = section(base, "eval")["results"]
+    (base / "report" / "eval.json").unlink()
+    assert train.main(["--stage", "eval", "--preset", "smoke", "--base-dir", str(base)]) == 0
+    assert section(base, "eval")["results"] == two_ranks

@@ -8,9 +8,9 @@
   mid-training and SFT. Inductor emits C++ here and Triton on the GPU; the fp8 linears are
   torch.library custom ops, opaque to both.
 - `dtype=bf16`: the H100's compute dtype for activations, the engine's KV cache and RL's sampler.
-- `linear_precision=fp8`: the attention and MLP linears train through FP8 GEMMs (E4M3 operands,
+- `linear_precision=fp8`: pretraining's attention and MLP linears run FP8 GEMMs (E4M3 operands,
   E5M2 gradients, tensorwise scales): Triton's FP8 kernels, QGMMA on an H100, run here by the
-  interpreter on the same source.
+  interpreter on the same source. (The speedrun adds lm_head; mid-training and SFT are bf16.)
 - `kernel_backend=triton` (TRITON_INTERPRET=1): every op the GPU sends to a kernel (the norms,
   fused QK-norm+rotary, paged KV writes and decode, FP8 quantisation and GEMMs, Muon's
   Newton-Schulz) runs its Triton kernel, not the torch fallback a CPU run would pick.

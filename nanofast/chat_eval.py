@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nanofast.common import all_sum
 from nanofast.engine import Engine, SamplingParams
 from nanofast.model import GPT
 from nanofast.tokenizer import Tokenizer
@@ -31,14 +32,16 @@ def _letter_ids(tokenizer: Tokenizer, letters: list[str]) -> list[int]:
 
 @torch.no_grad()
 def evaluate_categorical(model: GPT, tokenizer: Tokenizer, task: Any, *, max_examples: int | None = None,
-                         batch_size: int = 8) -> dict:
+                         batch_size: int = 8, rank: int = 0, world_size: int = 1) -> dict:
     """Accuracy of argmax over each question's answer letters at the position after
     <|assistant_start|>. Prompts are batched right-padded; each row reads its own last position.
-    Returns {"accuracy", "centered", "n", "source"}; centred uses 1 / number of choices as chance."""
+    Returns {"accuracy", "centered", "n", "source"}; centred uses 1 / number of choices as chance.
+    With world_size > 1 rank r takes batches r, r + world_size, ... (the batches one rank would
+    form, so the same numbers) and the counts are summed over the ranks."""
     n = len(task) if max_examples is None else min(len(task), max_examples)
     device = model.cos.device
     correct, chance = 0, 0.0
-    for start in range(0, n, batch_size):
+    for start in range(rank * batch_size, n, world_size * batch_size):
         convs = [task[i] for i in range(start, min(n, start + batch_size))]
         prompts = [tokenizer.render_for_completion(c) for c in convs]
         width = max(map(len, prompts))
@@ -52,6 +55,7 @@ def evaluate_categorical(model: GPT, tokenizer: Tokenizer, task: Any, *, max_exa
             choice = letters[int(row[_letter_ids(tokenizer, letters)].argmax())]
             correct += bool(task.evaluate(conv, choice))
             chance += 1.0 / len(letters)
+    correct, chance = all_sum([correct, chance], device, world_size)
     acc, base = correct / max(n, 1), chance / max(n, 1)
     return {"accuracy": acc, "centered": (acc - base) / (1 - base), "n": n, "source": task.source}
 
@@ -94,11 +98,12 @@ def generative_outcomes(model: GPT, tokenizer: Tokenizer, task: Any, *, max_exam
 
 
 def evaluate_generative(model: GPT, tokenizer: Tokenizer, task: Any, *, max_examples: int | None = None,
-                        max_new_tokens: int = 256, temperature: float = 0.0, engine: Engine | None = None) -> dict:
-    """Accuracy of generated answers (see `generative_outcomes`).
+                        max_new_tokens: int = 256, temperature: float = 0.0, engine: Engine | None = None,
+                        rank: int = 0, world_size: int = 1) -> dict:
+    """Accuracy of generated answers (see `generative_outcomes`, also for the ranks).
     Returns {"accuracy", "centered" (chance 0), "n", "source"}."""
     correct = generative_outcomes(model, tokenizer, task, max_examples=max_examples, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, engine=engine)
+                                  temperature=temperature, engine=engine, rank=rank, world_size=world_size)
     acc = sum(correct) / max(len(correct), 1)
     return {"accuracy": acc, "centered": acc, "n": len(correct), "source": task.source}
 
@@ -120,7 +125,8 @@ def paired_change(before: list[bool], after: list[bool]) -> dict:
 def evaluate_task(model: GPT, tokenizer: Tokenizer, task: Any, **kwargs) -> dict:
     """Dispatch on task.eval_type ("categorical" or "generative")."""
     if task.eval_type == "categorical":
-        return evaluate_categorical(model, tokenizer, task, max_examples=kwargs.get("max_examples"))
+        return evaluate_categorical(model, tokenizer, task, max_examples=kwargs.get("max_examples"),
+                                    rank=kwargs.get("rank", 0), world_size=kwargs.get("world_size", 1))
     return evaluate_generative(model, tokenizer, task, **kwargs)
 
 

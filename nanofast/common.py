@@ -71,6 +71,16 @@ def init_distributed(device: str, timeout_minutes: float = 30.0) -> Dist:
     return info
 
 
+def all_sum(values: list[float], device: torch.device | str, world_size: int) -> list[float]:
+    """Elementwise sums of `values` over the `world_size` ranks (the default process group), in
+    float64 so that counts stay exact; `values` itself when world_size is 1."""
+    if world_size == 1:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

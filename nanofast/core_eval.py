@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import yaml
 from filelock import FileLock
 
-from nanofast.common import base_dir
+from nanofast.common import all_sum, base_dir
 from nanofast.dataset import stdlib_documents
 from nanofast.download import DownloadError, RetryableError, download_file
 
@@ -418,11 +418,14 @@ def task_examples(task: CoreTask, max_per_task: int | None = None) -> list[dict]
 
 
 def evaluate_core(model: torch.nn.Module, tokenizer: Tokenizer, tasks: list[CoreTask], *, max_per_task: int | None = None,
-                  device: torch.device | str | None = None) -> dict:
+                  device: torch.device | str | None = None, rank: int = 0, world_size: int = 1) -> dict:
     """Accuracy and centred accuracy per task, and CORE = the mean centred accuracy.
 
     Returns {"core": float, "source": "real" | "offline", "tasks": {label: {"accuracy", "centered", "n"}}}.
     All tasks must come from one source: a mean over bundle and offline tasks means nothing.
+    With world_size > 1 (a process group formed) rank r scores examples r, r + world_size, ... and
+    the counts are summed: every rank returns what one rank computes (an example's few-shot
+    context depends on its index only).
     """
     if not tasks:
         raise ValueError("tasks is empty: pass load_core_tasks(...) or offline_core_tasks()")
@@ -432,7 +435,7 @@ def evaluate_core(model: torch.nn.Module, tokenizer: Tokenizer, tasks: list[Core
     labels = [t.label for t in tasks]
     if len(set(labels)) != len(labels):
         raise ValueError(f"duplicate task labels in {labels}")
-    results = {}
+    sizes, correct = [], []
     for task in tasks:
         if task.icl_task_type not in TASK_TYPES:
             raise ValueError(f"task {task.label!r}: unknown icl_task_type {task.icl_task_type!r}, "
@@ -440,10 +443,16 @@ def evaluate_core(model: torch.nn.Module, tokenizer: Tokenizer, tasks: list[Core
         examples = task_examples(task, max_per_task)
         if not examples:
             raise ValueError(f"task {task.label!r} has no examples")
-        correct = sum(score_example(model, tokenizer, task, examples, i, device).correct for i in range(len(examples)))
-        accuracy = correct / len(examples)
+        sizes.append(len(examples))
+        correct.append(sum(score_example(model, tokenizer, task, examples, i, device).correct
+                           for i in range(rank, len(examples), world_size)))
+    if world_size > 1:
+        correct = all_sum(correct, device or next(model.parameters()).device, world_size)
+    results = {}
+    for task, n, right in zip(tasks, sizes, correct):
+        accuracy = right / n
         results[task.label] = {"accuracy": accuracy, "centered": centered_accuracy(accuracy, task.random_baseline),
-                               "n": len(examples)}
+                               "n": n}
     core = sum(r["centered"] for r in results.values()) / len(results)
     return {"core": core, "source": sources.pop(), "tasks": results}
 

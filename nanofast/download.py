@@ -106,8 +106,10 @@ def download_file(url: str, final: Path, retries: int = 5, backoff: float = 1.0,
         return final
     part = final.with_name(final.name + ".part")
     # One writer per file, however many processes (ranks, nodes on a shared disk) want it: the
-    # others wait on the lock, then find the file whole. The OS drops a dead holder's lock.
-    with FileLock(str(final) + ".lock"):
+    # others wait on the lock, then find the file whole. The OS drops a dead holder's lock. The
+    # lock file goes once the file is whole: later callers return at the check above, never lock.
+    lock = Path(str(final) + ".lock")
+    with FileLock(str(lock)):
         for attempt in range(retries + 1):
             if final.exists():
                 return final
@@ -115,6 +117,7 @@ def download_file(url: str, final: Path, retries: int = 5, backoff: float = 1.0,
                 total = _fetch(url, part, timeout)
                 verify(part, total)
                 os.replace(part, final)  # atomic: the final name only ever names a whole file
+                lock.unlink(missing_ok=True)
                 return final
             except RetryableError as e:
                 if attempt == retries:

@@ -23,7 +23,7 @@ from nanofast.evaluate import evaluate_bpb
 from nanofast.model import GPT, config_for_depth, parse_linear_precision
 from nanofast.optim import MuonAdamW, apply_schedules
 from nanofast.precision import precision_report, precision_table
-from nanofast.presets import Settings
+from nanofast.presets import Settings, changed_settings
 from nanofast.report import build_report, read_section, write_section
 from nanofast.rl import grpo_loss, policy_batch, rollouts
 from nanofast.tasks import TaskMixture, load_task
@@ -71,11 +71,32 @@ def stage_done(run: Run, stage: str) -> bool:
     return read_section(run.report_dir, stage) is not None
 
 
+def _record(run: Run, stage: str, data: dict) -> None:
+    """The stage's report section, with the settings it ran with (see `_check_done`)."""
+    write_section(run.report_dir, stage, dict(data, settings=asdict(run.settings)))
+
+
+def _check_done(run: Run, stage: str) -> None:
+    """A finished stage that `--stage all` would skip must have run with the settings its result
+    depends on: after `--depth 26` a depth-24 pretraining is not this run's, and skipping it would
+    mix two runs in one report. Refuse, naming what differs."""
+    recorded = (read_section(run.report_dir, stage) or {}).get("settings")
+    changed = changed_settings(recorded, run.settings, stage) if recorded else {}
+    if changed:
+        what = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
+        raise ValueError(f"the finished {stage} stage in {run.base} ran with {what}: use another --base-dir "
+                         f"for this run, or delete {run.report_dir / f'{stage}.json'} and the later stages' "
+                         f"sections to redo it")
+
+
 def run_stages(run: Run, stages: list[str]) -> dict[str, str]:
     """Run `stages` in order; for `all`-style lists skip stages whose output exists. Returns
     {stage: "ran" | "skipped (already done)"}."""
     ops.set_kernel_backend(run.settings.kernel_backend, run.device)
     done = {stage: stage != "report" and len(stages) > 1 and stage_done(run, stage) for stage in stages}
+    for stage in stages:
+        if done[stage]:
+            _check_done(run, stage)
     if run.dist.world_size > 1:  # rank 0's view, decided once: a rank that skipped a stage the others
         shared = [done]          # run would leave them waiting for it at the stage's end
         dist.broadcast_object_list(shared, src=0)
@@ -158,7 +179,7 @@ def stage_tokenizer(run: Run, t0: float) -> None:
         val_texts = list(itertools.islice(
             (t for _, ts in dataset.iter_documents(dataset.split_shards(run.data_dir, "val")) for t in ts), 200))
         report = compression_report(tokenizer, val_texts)
-        write_section(run.report_dir, "tokenizer", dict(
+        _record(run, "tokenizer", dict(
             vocab_size=tokenizer.vocab_size, train_chars=chars[0], train_seconds=train_seconds,
             compression=report, compression_table=compression_table(report), seconds=time.perf_counter() - t0))
         print0(compression_table(report))
@@ -273,7 +294,7 @@ def stage_pretrain(run: Run, t0: float) -> None:
             print0(f"sample: {sample!r}")
         steady = state.tokens_per_second[1:] or state.tokens_per_second  # step 1 includes warm-up
         tps = statistics.median(steady) if steady else 0.0
-        write_section(run.report_dir, "pretrain", dict(
+        _record(run, "pretrain", dict(
             model_config=config.to_dict(), params=params, flops_per_token=flops,
             num_iterations=plan.num_iterations, total_batch_size=plan.total_batch_size,
             world_size=run.dist.world_size, device=device, dtype=str(run.dtype).removeprefix("torch."),
@@ -350,7 +371,7 @@ def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, .
         steady = state.tokens_per_second[1:] or state.tokens_per_second
         tps = statistics.median(steady) if steady else 0.0
         useful = state.target_tokens_per_second[1:] or state.target_tokens_per_second
-        write_section(run.report_dir, stage, dict(
+        _record(run, stage, dict(
             iterations=iterations, conversations=len(train_mix), task_sources=sources, losses=state.losses,
             evals=state.evals, final_loss=state.losses[-1][1] if state.losses else float("nan"),
             val_bpb=state.evals[-1]["val_bpb"] if state.evals else None, median_tokens_per_second=tps,
@@ -437,7 +458,7 @@ def stage_rl(run: Run, t0: float) -> None:
     bar.close()
     after = measure()
     if run.dist.is_master:
-        write_section(run.report_dir, "rl", dict(
+        _record(run, "rl", dict(
             task=test_task.name, source=test_task.source, precision=str(dtype).removeprefix("torch."),
             steps=s.rl_steps, questions_per_step=s.rl_questions, samples=s.rl_samples, lr_scale=s.rl_lr_scale,
             history=history, heldout_before={m: accuracy(v) for m, v in before.items()},
@@ -454,31 +475,32 @@ CHAT_EVAL_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "s
 
 
 def stage_eval(run: Run, t0: float) -> None:
-    """CORE for the base model; the chat tasks and ChatCORE for every later checkpoint present."""
-    s = run.settings
+    """CORE for the base model; the chat tasks and ChatCORE for every later checkpoint present.
+    Every rank scores its share of each task's examples; the counts are summed."""
+    s, shard = run.settings, dict(rank=run.dist.rank, world_size=run.dist.world_size)
+    tokenizer = load_tokenizer(run)
+    limit = None if s.eval_examples < 0 else s.eval_examples
+    results: dict[str, dict] = {}
+    for stage in ("pretrain", "midtrain", "sft", "rl"):
+        if checkpoint.latest_step(run.checkpoint_dir(CHECKPOINTS[stage])) is None:
+            continue
+        model = load_stage_model(run, stage).eval()
+        label = CHECKPOINTS[stage]
+        if stage == "pretrain":
+            bundle = core_eval.ensure_bundle(run.base, download=s.download_tasks)
+            tasks = core_eval.load_core_tasks(bundle) if bundle else core_eval.offline_core_tasks(seed=s.seed)
+            results[label] = {"core": core_eval.evaluate_core(model, tokenizer, tasks, max_per_task=limit, **shard)}
+            print0(f"eval {label}: CORE {results[label]['core']['core']:.4f} ({results[label]['core']['source']})")
+            continue
+        per_task = {}
+        for name in CHAT_EVAL_TASKS:
+            task = _load_task(run, name, "test")
+            per_task[name] = evaluate_task(model, tokenizer, task, max_examples=limit,
+                                           max_new_tokens=s.eval_max_tokens, **shard)
+            print0(f"eval {label} {name}: {per_task[name]['accuracy']:.4f} ({task.source}, n={per_task[name]['n']})")
+        results[label] = {"tasks": per_task, "chatcore": chatcore(per_task)}
     if run.dist.is_master:
-        tokenizer = load_tokenizer(run)
-        limit = None if s.eval_examples < 0 else s.eval_examples
-        results: dict[str, dict] = {}
-        for stage in ("pretrain", "midtrain", "sft", "rl"):
-            if checkpoint.latest_step(run.checkpoint_dir(CHECKPOINTS[stage])) is None:
-                continue
-            model = load_stage_model(run, stage).eval()
-            label = CHECKPOINTS[stage]
-            if stage == "pretrain":
-                bundle = core_eval.ensure_bundle(run.base, download=s.download_tasks)
-                tasks = core_eval.load_core_tasks(bundle) if bundle else core_eval.offline_core_tasks(seed=s.seed)
-                results[label] = {"core": core_eval.evaluate_core(model, tokenizer, tasks, max_per_task=limit)}
-                print0(f"eval {label}: CORE {results[label]['core']['core']:.4f} ({results[label]['core']['source']})")
-                continue
-            per_task = {}
-            for name in CHAT_EVAL_TASKS:
-                task = _load_task(run, name, "test")
-                per_task[name] = evaluate_task(model, tokenizer, task, max_examples=limit,
-                                               max_new_tokens=s.eval_max_tokens)
-                print0(f"eval {label} {name}: {per_task[name]['accuracy']:.4f} ({task.source}, n={per_task[name]['n']})")
-            results[label] = {"tasks": per_task, "chatcore": chatcore(per_task)}
-        write_section(run.report_dir, "eval", dict(results=results, seconds=time.perf_counter() - t0))
+        _record(run, "eval", dict(results=results, seconds=time.perf_counter() - t0))
     _join(run, "eval")
 
 

@@ -1,7 +1,7 @@
 """Run settings: four named presets, and command-line overrides of any field."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 
 @dataclass(frozen=True)
@@ -122,3 +122,30 @@ def make_settings(preset: str, **overrides) -> Settings:
     if settings.data not in ("default", "climbmix"):
         raise ValueError(f"unknown data {settings.data!r}: choose 'default' (embedded corpus) or 'climbmix'")
     return settings
+
+
+# What each stage computes depends on these settings and on those of every stage before it, so a
+# finished stage recorded with other values is stale. The rest (OPERATIONAL) change how a run goes,
+# not what it computes: logging, checkpoint cadence, timeouts, memory per step, the kernels' backend.
+STAGE_SETTINGS = {
+    "tokenizer": ("data", "corpus_shards", "corpus_chars", "vocab_size", "tokenizer_chars"),
+    "pretrain": ("depth", "aspect_ratio", "head_dim", "window_pattern", "seq_len", "total_batch_size",
+                 "num_iterations", "target_param_data_ratio", "dtype", "linear_precision", "fp8_recipe", "seed"),
+    "midtrain": ("download_tasks", "task_size", "midtrain_iterations", "finetune_lr_scale"),
+    "sft": ("sft_iterations",),
+    "rl": ("rl_steps", "rl_questions", "rl_samples", "rl_max_tokens", "rl_lr_scale", "rl_eval_examples", "precision"),
+    "eval": ("eval_examples", "eval_max_tokens"),
+}
+OPERATIONAL = ("device_batch_size", "eval_every", "eval_tokens", "save_every", "save_minutes", "keep_checkpoints",
+               "log_every", "sample_tokens", "compile", "kernel_backend", "dist_timeout_minutes", "wait_minutes")
+
+
+def changed_settings(recorded: dict, current: Settings, stage: str) -> dict[str, tuple]:
+    """{name: (recorded value, current value)} for the settings `stage`'s result depends on (its own
+    and every earlier stage's) that differ between `recorded` (asdict of the settings it ran with)
+    and `current`. Stages without settings of their own (report) depend on all."""
+    order = list(STAGE_SETTINGS)
+    upstream = order[:order.index(stage) + 1] if stage in order else order
+    now = asdict(current)
+    return {n: (recorded[n], now[n]) for s in upstream for n in STAGE_SETTINGS[s]
+            if n in recorded and recorded[n] != now[n]}

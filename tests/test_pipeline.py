@@ -332,33 +332,33 @@ def test_speedrun_preset_plans_nanochats_run_on_8_gpus():
 
 
 SLOW_RANKS = """
-# Test scaffolding (tests/test_pipeline.py): rank 1 is slow to fetch the corpus, rank 0 slow to
-# evaluate, each by far longer than the collective timeout the test sets.
+# Test scaffolding (tests/test_pipeline.py): rank 1 is slow to fetch the corpus (45 s, longer than
+# the test's 30 s collective timeout), rank 0 slow to start CORE (10 s, within it).
 import os
 import time
 
 if os.environ.get("RANK") in ("0", "1"):
     from nanofast import core_eval, dataset
 
-    def slowed(fn):
+    def slowed(fn, seconds):
         def wrapper(*args, **kwargs):
-            time.sleep(20)
+            time.sleep(seconds)
             return fn(*args, **kwargs)
         return wrapper
 
     if os.environ["RANK"] == "1":
-        dataset.write_default_corpus = slowed(dataset.write_default_corpus)
+        dataset.write_default_corpus = slowed(dataset.write_default_corpus, 45)
     else:
-        core_eval.evaluate_core = slowed(core_eval.evaluate_core)
+        core_eval.evaluate_core = slowed(core_eval.evaluate_core, 10)
 """
 
 
 def test_two_nodes_with_a_slow_rank_outlast_the_collective_timeout(tmp_path):
     """Two torchrun "nodes" of one rank each on this machine (a loopback rendezvous, one --base-dir),
-    with a 9 s collective timeout: rank 1 spends 20 s fetching the corpus while rank 0 trains the
-    tokenizer, and rank 0 spends 20 s more on CORE while rank 1 has nothing to do. The ranks meet on
-    disk at each stage's end (their own wait), so the run finishes; its evaluation numbers are the
-    ones one process computes on the same checkpoints."""
+    with a 30 s collective timeout: rank 1 spends 45 s fetching the corpus while rank 0 trains the
+    tokenizer; the ranks meet on disk at each stage's end (their own wait), so that does not time
+    out. Both ranks evaluate, each its share (rank 0 starting CORE 10 s late), and the numbers are
+    the ones one process computes on the same checkpoints."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(SLOW_RANKS)
@@ -369,7 +369,7 @@ def test_two_nodes_with_a_slow_rank_outlast_the_collective_timeout(tmp_path):
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=slow-{port}"]
     args = ["train.py", "--stage", "all", "--preset", "smoke", "--base-dir", str(base), "--num-iterations", "4",
-            "--eval-every", "0", "--device-batch-size", "2", "--dist-timeout-minutes", "0.15"]
+            "--eval-every", "0", "--device-batch-size", "2", "--dist-timeout-minutes", "0.5"]
     env = dict(ENV, PYTHONPATH=os.pathsep.join([str(hooks), str(ROOT)]))
     nodes = [subprocess.Popen([*node, f"--node-rank={r}", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
@@ -377,10 +377,33 @@ def test_two_nodes_with_a_slow_rank_outlast_the_collective_timeout(tmp_path):
     for n, (stdout, stderr) in zip(nodes, outs):
         assert n.returncode == 0, stdout[-2000:] + stderr[-3000:]
     assert "report: ran" in "".join(o for o, _ in outs) and section(base, "pretrain")["world_size"] == 2
-    # the slow parts really ran: rank 1 finished the tokenizer stage long after rank 0, CORE took 20 s
+    # the slow parts really ran: rank 1 finished the tokenizer stage long after rank 0, CORE waited
     marks = {r: (base / "sync" / f"tokenizer.rank{r}").stat().st_mtime for r in (0, 1)}
-    assert marks[1] - marks[0] > 10 and section(base, "eval")["seconds"] > 20
+    assert marks[1] - marks[0] > 30 and section(base, "eval")["seconds"] > 10
     two_ranks = section(base, "eval")["results"]
     (base / "report" / "eval.json").unlink()
     assert train.main(["--stage", "eval", "--preset", "smoke", "--base-dir", str(base)]) == 0
     assert section(base, "eval")["results"] == two_ranks
+
+
+def test_stage_all_refuses_finished_stages_that_ran_with_other_settings(ran_all, capsys):
+    """After `--depth 3` the depth-2 pretraining is not this run's: skipping it would mix two runs
+    in one report. The refusal names the stage, the setting and both values; an operational
+    setting (checkpoint cadence) or a later stage's own setting does not stale an earlier stage."""
+    base, _ = ran_all
+    args = ["--stage", "all", "--preset", "smoke", "--base-dir", str(base), "--num-iterations", "8",
+            "--eval-every", "4"]
+    code, err = run_main(capsys, *args, "--depth", "3")
+    assert code == 1 and "finished pretrain stage" in err and "depth=2 (now 3)" in err and "\n" not in err
+    code, err = run_main(capsys, *args, "--eval-examples", "5")
+    assert code == 1 and "finished eval stage" in err and "eval_examples=12 (now 5)" in err
+    assert run_main(capsys, *args, "--save-every", "3", "--save-minutes", "5")[0] == 0  # all skipped, report rebuilt
+
+
+def test_every_setting_is_either_a_stage_input_or_operational():
+    from dataclasses import fields
+
+    from nanofast.presets import OPERATIONAL, STAGE_SETTINGS, Settings
+
+    classified = [n for group in STAGE_SETTINGS.values() for n in group] + list(OPERATIONAL)
+    assert sorted(classified) == sorted(f.name for f in fields(Settings))

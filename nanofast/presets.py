@@ -68,7 +68,7 @@ PRESETS: dict[str, Settings] = {
                       log_every=10, sample_tokens=16, compile=False, task_size=200, midtrain_iterations=10,
                       sft_iterations=10, rl_steps=3, rl_questions=4, rl_samples=4, rl_max_tokens=24,
                       rl_eval_examples=12, eval_examples=12, eval_max_tokens=24),
-    # The README's main job: a tiny model on the embedded corpus, every stage, in 27 minutes on 2 cores.
+    # The README's main job: a tiny model on the embedded corpus, every stage, in 18-27 minutes on 2 cores.
     "cpu": Settings(corpus_shards=8, vocab_size=8192, tokenizer_chars=50_000_000, depth=4, head_dim=64,
                     window_pattern="SSSL", seq_len=512, device_batch_size=8, total_batch_size=4096,
                     num_iterations=300, eval_every=100, eval_tokens=64 * 1024, log_every=20, compile=False,

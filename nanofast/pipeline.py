@@ -238,6 +238,18 @@ def load_tokenizer(run: Run) -> Tokenizer:
     return Tokenizer.load(run.tokenizer_dir)  # one-line FileNotFoundError naming the stage to run
 
 
+def split_bpb(run: Run, model: GPT, tokenizer: Tokenizer, split: str, token_bytes: torch.Tensor | None = None) -> float:
+    """Bits per byte of `model` on the first `eval_tokens` tokens of the corpus' `split` ("train"
+    or "val"), each rank reading its share (summed in evaluate_bpb)."""
+    s = run.settings
+    steps = max(1, s.eval_tokens // (s.device_batch_size * s.seq_len * run.dist.world_size))
+    if token_bytes is None:
+        token_bytes = tokenizer.token_bytes().to(run.device)
+    with PackedLoader(tokenizer, run.data_dir, s.device_batch_size, s.seq_len, split=split, rank=run.dist.rank,
+                      world_size=run.dist.world_size, device=run.device, loop=False) as loader:
+        return evaluate_bpb(model, ((x, y) for x, y, _ in itertools.islice(loader, steps)), token_bytes)
+
+
 def stage_pretrain(run: Run, t0: float) -> None:
     s, device = run.settings, run.device
     tokenizer = load_tokenizer(run)
@@ -260,13 +272,9 @@ def stage_pretrain(run: Run, t0: float) -> None:
     print0(f"model {config} | {params['total']:,} params | {flops:.3e} FLOPs/token | {plan}")
     loader = PackedLoader(tokenizer, run.data_dir, s.device_batch_size, s.seq_len, split="train",
                           rank=run.dist.rank, world_size=run.dist.world_size, device=device, state=loader_state)
-    eval_steps = max(1, s.eval_tokens // (s.device_batch_size * s.seq_len * run.dist.world_size))
 
     def evaluate() -> dict:
-        with PackedLoader(tokenizer, run.data_dir, s.device_batch_size, s.seq_len, split="val", rank=run.dist.rank,
-                          world_size=run.dist.world_size, device=device, loop=False) as val:
-            batches = ((x, y) for x, y, _ in itertools.islice(val, eval_steps))
-            return {"val_bpb": evaluate_bpb(model, batches, token_bytes)}
+        return {"val_bpb": split_bpb(run, model, tokenizer, "val", token_bytes)}
 
     settings = LoopSettings(num_iterations=plan.num_iterations, grad_accum=plan.grad_accum,
                             eval_every=s.eval_every, save_every=s.save_every, save_minutes=s.save_minutes,
@@ -489,8 +497,10 @@ def stage_eval(run: Run, t0: float) -> None:
         if stage == "pretrain":
             bundle = core_eval.ensure_bundle(run.base, download=s.download_tasks)
             tasks = core_eval.load_core_tasks(bundle) if bundle else core_eval.offline_core_tasks(seed=s.seed)
-            results[label] = {"core": core_eval.evaluate_core(model, tokenizer, tasks, max_per_task=limit, **shard)}
-            print0(f"eval {label}: CORE {results[label]['core']['core']:.4f} ({results[label]['core']['source']})")
+            results[label] = {"core": core_eval.evaluate_core(model, tokenizer, tasks, max_per_task=limit, **shard),
+                              "bpb": {split: split_bpb(run, model, tokenizer, split) for split in ("train", "val")}}
+            print0(f"eval {label}: CORE {results[label]['core']['core']:.4f} ({results[label]['core']['source']}), "
+                   f"bpb train {results[label]['bpb']['train']:.4f} val {results[label]['bpb']['val']:.4f}")
             continue
         per_task = {}
         for name in CHAT_EVAL_TASKS:

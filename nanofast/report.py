@@ -153,6 +153,10 @@ def build_report(report_dir: str | Path, out_path: str | Path) -> Path:
         core = results.get("base", {}).get("core")
         lines.append("| CORE | " + " | ".join([f"{core['core']:.4f} ({core['source']})" if core else "-"]
                                              + ["-"] * (len(MODEL_LABELS) - 1)) + " |")
+        bpb = results.get("base", {}).get("bpb")
+        if bpb:
+            lines.append(f"| bpb train / val | {bpb['train']:.4f} / {bpb['val']:.4f} | "
+                         + " | ".join(["-"] * (len(MODEL_LABELS) - 1)) + " |")
         for task in (*CHAT_COLUMNS, "chatcore"):
             cells = []
             for key, _ in MODEL_LABELS:

@@ -112,6 +112,8 @@ def test_stage_all_runs_end_to_end_and_skips_finished_stages(ran_all):
     assert rl["mean_kl"] < 1e-4  # fp32 sampler and trainer agree (same maths, different kernels)
     results = section(base, "eval")["results"]
     assert set(results) == {"base", "mid", "sft", "rl"} and results["base"]["core"]["source"] == "offline"
+    bpb = results["base"]["bpb"]  # after training, on the corpus' train and val splits
+    assert 0 < bpb["train"] < 10 and 0 < bpb["val"] < 10 and f"| bpb train / val | {bpb['train']:.4f}" in report
     for label in ("mid", "sft", "rl"):
         assert {t["source"] for t in results[label]["tasks"].values()} == {"offline"}
         assert results[label]["chatcore"] is not None
@@ -380,10 +382,14 @@ def test_two_nodes_with_a_slow_rank_outlast_the_collective_timeout(tmp_path):
     # the slow parts really ran: rank 1 finished the tokenizer stage long after rank 0, CORE waited
     marks = {r: (base / "sync" / f"tokenizer.rank{r}").stat().st_mtime for r in (0, 1)}
     assert marks[1] - marks[0] > 30 and section(base, "eval")["seconds"] > 10
+    def task_scores(results: dict) -> dict:  # bpb reads each rank's row groups: other tokens per world size
+        return {label: {k: v for k, v in r.items() if k != "bpb"} for label, r in results.items()}
+
     two_ranks = section(base, "eval")["results"]
     (base / "report" / "eval.json").unlink()
     assert train.main(["--stage", "eval", "--preset", "smoke", "--base-dir", str(base)]) == 0
-    assert section(base, "eval")["results"] == two_ranks
+    assert task_scores(section(base, "eval")["results"]) == task_scores(two_ranks)
+    assert "bpb" in two_ranks["base"]
 
 
 def test_stage_all_refuses_finished_stages_that_ran_with_other_settings(ran_all, capsys):

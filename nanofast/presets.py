@@ -86,7 +86,8 @@ PRESETS: dict[str, Settings] = {
     "rehearsal": Settings(corpus_shards=4, corpus_chars=3_000_000, vocab_size=512, tokenizer_chars=400_000,
                           depth=1, head_dim=32, seq_len=64, device_batch_size=2, total_batch_size=256,
                           num_iterations=6, eval_every=3, eval_tokens=256, save_every=2, log_every=1,
-                          sample_tokens=4, dtype="bf16", linear_precision="fp8", kernel_backend="triton",
+                          sample_tokens=4, dtype="bf16", linear_precision="attn=fp8,mlp=fp8,lm_head=fp8",
+                          kernel_backend="triton",
                           task_size=40, midtrain_iterations=3, sft_iterations=3, rl_steps=2, rl_questions=2,
                           rl_samples=2, rl_max_tokens=8, rl_eval_examples=4, eval_examples=4, eval_max_tokens=8),
     # nanochat's runs/speedrun.sh on 8xH100: depth 24, param:data ratio 8, fp8 pretraining (every

@@ -8,9 +8,11 @@
   mid-training and SFT. Inductor emits C++ here and Triton on the GPU; the fp8 linears are
   torch.library custom ops, opaque to both.
 - `dtype=bf16`: the H100's compute dtype for activations, the engine's KV cache and RL's sampler.
-- `linear_precision=fp8`: pretraining's attention and MLP linears run FP8 GEMMs (E4M3 operands,
-  E5M2 gradients, tensorwise scales): Triton's FP8 kernels, QGMMA on an H100, run here by the
-  interpreter on the same source. (The speedrun adds lm_head; mid-training and SFT are bf16.)
+- `linear_precision`, the speedrun's (attention, MLP and lm_head in fp8): pretraining's linears run
+  FP8 GEMMs (E4M3 operands, E5M2 gradients, tensorwise scales): Triton's FP8 kernels, QGMMA on an
+  H100, run here by the interpreter on the same source. Mid-training and SFT are bf16, as there.
+- the speedrun's checkpoint defaults: every 30 minutes (a per-step all-reduce of the time flag)
+  and every 2 steps here, the 2 newest kept.
 - `kernel_backend=triton` (TRITON_INTERPRET=1): every op the GPU sends to a kernel (the norms,
   fused QK-norm+rotary, paged KV writes and decode, FP8 quantisation and GEMMs, Muon's
   Newton-Schulz) runs its Triton kernel, not the torch fallback a CPU run would pick.
@@ -39,6 +41,7 @@ from pathlib import Path
 import pytest
 
 from killing import kill_once_saved
+from nanofast.presets import make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 # The interpreter, with fused multiply-adds as the GPU compiles them; one thread per rank (2 cores).
@@ -87,7 +90,7 @@ def test_every_training_stage_learns_in_bf16_with_fp8_linears(rehearsed):
     base, _ = rehearsed
     pre = section(base, "pretrain")
     assert (pre["dtype"], pre["linear_precision"], pre["kernel_backend"], pre["compile"]) \
-        == ("bfloat16", "fp8", "triton", True)
+        == ("bfloat16", make_settings("speedrun").linear_precision, "triton", True)
     for stage in ("midtrain", "sft"):
         sec = section(base, stage)
         assert len(sec["losses"]) == sec["iterations"] == 3

@@ -13,7 +13,7 @@ from nanofast.common import autodetect_device, base_dir, init_distributed, print
 from nanofast.kernels import BACKENDS
 from nanofast.ops import KERNEL_BACKEND_HELP
 from nanofast.pipeline import STAGES, Run, report_path, run_stages
-from nanofast.presets import PRESETS, make_settings
+from nanofast.presets import PRESETS, check_run_name, make_settings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,6 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="default: speedrun with a GPU, cpu without")
     p.add_argument("--base-dir", default=None, help="artefact folder (env NANOFAST_BASE_DIR, default ~/.cache/nanofast)")
+    p.add_argument("--run-name", default=None,
+                   help="this run's folder, <base-dir>/runs/NAME (default: from the architecture, e.g. d24)")
     p.add_argument("--data", choices=["default", "climbmix"], default=None, help="pretraining corpus")
     p.add_argument("--depth", type=int, default=None, help="the model-size dial (d_model = 64 x depth)")
     p.add_argument("--head-dim", type=int, default=None)
@@ -78,13 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = autodetect_device()
     preset = args.preset or ("speedrun" if device == "cuda" else "cpu")
-    overrides = {k: v for k, v in vars(args).items() if k not in ("stage", "preset", "base_dir")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("stage", "preset", "base_dir", "run_name")}
     try:
         settings = make_settings(preset, **overrides)
+        name = check_run_name(args.run_name) if args.run_name is not None else None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run = Run(settings=settings, base=base_dir(args.base_dir), device=device, dist=init_distributed(device, settings.dist_timeout_minutes))
+    run = Run(settings=settings, base=base_dir(args.base_dir), device=device,
+              dist=init_distributed(device, settings.dist_timeout_minutes), name=name)
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     try:
         outcome = run_stages(run, stages)

@@ -29,12 +29,15 @@ NO_CHECKPOINT = "run `python train.py --stage all` first or pass --checkpoint"
 
 
 def default_checkpoint(base: Path | None = None) -> Path | None:
-    """The first of `<base>/checkpoints/{sft,mid,base}` holding a model file, or None."""
+    """The most post-trained checkpoint folder (sft, then mid, then base) holding a model file: of
+    `base` itself if it is a run directory, else of the most recently trained run in `<base>/runs/`;
+    None if there is none."""
     root = Path(base) if base is not None else base_dir()
-    for stage in CHECKPOINT_STAGES:
-        directory = root / "checkpoints" / stage
-        if latest_step(directory) is not None:
-            return directory
+    runs = sorted((root / "runs").glob("*/checkpoints"), key=lambda d: d.stat().st_mtime, reverse=True)
+    for checkpoints in [root / "checkpoints", *runs]:
+        for stage in CHECKPOINT_STAGES:
+            if latest_step(checkpoints / stage) is not None:
+                return checkpoints / stage
     return None
 
 
@@ -82,7 +85,7 @@ def load_model(checkpoint: str | Path | None, tokenizer_dir: str | Path | None,
     if checkpoint is None:
         checkpoint = default_checkpoint()
         if checkpoint is None:
-            where = base_dir() / "checkpoints"
+            where = base_dir() / "runs" / "*" / "checkpoints"
             raise CheckpointError(f"no checkpoint in {where}/{{{','.join(CHECKPOINT_STAGES)}}}: {NO_CHECKPOINT}")
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():

@@ -1,9 +1,12 @@
 """The stages `train.py` runs: tokenizer -> pretrain -> ... -> report, each resumable and skippable."""
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import os
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +26,7 @@ from nanofast.evaluate import evaluate_bpb
 from nanofast.model import GPT, config_for_depth, parse_linear_precision
 from nanofast.optim import MuonAdamW, apply_schedules
 from nanofast.precision import precision_report, precision_table
-from nanofast.presets import Settings, changed_settings
+from nanofast.presets import STAGE_SETTINGS, Settings, changed_settings, default_run_name
 from nanofast.report import build_report, read_section, write_section
 from nanofast.rl import grpo_loss, policy_batch, rollouts
 from nanofast.tasks import TaskMixture, load_task
@@ -42,10 +45,18 @@ REF_BATCH = 2 ** 19
 
 @dataclass
 class Run:
+    """One run: its settings, and where it writes. `base` holds what runs share (the corpus, the
+    task data, the CORE bundle); `dir` = `<base>/runs/<name>` holds what is this run's (tokenizer,
+    checkpoints, report sections, report.md), so two runs never mix."""
     settings: Settings
     base: Path
     device: str
     dist: Dist
+    name: str | None = None           # None: default_run_name(settings)
+
+    @property
+    def dir(self) -> Path:
+        return self.base / "runs" / (self.name or default_run_name(self.settings))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -57,14 +68,14 @@ class Run:
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.base / "tokenizer"
+        return self.dir / "tokenizer"
 
     @property
     def report_dir(self) -> Path:
-        return self.base / "report"
+        return self.dir / "report"
 
     def checkpoint_dir(self, stage: str) -> Path:
-        return self.base / "checkpoints" / stage
+        return self.dir / "checkpoints" / stage
 
 
 def stage_done(run: Run, stage: str) -> bool:
@@ -84,9 +95,9 @@ def _check_done(run: Run, stage: str) -> None:
     changed = changed_settings(recorded, run.settings, stage) if recorded else {}
     if changed:
         what = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
-        raise ValueError(f"the finished {stage} stage in {run.base} ran with {what}: use another --base-dir "
-                         f"for this run, or delete {run.report_dir / f'{stage}.json'} and the later stages' "
-                         f"sections to redo it")
+        raise ValueError(f"the finished {stage} stage of run {run.dir.name} ran with {what}: pass --run-name "
+                         f"to start another run, run `--stage {stage}` alone to redo it, or delete "
+                         f"{run.report_dir / f'{stage}.json'}")
 
 
 def run_stages(run: Run, stages: list[str]) -> dict[str, str]:
@@ -123,7 +134,7 @@ def _join(run: Run, stage: str) -> None:
     fails ends the job through torchrun. Multi-node runs need a shared --base-dir."""
     if run.dist.world_size == 1:
         return
-    sync = run.base / "sync"
+    sync = run.dir / "sync"
     sync.mkdir(parents=True, exist_ok=True)
     launch = os.environ.get("TORCHELASTIC_RUN_ID", "")
     marker = sync / f"{stage}.rank{run.dist.rank}"
@@ -167,22 +178,45 @@ def training_texts(data_dir: Path, max_chars: int, counter: list[int]):
                 return
 
 
+def tokenizer_cache(run: Run) -> Path:
+    """Where runs share a trained tokenizer: one folder per value of the tokenizer's settings, so
+    a depth sweep trains it once (nanochat shares one across model tags)."""
+    s = run.settings
+    key = json.dumps({n: getattr(s, n) for n in STAGE_SETTINGS["tokenizer"]}, sort_keys=True)
+    return run.base / "tokenizers" / f"v{s.vocab_size}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
 def stage_tokenizer(run: Run, t0: float) -> None:
+    """Train the BPE tokenizer into the run's folder, or copy the one an earlier run trained with
+    the same settings (`tokenizer_cache`), with its measured compression."""
     ensure_corpus(run)
     if run.dist.is_master:
-        chars = [0]
-        t_train = time.perf_counter()
-        tokenizer = Tokenizer.train(training_texts(run.data_dir, run.settings.tokenizer_chars, chars),
-                                    vocab_size=run.settings.vocab_size)
-        train_seconds = time.perf_counter() - t_train
-        tokenizer.save(run.tokenizer_dir)
-        val_texts = list(itertools.islice(
-            (t for _, ts in dataset.iter_documents(dataset.split_shards(run.data_dir, "val")) for t in ts), 200))
-        report = compression_report(tokenizer, val_texts)
-        _record(run, "tokenizer", dict(
-            vocab_size=tokenizer.vocab_size, train_chars=chars[0], train_seconds=train_seconds,
-            compression=report, compression_table=compression_table(report), seconds=time.perf_counter() - t0))
-        print0(compression_table(report))
+        cache = tokenizer_cache(run)
+        if (cache / "section.json").is_file():  # written last: the cached tokenizer is whole
+            shutil.copytree(cache, run.tokenizer_dir, dirs_exist_ok=True)
+            data = json.loads((cache / "section.json").read_text())
+            print0(f"tokenizer: the one trained with these settings, from {cache}")
+        else:
+            chars = [0]
+            t_train = time.perf_counter()
+            tokenizer = Tokenizer.train(training_texts(run.data_dir, run.settings.tokenizer_chars, chars),
+                                        vocab_size=run.settings.vocab_size)
+            train_seconds = time.perf_counter() - t_train
+            tokenizer.save(run.tokenizer_dir)
+            val_texts = list(itertools.islice(
+                (t for _, ts in dataset.iter_documents(dataset.split_shards(run.data_dir, "val")) for t in ts), 200))
+            report = compression_report(tokenizer, val_texts)
+            data = dict(vocab_size=tokenizer.vocab_size, train_chars=chars[0], train_seconds=train_seconds,
+                        compression=report, compression_table=compression_table(report))
+            tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+            shutil.copytree(run.tokenizer_dir, tmp, dirs_exist_ok=True)
+            (tmp / "section.json").write_text(json.dumps(data))
+            try:
+                tmp.rename(cache)
+            except OSError:  # another run cached the same tokenizer meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+        _record(run, "tokenizer", dict(data, seconds=time.perf_counter() - t0))
+        print0(data["compression_table"])
     _join(run, "tokenizer")
 
 
@@ -516,7 +550,7 @@ def stage_eval(run: Run, t0: float) -> None:
 
 # ---- report -----------------------------------------------------------------------------------
 def report_path(run: Run) -> Path:
-    return run.base / "report.md"
+    return run.dir / "report.md"
 
 
 def stage_report(run: Run, t0: float) -> None:

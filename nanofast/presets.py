@@ -141,6 +141,27 @@ OPERATIONAL = ("device_batch_size", "eval_every", "eval_tokens", "save_every", "
                "log_every", "sample_tokens", "compile", "kernel_backend", "dist_timeout_minutes", "wait_minutes")
 
 
+# The architecture: a run directory per combination (nanochat's --model-tag, default d<depth>).
+MODEL_SETTINGS = (("depth", "d"), ("aspect_ratio", "a"), ("head_dim", "h"), ("window_pattern", "w"),
+                  ("seq_len", "s"), ("vocab_size", "v"))
+
+
+def default_run_name(s: Settings) -> str:
+    """`d<depth>`, plus each other architecture setting that differs from Settings()'s default, e.g.
+    the speedrun's "d24" and the smoke preset's "d2-h64-wSL-s128-v1024". The other settings a stage
+    depends on do not name the directory: a changed one is refused there, by name (`changed_settings`)."""
+    default = Settings()
+    return "-".join(f"{tag}{getattr(s, name)}" for name, tag in MODEL_SETTINGS
+                    if name == "depth" or getattr(s, name) != getattr(default, name))
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one path component of letters, digits, '.', '_' or '-' (it names a folder)."""
+    if not name or name.startswith(".") or not all(c.isalnum() or c in "._-" for c in name):
+        raise ValueError(f"--run-name {name!r}: expected letters, digits, '.', '_' or '-', not starting with '.'")
+    return name
+
+
 def changed_settings(recorded: dict, current: Settings, stage: str) -> dict[str, tuple]:
     """{name: (recorded value, current value)} for the settings `stage`'s result depends on (its own
     and every earlier stage's) that differ between `recorded` (asdict of the settings it ran with)

@@ -61,6 +61,17 @@ def test_default_checkpoint_prefers_sft(base, tmp_path, monkeypatch):
     assert chat.default_checkpoint(tmp_path) is None
 
 
+def test_default_checkpoint_of_a_base_dir_is_the_latest_runs(base, tmp_path):
+    """train.py writes each run under <base-dir>/runs/<name>: the most recently trained run wins,
+    and within it the most post-trained checkpoint."""
+    model = tiny_model(tiny_tokenizer())
+    save_checkpoint(tmp_path / "runs" / "d2" / "checkpoints" / "sft", 1, model, None, meta={})
+    save_checkpoint(tmp_path / "runs" / "d3" / "checkpoints" / "base", 1, model, None, meta={})
+    newer = tmp_path / "runs" / "d3" / "checkpoints"
+    os.utime(newer, (newer.stat().st_mtime + 10,) * 2)
+    assert chat.default_checkpoint(tmp_path) == newer / "base"
+
+
 def test_one_shot_prompt(base, reference):
     expected, _ = answer(reference, [reference[0].bos_token_id, *user_turn(reference[0], "Hi there")], 10)
     code, out, err = run_main(["--checkpoint", str(base / "checkpoints" / "sft"), "-p", "Hi there",

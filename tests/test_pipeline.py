@@ -13,10 +13,15 @@ import torch
 
 import train
 from killing import kill_once_saved
-from nanofast.presets import make_settings
+from nanofast.presets import default_run_name, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+RUN = default_run_name(make_settings("smoke"))  # train.py's folder for the preset's run
+
+
+def run_dir(base: Path) -> Path:
+    return base / "runs" / RUN
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +42,15 @@ def pretrain(base: Path, *extra: str) -> int:
 
 
 def section(base: Path, stage: str) -> dict:
-    return json.loads((base / "report" / f"{stage}.json").read_text())
+    return json.loads((run_dir(base) / "report" / f"{stage}.json").read_text())
 
 
 def interrupt_before(base: Path, stage: str, checkpoints: str, step: int) -> None:
     """Make a finished run look killed before it saved `step`: drop that step's checkpoint files
     (model, meta, every rank's optimizer shard) and the stage's report section."""
-    for f in (base / "checkpoints" / checkpoints).glob(f"*{step:06d}*"):
+    for f in (run_dir(base) / "checkpoints" / checkpoints).glob(f"*{step:06d}*"):
         f.unlink()
-    (base / "report" / f"{stage}.json").unlink()
+    (run_dir(base) / "report" / f"{stage}.json").unlink()
 
 
 def test_resume_reproduces_the_uninterrupted_run(tokenized, tmp_path):
@@ -60,7 +65,7 @@ def test_resume_reproduces_the_uninterrupted_run(tokenized, tmp_path):
     assert [s for s, _ in resumed["losses"]] == list(range(1, 7))
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"]), atol=1e-6, rtol=0)
     assert resumed["val_bpb"] == pytest.approx(full["val_bpb"], abs=1e-6)
-    a = torch.load(base / "checkpoints" / "base" / "model_000006.pt")
+    a = torch.load(run_dir(base) / "checkpoints" / "base" / "model_000006.pt")
     assert all(torch.isfinite(v).all() for v in a.values())
 
 
@@ -83,8 +88,8 @@ def test_stage_all_runs_end_to_end_and_skips_finished_stages(ran_all):
     cmd = stage_all(base)
     assert ("tokenizer: ran; pretrain: ran; midtrain: ran; sft: ran; rl: ran; eval: ran; report: ran"
             in out.stdout), out.stdout[-3000:]
-    assert f"report: {base / 'report.md'}" in out.stdout
-    report = (base / "report.md").read_text()
+    assert f"report: {run_dir(base) / 'report.md'}" in out.stdout
+    report = (run_dir(base) / "report.md").read_text()
     for needle in ("## System", "git_commit", "## Tokenizer", "bytes/token", "val bpb", "tokens/s",
                    "![loss curve](loss_curve.png)", "## Mid-training", "## SFT", "## RL (GRPO)",
                    "held-out accuracy", "KL(engine||trainer)", "## Metrics", "| CORE | ", "| ChatCORE |",
@@ -92,7 +97,7 @@ def test_stage_all_runs_end_to_end_and_skips_finished_stages(ran_all):
         assert needle in report, needle
     assert "Stages without results" not in report
     for png in ("loss_curve.png", "loss_midtrain.png", "loss_sft.png", "rl_curve.png"):
-        assert (base / png).read_bytes()[:4] == b"\x89PNG", png
+        assert (run_dir(base) / png).read_bytes()[:4] == b"\x89PNG", png
     pre = section(base, "pretrain")
     assert pre["num_iterations"] == 8 and len(pre["losses"]) == 8 and pre["mfu"] is None
     assert pre["losses"][-1][1] < pre["losses"][0][1]  # it learns
@@ -130,14 +135,14 @@ def test_killed_in_each_training_stage_it_resumes_with_the_same_losses(ran_all, 
     base = tmp_path / "killed"
     cmd = [*stage_all(base), "--save-every", "2"]
     for stage, checkpoints in (("pretrain", "base"), ("midtrain", "mid"), ("sft", "sft")):
-        kill_once_saved(cmd, ROOT, ENV, base / "checkpoints" / checkpoints, 2, tmp_path / f"{stage}.log")
-        assert not (base / "report" / f"{stage}.json").exists(), f"{stage} finished before the kill"
+        kill_once_saved(cmd, ROOT, ENV, run_dir(base) / "checkpoints" / checkpoints, 2, tmp_path / f"{stage}.log")
+        assert not (run_dir(base) / "report" / f"{stage}.json").exists(), f"{stage} finished before the kill"
         if stage != "pretrain":
-            assert f"resumed from {base / 'checkpoints' / last} at step 2" in (tmp_path / f"{stage}.log").read_text()
+            assert f"resumed from {run_dir(base) / 'checkpoints' / last} at step 2" in (tmp_path / f"{stage}.log").read_text()
         last = checkpoints
     out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"resumed from {base / 'checkpoints' / 'sft'} at step 2" in out.stdout
+    assert f"resumed from {run_dir(base) / 'checkpoints' / 'sft'} at step 2" in out.stdout
     for stage in ("pretrain", "midtrain", "sft"):
         assert section(base, stage)["losses"] == section(reference, stage)["losses"], stage
 
@@ -155,7 +160,7 @@ def test_torchrun_two_processes_train_and_resume_exactly(tokenized, tmp_path):
 
     full = torchrun()
     assert full["world_size"] == 2 and len(full["losses"]) == 4
-    ckpt = base / "checkpoints" / "base"
+    ckpt = run_dir(base) / "checkpoints" / "base"
     assert (ckpt / "optim_000004_rank1.pt").exists()
     # Each rank resumes its own loader position: the resumed run repeats the uninterrupted one.
     interrupt_before(base, "pretrain", "base", 4)
@@ -204,7 +209,8 @@ def test_missing_tokenizer_is_a_one_line_error(tmp_path, capsys):
 
 def test_impossible_model_shape_is_a_one_line_error(tokenized, tmp_path, capsys):
     base = copy_base(tokenized, tmp_path / "shape")
-    code, err = run_main(capsys, "--stage", "pretrain", "--preset", "smoke", "--base-dir", str(base), "--head-dim", "3")
+    code, err = run_main(capsys, "--stage", "pretrain", "--preset", "smoke", "--base-dir", str(base), "--head-dim", "3",
+                         "--run-name", RUN)  # the tokenized run's folder (by default head dim 3 names another)
     assert code == 1 and "impossible model shape" in err and "\n" not in err
 
 
@@ -220,8 +226,8 @@ def test_corrupt_checkpoint_is_a_one_line_error(tokenized, tmp_path, capsys):
     base = copy_base(tokenized, tmp_path / "corrupt")
     assert pretrain(base, "--num-iterations", "2", "--eval-every", "0") == 0
     capsys.readouterr()
-    (base / "checkpoints" / "base" / "model_000002.pt").write_bytes(b"garbage")
-    (base / "report" / "pretrain.json").unlink()
+    (run_dir(base) / "checkpoints" / "base" / "model_000002.pt").write_bytes(b"garbage")
+    (run_dir(base) / "report" / "pretrain.json").unlink()
     code, err = run_main(capsys, "--stage", "pretrain", "--preset", "smoke", "--base-dir", str(base))
     assert code == 1 and "corrupt" in err and "\n" not in err
 
@@ -271,7 +277,7 @@ def test_rl_in_fp16_with_loss_scaling_logs_the_mismatch(sft_base, tmp_path):
     assert sec["precision"] == "float16" and len(sec["history"]) == 3
     for row in sec["history"]:
         assert math.isfinite(row["loss"]) and 0 <= row["kl_engine_trainer"] < 1.0 and row["logp_abs_diff"] >= 0
-    report = base / "report.md"
+    report = run_dir(base) / "report.md"
     assert train.main(["--stage", "report", "--preset", "smoke", "--base-dir", str(base)]) == 0
     assert "precision float16" in report.read_text()
 
@@ -293,8 +299,8 @@ def test_rl_resumes_exactly(sft_base, tmp_path):
 def test_sft_trains_compiled(sft_base, tmp_path):
     """Mid-training and SFT compile their step too when --compile is on (the speedrun's default)."""
     base = copy_base(sft_base, tmp_path / "compiled_sft")
-    shutil.rmtree(base / "checkpoints" / "sft")
-    (base / "report" / "sft.json").unlink()
+    shutil.rmtree(run_dir(base) / "checkpoints" / "sft")
+    (run_dir(base) / "report" / "sft.json").unlink()
     assert train.main(["--stage", "sft", "--preset", "smoke", "--base-dir", str(base), "--sft-iterations", "4",
                        "--compile"]) == 0
     losses = section(base, "sft")["losses"]
@@ -303,7 +309,7 @@ def test_sft_trains_compiled(sft_base, tmp_path):
 
 def test_sft_resumes_exactly(sft_base, tmp_path):
     base = copy_base(sft_base, tmp_path / "sft")
-    shutil.rmtree(base / "checkpoints" / "sft")
+    shutil.rmtree(run_dir(base) / "checkpoints" / "sft")
     args = ["--stage", "sft", "--preset", "smoke", "--base-dir", str(base), "--sft-iterations", "6",
             "--save-every", "3", "--eval-every", "3"]
     assert train.main(args) == 0
@@ -380,30 +386,51 @@ def test_two_nodes_with_a_slow_rank_outlast_the_collective_timeout(tmp_path):
         assert n.returncode == 0, stdout[-2000:] + stderr[-3000:]
     assert "report: ran" in "".join(o for o, _ in outs) and section(base, "pretrain")["world_size"] == 2
     # the slow parts really ran: rank 1 finished the tokenizer stage long after rank 0, CORE waited
-    marks = {r: (base / "sync" / f"tokenizer.rank{r}").stat().st_mtime for r in (0, 1)}
+    marks = {r: (run_dir(base) / "sync" / f"tokenizer.rank{r}").stat().st_mtime for r in (0, 1)}
     assert marks[1] - marks[0] > 30 and section(base, "eval")["seconds"] > 10
     def task_scores(results: dict) -> dict:  # bpb reads each rank's row groups: other tokens per world size
         return {label: {k: v for k, v in r.items() if k != "bpb"} for label, r in results.items()}
 
     two_ranks = section(base, "eval")["results"]
-    (base / "report" / "eval.json").unlink()
+    (run_dir(base) / "report" / "eval.json").unlink()
     assert train.main(["--stage", "eval", "--preset", "smoke", "--base-dir", str(base)]) == 0
     assert task_scores(section(base, "eval")["results"]) == task_scores(two_ranks)
     assert "bpb" in two_ranks["base"]
 
 
 def test_stage_all_refuses_finished_stages_that_ran_with_other_settings(ran_all, capsys):
-    """After `--depth 3` the depth-2 pretraining is not this run's: skipping it would mix two runs
+    """After `--seed 7` the seed-42 pretraining is not this run's: skipping it would mix two runs
     in one report. The refusal names the stage, the setting and both values; an operational
     setting (checkpoint cadence) or a later stage's own setting does not stale an earlier stage."""
     base, _ = ran_all
     args = ["--stage", "all", "--preset", "smoke", "--base-dir", str(base), "--num-iterations", "8",
             "--eval-every", "4"]
-    code, err = run_main(capsys, *args, "--depth", "3")
-    assert code == 1 and "finished pretrain stage" in err and "depth=2 (now 3)" in err and "\n" not in err
+    code, err = run_main(capsys, *args, "--seed", "7")
+    assert code == 1 and "finished pretrain stage" in err and "seed=42 (now 7)" in err and "\n" not in err
     code, err = run_main(capsys, *args, "--eval-examples", "5")
     assert code == 1 and "finished eval stage" in err and "eval_examples=12 (now 5)" in err
     assert run_main(capsys, *args, "--save-every", "3", "--save-minutes", "5")[0] == 0  # all skipped, report rebuilt
+
+
+def test_each_run_has_its_own_directory(ran_all, capsys):
+    """The architecture names the run's folder (another depth is another run, nothing refused or
+    mixed); --run-name picks it explicitly and must be one safe path component."""
+    from nanofast.presets import PRESETS, default_run_name
+
+    assert default_run_name(PRESETS["speedrun"]) == "d24"
+    assert default_run_name(make_settings("speedrun", depth=26)) == "d26"
+    assert RUN == "d2-h64-wSL-s128-v1024"
+    base, _ = ran_all
+    code, _ = run_main(capsys, "--stage", "report", "--preset", "smoke", "--base-dir", str(base), "--run-name", "other")
+    assert code == 0 and "Stages without results" in (base / "runs" / "other" / "report.md").read_text()
+    assert (run_dir(base) / "report" / "pretrain.json").is_file()  # the first run is untouched
+    assert train.main(["--stage", "tokenizer", "--preset", "smoke", "--base-dir", str(base), "--run-name", "again"]) == 0
+    assert "tokenizer: the one trained with these settings" in capsys.readouterr().out  # not trained twice
+    tokenizers = [(base / "runs" / r / "tokenizer" / "tokenizer.json").read_bytes() for r in (RUN, "again")]
+    assert tokenizers[0] == tokenizers[1]
+    for bad in ("../x", "a/b", ".hidden", ""):
+        code, err = run_main(capsys, "--stage", "report", "--preset", "smoke", "--base-dir", str(base), "--run-name", bad)
+        assert code == 2 and "--run-name" in err, bad
 
 
 def test_every_setting_is_either_a_stage_input_or_operational():

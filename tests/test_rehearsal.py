@@ -41,7 +41,7 @@ from pathlib import Path
 import pytest
 
 from killing import kill_once_saved
-from nanofast.presets import make_settings
+from nanofast.presets import default_run_name, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 # The interpreter, with fused multiply-adds as the GPU compiles them; one thread per rank (2 cores).
@@ -50,10 +50,15 @@ ENV = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1", OMP_N
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
 STAGES = ("tokenizer", "pretrain", "midtrain", "sft", "rl", "eval", "report")
 KILL_AFTER_STEP = 2  # pretraining saves every 2 of its 6 steps: killed during step 3
+RUN = default_run_name(make_settings("rehearsal"))  # train.py's folder for the preset's run
+
+
+def run_dir(base: Path) -> Path:
+    return base / "runs" / RUN
 
 
 def section(base: Path, stage: str) -> dict:
-    return json.loads((base / "report" / f"{stage}.json").read_text())
+    return json.loads((run_dir(base) / "report" / f"{stage}.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +67,9 @@ def rehearsed(tmp_path_factory) -> tuple[Path, str]:
     Returns it and the rerun's output."""
     base = tmp_path_factory.mktemp("rehearsal")
     cmd = [*TORCHRUN, "--stage", "all", "--preset", "rehearsal", "--base-dir", str(base)]
-    kill_once_saved(cmd, ROOT, ENV, base / "checkpoints" / "base", KILL_AFTER_STEP, base.parent / "killed.log",
+    kill_once_saved(cmd, ROOT, ENV, run_dir(base) / "checkpoints" / "base", KILL_AFTER_STEP, base.parent / "killed.log",
                     world_size=2)
-    assert not (base / "report" / "pretrain.json").exists()  # it really died inside pretraining
+    assert not (run_dir(base) / "report" / "pretrain.json").exists()  # it really died inside pretraining
     out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return base, out.stdout
@@ -78,7 +83,7 @@ def finite_and_falling(losses: list) -> None:
 
 def test_the_rerun_resumes_pretraining_and_runs_every_stage(rehearsed):
     base, stdout = rehearsed
-    assert f"resumed from {base / 'checkpoints' / 'base'} at step {KILL_AFTER_STEP}" in stdout
+    assert f"resumed from {run_dir(base) / 'checkpoints' / 'base'} at step {KILL_AFTER_STEP}" in stdout
     assert ("stages: tokenizer: skipped (already done); pretrain: ran; midtrain: ran; sft: ran; rl: ran; "
             "eval: ran; report: ran") in stdout
     pre = section(base, "pretrain")
@@ -106,8 +111,8 @@ def test_every_training_stage_learns_in_bf16_with_fp8_linears(rehearsed):
 
 def test_the_report_has_every_section(rehearsed):
     base, stdout = rehearsed
-    assert f"report: {base / 'report.md'}" in stdout
-    report = (base / "report.md").read_text()
+    assert f"report: {run_dir(base) / 'report.md'}" in stdout
+    report = (run_dir(base) / "report.md").read_text()
     for needle in ("## System", "## Tokenizer", "val bpb", "## Mid-training", "## SFT", "## RL (GRPO)",
                    "KL(engine||trainer)", "- kernels: triton backend, compiled training step", "## Metrics", "| CORE | ", "| ChatCORE |", "## Time and cost"):
         assert needle in report, needle
@@ -170,8 +175,8 @@ def test_the_cuda_sources_train_and_decode(rehearsed, tmp_path):
     src, _ = rehearsed
     base = tmp_path / "cuda"
     base.mkdir()
-    for name in ("default_corpus", "tokenizer"):
-        shutil.copytree(src / name, base / name)
+    shutil.copytree(src / "default_corpus", base / "default_corpus")
+    shutil.copytree(run_dir(src) / "tokenizer", run_dir(base) / "tokenizer")
     cmd = [*TORCHRUN, "--stage", "pretrain", "--preset", "rehearsal", "--base-dir", str(base),
            "--kernel-backend", "cuda", "--num-iterations", "3", "--eval-every", "-1", "--save-every", "-1"]
     out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)

@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-param-data-ratio", type=float, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--eval-tokens", type=int, default=None)
+    p.add_argument("--core-every", type=int, default=None,
+                   help="CORE during pretraining every N steps (a multiple of --eval-every) and at the end; <= 0: off")
+    p.add_argument("--core-examples", type=int, default=None, help="examples per CORE task during pretraining")
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (<= 0: by time only)")
     p.add_argument("--save-minutes", type=float, default=None,
                    help="also checkpoint every this many minutes of training (default 30; <= 0: off)")

@@ -84,6 +84,13 @@ def muon_momentum(step: int, num_iterations: int, warmdown_ratio: float = 0.65) 
     return 0.97
 
 
+def finetune_momentum(step: int) -> float:
+    """Fine-tuning's Muon momentum (nanochat's SFT): 0.85 -> 0.95 linearly over the first 300
+    steps, then 0.95. It starts low again because the loss surface changes with the data."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
 def muon_weight_decay(step: int, num_iterations: int, base: float) -> float:
     """Cosine decay from `base` at step 0 to 0 at num_iterations."""
     _check_step(step, num_iterations)
@@ -91,11 +98,12 @@ def muon_weight_decay(step: int, num_iterations: int, base: float) -> float:
 
 
 def apply_schedules(optimizer: "MuonAdamW", step: int, num_iterations: int, warmup_steps: int = 40,
-                    warmdown_ratio: float = 0.65, final_lr_frac: float = 0.05) -> float:
-    """Set every group's lr = initial_lr * lr_multiplier, and each Muon group's momentum and
-    (cosine-decayed from initial_weight_decay) weight decay for `step`. Returns the multiplier."""
+                    warmdown_ratio: float = 0.65, final_lr_frac: float = 0.05, finetune: bool = False) -> float:
+    """Set every group's lr = initial_lr * lr_multiplier, and each Muon group's momentum
+    (pretraining's `muon_momentum`, or `finetune_momentum`) and (cosine-decayed from
+    initial_weight_decay) weight decay for `step`. Returns the multiplier."""
     lrm = lr_multiplier(step, num_iterations, warmup_steps, warmdown_ratio, final_lr_frac)
-    momentum = muon_momentum(step, num_iterations, warmdown_ratio)
+    momentum = finetune_momentum(step) if finetune else muon_momentum(step, num_iterations, warmdown_ratio)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
         if group["kind"] == "muon":

@@ -32,7 +32,7 @@ from nanofast.rl import grpo_loss, policy_batch, rollouts
 from nanofast.tasks import TaskMixture, load_task
 from nanofast.tokenizer import Tokenizer, compression_report, compression_table
 from nanofast.trainer import (Checkpointer, LoopSettings, LoopState, LossScaler, backward_and_step, mfu_percent,
-                              resume_state, train)
+                              resume_state, train, warm_start)
 
 STAGES = ("tokenizer", "pretrain", "midtrain", "sft", "rl", "eval", "report")
 # Checkpoint folder of each training stage, and which earlier one a stage starts from.
@@ -307,8 +307,13 @@ def stage_pretrain(run: Run, t0: float) -> None:
     loader = PackedLoader(tokenizer, run.data_dir, s.device_batch_size, s.seq_len, split="train",
                           rank=run.dist.rank, world_size=run.dist.world_size, device=device, state=loader_state)
 
-    def evaluate() -> dict:
-        return {"val_bpb": split_bpb(run, model, tokenizer, "val", token_bytes)}
+    def evaluate(step: int) -> dict:  # val bpb; CORE (nanochat's, 500 per task) every core_every steps and at the end
+        result = {"val_bpb": split_bpb(run, model, tokenizer, "val", token_bytes)}
+        if s.core_every > 0 and step > 0 and (step % s.core_every == 0 or step == plan.num_iterations):
+            core = core_eval.evaluate_core(model, tokenizer, core_tasks(run), max_per_task=s.core_examples,
+                                           rank=run.dist.rank, world_size=run.dist.world_size)
+            result["core"] = core["core"]
+        return result
 
     settings = LoopSettings(num_iterations=plan.num_iterations, grad_accum=plan.grad_accum,
                             eval_every=s.eval_every, save_every=s.save_every, save_minutes=s.save_minutes,
@@ -354,7 +359,10 @@ def stage_pretrain(run: Run, t0: float) -> None:
 # nanochat's mixtures (SmolTalk, MMLU auxiliary train, GSM8K with tool calls, identity, SpellingBee);
 # each falls back to its offline generator when the real data is not cached (see nanofast.tasks).
 MIDTRAIN_MIX = ("smoltalk", "mmlu", "gsm8k", "identity", "spellingbee", "spellingbee")
-SFT_MIX = ("smoltalk", "mmlu", "arc_easy", "arc_challenge", "gsm8k", "identity", "spellingbee", "arithmetic")
+# SFT: nanochat's (SmolTalk, 3 epochs of MMLU for multiple choice, 4 of GSM8K for maths and tool
+# use) plus what nanofast also evaluates or teaches (ARC, identity, SpellingBee, arithmetic).
+SFT_MIX = ("smoltalk", *("mmlu",) * 3, *("gsm8k",) * 4, "arc_easy", "arc_challenge", "identity", "spellingbee",
+           "arithmetic")
 
 
 def task_dir(run: Run) -> Path:
@@ -364,6 +372,13 @@ def task_dir(run: Run) -> Path:
 def _load_task(run: Run, name: str, split: str):
     s = run.settings
     return load_task(name, split, data_dir=task_dir(run), download=s.download_tasks, seed=s.seed, size=s.task_size)
+
+
+def core_tasks(run: Run) -> list[core_eval.CoreTask]:
+    """CORE's tasks: DCLM's eval bundle when it is there (or --download-tasks fetches it), else the
+    offline stand-ins."""
+    bundle = core_eval.ensure_bundle(run.base, download=run.settings.download_tasks)
+    return core_eval.load_core_tasks(bundle) if bundle else core_eval.offline_core_tasks(seed=run.settings.seed)
 
 
 def load_stage_model(run: Run, stage: str, dtype: torch.dtype | None = None) -> GPT:
@@ -376,24 +391,34 @@ def load_stage_model(run: Run, stage: str, dtype: torch.dtype | None = None) -> 
 
 def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, ...], iterations: int) -> None:
     """Continue training the `init_from` model on a task mixture: the pretraining loop with the
-    conversation loader, no warmup, LRs at finetune_lr_scale decayed linearly to 0."""
+    conversation loader and nanochat's SFT recipe: pretraining's batch (gradient accumulation where
+    the ranks' rows fall short of it), `init_from`'s optimizer moments, no warmup, LRs at
+    finetune_lr_scale held for the first half and decayed linearly to 0, Muon momentum
+    0.85 -> 0.95 over 300 steps, no Muon weight decay (pretraining decayed it to 0)."""
     s, device = run.settings, run.device
     tokenizer = load_tokenizer(run)
     model = load_stage_model(run, init_from)  # GEMMs in the compute dtype: linear_precision is pretraining's
-    train_mix = TaskMixture([_load_task(run, n, "train") for n in mix], seed=s.seed)
-    val_mix = TaskMixture([_load_task(run, n, "test") for n in sorted(set(mix))], seed=s.seed)
+    loaded = {n: _load_task(run, n, "train") for n in dict.fromkeys(mix)}  # a repeated name: more epochs of it
+    train_mix = TaskMixture([loaded[n] for n in mix], seed=s.seed)
+    val_mix = TaskMixture([_load_task(run, n, "test") for n in sorted(loaded)], seed=s.seed)
     sources = {t.name: t.source for t in train_mix.tasks}
-    rows_per_step = s.device_batch_size * run.dist.world_size
+    plan = plan_training(model, s, run.dist.world_size)
+    rows_per_step = plan.total_batch_size // s.seq_len
     if iterations <= 0:  # one epoch, counting ~2 conversations per row as packing typically gives
         iterations = max(1, len(train_mix) // (2 * rows_per_step))
-    optimizer = MuonAdamW(model.param_groups(lr_frac=s.finetune_lr_scale))
+    optimizer = MuonAdamW(model.param_groups(weight_decay=0.0, lr_frac=s.finetune_lr_scale))
     ckpt_dir = run.checkpoint_dir(CHECKPOINTS[stage])
     resumed = resume_state(ckpt_dir, model, optimizer, run.dist.rank, run.dist.world_size)
     state, loader_state = resumed if resumed else (LoopState(), None)
+    if not resumed:
+        init_dir = run.checkpoint_dir(CHECKPOINTS[init_from])
+        warm = warm_start(optimizer, init_dir, run.dist.rank, run.dist.world_size)
+        print0(f"{stage}: optimizer moments from {init_dir} step {warm}" if warm is not None else
+               f"{stage}: fresh optimizer state ({init_dir} holds none saved by {run.dist.world_size} rank(s))")
     token_bytes = tokenizer.token_bytes().to(device)
     print0(f"{stage}: {len(train_mix):,} conversations ({sources}), {iterations} steps of {rows_per_step} rows")
 
-    def evaluate() -> dict:
+    def evaluate(step: int) -> dict:
         val = ConversationLoader(tokenizer, val_mix, s.device_batch_size, s.seq_len, rank=run.dist.rank,
                                  world_size=run.dist.world_size, device=device, seed=s.seed, loop=False)
         batches = ((x, y) for x, y, _ in itertools.islice(val, 8))
@@ -401,10 +426,11 @@ def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, .
 
     loader = ConversationLoader(tokenizer, train_mix, s.device_batch_size, s.seq_len, rank=run.dist.rank,
                                 world_size=run.dist.world_size, device=device, seed=s.seed, state=loader_state)
-    settings = LoopSettings(num_iterations=iterations, warmup_steps=0, warmdown_ratio=1.0, final_lr_frac=0.0,
+    settings = LoopSettings(num_iterations=iterations, grad_accum=plan.grad_accum, warmup_steps=0, warmdown_ratio=0.5,
+                            final_lr_frac=0.0, finetune=True,
                             eval_every=s.eval_every, save_every=s.save_every, save_minutes=s.save_minutes,
                             keep_checkpoints=s.keep_checkpoints, log_every=s.log_every,
-                            tokens_per_step=rows_per_step * s.seq_len, flops_per_token=model.flops_per_token(),
+                            tokens_per_step=plan.total_batch_size, flops_per_token=model.flops_per_token(),
                             peak_flops=peak_flops(device))
     scaler = LossScaler() if run.dtype == torch.float16 else None
     state = train(model, optimizer, loader, settings, ckpt_dir, run.dist, dict(settings=asdict(s), stage=stage),
@@ -414,7 +440,8 @@ def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, .
         tps = statistics.median(steady) if steady else 0.0
         useful = state.target_tokens_per_second[1:] or state.target_tokens_per_second
         _record(run, stage, dict(
-            iterations=iterations, conversations=len(train_mix), task_sources=sources, losses=state.losses,
+            iterations=iterations, total_batch_size=plan.total_batch_size, grad_accum=plan.grad_accum,
+            conversations=len(train_mix), task_sources=sources, losses=state.losses,
             evals=state.evals, final_loss=state.losses[-1][1] if state.losses else float("nan"),
             val_bpb=state.evals[-1]["val_bpb"] if state.evals else None, median_tokens_per_second=tps,
             median_target_tokens_per_second=statistics.median(useful) if useful else 0.0,
@@ -529,9 +556,8 @@ def stage_eval(run: Run, t0: float) -> None:
         model = load_stage_model(run, stage).eval()
         label = CHECKPOINTS[stage]
         if stage == "pretrain":
-            bundle = core_eval.ensure_bundle(run.base, download=s.download_tasks)
-            tasks = core_eval.load_core_tasks(bundle) if bundle else core_eval.offline_core_tasks(seed=s.seed)
-            results[label] = {"core": core_eval.evaluate_core(model, tokenizer, tasks, max_per_task=limit, **shard),
+            results[label] = {"core": core_eval.evaluate_core(model, tokenizer, core_tasks(run), max_per_task=limit,
+                                                              **shard),
                               "bpb": {split: split_bpb(run, model, tokenizer, split) for split in ("train", "val")}}
             print0(f"eval {label}: CORE {results[label]['core']['core']:.4f} ({results[label]['core']['source']}), "
                    f"bpb train {results[label]['bpb']['train']:.4f} val {results[label]['bpb']['val']:.4f}")

@@ -25,6 +25,8 @@ class Settings:
     target_param_data_ratio: float = 12.0
     eval_every: int = 250
     eval_tokens: int = 80 * 524288
+    core_every: int = -1              # CORE in pretraining every this many steps (a multiple of eval_every)
+    core_examples: int = 500          # and at the end, on this many examples per task; <= 0: off
     save_every: int = -1              # steps between checkpoints (<= 0: by save_minutes and at the end)
     save_minutes: float = 30.0        # checkpoint once this much wall clock passed since the last (<= 0: off)
     keep_checkpoints: int = 2         # newest complete checkpoints kept per stage (<= 0: all)
@@ -46,7 +48,7 @@ class Settings:
     task_size: int | None = None      # cap on examples per task (None: each task's full split)
     midtrain_iterations: int = -1     # -1: one epoch of the mixture
     sft_iterations: int = -1
-    finetune_lr_scale: float = 0.5    # LRs relative to pretraining's, decayed linearly to 0
+    finetune_lr_scale: float = 0.5    # LRs relative to the base LRs (before pretraining's batch scaling)
     # RL (GRPO on GSM8K-style problems)
     rl_steps: int = 50
     rl_questions: int = 16            # questions per step (all ranks together)
@@ -85,7 +87,8 @@ PRESETS: dict[str, Settings] = {
     # corpus is larger than the tokenizer needs so that each split has row groups for both ranks.
     "rehearsal": Settings(corpus_shards=4, corpus_chars=3_000_000, vocab_size=512, tokenizer_chars=400_000,
                           depth=1, head_dim=32, seq_len=64, device_batch_size=2, total_batch_size=256,
-                          num_iterations=6, eval_every=3, eval_tokens=256, save_every=2, log_every=1,
+                          num_iterations=6, eval_every=3, eval_tokens=256, core_every=6, core_examples=1,
+                          save_every=2, log_every=1,
                           sample_tokens=4, dtype="bf16", linear_precision="attn=fp8,mlp=fp8,lm_head=fp8",
                           kernel_backend="triton",
                           task_size=40, midtrain_iterations=3, sft_iterations=3, rl_steps=2, rl_questions=2,
@@ -94,9 +97,12 @@ PRESETS: dict[str, Settings] = {
     # linear but the gates, lm_head included, as its module filter picks them), ClimbMix's 170 shards,
     # auto batch size (2^20 tokens) and horizon (5,568 steps), every evaluation example. The README's
     # "speedrun against nanochat" table lists each setting beside nanochat's.
+    # Fine-tuning runs at pretraining's batch-scaled LRs (x sqrt(2^20 / 2^19)): nanochat's SFT asks
+    # for x 0.8 but then loads pretraining's optimizer state, whose saved initial_lr replaces it.
     "speedrun": Settings(data="climbmix", corpus_shards=170, depth=24, seq_len=2048, device_batch_size=16,
                          target_param_data_ratio=8.0, linear_precision="attn=fp8,mlp=fp8,lm_head=fp8",
-                         download_tasks=True, eval_examples=-1, eval_max_tokens=512),
+                         core_every=2000, finetune_lr_scale=2 ** 0.5, download_tasks=True, eval_examples=-1,
+                         eval_max_tokens=512),
 }
 
 
@@ -120,6 +126,9 @@ def make_settings(preset: str, **overrides) -> Settings:
 
     if settings.kernel_backend not in (None, *BACKENDS):
         raise ValueError(f"unknown kernel backend {settings.kernel_backend!r}: choose one of {', '.join(BACKENDS)}")
+    if settings.core_every > 0 and (settings.eval_every <= 0 or settings.core_every % settings.eval_every):
+        raise ValueError(f"core_every {settings.core_every} must be a multiple of eval_every {settings.eval_every} "
+                         f"(CORE runs at evaluation steps)")
     if settings.data not in ("default", "climbmix"):
         raise ValueError(f"unknown data {settings.data!r}: choose 'default' (embedded corpus) or 'climbmix'")
     return settings
@@ -137,8 +146,9 @@ STAGE_SETTINGS = {
     "rl": ("rl_steps", "rl_questions", "rl_samples", "rl_max_tokens", "rl_lr_scale", "rl_eval_examples", "precision"),
     "eval": ("eval_examples", "eval_max_tokens"),
 }
-OPERATIONAL = ("device_batch_size", "eval_every", "eval_tokens", "save_every", "save_minutes", "keep_checkpoints",
-               "log_every", "sample_tokens", "compile", "kernel_backend", "dist_timeout_minutes", "wait_minutes")
+OPERATIONAL = ("device_batch_size", "eval_every", "eval_tokens", "core_every", "core_examples", "save_every",
+               "save_minutes", "keep_checkpoints", "log_every", "sample_tokens", "compile", "kernel_backend",
+               "dist_timeout_minutes", "wait_minutes")
 
 
 # The architecture: a run directory per combination (nanochat's --model-tag, default d<depth>).

@@ -136,6 +136,7 @@ class LoopSettings:
     warmup_steps: int = 40
     warmdown_ratio: float = 0.65
     final_lr_frac: float = 0.05
+    finetune: bool = False      # fine-tuning's Muon momentum schedule (optim.finetune_momentum)
     eval_every: int = 250       # <= 0: only at the end
     save_every: int = -1        # <= 0: only at the end (and by save_minutes)
     save_minutes: float = 0.0   # also save once this much wall clock passed since the last save; <= 0: off
@@ -165,7 +166,7 @@ Batches = Iterator[tuple[torch.Tensor, torch.Tensor, dict]]
 
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batches, settings: LoopSettings,
           checkpoint_dir: str | Path, dist_info: Dist, meta: dict,
-          evaluate: Callable[[], dict] | None = None, state: LoopState | None = None,
+          evaluate: Callable[[int], dict] | None = None, state: LoopState | None = None,
           step_model: torch.nn.Module | None = None, scaler: LossScaler | None = None) -> LoopState:
     """Run optimizer steps `state.step .. num_iterations`, evaluating, logging and checkpointing.
 
@@ -194,7 +195,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
         fresh = step > start_step or start_step == 0  # a resumed step was evaluated before the save
         if evaluate is not None and fresh and (is_last or (settings.eval_every > 0 and step % settings.eval_every == 0)):
             model.eval()
-            result = dict(evaluate(), step=step)
+            result = dict(evaluate(step), step=step)
             model.train()
             state.evals.append(result)
             bar.write(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()
@@ -208,7 +209,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
 
         t0 = time.perf_counter()
         apply_schedules(optimizer, step, last, warmup_steps=settings.warmup_steps,
-                        warmdown_ratio=settings.warmdown_ratio, final_lr_frac=settings.final_lr_frac)
+                        warmdown_ratio=settings.warmdown_ratio, final_lr_frac=settings.final_lr_frac,
+                        finetune=settings.finetune)
         # Every target token of the step weighs the same, on whichever rank and micro-batch it
         # fell: each micro-batch's summed loss is divided by the step's global target count. A
         # per-micro-batch mean would weigh SFT's sparse targets unevenly, and a micro-batch whose
@@ -311,3 +313,21 @@ def resume_state(checkpoint_dir: str | Path, model: torch.nn.Module, optimizer: 
     print0(f"resumed from {checkpoint_dir} at step {step}")
     return loop_state, shard.get("loader_state")
 
+
+def warm_start(optimizer: torch.optim.Optimizer, checkpoint_dir: str | Path, rank: int = 0,
+               world_size: int = 1) -> int | None:
+    """Load the optimizer state (Adam moments, Muon momentum buffers) of the latest checkpoint in
+    `checkpoint_dir` that all `world_size` ranks saved, keeping `optimizer`'s own hyperparameters.
+
+    Fine-tuning starts from the previous stage's moments, as nanochat's SFT does, instead of from
+    zeros: Adam's second moments then need no re-estimation. torch's load_state_dict replaces every
+    group setting with the saved one (pretraining's LRs, its decayed weight decay); they are put
+    back. Returns the step loaded, or None (nothing saved by this many ranks: a fresh state)."""
+    step = checkpoint.latest_step(checkpoint_dir, world_size)
+    if step is None:
+        return None
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(checkpoint.load_optimizer_shard(checkpoint_dir, step, rank)["optimizer"])
+    for group, own in zip(optimizer.param_groups, hyper):
+        group.update(own)
+    return step

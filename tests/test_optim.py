@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from nanofast.kernels.newton_schulz import CLASSIC_NS_COEFFS, POLAR_EXPRESS_COEFFS
-from nanofast.optim import (MuonAdamW, apply_schedules, lr_multiplier, muon_momentum, muon_weight_decay)
+from nanofast.optim import (MuonAdamW, apply_schedules, finetune_momentum, lr_multiplier, muon_momentum,
+                            muon_weight_decay)
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("dist_optim_worker", HERE / "dist_optim_worker.py")
@@ -234,6 +235,19 @@ def test_muon_momentum_key_steps():
     assert muon_momentum(1350, n) == pytest.approx(0.935)
     assert muon_momentum(n, n) == pytest.approx(0.90)
     assert muon_momentum(500, 500, warmdown_ratio=0.0) == pytest.approx(0.97)
+
+
+def test_finetune_momentum_ramps_to_095_and_stays():
+    assert finetune_momentum(0) == pytest.approx(0.85)
+    assert finetune_momentum(150) == pytest.approx(0.90)
+    assert finetune_momentum(300) == finetune_momentum(5000) == pytest.approx(0.95)
+    model = torch.nn.Linear(8, 8, bias=False)
+    opt = MuonAdamW([dict(kind="muon", params=[model.weight], lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9,
+                          weight_decay=0.0)])
+    apply_schedules(opt, 150, 1000, warmup_steps=0, warmdown_ratio=0.5, final_lr_frac=0.0, finetune=True)
+    assert opt.param_groups[0]["momentum"] == pytest.approx(0.90) and opt.param_groups[0]["weight_decay"] == 0.0
+    apply_schedules(opt, 750, 1000, warmup_steps=0, warmdown_ratio=0.5, final_lr_frac=0.0, finetune=True)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)  # half way through the second half's decay
 
 
 def test_muon_weight_decay_cosine():

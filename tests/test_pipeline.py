@@ -54,8 +54,11 @@ def interrupt_before(base: Path, stage: str, checkpoints: str, step: int) -> Non
 
 
 def test_resume_reproduces_the_uninterrupted_run(tokenized, tmp_path):
+    """Also with CORE during pretraining (nanochat's every 2000 steps, here every 3 on 3 examples
+    per task): at steps 3 and 6, not at step 0; the resumed run has the same numbers."""
     base = copy_base(tokenized, tmp_path / "run")
-    args = ("--num-iterations", "6", "--save-every", "3", "--eval-every", "3")
+    args = ("--num-iterations", "6", "--save-every", "3", "--eval-every", "3", "--core-every", "3",
+            "--core-examples", "3")
     assert pretrain(base, *args) == 0
     full = section(base, "pretrain")
     # Interrupt after step 3: drop everything written later, then run the stage again.
@@ -65,6 +68,10 @@ def test_resume_reproduces_the_uninterrupted_run(tokenized, tmp_path):
     assert [s for s, _ in resumed["losses"]] == list(range(1, 7))
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"]), atol=1e-6, rtol=0)
     assert resumed["val_bpb"] == pytest.approx(full["val_bpb"], abs=1e-6)
+    assert [(e["step"], "core" in e) for e in full["evals"]] == [(0, False), (3, True), (6, True)]
+    assert [e.get("core") for e in resumed["evals"]] == pytest.approx([e.get("core") for e in full["evals"]], abs=1e-6)
+    with pytest.raises(ValueError, match="core_every 4 must be a multiple of eval_every 3"):
+        make_settings("smoke", core_every=4, eval_every=3)
     a = torch.load(run_dir(base) / "checkpoints" / "base" / "model_000006.pt")
     assert all(torch.isfinite(v).all() for v in a.values())
 
@@ -96,6 +103,8 @@ def test_stage_all_runs_end_to_end_and_skips_finished_stages(ran_all):
                    "## Time and cost", "cost estimate"):
         assert needle in report, needle
     assert "Stages without results" not in report
+    for stage, init in (("midtrain", "base"), ("sft", "mid")):  # fine-tuning continues the optimizer moments
+        assert f"{stage}: optimizer moments from {run_dir(base) / 'checkpoints' / init} step" in out.stdout
     for png in ("loss_curve.png", "loss_midtrain.png", "loss_sft.png", "rl_curve.png"):
         assert (run_dir(base) / png).read_bytes()[:4] == b"\x89PNG", png
     pre = section(base, "pretrain")
@@ -296,15 +305,18 @@ def test_rl_resumes_exactly(sft_base, tmp_path):
     assert resumed["heldout_before"] == full["heldout_before"]
 
 
-def test_sft_trains_compiled(sft_base, tmp_path):
-    """Mid-training and SFT compile their step too when --compile is on (the speedrun's default)."""
+def test_sft_trains_compiled_with_gradient_accumulation(sft_base, tmp_path):
+    """Mid-training and SFT compile their step too when --compile is on (the speedrun's default),
+    and take pretraining's batch: here 1,024 tokens of 512 per micro-step, so 2 micro-steps (the
+    speedrun's 2^20 tokens are 4 micro-steps of 8 x 16 x 2048)."""
     base = copy_base(sft_base, tmp_path / "compiled_sft")
     shutil.rmtree(run_dir(base) / "checkpoints" / "sft")
     (run_dir(base) / "report" / "sft.json").unlink()
     assert train.main(["--stage", "sft", "--preset", "smoke", "--base-dir", str(base), "--sft-iterations", "4",
-                       "--compile"]) == 0
-    losses = section(base, "sft")["losses"]
-    assert len(losses) == 4 and all(math.isfinite(l) for _, l in losses)
+                       "--compile", "--total-batch-size", "1024"]) == 0
+    sft = section(base, "sft")
+    assert (sft["total_batch_size"], sft["grad_accum"]) == (1024, 2)
+    assert len(sft["losses"]) == 4 and all(math.isfinite(l) for _, l in sft["losses"])
 
 
 def test_sft_resumes_exactly(sft_base, tmp_path):
@@ -337,6 +349,10 @@ def test_speedrun_preset_plans_nanochats_run_on_8_gpus():
     assert plan.lr_scale == pytest.approx(2 ** 0.5) and plan.weight_decay == pytest.approx(0.05974, abs=1e-5)
     assert parse_linear_precision(s.linear_precision) == {"attn": "fp8", "mlp": "fp8", "lm_head": "fp8"}
     assert (s.data, s.corpus_shards, s.eval_examples, s.compile, s.save_minutes) == ("climbmix", 170, -1, True, 30.0)
+    # CORE in pretraining every 2000 steps on 500 examples per task; fine-tuning at pretraining's
+    # batch-scaled LRs, the rate nanochat's SFT ends up with once it loads pretraining's optimizer
+    assert (s.core_every, s.core_examples, s.eval_every) == (2000, 500, 250)
+    assert s.finetune_lr_scale == pytest.approx(plan.lr_scale)
 
 
 SLOW_RANKS = """

@@ -11,6 +11,10 @@
 - `linear_precision`, the speedrun's (attention, MLP and lm_head in fp8): pretraining's linears run
   FP8 GEMMs (E4M3 operands, E5M2 gradients, tensorwise scales): Triton's FP8 kernels, QGMMA on an
   H100, run here by the interpreter on the same source. Mid-training and SFT are bf16, as there.
+- CORE during pretraining (the speedrun's every 2000 steps): here at the last step, one example
+  per task, shared out over the ranks and summed.
+- fine-tuning as the speedrun does it: each rank continues from its own optimizer shard of the
+  stage before (the Adam moments and Muon momenta), with the stage's own LRs.
 - the speedrun's checkpoint defaults: every 30 minutes (a per-step all-reduce of the time flag)
   and every 2 steps here, the 2 newest kept.
 - `kernel_backend=triton` (TRITON_INTERPRET=1): every op the GPU sends to a kernel (the norms,
@@ -89,6 +93,9 @@ def test_the_rerun_resumes_pretraining_and_runs_every_stage(rehearsed):
     pre = section(base, "pretrain")
     assert pre["world_size"] == 2 and [s for s, _ in pre["losses"]] == list(range(1, 7))
     finite_and_falling(pre["losses"])
+    assert [(e["step"], "core" in e) for e in pre["evals"]][-1] == (6, True)
+    for stage, init in (("midtrain", "base"), ("sft", "mid")):
+        assert f"{stage}: optimizer moments from {run_dir(base) / 'checkpoints' / init} step" in stdout
 
 
 def test_every_training_stage_learns_in_bf16_with_fp8_linears(rehearsed):

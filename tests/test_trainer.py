@@ -6,7 +6,7 @@ from nanofast.checkpoint import latest_step
 from nanofast.common import Dist
 from nanofast.model import GPT, config_for_depth
 from nanofast.optim import MuonAdamW
-from nanofast.trainer import LoopSettings, NonFiniteLoss, train
+from nanofast.trainer import LoopSettings, NonFiniteLoss, train, warm_start
 
 
 def tiny():
@@ -59,7 +59,7 @@ def test_non_finite_loss_before_any_checkpoint(tmp_path):
 def test_loop_records_losses_and_saves_the_end(tmp_path):
     model, opt = tiny()
     settings = LoopSettings(num_iterations=4, eval_every=2, log_every=0, tokens_per_step=32)
-    state = train(model, opt, batches(), settings, tmp_path, Dist(), {}, evaluate=lambda: {"score": 1.0})
+    state = train(model, opt, batches(), settings, tmp_path, Dist(), {}, evaluate=lambda step: {"score": 1.0})
     assert [s for s, _ in state.losses] == [1, 2, 3, 4]
     assert [e["step"] for e in state.evals] == [0, 2, 4]
     assert latest_step(tmp_path) == 4 and len(state.tokens_per_second) == 4
@@ -272,3 +272,23 @@ def test_latest_step_and_prune_count_only_steps_every_rank_finished(tmp_path):
         "optim_000006_rank0.pt", "optim_000006_rank1.pt", "optim_000008_rank0.pt"]
     with pytest.raises(ValueError, match="keep must be >= 1"):
         prune(tmp_path, keep=0, world_size=2)
+
+
+def test_warm_start_takes_the_moments_and_keeps_its_own_hyperparameters(tmp_path):
+    """Fine-tuning starts from the previous stage's optimizer moments (nanochat's SFT) but with
+    its own LRs and weight decay, which torch's load_state_dict would otherwise overwrite."""
+    model, opt = tiny()
+    train(model, opt, batches(), LoopSettings(num_iterations=3, eval_every=0, log_every=0), tmp_path, Dist(), {})
+    fresh = MuonAdamW(model.param_groups(weight_decay=0.0, lr_frac=0.5))
+    own = [(g["lr"], g["initial_lr"], g["weight_decay"], g.get("initial_weight_decay")) for g in fresh.param_groups]
+    assert warm_start(fresh, tmp_path) == 3
+    assert [(g["lr"], g["initial_lr"], g["weight_decay"], g.get("initial_weight_decay"))
+            for g in fresh.param_groups] == own
+    for p in model.parameters():
+        saved, loaded = opt.state[p], fresh.state[p]
+        assert saved.keys() == loaded.keys() and saved
+        for k, v in saved.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(loaded[k])), k
+    assert warm_start(MuonAdamW(model.param_groups()), tmp_path, world_size=2) is None  # saved by 1 rank
+    assert warm_start(MuonAdamW(model.param_groups()), tmp_path / "empty") is None
+

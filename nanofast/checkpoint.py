@@ -7,7 +7,10 @@ and `optim_{step:06d}_rank{r}.pt` (each rank's optimizer state and RNG state).
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -25,24 +28,42 @@ class CheckpointError(ValueError):
 
 
 def latest_step(directory: str | Path, world_size: int | None = None) -> int | None:
-    """The highest step with a model file in `directory`, or None when there is none.
+    """The highest complete step in `directory`, or None when there is none.
 
-    world_size: count only steps a resume can use: model, meta and the optimizer shard of every
-    rank 0..world_size-1 written. Ranks save one after another, so a run killed mid-save leaves
-    rank 0's files of a step without the others'; that step is skipped, not half-loaded.
+    Complete: the model file and its meta file, which is written last as the commit marker (a run
+    killed between the two leaves a step without meta, skipped here rather than half-loaded).
+    world_size: count only steps a resume can use, which also need the optimizer shard of every
+    rank 0..world_size-1 (ranks save one after another, so a kill can leave some shards missing).
     """
     steps = _complete_steps(Path(directory), world_size)
     return max(steps) if steps else None
 
 
+def incomplete_steps(directory: str | Path, world_size: int | None = None) -> dict[int, str]:
+    """{step: why it is not complete} for each step newer than `latest_step` that left files."""
+    directory = Path(directory)
+    newest = latest_step(directory, world_size)
+    steps = sorted({int(m.group(1)) for f in directory.iterdir() if (m := _STEP_FILE.match(f.name))}
+                   if directory.is_dir() else set())
+    why = {}
+    for step in (s for s in steps if newest is None or s > newest):
+        missing = [f"{kind}_{step:06d}.{ext}" for kind, ext in (("model", "pt"), ("meta", "json"))
+                   if not (directory / f"{kind}_{step:06d}.{ext}").is_file()]
+        ranks = [r for r in range(world_size or 0) if not (directory / f"optim_{step:06d}_rank{r}.pt").is_file()]
+        if ranks:
+            missing.append(f"the optimizer shard of rank(s) {ranks}")
+        why[step] = f"{' and '.join(missing)} missing (killed while saving?)"
+    return why
+
+
 def _complete_steps(directory: Path, world_size: int | None) -> list[int]:
-    """Steps with a model file (and, given world_size, meta and every rank's optimizer shard)."""
+    """Steps with model and meta files (and, given world_size, every rank's optimizer shard)."""
     if not directory.is_dir():
         return []
     steps = [int(m.group(1)) for f in directory.iterdir() if (m := _MODEL_FILE.match(f.name))]
+    steps = [s for s in steps if (directory / f"meta_{s:06d}.json").is_file()]
     if world_size is not None:
-        steps = [s for s in steps if (directory / f"meta_{s:06d}.json").is_file()
-                 and all((directory / f"optim_{s:06d}_rank{r}.pt").is_file() for r in range(world_size))]
+        steps = [s for s in steps if all((directory / f"optim_{s:06d}_rank{r}.pt").is_file() for r in range(world_size))]
     return sorted(steps)
 
 
@@ -72,25 +93,37 @@ def save_checkpoint(directory: str | Path, step: int, model: GPT, optimizer: tor
     """Write step `step`: the model and metadata from rank 0; from every rank its optimizer shard,
     RNG state and `rank_state` (per-rank extras such as the data loader's position).
 
-    Files are written under a temporary name and renamed, so a crash never leaves a half file that
-    `latest_step` would pick up.
+    Each file is written under a temporary name, fsynced and renamed, so a crash never leaves a
+    half file under a real name; rank 0 writes the meta file last: it is the step's commit marker
+    (`latest_step`), so a kill between the model and the meta leaves the step ignored, not broken.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        meta = dict(meta, step=step, model_config=model.config.to_dict())
-        _atomic_save(directory / f"model_{step:06d}.pt", lambda p: torch.save(model.state_dict(), p))
-        _atomic_save(directory / f"meta_{step:06d}.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+        _atomic_save(directory / f"model_{step:06d}.pt", lambda f: torch.save(model.state_dict(), f))
     if optimizer is not None:
         shard = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None, **(rank_state or {})}
-        _atomic_save(directory / f"optim_{step:06d}_rank{rank}.pt", lambda p: torch.save(shard, p))
+        _atomic_save(directory / f"optim_{step:06d}_rank{rank}.pt", lambda f: torch.save(shard, f))
+    if rank == 0:
+        meta = dict(meta, step=step, model_config=model.config.to_dict())
+        _atomic_save(directory / f"meta_{step:06d}.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
 
 
 def _atomic_save(path: Path, write) -> None:
+    """`write(file)` into `path` atomically and durably: a temporary name, fsync, rename, and an
+    fsync of the directory (without which the rename itself may not survive a power cut)."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_meta(directory: str | Path, step: int) -> dict:
@@ -111,13 +144,29 @@ def config_from_meta(meta: dict, where: str) -> GPTConfig:
     return GPTConfig(**{k: cfg[k] for k in _CONFIG_KEYS}, window_pattern=cfg.get("window_pattern", "L"))
 
 
-def load_state_dict_file(path: Path) -> dict:
+def _torch_load(path: Path):
+    """torch.load with weights_only=True, as for every checkpoint file: tensors, numbers, strings
+    and containers of them, which is all nanofast and nanochat save. A pickle that would construct
+    any other object or call a function (a crafted file) is refused before any of it runs.
+    FileNotFoundError passes through; every other failure is a one-line CheckpointError."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} does not exist") from None
+        raise
+    except pickle.UnpicklingError as e:
+        if m := re.search(r"unsupported GLOBAL (\S+)", str(e)):
+            raise CheckpointError(f"{path} would construct {m.group(1)} when loaded: refused, a checkpoint "
+                                  f"holds only tensors and plain data (weights_only)") from None
+        raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable (UnpicklingError): re-download or re-save it") from None
     except Exception as e:  # torch raises many types for truncated/garbled files
         raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable ({type(e).__name__}): re-download or re-save it") from None
+
+
+def load_state_dict_file(path: Path) -> dict:
+    try:
+        state = _torch_load(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} does not exist") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint file {path} does not hold a state dict")
     # torch.compile'd models save their keys under `_orig_mod.`.
@@ -155,8 +204,13 @@ def resolve(path: str | Path) -> tuple[Path, int]:
             raise CheckpointError(f"{path} is not named model_XXXXXX.pt: pass the checkpoint directory or its model file")
         return path.parent, int(m.group(1))
     step = latest_step(path)
+    skipped = incomplete_steps(path) if path.is_dir() else {}
     if step is None:
-        raise CheckpointError(f"no checkpoint (model_XXXXXX.pt) in {path}: train first or check the path")
+        detail = "".join(f"; step {s}: {why}" for s, why in skipped.items())
+        raise CheckpointError(f"no complete checkpoint (model_XXXXXX.pt with its meta_XXXXXX.json) in {path}"
+                              f"{detail}: train first or check the path")
+    for s, why in skipped.items():
+        print(f"{path}: skipped step {s}, {why}; loading step {step}", file=sys.stderr)
     return path, step
 
 
@@ -175,10 +229,9 @@ def load_nanochat(path: str | Path, device: str | torch.device = "cpu",
 
 
 def load_optimizer_shard(directory: str | Path, step: int, rank: int = 0) -> dict:
+    """Rank `rank`'s optimizer state, RNG state and extras of step `step` (see `_torch_load`)."""
     path = Path(directory) / f"optim_{step:06d}_rank{rank}.pt"
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return _torch_load(path)
     except FileNotFoundError:
         raise CheckpointError(f"optimizer state {path} is missing: cannot resume step {step} exactly") from None
-    except Exception as e:
-        raise CheckpointError(f"optimizer state {path} is corrupt ({type(e).__name__})") from None

@@ -286,10 +286,9 @@ def resume_state(checkpoint_dir: str | Path, model: torch.nn.Module, optimizer: 
     Returns (loop_state, this rank's loader state) or None when there is nothing to resume.
     """
     step = checkpoint.latest_step(checkpoint_dir, world_size)
-    newest = checkpoint.latest_step(checkpoint_dir)
-    if newest is not None and newest != step:
-        print0(f"{checkpoint_dir}: step {newest} was not saved by all {world_size} ranks (killed while saving?): "
-               f"resuming from {'step ' + str(step) if step is not None else 'the start'}")
+    for skipped, why in checkpoint.incomplete_steps(checkpoint_dir, world_size).items():
+        print0(f"{checkpoint_dir}: skipped step {skipped}, {why}: resuming from "
+               f"{'step ' + str(step) if step is not None else 'the start'}")
     if step is None:
         return None
     meta = checkpoint.read_meta(checkpoint_dir, step)

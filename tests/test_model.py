@@ -188,7 +188,7 @@ def test_load_nanochat_directory_and_file_give_reference_logits(tmp_path):
 
 def test_load_nanochat_errors(tmp_path):
     cfg = CONFIGS[0]
-    with pytest.raises(CheckpointError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
         load_nanochat(tmp_path)
     write_nanochat_checkpoint(tmp_path / "ok", random_model(cfg), 5)
     # corrupt model file

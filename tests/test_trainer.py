@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nanofast.checkpoint import latest_step
+from nanofast.checkpoint import incomplete_steps, latest_step
 from nanofast.common import Dist
 from nanofast.model import GPT, config_for_depth
 from nanofast.optim import MuonAdamW
@@ -262,7 +262,10 @@ def test_latest_step_and_prune_count_only_steps_every_rank_finished(tmp_path):
         _touch_step(tmp_path, step, range(2))
     _touch_step(tmp_path, 8, range(1))            # killed while rank 1 was saving step 8
     _touch_step(tmp_path, 10, range(0), meta=False)  # killed right after rank 0's model file
-    assert latest_step(tmp_path) == 10 and latest_step(tmp_path, world_size=2) == 6
+    assert latest_step(tmp_path) == 8 and latest_step(tmp_path, world_size=2) == 6  # meta: the commit marker
+    assert incomplete_steps(tmp_path, world_size=2) == {
+        8: "the optimizer shard of rank(s) [1] missing (killed while saving?)",
+        10: "meta_000010.json and the optimizer shard of rank(s) [0, 1] missing (killed while saving?)"}
     assert prune(tmp_path, keep=2, world_size=2) == [2]
     assert prune(tmp_path, keep=2, world_size=2) == []
     assert prune(tmp_path, keep=1, world_size=2) == [4]
@@ -291,4 +294,51 @@ def test_warm_start_takes_the_moments_and_keeps_its_own_hyperparameters(tmp_path
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(loaded[k])), k
     assert warm_start(MuonAdamW(model.param_groups()), tmp_path, world_size=2) is None  # saved by 1 rank
     assert warm_start(MuonAdamW(model.param_groups()), tmp_path / "empty") is None
+
+
+def test_a_kill_between_model_and_meta_falls_back_to_the_last_complete_step(tmp_path, capsys):
+    """Killed after step 4's model file, before its meta (the commit marker, written last): loading
+    and resuming take step 2 and say which step they skipped and why."""
+    from nanofast.checkpoint import load_nanochat
+    from nanofast.trainer import resume_state
+
+    model, opt = tiny()
+    train(model, opt, batches(), LoopSettings(num_iterations=4, save_every=2, eval_every=0, log_every=0),
+          tmp_path, Dist(), {})
+    (tmp_path / "meta_000004.json").unlink()
+    loaded = load_nanochat(tmp_path)
+    assert "skipped step 4, meta_000004.json missing" in capsys.readouterr().err
+    fresh, fresh_opt = tiny()
+    state, _ = resume_state(tmp_path, fresh, fresh_opt)
+    assert state.step == 2 and "skipped step 4, meta_000004.json missing (killed while saving?): resuming from step 2" \
+        in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), fresh.state_dict().values()))
+    assert not list(tmp_path.glob("*.tmp"))  # every file went through its temporary name and was renamed
+
+
+def test_a_crafted_optimizer_pickle_is_refused_before_it_runs(tmp_path):
+    """weights_only loading: a shard whose pickle would call os.system is refused in one line, and
+    the command never runs."""
+    import os
+
+    from nanofast.checkpoint import CheckpointError, load_optimizer_shard
+    from nanofast.trainer import resume_state
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    model, opt = tiny()
+    train(model, opt, batches(), LoopSettings(num_iterations=2, eval_every=0, log_every=0), tmp_path, Dist(), {})
+    torch.save({"optimizer": Payload(), "rng": torch.get_rng_state()}, tmp_path / "optim_000002_rank0.pt")
+    for load in (lambda: load_optimizer_shard(tmp_path, 2), lambda: resume_state(tmp_path, *tiny())):
+        with pytest.raises(CheckpointError) as e:
+            load()
+        assert "would construct posix.system when loaded: refused" in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+    (tmp_path / "optim_000002_rank0.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load_optimizer_shard(tmp_path, 2)
 

@@ -21,6 +21,14 @@ order,
      open()/os.open() raise it outside the sandbox directory only (tempfile needs them inside);
      ctypes, multiprocessing, resource, pty, ... cannot be imported.
 
+Whether the program ran to its end is not read from its exit code (a program can exit 0 at any
+point: sys.exit(0), os._exit(0), an atexit hook): the wrapper writes `<token> <status>` lines to a
+status file: "started" before the program, "ok" once it returned, "memory" on a MemoryError. The
+token is a fresh random value per run, handed over on a pipe the wrapper reads and closes before
+the program starts; it is not in argv, the environment or any file, so the program cannot write
+a valid line. (Code that digs through the interpreter's own objects, frames or gc, could find it:
+the in-process layer's limit, as below.)
+
 The parent enforces the wall-clock timeout, kills the whole process group (also when the child
 exits normally, for anything it left behind), and keeps at most max_output bytes of each stream
 while still draining the pipes, so a child flooding its output can neither hang nor exhaust it.
@@ -42,6 +50,7 @@ import math
 import os
 import platform
 import re
+import secrets
 import selectors
 import shutil
 import signal
@@ -54,7 +63,6 @@ from dataclasses import dataclass
 MAX_FILE_BYTES = 16 * 1024 * 1024   # RLIMIT_FSIZE: largest file the child may write
 MAX_OPEN_FILES = 64                 # RLIMIT_NOFILE: plenty for a HumanEval program
 _MIN_MEMORY_MB = 16                 # below this the interpreter itself cannot run
-_EXIT_MEMORY = 102                  # the child's exit code for a MemoryError the program did not catch
 _EXIT_SETUP = 103                   # the child's exit code when the sandbox could not be set up
 _DRAIN_S = 0.5                      # after the child is gone: how long to wait for the pipes' EOF
 _REAP_S = 5.0                       # after SIGKILL: how long to wait for the child to be reaped
@@ -115,10 +123,12 @@ _BLOCKED_IMPORTS = frozenset((
 class ExecutionResult:
     """What became of one sandboxed execution.
 
-    success: the program exited normally with code 0 within the limits. stdout/stderr: what it
+    success: the program ran to its end (the wrapper's token-carrying "ok") and exited with code
+    0 within the limits; an exit before the end, even with code 0, is a failure. stdout/stderr: what it
     printed, at most max_output bytes each (decoded as UTF-8; a truncated stream keeps its
     beginning and its last few KiB around a "[... N bytes truncated ...]" marker). error: a short
-    reason when not successful ("timeout", "memory limit", "exit code 1", "blocked: os.system", ...).
+    reason when not successful ("timeout", "memory limit", "exit code 1", "exit code 0 before the
+    end of the program", "blocked: os.system", "sandbox setup failed", ...).
     """
     success: bool
     stdout: str
@@ -182,12 +192,12 @@ def _has_exited(pid: int) -> bool:
 
 
 def _run_group(argv: list[str], *, cwd: str, env: dict[str, str], timeout: float,
-               max_output: int) -> _Outcome:
+               max_output: int, pass_fds: tuple[int, ...] = ()) -> _Outcome:
     """Run argv as the leader of a new session; kill its whole process group when it exits or at
     the wall-clock timeout; capture both pipes up to max_output bytes each without ever blocking."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+                            stderr=subprocess.PIPE, start_new_session=True, close_fds=True, pass_fds=pass_fds)
     deadline = start + timeout
     out, err = _Capture(max_output), _Capture(max_output)
     captures = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
@@ -286,35 +296,56 @@ def execute(code: str, *, timeout: float = 5.0, memory_mb: int = 512,
     script = os.path.abspath(__file__)
 
     root = tempfile.mkdtemp(prefix="nanofast-sandbox-")  # 0700; holds the program and the cwd
+    token = secrets.token_hex(16)
+    token_r, token_w = os.pipe()
     try:
         work = os.path.join(root, "work")
         os.mkdir(work, 0o700)
         program = os.path.join(root, "program.py")
         with open(program, "w", encoding="utf-8") as f:
             f.write(code)
-        config = {"program": program, "work": work, "memory_bytes": memory_mb * 1024 * 1024,
-                  "cpu_s": math.ceil(timeout) + 1}
+        status = os.path.join(root, "status")
+        open(status, "wb").close()
+        os.write(token_w, token.encode())  # 32 bytes: within the pipe buffer, never blocks
+        os.close(token_w)
+        token_w = -1
+        config = {"program": program, "work": work, "status": status, "token_fd": token_r,
+                  "memory_bytes": memory_mb * 1024 * 1024, "cpu_s": math.ceil(timeout) + 1}
         env = {"PATH": os.defpath, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         outcome = _run_group([sys.executable, "-I", "-B", script, "--sandbox-child", json.dumps(config)],
-                             cwd=work, env=env, timeout=timeout, max_output=max_output)
+                             cwd=work, env=env, timeout=timeout, max_output=max_output, pass_fds=(token_r,))
+        with open(status, "rb") as f:
+            reported = _reported(f.read(4096), token)
     finally:
+        for fd in (token_r, token_w):
+            if fd >= 0:
+                os.close(fd)
         _remove_tree(root)
-    return _result(outcome)
+    return _result(outcome, reported)
 
 
-def _result(o: _Outcome) -> ExecutionResult:
+def _reported(data: bytes, token: str) -> set[str]:
+    """The statuses the child's wrapper wrote (`<token> <status>` lines). The program never saw
+    the token, so a line it wrote cannot carry it."""
+    return {line.split(b" ", 1)[1].decode() for line in data.splitlines()
+            if line.startswith(token.encode() + b" ") and line.count(b" ") == 1}
+
+
+def _result(o: _Outcome, reported: set[str]) -> ExecutionResult:
+    """Success needs the wrapper's word that the program ran to its end ("ok") and exit code 0:
+    a program that exits early, even with code 0 (sys.exit(0), os._exit(0)), has not passed."""
     def fail(error: str, *, timed_out: bool = False, memory: bool = False) -> ExecutionResult:
         return ExecutionResult(False, o.stdout, o.stderr, timed_out, memory, error)
 
     rc = o.returncode
     if o.timed_out:
         return fail("timeout", timed_out=True)
-    if rc == 0:
-        return ExecutionResult(True, o.stdout, o.stderr, False, False, None)
-    if rc == _EXIT_MEMORY:
+    if "memory" in reported:
         return fail("memory limit", memory=True)
-    if rc == _EXIT_SETUP:
+    if "started" not in reported:
         return fail("sandbox setup failed")
+    if rc == 0 and "ok" in reported:
+        return ExecutionResult(True, o.stdout, o.stderr, False, False, None)
     if rc < 0:
         if -rc == signal.SIGXCPU:
             return fail("cpu time limit", timed_out=True)
@@ -327,13 +358,16 @@ def _result(o: _Outcome) -> ExecutionResult:
     match = _BLOCKED_RE.search(lines[-1]) if lines else None
     if match:
         return fail(f"blocked: {match.group(1)}")
+    if rc == 0:  # sys.exit(0) or os._exit(0) before the program's end: not a pass
+        return fail("exit code 0 before the end of the program")
     return fail(f"exit code {rc}")
 
 
 def run_humaneval(prompt: str, completion: str, test: str, entry_point: str,
                   timeout: float = 5.0) -> bool:
     """True iff prompt + completion followed by the problem's test and check(entry_point) runs
-    cleanly in the sandbox (the HumanEval pass criterion)."""
+    to its end in the sandbox, i.e. check() returned (the HumanEval pass criterion). A completion
+    that exits early, with any code, or kills its process fails (see `execute`)."""
     for name, value in (("prompt", prompt), ("completion", completion), ("test", test),
                         ("entry_point", entry_point)):
         if not isinstance(value, str):
@@ -510,6 +544,11 @@ def _child_main(config_json: str) -> None:
         config = json.loads(config_json)
         with open(config["program"], encoding="utf-8") as f:
             source = f.read()
+        # The token proves to the parent that a status line is the wrapper's: read once, its pipe
+        # closed, so the program can neither read it again nor see it in argv or the environment.
+        token = os.read(config["token_fd"], 64)
+        os.close(config["token_fd"])
+        status_fd = os.open(config["status"], os.O_WRONLY | os.O_APPEND)
         os.chdir(config["work"])
         __import__("socket")  # now, before the memory limit: the guards patch it
         try:
@@ -523,12 +562,13 @@ def _child_main(config_json: str) -> None:
             _install_seccomp(ctypes, libc)
         _install_guards(config["work"])
         del ctypes, libc
-    except MemoryError:
-        os._exit(_EXIT_MEMORY)
     except BaseException as exc:  # noqa: BLE001 - report whatever broke the setup, then stop
         sys.stderr.write(f"sandbox setup failed: {exc!r}\n")
         sys.stderr.flush()
         os._exit(_EXIT_SETUP)
+    report = _reporter(status_fd, token, os.write)  # the real os.write, captured before any program code
+    del token
+    report("started")
 
     # The program runs as __main__ in a fresh module, not in this file's namespace.
     main = types.ModuleType("__main__")
@@ -538,18 +578,28 @@ def _child_main(config_json: str) -> None:
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show lines
     try:
         exec(compile(source, filename, "exec"), main.__dict__)
-    except SystemExit as exc:
-        if exc.code in (_EXIT_MEMORY, _EXIT_SETUP):   # keep those codes meaning what the parent reads
-            sys.exit(1)
-        raise
+    except SystemExit:
+        raise  # its own exit code, and no "ok": a program that exits early has not run to its end
     except MemoryError as exc:
+        report("memory")
         traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(_EXIT_MEMORY)
+        os._exit(1)
     except BaseException as exc:  # noqa: BLE001 - the program's own failure: its traceback, exit 1
         traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)  # without this frame
         sys.exit(1)
+    report("ok")
+
+
+def _reporter(fd: int, token: bytes, write):
+    """report(status): one `<token> <status>` line on the status file, in one write(2) call."""
+    def report(status: str) -> None:
+        try:
+            write(fd, token + b" " + status.encode() + b"\n")
+        except OSError:
+            pass  # the program closed or filled the fd: the parent then sees no such status
+    return report
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--sandbox-child":

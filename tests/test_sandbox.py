@@ -35,6 +35,44 @@ def test_humaneval_pass_fail(completion, expected):
     assert run_humaneval(PROMPT, completion, TEST, "add") is expected
 
 
+FORGE_STATUS = """
+import json, sys
+status = json.loads(sys.argv[2])["status"]            # the wrapper's status file: writable, but
+with open(status, "a") as f:                          # the lines must carry a token never shown
+    f.write("ok\\n" + "0" * 32 + " ok\\n" + "started ok\\n")
+import os
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("completion", [
+    "    import sys\n    sys.exit(0)\n",                                   # exit 0 inside check()
+    "    return a - b\nimport sys\nsys.exit(0)\n",                       # exit 0 before check() runs
+    "    return a - b\nimport os\nos._exit(0)\n",                        # no cleanup, exit code 0
+    "    return a - b\nraise SystemExit\n",
+    "    return a - b\nimport builtins\nbuiltins.check = lambda candidate: None\n",  # patch check
+    "    return a - b\nimport atexit, os\natexit.register(os._exit, 0)\n",  # exit code forced to 0
+    "    return a - b\nimport os\nprint('ok')\nprint('PASSED')\nos._exit(0)\n",  # print a pass marker
+    "    return a - b\n" + FORGE_STATUS,                                  # forge the status file
+    "    return a - b\nimport signal\nsignal.raise_signal(signal.SIGKILL)\n",  # kill the harness
+    "    return a - b\nimport os\nos.kill(os.getppid(), 9)\n",          # ... or its parent
+])
+def test_hostile_completions_do_not_pass(completion):
+    """A wrong completion passes only if check() returns: the wrapper's status line, which carries
+    a per-run token the program never sees, not the exit code, says whether the program ran to
+    its end."""
+    assert run_humaneval(PROMPT, completion, TEST, "add") is False
+
+
+def test_early_exits_and_exit_codes_are_reported_exactly():
+    assert execute("import sys\nsys.exit(0)\n").error == "exit code 0 before the end of the program"
+    assert execute("import os\nos._exit(0)\n").error == "exit code 0 before the end of the program"
+    r = execute("import os\nos._exit(102)\n")     # the code the wrapper once used for MemoryError
+    assert r.error == "exit code 102" and not r.memory_exceeded
+    assert execute("import sys\nsys.exit(103)\n").error == "exit code 103"  # the setup-failure code
+    assert execute("print('fine')\n").success
+
+
 def test_humaneval_timeout_is_a_failure():
     start = time.monotonic()
     assert run_humaneval(PROMPT, "    while True:\n        pass\n", TEST, "add", timeout=1.0) is False

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import queue
 import sys
 import threading
@@ -47,6 +48,8 @@ class ServeLimits:
     max_tokens: int = 4096            # the largest max_tokens a request may ask for
     default_max_tokens: int = 512     # when the request gives none (cut to what fits the context)
     max_stop: int = 4                 # stop sequences per request, as OpenAI allows
+    max_json_depth: int = 32          # nesting of arrays/objects (a request needs 4)
+    body_timeout_s: float = 30.0      # the whole body must arrive within this (a stalled client is cut off)
 
 
 class APIError(Exception):
@@ -307,6 +310,9 @@ def parse_request(body: Any, tokenizer: Tokenizer, model_id: str, context: int, 
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         raise APIError(400, f"'seed' must be an integer, got {seed!r}", "seed", "invalid_type")
+    if seed is not None and not -2 ** 63 <= seed < 2 ** 64:  # what a torch.Generator takes
+        raise APIError(400, f"'seed' must be in [-2**63, 2**64), got {seed if abs(seed) < 10 ** 30 else 'a larger number'}",
+                       "seed", "invalid_value")
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > limits.max_stop:
@@ -409,6 +415,66 @@ def _sse(obj: dict | str) -> str:
 
 
 # ---- the app ------------------------------------------------------------------------------------
+async def read_body(request: Request, limits: ServeLimits) -> bytes:
+    """The request body, never more than limits.max_body_bytes of it in memory: a Content-Length
+    above the cap is refused before anything is read, a chunked body once it passes the cap, and a
+    body that stops arriving (shorter than its Content-Length) after limits.body_timeout_s."""
+    cap = limits.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise APIError(400, f"Content-Length {declared[:40]!r} is not a byte count", None, "invalid_header")
+        if int(declared) > cap:
+            raise APIError(413, f"request body is {int(declared)} bytes, at most {cap}", None, "request_too_large")
+    chunks, size = [], 0
+
+    async def receive() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise APIError(413, f"request body is over {cap} bytes", None, "request_too_large")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s "
+                            f"({size} bytes received)", None, "request_timeout") from None
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes, max_depth: int) -> Any:
+    """The body as JSON, nested at most `max_depth` levels (400 otherwise, also for input so deep
+    that the parser itself would recurse too far)."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+    except RecursionError:
+        body = None
+        depth = math.inf
+    else:
+        depth = _depth(body, max_depth)
+    if depth > max_depth:
+        raise APIError(400, f"the request body nests arrays/objects more than {max_depth} levels deep", None,
+                       "invalid_json")
+    return body
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of parsed JSON, iteratively (no recursion), stopping once past `limit`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > limit:
+                break
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def context_window(engine: Engine) -> int:
     """Tokens a prompt and its answer may span: the model's training length, or less if the
     engine's page pool is smaller."""
@@ -460,14 +526,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, limits: Serv
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
-        raw = await request.body()
-        if len(raw) > limits.max_body_bytes:
-            raise APIError(413, f"request body is {len(raw)} bytes, at most {limits.max_body_bytes}", None,
-                           "request_too_large")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+        body = parse_json(await read_body(request, limits), limits.max_json_depth)
         req = parse_request(body, tokenizer, model_id, context, limits, stop_ids)
         completion = Completion(worker, worker.submit(req.prompt, req.params), tokenizer, req)
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -567,7 +626,10 @@ def main(argv: list[str] | None = None) -> int:
     limits = ServeLimits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens)
     app = create_app(engine, tokenizer, model_id, limits)
     print(f"serving {model_id} ({checkpoint}, {device}) on http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # An idle keep-alive connection is closed after 5 s; a request's headers may be at most 64 KiB
+    # (h11 buffers an incomplete event up to this); its body is bounded by read_body.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_keep_alive=5,
+                h11_max_incomplete_event_size=64 * 1024)
     return 0
 
 

@@ -21,7 +21,7 @@ from nanofast.tokenizer import Tokenizer
 
 MODEL_ID = "nanofast-tiny"
 CONTEXT = 128
-LIMITS = ServeLimits(max_messages=8, max_chars=2000, max_tokens=100, default_max_tokens=16)
+LIMITS = ServeLimits(max_messages=8, max_chars=2000, max_tokens=100, default_max_tokens=16, body_timeout_s=1.0)
 TEXTS = [f"The number {i} is {'even' if i % 2 == 0 else 'odd'}. Emoji 😀🎉 and 中文字符 test {i}. Café naïve."
          for i in range(300)]
 
@@ -323,6 +323,105 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, bod
         assert param.split("[")[0].split(".")[0] in error["message"]  # the message names the parameter
     ok = chat(server, messages=HELLO, max_tokens=2)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def raw_request(server, head: bytes, body: bytes = b"", wait: float = 10.0) -> tuple[bytes, float]:
+    """Send `head` (request line and headers, without the blank line) and `body` on a fresh
+    connection, keep it open, and return (the response bytes, seconds until they came)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        start = time.monotonic()
+        sock.sendall(head + b"\r\n\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + int(
+                (data.split(b"content-length: ")[1].split(b"\r\n")[0]) if b"content-length: " in data else 0):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data, time.monotonic() - start
+
+
+POST = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+
+
+def error_of(response: bytes) -> tuple[int, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body)["error"]
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(server):
+    """300 MB declared, nothing sent: the 413 comes at once, so the server never buffers it."""
+    response, seconds = raw_request(server, POST + b"\r\ncontent-length: 300000000")
+    status, error = error_of(response)
+    assert status == 413 and error["code"] == "request_too_large" and "300000000" in error["message"]
+    assert seconds < 5
+
+
+def test_a_chunked_body_is_cut_off_at_the_cap(server):
+    def body():
+        for _ in range(20):
+            yield b"x" * 100_000  # 2 MB in all, no Content-Length: a streaming cap is the only bound
+
+    r = server.client.post("/v1/chat/completions", content=body(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_body_shorter_than_its_content_length_times_out(server):
+    """A client that stops sending holds the connection for body_timeout_s (1 s here), no longer."""
+    response, seconds = raw_request(server, POST + b"\r\ncontent-length: 100", b'{"messages": ')
+    status, error = error_of(response)
+    assert status == 408 and error["code"] == "request_timeout" and "13 bytes received" in error["message"]
+    assert seconds < 5
+
+
+@pytest.mark.parametrize("raw", [
+    b"[" * 100_000 + b"]" * 100_000,                                       # past the parser's recursion
+    b'{"messages": [{"role": "user", "content": "hi"}], "metadata": ' + b"[" * 40 + b"]" * 40 + b"}",  # 41 levels
+])
+def test_deeply_nested_json_is_a_400(server, raw):
+    r = server.client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+    assert "levels deep" in r.json()["error"]["message"]
+    assert chat(server, messages=HELLO, max_tokens=2).status_code == 200
+
+
+@pytest.mark.parametrize("seed", [2 ** 70, -2 ** 63 - 1, 2 ** 64])
+def test_an_out_of_range_seed_is_a_400_in_the_apis_words(server, seed):
+    r = chat(server, messages=HELLO, seed=seed)
+    error = r.json()["error"]
+    assert r.status_code == 400 and (error["param"], error["code"]) == ("seed", "invalid_value")
+    assert error["message"].startswith("'seed' must be in [-2**63, 2**64)")
+    assert chat(server, messages=HELLO, seed=2 ** 64 - 1, max_tokens=2).status_code == 200  # the edge is fine
+
+
+def test_a_hundred_concurrent_streams_among_malformed_traffic(server):
+    """A bounded load test on loopback: 100 streaming clients at once, interleaved with malformed
+    requests; every stream ends with [DONE], every bad request gets its 4xx, and afterwards the
+    engine holds no request and no KV page."""
+    bad = [b"{", b"[" * 5000, b'{"messages": 1}', b'{"messages": [], "seed": 1e999}']
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120,
+                                     limits=httpx.Limits(max_connections=200)) as client:
+            async def stream(i):
+                body = {"messages": [{"role": "user", "content": f"Hello {i}"}], "max_tokens": 3, "stream": True}
+                async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                    return r.status_code, (await r.aread()).decode()
+
+            async def malformed(i):
+                r = await client.post("/v1/chat/completions", content=bad[i % len(bad)],
+                                      headers={"content-type": "application/json"})
+                return r.status_code, r.text
+
+            return await asyncio.gather(*[stream(i) for i in range(100)], *[malformed(i) for i in range(20)])
+
+    results = asyncio.run(run())
+    streams, errors = results[:100], results[100:]
+    assert all(status == 200 and text.rstrip().endswith("data: [DONE]") for status, text in streams)
+    assert all(status == 400 and json.loads(text)["error"]["code"] for status, text in errors), errors
+    health = server.client.get("/health").json()
+    assert health["running_requests"] == 0 and health["pages_in_use"] == 0 and not health["engine_unfinished"]
 
 
 def test_system_message_is_merged_into_the_first_user_turn(server, model, tokenizer):

@@ -87,7 +87,7 @@ PRESETS: dict[str, Settings] = {
     # corpus is larger than the tokenizer needs so that each split has row groups for both ranks.
     "rehearsal": Settings(corpus_shards=4, corpus_chars=3_000_000, vocab_size=512, tokenizer_chars=400_000,
                           depth=1, head_dim=32, seq_len=64, device_batch_size=2, total_batch_size=256,
-                          num_iterations=6, eval_every=3, eval_tokens=256, core_every=6, core_examples=1,
+                          num_iterations=6, eval_every=3, eval_tokens=256, core_every=6, core_examples=4,
                           save_every=2, log_every=1,
                           sample_tokens=4, dtype="bf16", linear_precision="attn=fp8,mlp=fp8,lm_head=fp8",
                           kernel_backend="triton",

@@ -11,7 +11,7 @@
 - `linear_precision`, the speedrun's (attention, MLP and lm_head in fp8): pretraining's linears run
   FP8 GEMMs (E4M3 operands, E5M2 gradients, tensorwise scales): Triton's FP8 kernels, QGMMA on an
   H100, run here by the interpreter on the same source. Mid-training and SFT are bf16, as there.
-- CORE during pretraining (the speedrun's every 2000 steps): here at the last step, one example
+- CORE during pretraining (the speedrun's every 2000 steps): here at the last step, four examples
   per task, shared out over the ranks and summed.
 - fine-tuning as the speedrun does it: each rank continues from its own optimizer shard of the
   stage before (the Adam moments and Muon momenta), with the stage's own LRs.

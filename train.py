@@ -90,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run = Run(settings=settings, base=base_dir(args.base_dir), device=device,
+    try:
+        base = base_dir(args.base_dir)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run = Run(settings=settings, base=base, device=device,
               dist=init_distributed(device, settings.dist_timeout_minutes), name=name)
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     try:

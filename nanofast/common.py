@@ -18,7 +18,12 @@ def base_dir(path: str | os.PathLike | None = None) -> Path:
     """Where every artefact goes: `path`, else $NANOFAST_BASE_DIR, else ~/.cache/nanofast."""
     chosen = path or os.environ.get("NANOFAST_BASE_DIR") or Path.home() / ".cache" / "nanofast"
     out = Path(chosen).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(f"the base dir {out} is a file, not a directory") from None
+    except OSError as e:
+        raise OSError(f"cannot create the base dir {out}: {e.strerror}") from None
     return out
 
 

@@ -226,6 +226,7 @@ class Plan:
     num_iterations: int
     total_batch_size: int
     grad_accum: int
+    device_batch_size: int  # rows per micro-step per rank (at most the setting's)
     lr_scale: float
     weight_decay: float
 
@@ -248,12 +249,19 @@ def plan_training(model: GPT, s: Settings, world_size: int, base_weight_decay: f
     batch = s.total_batch_size
     if batch <= 0:
         batch = 2 ** round(math.log2(REF_BATCH * (target_tokens / ref_tokens) ** 0.383))
-    micro = s.device_batch_size * s.seq_len * world_size
-    if batch % micro:
-        raise ValueError(f"total_batch_size {batch:,} is not a multiple of device_batch_size x seq_len x "
-                         f"processes = {micro:,}: change --total-batch-size or --device-batch-size")
+    # The batch is what the recipe is tuned for; the rows per rank are only memory. With more ranks
+    # than a preset was written for, fewer rows per micro-step keep the batch (the largest count
+    # <= device_batch_size that divides it); gradient accumulation covers the rest.
+    rows = next((d for d in range(s.device_batch_size, 0, -1) if batch % (d * s.seq_len * world_size) == 0), 0)
+    if rows == 0:
+        raise ValueError(f"total_batch_size {batch:,} is not a multiple of seq_len x processes = "
+                         f"{s.seq_len * world_size:,}: no device batch fills it; change --total-batch-size")
+    if rows != s.device_batch_size:
+        print0(f"device batch {s.device_batch_size} -> {rows} rows: {world_size} process(es) x {rows} x "
+               f"{s.seq_len} tokens divide the {batch:,}-token batch")
+    micro = rows * s.seq_len * world_size
     iterations = s.num_iterations if s.num_iterations > 0 else max(1, int(target_tokens // batch))
-    return Plan(num_iterations=iterations, total_batch_size=batch, grad_accum=batch // micro,
+    return Plan(num_iterations=iterations, total_batch_size=batch, grad_accum=batch // micro, device_batch_size=rows,
                 lr_scale=(batch / REF_BATCH) ** 0.5,
                 weight_decay=base_weight_decay * (batch / REF_BATCH) ** 0.5 * ref_tokens / target_tokens)
 
@@ -304,7 +312,7 @@ def stage_pretrain(run: Run, t0: float) -> None:
 
     params, flops = model.num_params(), model.flops_per_token()
     print0(f"model {config} | {params['total']:,} params | {flops:.3e} FLOPs/token | {plan}")
-    loader = PackedLoader(tokenizer, run.data_dir, s.device_batch_size, s.seq_len, split="train",
+    loader = PackedLoader(tokenizer, run.data_dir, plan.device_batch_size, s.seq_len, split="train",
                           rank=run.dist.rank, world_size=run.dist.world_size, device=device, state=loader_state)
 
     def evaluate(step: int) -> dict:  # val bpb; CORE (nanochat's, 500 per task) every core_every steps and at the end
@@ -424,7 +432,7 @@ def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, .
         batches = ((x, y) for x, y, _ in itertools.islice(val, 8))
         return {"val_bpb": evaluate_bpb(model, batches, token_bytes)}
 
-    loader = ConversationLoader(tokenizer, train_mix, s.device_batch_size, s.seq_len, rank=run.dist.rank,
+    loader = ConversationLoader(tokenizer, train_mix, plan.device_batch_size, s.seq_len, rank=run.dist.rank,
                                 world_size=run.dist.world_size, device=device, seed=s.seed, state=loader_state)
     settings = LoopSettings(num_iterations=iterations, grad_accum=plan.grad_accum, warmup_steps=0, warmdown_ratio=0.5,
                             final_lr_frac=0.0, finetune=True,

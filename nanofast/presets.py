@@ -106,6 +106,13 @@ PRESETS: dict[str, Settings] = {
 }
 
 
+# Sizes and counts that have no meaning at 0 or below (the -1 = "automatic" ones are not here).
+POSITIVE = ("corpus_shards", "corpus_chars", "vocab_size", "tokenizer_chars", "depth", "aspect_ratio", "head_dim",
+            "seq_len", "device_batch_size", "target_param_data_ratio", "eval_tokens", "core_examples",
+            "dist_timeout_minutes", "wait_minutes", "task_size", "rl_steps", "rl_questions", "rl_samples",
+            "rl_max_tokens", "rl_lr_scale", "rl_eval_examples", "finetune_lr_scale", "eval_max_tokens")
+
+
 def make_settings(preset: str, **overrides) -> Settings:
     """The preset's settings with every non-None override applied; unknown names raise ValueError."""
     if preset not in PRESETS:
@@ -115,6 +122,10 @@ def make_settings(preset: str, **overrides) -> Settings:
     if unknown:
         raise ValueError(f"unknown setting(s) {sorted(unknown)}")
     settings = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    for name in POSITIVE:
+        value = getattr(settings, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     from nanofast.model import parse_linear_precision
 
     parse_linear_precision(settings.linear_precision)  # a bad spec fails here, before any work

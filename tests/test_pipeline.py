@@ -248,6 +248,47 @@ def test_batch_that_does_not_divide_is_a_clear_error(tokenized, tmp_path, capsys
     assert code == 1 and "not a multiple" in err
 
 
+def test_presets_adapt_the_device_batch_to_the_world_size(capsys):
+    """The batch a preset is tuned for is kept on more ranks: fewer rows per micro-step (said in
+    one line), gradient accumulation for the rest; a batch no device batch can fill is an error."""
+    from nanofast.model import GPT, config_for_depth
+    from nanofast.pipeline import plan_training
+
+    def plan(preset: str, world: int, **overrides):
+        s = make_settings(preset, **overrides)
+        with torch.device("meta"):
+            model = GPT(config_for_depth(s.depth, s.vocab_size, s.seq_len, s.aspect_ratio, s.head_dim,
+                                         window_pattern=s.window_pattern))
+        p = plan_training(model, s, world)
+        return p.total_batch_size, p.device_batch_size, p.grad_accum
+
+    assert plan("smoke", 1) == (512, 4, 1) and capsys.readouterr().out == ""
+    assert plan("smoke", 2) == (512, 2, 1)
+    assert "device batch 4 -> 2 rows: 2 process(es) x 2 x 128 tokens divide the 512-token batch" in capsys.readouterr().out
+    assert plan("cpu", 2) == (4096, 4, 1) and plan("cpu", 8) == (4096, 1, 1)
+    assert plan("speedrun", 8) == (2 ** 20, 16, 4) and plan("speedrun", 1) == (2 ** 20, 16, 32)
+    assert plan("smoke", 3, total_batch_size=3 * 128 * 2) == (768, 2, 1)  # 3 rows do not divide 768 / 3
+    with pytest.raises(ValueError, match="no device batch fills it"):
+        plan("smoke", 8)  # 8 ranks x 128 tokens > 512
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--device-batch-size", "0"), ("--depth", "-1"), ("--seq-len", "0"), ("--vocab-size", "0"),
+    ("--head-dim", "0"), ("--rl-samples", "0"), ("--task-size", "0"), ("--wait-minutes", "0"),
+    ("--dist-timeout-minutes", "-5"), ("--eval-tokens", "0"), ("--core-examples", "0"),
+])
+def test_bad_cli_values_are_one_line_errors(flag, value, tmp_path, capsys):
+    code, err = run_main(capsys, "--stage", "pretrain", "--preset", "smoke", "--base-dir", str(tmp_path), flag, value)
+    assert code == 2 and f"error: {flag} must be > 0, got " in err and "\n" not in err, err
+
+
+def test_a_base_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for where, message in ((tmp_path / "file", "is a file, not a directory"), (tmp_path / "file" / "sub", "cannot create")):
+        code, err = run_main(capsys, "--stage", "tokenizer", "--preset", "smoke", "--base-dir", str(where))
+        assert code == 2 and message in err and "\n" not in err, err
+
+
 def test_settings_overrides_and_unknown_preset():
     s = make_settings("cpu", depth=3, dtype=None)
     assert s.depth == 3 and s.seq_len == make_settings("cpu").seq_len
@@ -393,7 +434,7 @@ def test_two_nodes_with_a_slow_rank_outlast_the_collective_timeout(tmp_path):
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=slow-{port}"]
     args = ["train.py", "--stage", "all", "--preset", "smoke", "--base-dir", str(base), "--num-iterations", "4",
-            "--eval-every", "0", "--device-batch-size", "2", "--dist-timeout-minutes", "0.5"]
+            "--eval-every", "0", "--dist-timeout-minutes", "0.5"]  # the preset as it is: its batch adapts
     env = dict(ENV, PYTHONPATH=os.pathsep.join([str(hooks), str(ROOT)]))
     nodes = [subprocess.Popen([*node, f"--node-rank={r}", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
@@ -401,6 +442,7 @@ def test_two_nodes_with_a_slow_rank_outlast_the_collective_timeout(tmp_path):
     for n, (stdout, stderr) in zip(nodes, outs):
         assert n.returncode == 0, stdout[-2000:] + stderr[-3000:]
     assert "report: ran" in "".join(o for o, _ in outs) and section(base, "pretrain")["world_size"] == 2
+    assert "device batch 4 -> 2 rows" in outs[0][0]  # the smoke preset's 4 rows x 2 ranks: 2 rows each
     # the slow parts really ran: rank 1 finished the tokenizer stage long after rank 0, CORE waited
     marks = {r: (run_dir(base) / "sync" / f"tokenizer.rank{r}").stat().st_mtime for r in (0, 1)}
     assert marks[1] - marks[0] > 30 and section(base, "eval")["seconds"] > 10

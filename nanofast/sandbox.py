@@ -6,20 +6,28 @@ parent) and its own temporary directory as cwd, HOME and TMPDIR; the directory i
 afterwards. The child is this very file run as a script: before the program runs it sets up, in
 order,
 
-  1. a private, empty network namespace when unshare(CLONE_NEWNET) is permitted (root on Linux),
-     otherwise nothing (silently);
+  1. the operating system's isolation (Linux; `_isolate`): new mount, network, IPC and UTS
+     namespaces (plus a user namespace when not root) and a private root file system: a tmpfs
+     holding read-only binds of only what the interpreter needs (/usr, /lib*, the Python
+     installation, a few /etc files, /dev/null and friends) and the writable work directory,
+     entered with pivot_root, the old root detached. No home directory, checkpoint, /etc/shadow,
+     /dev/shm or other process is visible; as root it then becomes the user nobody, with a /proc
+     that shows its own process only. The network namespace is empty (a down loopback). Where the
+     kernel refuses new namespaces nothing of this happens (ExecutionResult.isolation says
+     "none"); where they exist but a step fails, the run fails: a half-built sandbox never runs code;
   2. resource limits: RLIMIT_AS (memory_mb), RLIMIT_CPU (timeout + 1 s), RLIMIT_FSIZE
      (MAX_FILE_BYTES), RLIMIT_NOFILE (MAX_OPEN_FILES), RLIMIT_NPROC 0, RLIMIT_CORE 0;
   3. a seccomp filter (Linux x86_64/aarch64) that makes the kernel refuse with EPERM: new
      processes and threads (fork, clone, execve, ...), sockets, signals to other processes,
-     ptrace, namespace/mount/module/reboot syscalls, and raising resource limits again. This is
-     what contains root, for whom RLIMIT_NPROC does not count;
-  4. in-process guards in the spirit of OpenAI human-eval's reliability_guard: escaping or
-     destructive functions (os.system, os.fork, os.kill, os.chmod, subprocess.Popen,
-     socket.socket, ...) are replaced by functions raising SandboxViolation("blocked: <name>");
-     os.remove/unlink/rmdir/rename/replace/truncate, shutil.rmtree/move and writing with
-     open()/os.open() raise it outside the sandbox directory only (tempfile needs them inside);
-     ctypes, multiprocessing, resource, pty, ... cannot be imported.
+     ptrace, namespace/mount/module/reboot syscalls, and raising resource limits again;
+  4. in-process guards in the spirit of OpenAI human-eval's reliability_guard, a second layer
+     against a model's accidents: escaping or destructive functions (os.system, os.fork, os.kill,
+     os.chmod, subprocess.Popen, socket.socket, ...) are replaced by functions raising
+     SandboxViolation("blocked: <name>"); os.remove/unlink/rmdir/rename/replace/truncate,
+     shutil.rmtree/move and writing with open()/os.open() raise it outside the sandbox directory
+     only (tempfile needs them inside); ctypes, multiprocessing, resource, pty, ... cannot be
+     imported. Python offers ways back to the originals (io.FileIO, object.__subclasses__(), the
+     import machinery): layers 1-3 are what hold against them (tests/test_sandbox.py's escapes).
 
 Whether the program ran to its end is not read from its exit code (a program can exit 0 at any
 point: sys.exit(0), os._exit(0), an atexit hook): the wrapper writes `<token> <status>` lines to a
@@ -27,21 +35,16 @@ status file: "started" before the program, "ok" once it returned, "memory" on a 
 token is a fresh random value per run, handed over on a pipe the wrapper reads and closes before
 the program starts; it is not in argv, the environment or any file, so the program cannot write
 a valid line. (Code that digs through the interpreter's own objects, frames or gc, could find it:
-the in-process layer's limit, as below.)
+the in-process layer's limit.)
 
 The parent enforces the wall-clock timeout, kills the whole process group (also when the child
 exits normally, for anything it left behind), and keeps at most max_output bytes of each stream
 while still draining the pipes, so a child flooding its output can neither hang nor exhaust it.
 
-What this is not: the in-process guards (4) protect against a model's accidents, not against a
-determined attacker: Python offers many ways back to the originals (frame introspection,
-object.__subclasses__(), io.FileIO, ...). The boundary is the process with its limits, seccomp
-filter and network namespace. What remains possible for code that gets past the guards: reading
-every file the evaluating user can read, including /proc/<parent pid>/environ when the user is the
-same (run the evaluator as a user without secrets); writing to or truncating files that user may
-write (as root, almost all of them); filling the disk with many files of up to MAX_FILE_BYTES each;
-and, where seccomp is unavailable (other OSes or architectures), creating processes as root and
-opening sockets when no network namespace could be made.
+What remains possible: with isolation, reading the world-readable files of /usr and of the Python
+installation, and filling the work directory up to MAX_FILE_BYTES per file; without it (kernels or
+containers that refuse namespaces), everything the evaluating user can read, and writing where
+that user may write: run the evaluator as a user without secrets there.
 """
 from __future__ import annotations
 
@@ -136,6 +139,7 @@ class ExecutionResult:
     timed_out: bool
     memory_exceeded: bool
     error: str | None
+    isolation: str = "none"  # what the operating system isolated ("none": only seccomp, limits, guards)
 
 
 class SandboxViolation(PermissionError):
@@ -304,12 +308,14 @@ def execute(code: str, *, timeout: float = 5.0, memory_mb: int = 512,
         program = os.path.join(root, "program.py")
         with open(program, "w", encoding="utf-8") as f:
             f.write(code)
+        newroot = os.path.join(root, "newroot")  # the child's private root is mounted here
+        os.mkdir(newroot, 0o700)
         status = os.path.join(root, "status")
         open(status, "wb").close()
         os.write(token_w, token.encode())  # 32 bytes: within the pipe buffer, never blocks
         os.close(token_w)
         token_w = -1
-        config = {"program": program, "work": work, "status": status, "token_fd": token_r,
+        config = {"program": program, "work": work, "newroot": newroot, "status": status, "token_fd": token_r,
                   "memory_bytes": memory_mb * 1024 * 1024, "cpu_s": math.ceil(timeout) + 1}
         env = {"PATH": os.defpath, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         outcome = _run_group([sys.executable, "-I", "-B", script, "--sandbox-child", json.dumps(config)],
@@ -327,15 +333,17 @@ def execute(code: str, *, timeout: float = 5.0, memory_mb: int = 512,
 def _reported(data: bytes, token: str) -> set[str]:
     """The statuses the child's wrapper wrote (`<token> <status>` lines). The program never saw
     the token, so a line it wrote cannot carry it."""
-    return {line.split(b" ", 1)[1].decode() for line in data.splitlines()
-            if line.startswith(token.encode() + b" ") and line.count(b" ") == 1}
+    prefix = token.encode() + b" "
+    return {line[len(prefix):].decode("utf-8", "replace") for line in data.splitlines() if line.startswith(prefix)}
 
 
 def _result(o: _Outcome, reported: set[str]) -> ExecutionResult:
     """Success needs the wrapper's word that the program ran to its end ("ok") and exit code 0:
     a program that exits early, even with code 0 (sys.exit(0), os._exit(0)), has not passed."""
+    isolation = next((r.split("=", 1)[1] for r in reported if r.startswith("isolation=")), "none")
+
     def fail(error: str, *, timed_out: bool = False, memory: bool = False) -> ExecutionResult:
-        return ExecutionResult(False, o.stdout, o.stderr, timed_out, memory, error)
+        return ExecutionResult(False, o.stdout, o.stderr, timed_out, memory, error, isolation)
 
     rc = o.returncode
     if o.timed_out:
@@ -345,7 +353,7 @@ def _result(o: _Outcome, reported: set[str]) -> ExecutionResult:
     if "started" not in reported:
         return fail("sandbox setup failed")
     if rc == 0 and "ok" in reported:
-        return ExecutionResult(True, o.stdout, o.stderr, False, False, None)
+        return ExecutionResult(True, o.stdout, o.stderr, False, False, None, isolation)
     if rc < 0:
         if -rc == signal.SIGXCPU:
             return fail("cpu time limit", timed_out=True)
@@ -399,15 +407,94 @@ def _seccomp_program(arch: int, denied: list[int], prlimit_nr: int, x32: bool) -
              labels[jf] - i - 1 if isinstance(jf, str) else jf, k) for i, (code, jt, jf, k) in enumerate(ops)]
 
 
-def _isolate_network(libc) -> None:
-    # Best effort: an empty network namespace (only a down loopback) needs CAP_SYS_ADMIN.
-    try:
-        if hasattr(os, "unshare"):
-            os.unshare(_CLONE_NEWNET)
-        elif libc is not None:
-            libc.unshare(_CLONE_NEWNET)   # -1 when not permitted: ignored
-    except OSError:
-        pass
+# ---- operating-system isolation (namespaces, a private read-only root, an unprivileged user) ----
+_CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC, _CLONE_NEWUSER = 0x20000, 0x4000000, 0x8000000, 0x10000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = (
+    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
+_MS_KEEP = 2 | 4 | 8 | 1024 | 2048 | 4096   # nosuid, nodev, noexec, noatime, nodiratime, relatime: a
+#                                            bind's remount must keep what its source mount locked
+_NOBODY = 65534
+_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "arm64": 41}
+_MNT_DETACH = 2
+# What the interpreter needs to go on importing the standard library and loading its extension
+# modules' shared libraries; nothing else of the machine is visible (no home directories, no
+# checkpoints, no /etc/shadow, no /dev/shm, no other process's /proc).
+_SYSTEM_PATHS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/etc/ld.so.cache", "/etc/localtime",
+                 "/etc/passwd", "/etc/group")
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+
+
+def _isolate(config: dict, ctypes, libc) -> str:
+    """Put this process in new mount, network, IPC and UTS namespaces (and a user namespace when not
+    root), on a private root file system that shows read-only only what Python needs plus the
+    writable work directory, then, as root, become the unprivileged user nobody. Returns what was
+    done; "none" when the kernel refuses new namespaces (then the other layers stand alone). Any
+    failure after the namespaces exist raises: a half-built sandbox never runs a program."""
+    flags = _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWUTS
+    root = os.geteuid() == 0
+    if not root:
+        flags |= _CLONE_NEWUSER
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(flags) != 0:
+        return "none"
+    if not root:  # map our own uid to root inside: mounts become possible, nothing outside changes
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+
+    def mount(source, target, fstype, mflags, data=None) -> None:
+        if libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), ctypes.c_ulong(mflags),
+                      data and data.encode()) != 0:
+            raise OSError(ctypes.get_errno(), f"mount {source} on {target}: {os.strerror(ctypes.get_errno())}")
+
+    def bind(path: str, *, writable: bool = False) -> None:
+        target = newroot + path
+        if os.path.islink(path):  # /lib -> usr/lib on merged-/usr systems: the same link
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if not os.path.lexists(target):
+                os.symlink(os.readlink(path), target)
+            return
+        if os.path.isdir(path):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "a").close()
+        mount(path, target, None, _MS_BIND)
+        if not writable:
+            keep = os.statvfs(path).f_flag & _MS_KEEP
+            mount(None, target, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | keep)
+
+    newroot = config["newroot"]
+    work = config["work"]
+    mount(None, "/", None, _MS_REC | _MS_PRIVATE)          # nothing we mount leaks back out
+    mount("tmpfs", newroot, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
+    prefixes = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix)}
+    for path in [*_SYSTEM_PATHS, *sorted(prefixes)]:
+        if os.path.lexists(path) and not any(path != q and path.startswith(q + "/") for q in prefixes):
+            bind(path)
+    for name in _DEVICES:
+        if os.path.exists(f"/dev/{name}"):
+            bind(f"/dev/{name}")
+    bind(work, writable=True)
+    os.makedirs(newroot + "/tmp", exist_ok=True)
+    if root:  # a /proc of this user's processes only: after the switch to nobody, just this one
+        os.makedirs(newroot + "/proc", exist_ok=True)
+        mount("proc", newroot + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=invisible,subset=pid")
+    os.chdir(newroot)
+    if libc.syscall(ctypes.c_long(_PIVOT_ROOT[platform.machine()]), b".", b".") != 0:
+        raise OSError(ctypes.get_errno(), f"pivot_root: {os.strerror(ctypes.get_errno())}")
+    if libc.umount2(b".", _MNT_DETACH) != 0:                # the old root, stacked under the new one
+        raise OSError(ctypes.get_errno(), f"umount old root: {os.strerror(ctypes.get_errno())}")
+    mount(None, "/", None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+    os.chdir(work)
+    if not root:
+        return "user, mount, network namespaces"
+    os.chown(work, _NOBODY, _NOBODY)
+    os.setgroups([])
+    os.setresgid(_NOBODY, _NOBODY, _NOBODY)
+    os.setresuid(_NOBODY, _NOBODY, _NOBODY)
+    libc.prctl(4, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))  # PR_SET_DUMPABLE:
+    return "mount, network namespaces; user nobody"   # /proc/self readable by its owner again
 
 
 def _install_seccomp(ctypes, libc) -> bool:
@@ -556,7 +643,7 @@ def _child_main(config_json: str) -> None:
             libc = ctypes.CDLL(None, use_errno=True)
         except (ImportError, OSError):
             ctypes = libc = None
-        _isolate_network(libc)
+        isolation = _isolate(config, ctypes, libc) if libc is not None and sys.platform.startswith("linux") else "none"
         _set_limits(config)
         if ctypes is not None:
             _install_seccomp(ctypes, libc)
@@ -569,6 +656,7 @@ def _child_main(config_json: str) -> None:
     report = _reporter(status_fd, token, os.write)  # the real os.write, captured before any program code
     del token
     report("started")
+    report(f"isolation={isolation}")
 
     # The program runs as __main__ in a fresh module, not in this file's namespace.
     main = types.ModuleType("__main__")

@@ -81,7 +81,7 @@ def test_humaneval_timeout_is_a_failure():
 
 def test_success_captures_output():
     r = execute("import sys\nprint('hello')\nprint('warn', file=sys.stderr)\n")
-    assert r == ExecutionResult(True, "hello\n", "warn\n", False, False, None)
+    assert r == ExecutionResult(True, "hello\n", "warn\n", False, False, None, r.isolation)
 
 
 def test_failure_reports_exit_code_and_traceback():
@@ -287,6 +287,66 @@ def test_parent_environment_is_not_visible(monkeypatch):
     monkeypatch.setenv("NANOFAST_TEST_SECRET", "hunter2-secret")
     r = execute("import os\nprint(sorted(os.environ.items()))\nos.environ['OMP_NUM_THREADS'] = '1'\n")
     assert r.success and "hunter2-secret" not in r.stdout and "NANOFAST_TEST_SECRET" not in r.stdout
+
+
+# --- escapes past the Python guards: the operating system has to hold -------------------------
+
+ISOLATED = execute("pass\n").isolation != "none"
+needs_isolation = pytest.mark.skipif(not ISOLATED, reason="the kernel refuses new namespaces here: the sandbox "
+                                                          "falls back to seccomp, limits and the in-process guards")
+UNGUARD = "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if getattr(f, '__name__', '') != 'ImportBlocker']\n"
+ESCAPES = {  # name: a program that tries to reach {victim} (a file of the caller's) or the machine
+    "io.FileIO over a file": "import _io\n_io.FileIO('{victim}', 'w').write(b'pwned')\n",
+    "io.FileIO creating a file": "import _io\n_io.FileIO('{victim_dir}/new', 'w').write(b'pwned')\n",
+    "libc open through ctypes": UNGUARD + "import ctypes\nlibc = ctypes.CDLL(None)\n"
+        "fd = libc.open(b'{victim_dir}/new', 0o1101, 0o644)\nassert fd >= 0, fd\nlibc.write(fd, b'pwned', 5)\n",
+    "libc open of the root": UNGUARD + "import ctypes\nfd = ctypes.CDLL(None).open(b'/pwned', 0o101, 0o644)\n"
+        "assert fd >= 0, fd\n",
+    "read /etc/shadow": "print(open('/etc/shadow').read())\n",
+    "read the parent's environment": "import os\nfor p in os.listdir('/proc'):\n    try:\n"
+        "        print(open(f'/proc/{{p}}/environ', 'rb').read())\n    except OSError:\n        pass\n"
+        "print(open(f'/proc/{{os.getppid()}}/environ', 'rb').read())\n",
+    "a symlink out of the work dir": "import os, _io\nos.symlink('{victim}', 'l')\n_io.FileIO('l', 'w').write(b'pwned')\n",
+    "a symlink to /etc": "import os\nos.symlink('/etc', 'etc')\nprint(open('etc/shadow').read())\n",
+    "a hard link to the victim": "import os\nos.link('{victim}', 'h')\nopen('h', 'a').write('pwned')\n",
+    "a hard link across mounts": "import os, sys\nos.link(sys.executable, 'python')\n",
+    "/dev/shm": "import _io\n_io.FileIO('/dev/shm/nanofast-pwned', 'w').write(b'pwned')\n",
+    "the Python installation": "import _io, sys\n_io.FileIO(sys.prefix + '/pwned', 'w').write(b'pwned')\n",
+    "home directories": "import os\nprint(os.listdir('/root'), os.listdir('/home'))\n"
+        "print(open(os.path.expanduser('~root/.bashrc')).read())\n",
+}
+
+
+@needs_isolation
+@pytest.mark.parametrize("name", list(ESCAPES))
+def test_escapes_past_the_guards_fail(name, tmp_path, monkeypatch):
+    """Each program bypasses the in-process guards (FileIO, ctypes with the import blocker
+    removed, links, /proc, /dev/shm) and must still fail: it sees a private read-only root with
+    only Python, its libraries and its work directory, as the user nobody when run as root."""
+    monkeypatch.setenv("NANOFAST_TEST_SECRET", "hunter2-secret")
+    victim_dir = tmp_path / "keep"
+    victim_dir.mkdir()
+    victim = victim_dir / "precious.txt"
+    victim.write_text("precious")
+    r = execute(ESCAPES[name].format(victim=victim, victim_dir=victim_dir))
+    assert not r.success, (r.stdout, r.stderr)
+    assert victim.read_text() == "precious" and sorted(p.name for p in victim_dir.iterdir()) == ["precious.txt"]
+    assert "hunter2-secret" not in r.stdout and "root:" not in r.stdout
+    assert not os.path.exists("/pwned") and not os.path.exists("/dev/shm/nanofast-pwned")
+    assert not os.path.exists(os.path.join(sys.prefix, "pwned"))
+
+
+@needs_isolation
+def test_the_program_sees_only_python_and_its_work_directory():
+    r = execute("import os, sys\nprint(os.getuid() if os.geteuid() else 'root')\nprint(sorted(os.listdir('/')))\n"
+                "print(os.listdir('/proc'))\nopen('here.txt', 'w').write('ok')\nprint(open('here.txt').read())\n")
+    assert r.success, r.stderr
+    uid, top, procs, written = r.stdout.splitlines()
+    assert uid == ("65534" if os.geteuid() == 0 else "root") and written == "ok"
+    assert "home" not in top and "sys" not in top and "run" not in top
+    if os.geteuid() == 0:
+        assert r.isolation == "mount, network namespaces; user nobody"
+        assert [p for p in eval(procs) if p.isdigit()] == [p for p in eval(procs) if p.isdigit()][:1]  # itself only
 
 
 # --- arguments ---------------------------------------------------------------------------------

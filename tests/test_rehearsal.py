@@ -82,7 +82,10 @@ def rehearsed(tmp_path_factory) -> tuple[Path, str]:
 def finite_and_falling(losses: list) -> None:
     values = [v for _, v in losses]
     assert all(math.isfinite(v) for v in values), values
-    assert values[-1] < values[0], values
+    # A fine-tuning step whose rows hold no assistant token (a 64-token row inside a long user
+    # turn) has no loss to average and logs 0.0; a cross-entropy over real targets is never 0.
+    values = [v for v in values if v != 0.0]
+    assert len(values) >= 2 and values[-1] < values[0], values
 
 
 def test_the_rerun_resumes_pretraining_and_runs_every_stage(rehearsed):

@@ -122,12 +122,13 @@ def paired_change(before: list[bool], after: list[bool]) -> dict:
             "improved": sum(x > 0 for x in d), "worsened": sum(x < 0 for x in d)}
 
 
-def evaluate_task(model: GPT, tokenizer: Tokenizer, task: Any, **kwargs) -> dict:
-    """Dispatch on task.eval_type ("categorical" or "generative")."""
+def evaluate_task(model: GPT, tokenizer: Tokenizer, task: Any, *, max_examples: int | None = None,
+                  max_new_tokens: int = 256, rank: int = 0, world_size: int = 1) -> dict:
+    """Dispatch on task.eval_type: "categorical" (letters; max_new_tokens unused) or "generative"."""
     if task.eval_type == "categorical":
-        return evaluate_categorical(model, tokenizer, task, max_examples=kwargs.get("max_examples"),
-                                    rank=kwargs.get("rank", 0), world_size=kwargs.get("world_size", 1))
-    return evaluate_generative(model, tokenizer, task, **kwargs)
+        return evaluate_categorical(model, tokenizer, task, max_examples=max_examples, rank=rank, world_size=world_size)
+    return evaluate_generative(model, tokenizer, task, max_examples=max_examples, max_new_tokens=max_new_tokens,
+                               rank=rank, world_size=world_size)
 
 
 def chatcore(results: dict[str, dict]) -> float | None:

@@ -57,8 +57,9 @@ class Dist:
 
 def init_distributed(device: str, timeout_minutes: float = 30.0) -> Dist:
     """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU),
-    with an explicit collective timeout (NCCL's default, 10 minutes, is shorter than a slow
-    checkpoint write of a large model).
+    with an explicit collective timeout: whatever one rank does between two collectives (writing
+    its checkpoint files, an evaluation batch) must fit in it, and NCCL's default is 10 minutes.
+    Waits for another rank's own work do not use collectives (see pipeline._join).
 
     A plain `python train.py` (no RANK in the environment) is a world of one and creates no group.
     """

@@ -59,9 +59,27 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     directory = Path(directory)
     if (directory / TOKENIZER_FILE).is_file() or not (directory / "tokenizer.pkl").is_file():
         return Tokenizer.load(directory)
-    # nanochat pickles its tiktoken Encoding. Unpickling runs code from the file: only load your own.
-    with open(directory / "tokenizer.pkl", "rb") as f:
-        return Tokenizer(pickle.load(f))
+    # nanochat pickles its tiktoken Encoding. A pickle can name any callable, so only that one
+    # class is let through: a crafted file is refused before anything in it runs.
+    path = directory / "tokenizer.pkl"
+    with open(path, "rb") as f:
+        try:
+            encoding = _EncodingOnly(f).load()
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    return Tokenizer(encoding)
+
+
+class _EncodingOnly(pickle.Unpickler):
+    """Unpickles a tiktoken Encoding (what nanochat's tokenizer.pkl holds) and nothing else."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            import tiktoken
+
+            return tiktoken.core.Encoding
+        raise pickle.UnpicklingError(f"would construct {module}.{name} when loaded: refused, a nanochat "
+                                     f"tokenizer holds only a tiktoken Encoding")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:

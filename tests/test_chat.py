@@ -170,3 +170,31 @@ def test_ctrl_c_exits_quietly(base):
     code = chat.main(["--checkpoint", str(base / "checkpoints" / "sft")], stdin=Interrupting(), stdout=out,
                      stderr=io.StringIO())
     assert code == 130 and out.getvalue() == "\n"
+
+
+def test_a_nanochat_tokenizer_pickle_loads_and_a_crafted_one_is_refused(tmp_path):
+    """nanochat's tokenizer.pkl is a pickled tiktoken Encoding: that loads; a pickle that would
+    call anything else is refused in one line before it runs."""
+    import pickle
+
+    from nanofast.checkpoint import CheckpointError
+
+    tokenizer = tiny_tokenizer()
+    good = tmp_path / "nanochat"
+    good.mkdir()
+    (good / "tokenizer.pkl").write_bytes(pickle.dumps(tokenizer.enc))
+    loaded = chat.load_tokenizer(good)
+    assert loaded.encode("Hello there") == tokenizer.encode("Hello there")
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    bad = tmp_path / "crafted"
+    bad.mkdir()
+    (bad / "tokenizer.pkl").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="would construct posix.system when loaded: refused") as e:
+        chat.load_tokenizer(bad)
+    assert "\n" not in str(e.value) and not marker.exists()
+

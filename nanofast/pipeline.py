@@ -473,7 +473,7 @@ RL_TASK = "gsm8k"  # offline: GSM8K-format arithmetic problems
 def stage_rl(run: Run, t0: float) -> None:
     """GRPO (see nanofast.rl) from the SFT model; held-out accuracy before and after is recorded."""
     s, device, world, rank = run.settings, run.device, run.dist.world_size, run.dist.rank
-    dtype = parse_dtype(s.precision) if s.precision else run.dtype
+    dtype = parse_dtype(s.rl_dtype) if s.rl_dtype else run.dtype
     tokenizer = load_tokenizer(run)
     model = load_stage_model(run, "sft", dtype)
     train_task, test_task = _load_task(run, RL_TASK, "train"), _load_task(run, RL_TASK, "test")

@@ -1,65 +1,84 @@
-"""Run settings: four named presets, and command-line overrides of any field."""
+"""Run settings: four named presets, and a command-line override of every field (train.py makes
+one flag per field, its help from the field's)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from nanofast.kernels import BACKENDS
+from nanofast.ops import KERNEL_BACKEND_HELP
+
+DTYPE_CHOICES = ("fp32", "bf16", "fp16")
+
+
+def setting(default, help: str, choices: tuple | None = None):
+    """A Settings field: its default, its --flag's help and, if it has them, its only values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
 class Settings:
     # data and tokenizer
-    data: str = "default"             # "default": the embedded corpus; "climbmix": downloaded shards
-    corpus_shards: int = 8            # default corpus: shards written; climbmix: training shards fetched
-    corpus_chars: int | None = None   # cap on the default corpus size (None = all of it)
-    vocab_size: int = 32768
-    tokenizer_chars: int = 2_000_000_000
+    data: str = setting("default", "pretraining corpus: the embedded one (no network) or ClimbMix's shards",
+                        ("default", "climbmix"))
+    corpus_shards: int = setting(8, "default corpus: shards written; climbmix: training shards fetched")
+    corpus_chars: int | None = setting(None, "cap on the default corpus size in characters (default: all of it)")
+    vocab_size: int = setting(32768, "tokenizer vocabulary size")
+    tokenizer_chars: int = setting(2_000_000_000, "characters the tokenizer trains on")
     # model
-    depth: int = 24
-    aspect_ratio: int = 64
-    head_dim: int = 128
-    window_pattern: str = "SSSL"
-    seq_len: int = 2048
+    depth: int = setting(24, "the model-size dial (d_model = 64 x depth, rounded to the head dim)")
+    aspect_ratio: int = setting(64, "d_model per layer")
+    head_dim: int = setting(128, "attention head size")
+    window_pattern: str = setting("SSSL", "sliding windows tiled over layers (S: a quarter context, L: full)")
+    seq_len: int = setting(2048, "context length")
     # pretraining
-    device_batch_size: int = 16
-    total_batch_size: int = -1        # tokens per optimizer step; -1 = nanochat's rule from the horizon
-    num_iterations: int = -1          # -1 = from target_param_data_ratio
-    target_param_data_ratio: float = 12.0
-    eval_every: int = 250
-    eval_tokens: int = 80 * 524288
-    core_every: int = -1              # CORE in pretraining every this many steps (a multiple of eval_every)
-    core_examples: int = 500          # and at the end, on this many examples per task; <= 0: off
-    save_every: int = -1              # steps between checkpoints (<= 0: by save_minutes and at the end)
-    save_minutes: float = 30.0        # checkpoint once this much wall clock passed since the last (<= 0: off)
-    keep_checkpoints: int = 2         # newest complete checkpoints kept per stage (<= 0: all)
-    log_every: int = 10
-    sample_tokens: int = 32
-    dtype: str | None = None          # None = bf16 on GPU, fp32 on CPU
-    linear_precision: str | None = None  # pretraining's GEMM precision per layer class: "fp8", "attn=fp8,mlp=fp16", ...
-    fp8_recipe: str = "tensorwise"    # or "rowwise" (dynamic scaling)
-    compile: bool = True              # torch.compile the training step (pretraining, mid-training, SFT)
-    kernel_backend: str | None = None  # None: by device (Triton on CUDA, torch on CPU); torch | triton | cuda
-    seed: int = 42
+    device_batch_size: int = setting(16, "rows per rank per micro-step (fewer where the ranks overfill the batch)")
+    total_batch_size: int = setting(-1, "tokens per optimizer step; -1: nanochat's rule from the horizon")
+    num_iterations: int = setting(-1, "pretraining steps; -1: from --target-param-data-ratio")
+    target_param_data_ratio: float = setting(12.0, "training tokens per scaling parameter")
+    eval_every: int = setting(250, "val bpb every this many steps (<= 0: only at the end)")
+    eval_tokens: int = setting(80 * 524288, "tokens of each val bpb evaluation")
+    core_every: int = setting(-1, "CORE during pretraining every this many steps (a multiple of --eval-every) "
+                                  "and at the end; <= 0: off")
+    core_examples: int = setting(500, "examples per CORE task during pretraining")
+    save_every: int = setting(-1, "steps between checkpoints (<= 0: by --save-minutes and at the end)")
+    save_minutes: float = setting(30.0, "also checkpoint once this much wall clock passed since the last (<= 0: off)")
+    keep_checkpoints: int = setting(2, "newest complete checkpoints kept per stage (<= 0: all)")
+    log_every: int = setting(10, "log a training line every this many steps")
+    sample_tokens: int = setting(32, "tokens of each sample printed after pretraining")
+    dtype: str | None = setting(None, "compute dtype (default: bf16 on GPU, fp32 on CPU)", DTYPE_CHOICES)
+    linear_precision: str | None = setting(
+        None, "GEMM precision of the linears in pretraining: fp8 | fp16 | bf16 | fp32 (attention and MLP), or "
+              "per class, e.g. attn=fp8,mlp=fp8,lm_head=bf16; fp8 layers run in the compute dtype for "
+              "evaluation and inference")
+    fp8_recipe: str = setting("tensorwise", "fp8 dynamic scaling", ("tensorwise", "rowwise"))
+    compile: bool = setting(True, "torch.compile the training step (pretraining, mid-training, SFT)")
+    kernel_backend: str | None = setting(None, KERNEL_BACKEND_HELP, BACKENDS)
+    seed: int = setting(42, "seed of the model's init, the data order and the samples")
     # several ranks: collectives (gradients, losses) time out after dist_timeout_minutes; a rank
-    # waiting for rank 0's own work (the tokenizer, samples, evaluations) polls for its result
-    # on disk for up to wait_minutes
-    dist_timeout_minutes: float = 30.0
-    wait_minutes: float = 360.0
+    # waiting for another's own work (the tokenizer, samples, evaluations) waits on disk
+    dist_timeout_minutes: float = setting(30.0, "several ranks: the collective timeout")
+    wait_minutes: float = setting(360.0, "several ranks: how long a rank waits for the others at a stage's end")
     # mid-training and SFT (the same loop; conversations packed whole, loss on assistant tokens)
-    download_tasks: bool = False      # fetch the real task datasets; else use what is cached, or generate
-    task_size: int | None = None      # cap on examples per task (None: each task's full split)
-    midtrain_iterations: int = -1     # -1: one epoch of the mixture
-    sft_iterations: int = -1
-    finetune_lr_scale: float = 0.5    # LRs relative to the base LRs (before pretraining's batch scaling)
+    download_tasks: bool = setting(False, "fetch the real task datasets (SmolTalk, MMLU, ARC, GSM8K, HumanEval, "
+                                          "CORE); else what is cached, or generated offline data")
+    task_size: int | None = setting(None, "cap on examples per task (default: each task's full split)")
+    midtrain_iterations: int = setting(-1, "mid-training steps; -1: one epoch of the mixture")
+    sft_iterations: int = setting(-1, "SFT steps; -1: one epoch of the mixture")
+    finetune_lr_scale: float = setting(0.5, "fine-tuning LRs relative to the base LRs (before pretraining's "
+                                            "batch scaling)")
     # RL (GRPO on GSM8K-style problems)
-    rl_steps: int = 50
-    rl_questions: int = 16            # questions per step (all ranks together)
-    rl_samples: int = 16              # answers per question
-    rl_max_tokens: int = 256
-    rl_lr_scale: float = 0.05
-    rl_eval_examples: int = 500       # held-out questions measured before and after RL
-    precision: str | None = None      # RL compute dtype: fp16 (loss scaling), bf16, fp32; None = dtype
+    rl_steps: int = setting(50, "GRPO steps")
+    rl_questions: int = setting(16, "questions per RL step (all ranks together)")
+    rl_samples: int = setting(16, "answers per question (the GRPO group)")
+    rl_max_tokens: int = setting(256, "longest sampled answer")
+    rl_lr_scale: float = setting(0.05, "RL learning rates relative to the base LRs")
+    rl_eval_examples: int = setting(500, "held-out questions answered before and after RL (greedy and sampled)")
+    rl_dtype: str | None = setting(None, "RL compute dtype (default: --dtype); fp16 trains with loss scaling and "
+                                         "removes most of the sampler/trainer mismatch bf16 rounding causes",
+                                   DTYPE_CHOICES)
     # evaluation
-    eval_examples: int = 500          # per task (-1: all)
-    eval_max_tokens: int = 256
+    eval_examples: int = setting(500, "examples per evaluation task (-1: all)")
+    eval_max_tokens: int = setting(256, "longest generated answer in the chat evaluations")
 
 
 PRESETS: dict[str, Settings] = {
@@ -129,19 +148,13 @@ def make_settings(preset: str, **overrides) -> Settings:
     from nanofast.model import parse_linear_precision
 
     parse_linear_precision(settings.linear_precision)  # a bad spec fails here, before any work
-    if settings.fp8_recipe not in ("tensorwise", "rowwise"):
-        raise ValueError(f"unknown fp8 recipe {settings.fp8_recipe!r}: choose tensorwise or rowwise")
-    if settings.precision not in (None, "fp32", "bf16", "fp16"):
-        raise ValueError(f"unknown precision {settings.precision!r}: choose fp32, bf16 or fp16")
-    from nanofast.kernels import BACKENDS
-
-    if settings.kernel_backend not in (None, *BACKENDS):
-        raise ValueError(f"unknown kernel backend {settings.kernel_backend!r}: choose one of {', '.join(BACKENDS)}")
+    for f in fields(Settings):
+        choices, value = f.metadata["choices"], getattr(settings, f.name)
+        if choices and value is not None and value not in choices:
+            raise ValueError(f"--{f.name.replace('_', '-')} {value!r}: choose one of {', '.join(choices)}")
     if settings.core_every > 0 and (settings.eval_every <= 0 or settings.core_every % settings.eval_every):
         raise ValueError(f"core_every {settings.core_every} must be a multiple of eval_every {settings.eval_every} "
                          f"(CORE runs at evaluation steps)")
-    if settings.data not in ("default", "climbmix"):
-        raise ValueError(f"unknown data {settings.data!r}: choose 'default' (embedded corpus) or 'climbmix'")
     return settings
 
 
@@ -154,7 +167,7 @@ STAGE_SETTINGS = {
                  "num_iterations", "target_param_data_ratio", "dtype", "linear_precision", "fp8_recipe", "seed"),
     "midtrain": ("download_tasks", "task_size", "midtrain_iterations", "finetune_lr_scale"),
     "sft": ("sft_iterations",),
-    "rl": ("rl_steps", "rl_questions", "rl_samples", "rl_max_tokens", "rl_lr_scale", "rl_eval_examples", "precision"),
+    "rl": ("rl_steps", "rl_questions", "rl_samples", "rl_max_tokens", "rl_lr_scale", "rl_eval_examples", "rl_dtype"),
     "eval": ("eval_examples", "eval_max_tokens"),
 }
 OPERATIONAL = ("device_batch_size", "eval_every", "eval_tokens", "core_every", "core_examples", "save_every",

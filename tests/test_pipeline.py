@@ -195,13 +195,35 @@ def run_main(capsys, *argv) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
-def test_unknown_stages_and_precisions_are_usage_errors(capsys):
-    for argv, message in ((["--stage", "pretrian"], "unknown stage 'pretrian'"),
-                          (["--stage", "rl", "--precision", "fp8"], "invalid choice: 'fp8'")):
-        with pytest.raises(SystemExit) as e:
-            train.main(argv)
-        assert e.value.code == 2
-        assert message in capsys.readouterr().err
+def test_unknown_stages_and_choices_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "pretrian"])
+    assert e.value.code == 2 and "unknown stage 'pretrian'" in capsys.readouterr().err
+    for flag, value, choices in (("--rl-dtype", "fp8", "fp32, bf16, fp16"), ("--dtype", "fp64", "fp32, bf16, fp16"),
+                                 ("--data", "web", "default, climbmix"), ("--fp8-recipe", "blockwise", "tensorwise"),
+                                 ("--kernel-backend", "metal", "torch, triton, cuda")):
+        code, err = run_main(capsys, "--stage", "rl", flag, value)
+        assert code == 2 and err.startswith(f"error: {flag} {value!r}: choose one of {choices}") and "\n" not in err
+
+
+def test_every_setting_has_a_flag_with_help():
+    """train.py's flags are made from Settings: each field overridable, its help from the field."""
+    from dataclasses import fields
+
+    from nanofast.presets import Settings
+
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    help_text = " ".join(out.getvalue().split())
+    for f in fields(Settings):
+        assert f"--{f.name.replace('_', '-')}" in help_text, f.name
+        assert " ".join(f.metadata["help"].split())[:40] in help_text, f.name
+    args = train.parse_args(["--stage", "all", "--no-compile", "--corpus-chars", "5", "--rl-lr-scale", "0.1"])
+    assert (args.compile, args.corpus_chars, args.rl_lr_scale, args.depth) == (False, 5, 0.1, None)
 
 
 def test_a_stage_without_its_input_checkpoint_is_a_one_line_error(tokenized, tmp_path, capsys):
@@ -294,7 +316,7 @@ def test_settings_overrides_and_unknown_preset():
     assert s.depth == 3 and s.seq_len == make_settings("cpu").seq_len
     with pytest.raises(ValueError, match="unknown preset"):
         make_settings("huge")
-    with pytest.raises(ValueError, match="unknown data"):
+    with pytest.raises(ValueError, match="--data 'web': choose one of default, climbmix"):
         make_settings("cpu", data="web")
 
 
@@ -322,7 +344,7 @@ def rl(base: Path, *extra: str) -> int:
 
 def test_rl_in_fp16_with_loss_scaling_logs_the_mismatch(sft_base, tmp_path):
     base = copy_base(sft_base, tmp_path / "fp16")
-    assert rl(base, "--precision", "fp16") == 0
+    assert rl(base, "--rl-dtype", "fp16") == 0
     sec = section(base, "rl")
     assert sec["precision"] == "float16" and len(sec["history"]) == 3
     for row in sec["history"]:

@@ -101,7 +101,7 @@ def _sequence_mismatch(model: GPT, tok: Tokenizer, task, seed: int) -> torch.Ten
 
 
 def test_fp16_sampler_trainer_mismatch_is_smaller_than_bf16(tok):
-    """The reason for --precision fp16 (arXiv 2510.26788), measured where it is robust: 3 models x
+    """The reason for --rl-dtype fp16 (arXiv 2510.26788), measured where it is robust: 3 models x
     64 rollouts of up to 32 tokens per dtype, each rollout's mean |logp gap| one observation (tokens
     of one rollout are correlated, rollouts are not), and a Welch 95% interval for the difference of
     the means that must exclude 0. The dtype's rounding is on the path: both the engine (paged

@@ -37,8 +37,8 @@ class Settings:
     target_param_data_ratio: float = setting(12.0, "training tokens per scaling parameter")
     eval_every: int = setting(250, "val bpb every this many steps (<= 0: only at the end)")
     eval_tokens: int = setting(80 * 524288, "tokens of each val bpb evaluation")
-    core_every: int = setting(-1, "CORE during pretraining every this many steps (a multiple of --eval-every) "
-                                  "and at the end; <= 0: off")
+    core_every: int = setting(-1, "CORE during pretraining every this many steps (a multiple of --eval-every; "
+                                  "with --eval-every <= 0 at the end only) and at the end; <= 0: off")
     core_examples: int = setting(500, "examples per CORE task during pretraining")
     save_every: int = setting(-1, "steps between checkpoints (<= 0: by --save-minutes and at the end)")
     save_minutes: float = setting(30.0, "also checkpoint once this much wall clock passed since the last (<= 0: off)")
@@ -152,9 +152,9 @@ def make_settings(preset: str, **overrides) -> Settings:
         choices, value = f.metadata["choices"], getattr(settings, f.name)
         if choices and value is not None and value not in choices:
             raise ValueError(f"--{f.name.replace('_', '-')} {value!r}: choose one of {', '.join(choices)}")
-    if settings.core_every > 0 and (settings.eval_every <= 0 or settings.core_every % settings.eval_every):
+    if settings.core_every > 0 and settings.eval_every > 0 and settings.core_every % settings.eval_every:
         raise ValueError(f"core_every {settings.core_every} must be a multiple of eval_every {settings.eval_every} "
-                         f"(CORE runs at evaluation steps)")
+                         f"(CORE runs at evaluation steps; with eval_every <= 0 only at the end)")
     return settings
 
 

@@ -73,10 +73,10 @@ _FP8_BACKEND: str | None = None
 
 def set_fp8_backend(backend: str | None) -> None:
     """Who runs fp8 linears: None (`triton_backend`: Triton on CUDA or when a kernel backend is
-    forced, the torch reference on CPU), "torch",
-    "scaled_mm" (torch._scaled_mm) or "triton"; see nanofast.kernels.fp8_linear."""
-    if backend not in (None, "torch", "scaled_mm", "triton"):
-        raise ValueError(f"fp8 backend must be None, 'torch', 'scaled_mm' or 'triton', got {backend!r}")
+    forced, the torch reference on CPU) or one of kernels.FP8_BACKENDS ("torch",
+    "scaled_mm" = torch._scaled_mm, "triton", "triton_persistent")."""
+    if backend is not None and backend not in kernels.FP8_BACKENDS:
+        raise ValueError(f"fp8 backend must be None or one of {kernels.FP8_BACKENDS}, got {backend!r}")
     global _FP8_BACKEND
     _FP8_BACKEND = backend
 

@@ -245,3 +245,16 @@ def test_fp8_linear_custom_ops_pass_opcheck_and_compile_like_eager(recipe):
     compiled = run(torch.compile(lambda a, b: fp8_linear(a, b, recipe=recipe, backend="triton"), fullgraph=True))
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e, rtol=1e-3, atol=1e-3)
+
+
+def test_set_fp8_backend_takes_the_kernels_own_list():
+    """One list of fp8 backends, the kernel module's: every entry is accepted, anything else named."""
+    from nanofast import kernels, ops
+
+    try:
+        for backend in (*kernels.FP8_BACKENDS, None):
+            ops.set_fp8_backend(backend)
+    finally:
+        ops.set_fp8_backend(None)
+    with pytest.raises(ValueError, match="triton_persistent"):
+        ops.set_fp8_backend("cublas")

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .compile_gate import MachineFacts, count_instructions
+from .launch import sm_count
 
 __all__ = [
     "rms_norm_fwd_cuda", "rms_norm_bwd_cuda", "qk_norm_rope_fwd_cuda", "qk_norm_rope_bwd_cuda",
@@ -295,7 +296,7 @@ def _wcode(t: Tensor | None) -> int:
 
 def _persistent_blocks(device: torch.device, work: int, per_sm: int) -> int:
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = sm_count(device)
         return max(1, min(work, per_sm * sms))
     return max(1, min(work, _EMU_PERSISTENT_BLOCKS))
 
@@ -661,20 +662,14 @@ def _paged_heads_layout(G: int) -> tuple[int, int, int]:
     return hpw, warps, -(-G // (hpw * warps))
 
 
-_sm_counts: dict[int, int] = {}
-
-
 def _default_num_splits(device: torch.device, B: int, Hkv: int, G: int, max_len: int) -> int:
     """CUDA: enough splits for ~2 blocks per SM, each split >= _SPLIT_MIN_KEYS keys of the longest
     possible sequence (max_pages * page_size: known without reading seq_lens, so no host sync).
     The emulation runs blocks one after another: one split."""
     if device.type != "cuda":
         return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _sm_counts:
-        _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     blocks = B * Hkv * _paged_heads_layout(G)[2]
-    want = -(-2 * _sm_counts[idx] // blocks)
+    want = -(-2 * sm_count(device) // blocks)
     return max(1, min(want, max_len // _SPLIT_MIN_KEYS, _PAGED_MAX_SPLITS))
 
 

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .backend import resolve_backend, target_arch
+from .launch import TL_DTYPE as _TL_DTYPE, sm_count
 
 try:  # triton is optional: backend="torch" / "scaled_mm" work without it
     import triton
@@ -63,8 +64,6 @@ __all__ = ["fp8_gemm", "fp8_gemm_reference", "fp8_gemm_scaled_mm", "fp8_gemm_tri
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FP8_GEMM_BACKENDS = ("torch", "triton", "triton_persistent", "scaled_mm")
-_TL_DTYPE = {torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5", torch.bfloat16: "bf16",
-             torch.float16: "fp16", torch.float32: "fp32"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +236,7 @@ def _meta(m: int, n: int, k: int, arch: int = 90) -> dict:
 def _num_sms(x: Tensor) -> int:
     """Persistent grid size: the GPU's SM count (132 on an H100 SXM); on CPU (the interpreter) a
     few programs, so that each of them loops over several tiles."""
-    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    return sm_count(x.device) if x.is_cuda else 4
 
 
 def tma_aligned(x: Tensor) -> bool:

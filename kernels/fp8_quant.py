@@ -60,14 +60,14 @@ carry at some values, ties away from zero, truncated fp8 subnormals, NaN mangled
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .backend import resolve_backend
+from .launch import TL_DTYPE as _TL_DTYPE, alloc as _alloc, device_ctx as _device_ctx, next_pow2 as _next_pow2, \
+    row_stride as _row_stride, sm_count as _sm_count
 
 try:  # triton is optional: backend="torch" works without it
     import triton
@@ -303,10 +303,6 @@ if triton is not None:
 # exactly what runs)
 # --------------------------------------------------------------------------------------------
 
-def _next_pow2(n: int) -> int:
-    return 1 << (max(int(n), 1) - 1).bit_length()
-
-
 # Cast tile edge: 128 fp8 bytes = one full 128-byte cache line per q row AND per q_t row, so both
 # the direct and the transposed stores write whole lines. A 128 x 128 tile over 16 warps is 32
 # elements per thread: 54-59 registers measured on sm_90 (over 8 warps, 64 per thread: 102, which
@@ -350,36 +346,13 @@ def _rowwise_meta(M: int, K: int) -> dict:
     return dict(BLOCK_M=bm, BLOCK_K=bk, NUM_CHUNKS=-(-K // bk), num_warps=max(1, min(8, bm * bk // (32 * 16))))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _amax_programs(x: Tensor, num_tiles: int) -> int:
     if x.is_cuda:
-        cap = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-            * _AMAX_CTAS_PER_SM
+        cap = _sm_count(x.device) * _AMAX_CTAS_PER_SM
     else:
         cap = _CPU_AMAX_PROGRAMS
     # Bounded by _FINALIZE_BLOCK as well, so the finalize kernel reduces in a single iteration.
     return max(1, min(num_tiles, cap, _FINALIZE_BLOCK))
-
-
-def _device_ctx(x: Tensor):
-    # Triton launches on the *current* CUDA device: pin it to the tensor's for multi-GPU callers.
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Every output and scratch buffer of the launcher comes from here (contiguous). The kernels
-    take output row strides as arguments, so tests can substitute views into guard buffers and
-    prove no store lands outside its rows/columns."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _row_stride(t: Tensor) -> int:
-    # Size-1 dims have arbitrary strides; a single row's stride is never used for addressing.
-    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,8 +531,6 @@ class DelayedScaling:
 # What an H100 compiles: the compile gate (tests) compiles exactly these.
 # --------------------------------------------------------------------------------------------
 
-_TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-             torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
 _SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
           torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
 

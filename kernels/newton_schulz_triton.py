@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .backend import target_arch
+from .launch import TL_DTYPE as _TL_DTYPE
 
 try:  # triton is optional: backend="torch" works without it
     import triton
@@ -37,7 +38,6 @@ __all__ = ["newton_schulz_triton", "newton_schulz_iterate_op", "ns_gram_triton",
            "nesterov_rows_triton", "scale_rows_triton", "KERNEL_CONFIGS", "PROLOGUE_CONFIGS", "TRITON_DTYPES"]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 # --------------------------------------------------------------------------------------------

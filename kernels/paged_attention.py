@@ -47,7 +47,6 @@ memory fault and no corruption of other tensors).
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
@@ -55,6 +54,7 @@ import torch
 from torch import Tensor
 
 from .backend import resolve_backend
+from .launch import TL_DTYPE as _TL_DTYPE, next_pow2 as _next_pow2, sm_count as _sm_count
 
 try:  # triton is optional: backend="torch" (and "cuda") work without it
     import triton
@@ -67,7 +67,6 @@ __all__ = ["paged_decode_attention", "paged_decode_attention_reference", "paged_
            "paged_kv_write", "paged_kv_write_reference", "paged_kv_write_triton", "KERNEL_CONFIGS"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 256  # the merge kernel holds (splits, D) fp32 partials of one head in registers
 _MIN_DOT = 16  # tl.dot needs every tile dim >= 16 (mma.sync m16n8k16 fragments)
@@ -391,10 +390,6 @@ if triton is not None:
 # Launch configuration (one function each, used by the launchers and by KERNEL_CONFIGS)
 # ----------------------------------------------------------------------------------------------
 
-def _next_pow2(n: int) -> int:
-    return 1 << (max(int(n), 1) - 1).bit_length()
-
-
 def _decode_meta(group: int, head_dim: int, itemsize: int) -> dict:
     """Tile sizes, warps and pipeline depth of the decode kernel for `group` query heads per kv head.
 
@@ -420,11 +415,6 @@ def _write_meta(hkv: int, head_dim: int) -> dict:
     block_h, block_d = _next_pow2(hkv), _next_pow2(head_dim)
     # ~8 elements (one 128-bit access in 16-bit) per thread of the (Hkv, D) row pair.
     return dict(BLOCK_H=block_h, BLOCK_D=block_d, num_warps=min(8, max(1, block_h * block_d // 256)))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _auto_splits(batch: int, hkv: int, capacity: int, window: int | None, block_n: int,
@@ -466,8 +456,7 @@ def _decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale: float, win
     # Windows wider than any sequence are full attention; clamping keeps the argument in int32.
     win = -1 if window is None else min(int(window), capacity)
     if num_splits is None:
-        sm = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
-            if q.is_cuda else None
+        sm = _sm_count(q.device) if q.is_cuda else None
         splits = _auto_splits(B, Hkv, capacity, window, meta["BLOCK_N"], sm)
     else:
         splits = int(num_splits)

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .backend import resolve_backend
+from .launch import TL_DTYPE as _TL_DTYPE
 from .rms_norm import default_eps
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_inplace", "qk_norm_rope_reference", "qk_norm_rope_inplace_reference",
@@ -42,7 +43,6 @@ __all__ = ["qk_norm_rope", "qk_norm_rope_inplace", "qk_norm_rope_reference", "qk
            "KERNEL_CONFIGS"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,8 +23,6 @@ residual; backward: dy and h, in a separate row-reduction kernel). nanochat's d_
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import numbers
 from typing import Optional
 
@@ -32,6 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from .backend import resolve_backend
+from .launch import TL_DTYPE as _TL_DTYPE, alloc as _alloc, device_ctx as _device_ctx, next_pow2 as _next_pow2, \
+    row_stride as _row_stride, sm_count as _sm_count
 
 try:  # triton is optional: backend="torch" (and "cuda") work without it
     import triton
@@ -253,10 +253,6 @@ if triton is not None:
 # exactly what runs)
 # --------------------------------------------------------------------------------------------
 
-def _next_pow2(n: int) -> int:
-    return 1 << (max(int(n), 1) - 1).bit_length()
-
-
 def _warps_for(elems: int, elems_per_thread: int) -> int:
     # 4..32 warps (a CTA holds at most 1024 threads), sized so each thread owns `elems_per_thread`
     # elements of the tile: whole 128-bit loads of 16-bit data, and few enough live registers
@@ -288,37 +284,15 @@ def _bwd_meta(D: int) -> dict:
 _CPU_BWD_PROGRAMS = 4
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _bwd_programs(x: Tensor, num_row_blocks: int, num_warps: int) -> int:
     """Rows of the dW partial buffer: enough CTAs to fill every SM to 2048 resident threads, no
     more (more would only make the partial buffer, and its final sum, bigger)."""
     if x.is_cuda:
         per_sm = max(1, 2048 // (32 * num_warps))
-        cap = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) * per_sm
+        cap = _sm_count(x.device) * per_sm
     else:
         cap = _CPU_BWD_PROGRAMS
     return max(1, min(num_row_blocks, cap))
-
-
-def _device_ctx(x: Tensor):
-    # Triton launches on the *current* CUDA device: pin it to the tensor's for multi-GPU callers.
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Every output and scratch buffer of the launchers comes from here (contiguous). The kernels
-    take their output row strides as arguments, so tests can substitute views into guard buffers
-    (sentinel-filled margins around each output) and prove no store lands outside its rows/columns."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _row_stride(t: Tensor) -> int:
-    # Size-1 dims have arbitrary strides; a single row's stride is never used for addressing.
-    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
 def _check_launch(name: str, t: Tensor, shape: tuple[int, ...], dtype: Optional[torch.dtype] = None) -> None:
@@ -643,7 +617,6 @@ class RMSNorm(nn.Module):
 # What an H100 compiles for nanochat: the compile gate (tests, report) compiles exactly these.
 # --------------------------------------------------------------------------------------------
 
-_TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _fwd_config(D: int, dtype: torch.dtype, weight: bool, residual: bool) -> dict:

@@ -213,19 +213,14 @@ def test_empty_batch(emu):
     co.paged_kv_write_cuda(torch.randn(0, 2, 16), torch.randn(0, 2, 16), kc, kc.clone(), torch.zeros(0, dtype=torch.int64))
 
 
-def test_default_num_splits_formula():
+def test_default_num_splits_formula(monkeypatch):
     """On CUDA: ~2 blocks per SM, at most one split per 64 positions of the longest possible sequence."""
     dev = torch.device("cuda", 0)
-    saved = dict(co._sm_counts)
-    try:
-        co._sm_counts[0] = 132
-        assert co._default_num_splits(dev, 1, 8, 4, 4096) == 33  # 8 blocks -> 264 / 8
-        assert co._default_num_splits(dev, 1, 8, 4, 100) == 1  # too short to split
-        assert co._default_num_splits(dev, 64, 8, 1, 1 << 20) == 1  # 512 blocks already fill the GPU
-        assert co._default_num_splits(dev, 1, 1, 40, 1 << 20) == 132  # 40 heads: 2 blocks per KV head
-    finally:
-        co._sm_counts.clear()
-        co._sm_counts.update(saved)
+    monkeypatch.setattr(co, "sm_count", lambda device: 132)  # an H100 SXM, without one
+    assert co._default_num_splits(dev, 1, 8, 4, 4096) == 33  # 8 blocks -> 264 / 8
+    assert co._default_num_splits(dev, 1, 8, 4, 100) == 1  # too short to split
+    assert co._default_num_splits(dev, 64, 8, 1, 1 << 20) == 1  # 512 blocks already fill the GPU
+    assert co._default_num_splits(dev, 1, 1, 40, 1 << 20) == 132  # 40 heads: 2 blocks per KV head
     assert co._default_num_splits(torch.device("cpu"), 1, 1, 1, 1 << 20) == 1
 
 

@@ -315,10 +315,13 @@ def stage_pretrain(run: Run, t0: float) -> None:
     loader = PackedLoader(tokenizer, run.data_dir, plan.device_batch_size, s.seq_len, split="train",
                           rank=run.dist.rank, world_size=run.dist.world_size, device=device, state=loader_state)
 
+    tasks_for_core: list = []  # loaded at the first CORE evaluation, then kept
+
     def evaluate(step: int) -> dict:  # val bpb; CORE (nanochat's, 500 per task) every core_every steps and at the end
         result = {"val_bpb": split_bpb(run, model, tokenizer, "val", token_bytes)}
         if s.core_every > 0 and step > 0 and (step % s.core_every == 0 or step == plan.num_iterations):
-            core = core_eval.evaluate_core(model, tokenizer, core_tasks(run), max_per_task=s.core_examples,
+            tasks_for_core[:] = tasks_for_core or core_tasks(run)
+            core = core_eval.evaluate_core(model, tokenizer, tasks_for_core, max_per_task=s.core_examples,
                                            rank=run.dist.rank, world_size=run.dist.world_size)
             result["core"] = core["core"]
         return result

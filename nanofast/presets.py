@@ -104,8 +104,10 @@ PRESETS: dict[str, Settings] = {
     # or network forces: the kernel backend named explicitly (Triton's interpreter on CPU tensors)
     # and the offline data. tests/test_rehearsal.py runs it on two ranks through every stage. The
     # corpus is larger than the tokenizer needs so that each split has row groups for both ranks.
+    # One row per micro-step: 2 micro-steps per step, the gradient accumulation the speedrun's
+    # pretraining and fine-tuning run (4 micro-steps of 16 rows on 8 ranks).
     "rehearsal": Settings(corpus_shards=4, corpus_chars=3_000_000, vocab_size=512, tokenizer_chars=400_000,
-                          depth=1, head_dim=32, seq_len=64, device_batch_size=2, total_batch_size=256,
+                          depth=1, head_dim=32, seq_len=64, device_batch_size=1, total_batch_size=256,
                           num_iterations=6, eval_every=3, eval_tokens=256, core_every=6, core_examples=4,
                           save_every=2, log_every=1,
                           sample_tokens=4, dtype="bf16", linear_precision="attn=fp8,mlp=fp8,lm_head=fp8",

@@ -13,6 +13,8 @@
   H100, run here by the interpreter on the same source. Mid-training and SFT are bf16, as there.
 - CORE during pretraining (the speedrun's every 2000 steps): here at the last step, four examples
   per task, shared out over the ranks and summed.
+- gradient accumulation (the speedrun's 4 micro-steps per step): here 2 of one row per rank, in
+  pretraining and fine-tuning, under compile.
 - fine-tuning as the speedrun does it: each rank continues from its own optimizer shard of the
   stage before (the Adam moments and Muon momenta), with the stage's own LRs.
 - the speedrun's checkpoint defaults: every 30 minutes (a per-step all-reduce of the time flag)
@@ -106,6 +108,7 @@ def test_every_training_stage_learns_in_bf16_with_fp8_linears(rehearsed):
     for stage in ("midtrain", "sft"):
         sec = section(base, stage)
         assert len(sec["losses"]) == sec["iterations"] == 3
+        assert (sec["total_batch_size"], sec["grad_accum"]) == (256, 2)  # accumulation, as the speedrun's 4
         # 3 steps on different conversations (one may hold no assistant token in its 64-token
         # rows and log 0.0): single batches' losses do not order, the held-out bpb does
         assert all(math.isfinite(v) for _, v in sec["losses"])

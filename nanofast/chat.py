@@ -33,7 +33,11 @@ def default_checkpoint(base: Path | None = None) -> Path | None:
     `base` itself if it is a run directory, else of the most recently trained run in `<base>/runs/`;
     None if there is none."""
     root = Path(base) if base is not None else base_dir()
-    runs = sorted((root / "runs").glob("*/checkpoints"), key=lambda d: d.stat().st_mtime, reverse=True)
+
+    def trained_at(checkpoints: Path) -> float:  # a stage folder's mtime moves with every file saved in it
+        return max((d.stat().st_mtime for d in checkpoints.iterdir() if d.is_dir()), default=0.0)
+
+    runs = sorted((root / "runs").glob("*/checkpoints"), key=trained_at, reverse=True)
     for checkpoints in [root / "checkpoints", *runs]:
         for stage in CHECKPOINT_STAGES:
             if latest_step(checkpoints / stage) is not None:

@@ -68,7 +68,7 @@ def test_default_checkpoint_of_a_base_dir_is_the_latest_runs(base, tmp_path):
     save_checkpoint(tmp_path / "runs" / "d2" / "checkpoints" / "sft", 1, model, None, meta={})
     save_checkpoint(tmp_path / "runs" / "d3" / "checkpoints" / "base", 1, model, None, meta={})
     newer = tmp_path / "runs" / "d3" / "checkpoints"
-    os.utime(newer, (newer.stat().st_mtime + 10,) * 2)
+    os.utime(newer / "base", (newer.stat().st_mtime + 10,) * 2)  # its stage folder was written to last
     assert chat.default_checkpoint(tmp_path) == newer / "base"
 
 

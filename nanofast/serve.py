@@ -626,11 +626,18 @@ def main(argv: list[str] | None = None) -> int:
     limits = ServeLimits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens)
     app = create_app(engine, tokenizer, model_id, limits)
     print(f"serving {model_id} ({checkpoint}, {device}) on http://{args.host}:{args.port}/", file=sys.stderr)
-    # An idle keep-alive connection is closed after 5 s; a request's headers may be at most 64 KiB
-    # (h11 buffers an incomplete event up to this); its body is bounded by read_body.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_keep_alive=5,
-                h11_max_incomplete_event_size=64 * 1024)
+    uvicorn.Server(server_config(app, host=args.host, port=args.port)).run()
     return 0
+
+
+def server_config(app: FastAPI, **kwargs):
+    """uvicorn's settings for `app` (kwargs: host, port, log_level, ...). An idle keep-alive
+    connection is closed after 5 s; a request's headers may be at most 64 KiB (h11 buffers an
+    incomplete event up to this); its body is bounded by read_body."""
+    import uvicorn
+
+    return uvicorn.Config(app, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
+                          **{"log_level": "info", "lifespan": "on", **kwargs})
 
 
 if __name__ == "__main__":

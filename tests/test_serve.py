@@ -16,7 +16,7 @@ import uvicorn
 from nanofast.detokenize import IncrementalDetokenizer, StopMatcher
 from nanofast.engine import Engine, SamplingParams
 from nanofast.model import GPT, config_for_depth
-from nanofast.serve import ServeLimits, create_app
+from nanofast.serve import ServeLimits, create_app, server_config
 from nanofast.tokenizer import Tokenizer
 
 MODEL_ID = "nanofast-tiny"
@@ -70,7 +70,7 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(server_config(app, log_level="warning"))  # the product's settings
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> ServerThread:
@@ -356,6 +356,19 @@ def test_an_oversized_body_is_refused_before_it_is_read(server):
     status, error = error_of(response)
     assert status == 413 and error["code"] == "request_too_large" and "300000000" in error["message"]
     assert seconds < 5
+
+
+def test_an_idle_keep_alive_connection_is_closed(server):
+    """After a response, a keep-alive connection the client leaves idle is closed after 5 s."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        data = b""
+        while b"}" not in data:
+            data += sock.recv(65536)
+        start = time.monotonic()
+        assert sock.recv(1) == b""  # closed by the server
+        assert 4 < time.monotonic() - start < 15
 
 
 def test_a_chunked_body_is_cut_off_at_the_cap(server):

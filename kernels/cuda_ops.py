@@ -310,6 +310,8 @@ def _rms_norm_fwd_into(x: Tensor, weight: Tensor | None, residual: Tensor | None
     N, D = x.shape
     if N == 0:
         return
+    if N > 2**31 - 1:  # a launch fact, not input validation: the grid has one block per row
+        raise ValueError(f"x has {N} rows; one block per row allows at most 2**31 - 1")
     _launch("nf_rms_norm_fwd", x.device, DTYPE_CODES[x.dtype], N, D, x.data_ptr(), x.stride(0), _ptr(residual),
             residual.stride(0) if residual is not None else 0, _ptr(weight), _wcode(weight), y.data_ptr(),
             y.stride(0), _ptr(h), h.stride(0) if h is not None else 0, rstd.data_ptr(), eps)
@@ -327,8 +329,6 @@ def _check_rms_fwd(x, weight, residual, eps) -> float:
     if residual is not None:
         _check_shape("residual", residual, tuple(x.shape))
         _check_same_dtype("residual", residual, x.dtype, "x")
-    if x.shape[0] > 2**31 - 1:
-        raise ValueError(f"x has {x.shape[0]} rows; one block per row allows at most 2**31 - 1")
     return _check_real("eps", eps, nonneg=True)
 
 
@@ -342,7 +342,12 @@ def rms_norm_fwd_cuda(x: Tensor, weight: Tensor | None, residual: Tensor | None,
     h = x + residual (N, D) in x's dtype, or None without a residual (then h is x itself). CPU
     tensors run through the CPU emulation of the same source.
     """
-    eps = _check_rms_fwd(x, weight, residual, eps)
+    return _rms_norm_fwd(x, weight, residual, _check_rms_fwd(x, weight, residual, eps))
+
+
+def _rms_norm_fwd(x: Tensor, weight: Tensor | None, residual: Tensor | None,
+                  eps: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """rms_norm_fwd_cuda for callers that validated the inputs (rms_norm's autograd path)."""
     N, D = x.shape
     y = torch.empty((N, D), dtype=x.dtype, device=x.device)
     rstd = torch.empty((N,), dtype=torch.float32, device=x.device)
@@ -399,7 +404,12 @@ def rms_norm_bwd_cuda(dy: Tensor, h: Tensor, rstd: Tensor, weight: Tensor | None
     weight's dtype = sum over rows of dy * hhat (None without weight), summed deterministically:
     fp32 per-block partials added in a fixed order, no atomics.
     """
-    rstd = _check_rms_bwd(dy, h, rstd, weight, dh)
+    return _rms_norm_bwd(dy, h, _check_rms_bwd(dy, h, rstd, weight, dh), weight, dh)
+
+
+def _rms_norm_bwd(dy: Tensor, h: Tensor, rstd: Tensor, weight: Tensor | None,
+                  dh: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """rms_norm_bwd_cuda for callers that validated the inputs (rstd contiguous, as the forward makes it)."""
     N, D = h.shape
     dx = torch.empty((N, D), dtype=h.dtype, device=h.device)
     dw = torch.empty((D,), dtype=weight.dtype, device=h.device) if weight is not None else None
@@ -471,7 +481,14 @@ def qk_norm_rope_fwd_cuda(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_weig
     (B, T, Hk) float32.
     """
     scale, interleaved = _check_qk_common(q, k, cos, sin, q_weight, k_weight, scale, interleaved)
-    eps = _check_real("eps", eps, nonneg=True)
+    return _qk_norm_rope_fwd(q, k, cos, sin, q_weight, k_weight, scale, _check_real("eps", eps, nonneg=True),
+                             interleaved)
+
+
+def _qk_norm_rope_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_weight: Tensor | None,
+                      k_weight: Tensor | None, scale: float, eps: float,
+                      interleaved: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """qk_norm_rope_fwd_cuda for callers that validated the inputs (qk_norm_rope's autograd path)."""
     B, T, Hq, D = q.shape
     Hk = k.shape[2]
     _qk_grid_ok(B * T * (Hq + Hk), "qk_norm_rope_fwd_cuda")
@@ -537,6 +554,14 @@ def qk_norm_rope_bwd_cuda(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, 
     for name, r in (("q_rstd", q_rstd), ("k_rstd", k_rstd)):
         if r.dtype != torch.float32:
             raise TypeError(f"{name} must be float32 (as the forward returns it), got {r.dtype}")
+    return _qk_norm_rope_bwd(dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, q_rstd.contiguous(),
+                             k_rstd.contiguous(), scale, interleaved)
+
+
+def _qk_norm_rope_bwd(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
+                      q_weight: Tensor | None, k_weight: Tensor | None, q_rstd: Tensor, k_rstd: Tensor,
+                      scale: float, interleaved: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """qk_norm_rope_bwd_cuda for callers that validated the inputs (rstd contiguous, as the forward makes it)."""
     B, T, Hq, D = q.shape
     Hk = k.shape[2]
     _qk_grid_ok(B * T * (Hq + Hk), "qk_norm_rope_bwd_cuda")
@@ -544,8 +569,8 @@ def qk_norm_rope_bwd_cuda(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, 
     dk = torch.empty((B, T, Hk, D), dtype=k.dtype, device=q.device)
     dq_weight = torch.empty((D,), dtype=q_weight.dtype, device=q.device) if q_weight is not None else None
     dk_weight = torch.empty((D,), dtype=k_weight.dtype, device=q.device) if k_weight is not None else None
-    _qk_norm_rope_bwd_into(dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, q_rstd.contiguous(),
-                           k_rstd.contiguous(), scale, interleaved, dq, dk, dq_weight, dk_weight)
+    _qk_norm_rope_bwd_into(dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, q_rstd, k_rstd, scale, interleaved,
+                           dq, dk, dq_weight, dk_weight)
     return dq, dk, dq_weight, dk_weight
 
 
@@ -592,18 +617,28 @@ def qk_norm_rope_inplace_cuda(qkv: Tensor, positions: Tensor, cos_sin_cache: Ten
     scale = _check_real("scale", scale)
     eps = _check_real("eps", eps, nonneg=True)
     interleaved = _check_bool("interleaved", interleaved)
+    max_pos = cos_sin_cache.shape[0]
+    if not qkv.is_cuda and N and (int(positions.min()) < 0 or int(positions.max()) >= max_pos):
+        raise ValueError(f"positions must lie in [0, {max_pos}) (rows of cos_sin_cache), got "
+                         f"[{int(positions.min())}, {int(positions.max())}]")
+    _qk_norm_rope_inplace(qkv, positions, cos_sin_cache, Hq, Hkv, q_weight, k_weight, scale, eps, interleaved)
+
+
+def _qk_norm_rope_inplace(qkv: Tensor, positions: Tensor, cos_sin_cache: Tensor, num_q_heads: int,
+                          num_kv_heads: int, q_weight: Tensor | None, k_weight: Tensor | None, scale: float,
+                          eps: float, interleaved: bool) -> None:
+    """qk_norm_rope_inplace_cuda for callers that validated the inputs (CPU positions range-checked too)."""
+    N, W = qkv.shape
+    Hq, Hkv = num_q_heads, num_kv_heads
+    D = W // (Hq + 2 * Hkv)
     if N == 0:
         return
     _qk_grid_ok(N * (Hq + Hkv), "qk_norm_rope_inplace_cuda")
     positions = positions.to(torch.int64).contiguous()  # the kernel reads int64 rows
-    max_pos = cos_sin_cache.shape[0]
     if qkv.is_cuda:
         # A host-side check would synchronise every call; a device assert keeps the launch asynchronous.
-        torch._assert_async(((positions >= 0) & (positions < max_pos)).all(),
+        torch._assert_async(((positions >= 0) & (positions < cos_sin_cache.shape[0])).all(),
                             "qk_norm_rope_inplace_cuda: positions out of range of cos_sin_cache")
-    elif N and (int(positions.min()) < 0 or int(positions.max()) >= max_pos):
-        raise ValueError(f"positions must lie in [0, {max_pos}) (rows of cos_sin_cache), got "
-                         f"[{int(positions.min())}, {int(positions.max())}]")
     es = qkv.element_size()
     base, rs = qkv.data_ptr(), qkv.stride(0)
     k_base = base + Hq * D * es

@@ -112,9 +112,11 @@ def _check_qk(q, k, cos, sin, q_weight, k_weight, scale=1.0, eps=None, interleav
     _check_scalars(scale, eps, interleaved)
 
 
-def _check_kernel_dtype(x: torch.Tensor, name: str) -> None:
-    if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32 for the kernel backends, got {x.dtype}")
+def _check_kernel_dtype(x: torch.Tensor, name: str, *others: tuple[str, torch.Tensor | None]) -> None:
+    """The kernel backends load fp16/bf16/fp32 only: x, and any of `others` (name, tensor or None)."""
+    for n, t in ((name, x), *others):
+        if t is not None and t.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"{n} must be float16, bfloat16 or float32 for the kernel backends, got {t.dtype}")
 
 
 def _check_inplace(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight, k_weight,
@@ -614,17 +616,15 @@ def _inplace_triton(qkv, positions, cos_sin_cache, num_q_heads: int, num_kv_head
 # Backend dispatch, custom ops (torch.compile) and autograd
 # ----------------------------------------------------------------------------------------------
 
-def _launchers(backend: str, validated: bool = False):
-    """(fwd, bwd, inplace) launchers of a kernel backend; `validated`: the caller already checked
-    the inputs, so the Triton launchers skip their (~5 us of Python) checks."""
+def _launchers(backend: str):
+    """(fwd, bwd, inplace) launchers of a kernel backend, without input checks: the public
+    functions validated once already (the checks cost ~5 us of Python per call)."""
     if backend == "triton":
-        if validated:
-            return _fwd_triton, _bwd_triton, _inplace_triton
-        return qk_norm_rope_fwd_triton, qk_norm_rope_bwd_triton, qk_norm_rope_inplace_triton
+        return _fwd_triton, _bwd_triton, _inplace_triton
     if backend == "cuda":
         from . import cuda_ops  # lazily: the CUDA backend is optional and may be absent
 
-        return cuda_ops.qk_norm_rope_fwd_cuda, cuda_ops.qk_norm_rope_bwd_cuda, cuda_ops.qk_norm_rope_inplace_cuda
+        return cuda_ops._qk_norm_rope_fwd, cuda_ops._qk_norm_rope_bwd, cuda_ops._qk_norm_rope_inplace
     raise ValueError(f"kernel backend must be 'triton' or 'cuda', got {backend!r}")
 
 
@@ -709,7 +709,7 @@ class _QKNormRopeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved, backend):
-        q_out, k_out, q_rstd, k_rstd = _launchers(backend, validated=True)[0](q, k, cos, sin, q_weight, k_weight,
+        q_out, k_out, q_rstd, k_rstd = _launchers(backend)[0](q, k, cos, sin, q_weight, k_weight,
                                                                               scale, eps, interleaved)
         ctx.save_for_backward(q, k, cos, sin, q_weight, k_weight, q_rstd, k_rstd)
         ctx.scale, ctx.interleaved, ctx.backend = scale, interleaved, backend
@@ -719,7 +719,7 @@ class _QKNormRopeFunction(torch.autograd.Function):
     def backward(ctx, dq_out, dk_out):
         q, k, cos, sin, q_weight, k_weight, q_rstd, k_rstd = ctx.saved_tensors
         dq_out, dk_out = _unit_last_stride(dq_out), _unit_last_stride(dk_out)
-        dq, dk, dqw, dkw = _launchers(ctx.backend, validated=True)[1](dq_out, dk_out, q, k, cos, sin, q_weight,
+        dq, dk, dqw, dkw = _launchers(ctx.backend)[1](dq_out, dk_out, q, k, cos, sin, q_weight,
                                                                       k_weight, q_rstd, k_rstd, ctx.scale,
                                                                       ctx.interleaved)
         return dq, dk, None, None, dqw, dkw, None, None, None, None
@@ -748,7 +748,10 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     if backend == "torch":
         q_out, k_out = qk_norm_rope_reference(q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved)
         return q_out.contiguous(), k_out.contiguous()
-    _check_kernel_dtype(q, "q")
+    _check_kernel_dtype(q, "q", ("cos", cos), ("sin", sin), ("q_weight", q_weight), ("k_weight", k_weight))
+    if sin.dtype != cos.dtype or sin.shape != cos.shape:  # one table layout: the CUDA launch takes one dtype code
+        raise TypeError(f"sin must have cos's shape and dtype {tuple(cos.shape)} {cos.dtype} for the kernel backends, "
+                        f"got {tuple(sin.shape)} {sin.dtype}")
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError("cos and sin get no gradient from the kernel backends: pass detached tables "
                          "(or use backend='torch')")
@@ -777,13 +780,13 @@ def qk_norm_rope_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cac
         qk_norm_rope_inplace_reference(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight,
                                        k_weight, scale, eps, interleaved)
         return
-    _check_kernel_dtype(qkv, "qkv")
+    _check_kernel_dtype(qkv, "qkv", ("cos_sin_cache", cos_sin_cache), ("q_weight", q_weight), ("k_weight", k_weight))
     eps = _resolve_eps(eps, qkv.dtype)
     if torch.compiler.is_compiling():
         torch.ops.nanofast.qk_norm_rope_inplace(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight,
                                                 k_weight, float(scale), eps, interleaved, backend)
     else:  # eager: the same launcher without the op dispatcher's overhead (a decode step calls it per layer)
-        _launchers(backend, validated=True)[2](qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight,
+        _launchers(backend)[2](qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight,
                                                k_weight, float(scale), eps, interleaved)
 
 

@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
 __all__ = ["rms_norm", "RMSNorm", "rms_norm_reference", "rms_norm_fwd_triton", "rms_norm_bwd_triton",
            "KERNEL_CONFIGS", "default_eps"]
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Register-file limits, not taste: a CTA holds its whole tile in registers (that is what makes the
 # kernel single-pass), and a 1024-thread CTA may use at most 64 registers per thread (65536 per
@@ -326,7 +326,7 @@ def rms_norm_fwd_triton(x: Tensor, weight: Optional[Tensor], residual: Optional[
         raise RuntimeError("rms_norm_fwd_triton needs triton installed")
     if not isinstance(x, Tensor) or x.ndim != 2:
         raise ValueError(f"x must be a 2-D tensor (N, D), got {getattr(x, 'shape', type(x).__name__)}")
-    if x.dtype not in _TRITON_DTYPES:
+    if x.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32 for the triton backend, got {x.dtype}")
     N, D = x.shape
     if D == 0:
@@ -336,6 +336,13 @@ def rms_norm_fwd_triton(x: Tensor, weight: Optional[Tensor], residual: Optional[
         _check_launch("weight", weight, (D,), x.dtype)
     if residual is not None:
         _check_launch("residual", residual, (N, D), x.dtype)
+    return _fwd_triton(x, weight, residual, eps)
+
+
+def _fwd_triton(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor],
+                eps: float) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """rms_norm_fwd_triton for callers that validated the inputs (rms_norm's autograd path)."""
+    N, D = x.shape
     y = _alloc((N, D), x.dtype, x.device)
     rstd = _alloc((N,), torch.float32, x.device)
     h = _alloc((N, D), x.dtype, x.device) if residual is not None else None
@@ -367,7 +374,7 @@ def rms_norm_bwd_triton(dy: Tensor, h: Tensor, rstd: Tensor, weight: Optional[Te
         raise RuntimeError("rms_norm_bwd_triton needs triton installed")
     if not isinstance(h, Tensor) or h.ndim != 2:
         raise ValueError(f"h must be a 2-D tensor (N, D), got {getattr(h, 'shape', type(h).__name__)}")
-    if h.dtype not in _TRITON_DTYPES:
+    if h.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"h must be float16, bfloat16 or float32 for the triton backend, got {h.dtype}")
     N, D = h.shape
     if D == 0:
@@ -379,6 +386,13 @@ def rms_norm_bwd_triton(dy: Tensor, h: Tensor, rstd: Tensor, weight: Optional[Te
         _check_launch("weight", weight, (D,), h.dtype)
     if dh is not None:
         _check_launch("dh", dh, (N, D), h.dtype)
+    return _bwd_triton(dy, h, rstd, weight, dh)
+
+
+def _bwd_triton(dy: Tensor, h: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                dh: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """rms_norm_bwd_triton for callers that validated the inputs (rms_norm's autograd path)."""
+    N, D = h.shape
     dx = _alloc((N, D), h.dtype, h.device)
     if N == 0:
         return dx, (torch.zeros_like(weight) if weight is not None else None)
@@ -405,13 +419,14 @@ def rms_norm_bwd_triton(dy: Tensor, h: Tensor, rstd: Tensor, weight: Optional[Te
 
 
 def _launchers(backend: str):
+    """(fwd, bwd) of a kernel backend, without input checks: `rms_norm` validated once already."""
     if backend == "triton":
-        return rms_norm_fwd_triton, rms_norm_bwd_triton
+        return _fwd_triton, _bwd_triton
     if backend == "cuda":
         # Imported lazily: the CUDA build is optional and written separately.
-        from .cuda_ops import rms_norm_bwd_cuda, rms_norm_fwd_cuda
+        from .cuda_ops import _rms_norm_bwd, _rms_norm_fwd
 
-        return rms_norm_fwd_cuda, rms_norm_bwd_cuda
+        return _rms_norm_fwd, _rms_norm_bwd
     raise ValueError(f"backend must be 'triton' or 'cuda' for the rms_norm ops, got {backend!r}")
 
 
@@ -575,8 +590,8 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = 
     be = resolve_backend(backend, x)
     if be == "torch":
         return rms_norm_reference(x, weight, eps, residual)
-    if be == "triton" and x.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32 for backend='triton', got {x.dtype}")
+    if x.dtype not in _KERNEL_DTYPES:  # both kernel backends take these three
+        raise TypeError(f"x must be float16, bfloat16 or float32 for backend={be!r}, got {x.dtype}")
     D = x.shape[-1]
     if weight is not None:
         weight = weight.contiguous()  # (D,) only: a copy is cheap if it is ever needed

@@ -466,6 +466,10 @@ def _bad_cases():
         (dict(base, backend="cudnn"), ValueError, "backend"),
         (dict(base, q=q.double(), k=k.double(), backend="triton"), TypeError, "float16, bfloat16 or float32"),
         (dict(base, cos=cos.requires_grad_(), backend="triton"), ValueError, "cos and sin get no gradient"),
+        (dict(base, cos=cos.double(), sin=sin.double(), backend="cuda"), TypeError, "cos must be float16"),
+        (dict(base, sin=sin.half(), backend="cuda"), TypeError, "sin must have cos's shape and dtype"),
+        (dict(base, sin=torch.randn(5, 4), backend="triton"), TypeError, "sin must have cos's shape"),
+        (dict(base, q_weight=w.double(), backend="cuda"), TypeError, "q_weight must be float16"),
     ]
 
 

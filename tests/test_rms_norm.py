@@ -412,8 +412,8 @@ def test_torch_compile_fullgraph_matches_eager(monkeypatch):
             return fn(*args)
         return wrapper
 
-    monkeypatch.setattr(rn, "rms_norm_fwd_triton", counting("fwd", rn.rms_norm_fwd_triton))
-    monkeypatch.setattr(rn, "rms_norm_bwd_triton", counting("bwd", rn.rms_norm_bwd_triton))
+    monkeypatch.setattr(rn, "_fwd_triton", counting("fwd", rn._fwd_triton))
+    monkeypatch.setattr(rn, "_bwd_triton", counting("bwd", rn._bwd_triton))
 
     def block(x, w, r):
         a = rms_norm(x, backend="triton")  # nanochat's parameter-free norm

@@ -310,8 +310,6 @@ def _rms_norm_fwd_into(x: Tensor, weight: Tensor | None, residual: Tensor | None
     N, D = x.shape
     if N == 0:
         return
-    if N > 2**31 - 1:  # a launch fact, not input validation: the grid has one block per row
-        raise ValueError(f"x has {N} rows; one block per row allows at most 2**31 - 1")
     _launch("nf_rms_norm_fwd", x.device, DTYPE_CODES[x.dtype], N, D, x.data_ptr(), x.stride(0), _ptr(residual),
             residual.stride(0) if residual is not None else 0, _ptr(weight), _wcode(weight), y.data_ptr(),
             y.stride(0), _ptr(h), h.stride(0) if h is not None else 0, rstd.data_ptr(), eps)
@@ -349,6 +347,8 @@ def _rms_norm_fwd(x: Tensor, weight: Tensor | None, residual: Tensor | None,
                   eps: float) -> tuple[Tensor, Tensor, Tensor | None]:
     """rms_norm_fwd_cuda for callers that validated the inputs (rms_norm's autograd path)."""
     N, D = x.shape
+    if N > 2**31 - 1:  # a launch fact, not input validation: the grid has one block per row
+        raise ValueError(f"x has {N} rows; one block per row allows at most 2**31 - 1")
     y = torch.empty((N, D), dtype=x.dtype, device=x.device)
     rstd = torch.empty((N,), dtype=torch.float32, device=x.device)
     h = torch.empty((N, D), dtype=x.dtype, device=x.device) if residual is not None else None

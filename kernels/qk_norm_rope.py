@@ -709,8 +709,8 @@ class _QKNormRopeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved, backend):
-        q_out, k_out, q_rstd, k_rstd = _launchers(backend)[0](q, k, cos, sin, q_weight, k_weight,
-                                                                              scale, eps, interleaved)
+        q_out, k_out, q_rstd, k_rstd = _launchers(backend)[0](q, k, cos, sin, q_weight, k_weight, scale, eps,
+                                                              interleaved)
         ctx.save_for_backward(q, k, cos, sin, q_weight, k_weight, q_rstd, k_rstd)
         ctx.scale, ctx.interleaved, ctx.backend = scale, interleaved, backend
         return q_out, k_out
@@ -719,9 +719,8 @@ class _QKNormRopeFunction(torch.autograd.Function):
     def backward(ctx, dq_out, dk_out):
         q, k, cos, sin, q_weight, k_weight, q_rstd, k_rstd = ctx.saved_tensors
         dq_out, dk_out = _unit_last_stride(dq_out), _unit_last_stride(dk_out)
-        dq, dk, dqw, dkw = _launchers(ctx.backend)[1](dq_out, dk_out, q, k, cos, sin, q_weight,
-                                                                      k_weight, q_rstd, k_rstd, ctx.scale,
-                                                                      ctx.interleaved)
+        dq, dk, dqw, dkw = _launchers(ctx.backend)[1](dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, q_rstd,
+                                                      k_rstd, ctx.scale, ctx.interleaved)
         return dq, dk, None, None, dqw, dkw, None, None, None, None
 
 
@@ -786,8 +785,8 @@ def qk_norm_rope_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cac
         torch.ops.nanofast.qk_norm_rope_inplace(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight,
                                                 k_weight, float(scale), eps, interleaved, backend)
     else:  # eager: the same launcher without the op dispatcher's overhead (a decode step calls it per layer)
-        _launchers(backend)[2](qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight,
-                                               k_weight, float(scale), eps, interleaved)
+        _launchers(backend)[2](qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight, k_weight,
+                               float(scale), eps, interleaved)
 
 
 class QKNormRope(torch.nn.Module):

@@ -894,6 +894,8 @@ def _err_cases():
         (lambda: fwd(x, w, None, -1.0), ValueError, "eps must be a finite non-negative"),
         (lambda: fwd(x, w, None, "1e-6"), TypeError, "eps must be a float"),
         (lambda: fwd(x.to("meta"), None, None, 1e-6), ValueError, "x must be on a CPU or CUDA device"),
+        # one block per row: 2**31 rows (an expanded view, nothing allocated) exceed the grid
+        (lambda: fwd(torch.ones(1, 1).expand(2**31, 1), None, None, 1e-6), ValueError, "allows at most 2**31 - 1"),
         (lambda: bwd(x, x, rstd.half(), w, None), TypeError, "rstd must be float32"),
         (lambda: bwd(x, x, torch.ones(3), w, None), ValueError, "rstd must have shape (4,)"),
         (lambda: bwd(x[:, :4], x, rstd, w, None), ValueError, "dy must have shape"),

@@ -516,6 +516,17 @@ def test_bad_inplace_input_raises_clear_errors(case):
             qk_norm_rope_inplace(**kwargs, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("arg", ["cos_sin_cache", "q_weight"])
+def test_inplace_kernel_backends_reject_fp64_tables_and_weights(backend, arg):
+    # The torch reference takes fp64; the kernels load fp16/bf16/fp32 only, checked at the entry.
+    kwargs = dict(qkv=torch.randn(4, 40), positions=torch.tensor([0, 3, 1, 1]), cos_sin_cache=torch.randn(5, 8),
+                  num_q_heads=3, num_kv_heads=1, backend=backend)
+    kwargs[arg] = kwargs["cos_sin_cache"].double() if arg == "cos_sin_cache" else torch.randn(8).double()
+    with pytest.raises(TypeError, match=f"{arg} must be float16, bfloat16 or float32 for the kernel backends"):
+        qk_norm_rope_inplace(**kwargs)
+
+
 # --------------------------------------------------------------------------------------------
 # Module, custom ops, torch.compile
 # --------------------------------------------------------------------------------------------

@@ -342,6 +342,7 @@ def _bad_cases():
         (lambda: rms_norm(x, eps="1e-6"), ValueError, "eps must be"),
         (lambda: rms_norm(x, backend="cudnn"), ValueError, "backend must be one of"),
         (lambda: rms_norm(x.double(), backend="triton"), TypeError, "backend='triton'"),
+        (lambda: rms_norm(x.double(), backend="cuda"), TypeError, "backend='cuda'"),
         (lambda: RMSNorm(0), ValueError, "dim must be an int >= 1"),
         # Launcher level (the 2-D contract).
         (lambda: rms_norm_fwd_triton(torch.randn(8), None, None, 1e-6), ValueError, r"x must be a 2-D tensor"),

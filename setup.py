@@ -58,8 +58,10 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.4", "pybind11", "ninja",
-                "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "selenium>=4.11"],
+                "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "selenium>=4.11",
+                "wandb>=0.19"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        "wandb": ["wandb>=0.19"],  # --wandb PROJECT: optional logging, imported only when asked for
         "gpu": ["flash-attn", "transformer-engine[pytorch]", "triton>=3.4", "ninja", "pybind11"],
     },
     ext_modules=ext_modules,

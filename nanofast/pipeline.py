@@ -11,6 +11,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ from nanofast.tasks import TaskMixture, load_task
 from nanofast.tokenizer import Tokenizer, compression_report, compression_table
 from nanofast.trainer import (Checkpointer, LoopSettings, LoopState, LossScaler, backward_and_step, mfu_percent,
                               resume_state, train, warm_start)
+from nanofast.wandb_log import WandbLog
 
 STAGES = ("tokenizer", "pretrain", "midtrain", "sft", "rl", "eval", "report")
 # Checkpoint folder of each training stage, and which earlier one a stage starts from.
@@ -53,6 +55,7 @@ class Run:
     device: str
     dist: Dist
     name: str | None = None           # None: default_run_name(settings)
+    wandb: WandbLog | None = None     # rank 0 with --wandb: run_stages opens it
 
     @property
     def dir(self) -> Path:
@@ -77,14 +80,21 @@ class Run:
     def checkpoint_dir(self, stage: str) -> Path:
         return self.dir / "checkpoints" / stage
 
+    def logger(self, stage: str) -> Callable[[dict], None] | None:
+        """Where `stage`'s training loop sends each step's numbers: wandb, when it is on."""
+        return None if self.wandb is None else (lambda metrics: self.wandb.log(stage, metrics))
+
 
 def stage_done(run: Run, stage: str) -> bool:
     return read_section(run.report_dir, stage) is not None
 
 
 def _record(run: Run, stage: str, data: dict) -> None:
-    """The stage's report section, with the settings it ran with (see `_check_done`)."""
+    """The stage's report section, with the settings it ran with (see `_check_done`); its numbers
+    also go to wandb's run summary when it is on."""
     write_section(run.report_dir, stage, dict(data, settings=asdict(run.settings)))
+    if run.wandb is not None:
+        run.wandb.summary(stage, data)
 
 
 def _check_done(run: Run, stage: str) -> None:
@@ -113,15 +123,22 @@ def run_stages(run: Run, stages: list[str]) -> dict[str, str]:
         dist.broadcast_object_list(shared, src=0)
         done = shared[0]
     outcome = {}
-    for stage in stages:
-        if done[stage]:
-            outcome[stage] = "skipped (already done)"
-            continue
-        print0(f"=== stage: {stage} ===")
-        t0 = time.perf_counter()
-        {"tokenizer": stage_tokenizer, "pretrain": stage_pretrain, "midtrain": stage_midtrain, "sft": stage_sft,
-         "rl": stage_rl, "eval": stage_eval, "report": stage_report}[stage](run, t0)
-        outcome[stage] = "ran"
+    if run.settings.wandb and run.dist.is_master:
+        run.wandb = WandbLog(run.settings.wandb, run.dir, run.dir.name, dict(asdict(run.settings), run_name=run.dir.name))
+    try:
+        for stage in stages:
+            if done[stage]:
+                outcome[stage] = "skipped (already done)"
+                continue
+            print0(f"=== stage: {stage} ===")
+            t0 = time.perf_counter()
+            {"tokenizer": stage_tokenizer, "pretrain": stage_pretrain, "midtrain": stage_midtrain, "sft": stage_sft,
+             "rl": stage_rl, "eval": stage_eval, "report": stage_report}[stage](run, t0)
+            outcome[stage] = "ran"
+    finally:
+        if run.wandb is not None:
+            run.wandb.finish()
+            run.wandb = None
     return outcome
 
 
@@ -335,7 +352,7 @@ def stage_pretrain(run: Run, t0: float) -> None:
     meta = dict(settings=asdict(s), plan=asdict(plan))
     with loader:
         state = train(model, optimizer, loader, settings, ckpt_dir, run.dist, meta, evaluate=evaluate,
-                      state=state, step_model=step_model, scaler=scaler)
+                      state=state, step_model=step_model, scaler=scaler, log=run.logger("pretrain"))
 
     if run.dist.is_master:
         precision = None
@@ -445,7 +462,8 @@ def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, .
                             peak_flops=peak_flops(device))
     scaler = LossScaler() if run.dtype == torch.float16 else None
     state = train(model, optimizer, loader, settings, ckpt_dir, run.dist, dict(settings=asdict(s), stage=stage),
-                  evaluate=evaluate, state=state, step_model=compiled(model, s), scaler=scaler)
+                  evaluate=evaluate, state=state, step_model=compiled(model, s), scaler=scaler,
+                  log=run.logger(stage))
     if run.dist.is_master:
         steady = state.tokens_per_second[1:] or state.tokens_per_second
         tps = statistics.median(steady) if steady else 0.0
@@ -508,6 +526,7 @@ def stage_rl(run: Run, t0: float) -> None:
         before = measure()
     per_rank = max(1, s.rl_questions // world)
     saver = Checkpointer(ckpt_dir, run.dist, torch.device(device), s.save_every, s.save_minutes, s.keep_checkpoints)
+    log = run.logger("rl")
     bar = tqdm(range(state.step, s.rl_steps), disable=not run.dist.is_master, desc="rl", unit="step")
     for step in bar:
         t_step = time.perf_counter()
@@ -526,6 +545,8 @@ def stage_rl(run: Run, t0: float) -> None:
         reward = sum(r.reward for r in rolls) / len(rolls)
         row = dict(step=step + 1, reward=reward, loss=loss.item(), seconds=time.perf_counter() - t_step, **stats)
         history.append(row)
+        if log is not None:
+            log(row)
         state.step = step + 1
         state.losses.append((step + 1, loss.item()))
         bar.set_postfix(reward=f"{reward:.2f}", kl=f"{stats['kl_engine_trainer']:.2e}")

@@ -54,6 +54,9 @@ class Settings:
     compile: bool = setting(True, "torch.compile the training step (pretraining, mid-training, SFT)")
     kernel_backend: str | None = setting(None, KERNEL_BACKEND_HELP, BACKENDS)
     seed: int = setting(42, "seed of the model's init, the data order and the samples")
+    wandb: str | None = setting(None, "Weights & Biases project: log every stage's steps, evaluations and report "
+                                      "numbers there (rank 0; needs `pip install wandb`; WANDB_MODE=offline logs "
+                                      "locally); default: off")
     # several ranks: collectives (gradients, losses) time out after dist_timeout_minutes; a rank
     # waiting for another's own work (the tokenizer, samples, evaluations) waits on disk
     dist_timeout_minutes: float = setting(30.0, "several ranks: the collective timeout")
@@ -174,7 +177,7 @@ STAGE_SETTINGS = {
 }
 OPERATIONAL = ("device_batch_size", "eval_every", "eval_tokens", "core_every", "core_examples", "save_every",
                "save_minutes", "keep_checkpoints", "log_every", "sample_tokens", "compile", "kernel_backend",
-               "dist_timeout_minutes", "wait_minutes")
+               "dist_timeout_minutes", "wait_minutes", "wandb")
 
 
 # The architecture: a run directory per combination (nanochat's --model-tag, default d<depth>).

@@ -167,14 +167,16 @@ Batches = Iterator[tuple[torch.Tensor, torch.Tensor, dict]]
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batches, settings: LoopSettings,
           checkpoint_dir: str | Path, dist_info: Dist, meta: dict,
           evaluate: Callable[[int], dict] | None = None, state: LoopState | None = None,
-          step_model: torch.nn.Module | None = None, scaler: LossScaler | None = None) -> LoopState:
+          step_model: torch.nn.Module | None = None, scaler: LossScaler | None = None,
+          log: Callable[[dict], None] | None = None) -> LoopState:
     """Run optimizer steps `state.step .. num_iterations`, evaluating, logging and checkpointing.
 
     loader yields (inputs, targets, loader_state); the loader state after the last consumed batch is
     saved with every checkpoint (per rank), so a resumed loop sees exactly the batches it would have seen.
     `step_model` is the (possibly compiled) module that runs the training step; `model` is saved.
     Either is called as `(x, y, loss_reduction="sum")`: the summed loss over targets y >= 0, which
-    the loop weighs by the step's global target count.
+    the loop weighs by the step's global target count. `log`, if given, receives every step's and
+    every evaluation's numbers as a dict with their `step` (the caller passes it on rank 0 only).
     Returns the final loop state (losses, evaluations, throughput).
     """
     state = state or LoopState()
@@ -198,6 +200,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
             result = dict(evaluate(step), step=step)
             model.train()
             state.evals.append(result)
+            if log is not None:
+                log(result)
             bar.write(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()
                                                           if isinstance(v, float)))
         if step > start_step and saver.due(step, is_last):
@@ -253,22 +257,21 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
         tps = settings.tokens_per_step / dt if settings.tokens_per_step else 0.0
         state.tokens_per_second.append(tps)
         state.target_tokens_per_second.append(target_total / dt)
+        mfu = mfu_percent(settings.flops_per_token, tps, settings.peak_flops, world)
+        if log is not None:
+            log(dict(step=state.step, loss=train_loss, seconds=dt, tokens_per_second=tps,
+                     target_tokens_per_second=target_total / dt, mfu=mfu))
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}")
         if settings.log_every > 0 and (state.step % settings.log_every == 0 or state.step == 1):
             bar.write(f"step {state.step:05d}/{last} | loss {train_loss:.4f} | {dt * 1000:.0f} ms | "
-                      f"{tps:,.0f} tok/s | MFU {_mfu(settings, tps, world)}")
+                      f"{tps:,.0f} tok/s | MFU {'n/a (CPU or unknown GPU)' if mfu is None else f'{mfu:.1f}%'}")
     bar.close()
     return state
 
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _mfu(settings: LoopSettings, tokens_per_second: float, world: int) -> str:
-    mfu = mfu_percent(settings.flops_per_token, tokens_per_second, settings.peak_flops, world)
-    return "n/a (CPU or unknown GPU)" if mfu is None else f"{mfu:.1f}%"
 
 
 def mfu_percent(flops_per_token: float, tokens_per_second: float, peak_flops: float | None, world: int) -> float | None:

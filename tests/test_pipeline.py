@@ -520,3 +520,57 @@ def test_every_setting_is_either_a_stage_input_or_operational():
 
     classified = [n for group in STAGE_SETTINGS.values() for n in group] + list(OPERATIONAL)
     assert sorted(classified) == sorted(f.name for f in fields(Settings))
+
+
+def test_wandb_logs_the_reports_numbers_offline(tokenized, tmp_path, monkeypatch):
+    """--wandb PROJECT, in wandb's offline mode, read back from wandb's own run files: every
+    pretraining step's loss and every val bpb equal the report's, the report's numbers are the run's
+    summary, and a killed run started again continues the same wandb run."""
+    pytest.importorskip("wandb")
+    from wandb_records import read_offline_runs
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    base = copy_base(tokenized, tmp_path / "wandb")
+    args = ("--num-iterations", "4", "--save-every", "2", "--eval-every", "2", "--wandb", "nanofast-test")
+    assert pretrain(base, *args) == 0
+    full = section(base, "pretrain")
+    interrupt_before(base, "pretrain", "base", 4)
+    assert pretrain(base, *args) == 0
+    resumed = section(base, "pretrain")
+    history, summary, ids = read_offline_runs(run_dir(base))
+    assert len(ids) == 1  # one wandb run across both processes
+    logged = [(r["pretrain/step"], r["pretrain/loss"]) for r in history if "pretrain/loss" in r]
+    expected = full["losses"] + resumed["losses"][2:]  # steps 1-4, then 3-4 again after the resume
+    assert [s for s, _ in logged] == [s for s, _ in expected] == [1, 2, 3, 4, 3, 4]
+    assert [loss for _, loss in logged] == pytest.approx([loss for _, loss in expected], abs=1e-6)
+    bpb = [(r["pretrain/step"], r["pretrain/val_bpb"]) for r in history if "pretrain/val_bpb" in r]
+    assert bpb == [(e["step"], e["val_bpb"]) for e in full["evals"] + resumed["evals"][-1:]]
+    assert all("pretrain/tokens_per_second" in r for r in history if "pretrain/loss" in r)
+    assert summary["pretrain/val_bpb"] == resumed["val_bpb"]
+    assert summary["pretrain/params/total"] == resumed["params"]["total"]
+
+
+def test_wandb_logs_rl_steps_offline(sft_base, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from wandb_records import read_offline_runs
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    base = copy_base(sft_base, tmp_path / "rl_wandb")
+    assert rl(base, "--wandb", "nanofast-test") == 0
+    sec = section(base, "rl")
+    history, summary, _ = read_offline_runs(run_dir(base))
+    rows = [r for r in history if "rl/reward" in r]
+    assert [(r["rl/step"], r["rl/reward"], r["rl/kl_engine_trainer"]) for r in rows] == \
+        [(h["step"], h["reward"], h["kl_engine_trainer"]) for h in sec["history"]]
+    assert summary["rl/heldout_after/greedy/accuracy"] == sec["heldout_after"]["greedy"]["accuracy"]
+
+
+def test_wandb_without_the_package_is_a_one_line_error(tokenized, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    base = copy_base(tokenized, tmp_path / "no_wandb")
+    code, err = run_main(capsys, "--stage", "pretrain", "--preset", "smoke", "--base-dir", str(base),
+                         "--wandb", "nanofast-test")
+    assert code == 1 and "--wandb nanofast-test: the wandb package is not installed" in err
+    assert not (run_dir(base) / "checkpoints").exists()  # refused before any work

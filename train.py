@@ -11,7 +11,7 @@ import sys
 from dataclasses import fields
 
 from nanofast.common import autodetect_device, base_dir, init_distributed, print0, shutdown_distributed
-from nanofast.pipeline import STAGES, Run, report_path, run_stages
+from nanofast.pipeline import STAGES, Run, report_path, run_stages, stages_of
 from nanofast.presets import PRESETS, Settings, check_run_name, make_settings
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = Run(settings=settings, base=base, device=device,
               dist=init_distributed(device, settings.dist_timeout_minutes), name=name)
-    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    stages = stages_of(args.stage, settings)
     try:
         outcome = run_stages(run, stages)
     except (ValueError, FileNotFoundError) as e:  # our one-line, actionable errors

@@ -37,6 +37,7 @@ from nanofast.trainer import (Checkpointer, LoopSettings, LoopState, LossScaler,
 from nanofast.wandb_log import WandbLog
 
 STAGES = ("tokenizer", "pretrain", "midtrain", "sft", "rl", "eval", "report")
+NANOFAST_ONLY = ("midtrain", "rl")  # post-training stages nanochat's runs/speedrun.sh does not run
 # Checkpoint folder of each training stage, and which earlier one a stage starts from.
 CHECKPOINTS = {"pretrain": "base", "midtrain": "mid", "sft": "sft", "rl": "rl"}
 
@@ -83,6 +84,14 @@ class Run:
     def logger(self, stage: str) -> Callable[[dict], None] | None:
         """Where `stage`'s training loop sends each step's numbers: wandb, when it is on."""
         return None if self.wandb is None else (lambda metrics: self.wandb.log(stage, metrics))
+
+
+def stages_of(stage: str, settings: Settings) -> list[str]:
+    """The stages `train.py --stage <stage>` runs: `all` is every stage of the chosen post-training
+    (nanochat's leaves out mid-training and RL); any other is itself."""
+    if stage != "all":
+        return [stage]
+    return [s for s in STAGES if settings.post_training == "nanofast" or s not in NANOFAST_ONLY]
 
 
 def stage_done(run: Run, stage: str) -> bool:
@@ -384,13 +393,15 @@ def stage_pretrain(run: Run, t0: float) -> None:
 
 
 # ---- mid-training and SFT: the same loop, on conversations ---------------------------------------
-# nanochat's mixtures (SmolTalk, MMLU auxiliary train, GSM8K with tool calls, identity, SpellingBee);
-# each falls back to its offline generator when the real data is not cached (see nanofast.tasks).
+# Each task falls back to its offline generator when the real data is not cached (see nanofast.tasks).
+# nanochat's SFT (runs/speedrun.sh): SmolTalk, 3 epochs of MMLU for multiple choice, 4 of GSM8K for
+# maths and tool use, from the base model.
+NANOCHAT_SFT_MIX = ("smoltalk", *("mmlu",) * 3, *("gsm8k",) * 4)
+# nanofast's post-training: nanochat's older mid-training mixture (conversations, multiple choice,
+# tool use, identity, SpellingBee) first, then SFT on nanochat's mixture plus what nanofast also
+# evaluates or teaches (ARC, identity, SpellingBee, arithmetic).
 MIDTRAIN_MIX = ("smoltalk", "mmlu", "gsm8k", "identity", "spellingbee", "spellingbee")
-# SFT: nanochat's (SmolTalk, 3 epochs of MMLU for multiple choice, 4 of GSM8K for maths and tool
-# use) plus what nanofast also evaluates or teaches (ARC, identity, SpellingBee, arithmetic).
-SFT_MIX = ("smoltalk", *("mmlu",) * 3, *("gsm8k",) * 4, "arc_easy", "arc_challenge", "identity", "spellingbee",
-           "arithmetic")
+SFT_MIX = (*NANOCHAT_SFT_MIX, "arc_easy", "arc_challenge", "identity", "spellingbee", "arithmetic")
 
 
 def task_dir(run: Run) -> Path:
@@ -484,7 +495,10 @@ def stage_midtrain(run: Run, t0: float) -> None:
 
 
 def stage_sft(run: Run, t0: float) -> None:
-    _finetune(run, t0, "sft", "midtrain", SFT_MIX, run.settings.sft_iterations)
+    if run.settings.post_training == "nanochat":
+        _finetune(run, t0, "sft", "pretrain", NANOCHAT_SFT_MIX, run.settings.sft_iterations)
+    else:
+        _finetune(run, t0, "sft", "midtrain", SFT_MIX, run.settings.sft_iterations)
 
 
 # ---- RL -----------------------------------------------------------------------------------------
@@ -613,4 +627,5 @@ def report_path(run: Run) -> Path:
 
 def stage_report(run: Run, t0: float) -> None:
     if run.dist.is_master:
-        build_report(run.report_dir, report_path(run))  # the last stage: nobody waits for it
+        build_report(run.report_dir, report_path(run), planned=stages_of("all", run.settings))  # the last
+        # stage: nobody waits for it

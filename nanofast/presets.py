@@ -67,6 +67,10 @@ class Settings:
     task_size: int | None = setting(None, "cap on examples per task (default: each task's full split)")
     midtrain_iterations: int = setting(-1, "mid-training steps; -1: one epoch of the mixture")
     sft_iterations: int = setting(-1, "SFT steps; -1: one epoch of the mixture")
+    post_training: str = setting("nanofast", "what follows pretraining: 'nanochat' is runs/speedrun.sh's SFT from the "
+                                             "base model on SmolTalk + 3x MMLU + 4x GSM8K; 'nanofast' adds mid-training "
+                                             "before SFT, ARC, identity, SpellingBee and arithmetic to SFT's mixture, "
+                                             "and RL after it", ("nanochat", "nanofast"))
     finetune_lr_scale: float = setting(0.5, "fine-tuning LRs relative to the base LRs (before pretraining's "
                                             "batch scaling)")
     # RL (GRPO on GSM8K-style problems)
@@ -120,13 +124,14 @@ PRESETS: dict[str, Settings] = {
     # nanochat's runs/speedrun.sh on 8xH100: depth 24, param:data ratio 8, fp8 pretraining (every
     # linear but the gates, lm_head included, as its module filter picks them), ClimbMix's 170 shards,
     # auto batch size (2^20 tokens) and horizon (5,568 steps), every evaluation example. The README's
-    # "speedrun against nanochat" table lists each setting beside nanochat's.
+    # "speedrun against nanochat" table lists each setting beside nanochat's. Post-training is
+    # nanochat's too: SFT from the base model, no mid-training or RL.
     # Fine-tuning runs at pretraining's batch-scaled LRs (x sqrt(2^20 / 2^19)): nanochat's SFT asks
     # for x 0.8 but then loads pretraining's optimizer state, whose saved initial_lr replaces it.
     "speedrun": Settings(data="climbmix", corpus_shards=170, depth=24, seq_len=2048, device_batch_size=16,
                          target_param_data_ratio=8.0, linear_precision="attn=fp8,mlp=fp8,lm_head=fp8",
-                         core_every=2000, finetune_lr_scale=2 ** 0.5, download_tasks=True, eval_examples=-1,
-                         eval_max_tokens=512),
+                         core_every=2000, post_training="nanochat", finetune_lr_scale=2 ** 0.5, download_tasks=True,
+                         eval_examples=-1, eval_max_tokens=512),
 }
 
 
@@ -171,7 +176,7 @@ STAGE_SETTINGS = {
     "pretrain": ("depth", "aspect_ratio", "head_dim", "window_pattern", "seq_len", "total_batch_size",
                  "num_iterations", "target_param_data_ratio", "dtype", "linear_precision", "fp8_recipe", "seed"),
     "midtrain": ("download_tasks", "task_size", "midtrain_iterations", "finetune_lr_scale"),
-    "sft": ("sft_iterations",),
+    "sft": ("post_training", "sft_iterations"),
     "rl": ("rl_steps", "rl_questions", "rl_samples", "rl_max_tokens", "rl_lr_scale", "rl_eval_examples", "rl_dtype"),
     "eval": ("eval_examples", "eval_max_tokens"),
 }

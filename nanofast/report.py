@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -58,8 +59,9 @@ def plot_losses(losses: list[tuple[int, float]], evals: list[dict], path: Path, 
     return path
 
 
-def build_report(report_dir: str | Path, out_path: str | Path) -> Path:
-    """Render report.md (and loss_curve.png beside it) from the stage sections present."""
+def build_report(report_dir: str | Path, out_path: str | Path, planned: Sequence[str] = STAGE_ORDER) -> Path:
+    """Render report.md (and loss_curve.png beside it) from the stage sections present; a `planned`
+    stage (those `--stage all` runs) without a section is listed as missing."""
     report_dir, out_path = Path(report_dir), Path(out_path)
     sections = {s: read_section(report_dir, s) for s in STAGE_ORDER}
     lines = ["# nanofast report", "", f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}.", ""]
@@ -68,7 +70,7 @@ def build_report(report_dir: str | Path, out_path: str | Path) -> Path:
     lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
     for stage in STAGE_ORDER:
         sec = sections[stage]
-        status = "done" if sec else "not run"
+        status = "done" if sec else "not run" if stage in planned else "not planned (--post-training)"
         lines.append(f"| {stage} | {status} | {sec.get('seconds', 0):.1f} |" if sec else f"| {stage} | {status} | - |")
     lines.append("")
 
@@ -177,7 +179,7 @@ def build_report(report_dir: str | Path, out_path: str | Path) -> Path:
             f"({gpus} GPUs)" if gpus else "n/a (no GPU)")
     lines += ["## Time and cost", "", f"- wall time of all stages: {total / 60:.1f} min", f"- cost estimate: {cost}", ""]
 
-    missing = [s for s in STAGE_ORDER if sections[s] is None]
+    missing = [s for s in STAGE_ORDER if sections[s] is None and s in planned]
     if missing:
         lines += [f"Stages without results: {', '.join(missing)}.", ""]
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -77,8 +77,11 @@ def test_generative_scores_the_engines_greedy_answers(tok, model):
 
 def test_dispatch_and_chatcore(tok, model):
     assert evaluate_task(model, tok, load_task("arc_easy", "test", size=3))["n"] == 3
-    results = {"arc_easy": {"centered": 0.5}, "gsm8k": {"centered": 0.1}, "smoltalk": {"centered": 9.0}}
-    assert chatcore(results) == pytest.approx(0.3)  # only ChatCORE's tasks count
+    # nanochat's definition: five tasks, 0.25 for the letter tasks whatever their letter count
+    results = {"arc_easy": {"accuracy": 0.625}, "arc_challenge": {"accuracy": 0.25}, "mmlu": {"accuracy": 0.4},
+               "gsm8k": {"accuracy": 0.1}, "humaneval": {"accuracy": 0.05}, "spellingbee": {"accuracy": 1.0}}
+    assert chatcore(results) == pytest.approx((0.5 + 0.0 + 0.2 + 0.1 + 0.05) / 5)  # SpellingBee does not count
+    assert chatcore({k: v for k, v in results.items() if k != "humaneval"}) is None  # all five or none
     assert chatcore({}) is None
 
 

@@ -13,6 +13,7 @@ import torch
 
 import train
 from killing import kill_once_saved
+from nanofast.pipeline import STAGES, stages_of
 from nanofast.presets import default_run_name, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -416,6 +417,53 @@ def test_speedrun_preset_plans_nanochats_run_on_8_gpus():
     # batch-scaled LRs, the rate nanochat's SFT ends up with once it loads pretraining's optimizer
     assert (s.core_every, s.core_examples, s.eval_every) == (2000, 500, 250)
     assert s.finetune_lr_scale == pytest.approx(plan.lr_scale)
+    # post-training as runs/speedrun.sh: SFT from the base model, then the chat evaluation
+    assert stages_of("all", s) == ["tokenizer", "pretrain", "sft", "eval", "report"]
+    assert stages_of("all", make_settings("cpu")) == list(STAGES) and stages_of("rl", s) == ["rl"]
+
+
+def test_the_rehearsal_is_the_speedrun_with_only_sizes_changed():
+    """Every setting where the rehearsal preset (what CI runs on two ranks) differs from the
+    speedrun's is a size, a value that a CPU without network forces, or its post-training, which
+    is a superset of the speedrun's: mid-training starts from the base model as the speedrun's SFT
+    does (the same loop, warm start and dtypes), and SFT and RL run after it."""
+    from dataclasses import asdict
+
+    speedrun, rehearsal = asdict(make_settings("speedrun")), asdict(make_settings("rehearsal"))
+    sizes = {"corpus_shards", "corpus_chars", "vocab_size", "tokenizer_chars", "depth", "head_dim", "seq_len",
+             "device_batch_size", "total_batch_size", "num_iterations", "target_param_data_ratio", "eval_every",
+             "eval_tokens", "core_every", "core_examples", "save_every", "log_every", "sample_tokens", "task_size",
+             "midtrain_iterations", "sft_iterations", "rl_steps", "rl_questions", "rl_samples", "rl_max_tokens",
+             "rl_eval_examples", "eval_examples", "eval_max_tokens", "finetune_lr_scale"}
+    # what the speedrun picks by device (bf16, Triton on a GPU) named explicitly; offline data
+    forced = {"dtype": "bf16", "kernel_backend": "triton", "data": "default", "download_tasks": False}
+    differ = {k for k in speedrun if speedrun[k] != rehearsal[k]}
+    assert differ - sizes - set(forced) == {"post_training"}
+    assert {k: rehearsal[k] for k in forced} == forced and speedrun["dtype"] is speedrun["kernel_backend"] is None
+    assert stages_of("all", make_settings("rehearsal")) == list(STAGES)
+
+
+def test_nanochats_post_training_runs_sft_from_the_base_model(sft_base, tmp_path):
+    """`--stage all --post-training nanochat` (the speedrun's): SFT starts from the base model, on
+    nanochat's SmolTalk + 3x MMLU + 4x GSM8K, with pretraining's optimizer moments; no mid-training
+    or RL runs, the evaluation covers the base and SFT models and the report does not call the
+    stages left out missing."""
+    base = copy_base(sft_base, tmp_path / "nanochat")
+    for stage, folder in (("midtrain", "mid"), ("sft", "sft")):
+        shutil.rmtree(run_dir(base) / "checkpoints" / folder)
+        (run_dir(base) / "report" / f"{stage}.json").unlink()
+    out = subprocess.run([sys.executable, "train.py", "--stage", "all", "--preset", "smoke", "--base-dir", str(base),
+                          "--num-iterations", "4", "--sft-iterations", "3", "--post-training", "nanochat"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tokenizer: skipped (already done); pretrain: skipped (already done); sft: ran; eval: ran; report: ran" \
+        in out.stdout
+    assert f"sft: optimizer moments from {run_dir(base) / 'checkpoints' / 'base'} step" in out.stdout
+    assert set(section(base, "sft")["task_sources"]) == {"smoltalk", "mmlu", "gsm8k"}
+    assert not (run_dir(base) / "checkpoints" / "mid").exists() and not (run_dir(base) / "report" / "rl.json").exists()
+    assert set(section(base, "eval")["results"]) == {"base", "sft"}
+    report = (run_dir(base) / "report.md").read_text()
+    assert "| midtrain | not planned (--post-training) | - |" in report and "Stages without results" not in report
 
 
 SLOW_RANKS = """

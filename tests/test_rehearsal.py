@@ -22,6 +22,9 @@
 - `kernel_backend=triton` (TRITON_INTERPRET=1): every op the GPU sends to a kernel (the norms,
   fused QK-norm+rotary, paged KV writes and decode, FP8 quantisation and GEMMs, Muon's
   Newton-Schulz) runs its Triton kernel, not the torch fallback a CPU run would pick.
+- post-training: nanofast's (mid-training, SFT, RL), a superset of the speedrun's nanochat SFT: its
+  mid-training starts from the base model as the speedrun's SFT does, with the same loop, warm
+  start and dtypes (tests/test_pipeline.py checks the presets differ only in sizes and this).
 - the SIGKILL in pretraining: a preempted or crashed node. The rerun of the same command skips the
   finished tokenizer, resumes pretraining at the last step every rank saved, and runs the rest.
 - the chat CLI and the HTTP server load the finished checkpoints with the same backend and dtype.

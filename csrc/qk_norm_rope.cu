@@ -17,6 +17,7 @@
 // contribution in registers, then writes it to its own row of an fp32 partial buffer, which a
 // column-sum kernel adds in fixed order: deterministic, no atomics.
 #include "common.cuh"
+#include "nf_abi.h"
 
 namespace {
 
@@ -396,140 +397,125 @@ void set3(int64_t (&dst)[3], int64_t a, int64_t b, int64_t c) {
 
 extern "C" {
 
-// q (B, T, Hq, D), k (B, T, Hk, D) of `dtype` at element strides (sb, st, sh), last dim contiguous;
-// outputs at their own strides (they may be the inputs themselves: in place). rstd outputs (B, T, H)
-// contiguous fp32 or null. cos/sin: rows of D/2 of cs_dtype at the given row strides; the row of a
-// token is positions[b * T + t] (int64) if positions is non-null, else t. Weights (D,) or null.
-int nf_qk_norm_rope_fwd(int dtype, int64_t B, int64_t T, int64_t Hq, int64_t Hk, int64_t D, const void* q,
-                        int64_t q_sb, int64_t q_st, int64_t q_sh, const void* k, int64_t k_sb, int64_t k_st,
-                        int64_t k_sh, void* q_out, int64_t qo_sb, int64_t qo_st, int64_t qo_sh, void* k_out,
-                        int64_t ko_sb, int64_t ko_st, int64_t ko_sh, float* q_rstd, float* k_rstd, const void* cos,
-                        int64_t cos_stride, const void* sin, int64_t sin_stride, int cs_dtype,
-                        const int64_t* positions, const void* q_weight, int qw_dtype, const void* k_weight,
-                        int kw_dtype, float scale, float eps, int interleaved, void* stream) {
-    const int64_t items = B * T * (Hq + Hk);
-    if (B < 1 || T < 1 || Hq < 0 || Hk < 0 || items < 1 || D < 2 || D % 2 != 0 || !valid_dtype(dtype) ||
-        !valid_dtype(cs_dtype) || (Hq > 0 && (q == nullptr || q_out == nullptr)) ||
-        (Hk > 0 && (k == nullptr || k_out == nullptr)) || cos == nullptr || sin == nullptr ||
-        (q_weight != nullptr && !valid_dtype(qw_dtype)) || (k_weight != nullptr && !valid_dtype(kw_dtype)) ||
+// The kernels index q and k as operand 0 and 1 of one flat item list, so the ABI's named fields are
+// regrouped into the kernel structs' two-element arrays here.
+int nf_qk_norm_rope_fwd(const nf_qk_norm_rope_fwd_args* args, void* stream) {
+    if (args == nullptr) return nf::kInvalidArgument;
+    const nf_qk_norm_rope_fwd_args& p = *args;
+    const int64_t items = p.B * p.T * (p.Hq + p.Hk);
+    if (p.B < 1 || p.T < 1 || p.Hq < 0 || p.Hk < 0 || items < 1 || p.D < 2 || p.D % 2 != 0 || !valid_dtype(p.dtype) ||
+        !valid_dtype(p.cs_dtype) || (p.Hq > 0 && (p.q == nullptr || p.q_out == nullptr)) ||
+        (p.Hk > 0 && (p.k == nullptr || p.k_out == nullptr)) || p.cos == nullptr || p.sin == nullptr ||
+        (p.q_weight != nullptr && !valid_dtype(p.qw_dtype)) || (p.k_weight != nullptr && !valid_dtype(p.kw_dtype)) ||
         nf::ceil_div(items, kWarps) > 0x7fffffffLL)
         return nf::kInvalidArgument;
     FwdArgs a{};
-    a.in[0] = q;
-    a.in[1] = k;
-    a.out[0] = q_out;
-    a.out[1] = k_out;
-    set3(a.in_s[0], q_sb, q_st, q_sh);
-    set3(a.in_s[1], k_sb, k_st, k_sh);
-    set3(a.out_s[0], qo_sb, qo_st, qo_sh);
-    set3(a.out_s[1], ko_sb, ko_st, ko_sh);
-    a.rstd[0] = q_rstd;
-    a.rstd[1] = k_rstd;
-    a.weight[0] = q_weight;
-    a.weight[1] = k_weight;
-    a.w_dtype[0] = qw_dtype;
-    a.w_dtype[1] = kw_dtype;
-    a.B = B;
-    a.T = T;
-    a.H[0] = Hq;
-    a.H[1] = Hk;
-    a.D = D;
-    a.inv_d = 1.0f / static_cast<float>(D);
-    a.cos = cos;
-    a.sin = sin;
-    a.cos_stride = cos_stride;
-    a.sin_stride = sin_stride;
-    a.cs_dtype = cs_dtype;
-    a.positions = positions;
-    a.scale = scale;
-    a.eps = eps;
-    a.interleaved = interleaved != 0;
-    const void* ptrs[] = {q, k, q_out, k_out};
-    const int64_t strides[] = {q_sb, q_st, q_sh, k_sb, k_st, k_sh, qo_sb, qo_st, qo_sh, ko_sb, ko_st, ko_sh};
-    const bool vec2 = can_pack2(dtype, D, a.interleaved, ptrs, 4, strides, 12);
-    const bool cached = D / 2 <= 32 * kMaxPairsPerLane;
-    return dispatch(dtype, vec2, cached, [&](auto t, auto v, auto c) {
+    a.in[0] = p.q;
+    a.in[1] = p.k;
+    a.out[0] = p.q_out;
+    a.out[1] = p.k_out;
+    set3(a.in_s[0], p.q_sb, p.q_st, p.q_sh);
+    set3(a.in_s[1], p.k_sb, p.k_st, p.k_sh);
+    set3(a.out_s[0], p.qo_sb, p.qo_st, p.qo_sh);
+    set3(a.out_s[1], p.ko_sb, p.ko_st, p.ko_sh);
+    a.rstd[0] = p.q_rstd;
+    a.rstd[1] = p.k_rstd;
+    a.weight[0] = p.q_weight;
+    a.weight[1] = p.k_weight;
+    a.w_dtype[0] = p.qw_dtype;
+    a.w_dtype[1] = p.kw_dtype;
+    a.B = p.B;
+    a.T = p.T;
+    a.H[0] = p.Hq;
+    a.H[1] = p.Hk;
+    a.D = p.D;
+    a.inv_d = 1.0f / static_cast<float>(p.D);
+    a.cos = p.cos;
+    a.sin = p.sin;
+    a.cos_stride = p.cos_stride;
+    a.sin_stride = p.sin_stride;
+    a.cs_dtype = p.cs_dtype;
+    a.positions = p.positions;
+    a.scale = p.scale;
+    a.eps = p.eps;
+    a.interleaved = p.interleaved != 0;
+    const void* ptrs[] = {p.q, p.k, p.q_out, p.k_out};
+    const int64_t strides[] = {p.q_sb, p.q_st, p.q_sh, p.k_sb, p.k_st, p.k_sh, p.qo_sb, p.qo_st, p.qo_sh,
+                               p.ko_sb, p.ko_st, p.ko_sh};
+    const bool vec2 = can_pack2(p.dtype, p.D, a.interleaved, ptrs, 4, strides, 12);
+    const bool cached = p.D / 2 <= 32 * kMaxPairsPerLane;
+    return dispatch(p.dtype, vec2, cached, [&](auto t, auto v, auto c) {
         using Tp = decltype(t);
         return nf::launch(qk_norm_rope_fwd_kernel<Tp, decltype(v)::value, decltype(c)::value != 0>,
                           dim3(static_cast<unsigned>(nf::ceil_div(items, kWarps))), dim3(kThreads), stream, a);
     });
 }
 
-// Gradients of nf_qk_norm_rope_fwd (positions = t). dq_out/dk_out, q/k and dq/dk at their own
-// strides; q_rstd/k_rstd (B, T, H) contiguous fp32. num_blocks persistent blocks of kWarps warps;
-// with a weight, dqw_partial / dkw_partial are fp32 (num_blocks * 4, D) scratch buffers and
-// dq_weight / dk_weight (D,) of the weight dtype receive the fixed-order sums.
-int nf_qk_norm_rope_bwd(int dtype, int64_t B, int64_t T, int64_t Hq, int64_t Hk, int64_t D, const void* dq_out,
-                        int64_t gq_sb, int64_t gq_st, int64_t gq_sh, const void* dk_out, int64_t gk_sb, int64_t gk_st,
-                        int64_t gk_sh, const void* q, int64_t q_sb, int64_t q_st, int64_t q_sh, const void* k,
-                        int64_t k_sb, int64_t k_st, int64_t k_sh, void* dq, int64_t dq_sb, int64_t dq_st,
-                        int64_t dq_sh, void* dk, int64_t dk_sb, int64_t dk_st, int64_t dk_sh, const float* q_rstd,
-                        const float* k_rstd, const void* cos, int64_t cos_stride, const void* sin,
-                        int64_t sin_stride, int cs_dtype, const void* q_weight, int qw_dtype, const void* k_weight,
-                        int kw_dtype, float* dqw_partial, float* dkw_partial, int64_t num_blocks, void* dq_weight,
-                        void* dk_weight, float scale, int interleaved, void* stream) {
-    const int64_t items = B * T * (Hq + Hk);
-    if (B < 1 || T < 1 || Hq < 0 || Hk < 0 || items < 1 || D < 2 || D % 2 != 0 || !valid_dtype(dtype) ||
-        !valid_dtype(cs_dtype) || num_blocks < 1 || num_blocks > 0x7fffffffLL ||
-        (Hq > 0 && (q == nullptr || dq_out == nullptr || dq == nullptr || q_rstd == nullptr)) ||
-        (Hk > 0 && (k == nullptr || dk_out == nullptr || dk == nullptr || k_rstd == nullptr)) || cos == nullptr ||
-        sin == nullptr ||
-        (q_weight != nullptr && (!valid_dtype(qw_dtype) || dqw_partial == nullptr || dq_weight == nullptr)) ||
-        (k_weight != nullptr && (!valid_dtype(kw_dtype) || dkw_partial == nullptr || dk_weight == nullptr)))
+int nf_qk_norm_rope_bwd(const nf_qk_norm_rope_bwd_args* args, void* stream) {
+    if (args == nullptr) return nf::kInvalidArgument;
+    const nf_qk_norm_rope_bwd_args& p = *args;
+    const int64_t items = p.B * p.T * (p.Hq + p.Hk);
+    if (p.B < 1 || p.T < 1 || p.Hq < 0 || p.Hk < 0 || items < 1 || p.D < 2 || p.D % 2 != 0 || !valid_dtype(p.dtype) ||
+        !valid_dtype(p.cs_dtype) || p.num_blocks < 1 || p.num_blocks > 0x7fffffffLL ||
+        (p.Hq > 0 && (p.q == nullptr || p.dq_out == nullptr || p.dq == nullptr || p.q_rstd == nullptr)) ||
+        (p.Hk > 0 && (p.k == nullptr || p.dk_out == nullptr || p.dk == nullptr || p.k_rstd == nullptr)) ||
+        p.cos == nullptr || p.sin == nullptr ||
+        (p.q_weight != nullptr && (!valid_dtype(p.qw_dtype) || p.dqw_partial == nullptr || p.dq_weight == nullptr)) ||
+        (p.k_weight != nullptr && (!valid_dtype(p.kw_dtype) || p.dkw_partial == nullptr || p.dk_weight == nullptr)))
         return nf::kInvalidArgument;
     BwdArgs a{};
-    a.dout[0] = dq_out;
-    a.dout[1] = dk_out;
-    a.x[0] = q;
-    a.x[1] = k;
-    a.dx[0] = dq;
-    a.dx[1] = dk;
-    set3(a.dout_s[0], gq_sb, gq_st, gq_sh);
-    set3(a.dout_s[1], gk_sb, gk_st, gk_sh);
-    set3(a.x_s[0], q_sb, q_st, q_sh);
-    set3(a.x_s[1], k_sb, k_st, k_sh);
-    set3(a.dx_s[0], dq_sb, dq_st, dq_sh);
-    set3(a.dx_s[1], dk_sb, dk_st, dk_sh);
-    a.rstd[0] = q_rstd;
-    a.rstd[1] = k_rstd;
-    a.weight[0] = q_weight;
-    a.weight[1] = k_weight;
-    a.w_dtype[0] = qw_dtype;
-    a.w_dtype[1] = kw_dtype;
-    a.dw_partial[0] = q_weight != nullptr ? dqw_partial : nullptr;
-    a.dw_partial[1] = k_weight != nullptr ? dkw_partial : nullptr;
-    a.B = B;
-    a.T = T;
-    a.H[0] = Hq;
-    a.H[1] = Hk;
-    a.D = D;
-    a.inv_d = 1.0f / static_cast<float>(D);
-    a.cos = cos;
-    a.sin = sin;
-    a.cos_stride = cos_stride;
-    a.sin_stride = sin_stride;
-    a.cs_dtype = cs_dtype;
-    a.scale = scale;
-    a.interleaved = interleaved != 0;
-    const void* ptrs[] = {dq_out, dk_out, q, k, dq, dk, a.dw_partial[0], a.dw_partial[1]};
-    const int64_t strides[] = {gq_sb, gq_st, gq_sh, gk_sb, gk_st, gk_sh, q_sb, q_st, q_sh, k_sb, k_st, k_sh,
-                               dq_sb, dq_st, dq_sh, dk_sb, dk_st, dk_sh};
+    a.dout[0] = p.dq_out;
+    a.dout[1] = p.dk_out;
+    a.x[0] = p.q;
+    a.x[1] = p.k;
+    a.dx[0] = p.dq;
+    a.dx[1] = p.dk;
+    set3(a.dout_s[0], p.gq_sb, p.gq_st, p.gq_sh);
+    set3(a.dout_s[1], p.gk_sb, p.gk_st, p.gk_sh);
+    set3(a.x_s[0], p.q_sb, p.q_st, p.q_sh);
+    set3(a.x_s[1], p.k_sb, p.k_st, p.k_sh);
+    set3(a.dx_s[0], p.dq_sb, p.dq_st, p.dq_sh);
+    set3(a.dx_s[1], p.dk_sb, p.dk_st, p.dk_sh);
+    a.rstd[0] = p.q_rstd;
+    a.rstd[1] = p.k_rstd;
+    a.weight[0] = p.q_weight;
+    a.weight[1] = p.k_weight;
+    a.w_dtype[0] = p.qw_dtype;
+    a.w_dtype[1] = p.kw_dtype;
+    a.dw_partial[0] = p.q_weight != nullptr ? p.dqw_partial : nullptr;
+    a.dw_partial[1] = p.k_weight != nullptr ? p.dkw_partial : nullptr;
+    a.B = p.B;
+    a.T = p.T;
+    a.H[0] = p.Hq;
+    a.H[1] = p.Hk;
+    a.D = p.D;
+    a.inv_d = 1.0f / static_cast<float>(p.D);
+    a.cos = p.cos;
+    a.sin = p.sin;
+    a.cos_stride = p.cos_stride;
+    a.sin_stride = p.sin_stride;
+    a.cs_dtype = p.cs_dtype;
+    a.scale = p.scale;
+    a.interleaved = p.interleaved != 0;
+    const void* ptrs[] = {p.dq_out, p.dk_out, p.q, p.k, p.dq, p.dk, a.dw_partial[0], a.dw_partial[1]};
+    const int64_t strides[] = {p.gq_sb, p.gq_st, p.gq_sh, p.gk_sb, p.gk_st, p.gk_sh, p.q_sb, p.q_st, p.q_sh,
+                               p.k_sb,  p.k_st,  p.k_sh,  p.dq_sb, p.dq_st, p.dq_sh, p.dk_sb, p.dk_st, p.dk_sh};
     // The fp32 partial rows take packs of 2 (half-split) or 4 (interleaved) floats: 16-byte base.
-    const bool vec2 = can_pack2(dtype, D, a.interleaved, ptrs, 6, strides, 18) &&
+    const bool vec2 = can_pack2(p.dtype, p.D, a.interleaved, ptrs, 6, strides, 18) &&
                       nf::aligned_to(a.dw_partial[0], 16) && nf::aligned_to(a.dw_partial[1], 16);
-    const bool cached = D / 2 <= 32 * kMaxPairsPerLane;
-    int err = dispatch(dtype, vec2, cached, [&](auto t, auto v, auto c) {
+    const bool cached = p.D / 2 <= 32 * kMaxPairsPerLane;
+    int err = dispatch(p.dtype, vec2, cached, [&](auto t, auto v, auto c) {
         using Tp = decltype(t);
         return nf::launch(qk_norm_rope_bwd_kernel<Tp, decltype(v)::value, decltype(c)::value != 0>,
-                          dim3(static_cast<unsigned>(num_blocks)), dim3(kThreads), stream, a);
+                          dim3(static_cast<unsigned>(p.num_blocks)), dim3(kThreads), stream, a);
     });
     constexpr int kSumThreads = 256;
-    const dim3 sum_grid(static_cast<unsigned>(nf::ceil_div(D, kSumThreads)));
+    const dim3 sum_grid(static_cast<unsigned>(nf::ceil_div(p.D, kSumThreads)));
     for (int s = 0; s < 2 && err == 0; ++s) {
         if (a.dw_partial[s] == nullptr) continue;
         err = nf::launch(nf::column_sum_kernel<kSumThreads>, sum_grid, dim3(kSumThreads), stream,
-                         static_cast<const float*>(a.dw_partial[s]), num_blocks * kWarps, D,
-                         s == 0 ? dq_weight : dk_weight, a.w_dtype[s]);
+                         static_cast<const float*>(a.dw_partial[s]), p.num_blocks * kWarps, p.D,
+                         s == 0 ? p.dq_weight : p.dk_weight, a.w_dtype[s]);
     }
     return err;
 }

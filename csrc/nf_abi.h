@@ -61,83 +61,57 @@ typedef struct nf_rms_norm_bwd_args {
     void* dw;
 } nf_rms_norm_bwd_args;
 
-// QK-norm + rotary forward: q (B, T, Hq, D), k (B, T, Hk, D) of dtype at element strides (sb, st, sh),
-// last dim contiguous; outputs at their own strides (they may be the inputs: in place). rstd outputs
-// (B, T, H) contiguous fp32 or null. cos/sin: rows of D/2 of cs_dtype at the given row strides; the
-// row of a token is positions[b * T + t] if positions is non-null, else t.
+// QK-norm + rotary. The kernels treat the q and k heads of all tokens as one flat list of items,
+// operand 0 (q) then operand 1 (k), so every per-operand field is a pair [q, k].
+//
+// Forward: x[i] (B, T, H[i], D) of dtype at element strides x_s[i] = (batch, time, head), last dim
+// contiguous; out[i] at out_s[i] (it may be x[i]: in place); rstd[i] (B, T, H[i]) contiguous fp32,
+// or null. cos/sin: rows of D/2 of cs_dtype at the given row strides; the row of a token is
+// positions[b * T + t] if positions is non-null, else t. weight[i] (D,) of w_dtype[i], or null.
 typedef struct nf_qk_norm_rope_fwd_args {
-    int dtype;
-    int64_t B;
-    int64_t T;
-    int64_t Hq;
-    int64_t Hk;
-    int64_t D;
-    const void* q;
-    int64_t q_sb, q_st, q_sh;
-    const void* k;
-    int64_t k_sb, k_st, k_sh;
-    void* q_out;
-    int64_t qo_sb, qo_st, qo_sh;
-    void* k_out;
-    int64_t ko_sb, ko_st, ko_sh;
-    float* q_rstd;  // or null
-    float* k_rstd;  // or null
+    const void* x[2];
+    int64_t x_s[2][3];
+    void* out[2];
+    int64_t out_s[2][3];
+    float* rstd[2];
+    const void* weight[2];
+    int w_dtype[2];
+    int64_t B, T, H[2], D;
     const void* cos;
-    int64_t cos_stride;
     const void* sin;
-    int64_t sin_stride;
+    int64_t cos_stride, sin_stride;
     int cs_dtype;
-    const int64_t* positions;  // (B * T,) or null
-    const void* q_weight;  // (D,) of qw_dtype, or null
-    int qw_dtype;
-    const void* k_weight;  // (D,) of kw_dtype, or null
-    int kw_dtype;
-    float scale;
-    float eps;
+    const int64_t* positions;
+    float scale, eps;
     int interleaved;  // pairs (2i, 2i+1) instead of (i, i + D/2)
+    int dtype;
 } nf_qk_norm_rope_fwd_args;
 
-// QK-norm + rotary backward (positions = t): gradients dq_out/dk_out (strides g*), inputs q/k and
-// outputs dq/dk at their own strides; q_rstd/k_rstd (B, T, H) contiguous fp32 from the forward.
-// num_blocks persistent blocks of 4 warps; with a weight, dqw_partial / dkw_partial are fp32
-// (num_blocks * 4, D) scratch and dq_weight / dk_weight (D,) of the weight dtype get the fixed-order sums.
+// Backward (positions = t): gradients dout[i], inputs x[i] and outputs dx[i] at their own strides;
+// rstd[i] (B, T, H[i]) contiguous fp32 from the forward. num_blocks persistent blocks of 4 warps;
+// with weight[i], dw_partial[i] is fp32 (num_blocks * 4, D) scratch and dw[i] (D,) of w_dtype[i]
+// receives the fixed-order sum.
 typedef struct nf_qk_norm_rope_bwd_args {
-    int dtype;
-    int64_t B;
-    int64_t T;
-    int64_t Hq;
-    int64_t Hk;
-    int64_t D;
-    const void* dq_out;
-    int64_t gq_sb, gq_st, gq_sh;
-    const void* dk_out;
-    int64_t gk_sb, gk_st, gk_sh;
-    const void* q;
-    int64_t q_sb, q_st, q_sh;
-    const void* k;
-    int64_t k_sb, k_st, k_sh;
-    void* dq;
-    int64_t dq_sb, dq_st, dq_sh;
-    void* dk;
-    int64_t dk_sb, dk_st, dk_sh;
-    const float* q_rstd;
-    const float* k_rstd;
+    const void* dout[2];
+    int64_t dout_s[2][3];
+    const void* x[2];
+    int64_t x_s[2][3];
+    void* dx[2];
+    int64_t dx_s[2][3];
+    const float* rstd[2];
+    const void* weight[2];
+    int w_dtype[2];
+    float* dw_partial[2];
+    int64_t B, T, H[2], D;
     const void* cos;
-    int64_t cos_stride;
     const void* sin;
-    int64_t sin_stride;
+    int64_t cos_stride, sin_stride;
     int cs_dtype;
-    const void* q_weight;  // or null
-    int qw_dtype;
-    const void* k_weight;  // or null
-    int kw_dtype;
-    float* dqw_partial;
-    float* dkw_partial;
-    int64_t num_blocks;
-    void* dq_weight;
-    void* dk_weight;
     float scale;
     int interleaved;
+    void* dw[2];
+    int64_t num_blocks;
+    int dtype;
 } nf_qk_norm_rope_bwd_args;
 
 // Paged decode attention: q (B, Hq, D) at strides (q_sb, q_sh); k, v caches (num_pages, page_size,

@@ -3,7 +3,7 @@
 Field names, order and C types are those of the header (tests/test_cuda_kernels.py parses the
 header and compiles static_asserts of these offsets and sizes, so a drift on either side fails).
 Every pointer is a c_void_p (a data_ptr() int, or None for null); sizes and strides are int64
-element counts.
+element counts; array fields take tuples.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ __all__ = ["DTYPE_CODES", "ABI", "ERROR_FN", "RmsNormFwdArgs", "RmsNormBwdArgs",
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_S3 = _I64 * 3  # (batch, time, head) element strides of a (B, T, H, D) operand
 
 
 class RmsNormFwdArgs(ctypes.Structure):
@@ -36,27 +37,20 @@ class RmsNormBwdArgs(ctypes.Structure):
 
 
 class QkNormRopeFwdArgs(ctypes.Structure):
-    """nf_qk_norm_rope_fwd_args."""
-    _fields_ = [("dtype", _I32), ("B", _I64), ("T", _I64), ("Hq", _I64), ("Hk", _I64), ("D", _I64), ("q", _P),
-                ("q_sb", _I64), ("q_st", _I64), ("q_sh", _I64), ("k", _P), ("k_sb", _I64), ("k_st", _I64),
-                ("k_sh", _I64), ("q_out", _P), ("qo_sb", _I64), ("qo_st", _I64), ("qo_sh", _I64), ("k_out", _P),
-                ("ko_sb", _I64), ("ko_st", _I64), ("ko_sh", _I64), ("q_rstd", _P), ("k_rstd", _P), ("cos", _P),
-                ("cos_stride", _I64), ("sin", _P), ("sin_stride", _I64), ("cs_dtype", _I32), ("positions", _P),
-                ("q_weight", _P), ("qw_dtype", _I32), ("k_weight", _P), ("kw_dtype", _I32), ("scale", _F32),
-                ("eps", _F32), ("interleaved", _I32)]
+    """nf_qk_norm_rope_fwd_args: per-operand fields are pairs (q, k)."""
+    _fields_ = [("x", _P * 2), ("x_s", _S3 * 2), ("out", _P * 2), ("out_s", _S3 * 2), ("rstd", _P * 2),
+                ("weight", _P * 2), ("w_dtype", _I32 * 2), ("B", _I64), ("T", _I64), ("H", _I64 * 2), ("D", _I64),
+                ("cos", _P), ("sin", _P), ("cos_stride", _I64), ("sin_stride", _I64), ("cs_dtype", _I32),
+                ("positions", _P), ("scale", _F32), ("eps", _F32), ("interleaved", _I32), ("dtype", _I32)]
 
 
 class QkNormRopeBwdArgs(ctypes.Structure):
-    """nf_qk_norm_rope_bwd_args."""
-    _fields_ = [("dtype", _I32), ("B", _I64), ("T", _I64), ("Hq", _I64), ("Hk", _I64), ("D", _I64), ("dq_out", _P),
-                ("gq_sb", _I64), ("gq_st", _I64), ("gq_sh", _I64), ("dk_out", _P), ("gk_sb", _I64), ("gk_st", _I64),
-                ("gk_sh", _I64), ("q", _P), ("q_sb", _I64), ("q_st", _I64), ("q_sh", _I64), ("k", _P), ("k_sb", _I64),
-                ("k_st", _I64), ("k_sh", _I64), ("dq", _P), ("dq_sb", _I64), ("dq_st", _I64), ("dq_sh", _I64),
-                ("dk", _P), ("dk_sb", _I64), ("dk_st", _I64), ("dk_sh", _I64), ("q_rstd", _P), ("k_rstd", _P),
-                ("cos", _P), ("cos_stride", _I64), ("sin", _P), ("sin_stride", _I64), ("cs_dtype", _I32),
-                ("q_weight", _P), ("qw_dtype", _I32), ("k_weight", _P), ("kw_dtype", _I32), ("dqw_partial", _P),
-                ("dkw_partial", _P), ("num_blocks", _I64), ("dq_weight", _P), ("dk_weight", _P), ("scale", _F32),
-                ("interleaved", _I32)]
+    """nf_qk_norm_rope_bwd_args: per-operand fields are pairs (q, k)."""
+    _fields_ = [("dout", _P * 2), ("dout_s", _S3 * 2), ("x", _P * 2), ("x_s", _S3 * 2), ("dx", _P * 2),
+                ("dx_s", _S3 * 2), ("rstd", _P * 2), ("weight", _P * 2), ("w_dtype", _I32 * 2),
+                ("dw_partial", _P * 2), ("B", _I64), ("T", _I64), ("H", _I64 * 2), ("D", _I64), ("cos", _P),
+                ("sin", _P), ("cos_stride", _I64), ("sin_stride", _I64), ("cs_dtype", _I32), ("scale", _F32),
+                ("interleaved", _I32), ("dw", _P * 2), ("num_blocks", _I64), ("dtype", _I32)]
 
 
 class PagedAttentionArgs(ctypes.Structure):

@@ -227,9 +227,8 @@ def _rms_norm_bwd(dy: Tensor, h: Tensor, rstd: Tensor, weight: Tensor | None,
 # ----------------------------------------------------------------------------------------------------------
 # QK-norm + rotary
 
-def _s3(prefix: str, t: Tensor) -> dict[str, int]:
-    """The (batch, time, head) element strides of a (B, T, H, D) operand as ABI fields prefix_sb/st/sh."""
-    return {f"{prefix}_sb": t.stride(0), f"{prefix}_st": t.stride(1), f"{prefix}_sh": t.stride(2)}
+def _s3(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def _check_qk_common(q, k, cos, sin, q_weight, k_weight, scale, interleaved) -> tuple[float, bool]:
@@ -271,12 +270,11 @@ def _qk_norm_rope_fwd_into(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_wei
     if B * T * (Hq + Hk) == 0:
         return
     launch("nf_qk_norm_rope_fwd", q.device, QkNormRopeFwdArgs(
-        dtype=DTYPE_CODES[q.dtype], B=B, T=T, Hq=Hq, Hk=Hk, D=D, q=q.data_ptr(), **_s3("q", q), k=k.data_ptr(),
-        **_s3("k", k), q_out=q_out.data_ptr(), **_s3("qo", q_out), k_out=k_out.data_ptr(), **_s3("ko", k_out),
-        q_rstd=_ptr(q_rstd), k_rstd=_ptr(k_rstd), cos=cos.data_ptr(), cos_stride=cos.stride(0), sin=sin.data_ptr(),
-        sin_stride=sin.stride(0), cs_dtype=DTYPE_CODES[cos.dtype], positions=None, q_weight=_ptr(q_weight),
-        qw_dtype=_wcode(q_weight), k_weight=_ptr(k_weight), kw_dtype=_wcode(k_weight), scale=scale, eps=eps,
-        interleaved=int(interleaved)))
+        x=(q.data_ptr(), k.data_ptr()), x_s=(_s3(q), _s3(k)), out=(q_out.data_ptr(), k_out.data_ptr()),
+        out_s=(_s3(q_out), _s3(k_out)), rstd=(_ptr(q_rstd), _ptr(k_rstd)), weight=(_ptr(q_weight), _ptr(k_weight)),
+        w_dtype=(_wcode(q_weight), _wcode(k_weight)), B=B, T=T, H=(Hq, Hk), D=D, cos=cos.data_ptr(),
+        sin=sin.data_ptr(), cos_stride=cos.stride(0), sin_stride=sin.stride(0), cs_dtype=DTYPE_CODES[cos.dtype],
+        positions=None, scale=scale, eps=eps, interleaved=int(interleaved), dtype=DTYPE_CODES[q.dtype]))
 
 
 def qk_norm_rope_fwd_cuda(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_weight: Tensor | None,
@@ -332,13 +330,13 @@ def _qk_norm_rope_bwd_into(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor,
 
     pq, pk = partial(q_weight), partial(k_weight)
     launch("nf_qk_norm_rope_bwd", q.device, QkNormRopeBwdArgs(
-        dtype=DTYPE_CODES[q.dtype], B=B, T=T, Hq=Hq, Hk=Hk, D=D, dq_out=dq_out.data_ptr(), **_s3("gq", dq_out),
-        dk_out=dk_out.data_ptr(), **_s3("gk", dk_out), q=q.data_ptr(), **_s3("q", q), k=k.data_ptr(), **_s3("k", k),
-        dq=dq.data_ptr(), **_s3("dq", dq), dk=dk.data_ptr(), **_s3("dk", dk), q_rstd=q_rstd.data_ptr(),
-        k_rstd=k_rstd.data_ptr(), cos=cos.data_ptr(), cos_stride=cos.stride(0), sin=sin.data_ptr(),
-        sin_stride=sin.stride(0), cs_dtype=DTYPE_CODES[cos.dtype], q_weight=_ptr(q_weight), qw_dtype=_wcode(q_weight),
-        k_weight=_ptr(k_weight), kw_dtype=_wcode(k_weight), dqw_partial=_ptr(pq), dkw_partial=_ptr(pk), num_blocks=G,
-        dq_weight=_ptr(dq_weight), dk_weight=_ptr(dk_weight), scale=scale, interleaved=int(interleaved)))
+        dout=(dq_out.data_ptr(), dk_out.data_ptr()), dout_s=(_s3(dq_out), _s3(dk_out)), x=(q.data_ptr(), k.data_ptr()),
+        x_s=(_s3(q), _s3(k)), dx=(dq.data_ptr(), dk.data_ptr()), dx_s=(_s3(dq), _s3(dk)),
+        rstd=(q_rstd.data_ptr(), k_rstd.data_ptr()), weight=(_ptr(q_weight), _ptr(k_weight)),
+        w_dtype=(_wcode(q_weight), _wcode(k_weight)), dw_partial=(_ptr(pq), _ptr(pk)), B=B, T=T, H=(Hq, Hk), D=D,
+        cos=cos.data_ptr(), sin=sin.data_ptr(), cos_stride=cos.stride(0), sin_stride=sin.stride(0),
+        cs_dtype=DTYPE_CODES[cos.dtype], scale=scale, interleaved=int(interleaved),
+        dw=(_ptr(dq_weight), _ptr(dk_weight)), num_blocks=G, dtype=DTYPE_CODES[q.dtype]))
 
 
 def qk_norm_rope_bwd_cuda(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
@@ -459,15 +457,14 @@ def _qk_norm_rope_inplace(qkv: Tensor, positions: Tensor, cos_sin_cache: Tensor,
     cs = cos_sin_cache.data_ptr()
     # Tokens as (B = 1, T = N): head h of token n sits at n * row_stride + h * D; the launch function
     # reads the rotary row from positions[n] and writes each head back where it came from.
-    heads = {"sb": 0, "st": rs, "sh": D}
+    heads = (0, rs, D)
     launch("nf_qk_norm_rope_fwd", qkv.device, QkNormRopeFwdArgs(
-        dtype=DTYPE_CODES[qkv.dtype], B=1, T=N, Hq=Hq, Hk=Hkv, D=D,
-        **{f"{op}_{s}": v for op in ("q", "k", "qo", "ko") for s, v in heads.items()},
-        q=base, k=k_base, q_out=base, k_out=k_base, q_rstd=None, k_rstd=None, cos=cs,
-        cos_stride=cos_sin_cache.stride(0), sin=cs + (D // 2) * cos_sin_cache.element_size(),
-        sin_stride=cos_sin_cache.stride(0), cs_dtype=DTYPE_CODES[cos_sin_cache.dtype], positions=positions.data_ptr(),
-        q_weight=_ptr(q_weight), qw_dtype=_wcode(q_weight), k_weight=_ptr(k_weight), kw_dtype=_wcode(k_weight),
-        scale=scale, eps=eps, interleaved=int(interleaved)))
+        x=(base, k_base), x_s=(heads, heads), out=(base, k_base), out_s=(heads, heads), rstd=(None, None),
+        weight=(_ptr(q_weight), _ptr(k_weight)), w_dtype=(_wcode(q_weight), _wcode(k_weight)), B=1, T=N,
+        H=(Hq, Hkv), D=D, cos=cs, sin=cs + (D // 2) * cos_sin_cache.element_size(),
+        cos_stride=cos_sin_cache.stride(0), sin_stride=cos_sin_cache.stride(0),
+        cs_dtype=DTYPE_CODES[cos_sin_cache.dtype], positions=positions.data_ptr(), scale=scale, eps=eps,
+        interleaved=int(interleaved), dtype=DTYPE_CODES[qkv.dtype]))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -268,7 +268,8 @@ _CTYPE_OF = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_f
 
 
 def _header_structs(text: str) -> dict[str, list[tuple[str, type]]]:
-    """struct name -> [(field, ctype)] of every `typedef struct X {...} X;` in nf_abi.h (pointers: c_void_p)."""
+    """struct name -> [(field, ctype)] of every `typedef struct X {...} X;` in nf_abi.h (pointers:
+    c_void_p, arrays such as `int64_t x_s[2][3]`: (c_int64 * 3) * 2)."""
     text = re.sub(r"//[^\n]*", "", text)
     out = {}
     for m in re.finditer(r"typedef struct (\w+) \{(.*?)\} (\w+);", text, flags=re.S):
@@ -277,8 +278,12 @@ def _header_structs(text: str) -> dict[str, list[tuple[str, type]]]:
         for decl in filter(None, (" ".join(d.split()) for d in m.group(2).split(";"))):
             parsed = re.fullmatch(r"(?:const )?(\w+)(\*?) (.+)", decl)
             assert parsed, f"{m.group(1)}: cannot read the declaration {decl!r}"
-            ctype = ctypes.c_void_p if parsed.group(2) else _CTYPE_OF[parsed.group(1)]
-            fields += [(name.strip(), ctype) for name in parsed.group(3).split(",")]
+            for declarator in parsed.group(3).split(","):
+                name, dims = re.fullmatch(r"\s*(\w+)((?:\[\d+\])*)\s*", declarator).groups()
+                ctype = ctypes.c_void_p if parsed.group(2) else _CTYPE_OF[parsed.group(1)]
+                for n in reversed(re.findall(r"\d+", dims)):
+                    ctype = ctype * int(n)
+                fields.append((name, ctype))
         out[m.group(1)] = fields
     return out
 

@@ -74,7 +74,7 @@ def triton_config_facts(cfg: dict, arch: int = ARCH) -> dict:
 
 def cuda_facts(arch: str = "sm_90a") -> list[dict]:
     """Facts rows of every CUDA kernel in csrc/ (nvcc; raises FileNotFoundError without nvcc)."""
-    from nanofast.kernels.cuda_ops import nvcc_facts
+    from nanofast.kernels.cuda_facts import nvcc_facts
 
     rows = []
     for source in CUDA_SOURCES:
@@ -131,9 +131,9 @@ def tool_versions() -> dict:
 
     versions = {"triton": triton.__version__}
     try:
-        from nanofast.kernels.cuda_ops import _nvcc
+        from nanofast.kernels.cuda_facts import nvcc_path
 
-        text = subprocess.run([_nvcc(), "--version"], capture_output=True, text=True, timeout=60).stdout
+        text = subprocess.run([nvcc_path(), "--version"], capture_output=True, text=True, timeout=60).stdout
         found = re.search(r"release (\d+\.\d+)", text)
         versions["nvcc"] = found.group(1) if found else None
     except (FileNotFoundError, OSError, subprocess.TimeoutExpired):

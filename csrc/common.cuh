@@ -17,7 +17,7 @@
 
 namespace nf {
 
-// dtype codes of the extern "C" launch ABI (kept in sync with kernels/cuda_ops.py).
+// dtype codes of the extern "C" launch ABI (nf_abi.h; kernels/cuda_abi.py DTYPE_CODES mirrors them).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Launch-function return codes besides the CUDA / emulator error codes.

@@ -28,10 +28,10 @@
 //     combines the splits. Empty splits (short sequences) write lse = -inf and are skipped by the merge.
 //
 // No atomics: the result is bit-reproducible run to run.
-#include <algorithm>
 #include <cmath>
 
 #include "common.cuh"
+#include "nf_abi.h"
 
 namespace {
 
@@ -44,54 +44,19 @@ constexpr int kWriteWarps = 4;   // cache write: one warp per (token, KV head)
 constexpr int kMaxD = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 
+// The ABI struct as given, plus what the host derives from it once per launch. 32-bit copies of
+// page_size, window and num_splits: the key loop's index arithmetic stays in 32-bit registers.
 struct AttnArgs {
-    const void* q;
-    int64_t q_sb, q_sh;
-    const void* k;
-    int64_t k_sp, k_ss, k_sh;
-    const void* v;
-    int64_t v_sp, v_ss, v_sh;
-    const int* block_table;
-    int64_t bt_sb, bt_sp;
-    const int* seq_lens;
-    int64_t sl_s;
-    void* out;  // (B, Hq, D) of T, used with one split
-    int64_t o_sb, o_sh;
-    float* part_o;    // (S, B, Hq, D) fp32 contiguous, used with S > 1
-    float* part_lse;  // (S, B, Hq) fp32
-    int64_t B, Hq, Hkv, D, num_pages;
+    nf_paged_attention_fwd_args in;
     int max_len;          // max_pages * page_size: seq_lens are clamped to it
     int group;            // G = Hq / Hkv
-    int heads_per_block;  // HPW * warps
+    int heads_per_block;  // heads_per_warp * warps
     int hblocks;          // blocks per (b, kv head) along the group
     int page_size;
     int window;  // < 0: no window
     int splits;
     int lanes;     // L: lanes per key, a power of two <= 32
     float qscale;  // scale * log2(e)
-};
-
-struct MergeArgs {
-    const float* part_o;
-    const float* part_lse;
-    void* out;
-    int64_t o_sb, o_sh;
-    int64_t B, Hq, D;
-    int splits;
-};
-
-struct WriteArgs {
-    const void* k;
-    int64_t k_sn, k_sh;
-    const void* v;
-    int64_t v_sn, v_sh;
-    void* kc;
-    int64_t kc_sp, kc_ss, kc_sh;
-    void* vc;
-    int64_t vc_sp, vc_ss, vc_sh;
-    int64_t N, Hkv, D, num_pages, page_size;
-    const void* slots;
-    int slots64;
 };
 
 // C chunks of VEC elements per lane: chunk k of lane li (0 <= li < L) starts at element
@@ -137,7 +102,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 2) paged_attention_kernel(Attn
     const int L = a.lanes, li = lane & (L - 1), seg = lane / L, nseg = 32 / L;
     const int64_t bk = blockIdx.x / a.hblocks;  // b * Hkv + kv head
     const int hb = static_cast<int>(blockIdx.x - bk * a.hblocks);
-    const int64_t b = bk / a.Hkv, kvh = bk - b * a.Hkv;
+    const int64_t b = bk / a.in.Hkv, kvh = bk - b * a.in.Hkv;
     const int g0 = hb * a.heads_per_block + warp * HPW;  // first head (within the group) of this warp
     if (g0 >= a.group) return;  // the whole warp leaves: every shuffle below stays full
     const int split = blockIdx.y;
@@ -145,7 +110,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 2) paged_attention_kernel(Attn
     // Visible positions [first, len), cut into `splits` contiguous ranges; this block takes [lo, hi).
     // seq_lens are validated on the host only for CPU tensors (on CUDA that would be a sync per
     // call): clamping keeps a bad length from reading past the block-table row.
-    const int len = max(0, min(a.seq_lens[b * a.sl_s], a.max_len));
+    const int len = max(0, min(a.in.seq_lens[b * a.in.sl_s], a.max_len));
     const int first = a.window < 0 ? 0 : max(0, len - 1 - a.window);
     const int per = (len - first + a.splits - 1) / a.splits;
     const int lo = min(len, first + split * per), hi = min(len, lo + per);
@@ -159,8 +124,8 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 2) paged_attention_kernel(Attn
         for (int e = 0; e < E; ++e) acc[h][e] = 0.f;
         const int g = g0 + h;
         if (g < a.group) {
-            const T* qp = static_cast<const T*>(a.q) + b * a.q_sb + (kvh * a.group + g) * a.q_sh;
-            load_row<T, VEC, C>(qp, li, L, a.D, q[h]);
+            const T* qp = static_cast<const T*>(a.in.q) + b * a.in.q_sb + (kvh * a.group + g) * a.in.q_sh;
+            load_row<T, VEC, C>(qp, li, L, a.in.D, q[h]);
 #pragma unroll
             for (int e = 0; e < E; ++e) q[h][e] *= a.qscale;
         } else {
@@ -169,9 +134,9 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 2) paged_attention_kernel(Attn
         }
     }
 
-    const T* kb = static_cast<const T*>(a.k) + kvh * a.k_sh;
-    const T* vb = static_cast<const T*>(a.v) + kvh * a.v_sh;
-    const int* bt = a.block_table + b * a.bt_sb;
+    const T* kb = static_cast<const T*>(a.in.k) + kvh * a.in.k_sh;
+    const T* vb = static_cast<const T*>(a.in.v) + kvh * a.in.v_sh;
+    const int* bt = a.in.block_table + b * a.in.bt_sb;
     for (int base = lo; base < hi; base += nseg) {  // same trip count in every lane: shuffles converge
         const int pos = base + seg;
         const bool valid = pos < hi;
@@ -181,14 +146,14 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 2) paged_attention_kernel(Attn
         if (valid) {
             const int pg = pos / a.page_size;
             slot = pos - pg * a.page_size;
-            page = bt[pg * a.bt_sp];
+            page = bt[pg * a.in.bt_sp];
         }
         // A page id outside the pool (unchecked on CUDA, see above) drops the key instead of faulting.
-        const bool ok = page >= 0 && page < a.num_pages;
+        const bool ok = page >= 0 && page < a.in.num_pages;
         if (ok) {
             // Both rows are requested before the dot product's shuffles so the V load overlaps them.
-            load_row<T, VEC, C>(kb + page * a.k_sp + slot * a.k_ss, li, L, a.D, kx);
-            load_row<T, VEC, C>(vb + page * a.v_sp + slot * a.v_ss, li, L, a.D, vx);
+            load_row<T, VEC, C>(kb + page * a.in.k_sp + slot * a.in.k_ss, li, L, a.in.D, kx);
+            load_row<T, VEC, C>(vb + page * a.in.v_sp + slot * a.in.v_ss, li, L, a.in.D, vx);
         } else {
 #pragma unroll
             for (int e = 0; e < E; ++e) kx[e] = vx[e] = 0.f;
@@ -248,12 +213,12 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 2) paged_attention_kernel(Attn
         // (an empty split, or a bad length / page id on CUDA): zeros, never 0/0.
         const bool any = l[h] > 0.f;
         if (a.splits == 1) {
-            T* op = static_cast<T*>(a.out) + b * a.o_sb + hq * a.o_sh;
-            store_row<T, VEC, C>(op, li, L, a.D, acc[h], any ? 1.f / l[h] : 0.f);
+            T* op = static_cast<T*>(a.in.out) + b * a.in.o_sb + hq * a.in.o_sh;
+            store_row<T, VEC, C>(op, li, L, a.in.D, acc[h], any ? 1.f / l[h] : 0.f);
         } else {
-            const int64_t row = (static_cast<int64_t>(split) * a.B + b) * a.Hq + hq;
-            store_row<float, VEC, C>(a.part_o + row * a.D, li, L, a.D, acc[h], any ? 1.f / l[h] : 0.f);
-            if (li == 0) a.part_lse[row] = any ? m[h] + log2f(l[h]) : -INFINITY;
+            const int64_t row = (static_cast<int64_t>(split) * a.in.B + b) * a.in.Hq + hq;
+            store_row<float, VEC, C>(a.in.part_o + row * a.in.D, li, L, a.in.D, acc[h], any ? 1.f / l[h] : 0.f);
+            if (li == 0) a.in.part_lse[row] = any ? m[h] + log2f(l[h]) : -INFINITY;
         }
     }
 }
@@ -261,28 +226,28 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 2) paged_attention_kernel(Attn
 // out = sum_s w_s o_s / sum_s w_s with w_s = exp2(lse_s - max lse): each split's partial is already
 // normalised by its own denominator, so its weight is its share of the total exp-sum.
 template <typename T>
-__global__ void __launch_bounds__(32 * kMergeWarps) paged_attention_merge_kernel(MergeArgs a) {
+__global__ void __launch_bounds__(32 * kMergeWarps) paged_attention_merge_kernel(AttnArgs a) {
     const int lane = threadIdx.x & 31;
-    const int64_t rows = a.B * a.Hq;
+    const int64_t rows = a.in.B * a.in.Hq;
     const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + (threadIdx.x >> 5);
     if (row >= rows) return;
-    const int64_t b = row / a.Hq, hq = row - b * a.Hq;
+    const int64_t b = row / a.in.Hq, hq = row - b * a.in.Hq;
     float mx = -INFINITY;
-    for (int s = 0; s < a.splits; ++s) mx = fmaxf(mx, a.part_lse[s * rows + row]);
+    for (int s = 0; s < a.splits; ++s) mx = fmaxf(mx, a.in.part_lse[s * rows + row]);
     // mx is finite unless no split saw a key (only for a bad length / page id on CUDA): then zeros.
     float wsum = 0.f;
     for (int s = 0; s < a.splits; ++s) {
-        const float ls = a.part_lse[s * rows + row];
+        const float ls = a.in.part_lse[s * rows + row];
         if (ls != -INFINITY) wsum += exp2f(ls - mx);
     }
     const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
-    T* op = static_cast<T*>(a.out) + b * a.o_sb + hq * a.o_sh;
-    for (int64_t d = lane; d < a.D; d += 32) {
+    T* op = static_cast<T*>(a.in.out) + b * a.in.o_sb + hq * a.in.o_sh;
+    for (int64_t d = lane; d < a.in.D; d += 32) {
         float o = 0.f;
         for (int s = 0; s < a.splits; ++s) {
-            const float ls = a.part_lse[s * rows + row];
+            const float ls = a.in.part_lse[s * rows + row];
             if (ls == -INFINITY) continue;  // empty split: its partial row holds nothing
-            o += exp2f(ls - mx) * a.part_o[(s * rows + row) * a.D + d];
+            o += exp2f(ls - mx) * a.in.part_o[(s * rows + row) * a.in.D + d];
         }
         op[d] = nf::from_float<T>(o * inv);
     }
@@ -291,7 +256,7 @@ __global__ void __launch_bounds__(32 * kMergeWarps) paged_attention_merge_kernel
 // Bit-exact copy of one (token, KV head) row of k and of v into its cache slot. W is an unsigned
 // word of the element size: copying bits (not converting) keeps every value, NaN payloads included.
 template <typename W, int VEC>
-__global__ void __launch_bounds__(32 * kWriteWarps) paged_kv_write_kernel(WriteArgs a) {
+__global__ void __launch_bounds__(32 * kWriteWarps) paged_kv_write_kernel(nf_paged_kv_write_args a) {
     const int lane = threadIdx.x & 31;
     const int64_t item = static_cast<int64_t>(blockIdx.x) * kWriteWarps + (threadIdx.x >> 5);
     if (item >= a.N * a.Hkv) return;
@@ -341,94 +306,60 @@ int pow2_at_least(int64_t x) {
 
 extern "C" {
 
-// q (B, Hq, D) at strides (q_sb, q_sh); k_cache, v_cache (num_pages, page_size, Hkv, D) at strides
-// (sp, ss, sh), last dims contiguous, all of `dtype`. block_table int32 at (bt_sb, bt_sp); seq_lens
-// int32 (B,) at sl_s, each in [1, max_pages * page_size], with the entries of every page read in
-// [0, num_pages) (the caller checks that where it can; otherwise lengths are clamped and keys in
-// out-of-pool pages dropped, so bad values never fault). window < 0: none. num_splits == 1: out (B, Hq, D) of
-// `dtype` at (o_sb, o_sh) directly; num_splits > 1: partial_out (S, B, Hq, D) and partial_lse
-// (S, B, Hq) fp32 contiguous scratch, then the merge into out.
-int nf_paged_attention_fwd(int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, const void* q, int64_t q_sb,
-                           int64_t q_sh, const void* k_cache, int64_t k_sp, int64_t k_ss, int64_t k_sh,
-                           const void* v_cache, int64_t v_sp, int64_t v_ss, int64_t v_sh, int64_t num_pages,
-                           int64_t page_size, const int* block_table, int64_t bt_sb, int64_t bt_sp, int64_t max_pages,
-                           const int* seq_lens, int64_t sl_s, int64_t window, float scale, int64_t num_splits,
-                           float* partial_out, float* partial_lse, void* out, int64_t o_sb, int64_t o_sh,
-                           void* stream) {
-    if (!valid_dtype(dtype) || B < 1 || Hkv < 1 || Hq < Hkv || Hq % Hkv != 0 || D < 1 || D > kMaxD ||
-        num_pages < 1 || page_size < 1 || max_pages < 1 || max_pages * page_size > 0x7fffffffLL ||
-        window > 0x7fffffffLL || num_splits < 1 || num_splits > 65535 || !(scale > 0.f) || q == nullptr ||
-        k_cache == nullptr || v_cache == nullptr || block_table == nullptr || seq_lens == nullptr ||
-        out == nullptr || (num_splits > 1 && (partial_out == nullptr || partial_lse == nullptr)))
+int nf_paged_attention_fwd(const nf_paged_attention_fwd_args* args, void* stream) {
+    if (args == nullptr) return nf::kInvalidArgument;
+    const nf_paged_attention_fwd_args& p = *args;
+    if (!valid_dtype(p.dtype) || p.B < 1 || p.Hkv < 1 || p.Hq < p.Hkv || p.Hq % p.Hkv != 0 || p.D < 1 ||
+        p.D > kMaxD || p.num_pages < 1 || p.page_size < 1 || p.max_pages < 1 ||
+        p.max_pages * p.page_size > 0x7fffffffLL || p.window > 0x7fffffffLL || p.num_splits < 1 ||
+        p.num_splits > 65535 || !(p.scale > 0.f) || p.q == nullptr || p.k == nullptr || p.v == nullptr ||
+        p.block_table == nullptr || p.seq_lens == nullptr || p.out == nullptr ||
+        (p.num_splits > 1 && (p.part_o == nullptr || p.part_lse == nullptr)))
         return nf::kInvalidArgument;
-    const int64_t G = Hq / Hkv;
+    // The caller lays the heads out (kernels/cuda_ops.py owns that policy); only what this file
+    // compiled is accepted: the HPW instantiations and the warps of __launch_bounds__.
+    if ((p.heads_per_warp != 1 && p.heads_per_warp != 2 && p.heads_per_warp != 4) || p.warps < 1 ||
+        p.warps > kMaxWarps)
+        return nf::kInvalidArgument;
+    const int64_t G = p.Hq / p.Hkv;
     if (G > 0x7fffffffLL) return nf::kInvalidArgument;
-    // Query heads per warp: a K/V row in registers serves up to 4 heads (more would cost registers
-    // that the 8 elements per lane of q and the accumulator already claim at D = 256).
-    const int hpw = G == 1 ? 1 : G == 2 ? 2 : 4;
-    const int warps = static_cast<int>(std::min<int64_t>(nf::ceil_div(G, hpw), kMaxWarps));
-    const int64_t hblocks = nf::ceil_div(G, static_cast<int64_t>(hpw) * warps);
-    if (B * Hkv * hblocks > 0x7fffffffLL) return nf::kInvalidArgument;
+    const int64_t hblocks = nf::ceil_div(G, static_cast<int64_t>(p.heads_per_warp) * p.warps);
+    if (p.B * p.Hkv * hblocks > 0x7fffffffLL) return nf::kInvalidArgument;
 
-    const int vec16 = 16 / elem_size(dtype);
-    const void* ptrs[] = {q, k_cache, v_cache, out};
-    const int64_t strides[] = {q_sb, q_sh, k_sp, k_ss, k_sh, v_sp, v_ss, v_sh, o_sb, o_sh};
+    const int vec16 = 16 / elem_size(p.dtype);
+    const void* ptrs[] = {p.q, p.k, p.v, p.out};
+    const int64_t strides[] = {p.q_sb, p.q_sh, p.k_sp, p.k_ss, p.k_sh, p.v_sp, p.v_ss, p.v_sh, p.o_sb, p.o_sh};
     // The fp32 partial rows take packs of VEC floats: D % VEC == 0 keeps them aligned too.
-    const bool vec = D % vec16 == 0 && aligned_rows(vec16, ptrs, 4, strides, 10) && nf::aligned_to(partial_out, 32);
+    const bool vec = p.D % vec16 == 0 && aligned_rows(vec16, ptrs, 4, strides, 10) && nf::aligned_to(p.part_o, 32);
     int chunks_per_lane, lanes;
     if (vec) {
-        const int64_t chunks = D / vec16;
+        const int64_t chunks = p.D / vec16;
         chunks_per_lane = chunks <= 32 ? 1 : 2;  // D <= 256: at most 64 chunks (fp32)
         lanes = chunks <= 32 ? pow2_at_least(chunks) : 32;
     } else {
         chunks_per_lane = 8;  // scalar path: up to 8 elements per lane (D <= 256)
-        lanes = pow2_at_least(nf::ceil_div(D, 8));
+        lanes = pow2_at_least(nf::ceil_div(p.D, 8));
     }
 
     AttnArgs a{};
-    a.q = q;
-    a.q_sb = q_sb;
-    a.q_sh = q_sh;
-    a.k = k_cache;
-    a.k_sp = k_sp;
-    a.k_ss = k_ss;
-    a.k_sh = k_sh;
-    a.v = v_cache;
-    a.v_sp = v_sp;
-    a.v_ss = v_ss;
-    a.v_sh = v_sh;
-    a.block_table = block_table;
-    a.bt_sb = bt_sb;
-    a.bt_sp = bt_sp;
-    a.seq_lens = seq_lens;
-    a.sl_s = sl_s;
-    a.out = out;
-    a.o_sb = o_sb;
-    a.o_sh = o_sh;
-    a.part_o = partial_out;
-    a.part_lse = partial_lse;
-    a.B = B;
-    a.Hq = Hq;
-    a.Hkv = Hkv;
-    a.D = D;
-    a.num_pages = num_pages;
-    a.max_len = static_cast<int>(max_pages * page_size);
+    a.in = p;
+    a.max_len = static_cast<int>(p.max_pages * p.page_size);
     a.group = static_cast<int>(G);
-    a.heads_per_block = hpw * warps;
+    a.heads_per_block = p.heads_per_warp * p.warps;
     a.hblocks = static_cast<int>(hblocks);
-    a.page_size = static_cast<int>(page_size);
-    a.window = window < 0 ? -1 : static_cast<int>(window);
-    a.splits = static_cast<int>(num_splits);
+    a.page_size = static_cast<int>(p.page_size);
+    a.window = p.window < 0 ? -1 : static_cast<int>(p.window);
+    a.splits = static_cast<int>(p.num_splits);
     a.lanes = lanes;
-    a.qscale = scale * kLog2e;
-    const dim3 grid(static_cast<unsigned>(B * Hkv * hblocks), static_cast<unsigned>(num_splits));
-    const dim3 block(32 * warps);
+    a.qscale = p.scale * kLog2e;
+    const dim3 grid(static_cast<unsigned>(p.B * p.Hkv * hblocks), static_cast<unsigned>(p.num_splits));
+    const dim3 block(32 * p.warps);
 
     auto run = [&](auto t) -> int {
         using T = decltype(t);
         auto by_heads = [&](auto vv, auto cc) -> int {
             constexpr int VEC = decltype(vv)::value, C = decltype(cc)::value;
-            switch (hpw) {
+            switch (p.heads_per_warp) {
                 case 1: return nf::launch(paged_attention_kernel<T, VEC, C, 1>, grid, block, stream, a);
                 case 2: return nf::launch(paged_attention_kernel<T, VEC, C, 2>, grid, block, stream, a);
                 default: return nf::launch(paged_attention_kernel<T, VEC, C, 4>, grid, block, stream, a);
@@ -442,70 +373,33 @@ int nf_paged_attention_fwd(int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_
         return by_heads(IntC<kVec>{}, IntC<1>{});
     };
     int err;
-    switch (dtype) {
+    switch (p.dtype) {
         case nf::kFloat32: err = run(float{}); break;
         case nf::kFloat16: err = run(__half{}); break;
         default: err = run(__nv_bfloat16{}); break;
     }
-    if (err != 0 || num_splits == 1) return err;
+    if (err != 0 || p.num_splits == 1) return err;
 
-    MergeArgs mg{};
-    mg.part_o = partial_out;
-    mg.part_lse = partial_lse;
-    mg.out = out;
-    mg.o_sb = o_sb;
-    mg.o_sh = o_sh;
-    mg.B = B;
-    mg.Hq = Hq;
-    mg.D = D;
-    mg.splits = static_cast<int>(num_splits);
-    const dim3 mgrid(static_cast<unsigned>(nf::ceil_div(B * Hq, kMergeWarps)));
-    switch (dtype) {
-        case nf::kFloat32: return nf::launch(paged_attention_merge_kernel<float>, mgrid, dim3(32 * kMergeWarps), stream, mg);
-        case nf::kFloat16: return nf::launch(paged_attention_merge_kernel<__half>, mgrid, dim3(32 * kMergeWarps), stream, mg);
-        default: return nf::launch(paged_attention_merge_kernel<__nv_bfloat16>, mgrid, dim3(32 * kMergeWarps), stream, mg);
+    const dim3 mgrid(static_cast<unsigned>(nf::ceil_div(p.B * p.Hq, kMergeWarps)));
+    switch (p.dtype) {
+        case nf::kFloat32: return nf::launch(paged_attention_merge_kernel<float>, mgrid, dim3(32 * kMergeWarps), stream, a);
+        case nf::kFloat16: return nf::launch(paged_attention_merge_kernel<__half>, mgrid, dim3(32 * kMergeWarps), stream, a);
+        default: return nf::launch(paged_attention_merge_kernel<__nv_bfloat16>, mgrid, dim3(32 * kMergeWarps), stream, a);
     }
 }
 
-// k, v (N, Hkv, D) at strides (sn, sh); caches (num_pages, page_size, Hkv, D) at (sp, ss, sh), last dims
-// contiguous, all of `dtype`. slot_mapping (N,) contiguous int32 (slot_is_int64 = 0) or int64: slot =
-// page * page_size + offset, negative slots skipped, slots >= num_pages * page_size skipped too (the
-// caller reports them where it can check without a sync). Tokens mapping to the same slot race: the caller must not pass duplicates.
-int nf_paged_kv_write(int dtype, int64_t N, int64_t Hkv, int64_t D, const void* k, int64_t k_sn, int64_t k_sh,
-                      const void* v, int64_t v_sn, int64_t v_sh, void* k_cache, int64_t kc_sp, int64_t kc_ss,
-                      int64_t kc_sh, void* v_cache, int64_t vc_sp, int64_t vc_ss, int64_t vc_sh, int64_t num_pages,
-                      int64_t page_size, const void* slot_mapping, int slot_is_int64, void* stream) {
-    if (!valid_dtype(dtype) || N < 1 || Hkv < 1 || D < 1 || num_pages < 1 || page_size < 1 || k == nullptr ||
-        v == nullptr || k_cache == nullptr || v_cache == nullptr || slot_mapping == nullptr ||
-        nf::ceil_div(N * Hkv, kWriteWarps) > 0x7fffffffLL)
+int nf_paged_kv_write(const nf_paged_kv_write_args* args, void* stream) {
+    if (args == nullptr) return nf::kInvalidArgument;
+    const nf_paged_kv_write_args& a = *args;
+    if (!valid_dtype(a.dtype) || a.N < 1 || a.Hkv < 1 || a.D < 1 || a.num_pages < 1 || a.page_size < 1 ||
+        a.k == nullptr || a.v == nullptr || a.kc == nullptr || a.vc == nullptr || a.slots == nullptr ||
+        nf::ceil_div(a.N * a.Hkv, kWriteWarps) > 0x7fffffffLL)
         return nf::kInvalidArgument;
-    WriteArgs a{};
-    a.k = k;
-    a.k_sn = k_sn;
-    a.k_sh = k_sh;
-    a.v = v;
-    a.v_sn = v_sn;
-    a.v_sh = v_sh;
-    a.kc = k_cache;
-    a.kc_sp = kc_sp;
-    a.kc_ss = kc_ss;
-    a.kc_sh = kc_sh;
-    a.vc = v_cache;
-    a.vc_sp = vc_sp;
-    a.vc_ss = vc_ss;
-    a.vc_sh = vc_sh;
-    a.N = N;
-    a.Hkv = Hkv;
-    a.D = D;
-    a.num_pages = num_pages;
-    a.page_size = page_size;
-    a.slots = slot_mapping;
-    a.slots64 = slot_is_int64 != 0;
-    const int es = elem_size(dtype), vec = 16 / es;
-    const void* ptrs[] = {k, v, k_cache, v_cache};
-    const int64_t strides[] = {k_sn, k_sh, v_sn, v_sh, kc_sp, kc_ss, kc_sh, vc_sp, vc_ss, vc_sh};
-    const bool vec_ok = D % vec == 0 && aligned_rows(vec, ptrs, 4, strides, 10);
-    const dim3 grid(static_cast<unsigned>(nf::ceil_div(N * Hkv, kWriteWarps))), block(32 * kWriteWarps);
+    const int es = elem_size(a.dtype), vec = 16 / es;
+    const void* ptrs[] = {a.k, a.v, a.kc, a.vc};
+    const int64_t strides[] = {a.k_sn, a.k_sh, a.v_sn, a.v_sh, a.kc_sp, a.kc_ss, a.kc_sh, a.vc_sp, a.vc_ss, a.vc_sh};
+    const bool vec_ok = a.D % vec == 0 && aligned_rows(vec, ptrs, 4, strides, 10);
+    const dim3 grid(static_cast<unsigned>(nf::ceil_div(a.N * a.Hkv, kWriteWarps))), block(32 * kWriteWarps);
     if (es == 4)
         return vec_ok ? nf::launch(paged_kv_write_kernel<uint32_t, 4>, grid, block, stream, a)
                       : nf::launch(paged_kv_write_kernel<uint32_t, 1>, grid, block, stream, a);

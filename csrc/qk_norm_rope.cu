@@ -17,6 +17,7 @@
 // contribution in registers, then writes it to its own row of an fp32 partial buffer, which a
 // column-sum kernel adds in fixed order: deterministic, no atomics.
 #include "common.cuh"
+#include "nf_abi.h"
 
 namespace {
 
@@ -27,42 +28,15 @@ constexpr int kWarps = 4;  // items (warps) per block
 constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxPairsPerLane = 4;  // register-cached path: D/2 <= 32 * 4, i.e. D <= 256
 
+// The launch's argument struct as given (nf_abi.h), plus 1/D: means without an IEEE divide in the kernel.
 struct FwdArgs {
-    const void* in[2];  // q, k: (B, T, H, D) at in_s strides; may alias out (in-place)
-    int64_t in_s[2][3];
-    void* out[2];
-    int64_t out_s[2][3];
-    float* rstd[2];  // (B, T, H) contiguous or null
-    const void* weight[2];
-    int w_dtype[2];
-    int64_t B, T, H[2], D;
-    const void* cos;
-    const void* sin;
-    int64_t cos_stride, sin_stride;
-    int cs_dtype;
-    const int64_t* positions;  // (B * T,) rotary row per token, or null: row t
-    float scale, eps, inv_d;  // inv_d = 1/D: means without an IEEE divide in the kernel
-    int interleaved;
+    nf_qk_norm_rope_fwd_args in;
+    float inv_d;
 };
 
 struct BwdArgs {
-    const void* dout[2];
-    int64_t dout_s[2][3];
-    const void* x[2];
-    int64_t x_s[2][3];
-    void* dx[2];
-    int64_t dx_s[2][3];
-    const float* rstd[2];  // (B, T, H) contiguous
-    const void* weight[2];
-    int w_dtype[2];
-    float* dw_partial[2];  // (gridDim.x * kWarps, D) fp32, or null without a weight
-    int64_t B, T, H[2], D;
-    const void* cos;
-    const void* sin;
-    int64_t cos_stride, sin_stride;
-    int cs_dtype;
-    float scale, inv_d;
-    int interleaved;
+    nf_qk_norm_rope_bwd_args in;
+    float inv_d;
 };
 
 // Chunk c of a head holds pairs [c*V, c*V + V). Half-split: first members are V consecutive
@@ -139,20 +113,20 @@ __device__ __forceinline__ const T* head_ptr(int which, const P (&base)[2], cons
 template <typename T, int V, bool CACHED>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_fwd_kernel(FwdArgs a) {
     const int lane = threadIdx.x & 31;
-    const int64_t heads = a.H[0] + a.H[1];
+    const int64_t heads = a.in.H[0] + a.in.H[1];
     const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-    if (item >= a.B * a.T * heads) return;  // whole warps leave together, so every shuffle stays full
+    if (item >= a.in.B * a.in.T * heads) return;  // whole warps leave together, so every shuffle stays full
     const int64_t tok = item / heads, hd = item - tok * heads;
-    const int which = hd < a.H[0] ? 0 : 1;
-    const int64_t head = hd - (which ? a.H[0] : 0);
-    const int64_t b = tok / a.T, t = tok - b * a.T;
-    const T* x = head_ptr<T>(which, a.in, a.in_s, b, t, head);
-    T* o = const_cast<T*>(head_ptr<T>(which, a.out, a.out_s, b, t, head));
-    const int64_t pos = a.positions != nullptr ? a.positions[tok] : t;
-    const int64_t d = a.D >> 1, chunks = d / V;
-    const bool il = a.interleaved != 0;
-    const void* w = pick(which, a.weight);
-    const int wdt = pick(which, a.w_dtype);
+    const int which = hd < a.in.H[0] ? 0 : 1;
+    const int64_t head = hd - (which ? a.in.H[0] : 0);
+    const int64_t b = tok / a.in.T, t = tok - b * a.in.T;
+    const T* x = head_ptr<T>(which, a.in.x, a.in.x_s, b, t, head);
+    T* o = const_cast<T*>(head_ptr<T>(which, a.in.out, a.in.out_s, b, t, head));
+    const int64_t pos = a.in.positions != nullptr ? a.in.positions[tok] : t;
+    const int64_t d = a.in.D >> 1, chunks = d / V;
+    const bool il = a.in.interleaved != 0;
+    const void* w = pick(which, a.in.weight);
+    const int wdt = pick(which, a.in.w_dtype);
 
     constexpr int kCache = CACHED ? kMaxPairsPerLane / V : 1;
     float x1[kCache][V], x2[kCache][V];
@@ -174,20 +148,20 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_fwd_kernel(FwdArgs a) {
             for (int j = 0; j < V; ++j) ss += x1[0][j] * x1[0][j] + x2[0][j] * x2[0][j];
         }
     }
-    const float r = rsqrtf(nf::warp_sum(ss) * a.inv_d + a.eps);
-    float* rs = pick(which, a.rstd);
-    if (lane == 0 && rs != nullptr) rs[tok * pick(which, a.H) + head] = r;
+    const float r = rsqrtf(nf::warp_sum(ss) * a.inv_d + a.in.eps);
+    float* rs = pick(which, a.in.rstd);
+    if (lane == 0 && rs != nullptr) rs[tok * pick(which, a.in.H) + head] = r;
 
     auto emit = [&](int64_t c, const float (&v1)[V], const float (&v2)[V]) {
         float w1[V], w2[V], cs[V], sn[V], o1[V], o2[V];
         load_weight_pairs<V>(w, wdt, d, c, il, w1, w2);
-        nf::load_any<V>(a.cos, a.cs_dtype, pos * a.cos_stride + c * V, cs);
-        nf::load_any<V>(a.sin, a.cs_dtype, pos * a.sin_stride + c * V, sn);
+        nf::load_any<V>(a.in.cos, a.in.cs_dtype, pos * a.in.cos_stride + c * V, cs);
+        nf::load_any<V>(a.in.sin, a.in.cs_dtype, pos * a.in.sin_stride + c * V, sn);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
             const float n1 = v1[j] * r * w1[j], n2 = v2[j] * r * w2[j];
-            o1[j] = (n1 * cs[j] + n2 * sn[j]) * a.scale;
-            o2[j] = (n2 * cs[j] - n1 * sn[j]) * a.scale;
+            o1[j] = (n1 * cs[j] + n2 * sn[j]) * a.in.scale;
+            o2[j] = (n2 * cs[j] - n1 * sn[j]) * a.in.scale;
         }
         store_pairs<T, V>(o, d, c, il, o1, o2);
     };
@@ -215,11 +189,11 @@ __global__ void __launch_bounds__(kThreads, 4) qk_norm_rope_bwd_kernel(BwdArgs a
     const int lane = threadIdx.x & 31;
     const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
     const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
-    const int64_t heads = a.H[0] + a.H[1], total = a.B * a.T * heads;
-    const int64_t d = a.D >> 1, chunks = d / V;
-    const bool il = a.interleaved != 0;
-    float* const part_q = a.dw_partial[0] != nullptr ? a.dw_partial[0] + gw * a.D : nullptr;
-    float* const part_k = a.dw_partial[1] != nullptr ? a.dw_partial[1] + gw * a.D : nullptr;
+    const int64_t heads = a.in.H[0] + a.in.H[1], total = a.in.B * a.in.T * heads;
+    const int64_t d = a.in.D >> 1, chunks = d / V;
+    const bool il = a.in.interleaved != 0;
+    float* const part_q = a.in.dw_partial[0] != nullptr ? a.in.dw_partial[0] + gw * a.in.D : nullptr;
+    float* const part_k = a.in.dw_partial[1] != nullptr ? a.in.dw_partial[1] + gw * a.in.D : nullptr;
 
     constexpr int kCache = CACHED ? kMaxPairsPerLane / V : 1;
     // Per-warp weight-gradient accumulators, q and k, first/second pair members.
@@ -239,15 +213,15 @@ __global__ void __launch_bounds__(kThreads, 4) qk_norm_rope_bwd_kernel(BwdArgs a
 
     for (int64_t item = gw; item < total; item += nwarps) {  // uniform per warp: shuffles stay full
         const int64_t tok = item / heads, hd = item - tok * heads;
-        const int which = hd < a.H[0] ? 0 : 1;
-        const int64_t head = hd - (which ? a.H[0] : 0);
-        const int64_t b = tok / a.T, t = tok - b * a.T;
-        const T* x = head_ptr<T>(which, a.x, a.x_s, b, t, head);
-        const T* g = head_ptr<T>(which, a.dout, a.dout_s, b, t, head);
-        T* dx = const_cast<T*>(head_ptr<T>(which, a.dx, a.dx_s, b, t, head));
-        const float r = pick(which, a.rstd)[tok * pick(which, a.H) + head];
-        const void* w = pick(which, a.weight);
-        const int wdt = pick(which, a.w_dtype);
+        const int which = hd < a.in.H[0] ? 0 : 1;
+        const int64_t head = hd - (which ? a.in.H[0] : 0);
+        const int64_t b = tok / a.in.T, t = tok - b * a.in.T;
+        const T* x = head_ptr<T>(which, a.in.x, a.in.x_s, b, t, head);
+        const T* g = head_ptr<T>(which, a.in.dout, a.in.dout_s, b, t, head);
+        T* dx = const_cast<T*>(head_ptr<T>(which, a.in.dx, a.in.dx_s, b, t, head));
+        const float r = pick(which, a.in.rstd)[tok * pick(which, a.in.H) + head];
+        const void* w = pick(which, a.in.weight);
+        const int wdt = pick(which, a.in.w_dtype);
 
         // Chunk c: n = x * rstd and dn = dL/dn (through scale, the inverse rotation and the weight);
         // returns sum(dn * n) and the weight-gradient terms du * n.
@@ -257,14 +231,14 @@ __global__ void __launch_bounds__(kThreads, 4) qk_norm_rope_bwd_kernel(BwdArgs a
             load_pairs<T, V>(x, d, c, il, n1, n2);
             load_pairs<T, V>(g, d, c, il, g1, g2);
             load_weight_pairs<V>(w, wdt, d, c, il, w1, w2);
-            nf::load_any<V>(a.cos, a.cs_dtype, t * a.cos_stride + c * V, cs);
-            nf::load_any<V>(a.sin, a.cs_dtype, t * a.sin_stride + c * V, sn);
+            nf::load_any<V>(a.in.cos, a.in.cs_dtype, t * a.in.cos_stride + c * V, cs);
+            nf::load_any<V>(a.in.sin, a.in.cs_dtype, t * a.in.sin_stride + c * V, sn);
             float dot = 0.f;
 #pragma unroll
             for (int j = 0; j < V; ++j) {
                 n1[j] *= r;
                 n2[j] *= r;
-                const float z1 = g1[j] * a.scale, z2 = g2[j] * a.scale;
+                const float z1 = g1[j] * a.in.scale, z2 = g2[j] * a.in.scale;
                 const float u1 = z1 * cs[j] - z2 * sn[j];  // rotation transposed
                 const float u2 = z1 * sn[j] + z2 * cs[j];
                 dw1[j] = u1 * n1[j];
@@ -386,150 +360,70 @@ bool can_pack2(int dtype, int64_t D, bool il, const void* const* ptrs, int nptrs
     return true;
 }
 
-void set3(int64_t (&dst)[3], int64_t a, int64_t b, int64_t c) {
-    dst[0] = a;
-    dst[1] = b;
-    dst[2] = c;
-}
-
 }  // namespace
 
 extern "C" {
 
-// q (B, T, Hq, D), k (B, T, Hk, D) of `dtype` at element strides (sb, st, sh), last dim contiguous;
-// outputs at their own strides (they may be the inputs themselves: in place). rstd outputs (B, T, H)
-// contiguous fp32 or null. cos/sin: rows of D/2 of cs_dtype at the given row strides; the row of a
-// token is positions[b * T + t] (int64) if positions is non-null, else t. Weights (D,) or null.
-int nf_qk_norm_rope_fwd(int dtype, int64_t B, int64_t T, int64_t Hq, int64_t Hk, int64_t D, const void* q,
-                        int64_t q_sb, int64_t q_st, int64_t q_sh, const void* k, int64_t k_sb, int64_t k_st,
-                        int64_t k_sh, void* q_out, int64_t qo_sb, int64_t qo_st, int64_t qo_sh, void* k_out,
-                        int64_t ko_sb, int64_t ko_st, int64_t ko_sh, float* q_rstd, float* k_rstd, const void* cos,
-                        int64_t cos_stride, const void* sin, int64_t sin_stride, int cs_dtype,
-                        const int64_t* positions, const void* q_weight, int qw_dtype, const void* k_weight,
-                        int kw_dtype, float scale, float eps, int interleaved, void* stream) {
-    const int64_t items = B * T * (Hq + Hk);
-    if (B < 1 || T < 1 || Hq < 0 || Hk < 0 || items < 1 || D < 2 || D % 2 != 0 || !valid_dtype(dtype) ||
-        !valid_dtype(cs_dtype) || (Hq > 0 && (q == nullptr || q_out == nullptr)) ||
-        (Hk > 0 && (k == nullptr || k_out == nullptr)) || cos == nullptr || sin == nullptr ||
-        (q_weight != nullptr && !valid_dtype(qw_dtype)) || (k_weight != nullptr && !valid_dtype(kw_dtype)) ||
+int nf_qk_norm_rope_fwd(const nf_qk_norm_rope_fwd_args* args, void* stream) {
+    if (args == nullptr) return nf::kInvalidArgument;
+    const nf_qk_norm_rope_fwd_args& p = *args;
+    const int64_t items = p.B * p.T * (p.H[0] + p.H[1]);
+    if (p.B < 1 || p.T < 1 || p.H[0] < 0 || p.H[1] < 0 || items < 1 || p.D < 2 || p.D % 2 != 0 ||
+        !valid_dtype(p.dtype) || !valid_dtype(p.cs_dtype) || p.cos == nullptr || p.sin == nullptr ||
         nf::ceil_div(items, kWarps) > 0x7fffffffLL)
         return nf::kInvalidArgument;
-    FwdArgs a{};
-    a.in[0] = q;
-    a.in[1] = k;
-    a.out[0] = q_out;
-    a.out[1] = k_out;
-    set3(a.in_s[0], q_sb, q_st, q_sh);
-    set3(a.in_s[1], k_sb, k_st, k_sh);
-    set3(a.out_s[0], qo_sb, qo_st, qo_sh);
-    set3(a.out_s[1], ko_sb, ko_st, ko_sh);
-    a.rstd[0] = q_rstd;
-    a.rstd[1] = k_rstd;
-    a.weight[0] = q_weight;
-    a.weight[1] = k_weight;
-    a.w_dtype[0] = qw_dtype;
-    a.w_dtype[1] = kw_dtype;
-    a.B = B;
-    a.T = T;
-    a.H[0] = Hq;
-    a.H[1] = Hk;
-    a.D = D;
-    a.inv_d = 1.0f / static_cast<float>(D);
-    a.cos = cos;
-    a.sin = sin;
-    a.cos_stride = cos_stride;
-    a.sin_stride = sin_stride;
-    a.cs_dtype = cs_dtype;
-    a.positions = positions;
-    a.scale = scale;
-    a.eps = eps;
-    a.interleaved = interleaved != 0;
-    const void* ptrs[] = {q, k, q_out, k_out};
-    const int64_t strides[] = {q_sb, q_st, q_sh, k_sb, k_st, k_sh, qo_sb, qo_st, qo_sh, ko_sb, ko_st, ko_sh};
-    const bool vec2 = can_pack2(dtype, D, a.interleaved, ptrs, 4, strides, 12);
-    const bool cached = D / 2 <= 32 * kMaxPairsPerLane;
-    return dispatch(dtype, vec2, cached, [&](auto t, auto v, auto c) {
+    for (int s = 0; s < 2; ++s)
+        if ((p.H[s] > 0 && (p.x[s] == nullptr || p.out[s] == nullptr)) ||
+            (p.weight[s] != nullptr && !valid_dtype(p.w_dtype[s])))
+            return nf::kInvalidArgument;
+    const FwdArgs a{p, 1.0f / static_cast<float>(p.D)};
+    const bool il = p.interleaved != 0;
+    const bool vec2 = can_pack2(p.dtype, p.D, il, p.x, 2, &p.x_s[0][0], 6) &&
+                      can_pack2(p.dtype, p.D, il, p.out, 2, &p.out_s[0][0], 6);
+    const bool cached = p.D / 2 <= 32 * kMaxPairsPerLane;
+    return dispatch(p.dtype, vec2, cached, [&](auto t, auto v, auto c) {
         using Tp = decltype(t);
         return nf::launch(qk_norm_rope_fwd_kernel<Tp, decltype(v)::value, decltype(c)::value != 0>,
                           dim3(static_cast<unsigned>(nf::ceil_div(items, kWarps))), dim3(kThreads), stream, a);
     });
 }
 
-// Gradients of nf_qk_norm_rope_fwd (positions = t). dq_out/dk_out, q/k and dq/dk at their own
-// strides; q_rstd/k_rstd (B, T, H) contiguous fp32. num_blocks persistent blocks of kWarps warps;
-// with a weight, dqw_partial / dkw_partial are fp32 (num_blocks * 4, D) scratch buffers and
-// dq_weight / dk_weight (D,) of the weight dtype receive the fixed-order sums.
-int nf_qk_norm_rope_bwd(int dtype, int64_t B, int64_t T, int64_t Hq, int64_t Hk, int64_t D, const void* dq_out,
-                        int64_t gq_sb, int64_t gq_st, int64_t gq_sh, const void* dk_out, int64_t gk_sb, int64_t gk_st,
-                        int64_t gk_sh, const void* q, int64_t q_sb, int64_t q_st, int64_t q_sh, const void* k,
-                        int64_t k_sb, int64_t k_st, int64_t k_sh, void* dq, int64_t dq_sb, int64_t dq_st,
-                        int64_t dq_sh, void* dk, int64_t dk_sb, int64_t dk_st, int64_t dk_sh, const float* q_rstd,
-                        const float* k_rstd, const void* cos, int64_t cos_stride, const void* sin,
-                        int64_t sin_stride, int cs_dtype, const void* q_weight, int qw_dtype, const void* k_weight,
-                        int kw_dtype, float* dqw_partial, float* dkw_partial, int64_t num_blocks, void* dq_weight,
-                        void* dk_weight, float scale, int interleaved, void* stream) {
-    const int64_t items = B * T * (Hq + Hk);
-    if (B < 1 || T < 1 || Hq < 0 || Hk < 0 || items < 1 || D < 2 || D % 2 != 0 || !valid_dtype(dtype) ||
-        !valid_dtype(cs_dtype) || num_blocks < 1 || num_blocks > 0x7fffffffLL ||
-        (Hq > 0 && (q == nullptr || dq_out == nullptr || dq == nullptr || q_rstd == nullptr)) ||
-        (Hk > 0 && (k == nullptr || dk_out == nullptr || dk == nullptr || k_rstd == nullptr)) || cos == nullptr ||
-        sin == nullptr ||
-        (q_weight != nullptr && (!valid_dtype(qw_dtype) || dqw_partial == nullptr || dq_weight == nullptr)) ||
-        (k_weight != nullptr && (!valid_dtype(kw_dtype) || dkw_partial == nullptr || dk_weight == nullptr)))
+int nf_qk_norm_rope_bwd(const nf_qk_norm_rope_bwd_args* args, void* stream) {
+    if (args == nullptr) return nf::kInvalidArgument;
+    const nf_qk_norm_rope_bwd_args& p = *args;
+    const int64_t items = p.B * p.T * (p.H[0] + p.H[1]);
+    if (p.B < 1 || p.T < 1 || p.H[0] < 0 || p.H[1] < 0 || items < 1 || p.D < 2 || p.D % 2 != 0 ||
+        !valid_dtype(p.dtype) || !valid_dtype(p.cs_dtype) || p.num_blocks < 1 || p.num_blocks > 0x7fffffffLL ||
+        p.cos == nullptr || p.sin == nullptr)
         return nf::kInvalidArgument;
-    BwdArgs a{};
-    a.dout[0] = dq_out;
-    a.dout[1] = dk_out;
-    a.x[0] = q;
-    a.x[1] = k;
-    a.dx[0] = dq;
-    a.dx[1] = dk;
-    set3(a.dout_s[0], gq_sb, gq_st, gq_sh);
-    set3(a.dout_s[1], gk_sb, gk_st, gk_sh);
-    set3(a.x_s[0], q_sb, q_st, q_sh);
-    set3(a.x_s[1], k_sb, k_st, k_sh);
-    set3(a.dx_s[0], dq_sb, dq_st, dq_sh);
-    set3(a.dx_s[1], dk_sb, dk_st, dk_sh);
-    a.rstd[0] = q_rstd;
-    a.rstd[1] = k_rstd;
-    a.weight[0] = q_weight;
-    a.weight[1] = k_weight;
-    a.w_dtype[0] = qw_dtype;
-    a.w_dtype[1] = kw_dtype;
-    a.dw_partial[0] = q_weight != nullptr ? dqw_partial : nullptr;
-    a.dw_partial[1] = k_weight != nullptr ? dkw_partial : nullptr;
-    a.B = B;
-    a.T = T;
-    a.H[0] = Hq;
-    a.H[1] = Hk;
-    a.D = D;
-    a.inv_d = 1.0f / static_cast<float>(D);
-    a.cos = cos;
-    a.sin = sin;
-    a.cos_stride = cos_stride;
-    a.sin_stride = sin_stride;
-    a.cs_dtype = cs_dtype;
-    a.scale = scale;
-    a.interleaved = interleaved != 0;
-    const void* ptrs[] = {dq_out, dk_out, q, k, dq, dk, a.dw_partial[0], a.dw_partial[1]};
-    const int64_t strides[] = {gq_sb, gq_st, gq_sh, gk_sb, gk_st, gk_sh, q_sb, q_st, q_sh, k_sb, k_st, k_sh,
-                               dq_sb, dq_st, dq_sh, dk_sb, dk_st, dk_sh};
+    for (int s = 0; s < 2; ++s)
+        if ((p.H[s] > 0 &&
+             (p.x[s] == nullptr || p.dout[s] == nullptr || p.dx[s] == nullptr || p.rstd[s] == nullptr)) ||
+            (p.weight[s] != nullptr &&
+             (!valid_dtype(p.w_dtype[s]) || p.dw_partial[s] == nullptr || p.dw[s] == nullptr)))
+            return nf::kInvalidArgument;
+    BwdArgs a{p, 1.0f / static_cast<float>(p.D)};
+    for (int s = 0; s < 2; ++s)
+        if (p.weight[s] == nullptr) a.in.dw_partial[s] = nullptr;  // the kernel accumulates only weight gradients
+    const bool il = p.interleaved != 0;
     // The fp32 partial rows take packs of 2 (half-split) or 4 (interleaved) floats: 16-byte base.
-    const bool vec2 = can_pack2(dtype, D, a.interleaved, ptrs, 6, strides, 18) &&
-                      nf::aligned_to(a.dw_partial[0], 16) && nf::aligned_to(a.dw_partial[1], 16);
-    const bool cached = D / 2 <= 32 * kMaxPairsPerLane;
-    int err = dispatch(dtype, vec2, cached, [&](auto t, auto v, auto c) {
+    const bool vec2 = can_pack2(p.dtype, p.D, il, p.dout, 2, &p.dout_s[0][0], 6) &&
+                      can_pack2(p.dtype, p.D, il, p.x, 2, &p.x_s[0][0], 6) &&
+                      can_pack2(p.dtype, p.D, il, p.dx, 2, &p.dx_s[0][0], 6) &&
+                      nf::aligned_to(a.in.dw_partial[0], 16) && nf::aligned_to(a.in.dw_partial[1], 16);
+    const bool cached = p.D / 2 <= 32 * kMaxPairsPerLane;
+    int err = dispatch(p.dtype, vec2, cached, [&](auto t, auto v, auto c) {
         using Tp = decltype(t);
         return nf::launch(qk_norm_rope_bwd_kernel<Tp, decltype(v)::value, decltype(c)::value != 0>,
-                          dim3(static_cast<unsigned>(num_blocks)), dim3(kThreads), stream, a);
+                          dim3(static_cast<unsigned>(p.num_blocks)), dim3(kThreads), stream, a);
     });
     constexpr int kSumThreads = 256;
-    const dim3 sum_grid(static_cast<unsigned>(nf::ceil_div(D, kSumThreads)));
+    const dim3 sum_grid(static_cast<unsigned>(nf::ceil_div(p.D, kSumThreads)));
     for (int s = 0; s < 2 && err == 0; ++s) {
-        if (a.dw_partial[s] == nullptr) continue;
+        if (a.in.dw_partial[s] == nullptr) continue;
         err = nf::launch(nf::column_sum_kernel<kSumThreads>, sum_grid, dim3(kSumThreads), stream,
-                         static_cast<const float*>(a.dw_partial[s]), num_blocks * kWarps, D,
-                         s == 0 ? dq_weight : dk_weight, a.w_dtype[s]);
+                         static_cast<const float*>(a.in.dw_partial[s]), p.num_blocks * kWarps, p.D, p.dw[s],
+                         p.w_dtype[s]);
     }
     return err;
 }

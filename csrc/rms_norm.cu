@@ -19,6 +19,7 @@
 #include <utility>
 
 #include "common.cuh"
+#include "nf_abi.h"
 
 namespace {
 
@@ -289,62 +290,58 @@ bool valid_dtype(int d) { return d == nf::kFloat32 || d == nf::kFloat16 || d == 
 
 extern "C" {
 
-// x, residual: (N, D) rows at the given element strides, last dim contiguous; residual may be null.
-// weight: (D,) of weight_dtype or null. Outputs y, h (h only with a residual) at the given row
-// strides, rstd (N,) fp32. All of x, residual, y, h share `dtype`. Returns 0 or an error code.
-int nf_rms_norm_fwd(int dtype, int64_t N, int64_t D, const void* x, int64_t x_stride, const void* residual,
-                    int64_t residual_stride, const void* weight, int weight_dtype, void* y, int64_t y_stride,
-                    void* h, int64_t h_stride, float* rstd, float eps, void* stream) {
-    if (N < 1 || N > 0x7fffffffLL || D < 1 || !valid_dtype(dtype) || x == nullptr || y == nullptr ||
-        rstd == nullptr || (residual != nullptr && h == nullptr) || (weight != nullptr && !valid_dtype(weight_dtype)))
+int nf_rms_norm_fwd(const nf_rms_norm_fwd_args* args, void* stream) {
+    if (args == nullptr) return nf::kInvalidArgument;
+    const nf_rms_norm_fwd_args& a = *args;
+    if (a.N < 1 || a.N > 0x7fffffffLL || a.D < 1 || !valid_dtype(a.dtype) || a.x == nullptr || a.y == nullptr ||
+        a.rstd == nullptr || (a.residual != nullptr && a.h == nullptr) ||
+        (a.weight != nullptr && !valid_dtype(a.weight_dtype)))
         return nf::kInvalidArgument;
-    const bool vec = can_vectorise(dtype, D, {{x, x_stride}, {residual, residual_stride}, {y, y_stride}, {h, h_stride}});
-    const RowConfig cfg = row_config(D, vec ? 16 / elem_size(dtype) : 1);
-    const float inv_d = 1.0f / static_cast<float>(D);  // mean = sum * (1/D): no IEEE divide in the kernel
-    return dispatch_dtype(dtype, [&](auto t) {
+    const bool vec = can_vectorise(a.dtype, a.D, {{a.x, a.x_stride}, {a.residual, a.residual_stride},
+                                                   {a.y, a.y_stride}, {a.h, a.h_stride}});
+    const RowConfig cfg = row_config(a.D, vec ? 16 / elem_size(a.dtype) : 1);
+    const float inv_d = 1.0f / static_cast<float>(a.D);  // mean = sum * (1/D): no IEEE divide in the kernel
+    return dispatch_dtype(a.dtype, [&](auto t) {
         using T = decltype(t);
         return dispatch_shape<T>(vec, cfg.items, [&](auto, auto v, auto it) {
             constexpr int VEC = decltype(v)::value, ITEMS = decltype(it)::value;
-            return nf::launch(rms_norm_fwd_kernel<T, VEC, ITEMS>, dim3(static_cast<unsigned>(N)), dim3(cfg.threads),
-                              stream, static_cast<const T*>(x), x_stride, static_cast<const T*>(residual),
-                              residual_stride, weight, weight_dtype, static_cast<T*>(y), y_stride, static_cast<T*>(h),
-                              h_stride, rstd, D, inv_d, eps);
+            return nf::launch(rms_norm_fwd_kernel<T, VEC, ITEMS>, dim3(static_cast<unsigned>(a.N)), dim3(cfg.threads),
+                              stream, static_cast<const T*>(a.x), a.x_stride, static_cast<const T*>(a.residual),
+                              a.residual_stride, a.weight, a.weight_dtype, static_cast<T*>(a.y), a.y_stride,
+                              static_cast<T*>(a.h), a.h_stride, a.rstd, a.D, inv_d, a.eps);
         });
     });
 }
 
-// dy, h, dh (dh may be null): (N, D) of `dtype` at the given row strides; rstd (N,) fp32; weight
-// (D,) of weight_dtype or null. dx (N, D) at dx_stride. With a weight, dw_partial is an fp32
-// (num_partials, D) scratch buffer and dw (D,) of weight_dtype receives the deterministic sum;
-// num_partials (1..N) is also the number of persistent blocks.
-int nf_rms_norm_bwd(int dtype, int64_t N, int64_t D, const void* dy, int64_t dy_stride, const void* h,
-                    int64_t h_stride, const float* rstd, const void* weight, int weight_dtype, const void* dh,
-                    int64_t dh_stride, void* dx, int64_t dx_stride, float* dw_partial, int64_t num_partials, void* dw,
-                    void* stream) {
-    if (N < 1 || D < 1 || !valid_dtype(dtype) || dy == nullptr || h == nullptr || rstd == nullptr || dx == nullptr ||
-        num_partials < 1 || num_partials > N || num_partials > 0x7fffffffLL ||
-        (weight != nullptr && (!valid_dtype(weight_dtype) || dw_partial == nullptr || dw == nullptr)))
+int nf_rms_norm_bwd(const nf_rms_norm_bwd_args* args, void* stream) {
+    if (args == nullptr) return nf::kInvalidArgument;
+    const nf_rms_norm_bwd_args& a = *args;
+    if (a.N < 1 || a.D < 1 || !valid_dtype(a.dtype) || a.dy == nullptr || a.h == nullptr || a.rstd == nullptr ||
+        a.dx == nullptr || a.num_partials < 1 || a.num_partials > a.N || a.num_partials > 0x7fffffffLL ||
+        (a.weight != nullptr && (!valid_dtype(a.weight_dtype) || a.dw_partial == nullptr || a.dw == nullptr)))
         return nf::kInvalidArgument;
-    const bool vec = can_vectorise(dtype, D, {{dy, dy_stride}, {h, h_stride}, {dh, dh_stride}, {dx, dx_stride}}) &&
-                     nf::aligned_to(dw_partial, 16);
-    const RowConfig cfg = row_config(D, vec ? 16 / elem_size(dtype) : 1);
-    float* partial = weight != nullptr ? dw_partial : nullptr;
-    const float inv_d = 1.0f / static_cast<float>(D);
-    int err = dispatch_dtype(dtype, [&](auto t) {
+    const bool vec = can_vectorise(a.dtype, a.D, {{a.dy, a.dy_stride}, {a.h, a.h_stride}, {a.dh, a.dh_stride},
+                                                   {a.dx, a.dx_stride}}) &&
+                     nf::aligned_to(a.dw_partial, 16);
+    const RowConfig cfg = row_config(a.D, vec ? 16 / elem_size(a.dtype) : 1);
+    float* partial = a.weight != nullptr ? a.dw_partial : nullptr;
+    const float inv_d = 1.0f / static_cast<float>(a.D);
+    int err = dispatch_dtype(a.dtype, [&](auto t) {
         using T = decltype(t);
         return dispatch_shape<T>(vec, cfg.items, [&](auto, auto v, auto it) {
             constexpr int VEC = decltype(v)::value, ITEMS = decltype(it)::value;
-            return nf::launch(rms_norm_bwd_kernel<T, VEC, ITEMS>, dim3(static_cast<unsigned>(num_partials)),
-                              dim3(cfg.threads), stream, static_cast<const T*>(dy), dy_stride,
-                              static_cast<const T*>(h), h_stride, rstd, weight, weight_dtype,
-                              static_cast<const T*>(dh), dh_stride, static_cast<T*>(dx), dx_stride, partial, N, D, inv_d);
+            return nf::launch(rms_norm_bwd_kernel<T, VEC, ITEMS>, dim3(static_cast<unsigned>(a.num_partials)),
+                              dim3(cfg.threads), stream, static_cast<const T*>(a.dy), a.dy_stride,
+                              static_cast<const T*>(a.h), a.h_stride, a.rstd, a.weight, a.weight_dtype,
+                              static_cast<const T*>(a.dh), a.dh_stride, static_cast<T*>(a.dx), a.dx_stride, partial,
+                              a.N, a.D, inv_d);
         });
     });
-    if (err != 0 || weight == nullptr) return err;
+    if (err != 0 || a.weight == nullptr) return err;
     constexpr int kSumThreads = 256;
-    return nf::launch(nf::column_sum_kernel<kSumThreads>, dim3(static_cast<unsigned>(nf::ceil_div(D, kSumThreads))),
-                      dim3(kSumThreads), stream, static_cast<const float*>(dw_partial), num_partials, D, dw,
-                      weight_dtype);
+    return nf::launch(nf::column_sum_kernel<kSumThreads>, dim3(static_cast<unsigned>(nf::ceil_div(a.D, kSumThreads))),
+                      dim3(kSumThreads), stream, static_cast<const float*>(a.dw_partial), a.num_partials, a.D, a.dw,
+                      a.weight_dtype);
 }
 
 const char* nf_rms_norm_error_string(int code) { return nf::error_string(code); }

@@ -1,229 +1,31 @@
-"""Launchers for the CUDA-source kernels in csrc/: RMSNorm, fused QK-norm + rotary, paged decode attention.
+"""Launchers of the CUDA-source kernels in csrc/: RMSNorm, fused QK-norm + rotary, paged decode attention.
 
-The same csrc/*.cu file runs in two ways, behind the same `extern "C"` launch functions (raw
-pointers, sizes, element strides, dtype codes, scalars, a stream; they return 0 or an error code):
-
-* CUDA tensors: the real kernels, from the extension `nanofast._C` that setup.py builds where nvcc
-  and a CUDA torch exist, else JIT-built once with torch.utils.cpp_extension (csrc/bindings.cpp only
-  hands the launch functions' addresses to Python; ctypes calls them on the current stream).
-* CPU tensors: the very same source compiled with g++ -std=c++20 against csrc/cuda_emu.h, which runs
-  every CUDA thread of a block as a std::thread (see that header). Built on first use into a user
-  cache directory keyed by a hash of the sources and flags, then loaded with ctypes. This is how the
-  kernels are *executed* on machines without a GPU; it is slow and meant for small test shapes.
-
-`nvcc_facts` compiles a csrc file with `nvcc -cubin -Xptxas -v` for a target (sm_90a, sm_80) and
-parses registers, spill stores/loads, stack and shared memory per kernel, so tests can hold every
-kernel to "no spills, bounded registers" without a GPU.
-
-Locations: csrc/ is found next to this package's parent directory (kernels/ is installed in editable
-mode as nanofast.kernels) unless NANOFAST_CSRC points elsewhere; builds go under NANOFAST_CACHE, else
-$XDG_CACHE_HOME/nanofast, else ~/.cache/nanofast. Never into the source tree.
+Each public `*_cuda` function checks its arguments, then hands over to a `_`-prefixed launcher
+that trusts them (kernels/rms_norm.py and qk_norm_rope.py call those directly, having validated at
+their own public entries). The launchers fill the launch function's argument struct (cuda_abi.py,
+the mirror of csrc/nf_abi.h) and cuda_build.launch runs it on the tensors' device: the real kernels
+for CUDA tensors, the CPU emulation of the same source for CPU tensors.
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import importlib
 import math
 import numbers
-import os
-import re
-import shutil
-import subprocess
-import tempfile
-import threading
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .compile_gate import MachineFacts, count_instructions
+from .cuda_abi import (DTYPE_CODES, PagedAttentionArgs, PagedKvWriteArgs, QkNormRopeBwdArgs, QkNormRopeFwdArgs,
+                       RmsNormBwdArgs, RmsNormFwdArgs)
+from .cuda_build import launch
 from .launch import sm_count
 
 __all__ = [
     "rms_norm_fwd_cuda", "rms_norm_bwd_cuda", "qk_norm_rope_fwd_cuda", "qk_norm_rope_bwd_cuda",
-    "qk_norm_rope_inplace_cuda", "paged_decode_attention_cuda", "paged_kv_write_cuda", "nvcc_facts", "NvccFacts",
-    "emulation_library", "csrc_dir", "cache_dir",
-    "ABI",
+    "qk_norm_rope_inplace_cuda", "paged_decode_attention_cuda", "paged_kv_write_cuda",
 ]
-
-# dtype codes of the launch ABI (csrc/common.cuh, enum nf::DType).
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-_S3 = [_I64, _I64, _I64]  # (batch, time, head) element strides of a (B, T, H, D) operand
-
-# name -> (source file, argument ctypes). Must match the C definitions (tests parse and compare them).
-ABI: dict[str, tuple[str, list]] = {
-    "nf_rms_norm_fwd": ("rms_norm.cu", [_I32, _I64, _I64, _P, _I64, _P, _I64, _P, _I32, _P, _I64, _P, _I64, _P,
-                                        _F32, _P]),
-    "nf_rms_norm_bwd": ("rms_norm.cu", [_I32, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _I32, _P, _I64, _P, _I64,
-                                        _P, _I64, _P, _P]),
-    "nf_qk_norm_rope_fwd": ("qk_norm_rope.cu", [_I32, _I64, _I64, _I64, _I64, _I64, _P, *_S3, _P, *_S3, _P, *_S3,
-                                                _P, *_S3, _P, _P, _P, _I64, _P, _I64, _I32, _P, _P, _I32, _P, _I32,
-                                                _F32, _F32, _I32, _P]),
-    "nf_qk_norm_rope_bwd": ("qk_norm_rope.cu", [_I32, _I64, _I64, _I64, _I64, _I64, _P, *_S3, _P, *_S3, _P, *_S3,
-                                                _P, *_S3, _P, *_S3, _P, *_S3, _P, _P, _P, _I64, _P, _I64, _I32, _P,
-                                                _I32, _P, _I32, _P, _P, _I64, _P, _P, _F32, _I32, _P]),
-    "nf_paged_attention_fwd": ("paged_attention.cu", [_I32, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64,
-                                                      _I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64,
-                                                      _P, _I64, _I64, _F32, _I64, _P, _P, _P, _I64, _I64, _P]),
-    "nf_paged_kv_write": ("paged_attention.cu", [_I32, _I64, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _P, _I64,
-                                                 _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _I32, _P]),
-}
-_ERROR_FN = {"rms_norm.cu": "nf_rms_norm_error_string", "qk_norm_rope.cu": "nf_qk_norm_rope_error_string",
-             "paged_attention.cu": "nf_paged_attention_error_string"}
 
 _WARPS_PER_BLOCK_QK = 4  # kWarps in csrc/qk_norm_rope.cu: the backward's partial rows per block
 _EMU_PERSISTENT_BLOCKS = 3  # CPU emulation: a few persistent blocks, so each one loops over rows/items
-
-
-# ----------------------------------------------------------------------------------------------------------
-# locations and builds
-
-def csrc_dir() -> Path:
-    """The csrc/ directory: $NANOFAST_CSRC, else the repository root next to this package."""
-    env = os.environ.get("NANOFAST_CSRC")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "csrc"
-    if not path.is_dir():
-        raise FileNotFoundError(f"CUDA sources not found at {path}: set NANOFAST_CSRC to the csrc/ directory")
-    return path
-
-
-def cache_dir(kind: str) -> Path:
-    """Per-user build cache for `kind` ("cuda_emu", "cuda_jit"): $NANOFAST_CACHE, else the XDG cache."""
-    root = os.environ.get("NANOFAST_CACHE")
-    if root:
-        base = Path(root)
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanofast"
-    path = base / kind
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-# -O2 without -ffast-math: the emulation must round like IEEE fp32 (the fp16 conversion relies on it).
-# -fno-strict-aliasing: kernels reinterpret element arrays as aligned packs, as CUDA code does.
-EMU_CXXFLAGS = ["-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing", "-fno-fast-math"]
-
-_build_locks: dict[str, threading.Lock] = {}
-_build_locks_guard = threading.Lock()
-_emu_libs: dict[str, ctypes.CDLL] = {}
-
-
-def _lock_for(key: str) -> threading.Lock:
-    with _build_locks_guard:
-        return _build_locks.setdefault(key, threading.Lock())
-
-
-def _sources_digest(paths: list[Path], extra: list[str]) -> str:
-    h = hashlib.sha256()
-    for item in extra:
-        h.update(item.encode() + b"\0")
-    for p in sorted(paths):
-        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
-def _compiler_version(cxx: str) -> str:
-    out = subprocess.run([cxx, "--version"], capture_output=True, text=True)
-    return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else cxx
-
-
-def emulation_library(source_name: str) -> ctypes.CDLL:
-    """Build (once, cached) and load the CPU-emulation shared library of csrc/`source_name`."""
-    with _lock_for("emu:" + source_name):
-        if source_name in _emu_libs:
-            return _emu_libs[source_name]
-        src_dir = csrc_dir()
-        src = src_dir / source_name
-        if not src.is_file():
-            raise FileNotFoundError(f"no CUDA source {src}")
-        cxx = os.environ.get("CXX") or "g++"
-        if shutil.which(cxx) is None:
-            raise RuntimeError(f"the CPU emulation of {source_name} needs a C++20 compiler; {cxx!r} was not found "
-                               "(set CXX)")
-        headers = [p for p in src_dir.iterdir() if p.suffix in (".h", ".cuh")]
-        digest = _sources_digest([src, *headers], [*EMU_CXXFLAGS, _compiler_version(cxx)])
-        out = cache_dir("cuda_emu") / f"{src.stem}-{digest}.so"
-        if not out.exists():
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-            os.close(fd)
-            cmd = [cxx, *EMU_CXXFLAGS, f"-I{src_dir}", "-x", "c++", str(src), "-o", tmp]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                os.unlink(tmp)
-                raise RuntimeError(f"building the CPU emulation of {source_name} failed:\n{' '.join(cmd)}\n"
-                                   f"{res.stderr[-6000:]}")
-            os.replace(tmp, out)  # atomic: a concurrent builder of the same digest just wins or loses the race
-        lib = ctypes.CDLL(str(out))
-        for name, (file, argtypes) in ABI.items():
-            if file == source_name:
-                fn = getattr(lib, name)
-                fn.argtypes, fn.restype = argtypes, ctypes.c_int
-        err = getattr(lib, _ERROR_FN[source_name])
-        err.argtypes, err.restype = [ctypes.c_int], ctypes.c_char_p
-        _emu_libs[source_name] = lib
-        return lib
-
-
-_cuda_fns: dict[str, Callable] | None = None
-
-
-def _cuda_symbols() -> dict[str, int]:
-    """Addresses of the launch functions in the real CUDA build: nanofast._C, else a JIT build."""
-    try:
-        # Optional compiled extension of the nanofast package (setup.py builds it where CUDA exists).
-        # Only its launch-function addresses are used, so nanofast.kernels still works on its own.
-        mod = importlib.import_module("nanofast._C")
-        if hasattr(mod, "symbols"):
-            return dict(mod.symbols())
-    except ImportError:
-        pass
-    from torch.utils import cpp_extension
-
-    src_dir = csrc_dir()
-    sources = [src_dir / "bindings.cpp", *sorted(src_dir.glob("*.cu"))]
-    headers = [p for p in src_dir.iterdir() if p.suffix in (".h", ".cuh")]
-    flags = ["-O3", "-std=c++17"]
-    digest = _sources_digest([*sources, *headers], [*flags, torch.__version__, str(torch.version.cuda)])
-    build = cache_dir("cuda_jit") / digest
-    build.mkdir(parents=True, exist_ok=True)
-    mod = cpp_extension.load(name=f"nanofast_cuda_ops_{digest}", sources=[str(s) for s in sources],
-                             extra_cflags=["-O3"], extra_cuda_cflags=flags, extra_include_paths=[str(src_dir)],
-                             build_directory=str(build), verbose=False)
-    return dict(mod.symbols())
-
-
-def _cuda_functions() -> dict[str, Callable]:
-    global _cuda_fns
-    with _lock_for("cuda"):
-        if _cuda_fns is None:
-            syms = _cuda_symbols()
-            fns = {name: ctypes.CFUNCTYPE(ctypes.c_int, *argtypes)(syms[name]) for name, (_, argtypes) in ABI.items()}
-            for err in _ERROR_FN.values():
-                fns[err] = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_int)(syms[err])
-            _cuda_fns = fns
-        return _cuda_fns
-
-
-def _launch(name: str, device: torch.device, *args) -> None:
-    """Call launch function `name` for tensors on `device`; raise RuntimeError on a non-zero return."""
-    source = ABI[name][0]
-    if device.type == "cuda":
-        fns = _cuda_functions()
-        with torch.cuda.device(device):
-            rc = fns[name](*args, ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream))
-        err = fns[_ERROR_FN[source]]
-    else:
-        lib = emulation_library(source)
-        rc = getattr(lib, name)(*args, None)
-        err = getattr(lib, _ERROR_FN[source])
-    if rc != 0:
-        msg = err(rc)
-        raise RuntimeError(f"{name} failed ({rc}): {msg.decode() if msg else 'unknown error'}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,6 +92,7 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+
 def _wcode(t: Tensor | None) -> int:
     return 0 if t is None else DTYPE_CODES[t.dtype]
 
@@ -310,9 +113,11 @@ def _rms_norm_fwd_into(x: Tensor, weight: Tensor | None, residual: Tensor | None
     N, D = x.shape
     if N == 0:
         return
-    _launch("nf_rms_norm_fwd", x.device, DTYPE_CODES[x.dtype], N, D, x.data_ptr(), x.stride(0), _ptr(residual),
-            residual.stride(0) if residual is not None else 0, _ptr(weight), _wcode(weight), y.data_ptr(),
-            y.stride(0), _ptr(h), h.stride(0) if h is not None else 0, rstd.data_ptr(), eps)
+    launch("nf_rms_norm_fwd", x.device, RmsNormFwdArgs(
+        dtype=DTYPE_CODES[x.dtype], N=N, D=D, x=x.data_ptr(), x_stride=x.stride(0), residual=_ptr(residual),
+        residual_stride=residual.stride(0) if residual is not None else 0, weight=_ptr(weight),
+        weight_dtype=_wcode(weight), y=y.data_ptr(), y_stride=y.stride(0), h=_ptr(h),
+        h_stride=h.stride(0) if h is not None else 0, rstd=rstd.data_ptr(), eps=eps))
 
 
 def _check_rms_fwd(x, weight, residual, eps) -> float:
@@ -366,9 +171,11 @@ def _rms_norm_bwd_into(dy: Tensor, h: Tensor, rstd: Tensor, weight: Tensor | Non
         return
     G = num_partials if num_partials is not None else _persistent_blocks(h.device, N, 2)
     partial = torch.empty((G, D), dtype=torch.float32, device=h.device) if weight is not None else None
-    _launch("nf_rms_norm_bwd", h.device, DTYPE_CODES[h.dtype], N, D, dy.data_ptr(), dy.stride(0), h.data_ptr(),
-            h.stride(0), rstd.data_ptr(), _ptr(weight), _wcode(weight), _ptr(dh), dh.stride(0) if dh is not None else 0,
-            dx.data_ptr(), dx.stride(0), _ptr(partial), G, _ptr(dw))
+    launch("nf_rms_norm_bwd", h.device, RmsNormBwdArgs(
+        dtype=DTYPE_CODES[h.dtype], N=N, D=D, dy=dy.data_ptr(), dy_stride=dy.stride(0), h=h.data_ptr(),
+        h_stride=h.stride(0), rstd=rstd.data_ptr(), weight=_ptr(weight), weight_dtype=_wcode(weight), dh=_ptr(dh),
+        dh_stride=dh.stride(0) if dh is not None else 0, dx=dx.data_ptr(), dx_stride=dx.stride(0),
+        dw_partial=_ptr(partial), num_partials=G, dw=_ptr(dw)))
 
 
 def _check_rms_bwd(dy, h, rstd, weight, dh) -> Tensor:
@@ -462,10 +269,12 @@ def _qk_norm_rope_fwd_into(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_wei
     Hk = k.shape[2]
     if B * T * (Hq + Hk) == 0:
         return
-    _launch("nf_qk_norm_rope_fwd", q.device, DTYPE_CODES[q.dtype], B, T, Hq, Hk, D, q.data_ptr(), *_s3(q),
-            k.data_ptr(), *_s3(k), q_out.data_ptr(), *_s3(q_out), k_out.data_ptr(), *_s3(k_out), _ptr(q_rstd),
-            _ptr(k_rstd), cos.data_ptr(), cos.stride(0), sin.data_ptr(), sin.stride(0), DTYPE_CODES[cos.dtype], None,
-            _ptr(q_weight), _wcode(q_weight), _ptr(k_weight), _wcode(k_weight), scale, eps, int(interleaved))
+    launch("nf_qk_norm_rope_fwd", q.device, QkNormRopeFwdArgs(
+        x=(q.data_ptr(), k.data_ptr()), x_s=(_s3(q), _s3(k)), out=(q_out.data_ptr(), k_out.data_ptr()),
+        out_s=(_s3(q_out), _s3(k_out)), rstd=(_ptr(q_rstd), _ptr(k_rstd)), weight=(_ptr(q_weight), _ptr(k_weight)),
+        w_dtype=(_wcode(q_weight), _wcode(k_weight)), B=B, T=T, H=(Hq, Hk), D=D, cos=cos.data_ptr(),
+        sin=sin.data_ptr(), cos_stride=cos.stride(0), sin_stride=sin.stride(0), cs_dtype=DTYPE_CODES[cos.dtype],
+        positions=None, scale=scale, eps=eps, interleaved=int(interleaved), dtype=DTYPE_CODES[q.dtype]))
 
 
 def qk_norm_rope_fwd_cuda(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_weight: Tensor | None,
@@ -520,11 +329,14 @@ def _qk_norm_rope_bwd_into(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor,
         return torch.empty((rows, D), dtype=torch.float32, device=q.device) if w is not None else None
 
     pq, pk = partial(q_weight), partial(k_weight)
-    _launch("nf_qk_norm_rope_bwd", q.device, DTYPE_CODES[q.dtype], B, T, Hq, Hk, D, dq_out.data_ptr(), *_s3(dq_out),
-            dk_out.data_ptr(), *_s3(dk_out), q.data_ptr(), *_s3(q), k.data_ptr(), *_s3(k), dq.data_ptr(), *_s3(dq),
-            dk.data_ptr(), *_s3(dk), q_rstd.data_ptr(), k_rstd.data_ptr(), cos.data_ptr(), cos.stride(0),
-            sin.data_ptr(), sin.stride(0), DTYPE_CODES[cos.dtype], _ptr(q_weight), _wcode(q_weight), _ptr(k_weight),
-            _wcode(k_weight), _ptr(pq), _ptr(pk), G, _ptr(dq_weight), _ptr(dk_weight), scale, int(interleaved))
+    launch("nf_qk_norm_rope_bwd", q.device, QkNormRopeBwdArgs(
+        dout=(dq_out.data_ptr(), dk_out.data_ptr()), dout_s=(_s3(dq_out), _s3(dk_out)), x=(q.data_ptr(), k.data_ptr()),
+        x_s=(_s3(q), _s3(k)), dx=(dq.data_ptr(), dk.data_ptr()), dx_s=(_s3(dq), _s3(dk)),
+        rstd=(q_rstd.data_ptr(), k_rstd.data_ptr()), weight=(_ptr(q_weight), _ptr(k_weight)),
+        w_dtype=(_wcode(q_weight), _wcode(k_weight)), dw_partial=(_ptr(pq), _ptr(pk)), B=B, T=T, H=(Hq, Hk), D=D,
+        cos=cos.data_ptr(), sin=sin.data_ptr(), cos_stride=cos.stride(0), sin_stride=sin.stride(0),
+        cs_dtype=DTYPE_CODES[cos.dtype], scale=scale, interleaved=int(interleaved),
+        dw=(_ptr(dq_weight), _ptr(dk_weight)), num_blocks=G, dtype=DTYPE_CODES[q.dtype]))
 
 
 def qk_norm_rope_bwd_cuda(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
@@ -645,11 +457,14 @@ def _qk_norm_rope_inplace(qkv: Tensor, positions: Tensor, cos_sin_cache: Tensor,
     cs = cos_sin_cache.data_ptr()
     # Tokens as (B = 1, T = N): head h of token n sits at n * row_stride + h * D; the launch function
     # reads the rotary row from positions[n] and writes each head back where it came from.
-    _launch("nf_qk_norm_rope_fwd", qkv.device, DTYPE_CODES[qkv.dtype], 1, N, Hq, Hkv, D, base, 0, rs, D, k_base, 0, rs,
-            D, base, 0, rs, D, k_base, 0, rs, D, None, None, cs, cos_sin_cache.stride(0),
-            cs + (D // 2) * cos_sin_cache.element_size(), cos_sin_cache.stride(0), DTYPE_CODES[cos_sin_cache.dtype],
-            positions.data_ptr(), _ptr(q_weight), _wcode(q_weight), _ptr(k_weight), _wcode(k_weight), scale, eps,
-            int(interleaved))
+    heads = (0, rs, D)
+    launch("nf_qk_norm_rope_fwd", qkv.device, QkNormRopeFwdArgs(
+        x=(base, k_base), x_s=(heads, heads), out=(base, k_base), out_s=(heads, heads), rstd=(None, None),
+        weight=(_ptr(q_weight), _ptr(k_weight)), w_dtype=(_wcode(q_weight), _wcode(k_weight)), B=1, T=N,
+        H=(Hq, Hkv), D=D, cos=cs, sin=cs + (D // 2) * cos_sin_cache.element_size(),
+        cos_stride=cos_sin_cache.stride(0), sin_stride=cos_sin_cache.stride(0),
+        cs_dtype=DTYPE_CODES[cos_sin_cache.dtype], positions=positions.data_ptr(), scale=scale, eps=eps,
+        interleaved=int(interleaved), dtype=DTYPE_CODES[qkv.dtype]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -657,6 +472,7 @@ def _qk_norm_rope_inplace(qkv: Tensor, positions: Tensor, cos_sin_cache: Tensor,
 
 _PAGED_MAX_D = 256  # kMaxD in csrc/paged_attention.cu: at most 8 elements per lane in registers
 _PAGED_MAX_SPLITS = 65535  # gridDim.y
+_PAGED_MAX_WARPS = 8  # kMaxWarps in csrc/paged_attention.cu: the block size its __launch_bounds__ declares
 _SPLIT_MIN_KEYS = 64  # a split should stream at least this many keys, or the merge costs more than it buys
 
 
@@ -691,9 +507,15 @@ def _check_cache_pair(k_cache, v_cache) -> tuple[int, int, int, int]:
 
 
 def _paged_heads_layout(G: int) -> tuple[int, int, int]:
-    """(heads per warp, warps, blocks per KV head) as nf_paged_attention_fwd chooses them."""
+    """(heads per warp, warps, blocks per KV head) for the G query heads of a KV head.
+
+    The one place of this policy: the launch passes the first two in its argument struct (the C side
+    only checks them against what it compiled) and the split count and grid check use the third.
+    A warp loads each K/V row into registers once for all its heads; more than 4 heads per warp
+    would cost registers that the 8 elements per lane of q and the accumulator already claim at D = 256.
+    """
     hpw = 1 if G == 1 else 2 if G == 2 else 4
-    warps = min(-(-G // hpw), 8)
+    warps = min(-(-G // hpw), _PAGED_MAX_WARPS)
     return hpw, warps, -(-G // (hpw * warps))
 
 
@@ -784,11 +606,15 @@ def _paged_decode_attention_into(q: Tensor, k_cache: Tensor, v_cache: Tensor, bl
         part_o = torch.empty((num_splits, B, Hq, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((num_splits, B, Hq), dtype=torch.float32, device=q.device)
     ks, vs = k_cache.stride(), v_cache.stride()
-    _launch("nf_paged_attention_fwd", q.device, DTYPE_CODES[q.dtype], B, Hq, Hkv, D, q.data_ptr(), q.stride(0),
-            q.stride(1), k_cache.data_ptr(), ks[0], ks[1], ks[2], v_cache.data_ptr(), vs[0], vs[1], vs[2], P, ps,
-            block_table.data_ptr(), block_table.stride(0), block_table.stride(1), block_table.shape[1],
-            seq_lens.data_ptr(), seq_lens.stride(0), window, scale, num_splits, _ptr(part_o), _ptr(part_lse),
-            out.data_ptr(), out.stride(0), out.stride(1))
+    hpw, warps, _ = _paged_heads_layout(Hq // Hkv)
+    launch("nf_paged_attention_fwd", q.device, PagedAttentionArgs(
+        dtype=DTYPE_CODES[q.dtype], B=B, Hq=Hq, Hkv=Hkv, D=D, q=q.data_ptr(), q_sb=q.stride(0), q_sh=q.stride(1),
+        k=k_cache.data_ptr(), k_sp=ks[0], k_ss=ks[1], k_sh=ks[2], v=v_cache.data_ptr(), v_sp=vs[0], v_ss=vs[1],
+        v_sh=vs[2], num_pages=P, page_size=ps, block_table=block_table.data_ptr(), bt_sb=block_table.stride(0),
+        bt_sp=block_table.stride(1), max_pages=block_table.shape[1], seq_lens=seq_lens.data_ptr(),
+        sl_s=seq_lens.stride(0), window=window, scale=scale, num_splits=num_splits, part_o=_ptr(part_o),
+        part_lse=_ptr(part_lse), out=out.data_ptr(), o_sb=out.stride(0), o_sh=out.stride(1), heads_per_warp=hpw,
+        warps=warps))
 
 
 def paged_decode_attention_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
@@ -843,152 +669,8 @@ def paged_kv_write_cuda(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, 
         raise ValueError(f"slot_mapping entries must be < num_pages * page_size = {P * ps} (or negative: skipped), "
                          f"got {int(slots.max())}")
     kcs, vcs = k_cache.stride(), v_cache.stride()
-    _launch("nf_paged_kv_write", k.device, DTYPE_CODES[k.dtype], N, Hkv, D, k.data_ptr(), k.stride(0), k.stride(1),
-            v.data_ptr(), v.stride(0), v.stride(1), k_cache.data_ptr(), kcs[0], kcs[1], kcs[2], v_cache.data_ptr(),
-            vcs[0], vcs[1], vcs[2], P, ps, slots.data_ptr(), int(slots.dtype == torch.int64))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# nvcc machine facts
-
-@dataclass
-class NvccFacts(MachineFacts):
-    """MachineFacts of one kernel as ptxas reports it (`-Xptxas -v`), plus the spill byte counts.
-
-    local_bytes is the stack frame per thread (local memory); instructions come from nvdisasm when
-    the triton wheel's copy is available, else stay empty.
-    """
-    spill_store_bytes: int = 0
-    spill_load_bytes: int = 0
-    barriers: int = 0
-
-    @property
-    def spills(self) -> bool:
-        return self.spill_store_bytes > 0 or self.spill_load_bytes > 0 or super().spills
-
-
-def _nvcc() -> str:
-    env = os.environ.get("NVCC")
-    if env:
-        return env
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and (Path(home) / "bin" / "nvcc").exists():
-        return str(Path(home) / "bin" / "nvcc")
-    raise FileNotFoundError("nvcc not found: put the CUDA toolkit on PATH or set NVCC / CUDA_HOME")
-
-
-def _demangle(names: list[str]) -> list[str]:
-    tool = shutil.which("c++filt")
-    if tool is None or not names:
-        return list(names)
-    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True)
-    lines = out.stdout.splitlines()
-    return lines if out.returncode == 0 and len(lines) == len(names) else list(names)
-
-
-def _split_name(demangled: str) -> tuple[str, str]:
-    """('rms_norm_fwd_kernel', 'float, 4, 2') from 'void (anonymous namespace)::rms_norm_fwd_kernel<float, 4, 2>(...)'."""
-    s = demangled.replace("(anonymous namespace)::", "")
-    s = re.sub(r"^void\s+", "", s)
-    m = re.match(r"([\w:]+)(?:<(.*?)>)?\(", s)
-    if not m:
-        return demangled, ""
-    return m.group(1).split("::")[-1], m.group(2) or ""
-
-
-def parse_ptxas(log: str) -> dict[str, dict]:
-    """Per entry function (mangled name): registers, spill bytes, stack, shared memory and barriers."""
-    facts: dict[str, dict] = {}
-    current = None
-    for line in log.splitlines():
-        m = re.search(r"Compiling entry function '([^']+)'", line)
-        if m:
-            current = m.group(1)
-            facts[current] = {"registers": 0, "spill_store_bytes": 0, "spill_load_bytes": 0, "stack_bytes": 0,
-                              "shared_bytes": 0, "barriers": 0}
-            continue
-        m = re.search(r"Function properties for (\S+)", line)
-        if m:
-            current = m.group(1) if m.group(1) in facts else None
-            continue
-        if current is None:
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
-            facts[current].update(stack_bytes=int(m.group(1)), spill_store_bytes=int(m.group(2)),
-                                  spill_load_bytes=int(m.group(3)))
-            continue
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            facts[current]["registers"] = int(m.group(1))
-            b = re.search(r"used (\d+) barriers", line)
-            s = re.search(r"(\d+) bytes smem", line)
-            facts[current]["barriers"] = int(b.group(1)) if b else 0
-            facts[current]["shared_bytes"] = int(s.group(1)) if s else 0
-    return facts
-
-
-def _sass_by_function(cubin: Path) -> dict[str, str]:
-    try:
-        from .compile_gate import _tool
-
-        nvdisasm = _tool("nvdisasm")
-    except (ImportError, FileNotFoundError):
-        return {}
-    res = subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True)
-    if res.returncode != 0:
-        return {}
-    parts = re.split(r"^\.text\.(\S+):\s*$", res.stdout, flags=re.M)
-    return dict(zip(parts[1::2], parts[2::2]))
-
-
-_facts_cache: dict[tuple, list] = {}
-
-
-def nvcc_facts(source_name: str, arch: str | int = "sm_90a") -> list[NvccFacts]:
-    """Compile csrc/`source_name` with `nvcc -arch=<arch> -cubin -O3 -Xptxas -v`; facts per kernel.
-
-    arch: "sm_90a", "sm_80", or 90 / 80 (90 means sm_90a: the Hopper target the kernels ship for).
-    One NvccFacts per kernel instantiation: kernel (base name), config (template arguments),
-    arch (e.g. 90), registers, shared_bytes (static, as ptxas counts it), local_bytes (stack frame),
-    spill_store_bytes, spill_load_bytes, barriers, instructions (SASS counts, when nvdisasm exists).
-    Cached per (source contents, arch) for the life of the process.
-    """
-    if isinstance(arch, int):
-        arch = "sm_90a" if arch == 90 else f"sm_{arch}"
-    if not re.fullmatch(r"sm_\d+a?", str(arch)):
-        raise ValueError(f"arch must look like 'sm_90a' / 'sm_80' or be an int such as 90, got {arch!r}")
-    src_dir = csrc_dir()
-    src = src_dir / source_name
-    if not src.is_file():
-        raise FileNotFoundError(f"no CUDA source {src}")
-    headers = [p for p in src_dir.iterdir() if p.suffix in (".h", ".cuh")]
-    key = (_sources_digest([src, *headers], []), arch)
-    if key in _facts_cache:
-        return _facts_cache[key]
-    nvcc = _nvcc()
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / (src.stem + ".cubin")
-        cmd = [nvcc, f"-arch={arch}", "-cubin", "-O3", "-std=c++17", "-Xptxas", "-v", f"-I{src_dir}", "-o", str(cubin),
-               str(src)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"nvcc failed for {source_name} ({arch}):\n{' '.join(cmd)}\n{res.stderr[-6000:]}")
-        parsed = parse_ptxas(res.stdout + "\n" + res.stderr)
-        sass = _sass_by_function(cubin)
-    mangled = list(parsed)
-    arch_num = int(re.sub(r"\D", "", arch))
-    out = []
-    for name, dm in zip(mangled, _demangle(mangled)):
-        base, config = _split_name(dm)
-        f = parsed[name]
-        out.append(NvccFacts(kernel=base, config=config, arch=arch_num, registers=f["registers"],
-                             shared_bytes=f["shared_bytes"], local_bytes=f["stack_bytes"],
-                             instructions=count_instructions(sass[name]) if name in sass else {},
-                             spill_store_bytes=f["spill_store_bytes"], spill_load_bytes=f["spill_load_bytes"],
-                             barriers=f["barriers"]))
-    _facts_cache[key] = out
-    return out
+    launch("nf_paged_kv_write", k.device, PagedKvWriteArgs(
+        dtype=DTYPE_CODES[k.dtype], N=N, Hkv=Hkv, D=D, k=k.data_ptr(), k_sn=k.stride(0), k_sh=k.stride(1),
+        v=v.data_ptr(), v_sn=v.stride(0), v_sh=v.stride(1), kc=k_cache.data_ptr(), kc_sp=kcs[0], kc_ss=kcs[1],
+        kc_sh=kcs[2], vc=v_cache.data_ptr(), vc_sp=vcs[0], vc_ss=vcs[1], vc_sh=vcs[2], num_pages=P, page_size=ps,
+        slots=slots.data_ptr(), slots64=int(slots.dtype == torch.int64)))

@@ -29,7 +29,7 @@ def triton_facts(arch: int = 90) -> list[MachineFacts]:
 
 def cuda_facts(arch: str = "sm_90a") -> list[MachineFacts]:
     """Facts of every CUDA kernel in csrc/, compiled by nvcc for `arch`."""
-    from .cuda_ops import nvcc_facts
+    from .cuda_facts import nvcc_facts
 
     return [f for source in ("rms_norm.cu", "qk_norm_rope.cu", "paged_attention.cu") for f in nvcc_facts(source, arch)]
 

@@ -28,13 +28,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanofast.kernels import cuda_abi, cuda_build, cuda_facts
 from nanofast.kernels import cuda_ops as co
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 ATOL = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}  # relative to max|ref|
 FACTOR = 2.0
-CSRC = co.csrc_dir()
+CSRC = cuda_build.csrc_dir()
 SOURCES = sorted(p.name for p in CSRC.glob("*.cu"))
 ARCHS = ["sm_90a", "sm_80"]
 HAVE_NVCC = shutil.which("nvcc") is not None or bool(os.environ.get("NVCC"))
@@ -117,7 +118,7 @@ def _build_selftest(out_dir: Path) -> Path:
     src.write_text(_SELFTEST_CPP)
     lib = out_dir / "emu_selftest.so"
     cxx = os.environ.get("CXX") or "g++"
-    res = subprocess.run([cxx, *co.EMU_CXXFLAGS, f"-I{CSRC}", str(src), "-o", str(lib)], capture_output=True, text=True)
+    res = subprocess.run([cxx, *cuda_build.EMU_CXXFLAGS, f"-I{CSRC}", str(src), "-o", str(lib)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
     return lib
 
@@ -132,7 +133,7 @@ TORCH_NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-
 def _nvcc_object(source: str, out_dir: Path) -> Path:
     """Full nvcc compile (host code, <<<>>> launches, device code for sm_90a) to an object file."""
     obj = out_dir / (Path(source).stem + ".o")
-    cmd = [co._nvcc(), "-c", "-arch=sm_90a", *TORCH_NVCC_FLAGS, f"-I{CSRC}", str(CSRC / source), "-o", str(obj)]
+    cmd = [cuda_facts.nvcc_path(), "-c", "-arch=sm_90a", *TORCH_NVCC_FLAGS, f"-I{CSRC}", str(CSRC / source), "-o", str(obj)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-4000:]}"
     return obj
@@ -147,12 +148,12 @@ def builds(tmp_path_factory):
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         if HAVE_CXX:
             for src in SOURCES:
-                jobs[("emu", src)] = pool.submit(co.emulation_library, src)
+                jobs[("emu", src)] = pool.submit(cuda_build.emulation_library, src)
             jobs[("selftest",)] = pool.submit(_build_selftest, tmp)
         if HAVE_NVCC:
             for src in SOURCES:
                 for arch in ARCHS:
-                    jobs[("nvcc", src, arch)] = pool.submit(co.nvcc_facts, src, arch)
+                    jobs[("nvcc", src, arch)] = pool.submit(cuda_facts.nvcc_facts, src, arch)
                 jobs[("nvcc_obj", src)] = pool.submit(_nvcc_object, src, tmp)
         done = {}
         for key, fut in jobs.items():
@@ -236,7 +237,7 @@ def test_nvcc_compiles_host_code_and_exports_launchers(builds, source):
         pytest.skip("nm not found to list the object's symbols")
     symbols = subprocess.run(["nm", "-g", "--defined-only", str(obj)], capture_output=True, text=True).stdout
     exported = set(re.findall(r"\bT (nf_\w+)$", symbols, flags=re.M))
-    expected = {name for name, (src, _) in co.ABI.items() if src == source} | {co._ERROR_FN[source]}
+    expected = {name for name, (src, _) in cuda_abi.ABI.items() if src == source} | {cuda_abi.ERROR_FN[source]}
     assert exported == expected
 
 
@@ -252,7 +253,7 @@ ptxas info    : Function properties for _Z3barv
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 10 registers, 360 bytes cmem[0]
 """
-    facts = co.parse_ptxas(log)
+    facts = cuda_facts.parse_ptxas(log)
     assert facts == {
         "_Z3fooPf": {"registers": 255, "spill_store_bytes": 8, "spill_load_bytes": 12, "stack_bytes": 24,
                      "shared_bytes": 512, "barriers": 1},
@@ -266,33 +267,70 @@ ptxas info    : Used 10 registers, 360 bytes cmem[0]
 _CTYPE_OF = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float}
 
 
-def _c_signatures(text: str, definitions: bool) -> dict[str, list]:
-    end = r"\)\s*\{" if definitions else r"\)\s*;"
+def _header_structs(text: str) -> dict[str, list[tuple[str, type]]]:
+    """struct name -> [(field, ctype)] of every `typedef struct X {...} X;` in nf_abi.h (pointers:
+    c_void_p, arrays such as `int64_t x_s[2][3]`: (c_int64 * 3) * 2)."""
+    text = re.sub(r"//[^\n]*", "", text)
     out = {}
-    for m in re.finditer(r"\bint\s+(nf_\w+)\s*\(([^)]*)" + end, text):
-        types = []
-        for param in m.group(2).split(","):
-            decl = " ".join(param.split())
-            ctype = ctypes.c_void_p if "*" in decl else _CTYPE_OF[decl.rsplit(" ", 1)[0]]
-            types.append(ctype)
-        out[m.group(1)] = types
+    for m in re.finditer(r"typedef struct (\w+) \{(.*?)\} (\w+);", text, flags=re.S):
+        assert m.group(1) == m.group(3), m.group(0)
+        fields = []
+        for decl in filter(None, (" ".join(d.split()) for d in m.group(2).split(";"))):
+            parsed = re.fullmatch(r"(?:const )?(\w+)(\*?) (.+)", decl)
+            assert parsed, f"{m.group(1)}: cannot read the declaration {decl!r}"
+            for declarator in parsed.group(3).split(","):
+                name, dims = re.fullmatch(r"\s*(\w+)((?:\[\d+\])*)\s*", declarator).groups()
+                ctype = ctypes.c_void_p if parsed.group(2) else _CTYPE_OF[parsed.group(1)]
+                for n in reversed(re.findall(r"\d+", dims)):
+                    ctype = ctype * int(n)
+                fields.append((name, ctype))
+        out[m.group(1)] = fields
     return out
 
 
-def test_launch_abi_matches_c_definitions_and_bindings():
-    defined = {}
-    for src in SOURCES:
-        for name, types in _c_signatures((CSRC / src).read_text(), definitions=True).items():
-            defined[name] = types
-            assert name in co.ABI and co.ABI[name][0] == src, f"{name} of {src} is missing from cuda_ops.ABI"
-    assert set(defined) == set(co.ABI)
-    for name, (_, argtypes) in co.ABI.items():
-        assert argtypes == defined[name], f"cuda_ops.ABI[{name!r}] differs from the C definition"
-    text = (CSRC / "bindings.cpp").read_text()
-    block = text[text.index("// BEGIN launch prototypes"):text.index("// END launch prototypes")]
-    assert _c_signatures(block, definitions=False) == defined
-    for name in [*defined, *co._ERROR_FN.values()]:
-        assert f"NF_SYMBOL(d, {name});" in text, f"bindings.cpp does not export {name}"
+def test_python_abi_mirrors_the_header():
+    """cuda_abi's Structures against csrc/nf_abi.h (field names, C types, order), every prototype of
+    the header in cuda_abi.ABI / ERROR_FN and the other way round, each defined in the .cu file the
+    ABI names, and bindings.cpp exporting each from that one header."""
+    header = (CSRC / "nf_abi.h").read_text()
+    structs = _header_structs(header)
+    protos = dict(re.findall(r"^int (nf_\w+)\(const (\w+)\* args, void\* stream\);$", header, flags=re.M))
+    errors = re.findall(r"^const char\* (nf_\w+_error_string)\(int code\);$", header, flags=re.M)
+    assert set(protos) == set(cuda_abi.ABI), "launch functions of nf_abi.h differ from cuda_abi.ABI"
+    assert sorted(errors) == sorted(cuda_abi.ERROR_FN.values())
+    assert set(structs) == set(protos.values())
+    for name, (source, args_type) in cuda_abi.ABI.items():
+        assert protos[name] == f"{name}_args", f"{name} takes {protos[name]}: the struct is named for its function"
+        mirror = [(f, t) for f, t in args_type._fields_]
+        assert mirror == structs[protos[name]], f"cuda_abi.{args_type.__name__} differs from {protos[name]}"
+        definition = re.search(rf"\bint {name}\(const {protos[name]}\* args, void\* stream\) \{{",
+                               (CSRC / source).read_text())
+        assert definition, f"{name} is not defined in {source} with its nf_abi.h prototype"
+    bindings = (CSRC / "bindings.cpp").read_text()
+    assert '#include "nf_abi.h"' in bindings
+    assert not re.search(r"^\s*(int|const char\*) nf_\w+\(", bindings, flags=re.M), "bindings.cpp declares its own"
+    for name in [*cuda_abi.ABI, *cuda_abi.ERROR_FN.values()]:
+        assert f"NF_SYMBOL(d, {name});" in bindings, f"bindings.cpp does not export {name}"
+    for source in SOURCES:
+        assert '#include "nf_abi.h"' in (CSRC / source).read_text(), source
+
+
+@needs_cxx
+def test_python_abi_layout_matches_the_compiler(tmp_path):
+    """The C++ compiler's offsets and sizes of every nf_abi.h struct equal ctypes' (alignment and
+    padding included), asserted at compile time."""
+    lines = ['#include <cstddef>', '#include "nf_abi.h"']
+    for name, (_, args_type) in cuda_abi.ABI.items():
+        c_name = f"{name}_args"
+        lines.append(f"static_assert(sizeof({c_name}) == {ctypes.sizeof(args_type)}, \"{c_name} size\");")
+        for field, _ in args_type._fields_:
+            offset = getattr(args_type, field).offset
+            lines.append(f"static_assert(offsetof({c_name}, {field}) == {offset}, \"{c_name}.{field}\");")
+    src = tmp_path / "abi_layout.cpp"
+    src.write_text("\n".join(lines) + "\n")
+    cxx = os.environ.get("CXX") or "g++"
+    res = subprocess.run([cxx, "-std=c++20", "-fsyntax-only", f"-I{CSRC}", str(src)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
 
 
 @needs_cxx
@@ -304,7 +342,7 @@ def test_bindings_module_exports_the_launch_functions(emu, tmp_path):
     py_inc = sysconfig.get_paths()["include"]
     if not (Path(py_inc) / "Python.h").exists():
         pytest.skip(f"Python.h not found under {py_inc}")
-    libs = {src: co.emulation_library(src) for src in SOURCES}
+    libs = {src: cuda_build.emulation_library(src) for src in SOURCES}
     out = tmp_path / f"nf_bindings_test{sysconfig.get_config_var('EXT_SUFFIX')}"
     cxx = os.environ.get("CXX") or "g++"
     cmd = [cxx, "-std=c++20", "-O0", "-fPIC", "-shared", "-DTORCH_EXTENSION_NAME=nf_bindings_test",
@@ -318,12 +356,15 @@ def test_bindings_module_exports_the_launch_functions(emu, tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     syms = mod.symbols()
-    for name, (src, argtypes) in co.ABI.items():
+    for name, (src, _) in cuda_abi.ABI.items():
         assert syms[name] == ctypes.cast(getattr(libs[src], name), ctypes.c_void_p).value
-    fn = ctypes.CFUNCTYPE(ctypes.c_int, *co.ABI["nf_rms_norm_fwd"][1])(syms["nf_rms_norm_fwd"])
+    args_type = cuda_abi.RmsNormFwdArgs
+    fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(args_type), ctypes.c_void_p)(syms["nf_rms_norm_fwd"])
     x = torch.randn(3, 40)
     y, rstd = torch.empty_like(x), torch.empty(3)
-    assert fn(0, 3, 40, x.data_ptr(), 40, None, 0, None, 0, y.data_ptr(), 40, None, 0, rstd.data_ptr(), 1e-6, None) == 0
+    args = args_type(dtype=0, N=3, D=40, x=x.data_ptr(), x_stride=40, y=y.data_ptr(), y_stride=40,
+                     rstd=rstd.data_ptr(), eps=1e-6)  # fields left out are zero / null
+    assert fn(ctypes.byref(args), None) == 0
     ref, ref_rstd, _ = co.rms_norm_fwd_cuda(x, None, None, 1e-6)
     assert torch.equal(y, ref) and torch.equal(rstd, ref_rstd)
 
@@ -942,29 +983,35 @@ def test_argument_errors(idx):
 
 def test_launch_function_rejects_bad_arguments(emu):
     """The C launch functions validate what Python might get wrong, and errors surface as RuntimeError."""
-    lib = co.emulation_library("rms_norm.cu")
+    lib = cuda_build.emulation_library("rms_norm.cu")
     x = torch.randn(2, 8)
     y, rstd = torch.empty_like(x), torch.empty(2)
-    rc = lib.nf_rms_norm_fwd(0, 0, 8, x.data_ptr(), 8, None, 0, None, 0, y.data_ptr(), 8, None, 0, rstd.data_ptr(),
-                             1e-6, None)
+
+    def args(**changes):
+        fields = dict(dtype=0, N=2, D=8, x=x.data_ptr(), x_stride=8, y=y.data_ptr(), y_stride=8, rstd=rstd.data_ptr(),
+                      eps=1e-6)
+        return cuda_abi.RmsNormFwdArgs(**{**fields, **changes})
+
+    rc = lib.nf_rms_norm_fwd(ctypes.byref(args(N=0)), None)
     assert rc == -1 and b"invalid argument" in lib.nf_rms_norm_error_string(rc)
+    assert lib.nf_rms_norm_fwd(None, None) == -1  # no argument struct
     with pytest.raises(RuntimeError, match="nf_rms_norm_fwd failed .*invalid argument"):
-        co._launch("nf_rms_norm_fwd", x.device, 7, 2, 8, x.data_ptr(), 8, None, 0, None, 0, y.data_ptr(), 8, None, 0,
-                   rstd.data_ptr(), 1e-6)
+        cuda_build.launch("nf_rms_norm_fwd", x.device, args(dtype=7))
     with pytest.raises(RuntimeError, match="invalid argument"):  # residual without an h output
-        co._launch("nf_rms_norm_fwd", x.device, 0, 2, 8, x.data_ptr(), 8, x.data_ptr(), 8, None, 0, y.data_ptr(), 8,
-                   None, 0, rstd.data_ptr(), 1e-6)
+        cuda_build.launch("nf_rms_norm_fwd", x.device, args(residual=x.data_ptr(), residual_stride=8))
 
 
 def test_paths_are_relative_and_overridable(monkeypatch, tmp_path):
-    assert co.csrc_dir() == Path(co.__file__).resolve().parent.parent / "csrc"
+    assert cuda_build.csrc_dir() == Path(cuda_build.__file__).resolve().parent.parent / "csrc"
     monkeypatch.setenv("NANOFAST_CACHE", str(tmp_path / "c"))
-    assert co.cache_dir("cuda_emu") == tmp_path / "c" / "cuda_emu" and (tmp_path / "c" / "cuda_emu").is_dir()
+    assert cuda_build.cache_dir("cuda_emu") == tmp_path / "c" / "cuda_emu" and (tmp_path / "c" / "cuda_emu").is_dir()
     monkeypatch.setenv("NANOFAST_CSRC", str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="NANOFAST_CSRC"):
-        co.csrc_dir()
-    src = (Path(co.__file__).read_text() + "".join(p.read_text() for p in CSRC.iterdir() if p.is_file()))
-    checkout = str(Path(co.__file__).resolve().parents[1])  # this checkout's own location
+        cuda_build.csrc_dir()
+    modules = (cuda_abi, cuda_build, cuda_facts, co)
+    src = ("".join(Path(m.__file__).read_text() for m in modules) +
+           "".join(p.read_text() for p in CSRC.iterdir() if p.is_file()))
+    checkout = str(Path(cuda_build.__file__).resolve().parents[1])  # this checkout's own location
     assert checkout not in src and str(Path.home()) not in src
 
 

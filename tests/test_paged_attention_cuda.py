@@ -13,6 +13,7 @@ any of them would make the output non-finite (or fault).
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import re
@@ -21,6 +22,7 @@ import shutil
 import pytest
 import torch
 
+from nanofast.kernels import cuda_abi, cuda_build, cuda_facts
 from nanofast.kernels import cuda_ops as co
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -36,7 +38,7 @@ HAVE_CXX = shutil.which(os.environ.get("CXX") or "g++") is not None
 def emu():
     if not HAVE_CXX:
         pytest.skip("no C++20 compiler (g++ / $CXX) to build the CPU emulation")
-    return co.emulation_library(SOURCE)
+    return cuda_build.emulation_library(SOURCE)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -394,8 +396,10 @@ def test_kernels_mask_bad_values_without_faulting(emu):
     k = torch.randn(2, 1, 8, generator=gen)
     kc2, vc2 = kc.clone(), vc.clone()
     slots = torch.tensor([6, 1], dtype=torch.int64)  # 6 = num_pages * page_size: past the cache
-    co._launch("nf_paged_kv_write", k.device, 0, 2, 1, 8, k.data_ptr(), 8, 8, k.data_ptr(), 8, 8, kc2.data_ptr(),
-               16, 8, 8, vc2.data_ptr(), 16, 8, 8, 3, 2, slots.data_ptr(), 1)
+    cuda_build.launch("nf_paged_kv_write", k.device, cuda_abi.PagedKvWriteArgs(
+        dtype=0, N=2, Hkv=1, D=8, k=k.data_ptr(), k_sn=8, k_sh=8, v=k.data_ptr(), v_sn=8, v_sh=8, kc=kc2.data_ptr(),
+        kc_sp=16, kc_ss=8, kc_sh=8, vc=vc2.data_ptr(), vc_sp=16, vc_ss=8, vc_sh=8, num_pages=3, page_size=2,
+        slots=slots.data_ptr(), slots64=1))
     assert torch.equal(_bits(kc2[1:]), _bits(kc[1:])) and torch.equal(kc2[0, 1], k[1])
 
 
@@ -406,17 +410,25 @@ def test_launch_functions_reject_bad_arguments(emu):
     bt = torch.zeros(1, 1, dtype=torch.int32)
     sl = torch.ones(1, dtype=torch.int32)
     out = torch.empty_like(q)
-    args = [0, 1, 2, 1, 8, q.data_ptr(), 16, 8, kc.data_ptr(), 16, 8, 8, kc.data_ptr(), 16, 8, 8, 2, 2,
-            bt.data_ptr(), 1, 1, 1, sl.data_ptr(), 1, -1, 0.5, 1, None, None, out.data_ptr(), 16, 8]
-    assert lib.nf_paged_attention_fwd(*args, None) == 0
-    for i, bad in ((0, 5), (3, 3), (4, 300), (26, 2), (25, 0.0)):  # dtype, Hq < Hkv, D, splits w/o scratch, scale
-        a = list(args)
-        a[i] = bad
-        rc = lib.nf_paged_attention_fwd(*a, None)
-        assert rc == -1 and b"invalid argument" in lib.nf_paged_attention_error_string(rc), (i, bad)
+    good = dict(dtype=0, B=1, Hq=2, Hkv=1, D=8, q=q.data_ptr(), q_sb=16, q_sh=8, k=kc.data_ptr(), k_sp=16, k_ss=8,
+                k_sh=8, v=kc.data_ptr(), v_sp=16, v_ss=8, v_sh=8, num_pages=2, page_size=2, block_table=bt.data_ptr(),
+                bt_sb=1, bt_sp=1, max_pages=1, seq_lens=sl.data_ptr(), sl_s=1, window=-1, scale=0.5, num_splits=1,
+                out=out.data_ptr(), o_sb=16, o_sh=8, heads_per_warp=2, warps=1)
+
+    def call(**changes):
+        return lib.nf_paged_attention_fwd(ctypes.byref(cuda_abi.PagedAttentionArgs(**{**good, **changes})), None)
+
+    assert call() == 0
+    # dtype, Hq < Hkv, D, splits without scratch, scale, a heads-per-warp and a warp count never compiled
+    for bad in ({"dtype": 5}, {"Hkv": 3}, {"D": 300}, {"num_splits": 2}, {"scale": 0.0}, {"heads_per_warp": 3},
+                {"warps": 9}, {"warps": 0}):
+        rc = call(**bad)
+        assert rc == -1 and b"invalid argument" in lib.nf_paged_attention_error_string(rc), bad
     with pytest.raises(RuntimeError, match="nf_paged_kv_write failed .*invalid argument"):
-        co._launch("nf_paged_kv_write", q.device, 0, 0, 1, 8, q.data_ptr(), 8, 8, q.data_ptr(), 8, 8, kc.data_ptr(),
-                   16, 8, 8, kc.data_ptr(), 16, 8, 8, 2, 2, bt.data_ptr(), 0)
+        cuda_build.launch("nf_paged_kv_write", q.device, cuda_abi.PagedKvWriteArgs(
+            dtype=0, N=0, Hkv=1, D=8, k=q.data_ptr(), k_sn=8, k_sh=8, v=q.data_ptr(), v_sn=8, v_sh=8, kc=kc.data_ptr(),
+            kc_sp=16, kc_ss=8, kc_sh=8, vc=kc.data_ptr(), vc_sp=16, vc_ss=8, vc_sh=8, num_pages=2, page_size=2,
+            slots=bt.data_ptr(), slots64=0))
 
 
 # ------------------------------------------------------------------------------------------------ nvcc
@@ -429,7 +441,7 @@ INSTANTIATIONS = {"paged_attention_kernel": 21, "paged_attention_merge_kernel": 
 @pytest.mark.skipif(not HAVE_NVCC, reason="nvcc not found (install the CUDA toolkit or set NVCC)")
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
 def test_nvcc_facts_paged_attention(arch):
-    facts = co.nvcc_facts(SOURCE, arch)
+    facts = cuda_facts.nvcc_facts(SOURCE, arch)
     counts = {}
     for f in facts:
         counts[f.kernel] = counts.get(f.kernel, 0) + 1

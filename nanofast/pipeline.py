@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 import shutil
 import statistics
@@ -16,8 +15,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from tqdm import tqdm
-
 from nanofast import checkpoint, core_eval, dataset, ops
 from nanofast.chat_eval import chatcore, evaluate_task, generative_outcomes, paired_change
 from nanofast.common import Dist, default_dtype, parse_dtype, peak_flops, print0
@@ -25,26 +22,21 @@ from nanofast.dataloader import ConversationLoader, PackedLoader
 from nanofast.download import download_climbmix
 from nanofast.evaluate import evaluate_bpb
 from nanofast.model import GPT, config_for_depth, parse_linear_precision
-from nanofast.optim import MuonAdamW, apply_schedules
+from nanofast.optim import MuonAdamW
+from nanofast.plan import plan_training
 from nanofast.precision import precision_report, precision_table
 from nanofast.presets import STAGE_SETTINGS, Settings, changed_settings, default_run_name
 from nanofast.report import build_report, read_section, write_section
-from nanofast.rl import grpo_loss, policy_batch, rollouts
+from nanofast.rl import policy_loss, rollout_batches
 from nanofast.tasks import TaskMixture, load_task
 from nanofast.tokenizer import Tokenizer, compression_report, compression_table
-from nanofast.trainer import (Checkpointer, LoopSettings, LoopState, LossScaler, backward_and_step, mfu_percent,
-                              resume_state, train, warm_start)
+from nanofast.trainer import LoopSettings, LoopState, LossScaler, mfu_percent, resume_state, train, warm_start
 from nanofast.wandb_log import WandbLog
 
 STAGES = ("tokenizer", "pretrain", "midtrain", "sft", "rl", "eval", "report")
 NANOFAST_ONLY = ("midtrain", "rl")  # post-training stages nanochat's runs/speedrun.sh does not run
 # Checkpoint folder of each training stage, and which earlier one a stage starts from.
 CHECKPOINTS = {"pretrain": "base", "midtrain": "mid", "sft": "sft", "rl": "rl"}
-
-# nanochat's reference point for its batch-size and horizon rules: depth 12 trains best at 2^19 tokens/step.
-REF_DEPTH = 12
-REF_BATCH = 2 ** 19
-
 
 @dataclass
 class Run:
@@ -247,51 +239,6 @@ def stage_tokenizer(run: Run, t0: float) -> None:
 
 
 # ---- pretraining ------------------------------------------------------------------------------
-@dataclass
-class Plan:
-    num_iterations: int
-    total_batch_size: int
-    grad_accum: int
-    device_batch_size: int  # rows per micro-step per rank (at most the setting's)
-    lr_scale: float
-    weight_decay: float
-
-
-def scaling_params(model: GPT) -> int:
-    """The parameters nanochat's scaling laws count: transformer matrices + lm_head."""
-    counts = model.num_params()
-    return counts["transformer_matrices"] + counts["lm_head"]
-
-
-def plan_training(model: GPT, s: Settings, world_size: int, base_weight_decay: float = 0.28) -> Plan:
-    """nanochat's rules. Horizon: `target_param_data_ratio` x scaling params tokens (unless
-    num_iterations is given). Batch: 2^19 at depth 12, growing as D^0.383 (Power Lines), rounded to
-    a power of two. LRs scale as sqrt(B/B_ref); weight decay as sqrt(B/B_ref) * D_ref/D."""
-    with torch.device("meta"):
-        ref = GPT(config_for_depth(REF_DEPTH, model.config.vocab_size, model.config.sequence_len,
-                                   s.aspect_ratio, s.head_dim, window_pattern=s.window_pattern))
-    ref_tokens = s.target_param_data_ratio * scaling_params(ref)
-    target_tokens = s.target_param_data_ratio * scaling_params(model)
-    batch = s.total_batch_size
-    if batch <= 0:
-        batch = 2 ** round(math.log2(REF_BATCH * (target_tokens / ref_tokens) ** 0.383))
-    # The batch is what the recipe is tuned for; the rows per rank are only memory. With more ranks
-    # than a preset was written for, fewer rows per micro-step keep the batch (the largest count
-    # <= device_batch_size that divides it); gradient accumulation covers the rest.
-    rows = next((d for d in range(s.device_batch_size, 0, -1) if batch % (d * s.seq_len * world_size) == 0), 0)
-    if rows == 0:
-        raise ValueError(f"total_batch_size {batch:,} is not a multiple of seq_len x processes = "
-                         f"{s.seq_len * world_size:,}: no device batch fills it; change --total-batch-size")
-    if rows != s.device_batch_size:
-        print0(f"device batch {s.device_batch_size} -> {rows} rows: {world_size} process(es) x {rows} x "
-               f"{s.seq_len} tokens divide the {batch:,}-token batch")
-    micro = rows * s.seq_len * world_size
-    iterations = s.num_iterations if s.num_iterations > 0 else max(1, int(target_tokens // batch))
-    return Plan(num_iterations=iterations, total_batch_size=batch, grad_accum=batch // micro, device_batch_size=rows,
-                lr_scale=(batch / REF_BATCH) ** 0.5,
-                weight_decay=base_weight_decay * (batch / REF_BATCH) ** 0.5 * ref_tokens / target_tokens)
-
-
 def compiled(model: GPT, s: Settings) -> torch.nn.Module:
     """The module that runs training steps: `model` compiled for its one (batch, seq_len) shape, or
     `model` itself. Evaluation, sampling and checkpoints use `model` (the shapes vary there, and its
@@ -506,7 +453,8 @@ RL_TASK = "gsm8k"  # offline: GSM8K-format arithmetic problems
 
 
 def stage_rl(run: Run, t0: float) -> None:
-    """GRPO (see nanofast.rl) from the SFT model; held-out accuracy before and after is recorded."""
+    """GRPO (see nanofast.rl) from the SFT model, through the training loop with RL's loader and
+    loss; held-out accuracy before and after is recorded."""
     s, device, world, rank = run.settings, run.device, run.dist.world_size, run.dist.rank
     dtype = parse_dtype(s.rl_dtype) if s.rl_dtype else run.dtype
     tokenizer = load_tokenizer(run)
@@ -516,12 +464,6 @@ def stage_rl(run: Run, t0: float) -> None:
     ckpt_dir = run.checkpoint_dir(CHECKPOINTS["rl"])
     resumed = resume_state(ckpt_dir, model, optimizer, rank, world)
     state = resumed[0] if resumed else LoopState()
-    saved = checkpoint.read_meta(ckpt_dir, state.step) if resumed else {}
-    history = saved.get("rl_history", [])
-    # fp16's narrow exponent range needs loss scaling; the scaler skips steps whose gradients overflow.
-    scaler = LossScaler() if dtype == torch.float16 else None
-    if scaler is not None and state.loss_scaler:
-        scaler.load_state_dict(state.loss_scaler)
     # Held-out accuracy greedy (as evaluated) and sampled at the rollouts' temperature 1 (what GRPO
     # optimises directly: it sharpens the sampling distribution towards rewarded answers). The same
     # questions and sampling seeds before and after, so the change is measured paired.
@@ -535,42 +477,21 @@ def stage_rl(run: Run, t0: float) -> None:
     def accuracy(outcomes: list[bool]) -> dict:
         return {"accuracy": sum(outcomes) / max(len(outcomes), 1), "n": len(outcomes), "source": test_task.source}
 
-    before = saved.get("heldout_before")
-    if not resumed:
-        before = measure()
-    per_rank = max(1, s.rl_questions // world)
-    saver = Checkpointer(ckpt_dir, run.dist, torch.device(device), s.save_every, s.save_minutes, s.keep_checkpoints)
-    log = run.logger("rl")
-    bar = tqdm(range(state.step, s.rl_steps), disable=not run.dist.is_master, desc="rl", unit="step")
-    for step in bar:
-        t_step = time.perf_counter()
-        apply_schedules(optimizer, step, s.rl_steps, warmup_steps=0, warmdown_ratio=1.0, final_lr_frac=0.0)
-        first = (step * s.rl_questions + rank * per_rank) % len(train_task)
-        indices = [(first + i) % len(train_task) for i in range(per_rank)]
-        rolls = rollouts(model, tokenizer, train_task, indices, s.rl_samples, max_new_tokens=s.rl_max_tokens,
-                         seed=s.seed + step * 7919 + rank)
-        model.train()
-        x, y, adv, engine_lp = policy_batch(rolls, tokenizer.bos_token_id, torch.device(device))
-        loss, stats = grpo_loss(model, x, y, adv, engine_lp)
-        backward_and_step(loss, optimizer, scaler)
-        if scaler is not None:
-            state.loss_scaler = scaler.state_dict()
-        model.zero_grad(set_to_none=True)
-        reward = sum(r.reward for r in rolls) / len(rolls)
-        row = dict(step=step + 1, reward=reward, loss=loss.item(), seconds=time.perf_counter() - t_step, **stats)
-        history.append(row)
-        if log is not None:
-            log(row)
-        state.step = step + 1
-        state.losses.append((step + 1, loss.item()))
-        bar.set_postfix(reward=f"{reward:.2f}", kl=f"{stats['kl_engine_trainer']:.2e}")
-        if s.log_every > 0 and (step + 1) % s.log_every == 0 or step + 1 == s.rl_steps:
-            bar.write(f"rl step {step + 1:04d} | reward {reward:.3f} | |dlogp| {stats['logp_abs_diff']:.2e} | "
-                      f"KL {stats['kl_engine_trainer']:.2e} | {row['seconds']:.1f} s")
-        if saver.due(step + 1, step + 1 == s.rl_steps):
-            saver.save(step + 1, model, optimizer, dict(settings=asdict(s), stage="rl", rl_history=history,
-                                                        heldout_before=before, loop_state=asdict(state)))
-    bar.close()
+    before = checkpoint.read_meta(ckpt_dir, state.step)["heldout_before"] if resumed else measure()
+    model.train()
+    loader = rollout_batches(model, tokenizer, train_task, start_step=state.step, questions=s.rl_questions,
+                             samples=s.rl_samples, max_new_tokens=s.rl_max_tokens, seed=s.seed, rank=rank,
+                             world_size=world, device=torch.device(device))
+    # One update per batch of fresh samples, the LRs decayed linearly to 0 over the run.
+    settings = LoopSettings(num_iterations=s.rl_steps, warmup_steps=0, warmdown_ratio=1.0, final_lr_frac=0.0,
+                            eval_every=0, save_every=s.save_every, save_minutes=s.save_minutes,
+                            keep_checkpoints=s.keep_checkpoints, log_every=s.log_every)
+    # fp16's narrow exponent range needs loss scaling; the scaler skips steps whose gradients overflow.
+    scaler = LossScaler() if dtype == torch.float16 else None
+    state = train(model, optimizer, loader, settings, ckpt_dir, run.dist,
+                  dict(settings=asdict(s), stage="rl", heldout_before=before), state=state, scaler=scaler,
+                  log=run.logger("rl"), loss_fn=policy_loss)
+    history = state.stats
     after = measure()
     if run.dist.is_master:
         _record(run, "rl", dict(

@@ -1,6 +1,7 @@
 """Reinforcement learning on tasks with checkable answers (GSM8K-style): nanochat's simplified GRPO.
 
-Per step, on-policy: every question is answered `samples` times by the current model through the
+RL trains through the one training loop (`nanofast.trainer.train`): `rollout_batches` is its
+loader, `policy_loss` its loss. Per step, on-policy: every question is answered `samples` times by the current model through the
 paged engine; each answer gets the task's reward; advantage = reward - mean reward of its question
 (no std normalisation, no KL term, no clipping: one update per batch of fresh samples); the loss is
 -sum(advantage * log p(token)) over the sampled tokens, divided by their number (token-level
@@ -15,7 +16,7 @@ estimated on the sampled tokens (k3: E[r - 1 - log r], r = p_trainer / p_engine)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -89,15 +90,55 @@ def policy_batch(rolls: list[Rollout], pad_id: int, device: torch.device) -> tup
 
 
 def grpo_loss(model: GPT, x: torch.Tensor, y: torch.Tensor, advantages: torch.Tensor,
-              engine_logprobs: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The policy-gradient loss (token-level normalised) and the sampler/trainer mismatch stats."""
+              engine_logprobs: torch.Tensor, loss_reduction: str = "mean") -> tuple[torch.Tensor, dict]:
+    """The policy-gradient loss and the sampler/trainer mismatch stats. "mean": token-level
+    normalised over this batch's sampled tokens; "sum": summed, for the training loop to
+    normalise over the step's tokens on every rank."""
     logp = -model(x, y, loss_reduction="none").view_as(y).float()  # log p(target), 0 where y == -1
     mask = y >= 0
-    count = mask.sum().clamp_min(1)
-    loss = -(advantages[:, None] * logp * mask).sum() / count
+    loss = -(advantages[:, None] * logp * mask).sum()
+    if loss_reduction == "mean":
+        loss = loss / mask.sum().clamp_min(1)
     with torch.no_grad():
         diff = (logp - engine_logprobs)[mask]  # log(p_trainer / p_engine)
         stats = {"logp_abs_diff": diff.abs().mean().item() if diff.numel() else 0.0,
                  "kl_engine_trainer": (diff.exp() - 1 - diff).mean().item() if diff.numel() else 0.0,
                  "tokens": int(mask.sum())}
     return loss, stats
+
+
+@dataclass
+class PolicyBatch:
+    """The inputs of one RL micro-batch (its targets travel beside it, as the loop's loaders do)."""
+    x: torch.Tensor                # (N, T) prompts + sampled answers, right-padded
+    advantages: torch.Tensor       # (N,)
+    engine_logprobs: torch.Tensor  # (N, T) the sampler's log p of each target, 0 elsewhere
+    reward: float                  # the mean reward of the batch's answers
+
+
+def rollout_batches(model: GPT, tokenizer: Tokenizer, task: Any, *, start_step: int, questions: int, samples: int,
+                    max_new_tokens: int, seed: int, rank: int, world_size: int,
+                    device: torch.device) -> Iterator[tuple[PolicyBatch, torch.Tensor, dict]]:
+    """RL's loader for the training loop: per step, this rank's share of `questions` questions of
+    `task` (consecutive, wrapping around), answered `samples` times each by the current `model`, as
+    (PolicyBatch, targets, {"step": steps done}). Sampled lazily, so each batch comes from the policy
+    the previous step left (on-policy). Step k's questions and sampling seeds depend only on k and
+    the rank: a resumed run (`start_step`) draws what the uninterrupted one would have."""
+    per_rank = max(1, questions // world_size)
+    step = start_step
+    while True:
+        first = (step * questions + rank * per_rank) % len(task)
+        indices = [(first + i) % len(task) for i in range(per_rank)]
+        rolls = rollouts(model, tokenizer, task, indices, samples, max_new_tokens=max_new_tokens,
+                         seed=seed + step * 7919 + rank)
+        x, y, advantages, engine_lp = policy_batch(rolls, tokenizer.bos_token_id, device)
+        step += 1
+        yield PolicyBatch(x, advantages, engine_lp, sum(r.reward for r in rolls) / len(rolls)), y, {"step": step}
+
+
+def policy_loss(model: GPT, batch: PolicyBatch, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loop's loss_fn for RL: GRPO's loss summed over the sampled tokens, and the
+    numbers each step reports (mean reward, sampler/trainer mismatch)."""
+    loss, stats = grpo_loss(model, batch.x, targets, batch.advantages, batch.engine_logprobs, loss_reduction="sum")
+    return loss, {"reward": batch.reward, "logp_abs_diff": stats["logp_abs_diff"],
+                  "kl_engine_trainer": stats["kl_engine_trainer"]}

@@ -5,7 +5,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -77,16 +77,25 @@ class LossScaler:
         self.skipped = int(state.get("skipped", 0))
 
 
-def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: LossScaler | None = None) -> None:
-    """loss.backward() and optimizer.step(); with a LossScaler (fp16) the loss is scaled first and
-    the step is skipped, on every rank alike, when a gradient overflowed. Gradients are left for
-    the caller to zero."""
+def backward(loss: torch.Tensor, scaler: LossScaler | None = None) -> None:
+    """loss.backward(), the loss scaled first when training in fp16 with a LossScaler."""
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: LossScaler | None = None) -> bool:
+    """optimizer.step(); with a LossScaler the gradients are unscaled first and the step is skipped,
+    on every rank alike, when one overflowed. True if it stepped. Gradients are left for the caller
+    to zero."""
     if scaler is None:
-        loss.backward()
         optimizer.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
+        return True
+    return scaler.step(optimizer)
+
+
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: LossScaler | None = None) -> None:
+    """One batch, one step: `backward` then `optimizer_step`."""
+    backward(loss, scaler)
+    optimizer_step(optimizer, scaler)
 
 
 class Checkpointer:
@@ -159,24 +168,36 @@ class LoopState:
     # user's turns are computed but carry no loss, so this is the useful throughput
     target_tokens_per_second: list[float] = field(default_factory=list)
     loss_scaler: dict | None = None  # LossScaler.state_dict() when training in fp16
+    # per step, what a loss_fn reports besides the loss (RL: reward, sampler/trainer mismatch), with
+    # the step, loss and seconds; empty for the language-modelling loss
+    stats: list[dict] = field(default_factory=list)
 
 
-Batches = Iterator[tuple[torch.Tensor, torch.Tensor, dict]]
+Batches = Iterator[tuple[Any, torch.Tensor, dict]]
+LossFn = Callable[[torch.nn.Module, Any, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+def token_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The language-modelling loss of pretraining and fine-tuning: cross-entropy summed over the
+    targets >= 0, with nothing else to report."""
+    return model(inputs, targets, loss_reduction="sum"), {}
 
 
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batches, settings: LoopSettings,
           checkpoint_dir: str | Path, dist_info: Dist, meta: dict,
           evaluate: Callable[[int], dict] | None = None, state: LoopState | None = None,
           step_model: torch.nn.Module | None = None, scaler: LossScaler | None = None,
-          log: Callable[[dict], None] | None = None) -> LoopState:
+          log: Callable[[dict], None] | None = None, loss_fn: LossFn = token_loss) -> LoopState:
     """Run optimizer steps `state.step .. num_iterations`, evaluating, logging and checkpointing.
 
     loader yields (inputs, targets, loader_state); the loader state after the last consumed batch is
     saved with every checkpoint (per rank), so a resumed loop sees exactly the batches it would have seen.
     `step_model` is the (possibly compiled) module that runs the training step; `model` is saved.
-    Either is called as `(x, y, loss_reduction="sum")`: the summed loss over targets y >= 0, which
-    the loop weighs by the step's global target count. `log`, if given, receives every step's and
-    every evaluation's numbers as a dict with their `step` (the caller passes it on rank 0 only).
+    `loss_fn(step_model, inputs, targets)` returns the loss summed over the targets >= 0, which the
+    loop weighs by the step's global target count, and a dict of numbers to report (averaged over
+    micro-batches and ranks into `state.stats`); the default is the language-modelling loss, RL
+    passes its policy-gradient loss. `log`, if given, receives every step's and every evaluation's
+    numbers as a dict with their `step` (the caller passes it on rank 0 only).
     Returns the final loop state (losses, evaluations, throughput).
     """
     state = state or LoopState()
@@ -227,20 +248,25 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
             dist.all_reduce(target_total, op=dist.ReduceOp.SUM)
         weight = world / target_total.clamp(min=1)
         loss_sum = torch.zeros((), device=_device(model))
+        reported: list[dict[str, float]] = []
         for x, y, _ in batches:
-            loss = step_model(x, y, loss_reduction="sum")
+            loss, stats = loss_fn(step_model, x, y)
+            reported.append(stats)
             loss_sum += loss.detach()
-            scaled = loss * weight
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            backward(loss * weight, scaler)
+        optimizer_step(optimizer, scaler)  # with a scaler, an overflowing step is skipped on every rank alike
         if scaler is not None:
-            scaler.step(optimizer)  # an overflowing step is skipped on every rank alike
             state.loss_scaler = scaler.state_dict()
-        else:
-            optimizer.step()
         model.zero_grad(set_to_none=True)
+        # The loss and the reported numbers summed over micro-batches and ranks in one collective,
+        # in fp64 so that a reward of 1/3 reads back as 1/3.
+        names = list(reported[0])
+        sums = torch.cat([loss_sum.double().view(1), torch.tensor([sum(r[n] for r in reported) for n in names],
+                                                                  dtype=torch.float64, device=loss_sum.device)])
         if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-        loss_total, target_total = torch.stack([loss_sum, target_total]).tolist()  # a device sync: honest timing
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        *sums, target_total = torch.cat([sums, target_total.double().view(1)]).tolist()  # a device sync: honest timing
+        loss_total, stats = sums[0], {n: v / (len(reported) * world) for n, v in zip(names, sums[1:])}
         train_loss = loss_total / max(target_total, 1.0)  # the mean over the step's target tokens
         dt = time.perf_counter() - t0
         if not math.isfinite(train_loss):
@@ -257,15 +283,18 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Batc
         tps = settings.tokens_per_step / dt if settings.tokens_per_step else 0.0
         state.tokens_per_second.append(tps)
         state.target_tokens_per_second.append(target_total / dt)
+        if stats:
+            state.stats.append(dict(step=state.step, loss=train_loss, seconds=dt, **stats))
         mfu = mfu_percent(settings.flops_per_token, tps, settings.peak_flops, world)
         if log is not None:
             log(dict(step=state.step, loss=train_loss, seconds=dt, tokens_per_second=tps,
-                     target_tokens_per_second=target_total / dt, mfu=mfu))
+                     target_tokens_per_second=target_total / dt, mfu=mfu, **stats))
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}")
         if settings.log_every > 0 and (state.step % settings.log_every == 0 or state.step == 1):
             bar.write(f"step {state.step:05d}/{last} | loss {train_loss:.4f} | {dt * 1000:.0f} ms | "
-                      f"{tps:,.0f} tok/s | MFU {'n/a (CPU or unknown GPU)' if mfu is None else f'{mfu:.1f}%'}")
+                      f"{tps:,.0f} tok/s | MFU {'n/a (CPU or unknown GPU)' if mfu is None else f'{mfu:.1f}%'}"
+                      + "".join(f" | {k} {v:.3g}" for k, v in stats.items()))
     bar.close()
     return state
 
@@ -311,7 +340,7 @@ def resume_state(checkpoint_dir: str | Path, model: torch.nn.Module, optimizer: 
                            train_seconds=loop.get("train_seconds", 0.0),
                            tokens_per_second=loop.get("tokens_per_second", []),
                            target_tokens_per_second=loop.get("target_tokens_per_second", []),
-                           loss_scaler=loop.get("loss_scaler"))
+                           loss_scaler=loop.get("loss_scaler"), stats=loop.get("stats", []))
     print0(f"resumed from {checkpoint_dir} at step {step}")
     return loop_state, shard.get("loader_state")
 

@@ -275,7 +275,7 @@ def test_presets_adapt_the_device_batch_to_the_world_size(capsys):
     """The batch a preset is tuned for is kept on more ranks: fewer rows per micro-step (said in
     one line), gradient accumulation for the rest; a batch no device batch can fill is an error."""
     from nanofast.model import GPT, config_for_depth
-    from nanofast.pipeline import plan_training
+    from nanofast.plan import plan_training
 
     def plan(preset: str, world: int, **overrides):
         s = make_settings(preset, **overrides)
@@ -401,7 +401,7 @@ def test_speedrun_preset_plans_nanochats_run_on_8_gpus():
     """runs/speedrun.sh's pretraining at depth 24: 2^20 tokens per step (4 micro-steps of 16 x 2048
     on 8 ranks) for 5,568 steps (ratio 8 x 729,810,624 scaling params), fp8 in every linear class."""
     from nanofast.model import GPT, config_for_depth, parse_linear_precision
-    from nanofast.pipeline import plan_training, scaling_params
+    from nanofast.plan import plan_training, scaling_params
 
     s = make_settings("speedrun")
     with torch.device("meta"):

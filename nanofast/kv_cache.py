@@ -1,5 +1,6 @@
 """The paged KV cache: a preallocated pool of pages, the block manager that hands them out, and
-`PagedBatch`, the view of one engine step the model's attention runs against.
+`PagedBatch`, the view of one engine step the model's attention runs against (`nanofast.attention`). Data
+only: no attention is computed here.
 
 Pages are ref-counted, so sequences that share a prompt prefix share its pages. A page whose KV is
 complete (all `page_size` positions computed) is registered in the prefix cache under a hash chain
@@ -10,13 +11,11 @@ cached page's tokens and parent page, so a hash collision can never hand out ano
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
 
-from nanofast import ops
 
 
 def page_key(parent_key: bytes, tokens: tuple[int, ...]) -> bytes:
@@ -140,7 +139,8 @@ class PagedBatch:
 
     The first `num_decode` sequences contribute one token each (rows 0 .. num_decode - 1, run by
     the paged decode kernel in one batch); the others contribute chunks (prefill, recompute after
-    preemption, tool output), run per sequence against their gathered pages.
+    preemption, tool output), run per sequence against their gathered pages
+    (`nanofast.attention.paged_step_attention`).
     """
     cache: KVCache
     positions: torch.Tensor     # (N,) int64 position of each token in its sequence
@@ -153,19 +153,3 @@ class PagedBatch:
     num_decode: int
     chunks: list[tuple[int, int, int]]  # per chunked sequence: (sequence row, first flat row, tokens)
     context_lens: list[int]     # seq_lens on the host
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-        """q (1, N, Hq, D), k, v (1, N, Hkv, D) of this step's tokens -> (1, N, Hq, D): writes k, v
-        into the cache first, so each token also attends to itself and to earlier tokens of its chunk."""
-        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        ops.paged_kv_write(k[0], v[0], k_cache, v_cache, self.slot_mapping)
-        nd = self.num_decode
-        parts = []
-        if nd:
-            parts.append(ops.paged_decode_attention(q[0, :nd], k_cache, v_cache, self.block_table[:nd],
-                                                    self.seq_lens[:nd], window))
-        for row, start, n in self.chunks:
-            ctx = self.context_lens[row]
-            pages = self.block_table[row, :math.ceil(ctx / self.cache.page_size)].long()
-            parts.append(ops.paged_prefill_attention(q[0, start:start + n], k_cache, v_cache, pages, ctx, window))
-        return torch.cat(parts)[None]

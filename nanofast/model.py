@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from nanofast import ops
+from nanofast.attention import paged_step_attention
 
 VOCAB_PAD = 64  # pad the vocab so the lm_head GEMM has tensor-core friendly N
 SMEAR_CHANNELS = 24
@@ -156,7 +157,7 @@ class CausalSelfAttention(nn.Module):
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = ops.qk_norm_rope(q, k, cos, sin, scale=QK_SCALE)
-        y = ops.attention(q, k, v, window) if kv is None else kv.attend(self.layer, q, k, v, window)
+        y = ops.attention(q, k, v, window) if kv is None else paged_step_attention(kv, self.layer, q, k, v, window)
         return self.c_proj(y.reshape(B, T, -1))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # 3.9 warns its default changes in 3.10: pin it
@@ -83,6 +85,45 @@ def cubin_facts(cubin: bytes, kernel: str, config: str, arch: int) -> MachineFac
     return MachineFacts(kernel=kernel, config=config, arch=arch, registers=numbers.get("REG", 0),
                         shared_bytes=numbers.get("SHARED", 0), local_bytes=numbers.get("LOCAL", 0),
                         instructions=count_instructions(sass), stack_bytes=numbers.get("STACK", 0))
+
+
+# Scalar kernel arguments, typed by name. Sizes, counts and strides are i32: Triton's launcher
+# specialises an int argument below 2**31 to i32, which every shape the gates compile is.
+FP32_SCALARS = frozenset({"eps", "scale", "sm_scale", "mu", "coef_a", "coef_b", "coef_c"})
+I32_SIZES = frozenset({"M", "N", "K", "D", "P", "T", "HQ", "HK", "capacity", "window", "max_pos", "num_pages",
+                       "num_slots", "num_splits"})
+
+
+def gate_signature(fn, constexprs: Mapping[str, object], dtype: str,
+                   types: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The `compile_triton` signature of the @triton.jit `fn`, read off its own arguments in order.
+
+    Each argument is "constexpr" when `constexprs` gives it a value (a pointer passed as None is one
+    too); else `types[name]` verbatim; else "fp32" in FP32_SCALARS, "i32" in I32_SIZES or named
+    stride_*; else a pointer to `dtype` ("bf16" -> "*bf16"). `types` holds only what those rules get
+    wrong: pointers to another dtype, TMA descriptors, a pointer named like a size.
+    """
+    types = types or {}
+    unknown = (set(constexprs) | set(types)) - set(fn.arg_names)
+    if unknown:
+        raise ValueError(f"{fn.__name__} has no arguments {sorted(unknown)}")
+    sig = {}
+    # The Python function's own parameters: a compiled kernel's and an interpreted one's alike (the
+    # interpreter's wrapper has no `params`). Triton's rule: constexpr when annotated as one.
+    for name, param in inspect.signature(fn.fn).parameters.items():
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif "constexpr" in str(param.annotation):
+            raise ValueError(f"{fn.__name__}: constexpr argument {name} needs a value in constexprs")
+        elif name in types:
+            sig[name] = types[name]
+        elif name in FP32_SCALARS:
+            sig[name] = "fp32"
+        elif name in I32_SIZES or name.startswith("stride_"):
+            sig[name] = "i32"
+        else:
+            sig[name] = f"*{dtype}"
+    return sig
 
 
 def compile_triton(fn, signature: dict[str, str], constexprs: dict[str, object], *, num_warps: int = 4,

@@ -68,7 +68,6 @@ __all__ = ["paged_decode_attention", "paged_decode_attention_reference", "paged_
            "paged_kv_write", "paged_kv_write_reference", "paged_kv_write_triton", "KERNEL_CONFIGS"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LOG2E = 1.4426950408889634
 MAX_SPLITS = 256  # the merge kernel holds (splits, D) fp32 partials of one head in registers
 _MIN_DOT = 16  # tl.dot needs every tile dim >= 16 (mma.sync m16n8k16 fragments)
 
@@ -251,6 +250,10 @@ def paged_kv_write_reference(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Ten
 # ----------------------------------------------------------------------------------------------
 
 if triton is not None:
+    # log2(e), which the decode kernel folds into its softmax scale. A kernel reads a module global
+    # only when it is a tl.constexpr.
+    _LOG2E = tl.constexpr(1.4426950408889634)
+
     @triton.jit
     def _paged_decode_kernel(Q, K, V, BT, SL, O, OP, LSE,
                              stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
@@ -291,7 +294,7 @@ if triton is not None:
         q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh + d[None, :],
                     mask=g_mask[:, None] & d_mask[None, :], other=0.0)
         # Fold log2(e) into the scale: softmax via exp2 (one MUFU op per score, no extra multiply).
-        qk_scale = tl.cast(sm_scale, tl.float32) * 1.4426950408889634
+        qk_scale = tl.cast(sm_scale, tl.float32) * _LOG2E
 
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)

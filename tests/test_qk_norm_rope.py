@@ -11,6 +11,7 @@ sm_90 / sm_80 and their machine code checked (compile gate).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 
@@ -19,6 +20,7 @@ import torch
 
 from nanofast import ops
 from compile_gate_helpers import check_common_facts, gate_facts_fixture, gate_tests
+from error_budget import check_budget
 
 # `nanofast.kernels` re-exports the function `qk_norm_rope`, which shadows the submodule as an
 # attribute: fetch the module itself.
@@ -82,17 +84,7 @@ def _make(B, T, HQ, HK, D, layout, dtype, gen):
     raise ValueError(layout)
 
 
-def _max_err(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def _check_budget(kind, dtype, name, kernel, torch_lp, ref64):
-    factor, atol = BUDGET[kind][dtype]
-    assert kernel.shape == ref64.shape and kernel.dtype == torch_lp.dtype, name
-    assert torch.isfinite(kernel).all(), name
-    scale = max(1.0, ref64.abs().max().item() if ref64.numel() else 0.0)
-    err_k, err_t = _max_err(kernel, ref64), _max_err(torch_lp, ref64)
-    assert err_k <= factor * err_t + atol * scale, f"{name}: kernel err {err_k:.3e} vs torch err {err_t:.3e}"
+_check_budget = functools.partial(check_budget, BUDGET)
 
 
 def _eps(dtype):

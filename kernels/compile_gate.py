@@ -21,8 +21,6 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # 3.9 warns its default changes in 3.10: pin it
-
 # LDGSTS: cp.async (Ampere+), how Triton's software-pipelined tile loads appear in SASS.
 # UTMALDG / UTMASTG: Hopper TMA bulk tensor copies (a whole tile per instruction, one thread).
 # HGMMA / QGMMA: Hopper warpgroup MMAs on fp16/bf16 and on fp8 operands.
@@ -146,6 +144,9 @@ def compile_triton(fn, signature: dict[str, str], constexprs: dict[str, object],
         # interpreter functions the compiler cannot inline: compile in a process without it.
         raise RuntimeError("compile_triton needs a process without TRITON_INTERPRET=1 "
                            "(run `python -m nanofast.kernels.report`, or compile in a subprocess)")
+    # 3.9 warns its FP-fusion default changes in 3.10: pin it here, where the gate compiles, so that
+    # importing this module (every kernel module does, for gate_signature) changes no environment.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     names = list(signature)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)

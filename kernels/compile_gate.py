@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import os
 import re
@@ -17,9 +18,8 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # 3.9 warns its default changes in 3.10: pin it
 
 # LDGSTS: cp.async (Ampere+), how Triton's software-pipelined tile loads appear in SASS.
 # UTMALDG / UTMASTG: Hopper TMA bulk tensor copies (a whole tile per instruction, one thread).
@@ -85,6 +85,45 @@ def cubin_facts(cubin: bytes, kernel: str, config: str, arch: int) -> MachineFac
                         instructions=count_instructions(sass), stack_bytes=numbers.get("STACK", 0))
 
 
+# Scalar kernel arguments, typed by name. Sizes, counts and strides are i32: Triton's launcher
+# specialises an int argument below 2**31 to i32, which every shape the gates compile is.
+FP32_SCALARS = frozenset({"eps", "scale", "sm_scale", "mu", "coef_a", "coef_b", "coef_c"})
+I32_SIZES = frozenset({"M", "N", "K", "D", "P", "T", "HQ", "HK", "capacity", "window", "max_pos", "num_pages",
+                       "num_slots", "num_splits"})
+
+
+def gate_signature(fn, constexprs: Mapping[str, object], dtype: str,
+                   types: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The `compile_triton` signature of the @triton.jit `fn`, read off its own arguments in order.
+
+    Each argument is "constexpr" when `constexprs` gives it a value (a pointer passed as None is one
+    too); else `types[name]` verbatim; else "fp32" in FP32_SCALARS, "i32" in I32_SIZES or named
+    stride_*; else a pointer to `dtype` ("bf16" -> "*bf16"). `types` holds only what those rules get
+    wrong: pointers to another dtype, TMA descriptors, a pointer named like a size.
+    """
+    types = types or {}
+    unknown = (set(constexprs) | set(types)) - set(fn.arg_names)
+    if unknown:
+        raise ValueError(f"{fn.__name__} has no arguments {sorted(unknown)}")
+    sig = {}
+    # The Python function's own parameters: a compiled kernel's and an interpreted one's alike (the
+    # interpreter's wrapper has no `params`). Triton's rule: constexpr when annotated as one.
+    for name, param in inspect.signature(fn.fn).parameters.items():
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif "constexpr" in str(param.annotation):
+            raise ValueError(f"{fn.__name__}: constexpr argument {name} needs a value in constexprs")
+        elif name in types:
+            sig[name] = types[name]
+        elif name in FP32_SCALARS:
+            sig[name] = "fp32"
+        elif name in I32_SIZES or name.startswith("stride_"):
+            sig[name] = "i32"
+        else:
+            sig[name] = f"*{dtype}"
+    return sig
+
+
 def compile_triton(fn, signature: dict[str, str], constexprs: dict[str, object], *, num_warps: int = 4,
                    num_stages: int = 3, aligned: tuple[str, ...] = (), arch: int = 90, config: str = "") -> MachineFacts:
     """Compile the @triton.jit `fn` for sm_`arch` and return its facts.
@@ -105,6 +144,9 @@ def compile_triton(fn, signature: dict[str, str], constexprs: dict[str, object],
         # interpreter functions the compiler cannot inline: compile in a process without it.
         raise RuntimeError("compile_triton needs a process without TRITON_INTERPRET=1 "
                            "(run `python -m nanofast.kernels.report`, or compile in a subprocess)")
+    # 3.9 warns its FP-fusion default changes in 3.10: pin it here, where the gate compiles, so that
+    # importing this module (every kernel module does, for gate_signature) changes no environment.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     names = list(signature)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .backend import resolve_backend, target_arch
+from .compile_gate import gate_signature
 from .launch import TL_DTYPE as _TL_DTYPE, sm_count
 
 try:  # triton is optional: backend="torch" / "scaled_mm" work without it
@@ -463,25 +464,22 @@ def _config(m: int, n: int, k: int, a_dtype: torch.dtype, b_dtype: torch.dtype, 
     const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=meta["GROUP_M"])
     if persistent:
         # The descriptors' types carry their box shapes; the launcher asserts the 16-byte rows.
-        sig = {"a_desc": f"tensordesc<{a_t}[{bm}, {bk}]>", "b_desc": f"tensordesc<{b_t}[{bn}, {bk}]>",
-               "c_desc": f"tensordesc<{c_t}[{bm}, {bn}]>"}
         const["NUM_SMS"] = 132  # H100 SXM
+        types = {"a_desc": f"tensordesc<{a_t}[{bm}, {bk}]>", "b_desc": f"tensordesc<{b_t}[{bn}, {bk}]>",
+                 "c_desc": f"tensordesc<{c_t}[{bm}, {bn}]>"}
         aligned = ("SA", "SB", "BIAS", "N", "K")
     else:
-        sig = {"A": f"*{a_t}", "B": f"*{b_t}", "C": f"*{c_t}"}
         const["EVEN_K"] = k % bk == 0
+        types = {"A": f"*{a_t}", "B": f"*{b_t}"}
         # What Triton's launcher specialises for contiguous nanochat operands: 16-byte aligned
         # pointers, sizes and row strides multiples of 16 (every nanochat width is).
         aligned = ("A", "B", "C", "SA", "SB", "BIAS", "N", "K", "stride_am", "stride_bn", "stride_cm")
-    sig.update({"SA": "*fp32", "SB": "*fp32", "BIAS": f"*{c_t}", "M": "i32", "N": "i32", "K": "i32"})
-    if not persistent:
-        sig.update({"stride_am": "i32", "stride_bn": "i32", "stride_cm": "i32"})
     const.update(ROWWISE_A=rowwise, ROWWISE_B=rowwise, HAS_BIAS=bias, FAST_ACCUM=fast_accum)
-    sig.update({name: "constexpr" for name in const})
+    fn = _fp8_gemm_persistent_kernel if persistent else _fp8_gemm_kernel
+    sig = gate_signature(fn, const, c_t, {**types, "SA": "*fp32", "SB": "*fp32"})
     label = (f"{a_t}x{b_t}->{c_t} m={m} n={n} k={k} {'rowwise' if rowwise else 'tensorwise'} "
              f"{'fast' if fast_accum else 'split'}{' bias' if bias else ''} BLOCK={bm}x{bn}x{bk} "
              f"warps={meta['num_warps']} stages={meta['num_stages']}{' persistent' if persistent else ''}")
-    fn = _fp8_gemm_persistent_kernel if persistent else _fp8_gemm_kernel
     return dict(fn=fn, signature=sig, constexprs=const, aligned=aligned, num_warps=meta["num_warps"],
                 num_stages=meta["num_stages"], config=label)
 

@@ -66,6 +66,7 @@ import torch
 from torch import Tensor
 
 from .backend import resolve_backend
+from .compile_gate import gate_signature
 from .launch import TL_DTYPE as _TL_DTYPE, alloc as _alloc, device_ctx as _device_ctx, next_pow2 as _next_pow2, \
     row_stride as _row_stride, sm_count as _sm_count
 
@@ -537,21 +538,20 @@ _SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
 
 def _amax_config(M: int, K: int, xdtype: torch.dtype) -> dict:
     m = _amax_meta(M, K)
-    sig = {"X": f"*{_TL_DTYPE[xdtype]}", "PARTIAL": "*fp32", "stride_x": "i32", "M": "i32", "K": "i32",
-           "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
+    const = {"BLOCK_M": m["BLOCK_M"], "BLOCK_K": m["BLOCK_K"]}
+    sig = gate_signature(_amax_partial_kernel, const, _TL_DTYPE[xdtype], {"PARTIAL": "*fp32"})
     # What Triton's launcher specialises for contiguous activations: 16-byte aligned pointers, row
     # stride and K multiples of 16.
-    return dict(fn=_amax_partial_kernel, signature=sig, constexprs={"BLOCK_M": m["BLOCK_M"], "BLOCK_K": m["BLOCK_K"]},
+    return dict(fn=_amax_partial_kernel, signature=sig, constexprs=const,
                 num_warps=m["num_warps"], num_stages=3, aligned=("X", "PARTIAL", "stride_x", "K"),
                 config=f"amax {M}x{K} {_SHORT[xdtype]} BLOCK={m['BLOCK_M']}x{m['BLOCK_K']} warps={m['num_warps']}")
 
 
 def _finalize_config(dtype: torch.dtype, write_scale: bool) -> dict:
-    sig = {"PARTIAL": "*fp32", "AMAX": "*fp32", "SCALE": "*fp32" if write_scale else "constexpr", "P": "i32",
-           "FP8_MAX": "constexpr", "FLOOR": "constexpr", "BLOCK": "constexpr", "WRITE_SCALE": "constexpr"}
     const = {"FP8_MAX": FP8_MAX[dtype], "FLOOR": amax_floor(dtype), "BLOCK": _FINALIZE_BLOCK, "WRITE_SCALE": write_scale}
     if not write_scale:
         const["SCALE"] = None
+    sig = gate_signature(_amax_finalize_kernel, const, "fp32")
     return dict(fn=_amax_finalize_kernel, signature=sig, constexprs=const, num_warps=4, num_stages=3,
                 aligned=("PARTIAL",), config=f"finalize {_SHORT[dtype]}{' +scale' if write_scale else ''} "
                                              f"BLOCK={_FINALIZE_BLOCK} warps=4")
@@ -560,16 +560,13 @@ def _finalize_config(dtype: torch.dtype, write_scale: bool) -> dict:
 def _cast_config(M: int, K: int, xdtype: torch.dtype, dtype: torch.dtype, transpose: bool, write_amax: bool) -> dict:
     m = _cast_meta(M, K)
     q = f"*{_TL_DTYPE[dtype]}"
-    sig = {"X": f"*{_TL_DTYPE[xdtype]}", "Q": q, "QT": q if transpose else "constexpr", "SCALE": "*fp32",
-           "PARTIAL": "*fp32" if write_amax else "constexpr", "stride_x": "i32", "stride_q": "i32",
-           "stride_qt": "i32", "M": "i32", "K": "i32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr",
-           "FP8_MAX": "constexpr", "WRITE_T": "constexpr", "WRITE_AMAX": "constexpr"}
     const = {"BLOCK_M": m["BLOCK_M"], "BLOCK_K": m["BLOCK_K"], "FP8_MAX": FP8_MAX[dtype], "WRITE_T": transpose,
              "WRITE_AMAX": write_amax}
     if not transpose:
         const["QT"] = None
     if not write_amax:
         const["PARTIAL"] = None
+    sig = gate_signature(_cast_kernel, const, _TL_DTYPE[xdtype], {"Q": q, "QT": q, "SCALE": "*fp32", "PARTIAL": "*fp32"})
     aligned = tuple(a for a in ("X", "Q", "QT", "PARTIAL", "stride_x", "stride_q", "stride_qt", "M", "K")
                     if sig[a] != "constexpr")
     return dict(fn=_cast_kernel, signature=sig, constexprs=const, num_warps=m["num_warps"], num_stages=3,
@@ -580,11 +577,10 @@ def _cast_config(M: int, K: int, xdtype: torch.dtype, dtype: torch.dtype, transp
 
 def _rowwise_config(M: int, K: int, xdtype: torch.dtype, dtype: torch.dtype) -> dict:
     m = _rowwise_meta(M, K)
-    sig = {"X": f"*{_TL_DTYPE[xdtype]}", "Q": f"*{_TL_DTYPE[dtype]}", "SCALE": "*fp32", "AMAX": "*fp32",
-           "stride_x": "i32", "stride_q": "i32", "M": "i32", "K": "i32", "BLOCK_M": "constexpr",
-           "BLOCK_K": "constexpr", "NUM_CHUNKS": "constexpr", "FP8_MAX": "constexpr", "FLOOR": "constexpr"}
     const = {"BLOCK_M": m["BLOCK_M"], "BLOCK_K": m["BLOCK_K"], "NUM_CHUNKS": m["NUM_CHUNKS"],
              "FP8_MAX": FP8_MAX[dtype], "FLOOR": amax_floor(dtype)}
+    sig = gate_signature(_rowwise_kernel, const, _TL_DTYPE[xdtype],
+                         {"Q": f"*{_TL_DTYPE[dtype]}", "SCALE": "*fp32", "AMAX": "*fp32"})
     return dict(fn=_rowwise_kernel, signature=sig, constexprs=const, num_warps=m["num_warps"], num_stages=3,
                 aligned=("X", "Q", "SCALE", "AMAX", "stride_x", "stride_q", "K"),
                 config=f"rowwise {M}x{K} {_SHORT[xdtype]}->{_SHORT[dtype]} "

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .backend import target_arch
+from .compile_gate import gate_signature
 from .launch import TL_DTYPE as _TL_DTYPE
 
 try:  # triton is optional: backend="torch" works without it
@@ -386,25 +387,20 @@ def _(X, coefficients):
 # Configurations an H100 runs (compiled and checked by the compile gate)
 # --------------------------------------------------------------------------------------------
 
+def _aligned(sig: dict[str, str]) -> tuple[str, ...]:
+    """Every pointer and int argument: what Triton's launcher specialises as divisible by 16 for
+    contiguous nanochat matrices (aligned pointers; sizes and strides multiples of 16, as every
+    nanochat width is)."""
+    return tuple(a for a, ty in sig.items() if ty.startswith("*") or ty == "i32")
+
+
 def _config(kernel: str, m: int, n: int, dtype: torch.dtype, arch: int = 90) -> dict:
     t = _TL_DTYPE[dtype]
     meta = _meta(m, dtype, arch)
     const, opts = _launch_args(meta)
-    if kernel == "gram":
-        fn, ptrs, ints = _ns_gram_kernel, ("X", "A"), ("M", "N", "stride_xb", "stride_xm", "stride_ab", "stride_am")
-        floats = ()
-    elif kernel == "poly":
-        fn, ptrs, ints = _ns_poly_kernel, ("A", "B"), ("M", "stride_ab", "stride_am", "stride_bb", "stride_bm")
-        floats = ("coef_b", "coef_c")
-    else:
-        fn, ptrs = _ns_update_kernel, ("X", "B", "Y")
-        ints = ("M", "N", "stride_xb", "stride_xm", "stride_bb", "stride_bm", "stride_yb", "stride_ym")
-        floats = ("coef_a",)
-    sig = {**{p: f"*{t}" for p in ptrs}, **{i: "i32" for i in ints}, **{f: "fp32" for f in floats},
-           "BLOCK": "constexpr", "BLOCK_K": "constexpr", "PRECISION": "constexpr"}
-    # What Triton's launcher specialises for contiguous nanochat stacks: 16-byte aligned pointers,
-    # sizes and strides multiples of 16 (every nanochat width is).
-    return dict(fn=fn, signature=sig, constexprs=const, aligned=ptrs + ints, **opts,
+    fn = {"gram": _ns_gram_kernel, "poly": _ns_poly_kernel, "update": _ns_update_kernel}[kernel]
+    sig = gate_signature(fn, const, t)
+    return dict(fn=fn, signature=sig, constexprs=const, aligned=_aligned(sig), **opts,
                 config=f"{kernel} m={m} n={n} {t} BLOCK={meta['BLOCK']}x{meta['BLOCK_K']} "
                        f"warps={meta['num_warps']} stages={meta['num_stages']}")
 
@@ -436,15 +432,12 @@ def _prologue_configs() -> list[dict]:
     # fp32 master weights' gradients (nanochat's default) and bf16 ones; X_0 out in bf16.
     for gdt in (torch.float32, torch.bfloat16):
         g = _TL_DTYPE[gdt]
-        for kernel, fn in (("nesterov_rows", _nesterov_rows_kernel), ("scale_rows", _scale_rows_kernel)):
-            if kernel == "nesterov_rows":
-                sig = {"G": f"*{g}", "Mom": f"*{g}", "RowSq": "*fp32", "N": "i32", "mu": "fp32"}
-                aligned = ("G", "Mom", "RowSq", "N")
-            else:
-                sig = {"U": f"*{g}", "S": "*fp32", "X": "*bf16", "N": "i32"}
-                aligned = ("U", "S", "X", "N")
-            out.append(dict(fn=fn, signature={**sig, "BLOCK_N": "constexpr"}, constexprs={"BLOCK_N": _ROW_BLOCK},
-                            aligned=aligned, num_warps=_ROW_WARPS, num_stages=1,
+        for kernel, fn, types in (("nesterov_rows", _nesterov_rows_kernel, {"RowSq": "*fp32"}),
+                                  ("scale_rows", _scale_rows_kernel, {"S": "*fp32", "X": "*bf16"})):
+            const = {"BLOCK_N": _ROW_BLOCK}
+            sig = gate_signature(fn, const, g, types)
+            out.append(dict(fn=fn, signature=sig, constexprs=const, aligned=_aligned(sig), num_warps=_ROW_WARPS,
+                            num_stages=1,
                             config=f"{kernel} {g}{'->bf16' if kernel == 'scale_rows' else ''} "
                                    f"BLOCK_N={_ROW_BLOCK} warps={_ROW_WARPS}"))
     return out

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from .backend import resolve_backend
+from .compile_gate import gate_signature
 from .launch import TL_DTYPE as _TL_DTYPE, next_pow2 as _next_pow2, sm_count as _sm_count
 
 try:  # triton is optional: backend="torch" (and "cuda") work without it
@@ -67,7 +68,6 @@ __all__ = ["paged_decode_attention", "paged_decode_attention_reference", "paged_
            "paged_kv_write", "paged_kv_write_reference", "paged_kv_write_triton", "KERNEL_CONFIGS"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LOG2E = 1.4426950408889634
 MAX_SPLITS = 256  # the merge kernel holds (splits, D) fp32 partials of one head in registers
 _MIN_DOT = 16  # tl.dot needs every tile dim >= 16 (mma.sync m16n8k16 fragments)
 
@@ -250,6 +250,9 @@ def paged_kv_write_reference(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Ten
 # ----------------------------------------------------------------------------------------------
 
 if triton is not None:
+    # log2(e), which the decode kernel folds into its softmax scale. A kernel reads a module global
+    # only when it is a tl.constexpr.
+    _LOG2E = tl.constexpr(1.4426950408889634)
 
     @triton.jit
     def _paged_decode_kernel(Q, K, V, BT, SL, O, OP, LSE,
@@ -291,7 +294,7 @@ if triton is not None:
         q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh + d[None, :],
                     mask=g_mask[:, None] & d_mask[None, :], other=0.0)
         # Fold log2(e) into the scale: softmax via exp2 (one MUFU op per score, no extra multiply).
-        qk_scale = tl.cast(sm_scale, tl.float32) * 1.4426950408889634
+        qk_scale = tl.cast(sm_scale, tl.float32) * _LOG2E
 
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -599,12 +602,9 @@ def _decode_config(dtype: torch.dtype, group: int, head_dim: int, page_size: int
     t = _TL_DTYPE[dtype]
     m = _decode_meta(group, head_dim, torch.empty((), dtype=dtype).element_size())
     nw, ns = m.pop("num_warps"), m.pop("num_stages")
-    ints = ("stride_qb", "stride_qh", "stride_kp", "stride_ks", "stride_kh", "stride_vp", "stride_vs", "stride_vh",
-            "stride_btb", "stride_ob", "stride_oh", "num_pages", "capacity", "window", "num_splits")
-    sig = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "BT": "*i32", "SL": "*i32", "O": f"*{t}", "OP": "*fp32",
-           "LSE": "*fp32", **{n: "i32" for n in ints}, "sm_scale": "fp32",
-           **{n: "constexpr" for n in ("GROUP", "HEAD_DIM", "PAGE_SIZE", "BLOCK_G", "BLOCK_D", "BLOCK_N", "SPLIT")}}
     const = dict(GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, SPLIT=split, **m)
+    sig = gate_signature(_paged_decode_kernel, const, t,
+                         {"K": f"*{t}", "BT": "*i32", "SL": "*i32", "OP": "*fp32", "LSE": "*fp32"})
     # What Triton's launcher specialises for a contiguous cache and packed qkv at D in {64, 128}: all
     # pointers 16-byte aligned and every stride a multiple of 16 elements (D, Hkv*D, page_size*Hkv*D,
     # (Hq + 2 Hkv) * D). num_pages, capacity and the lengths are arbitrary.
@@ -620,9 +620,9 @@ def _merge_config(dtype: torch.dtype, num_splits: int, head_dim: int) -> dict:
     t = _TL_DTYPE[dtype]
     m = _merge_meta(num_splits, head_dim)
     nw = m.pop("num_warps")
-    sig = {"OP": "*fp32", "LSE": "*fp32", "O": f"*{t}", "stride_ob": "i32", "stride_oh": "i32", "num_splits": "i32",
-           "HEAD_DIM": "constexpr", "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
-    return dict(fn=_paged_decode_merge_kernel, signature=sig, constexprs=dict(HEAD_DIM=head_dim, **m), num_warps=nw,
+    const = dict(HEAD_DIM=head_dim, **m)
+    sig = gate_signature(_paged_decode_merge_kernel, const, t, {"OP": "*fp32", "LSE": "*fp32"})
+    return dict(fn=_paged_decode_merge_kernel, signature=sig, constexprs=const, num_warps=nw,
                 num_stages=1, aligned=("OP", "LSE", "O", "stride_ob", "stride_oh"),
                 config=f"merge {t} splits={num_splits} D={head_dim} BLOCK_S={m['BLOCK_S']} warps={nw}")
 
@@ -631,15 +631,13 @@ def _write_config(dtype: torch.dtype, hkv: int, head_dim: int, page_size: int, s
     t = _TL_DTYPE[dtype]
     m = _write_meta(hkv, head_dim)
     nw = m.pop("num_warps")
-    ints = ("stride_kn", "stride_kh", "stride_vn", "stride_vh", "stride_kp", "stride_ks", "stride_kch", "stride_vp",
-            "stride_vs", "stride_vch", "num_slots")
-    sig = {"K": f"*{t}", "V": f"*{t}", "KC": f"*{t}", "VC": f"*{t}", "SLOT": f"*{slot_dtype}",
-           **{n: "i32" for n in ints}, **{n: "constexpr" for n in ("HKV", "HEAD_DIM", "PAGE_SIZE", "BLOCK_H",
-                                                                     "BLOCK_D")}}
-    aligned = ("K", "V", "KC", "VC", "SLOT") + ints[:-1]
-    return dict(fn=_paged_kv_write_kernel, signature=sig, constexprs=dict(HKV=hkv, HEAD_DIM=head_dim,
-                                                                         PAGE_SIZE=page_size, **m),
-                num_warps=nw, num_stages=1, aligned=aligned,
+    const = dict(HKV=hkv, HEAD_DIM=head_dim, PAGE_SIZE=page_size, **m)
+    sig = gate_signature(_paged_kv_write_kernel, const, t, {"K": f"*{t}", "SLOT": f"*{slot_dtype}"})
+    # What Triton's launcher specialises for a contiguous cache and packed qkv: every pointer and
+    # stride; num_slots (the token count) is arbitrary.
+    aligned = tuple(a for a in sig if sig[a] != "constexpr" and a != "num_slots")
+    return dict(fn=_paged_kv_write_kernel, signature=sig, constexprs=const, num_warps=nw, num_stages=1,
+                aligned=aligned,
                 config=f"write {t} Hkv={hkv} D={head_dim} page={page_size} slot={slot_dtype} warps={nw}")
 
 

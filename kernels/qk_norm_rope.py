@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .backend import resolve_backend
+from .compile_gate import gate_signature
 from .launch import TL_DTYPE as _TL_DTYPE
 from .rms_norm import default_eps
 
@@ -824,50 +825,38 @@ class QKNormRope(torch.nn.Module):
 # What an H100 compiles for nanochat shapes (checked by the compile gate in the tests)
 # ----------------------------------------------------------------------------------------------
 
-_CONSTEXPR_NAMES = ("HALF", "BLOCK_HQ", "BLOCK_HK", "BLOCK_HALF", "HAS_QW", "HAS_KW", "INTERLEAVED")
-
-
 def _config(kind: str, dtype: torch.dtype, hq: int, hk: int, d: int, weights: bool = False,
             interleaved: bool = False) -> dict:
     """The compile_triton keyword arguments of one launch. Strides, T, pointers are multiples of 16 for these
     shapes (D, Hq*D, T*Hq*D, D/2 rows of the tables), which Triton's launcher specialises on: the
     `aligned` names are exactly those, so the compiled code is the one a real launch gets."""
-    x, w = "*" + _TL_DTYPE[dtype], "*" + _TL_DTYPE[dtype]
+    t = _TL_DTYPE[dtype]
     meta = _launch_meta(hq, hk, d)
     nw = meta.pop("num_warps")
     const = dict(HALF=d // 2, HAS_QW=weights, HAS_KW=weights, INTERLEAVED=interleaved, **meta)
+    tables = ("stride_cos", "stride_sin") if d // 2 % 16 == 0 else ()
     if kind == "fwd":
         fn = _qk_norm_rope_fwd_kernel
-        ptrs = dict(Q=x, K=x, COS=x, SIN=x, QW=w, KW=w, QO=x, KO=x, QR="*fp32", KR="*fp32")
-        ints = dict(T="i32", HQ="i32", HK="i32", stride_qb="i32", stride_qt="i32", stride_qh="i32",
-                    stride_kb="i32", stride_kt="i32", stride_kh="i32", stride_cos="i32", stride_sin="i32",
-                    eps="fp32", scale="fp32")
+        types = {"K": f"*{t}", "QR": "*fp32", "KR": "*fp32"}
         aligned = ("Q", "K", "COS", "SIN", "QW", "KW", "QO", "KO", "QR", "KR", "T", "stride_qb", "stride_qt",
-                   "stride_qh", "stride_kb", "stride_kt", "stride_kh")
-        aligned += ("stride_cos", "stride_sin") if d // 2 % 16 == 0 else ()
+                   "stride_qh", "stride_kb", "stride_kt", "stride_kh") + tables
     elif kind == "bwd":
         fn = _qk_norm_rope_bwd_kernel
-        ptrs = dict(DQO=x, DKO=x, Q=x, K=x, COS=x, SIN=x, QW=w, KW=w, QR="*fp32", KR="*fp32", DQ=x, DK=x,
-                    DQW="*fp32", DKW="*fp32")
-        ints = dict(T="i32", HQ="i32", HK="i32")
+        types = {"K": f"*{t}", "QR": "*fp32", "KR": "*fp32", "DQW": "*fp32", "DKW": "*fp32"}
         strides = [f"stride_{p}{a}" for p in ("dq", "dk", "q", "k") for a in ("b", "t", "h")]
-        ints.update({s: "i32" for s in strides}, stride_cos="i32", stride_sin="i32", scale="fp32")
         aligned = ("DQO", "DKO", "Q", "K", "COS", "SIN", "QW", "KW", "QR", "KR", "DQ", "DK", "DQW", "DKW",
-                   "T", *strides) + (("stride_cos", "stride_sin") if d // 2 % 16 == 0 else ())
+                   "T", *strides) + tables
     elif kind == "inplace":
         fn = _qk_norm_rope_inplace_kernel
-        ptrs = dict(QKV=x, POS="*i64", CACHE="*fp32", QW=w, KW=w)
-        ints = dict(stride_row="i32", stride_cache="i32", max_pos="i32", HQ="i32", HK="i32", eps="fp32",
-                    scale="fp32")
+        types = {"POS": "*i64", "CACHE": "*fp32"}
         aligned = ("QKV", "POS", "CACHE", "QW", "KW", "stride_row", "max_pos") + (
             ("stride_cache",) if d % 16 == 0 else ())
     else:
         raise ValueError(f"kind must be 'fwd', 'bwd' or 'inplace', got {kind!r}")
-    signature = {**ptrs, **ints, **{n: "constexpr" for n in _CONSTEXPR_NAMES}}
-    label = (f"{kind} {_TL_DTYPE[dtype]} Hq={hq} Hk={hk} D={d}" + (" weights" if weights else "")
+    label = (f"{kind} {t} Hq={hq} Hk={hk} D={d}" + (" weights" if weights else "")
              + (" interleaved" if interleaved else "") + f" warps={nw}")
-    return dict(fn=fn, signature=signature, constexprs=const, num_warps=nw, num_stages=3, aligned=aligned,
-                config=label)
+    return dict(fn=fn, signature=gate_signature(fn, const, t, types), constexprs=const, num_warps=nw, num_stages=3,
+                aligned=aligned, config=label)
 
 
 # nanochat: head_dim 128, n_head = depth / 2 -> 6 (d12) .. 13 (d26); D=64 for small models; a GQA

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .backend import resolve_backend
+from .compile_gate import gate_signature
 from .launch import TL_DTYPE as _TL_DTYPE, alloc as _alloc, device_ctx as _device_ctx, next_pow2 as _next_pow2, \
     row_stride as _row_stride, sm_count as _sm_count
 
@@ -637,18 +638,13 @@ class RMSNorm(nn.Module):
 def _fwd_config(D: int, dtype: torch.dtype, weight: bool, residual: bool) -> dict:
     t = _TL_DTYPE[dtype]
     m = _fwd_meta(D)
-    sig = {"X": f"*{t}", "R": f"*{t}" if residual else "constexpr", "W": f"*{t}" if weight else "constexpr",
-           "Y": f"*{t}", "H": f"*{t}" if residual else "constexpr", "RSTD": "*fp32",
-           "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "stride_h": "i32", "N": "i32", "D": "i32",
-           "eps": "fp32",
-           "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "NUM_CHUNKS": "constexpr",
-           "HAS_WEIGHT": "constexpr", "HAS_RESIDUAL": "constexpr"}
     const = {"BLOCK_N": m["BLOCK_N"], "BLOCK_D": m["BLOCK_D"], "NUM_CHUNKS": m["NUM_CHUNKS"],
              "HAS_WEIGHT": weight, "HAS_RESIDUAL": residual}
     if not residual:
         const.update(R=None, H=None)
     if not weight:
         const["W"] = None
+    sig = gate_signature(_rms_norm_fwd_kernel, const, t, {"RSTD": "*fp32"})
     # What Triton's launcher specialises for contiguous nanochat activations: 16-byte aligned
     # pointers, row strides and D multiples of 16 (every nanochat width is).
     aligned = tuple(a for a in ("X", "R", "W", "Y", "H", "stride_x", "stride_r", "stride_y", "stride_h", "D")
@@ -663,16 +659,12 @@ def _bwd_config(D: int, dtype: torch.dtype, weight: bool, dh: bool) -> dict:
     t = _TL_DTYPE[dtype]
     m = _bwd_meta(D)
     pre = m["NUM_CHUNKS"] > 1
-    sig = {"DY": f"*{t}", "Hs": f"*{t}", "RSTD": "*fp32", "W": f"*{t}" if weight else "constexpr",
-           "DH": f"*{t}" if dh else "constexpr", "DX": f"*{t}", "DW_PARTIAL": "*fp32" if weight else "constexpr",
-           "C": "*fp32" if pre else "constexpr", "stride_dy": "i32", "stride_h": "i32", "stride_dh": "i32",
-           "stride_dx": "i32", "stride_dw": "i32", "N": "i32", "D": "i32", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "HAS_WEIGHT": "constexpr",
-           "HAS_DH": "constexpr", "PRECOMPUTED_C": "constexpr"}
     const = {"BLOCK_N": m["BLOCK_N"], "BLOCK_D": m["BLOCK_D"], "HAS_WEIGHT": weight, "HAS_DH": dh,
              "PRECOMPUTED_C": pre}
-    for name in ("W", "DH", "DW_PARTIAL", "C"):
-        if sig[name] == "constexpr":
+    for name, used in (("W", weight), ("DH", dh), ("DW_PARTIAL", weight), ("C", pre)):
+        if not used:
             const[name] = None
+    sig = gate_signature(_rms_norm_bwd_kernel, const, t, {"RSTD": "*fp32", "DW_PARTIAL": "*fp32", "C": "*fp32"})
     aligned = tuple(a for a in ("DY", "Hs", "W", "DH", "DX", "DW_PARTIAL", "stride_dy", "stride_h", "stride_dh",
                                 "stride_dx", "stride_dw", "D") if sig[a] != "constexpr")
     return dict(fn=_rms_norm_bwd_kernel, signature=sig, constexprs=const, num_warps=m["num_warps"],
@@ -684,12 +676,10 @@ def _bwd_config(D: int, dtype: torch.dtype, weight: bool, dh: bool) -> dict:
 def _rowdot_config(D: int, dtype: torch.dtype, weight: bool) -> dict:
     t = _TL_DTYPE[dtype]
     m = _bwd_meta(D)
-    sig = {"DY": f"*{t}", "Hs": f"*{t}", "RSTD": "*fp32", "W": f"*{t}" if weight else "constexpr", "C": "*fp32",
-           "stride_dy": "i32", "stride_h": "i32", "N": "i32", "D": "i32", "BLOCK_N": "constexpr",
-           "BLOCK_D": "constexpr", "NUM_CHUNKS": "constexpr", "HAS_WEIGHT": "constexpr"}
     const = {"BLOCK_N": m["BLOCK_N"], "BLOCK_D": m["BLOCK_D"], "NUM_CHUNKS": m["NUM_CHUNKS"], "HAS_WEIGHT": weight}
     if not weight:
         const["W"] = None
+    sig = gate_signature(_rms_norm_bwd_rowdot_kernel, const, t, {"RSTD": "*fp32", "C": "*fp32"})
     aligned = tuple(a for a in ("DY", "Hs", "W", "C", "stride_dy", "stride_h", "D") if sig[a] != "constexpr")
     return dict(fn=_rms_norm_bwd_rowdot_kernel, signature=sig, constexprs=const, num_warps=m["num_warps"],
                 num_stages=3, aligned=aligned,

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from nanofast.kernels.fp8_gemm import (KERNEL_CONFIGS, _meta, fp8_gemm, fp8_gemm_reference,
                                        fp8_gemm_triton)
+from compile_gate_helpers import MAX_SHARED, config_ids, run_uninterpreted
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 # Small tiles (16/32: tl.dot's minimum is 16) with BLOCK_M != BLOCK_N so a transposed index shows,
@@ -279,7 +277,6 @@ def test_errors_name_the_argument():
 # interpreter; facts from compile_gate plus the SASS text (fp8 MMA mnemonics, FADD count) and PTX.
 # --------------------------------------------------------------------------------------------
 
-MAX_SHARED_SM90 = 227 * 1024
 MAX_REGISTERS = 255
 
 _CHILD = r"""
@@ -319,10 +316,7 @@ print(json.dumps(rows))
 
 @pytest.fixture(scope="module")
 def gate_facts() -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_uninterpreted(_CHILD)
 
 
 def test_kernel_configs_follow_the_launcher():
@@ -346,8 +340,7 @@ def test_kernel_configs_follow_the_launcher():
         assert needed in labels, needed
 
 
-@pytest.mark.parametrize("index", range(len(KERNEL_CONFIGS)),
-                         ids=[c["config"].split(" BLOCK")[0].replace(" ", "-") for c in KERNEL_CONFIGS])
+@pytest.mark.parametrize("index", range(len(KERNEL_CONFIGS)), ids=config_ids(KERNEL_CONFIGS))
 def test_compile_gate_sm90(gate_facts, index):
     cfg, f = KERNEL_CONFIGS[index], gate_facts[index]
     where = json.dumps(f)
@@ -363,7 +356,7 @@ def test_compile_gate_sm90(gate_facts, index):
     # One k32 instruction per 32 of BLOCK_K, per m64 warpgroup row (the loop body is emitted once).
     assert f["gmma"][want] == cfg["constexprs"]["BLOCK_K"] // 32, where
     assert f["local"] == 0 and f["instructions"].get("STL", 0) == 0, "register spills: " + where
-    assert f["registers"] <= MAX_REGISTERS and f["shared"] <= MAX_SHARED_SM90, where
+    assert f["registers"] <= MAX_REGISTERS and f["shared"] <= MAX_SHARED[90], where
     if persistent:
         # Tiles move by TMA (bulk tensor copies: one instruction per box), none by cp.async.
         assert f["instructions"].get("UTMALDG", 0) > 0 and f["instructions"].get("UTMASTG", 0) > 0, where

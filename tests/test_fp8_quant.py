@@ -25,16 +25,13 @@ against torch bitwise there.
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from nanofast.kernels.fp8_quant import (FP8_MAX, KERNEL_CONFIGS, DelayedScaling, amax_floor, quantize_fp8,
                                         quantize_fp8_reference, quantize_fp8_triton)
+from compile_gate_helpers import check_common_facts, config_ids, run_uninterpreted
 from fp8_interp import bits, check_q, interp_cast, precast
 from oob_guard import GuardedAlloc
 
@@ -544,7 +541,6 @@ def test_gpu_bitwise_equals_torch_cast(dtype):
 # ------------------------------------------------------------------------------------------------
 
 MAX_REGISTERS = 64  # >= 1024 resident threads per SM (50% occupancy): a bandwidth kernel needs the warps
-MAX_SHARED = 227 * 1024
 X_READERS = ("_amax_partial_kernel", "_cast_kernel", "_rowwise_kernel")
 CASTERS = ("_cast_kernel", "_rowwise_kernel")
 
@@ -585,10 +581,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def compiled_facts() -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_uninterpreted(_CHILD)
 
 
 def test_kernel_configs_match_launcher_meta():
@@ -609,16 +602,12 @@ def test_kernel_configs_match_launcher_meta():
     assert any("bf16->e4m3 +T" in s for s in configs) and any(s.startswith("rowwise") for s in configs)
 
 
-@pytest.mark.parametrize("index", range(len(KERNEL_CONFIGS)),
-                         ids=[c["config"].split(" BLOCK")[0].replace(" ", "-") for c in KERNEL_CONFIGS])
+@pytest.mark.parametrize("index", range(len(KERNEL_CONFIGS)), ids=config_ids(KERNEL_CONFIGS))
 def test_compile_gate_sm90(compiled_facts, index):
     cfg, a = KERNEL_CONFIGS[index], compiled_facts[index]
     f = a["facts"]
     fn = cfg["fn"].__name__
-    where = f"{cfg['config']}: {f} {a}"
-    assert f["kernel"] == fn and f["arch"] == 90, where
-    assert f["local_bytes"] == 0 and f["instructions"].get("STL", 0) == 0, "register spills: " + where
-    assert f["registers"] <= MAX_REGISTERS and f["shared_bytes"] <= MAX_SHARED, where
+    where = check_common_facts(cfg, f, 90, MAX_REGISTERS, f"{cfg['config']}: {f} {a}")
     assert f["atomics"] == 0 and f["stores"] > 0, where  # partial maxima: plain stores, no atomics
     if fn in X_READERS:
         assert f["instructions"].get("LDG.E.128", 0) > 0, where  # 128-bit loads of x

@@ -45,6 +45,29 @@ def test_compile_gate_refuses_to_run_under_the_interpreter():
         compile_triton(None, {}, {})
 
 
+def test_gate_signature_reads_the_kernel_arguments():
+    """Every argument typed in the kernel's order: constexprs (a None pointer included), overrides,
+    fp32 and i32 scalars by name, and the rest pointers to the default dtype."""
+    import triton
+    import triton.language as tl
+
+    from nanofast.kernels.compile_gate import gate_signature
+
+    @triton.jit
+    def kernel(X, K, W, SCALE, stride_x, N, eps, BLOCK: tl.constexpr):
+        pass
+
+    sig = gate_signature(kernel, {"W": None, "BLOCK": 64}, "bf16", {"SCALE": "*fp32"})
+    assert sig == {"X": "*bf16", "K": "i32", "W": "constexpr", "SCALE": "*fp32", "stride_x": "i32", "N": "i32",
+                   "eps": "fp32", "BLOCK": "constexpr"}
+    assert list(sig) == kernel.arg_names
+    assert gate_signature(kernel, {"BLOCK": 64}, "fp16", {"K": "*fp16"})["K"] == "*fp16"
+    with pytest.raises(ValueError, match="constexpr argument BLOCK needs a value"):
+        gate_signature(kernel, {}, "bf16")
+    with pytest.raises(ValueError, match=r"has no arguments \['Y'\]"):
+        gate_signature(kernel, {"BLOCK": 64}, "bf16", {"Y": "*fp32"})
+
+
 def test_report_command_prints_the_facts_of_every_kernel(tmp_path):
     """`python -m nanofast.kernels.report`, in a process without the interpreter, as a user runs it."""
     import os

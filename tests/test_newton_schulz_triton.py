@@ -11,12 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
-from nanofast.kernels.compile_gate import configs_facts
 from nanofast.kernels.newton_schulz import POLAR_EXPRESS_COEFFS, nesterov_normalize_, newton_schulz
 from nanofast.kernels.newton_schulz_triton import (KERNEL_CONFIGS, KERNEL_CONFIGS_SM80, PROLOGUE_CONFIGS, _meta,
                                                    _ns_upper_tile,
                                                    newton_schulz_triton, ns_gram_triton,
                                                    ns_poly_triton, ns_update_triton)
+from compile_gate_helpers import check_common_facts, config_ids, gate_facts_fixture
 
 # Small tiles (16 is tl.dot's minimum) so that shapes of a few dozen rows already have several
 # tile rows, off-diagonal mirrored tiles, partial edge tiles and a multi-step K loop.
@@ -203,8 +203,6 @@ def test_zero_matrix_and_errors():
 # interpreter), with the facts that make it a tensor-core kernel that fits the SM.
 # --------------------------------------------------------------------------------------------
 
-MAX_SHARED_SM90 = 227 * 1024
-MAX_SHARED_SM80 = 163 * 1024  # A100's per-CTA opt-in maximum
 MAX_REGISTERS = 255
 
 
@@ -326,28 +324,20 @@ def test_nesterov_normalize_errors():
             nesterov_normalize_(kw.pop("grad"), kw.pop("momentum_buf"), kw.pop("momentum"), **kw)
 
 
+prologue_facts = gate_facts_fixture("nanofast.kernels.newton_schulz_triton", attr="PROLOGUE_CONFIGS")
+gate_facts = gate_facts_fixture("nanofast.kernels.newton_schulz_triton")
+gate_facts_sm80 = gate_facts_fixture("nanofast.kernels.newton_schulz_triton", attr="KERNEL_CONFIGS_SM80", arch=80)
+
+
 @pytest.mark.parametrize("index", range(len(PROLOGUE_CONFIGS)), ids=[c["config"].replace(" ", "-")
                                                                       for c in PROLOGUE_CONFIGS])
-def test_prologue_compile_gate_sm90(index):
+def test_prologue_compile_gate_sm90(prologue_facts, index):
     """The row kernels are memory-bound streams: 128-bit loads and stores, no spills, int64 row
     offsets, no atomics (the row sums are written once per row: deterministic)."""
-    cfg = PROLOGUE_CONFIGS[index]
-    f = configs_facts("nanofast.kernels.newton_schulz_triton", [[index, 90]], attr="PROLOGUE_CONFIGS")[(index, 90)]
-    where = f"{cfg['config']}: {f}"
+    cfg, f = PROLOGUE_CONFIGS[index], prologue_facts[(index, 90)]
+    where = check_common_facts(cfg, f, 90, 64)
     assert f["instructions"].get("LDG.E.128", 0) > 0 and f["instructions"].get("STG.E.128", 0) > 0, where
-    assert f["local_bytes"] == 0 and f["registers"] <= 64, where
     assert f["i64_muls"] > 0 and f["atomics"] == 0, where
-
-
-@pytest.fixture(scope="module")
-def gate_facts() -> dict:
-    return configs_facts("nanofast.kernels.newton_schulz_triton", [[i, 90] for i in range(len(KERNEL_CONFIGS))])
-
-
-@pytest.fixture(scope="module")
-def gate_facts_sm80() -> dict:
-    return configs_facts("nanofast.kernels.newton_schulz_triton", [[i, 80] for i in range(len(KERNEL_CONFIGS_SM80))],
-                         attr="KERNEL_CONFIGS_SM80")
 
 
 def test_kernel_configs_cover_h100_shapes():
@@ -364,27 +354,20 @@ def test_kernel_configs_cover_h100_shapes():
         assert c["constexprs"]["BLOCK"] == meta["BLOCK"] and c["constexprs"]["BLOCK_K"] == meta["BLOCK_K"]
 
 
-@pytest.mark.parametrize("index", range(len(KERNEL_CONFIGS)),
-                         ids=[c["config"].split(" BLOCK")[0].replace(" ", "-") for c in KERNEL_CONFIGS])
+@pytest.mark.parametrize("index", range(len(KERNEL_CONFIGS)), ids=config_ids(KERNEL_CONFIGS))
 def test_compile_gate_sm90(gate_facts, index):
     cfg, f = KERNEL_CONFIGS[index], gate_facts[(index, 90)]
-    where = f"{cfg['config']}: {f}"
-    assert f["kernel"] == cfg["fn"].__name__, where
+    where = check_common_facts(cfg, f, 90, MAX_REGISTERS)
     assert f["instructions"].get("HGMMA", 0) > 0, "no Hopper warpgroup MMA: " + where
-    assert f["local_bytes"] == 0 and f["instructions"].get("STL", 0) == 0, "register spills: " + where
-    assert f["registers"] <= MAX_REGISTERS and f["shared_bytes"] <= MAX_SHARED_SM90, where
     assert f["instructions"].get("STG.E.128", 0) > 0, "stores not vectorised: " + where
     # int64 batch offsets (a stack passes 2^31 elements quickly at 4096^2).
     assert f["i64_muls"] > 0 and f["atomics"] == 0, where
 
 
-@pytest.mark.parametrize("index", range(len(KERNEL_CONFIGS_SM80)),
-                         ids=[c["config"].split(" BLOCK")[0].replace(" ", "-") for c in KERNEL_CONFIGS_SM80])
+@pytest.mark.parametrize("index", range(len(KERNEL_CONFIGS_SM80)), ids=config_ids(KERNEL_CONFIGS_SM80))
 def test_compile_gate_sm80(gate_facts_sm80, index):
     """The A100 tile configurations: mma.sync tensor cores (HMMA), no spills, and the pipelined
     tiles fit its smaller shared memory."""
     cfg, f = KERNEL_CONFIGS_SM80[index], gate_facts_sm80[(index, 80)]
-    where = f"{cfg['config']}: {f}"
+    where = check_common_facts(cfg, f, 80, MAX_REGISTERS)
     assert f["instructions"].get("HMMA", 0) > 0 and f["instructions"].get("HGMMA", 0) == 0, where
-    assert f["local_bytes"] == 0 and f["instructions"].get("STL", 0) == 0, "register spills: " + where
-    assert f["registers"] <= MAX_REGISTERS and f["shared_bytes"] <= MAX_SHARED_SM80, where

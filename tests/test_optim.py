@@ -15,6 +15,7 @@ import torch
 from nanofast.kernels.newton_schulz import CLASSIC_NS_COEFFS, POLAR_EXPRESS_COEFFS
 from nanofast.optim import (MuonAdamW, apply_schedules, finetune_momentum, lr_multiplier, muon_momentum,
                             muon_weight_decay)
+from newton_schulz_fp64 import fro, orthogonalise
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("dist_optim_worker", HERE / "dist_optim_worker.py")
@@ -24,23 +25,6 @@ _spec.loader.exec_module(W)
 
 # -----------------------------------------------------------------------------
 # A straightforward reference: one parameter at a time, fp64, explicit loops over rows/columns.
-
-def fro(X: torch.Tensor) -> float:
-    return math.sqrt(sum(float(v) ** 2 for v in X.flatten()))
-
-
-def ref_orthogonalise(U: torch.Tensor, coeffs) -> torch.Tensor:
-    m, n = U.shape
-    X = U / (fro(U) * 1.01 + 1e-6)
-    for a, b, c in coeffs:
-        if m > n:
-            A = X.T @ X
-            X = a * X + X @ (b * A + c * (A @ A))
-        else:
-            A = X @ X.T
-            X = a * X + (b * A + c * (A @ A)) @ X
-    return X
-
 
 def ref_muon(p, g, st, group):
     m, n = p.shape
@@ -54,7 +38,7 @@ def ref_muon(p, g, st, group):
     target = fro(u) / math.sqrt(m)
     u = torch.stack([u[i] * (target / max(fro(u[i]), 1e-6)) for i in range(m)])
     coeffs = {"polar_express": POLAR_EXPRESS_COEFFS, "classic": CLASSIC_NS_COEFFS * group["ns_steps"]}
-    u = ref_orthogonalise(u, coeffs[group.get("ns_coefficients", "polar_express")][:group["ns_steps"]])
+    u = orthogonalise(u, coeffs[group.get("ns_coefficients", "polar_express")][:group["ns_steps"]])
     u = u * (math.sqrt(min(m, n)) / max(fro(u), 1e-6))
     # NorMuon: one second-moment entry per row (m >= n) or per column
     lines = [u[i] for i in range(m)] if m >= n else [u[:, j] for j in range(n)]

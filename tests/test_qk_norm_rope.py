@@ -11,14 +11,16 @@ sm_90 / sm_80 and their machine code checked (compile gate).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 
 import pytest
 import torch
 
-from nanofast.kernels.compile_gate import configs_facts
 from nanofast import ops
+from compile_gate_helpers import check_common_facts, gate_facts_fixture, gate_tests
+from error_budget import check_budget
 
 # `nanofast.kernels` re-exports the function `qk_norm_rope`, which shadows the submodule as an
 # attribute: fetch the module itself.
@@ -82,17 +84,7 @@ def _make(B, T, HQ, HK, D, layout, dtype, gen):
     raise ValueError(layout)
 
 
-def _max_err(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def _check_budget(kind, dtype, name, kernel, torch_lp, ref64):
-    factor, atol = BUDGET[kind][dtype]
-    assert kernel.shape == ref64.shape and kernel.dtype == torch_lp.dtype, name
-    assert torch.isfinite(kernel).all(), name
-    scale = max(1.0, ref64.abs().max().item() if ref64.numel() else 0.0)
-    err_k, err_t = _max_err(kernel, ref64), _max_err(torch_lp, ref64)
-    assert err_k <= factor * err_t + atol * scale, f"{name}: kernel err {err_k:.3e} vs torch err {err_t:.3e}"
+_check_budget = functools.partial(check_budget, BUDGET)
 
 
 def _eps(dtype):
@@ -601,15 +593,8 @@ def test_torch_compile_fullgraph_matches_eager():
 # 128 keeps >= 16 warps per SM resident for these 2-4 warp programs (enough loads in flight for a
 # memory-bound kernel) and flags regressions (the per-program accumulator design measured 202).
 MAX_REGISTERS = 128
-MAX_SHARED = {90: 227 * 1024, 80: 163 * 1024}  # per-CTA opt-in maximum: H100, A100
 SM80_CONFIGS = [1, 7]  # fwd bf16 Hq=Hk=13 D=128; bwd bf16 Hq=Hk=13 D=128
-
-
-# The compilation runs in a child process without TRITON_INTERPRET (see compile_gate.configs_facts).
-@pytest.fixture(scope="module")
-def gate_facts() -> dict:
-    jobs = [[i, 90] for i in range(len(KERNEL_CONFIGS))] + [[i, 80] for i in SM80_CONFIGS]
-    return configs_facts("nanofast.kernels.qk_norm_rope", jobs)
+gate_facts = gate_facts_fixture("nanofast.kernels.qk_norm_rope", sm80=SM80_CONFIGS)
 
 
 def test_kernel_configs_cover_nanochat_and_match_launchers():
@@ -637,11 +622,7 @@ def test_kernel_configs_cover_nanochat_and_match_launchers():
 
 
 def _check_facts(cfg: dict, f: dict, arch: int) -> None:
-    where = f"{cfg['config']} sm_{arch}: {f}"
-    assert f["arch"] == arch and f["kernel"] == cfg["fn"].__name__, where
-    assert f["local_bytes"] == 0 and f["instructions"].get("STL", 0) == 0, "register spills: " + where
-    assert f["registers"] <= MAX_REGISTERS, where
-    assert f["shared_bytes"] <= MAX_SHARED[arch], where
+    where = check_common_facts(cfg, f, arch, MAX_REGISTERS)
     # 128-bit vector loads and stores: with D = 128 (64), 16-byte aligned pointers and strides that
     # are multiples of 16 elements (as Triton specialises real nanochat calls), each thread's 8
     # contiguous 16-bit (4 fp32) elements of a pair half are one LDG.E.128. All configs reach
@@ -654,12 +635,4 @@ def _check_facts(cfg: dict, f: dict, arch: int) -> None:
     assert f["stores"] > 0 and f["atomics"] == 0, where
 
 
-@pytest.mark.parametrize("index", range(len(KERNEL_CONFIGS)),
-                         ids=[c["config"].replace(" ", "-") for c in KERNEL_CONFIGS])
-def test_compile_gate_sm90(gate_facts, index):
-    _check_facts(KERNEL_CONFIGS[index], gate_facts[(index, 90)], 90)
-
-
-@pytest.mark.parametrize("index", SM80_CONFIGS)
-def test_compile_gate_sm80(gate_facts, index):
-    _check_facts(KERNEL_CONFIGS[index], gate_facts[(index, 80)], 80)
+test_compile_gate_sm90, test_compile_gate_sm80 = gate_tests(KERNEL_CONFIGS, SM80_CONFIGS, _check_facts)

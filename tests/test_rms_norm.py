@@ -8,15 +8,17 @@ The same kernels are compiled for sm_90 / sm_80 and their machine code is checke
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanofast.kernels.compile_gate import configs_facts
 from nanofast.kernels.rms_norm import (KERNEL_CONFIGS, RMSNorm, default_eps, rms_norm, rms_norm_bwd_triton,
                                        rms_norm_fwd_triton, rms_norm_reference)
+from compile_gate_helpers import check_common_facts, gate_facts_fixture, gate_tests
+from error_budget import check_budget
 from oob_guard import GuardedAlloc
 
 # The module itself (the package re-exports a *function* named rms_norm, which shadows the
@@ -66,17 +68,7 @@ def _ref64(h: torch.Tensor, weight, eps: float, dy: torch.Tensor, dh):
     return y64.detach(), dx64, (w64.grad if w64 is not None else None)
 
 
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def _check_budget(kind: str, dtype, name: str, kernel: torch.Tensor, torch_lp: torch.Tensor, ref64: torch.Tensor):
-    factor, atol = BUDGET[kind][dtype]
-    assert kernel.dtype == torch_lp.dtype and kernel.shape == ref64.shape, name
-    assert torch.isfinite(kernel).all(), name
-    scale = max(1.0, ref64.abs().max().item() if ref64.numel() else 0.0)
-    err_k, err_t = _max_err(kernel, ref64), _max_err(torch_lp, ref64)
-    assert err_k <= factor * err_t + atol * scale, f"{name}: kernel err {err_k:.3e} vs torch err {err_t:.3e}"
+_check_budget = functools.partial(check_budget, BUDGET)
 
 
 def _run(backend, x, w, r, eps, dy, dh):
@@ -443,15 +435,8 @@ def test_torch_compile_fullgraph_matches_eager(monkeypatch):
 # whatever the CTA size (65536 registers per SM). A memory-bound kernel needs the warps to hide
 # DRAM latency; the measured values are 32-64.
 MAX_REGISTERS = 64
-MAX_SHARED = {90: 227 * 1024, 80: 163 * 1024}  # per-CTA opt-in maximum: H100, A100
 SM80_CONFIGS = [2, 11]  # fwd D=768 bf16; bwd D=1536 bf16 +w +dh
-
-
-# The compilation runs in a child process without TRITON_INTERPRET (see compile_gate.configs_facts).
-@pytest.fixture(scope="module")
-def gate_facts() -> dict:
-    jobs = [[i, 90] for i in range(len(KERNEL_CONFIGS))] + [[i, 80] for i in SM80_CONFIGS]
-    return configs_facts("nanofast.kernels.rms_norm", jobs)
+gate_facts = gate_facts_fixture("nanofast.kernels.rms_norm", sm80=SM80_CONFIGS)
 
 
 def test_kernel_configs_cover_nanochat_and_match_kernels():
@@ -470,11 +455,7 @@ def test_kernel_configs_cover_nanochat_and_match_kernels():
 
 
 def _check_facts(cfg: dict, f: dict, arch: int) -> None:
-    where = f"{cfg['config']} sm_{arch}: {f}"
-    assert f["arch"] == arch and f["kernel"] == cfg["fn"].__name__, where
-    assert f["local_bytes"] == 0 and f["instructions"].get("STL", 0) == 0, "register spills: " + where
-    assert f["registers"] <= MAX_REGISTERS, where
-    assert f["shared_bytes"] <= MAX_SHARED[arch], where
+    where = check_common_facts(cfg, f, arch, MAX_REGISTERS)
     # 128-bit vector loads: every config's D and row strides are multiples of 16 and its pointers
     # 16-byte aligned (as Triton specialises real nanochat calls).
     assert f["instructions"].get("LDG.E.128", 0) > 0, where
@@ -487,12 +468,4 @@ def _check_facts(cfg: dict, f: dict, arch: int) -> None:
     assert f["i64_muls"] > 0, where
 
 
-@pytest.mark.parametrize("index", range(len(KERNEL_CONFIGS)),
-                         ids=[c["config"].split(" BLOCK")[0].replace(" ", "-") for c in KERNEL_CONFIGS])
-def test_compile_gate_sm90(gate_facts, index):
-    _check_facts(KERNEL_CONFIGS[index], gate_facts[(index, 90)], 90)
-
-
-@pytest.mark.parametrize("index", SM80_CONFIGS)
-def test_compile_gate_sm80(gate_facts, index):
-    _check_facts(KERNEL_CONFIGS[index], gate_facts[(index, 80)], 80)
+test_compile_gate_sm90, test_compile_gate_sm80 = gate_tests(KERNEL_CONFIGS, SM80_CONFIGS, _check_facts)

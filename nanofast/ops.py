@@ -48,8 +48,9 @@ def set_kernel_backend(backend: str | None, device: str | None = None) -> None:
 
 
 def kernel_backend(x: torch.Tensor) -> str:
-    """The backend of the ops with Triton and CUDA kernels (norms, qk_norm_rope, paged attention) for `x`."""
-    return _KERNEL_BACKEND or ("triton" if x.is_cuda else "torch")
+    """The backend of the ops with Triton and CUDA kernels (norms, qk_norm_rope, paged attention) for
+    `x`: the one chosen with set_kernel_backend, else the kernels' own rule by device."""
+    return kernels.resolve_backend(_KERNEL_BACKEND, x)
 
 
 def triton_backend(x: torch.Tensor) -> str:

@@ -86,6 +86,23 @@ def stages_of(stage: str, settings: Settings) -> list[str]:
     return [s for s in STAGES if settings.post_training == "nanofast" or s not in NANOFAST_ONLY]
 
 
+def loop_numbers(run: Run, state: LoopState, flops_per_token: float) -> dict:
+    """What every training stage's report section says of its loop: losses and evaluations, the
+    last of each, and the median step's throughput (step 1, which includes warm-up and compilation,
+    left out) with its MFU."""
+    def median(xs: list[float]) -> float:
+        steady = xs[1:] or xs
+        return statistics.median(steady) if steady else 0.0
+
+    tps = median(state.tokens_per_second)
+    return dict(losses=state.losses, evals=state.evals,
+                final_loss=state.losses[-1][1] if state.losses else float("nan"),
+                val_bpb=state.evals[-1]["val_bpb"] if state.evals else None,
+                median_tokens_per_second=tps, median_target_tokens_per_second=median(state.target_tokens_per_second),
+                mfu=mfu_percent(flops_per_token, tps, peak_flops(run.device), run.dist.world_size),
+                train_seconds=state.train_seconds)
+
+
 def stage_done(run: Run, stage: str) -> bool:
     return read_section(run.report_dir, stage) is not None
 
@@ -323,17 +340,12 @@ def stage_pretrain(run: Run, t0: float) -> None:
                    for p in SAMPLE_PROMPTS]
         for sample in samples:
             print0(f"sample: {sample!r}")
-        steady = state.tokens_per_second[1:] or state.tokens_per_second  # step 1 includes warm-up
-        tps = statistics.median(steady) if steady else 0.0
         _record(run, "pretrain", dict(
             model_config=config.to_dict(), params=params, flops_per_token=flops,
             num_iterations=plan.num_iterations, total_batch_size=plan.total_batch_size,
             world_size=run.dist.world_size, device=device, dtype=str(run.dtype).removeprefix("torch."),
-            final_loss=state.losses[-1][1] if state.losses else float("nan"),
-            val_bpb=state.evals[-1]["val_bpb"], evals=state.evals, losses=state.losses,
-            tokens_per_second=state.tokens_per_second, median_tokens_per_second=tps,
-            mfu=mfu_percent(flops, tps, peak_flops(device), run.dist.world_size),
-            train_seconds=state.train_seconds, samples=samples, checkpoint_dir=str(ckpt_dir),
+            **loop_numbers(run, state, flops), tokens_per_second=state.tokens_per_second,
+            samples=samples, checkpoint_dir=str(ckpt_dir),
             linear_precision=s.linear_precision, fp8_recipe=s.fp8_recipe, precision_report=precision,
             kernel_backend=s.kernel_backend or "by device", compile=s.compile, seconds=time.perf_counter() - t0))
     _join(run, "pretrain")
@@ -423,17 +435,10 @@ def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, .
                   evaluate=evaluate, state=state, step_model=compiled(model, s), scaler=scaler,
                   log=run.logger(stage))
     if run.dist.is_master:
-        steady = state.tokens_per_second[1:] or state.tokens_per_second
-        tps = statistics.median(steady) if steady else 0.0
-        useful = state.target_tokens_per_second[1:] or state.target_tokens_per_second
         _record(run, stage, dict(
             iterations=iterations, total_batch_size=plan.total_batch_size, grad_accum=plan.grad_accum,
-            conversations=len(train_mix), task_sources=sources, losses=state.losses,
-            evals=state.evals, final_loss=state.losses[-1][1] if state.losses else float("nan"),
-            val_bpb=state.evals[-1]["val_bpb"] if state.evals else None, median_tokens_per_second=tps,
-            median_target_tokens_per_second=statistics.median(useful) if useful else 0.0,
-            mfu=mfu_percent(model.flops_per_token(), tps, peak_flops(device), run.dist.world_size),
-            train_seconds=state.train_seconds, checkpoint_dir=str(ckpt_dir), seconds=time.perf_counter() - t0))
+            conversations=len(train_mix), task_sources=sources, **loop_numbers(run, state, model.flops_per_token()),
+            checkpoint_dir=str(ckpt_dir), seconds=time.perf_counter() - t0))
     _join(run, stage)
 
 

@@ -1,6 +1,6 @@
 """The paged KV cache: a preallocated pool of pages, the block manager that hands them out, and
-`PagedBatch`, the view of one engine step the model's attention runs against (`nanofast.attention`). Data
-only: no attention is computed here.
+`PagedBatch`, the view of one engine step the model's attention runs against. Data only: the
+attention over it is `nanofast.attention`'s.
 
 Pages are ref-counted, so sequences that share a prompt prefix share its pages. A page whose KV is
 complete (all `page_size` positions computed) is registered in the prefix cache under a hash chain
@@ -15,7 +15,6 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
-
 
 
 def page_key(parent_key: bytes, tokens: tuple[int, ...]) -> bytes:

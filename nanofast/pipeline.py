@@ -38,6 +38,7 @@ NANOFAST_ONLY = ("midtrain", "rl")  # post-training stages nanochat's runs/speed
 # Checkpoint folder of each training stage, and which earlier one a stage starts from.
 CHECKPOINTS = {"pretrain": "base", "midtrain": "mid", "sft": "sft", "rl": "rl"}
 
+
 @dataclass
 class Run:
     """One run: its settings, and where it writes. `base` holds what runs share (the corpus, the
@@ -142,7 +143,8 @@ def run_stages(run: Run, stages: list[str]) -> dict[str, str]:
         done = shared[0]
     outcome = {}
     if run.settings.wandb and run.dist.is_master:
-        run.wandb = WandbLog(run.settings.wandb, run.dir, run.dir.name, dict(asdict(run.settings), run_name=run.dir.name))
+        run.wandb = WandbLog(run.settings.wandb, run.dir, run.dir.name,
+                             config=dict(asdict(run.settings), run_name=run.dir.name))
     try:
         for stage in stages:
             if done[stage]:

@@ -527,6 +527,14 @@ class _RMSNormFunction(torch.autograd.Function):
 # Functional API and module
 # --------------------------------------------------------------------------------------------
 
+def _check_with_x(name: str, t: Tensor, x: Tensor) -> None:
+    """weight and residual are read in x's dtype on x's device."""
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
 def _validate(x, weight, eps, residual) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (..., D), got {type(x).__name__}")
@@ -545,20 +553,14 @@ def _validate(x, weight, eps, residual) -> None:
             raise TypeError(f"weight must be a torch.Tensor of shape ({D},) or None, got {type(weight).__name__}")
         if tuple(weight.shape) != (D,):
             raise ValueError(f"weight must have shape ({D},) (the last dim of x), got {tuple(weight.shape)}")
-        if weight.dtype != x.dtype:
-            raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
-        if weight.device != x.device:
-            raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
+        _check_with_x("weight", weight, x)
     if residual is not None:
         if not isinstance(residual, Tensor):
             raise TypeError(f"residual must be a torch.Tensor of shape {tuple(x.shape)} or None, "
                             f"got {type(residual).__name__}")
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
-        if residual.device != x.device:
-            raise ValueError(f"residual must be on x's device {x.device}, got {residual.device}")
+        _check_with_x("residual", residual, x)
         if D > 1 and residual.stride(-1) != 1:
             raise ValueError(f"residual must have a contiguous last dim (stride 1), got strides {residual.stride()}")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0):

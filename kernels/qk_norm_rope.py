@@ -365,6 +365,19 @@ def _qk_norm_rope_inplace_kernel(QKV, POS, CACHE, QW, KW, stride_row, stride_cac
 
 
 @triton.jit
+def _load_weight_pair(W, ca, cb, cm, BLOCK_HALF: tl.constexpr, HAS_W: tl.constexpr):
+    """A weight's (BLOCK_HALF,) a and b halves in fp32, for the backward of q's or k's heads; zeros
+    without a weight (then never read)."""
+    if HAS_W:
+        wa = tl.load(W + ca, mask=cm, other=0.0).to(tl.float32)
+        wb = tl.load(W + cb, mask=cm, other=0.0).to(tl.float32)
+    else:
+        wa = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
+        wb = wa
+    return wa, wb
+
+
+@triton.jit
 def _norm_rope_heads_bwd(DO, do_row, stride_doh, X, x_row, stride_xh, DX, dx_row, RSTD, r_row, wa, wb, n_heads,
                          cos, sin, scale, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
                          HAS_W: tl.constexpr, INTERLEAVED: tl.constexpr):
@@ -426,18 +439,8 @@ def _qk_norm_rope_bwd_kernel(DQO, DKO, Q, K, COS, SIN, QW, KW, QR, KR, DQ, DK, D
     cos = tl.load(COS + t * stride_cos + i, mask=i < HALF, other=0.0).to(tl.float32)
     sin = tl.load(SIN + t * stride_sin + i, mask=i < HALF, other=0.0).to(tl.float32)
     ca, cb, cm = _pair_cols(HALF, BLOCK_HALF, INTERLEAVED)
-    if HAS_QW:
-        qwa = tl.load(QW + ca, mask=cm, other=0.0).to(tl.float32)
-        qwb = tl.load(QW + cb, mask=cm, other=0.0).to(tl.float32)
-    else:
-        qwa = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
-        qwb = qwa
-    if HAS_KW:
-        kwa = tl.load(KW + ca, mask=cm, other=0.0).to(tl.float32)
-        kwb = tl.load(KW + cb, mask=cm, other=0.0).to(tl.float32)
-    else:
-        kwa = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
-        kwb = kwa
+    qwa, qwb = _load_weight_pair(QW, ca, cb, cm, BLOCK_HALF, HAS_QW)
+    kwa, kwb = _load_weight_pair(KW, ca, cb, cm, BLOCK_HALF, HAS_KW)
     qa, qb = _norm_rope_heads_bwd(DQO, b * stride_dqb + t * stride_dqt, stride_dqh,
                                   Q, b * stride_qb + t * stride_qt, stride_qh, DQ, tok * HQ * (2 * HALF),
                                   QR, tok * HQ, qwa, qwb, HQ, cos, sin, scale, HALF, BLOCK_HQ, BLOCK_HALF, HAS_QW,

@@ -20,6 +20,11 @@ namespace nf {
 // dtype codes of the extern "C" launch ABI (nf_abi.h; kernels/cuda_abi.py DTYPE_CODES mirrors them).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// The dtypes every kernel takes, and their element sizes.
+inline bool valid_dtype(int d) { return d == kFloat32 || d == kFloat16 || d == kBFloat16; }
+
+inline int elem_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
 // Launch-function return codes besides the CUDA / emulator error codes.
 constexpr int kInvalidArgument = -1;
 
@@ -132,6 +137,18 @@ column_sum_kernel(const float* __restrict__ partial, int64_t rows, int64_t cols,
 
 inline bool aligned_to(const void* p, int bytes) {
     return p == nullptr || (reinterpret_cast<std::uintptr_t>(p) % static_cast<std::uintptr_t>(bytes)) == 0;
+}
+
+// A vector path loads packs of `elems` elements (`bytes` bytes) at every row start: every base
+// pointer must be `bytes`-aligned (null ones, absent operands, pass) and every stride, in
+// elements, a multiple of `elems`.
+inline bool rows_aligned(const void* const* ptrs, int nptrs, int bytes, const int64_t* strides, int nstrides,
+                         int64_t elems) {
+    for (int i = 0; i < nptrs; ++i)
+        if (!aligned_to(ptrs[i], bytes)) return false;
+    for (int i = 0; i < nstrides; ++i)
+        if (strides[i] % elems != 0) return false;
+    return true;
 }
 
 // Launch through a kernel pointer: <<<>>> under nvcc (returning the launch error, which catches

@@ -284,18 +284,6 @@ __global__ void __launch_bounds__(32 * kWriteWarps) paged_kv_write_kernel(nf_pag
 
 template <int V> struct IntC { static constexpr int value = V; };
 
-bool valid_dtype(int d) { return d == nf::kFloat32 || d == nf::kFloat16 || d == nf::kBFloat16; }
-
-int elem_size(int dtype) { return dtype == nf::kFloat32 ? 4 : 2; }
-
-bool aligned_rows(int vec, const void* const* ptrs, int nptrs, const int64_t* strides, int nstrides) {
-    for (int i = 0; i < nptrs; ++i)
-        if (!nf::aligned_to(ptrs[i], 16)) return false;
-    for (int i = 0; i < nstrides; ++i)
-        if (strides[i] % vec != 0) return false;
-    return true;
-}
-
 int pow2_at_least(int64_t x) {
     int p = 1;
     while (p < x) p <<= 1;
@@ -309,7 +297,7 @@ extern "C" {
 int nf_paged_attention_fwd(const nf_paged_attention_fwd_args* args, void* stream) {
     if (args == nullptr) return nf::kInvalidArgument;
     const nf_paged_attention_fwd_args& p = *args;
-    if (!valid_dtype(p.dtype) || p.B < 1 || p.Hkv < 1 || p.Hq < p.Hkv || p.Hq % p.Hkv != 0 || p.D < 1 ||
+    if (!nf::valid_dtype(p.dtype) || p.B < 1 || p.Hkv < 1 || p.Hq < p.Hkv || p.Hq % p.Hkv != 0 || p.D < 1 ||
         p.D > kMaxD || p.num_pages < 1 || p.page_size < 1 || p.max_pages < 1 ||
         p.max_pages * p.page_size > 0x7fffffffLL || p.window > 0x7fffffffLL || p.num_splits < 1 ||
         p.num_splits > 65535 || !(p.scale > 0.f) || p.q == nullptr || p.k == nullptr || p.v == nullptr ||
@@ -326,11 +314,12 @@ int nf_paged_attention_fwd(const nf_paged_attention_fwd_args* args, void* stream
     const int64_t hblocks = nf::ceil_div(G, static_cast<int64_t>(p.heads_per_warp) * p.warps);
     if (p.B * p.Hkv * hblocks > 0x7fffffffLL) return nf::kInvalidArgument;
 
-    const int vec16 = 16 / elem_size(p.dtype);
+    const int vec16 = 16 / nf::elem_size(p.dtype);
     const void* ptrs[] = {p.q, p.k, p.v, p.out};
     const int64_t strides[] = {p.q_sb, p.q_sh, p.k_sp, p.k_ss, p.k_sh, p.v_sp, p.v_ss, p.v_sh, p.o_sb, p.o_sh};
     // The fp32 partial rows take packs of VEC floats: D % VEC == 0 keeps them aligned too.
-    const bool vec = p.D % vec16 == 0 && aligned_rows(vec16, ptrs, 4, strides, 10) && nf::aligned_to(p.part_o, 32);
+    const bool vec = p.D % vec16 == 0 && nf::rows_aligned(ptrs, 4, 16, strides, 10, vec16) &&
+                     nf::aligned_to(p.part_o, 32);
     int chunks_per_lane, lanes;
     if (vec) {
         const int64_t chunks = p.D / vec16;
@@ -391,14 +380,14 @@ int nf_paged_attention_fwd(const nf_paged_attention_fwd_args* args, void* stream
 int nf_paged_kv_write(const nf_paged_kv_write_args* args, void* stream) {
     if (args == nullptr) return nf::kInvalidArgument;
     const nf_paged_kv_write_args& a = *args;
-    if (!valid_dtype(a.dtype) || a.N < 1 || a.Hkv < 1 || a.D < 1 || a.num_pages < 1 || a.page_size < 1 ||
+    if (!nf::valid_dtype(a.dtype) || a.N < 1 || a.Hkv < 1 || a.D < 1 || a.num_pages < 1 || a.page_size < 1 ||
         a.k == nullptr || a.v == nullptr || a.kc == nullptr || a.vc == nullptr || a.slots == nullptr ||
         nf::ceil_div(a.N * a.Hkv, kWriteWarps) > 0x7fffffffLL)
         return nf::kInvalidArgument;
-    const int es = elem_size(a.dtype), vec = 16 / es;
+    const int es = nf::elem_size(a.dtype), vec = 16 / es;
     const void* ptrs[] = {a.k, a.v, a.kc, a.vc};
     const int64_t strides[] = {a.k_sn, a.k_sh, a.v_sn, a.v_sh, a.kc_sp, a.kc_ss, a.kc_sh, a.vc_sp, a.vc_ss, a.vc_sh};
-    const bool vec_ok = a.D % vec == 0 && aligned_rows(vec, ptrs, 4, strides, 10);
+    const bool vec_ok = a.D % vec == 0 && nf::rows_aligned(ptrs, 4, 16, strides, 10, vec);
     const dim3 grid(static_cast<unsigned>(nf::ceil_div(a.N * a.Hkv, kWriteWarps))), block(32 * kWriteWarps);
     if (es == 4)
         return vec_ok ? nf::launch(paged_kv_write_kernel<uint32_t, 4>, grid, block, stream, a)

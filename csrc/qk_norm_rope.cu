@@ -345,19 +345,12 @@ int dispatch(int dtype, bool vec2, bool cached, Fn&& fn) {
     }
 }
 
-bool valid_dtype(int d) { return d == nf::kFloat32 || d == nf::kFloat16 || d == nf::kBFloat16; }
-
 // Two pairs per chunk need every head start aligned to the pack: 2 elements (half-split) or 4
 // (interleaved) of T, both halves of a head included (hence D/2 even).
 bool can_pack2(int dtype, int64_t D, bool il, const void* const* ptrs, int nptrs, const int64_t* strides, int nstrides) {
     const int elems = il ? 4 : 2;
-    const int bytes = elems * (dtype == nf::kFloat32 ? 4 : 2);
-    if ((D / 2) % 2 != 0) return false;
-    for (int i = 0; i < nptrs; ++i)
-        if (!nf::aligned_to(ptrs[i], bytes)) return false;
-    for (int i = 0; i < nstrides; ++i)
-        if (strides[i] % elems != 0) return false;
-    return true;
+    const int bytes = elems * nf::elem_size(dtype);
+    return (D / 2) % 2 == 0 && nf::rows_aligned(ptrs, nptrs, bytes, strides, nstrides, elems);
 }
 
 }  // namespace
@@ -369,12 +362,12 @@ int nf_qk_norm_rope_fwd(const nf_qk_norm_rope_fwd_args* args, void* stream) {
     const nf_qk_norm_rope_fwd_args& p = *args;
     const int64_t items = p.B * p.T * (p.H[0] + p.H[1]);
     if (p.B < 1 || p.T < 1 || p.H[0] < 0 || p.H[1] < 0 || items < 1 || p.D < 2 || p.D % 2 != 0 ||
-        !valid_dtype(p.dtype) || !valid_dtype(p.cs_dtype) || p.cos == nullptr || p.sin == nullptr ||
+        !nf::valid_dtype(p.dtype) || !nf::valid_dtype(p.cs_dtype) || p.cos == nullptr || p.sin == nullptr ||
         nf::ceil_div(items, kWarps) > 0x7fffffffLL)
         return nf::kInvalidArgument;
     for (int s = 0; s < 2; ++s)
         if ((p.H[s] > 0 && (p.x[s] == nullptr || p.out[s] == nullptr)) ||
-            (p.weight[s] != nullptr && !valid_dtype(p.w_dtype[s])))
+            (p.weight[s] != nullptr && !nf::valid_dtype(p.w_dtype[s])))
             return nf::kInvalidArgument;
     const FwdArgs a{p, 1.0f / static_cast<float>(p.D)};
     const bool il = p.interleaved != 0;
@@ -393,14 +386,14 @@ int nf_qk_norm_rope_bwd(const nf_qk_norm_rope_bwd_args* args, void* stream) {
     const nf_qk_norm_rope_bwd_args& p = *args;
     const int64_t items = p.B * p.T * (p.H[0] + p.H[1]);
     if (p.B < 1 || p.T < 1 || p.H[0] < 0 || p.H[1] < 0 || items < 1 || p.D < 2 || p.D % 2 != 0 ||
-        !valid_dtype(p.dtype) || !valid_dtype(p.cs_dtype) || p.num_blocks < 1 || p.num_blocks > 0x7fffffffLL ||
+        !nf::valid_dtype(p.dtype) || !nf::valid_dtype(p.cs_dtype) || p.num_blocks < 1 || p.num_blocks > 0x7fffffffLL ||
         p.cos == nullptr || p.sin == nullptr)
         return nf::kInvalidArgument;
     for (int s = 0; s < 2; ++s)
         if ((p.H[s] > 0 &&
              (p.x[s] == nullptr || p.dout[s] == nullptr || p.dx[s] == nullptr || p.rstd[s] == nullptr)) ||
             (p.weight[s] != nullptr &&
-             (!valid_dtype(p.w_dtype[s]) || p.dw_partial[s] == nullptr || p.dw[s] == nullptr)))
+             (!nf::valid_dtype(p.w_dtype[s]) || p.dw_partial[s] == nullptr || p.dw[s] == nullptr)))
             return nf::kInvalidArgument;
     BwdArgs a{p, 1.0f / static_cast<float>(p.D)};
     for (int s = 0; s < 2; ++s)

@@ -273,18 +273,14 @@ int dispatch_dtype(int dtype, Fn&& fn) {
     }
 }
 
-int elem_size(int dtype) { return dtype == nf::kFloat32 ? 4 : 2; }
-
 // The 16-byte path needs every row start 16-byte aligned: base pointers and row strides.
 bool can_vectorise(int dtype, int64_t D, std::initializer_list<std::pair<const void*, int64_t>> rows) {
-    const int vec = 16 / elem_size(dtype);
+    const int vec = 16 / nf::elem_size(dtype);
     if (D % vec != 0) return false;
     for (const auto& [p, stride] : rows)
         if (!nf::aligned_to(p, 16) || stride % vec != 0) return false;
     return true;
 }
-
-bool valid_dtype(int d) { return d == nf::kFloat32 || d == nf::kFloat16 || d == nf::kBFloat16; }
 
 }  // namespace
 
@@ -293,13 +289,13 @@ extern "C" {
 int nf_rms_norm_fwd(const nf_rms_norm_fwd_args* args, void* stream) {
     if (args == nullptr) return nf::kInvalidArgument;
     const nf_rms_norm_fwd_args& a = *args;
-    if (a.N < 1 || a.N > 0x7fffffffLL || a.D < 1 || !valid_dtype(a.dtype) || a.x == nullptr || a.y == nullptr ||
+    if (a.N < 1 || a.N > 0x7fffffffLL || a.D < 1 || !nf::valid_dtype(a.dtype) || a.x == nullptr || a.y == nullptr ||
         a.rstd == nullptr || (a.residual != nullptr && a.h == nullptr) ||
-        (a.weight != nullptr && !valid_dtype(a.weight_dtype)))
+        (a.weight != nullptr && !nf::valid_dtype(a.weight_dtype)))
         return nf::kInvalidArgument;
     const bool vec = can_vectorise(a.dtype, a.D, {{a.x, a.x_stride}, {a.residual, a.residual_stride},
                                                    {a.y, a.y_stride}, {a.h, a.h_stride}});
-    const RowConfig cfg = row_config(a.D, vec ? 16 / elem_size(a.dtype) : 1);
+    const RowConfig cfg = row_config(a.D, vec ? 16 / nf::elem_size(a.dtype) : 1);
     const float inv_d = 1.0f / static_cast<float>(a.D);  // mean = sum * (1/D): no IEEE divide in the kernel
     return dispatch_dtype(a.dtype, [&](auto t) {
         using T = decltype(t);
@@ -316,14 +312,14 @@ int nf_rms_norm_fwd(const nf_rms_norm_fwd_args* args, void* stream) {
 int nf_rms_norm_bwd(const nf_rms_norm_bwd_args* args, void* stream) {
     if (args == nullptr) return nf::kInvalidArgument;
     const nf_rms_norm_bwd_args& a = *args;
-    if (a.N < 1 || a.D < 1 || !valid_dtype(a.dtype) || a.dy == nullptr || a.h == nullptr || a.rstd == nullptr ||
+    if (a.N < 1 || a.D < 1 || !nf::valid_dtype(a.dtype) || a.dy == nullptr || a.h == nullptr || a.rstd == nullptr ||
         a.dx == nullptr || a.num_partials < 1 || a.num_partials > a.N || a.num_partials > 0x7fffffffLL ||
-        (a.weight != nullptr && (!valid_dtype(a.weight_dtype) || a.dw_partial == nullptr || a.dw == nullptr)))
+        (a.weight != nullptr && (!nf::valid_dtype(a.weight_dtype) || a.dw_partial == nullptr || a.dw == nullptr)))
         return nf::kInvalidArgument;
     const bool vec = can_vectorise(a.dtype, a.D, {{a.dy, a.dy_stride}, {a.h, a.h_stride}, {a.dh, a.dh_stride},
                                                    {a.dx, a.dx_stride}}) &&
                      nf::aligned_to(a.dw_partial, 16);
-    const RowConfig cfg = row_config(a.D, vec ? 16 / elem_size(a.dtype) : 1);
+    const RowConfig cfg = row_config(a.D, vec ? 16 / nf::elem_size(a.dtype) : 1);
     float* partial = a.weight != nullptr ? a.dw_partial : nullptr;
     const float inv_d = 1.0f / static_cast<float>(a.D);
     int err = dispatch_dtype(a.dtype, [&](auto t) {

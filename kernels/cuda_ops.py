@@ -59,6 +59,20 @@ def _check_same_dtype(name: str, t: Tensor, dtype: torch.dtype, ref: str) -> Non
         raise TypeError(f"{name} must have the dtype of {ref} ({dtype}), got {t.dtype}")
 
 
+def _check_like(name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
+    """t is read alongside ref element for element (a gradient and its primal, a residual and x):
+    same shape, same dtype."""
+    _check_shape(name, t, tuple(ref.shape))
+    _check_same_dtype(name, t, ref.dtype, ref_name)
+
+
+def _check_rstd(name: str, r: Tensor, shape: tuple) -> None:
+    """A forward's saved 1/rms handed back to its backward."""
+    _check_shape(name, r, shape)
+    if r.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 (as the forward returns it), got {r.dtype}")
+
+
 def _check_device(device: torch.device, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != device:
@@ -130,8 +144,7 @@ def _check_rms_fwd(x, weight, residual, eps) -> float:
     if weight is not None:
         _check_shape("weight", weight, (x.shape[1],))
     if residual is not None:
-        _check_shape("residual", residual, tuple(x.shape))
-        _check_same_dtype("residual", residual, x.dtype, "x")
+        _check_like("residual", residual, x, "x")
     return _check_real("eps", eps, nonneg=True)
 
 
@@ -187,16 +200,12 @@ def _check_rms_bwd(dy, h, rstd, weight, dh) -> Tensor:
     _check_opt_tensor("weight", weight, 1)
     _check_opt_tensor("dh", dh, 2)
     _check_device(h.device, dy=dy, rstd=rstd, weight=weight, dh=dh)
-    _check_shape("dy", dy, tuple(h.shape))
-    _check_same_dtype("dy", dy, h.dtype, "h")
-    _check_shape("rstd", rstd, (h.shape[0],))
-    if rstd.dtype != torch.float32:
-        raise TypeError(f"rstd must be float32 (as the forward returns it), got {rstd.dtype}")
+    _check_like("dy", dy, h, "h")
+    _check_rstd("rstd", rstd, (h.shape[0],))
     if weight is not None:
         _check_shape("weight", weight, (h.shape[1],))
     if dh is not None:
-        _check_shape("dh", dh, tuple(h.shape))
-        _check_same_dtype("dh", dh, h.dtype, "h")
+        _check_like("dh", dh, h, "h")
     return rstd.contiguous()
 
 
@@ -247,8 +256,7 @@ def _check_qk_common(q, k, cos, sin, q_weight, k_weight, scale, interleaved) -> 
         raise ValueError(f"the head dimension D of q and k must be even and > 0 (rotary pairs), got {D}")
     if cos.shape[1] != D // 2 or cos.shape[0] < T:
         raise ValueError(f"cos must have shape (T', D/2) with T' >= T = {T}, D/2 = {D // 2}, got {tuple(cos.shape)}")
-    _check_shape("sin", sin, tuple(cos.shape))
-    _check_same_dtype("sin", sin, cos.dtype, "cos")
+    _check_like("sin", sin, cos, "cos")
     if q_weight is not None:
         _check_shape("q_weight", q_weight, (D,))
     if k_weight is not None:
@@ -357,15 +365,10 @@ def qk_norm_rope_bwd_cuda(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, 
     _check_tensor("q_rstd", q_rstd, 3)
     _check_tensor("k_rstd", k_rstd, 3)
     _check_device(q.device, dq_out=dq_out, dk_out=dk_out, q_rstd=q_rstd, k_rstd=k_rstd)
-    _check_shape("dq_out", dq_out, tuple(q.shape))
-    _check_shape("dk_out", dk_out, tuple(k.shape))
-    _check_same_dtype("dq_out", dq_out, q.dtype, "q")
-    _check_same_dtype("dk_out", dk_out, k.dtype, "k")
-    _check_shape("q_rstd", q_rstd, tuple(q.shape[:3]))
-    _check_shape("k_rstd", k_rstd, tuple(k.shape[:3]))
-    for name, r in (("q_rstd", q_rstd), ("k_rstd", k_rstd)):
-        if r.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32 (as the forward returns it), got {r.dtype}")
+    _check_like("dq_out", dq_out, q, "q")
+    _check_like("dk_out", dk_out, k, "k")
+    _check_rstd("q_rstd", q_rstd, tuple(q.shape[:3]))
+    _check_rstd("k_rstd", k_rstd, tuple(k.shape[:3]))
     return _qk_norm_rope_bwd(dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, q_rstd.contiguous(),
                              k_rstd.contiguous(), scale, interleaved)
 
@@ -501,8 +504,7 @@ def _check_cache_pair(k_cache, v_cache) -> tuple[int, int, int, int]:
     if min(k_cache.shape) < 1:
         raise ValueError(f"k_cache must have shape (num_pages, page_size, Hkv, D) with every size >= 1, got "
                          f"{tuple(k_cache.shape)}")
-    _check_shape("v_cache", v_cache, tuple(k_cache.shape))
-    _check_same_dtype("v_cache", v_cache, k_cache.dtype, "k_cache")
+    _check_like("v_cache", v_cache, k_cache, "k_cache")
     return tuple(k_cache.shape)
 
 

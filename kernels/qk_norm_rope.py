@@ -365,6 +365,19 @@ def _qk_norm_rope_inplace_kernel(QKV, POS, CACHE, QW, KW, stride_row, stride_cac
 
 
 @triton.jit
+def _load_weight_pair(W, ca, cb, cm, BLOCK_HALF: tl.constexpr, HAS_W: tl.constexpr):
+    """A weight's (BLOCK_HALF,) a and b halves in fp32, for the backward of q's or k's heads; zeros
+    without a weight (then never read)."""
+    if HAS_W:
+        wa = tl.load(W + ca, mask=cm, other=0.0).to(tl.float32)
+        wb = tl.load(W + cb, mask=cm, other=0.0).to(tl.float32)
+    else:
+        wa = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
+        wb = wa
+    return wa, wb
+
+
+@triton.jit
 def _norm_rope_heads_bwd(DO, do_row, stride_doh, X, x_row, stride_xh, DX, dx_row, RSTD, r_row, wa, wb, n_heads,
                          cos, sin, scale, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
                          HAS_W: tl.constexpr, INTERLEAVED: tl.constexpr):
@@ -426,18 +439,8 @@ def _qk_norm_rope_bwd_kernel(DQO, DKO, Q, K, COS, SIN, QW, KW, QR, KR, DQ, DK, D
     cos = tl.load(COS + t * stride_cos + i, mask=i < HALF, other=0.0).to(tl.float32)
     sin = tl.load(SIN + t * stride_sin + i, mask=i < HALF, other=0.0).to(tl.float32)
     ca, cb, cm = _pair_cols(HALF, BLOCK_HALF, INTERLEAVED)
-    if HAS_QW:
-        qwa = tl.load(QW + ca, mask=cm, other=0.0).to(tl.float32)
-        qwb = tl.load(QW + cb, mask=cm, other=0.0).to(tl.float32)
-    else:
-        qwa = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
-        qwb = qwa
-    if HAS_KW:
-        kwa = tl.load(KW + ca, mask=cm, other=0.0).to(tl.float32)
-        kwb = tl.load(KW + cb, mask=cm, other=0.0).to(tl.float32)
-    else:
-        kwa = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
-        kwb = kwa
+    qwa, qwb = _load_weight_pair(QW, ca, cb, cm, BLOCK_HALF, HAS_QW)
+    kwa, kwb = _load_weight_pair(KW, ca, cb, cm, BLOCK_HALF, HAS_KW)
     qa, qb = _norm_rope_heads_bwd(DQO, b * stride_dqb + t * stride_dqt, stride_dqh,
                                   Q, b * stride_qb + t * stride_qt, stride_qh, DQ, tok * HQ * (2 * HALF),
                                   QR, tok * HQ, qwa, qwb, HQ, cos, sin, scale, HALF, BLOCK_HQ, BLOCK_HALF, HAS_QW,
@@ -474,6 +477,15 @@ def _launch_meta(hq: int, hk: int, d: int) -> dict:
                 num_warps=min(8, max(1, elems // 512)))
 
 
+def _token_meta(hq: int, hk: int, d: int, has_qw: bool, has_kw: bool, interleaved: bool) -> tuple[dict, int]:
+    """(constexprs, num_warps) of a token program: the fwd, bwd and in-place kernels take the same
+    set, and the launchers and the compile gate's configs both build it here, so the gate compiles
+    exactly what a launch runs."""
+    meta = _launch_meta(hq, hk, d)
+    nw = meta.pop("num_warps")
+    return dict(HALF=d // 2, HAS_QW=has_qw, HAS_KW=has_kw, INTERLEAVED=interleaved, **meta), nw
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers (Triton backend). Same names/signatures as the `_cuda` launchers in cuda_ops.
 # ----------------------------------------------------------------------------------------------
@@ -484,13 +496,11 @@ def _launch_fwd(q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved, q_o
     HK = k.shape[2]
     if B * T == 0:
         return
-    meta = _launch_meta(HQ, HK, D)
-    nw = meta.pop("num_warps")
+    const, nw = _token_meta(HQ, HK, D, q_weight is not None, k_weight is not None, interleaved)
     _qk_norm_rope_fwd_kernel[(B * T,)](
         q, k, cos, sin, q if q_weight is None else q_weight, q if k_weight is None else k_weight,
         q_out, k_out, q_rstd, k_rstd, T, HQ, HK, *q.stride()[:3], *k.stride()[:3], cos.stride(0), sin.stride(0),
-        eps, scale, HALF=D // 2, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
-        INTERLEAVED=interleaved, num_warps=nw, **meta)
+        eps, scale, num_warps=nw, **const)
 
 
 def _fwd_triton(q, k, cos, sin, q_weight, k_weight, scale: float, eps: float | None, interleaved: bool):
@@ -528,14 +538,12 @@ def _launch_bwd(dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, q_rstd, k_rs
     HK = k.shape[2]
     if B * T == 0:
         return
-    meta = _launch_meta(HQ, HK, D)
-    nw = meta.pop("num_warps")
+    const, nw = _token_meta(HQ, HK, D, q_weight is not None, k_weight is not None, interleaved)
     _qk_norm_rope_bwd_kernel[(B * T,)](
         dq_out, dk_out, q, k, cos, sin, q if q_weight is None else q_weight, q if k_weight is None else k_weight,
         q_rstd, k_rstd, dq, dk, q_rstd if dqw_rows is None else dqw_rows, q_rstd if dkw_rows is None else dkw_rows,
         T, HQ, HK, *dq_out.stride()[:3], *dk_out.stride()[:3], *q.stride()[:3], *k.stride()[:3],
-        cos.stride(0), sin.stride(0), scale, HALF=D // 2, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
-        INTERLEAVED=interleaved, num_warps=nw, **meta)
+        cos.stride(0), sin.stride(0), scale, num_warps=nw, **const)
 
 
 def qk_norm_rope_bwd_triton(dq_out: torch.Tensor, dk_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -604,13 +612,11 @@ def _inplace_triton(qkv, positions, cos_sin_cache, num_q_heads: int, num_kv_head
     N = qkv.shape[0]
     if N == 0:
         return
-    meta = _launch_meta(num_q_heads, num_kv_heads, D)
-    nw = meta.pop("num_warps")
+    const, nw = _token_meta(num_q_heads, num_kv_heads, D, q_weight is not None, k_weight is not None, interleaved)
     _qk_norm_rope_inplace_kernel[(N,)](
         qkv, positions, cos_sin_cache, qkv if q_weight is None else q_weight, qkv if k_weight is None else k_weight,
         qkv.stride(0), cos_sin_cache.stride(0), cos_sin_cache.shape[0], num_q_heads, num_kv_heads,
-        eps, float(scale), HALF=D // 2, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
-        INTERLEAVED=interleaved, num_warps=nw, **meta)
+        eps, float(scale), num_warps=nw, **const)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -831,9 +837,7 @@ def _config(kind: str, dtype: torch.dtype, hq: int, hk: int, d: int, weights: bo
     shapes (D, Hq*D, T*Hq*D, D/2 rows of the tables), which Triton's launcher specialises on: the
     `aligned` names are exactly those, so the compiled code is the one a real launch gets."""
     t = _TL_DTYPE[dtype]
-    meta = _launch_meta(hq, hk, d)
-    nw = meta.pop("num_warps")
-    const = dict(HALF=d // 2, HAS_QW=weights, HAS_KW=weights, INTERLEAVED=interleaved, **meta)
+    const, nw = _token_meta(hq, hk, d, weights, weights, interleaved)
     tables = ("stride_cos", "stride_sin") if d // 2 % 16 == 0 else ()
     if kind == "fwd":
         fn = _qk_norm_rope_fwd_kernel

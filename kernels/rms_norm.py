@@ -311,6 +311,22 @@ def _check_launch(name: str, t: Tensor, shape: tuple[int, ...], dtype: Optional[
         raise ValueError(f"{name} must be contiguous, got stride {t.stride()}")
 
 
+def _check_lead(launcher: str, name: str, t: Tensor) -> tuple[int, int]:
+    """Check a launcher's leading tensor (x forward, h backward), whose (N, D) and dtype every other
+    argument follows; returns (N, D)."""
+    if triton is None:
+        raise RuntimeError(f"{launcher} needs triton installed")
+    if not isinstance(t, Tensor) or t.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D tensor (N, D), got {getattr(t, 'shape', type(t).__name__)}")
+    if t.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32 for the triton backend, got {t.dtype}")
+    N, D = t.shape
+    if D == 0:
+        raise ValueError(f"{name} must have a non-empty last dim D, got shape (N, 0)")
+    _check_launch(name, t, (N, D))
+    return N, D
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -323,16 +339,7 @@ def rms_norm_fwd_triton(x: Tensor, weight: Optional[Tensor], residual: Optional[
     Returns (y, rstd, h): y (N, D) contiguous in x's dtype; rstd (N,) fp32; h = x + residual
     (N, D) contiguous in x's dtype, or None without residual. Inputs are never written.
     """
-    if triton is None:
-        raise RuntimeError("rms_norm_fwd_triton needs triton installed")
-    if not isinstance(x, Tensor) or x.ndim != 2:
-        raise ValueError(f"x must be a 2-D tensor (N, D), got {getattr(x, 'shape', type(x).__name__)}")
-    if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32 for the triton backend, got {x.dtype}")
-    N, D = x.shape
-    if D == 0:
-        raise ValueError("x must have a non-empty last dim D, got shape (N, 0)")
-    _check_launch("x", x, (N, D))
+    N, D = _check_lead("rms_norm_fwd_triton", "x", x)
     if weight is not None:
         _check_launch("weight", weight, (D,), x.dtype)
     if residual is not None:
@@ -371,16 +378,7 @@ def rms_norm_bwd_triton(dy: Tensor, h: Tensor, rstd: Tensor, weight: Optional[Te
     weight's dtype, summed deterministically (per-CTA fp32 partials, then a fixed-order sum), or
     None without weight.
     """
-    if triton is None:
-        raise RuntimeError("rms_norm_bwd_triton needs triton installed")
-    if not isinstance(h, Tensor) or h.ndim != 2:
-        raise ValueError(f"h must be a 2-D tensor (N, D), got {getattr(h, 'shape', type(h).__name__)}")
-    if h.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"h must be float16, bfloat16 or float32 for the triton backend, got {h.dtype}")
-    N, D = h.shape
-    if D == 0:
-        raise ValueError("h must have a non-empty last dim D, got shape (N, 0)")
-    _check_launch("h", h, (N, D))
+    N, D = _check_lead("rms_norm_bwd_triton", "h", h)
     _check_launch("dy", dy, (N, D), h.dtype)
     _check_launch("rstd", rstd, (N,), torch.float32)
     if weight is not None:
@@ -529,6 +527,14 @@ class _RMSNormFunction(torch.autograd.Function):
 # Functional API and module
 # --------------------------------------------------------------------------------------------
 
+def _check_with_x(name: str, t: Tensor, x: Tensor) -> None:
+    """weight and residual are read in x's dtype on x's device."""
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
 def _validate(x, weight, eps, residual) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (..., D), got {type(x).__name__}")
@@ -547,20 +553,14 @@ def _validate(x, weight, eps, residual) -> None:
             raise TypeError(f"weight must be a torch.Tensor of shape ({D},) or None, got {type(weight).__name__}")
         if tuple(weight.shape) != (D,):
             raise ValueError(f"weight must have shape ({D},) (the last dim of x), got {tuple(weight.shape)}")
-        if weight.dtype != x.dtype:
-            raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
-        if weight.device != x.device:
-            raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
+        _check_with_x("weight", weight, x)
     if residual is not None:
         if not isinstance(residual, Tensor):
             raise TypeError(f"residual must be a torch.Tensor of shape {tuple(x.shape)} or None, "
                             f"got {type(residual).__name__}")
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
-        if residual.device != x.device:
-            raise ValueError(f"residual must be on x's device {x.device}, got {residual.device}")
+        _check_with_x("residual", residual, x)
         if D > 1 and residual.stride(-1) != 1:
             raise ValueError(f"residual must have a contiguous last dim (stride 1), got strides {residual.stride()}")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0):

@@ -1,17 +1,20 @@
-"""The CUDA sources in csrc/: compiled for Hopper and Ampere, and executed on the CPU.
+"""The CUDA infrastructure shared by every source in csrc/; each kernel family's own CUDA tests are
+in its file (tests/test_rms_norm_cuda.py, tests/test_qk_norm_rope_cuda.py,
+tests/test_paged_attention_cuda.py), with the helpers and the `emu` fixture they share in
+tests/cuda_emu_helpers.py.
 
 1. nvcc compiles every csrc/*.cu for sm_90a and sm_80; ptxas's facts are asserted per kernel
-   (no spills, no stack, registers and shared memory within stated bounds, 16-byte accesses).
-2. The CPU emulation build (csrc/cuda_emu.h, one std::thread per CUDA thread) runs every launcher
-   of kernels/cuda_ops.py against fp64 references written here and against the Triton engineers'
-   references / public API (backend="cuda"), on awkward shapes, fp32/fp16/bf16, forward, backward
-   and in place, with NaN guard bands around outputs, NaN-poisoned row padding around inputs,
-   determinism and no-mutation checks. The emulator itself is tested first (fp16/bf16 conversions
-   exhaustively, shuffle semantics, exited threads, deadlock and misuse detection).
-3. Bad arguments raise TypeError / ValueError naming the argument.
-
-Error budget: max|kernel - ref_fp64| <= 2 * max|torch_lowprec - ref_fp64| + atol(dtype) * max|ref|,
-where torch_lowprec is the same maths done by torch in fp32 and rounded to the input dtype once.
+   (no spills, no stack, registers and shared memory within stated bounds, 16-byte accesses), and
+   the full host build exports exactly the ABI's launch functions.
+2. The launch ABI: csrc/nf_abi.h against its Python mirror (kernels/cuda_abi.py) and the compiler's
+   layout, and bindings.cpp handing out the launch functions.
+3. The CPU emulator (csrc/cuda_emu.h, one std::thread per CUDA thread) is tested itself: fp16/bf16
+   conversions exhaustively, shuffle semantics, exited threads, deadlock and misuse detection.
+4. The generic launch path: the C launch functions reject bad arguments, errors surface as
+   RuntimeError, build paths are relative and overridable; torch.compile(fullgraph=True) through
+   the CUDA ops of every family.
+5. Two tests that span both norm families (RMSNorm, QK-norm + rope) in one parametrisation: bad
+   arguments raise TypeError / ValueError naming the argument, and empty inputs give empty outputs.
 """
 from __future__ import annotations
 
@@ -31,16 +34,9 @@ import torch
 from nanofast.kernels import cuda_abi, cuda_build, cuda_facts
 from nanofast.kernels import cuda_ops as co
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-ATOL = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}  # relative to max|ref|
-FACTOR = 2.0
-CSRC = cuda_build.csrc_dir()
-SOURCES = sorted(p.name for p in CSRC.glob("*.cu"))
+from cuda_emu_helpers import CSRC, HAVE_CXX, HAVE_NVCC, SOURCES, emu, needs_cxx  # noqa: F401 (emu: the fixture)
+
 ARCHS = ["sm_90a", "sm_80"]
-HAVE_NVCC = shutil.which("nvcc") is not None or bool(os.environ.get("NVCC"))
-HAVE_CXX = shutil.which(os.environ.get("CXX") or "g++") is not None
-needs_cxx = pytest.mark.skipif(not HAVE_CXX, reason="no C++20 compiler (g++ / $CXX) to build the CPU emulation")
 
 _SELFTEST_CPP = r'''
 #include "cuda_emu.h"
@@ -141,8 +137,9 @@ def _nvcc_object(source: str, out_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def builds(tmp_path_factory):
-    """Everything compiled once per session, two at a time (2 cores): emulation libraries, the
-    emulator self-test library and the nvcc facts of every source for every arch."""
+    """Everything compiled once per session, two at a time (2 cores): emulation libraries (cached:
+    the `emu` fixture loads them), the emulator self-test library and the nvcc facts of every source
+    for every arch."""
     tmp = tmp_path_factory.mktemp("cuda_emu_selftest")
     jobs = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
@@ -178,14 +175,6 @@ def selftest(builds):
     lib = ctypes.CDLL(str(_get(builds, ("selftest",))))
     lib.t_last_error.restype = ctypes.c_char_p
     return lib
-
-
-@pytest.fixture(scope="session")
-def emu(builds):
-    if not HAVE_CXX:
-        pytest.skip("no C++20 compiler (g++ / $CXX) to build the CPU emulation")
-    for src in SOURCES:
-        _get(builds, ("emu", src))
 
 
 # ------------------------------------------------------------------------------------------------ 1. nvcc
@@ -480,420 +469,7 @@ def test_emulator_reports_deadlock_and_misuse(selftest, monkeypatch):
     assert o.item() == 64
 
 
-# ------------------------------------------------------------------------------------------------ helpers
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Bit pattern copy (NaN-safe equality)."""
-    t = t.detach().contiguous()
-    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).clone()
-
-
-def _assert_budget(out: torch.Tensor, ref64: torch.Tensor, lowp: torch.Tensor, dtype: torch.dtype, what: str,
-                   factor: float = FACTOR) -> None:
-    assert out.shape == ref64.shape, what
-    assert torch.isfinite(out.double()).all(), f"{what}: non-finite output (read outside the operands?)"
-    err = (out.double() - ref64).abs().max().item()
-    base = (lowp.double() - ref64).abs().max().item()
-    atol = ATOL[dtype] * max(1.0, ref64.abs().max().item())
-    assert err <= factor * base + atol, f"{what}: max err {err:.3g} > {factor} * {base:.3g} + {atol:.3g}"
-
-
-def _rows_view(N: int, D: int, dtype, layout: str, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, D) view and its storage buffer: contiguous, or rows padded with NaN (pad 16 keeps every
-    row 16-byte aligned, the vectorised path; pad 5 breaks alignment, the scalar path)."""
-    pad = {"contig": 0, "padded": 16, "odd": 5}[layout]
-    buf = torch.full((N, D + pad), float("nan"), dtype=dtype)
-    view = buf[:, :D]
-    view.copy_(torch.randn(N, D, generator=gen))
-    return view, buf
-
-
-def _guarded(shape: tuple, dtype, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """NaN-filled buffer with guard rows/columns around an output view of `shape` (last dim padded
-    by `pad`, one guard row before and after along the first dim); returns (view, buffer, mask)."""
-    lead, D = shape[:-1], shape[-1]
-    first = lead[0] if lead else 1
-    buf = torch.full((first + 2, *lead[1:], D + pad), float("nan"), dtype=dtype)
-    view = buf[1:1 + first, ..., :D] if lead else buf[1, :D]
-    mask = torch.zeros(buf.shape, dtype=torch.bool)
-    if lead:
-        mask[1:1 + first, ..., :D] = True
-    else:
-        mask[1, :D] = True
-    return view, buf, mask
-
-
-def _assert_guards(buf: torch.Tensor, mask: torch.Tensor, what: str) -> None:
-    assert torch.isnan(buf[~mask].float()).all(), f"{what}: a guard element was written"
-    assert torch.isfinite(buf[mask].float()).all(), f"{what}: an output element was not written"
-
-
-# ------------------------------------------------------------------------------------------------ RMSNorm
-
-def rms_ref64(x, weight, residual, eps):
-    """fp64 reference on the contract's h (x + residual rounded to x's dtype, as torch does)."""
-    h = x if residual is None else x + residual
-    h64 = h.double()
-    rstd = torch.rsqrt(h64.pow(2).mean(-1) + eps)
-    y = h64 * rstd[:, None]
-    if weight is not None:
-        y = y * weight.double()
-    return y, rstd, h
-
-
-def rms_lowp(x, weight, residual, eps):
-    h = x if residual is None else x + residual
-    hf = h.float()
-    y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.float()
-    return y.to(x.dtype)
-
-
-def rms_bwd_ref(dy, h, weight, dh, eps, dtype):
-    """(dx, dw) in fp64 and through torch fp32 autograd rounded to the output dtypes."""
-    res = []
-    for prec in (torch.float64, torch.float32):
-        hp = h.to(prec).requires_grad_()
-        wp = weight.to(prec).requires_grad_() if weight is not None else None
-        y = hp * torch.rsqrt(hp.pow(2).mean(-1, keepdim=True) + eps)
-        if wp is not None:
-            y = y * wp
-        y.backward(dy.to(prec))
-        dx = hp.grad + (dh.to(prec) if dh is not None else 0)
-        dw = wp.grad if wp is not None else None
-        if prec == torch.float32:
-            dx = dx.to(dtype)
-            dw = dw.to(weight.dtype) if dw is not None else None
-        res.append((dx, dw))
-    return res
-
-
-# (N, D, layout). The CPU emulation runs 3 persistent backward blocks, so N > 3 makes blocks loop over
-# rows and accumulate dw; D covers one and two register chunks per thread and the streaming path
-# (> 512 chunks), vectorised (contig / padded) and scalar (odd).
-RMS_CASES = [(1, 1, "contig"), (3, 7, "odd"), (4, 64, "contig"), (4, 64, "padded"), (5, 37, "odd"),
-             (2, 520, "padded"), (7, 1030, "odd"), (2, 2304, "contig"), (5, 4100, "padded")]
-RMS_VARIANTS = [(None, False), ("same", True), ("fp32", False), ("bf16", True)]  # (weight dtype, residual)
-
-
-def _weight(kind, D, dtype, gen):
-    if kind is None:
-        return None
-    wd = {"same": dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[kind]
-    return (1 + 0.5 * torch.randn(D, generator=gen)).to(wd)
-
-
-def _case_id(case):
-    return "x".join(str(c) for c in case)
-
-
-@pytest.mark.parametrize("variant", RMS_VARIANTS, ids=lambda v: f"w{v[0]}-res{int(v[1])}")
-@pytest.mark.parametrize("case", RMS_CASES, ids=_case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
-def test_rms_norm_forward_backward(emu, dtype, case, variant):
-    N, D, layout = case
-    wkind, with_res = variant
-    gen = torch.Generator().manual_seed(N * 1000 + D)
-    x, xbuf = _rows_view(N, D, dtype, layout, gen)
-    if N == 3 and D == 7:
-        x[1] = 0  # an all-zero row: rstd = 1/sqrt(eps), y = 0
-    res, rbuf = _rows_view(N, D, dtype, layout, gen) if with_res else (None, None)
-    w = _weight(wkind, D, dtype, gen)
-    eps = 1e-5
-    before = [_bits(t) for t in (xbuf, rbuf, w) if t is not None]
-
-    y, rstd, h = co.rms_norm_fwd_cuda(x, w, res, eps)
-    y64, rstd64, h_ref = rms_ref64(x, w, res, eps)
-    assert y.dtype == dtype and y.is_contiguous() and rstd.dtype == torch.float32 and rstd.shape == (N,)
-    _assert_budget(y, y64, rms_lowp(x, w, res, eps), dtype, "y")
-    hf = (x if res is None else x + res).float()
-    _assert_budget(rstd, rstd64, torch.rsqrt(hf.pow(2).mean(-1) + eps), torch.float32, "rstd")
-    if with_res:
-        assert h.dtype == dtype and h.is_contiguous()
-        assert torch.equal(_bits(h), _bits(h_ref)), "h must be x + residual rounded exactly as torch rounds it"
-    else:
-        assert h is None
-
-    # backward: dy with its own padded layout, dh when there is a residual stream
-    dy, dybuf = _rows_view(N, D, dtype, layout, gen)
-    dh = _rows_view(N, D, dtype, "contig", gen)[0] if with_res else None
-    hs = h if with_res else x
-    before += [_bits(t) for t in (dybuf, rstd, dh) if t is not None]
-    dx, dw = co.rms_norm_bwd_cuda(dy, hs, rstd, w, dh)
-    (dx64, dw64), (dx32, dw32) = rms_bwd_ref(dy, hs, w, dh, eps, dtype)
-    assert dx.dtype == dtype and dx.is_contiguous()
-    _assert_budget(dx, dx64, dx32, dtype, "dx")
-    if w is None:
-        assert dw is None
-    else:
-        assert dw.dtype == w.dtype and dw.shape == (D,)
-        _assert_budget(dw, dw64, dw32, w.dtype, "dw")
-        dx2, dw2 = co.rms_norm_bwd_cuda(dy, hs, rstd, w, dh)  # deterministic: bit-identical reruns
-        assert torch.equal(_bits(dw2), _bits(dw)) and torch.equal(_bits(dx2), _bits(dx))
-    after = [_bits(t) for t in (xbuf, rbuf, w, dybuf, rstd, dh) if t is not None]
-    assert all(torch.equal(a, b) for a, b in zip(before, after)), "an input was modified"
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
-@pytest.mark.parametrize("D,pad", [(64, 8), (37, 3), (1030, 8), (2304, 3)])
-def test_rms_norm_writes_only_its_outputs(emu, dtype, D, pad):
-    """Outputs inside NaN guard bands (row padding, a guard row before and after, rstd/dw guards):
-    every output element is written, no guard element is."""
-    N = 5
-    gen = torch.Generator().manual_seed(D)
-    x = torch.randn(N, D, generator=gen).to(dtype)
-    res = torch.randn(N, D, generator=gen).to(dtype)
-    w = torch.randn(D, generator=gen).to(dtype)
-    y, ybuf, ymask = _guarded((N, D), dtype, pad)
-    h, hbuf, hmask = _guarded((N, D), dtype, pad)
-    rstd, rbuf, rmask = _guarded((N,), torch.float32, 0)
-    co._rms_norm_fwd_into(x, w, res, 1e-5, y, rstd, h)
-    for buf, mask, name in ((ybuf, ymask, "y"), (hbuf, hmask, "h"), (rbuf, rmask, "rstd")):
-        _assert_guards(buf, mask, name)
-    # Padding that keeps rows 16-byte aligned keeps the launch identical to the contiguous one (bit
-    # equality); other padding takes the scalar path, whose reduction order differs in the last bits.
-    same_path = pad % (16 // x.element_size()) == 0
-
-    def same(a, b):
-        if same_path:
-            assert torch.equal(_bits(a), _bits(b))
-        else:
-            torch.testing.assert_close(a, b)
-
-    y_ref, rstd_ref, h_ref = co.rms_norm_fwd_cuda(x, w, res, 1e-5)
-    same(y, y_ref)
-    same(rstd, rstd_ref)
-    assert torch.equal(_bits(h), _bits(h_ref))  # an elementwise add: no reduction order
-
-    dy = torch.randn(N, D, generator=gen).to(dtype)
-    dx, dxbuf, dxmask = _guarded((N, D), dtype, pad)
-    dw, dwbuf, dwmask = _guarded((D,), dtype, 0)
-    co._rms_norm_bwd_into(dy, h_ref, rstd_ref, w, res, dx, dw)
-    _assert_guards(dxbuf, dxmask, "dx")
-    _assert_guards(dwbuf, dwmask, "dw")
-    dx_ref, dw_ref = co.rms_norm_bwd_cuda(dy, h_ref, rstd_ref, w, res)
-    same(dx, dx_ref)
-    same(dw, dw_ref)
-
-
-@pytest.mark.parametrize("D", [40, 3000])
-def test_rms_norm_dw_partials_any_block_count(emu, D):
-    """dw is the same sum whatever the number of persistent blocks (1 block = one sequential sum)."""
-    N = 9
-    gen = torch.Generator().manual_seed(1)
-    h = torch.randn(N, D, generator=gen)
-    dy = torch.randn(N, D, generator=gen)
-    w = torch.randn(D, generator=gen)
-    _, rstd, _ = co.rms_norm_fwd_cuda(h, w, None, 1e-6)
-    results = []
-    for g in (1, 2, 9):
-        dx = torch.empty(N, D)
-        dw = torch.empty(D)
-        co._rms_norm_bwd_into(dy, h, rstd, w, None, dx, dw, num_partials=g)
-        results.append((dx, dw))
-    for dx, dw in results[1:]:
-        assert torch.equal(dx, results[0][0])  # rows are independent of the partition
-        torch.testing.assert_close(dw, results[0][1], rtol=1e-5, atol=1e-5)
-
-
-# ------------------------------------------------------------------------------------------------ QK-norm + rope
-
-def qk_ref(x, cos, sin, w, scale, eps, interleaved, prec=torch.float64):
-    """Per head: normalise (stats in `prec`), weight, rotate, scale; x (B, T, H, D)."""
-    T, D = x.shape[1], x.shape[3]
-    xp = x.to(prec)
-    n = xp * torch.rsqrt(xp.pow(2).mean(-1, keepdim=True) + eps)
-    if w is not None:
-        n = n * w.to(prec)
-    c = cos[:T].to(prec)[None, :, None, :]
-    s = sin[:T].to(prec)[None, :, None, :]
-    if interleaved:
-        a, b = n[..., 0::2], n[..., 1::2]
-        out = torch.stack([a * c + b * s, b * c - a * s], -1).flatten(-2)
-    else:
-        a, b = n[..., :D // 2], n[..., D // 2:]
-        out = torch.cat([a * c + b * s, b * c - a * s], -1)
-    return out * scale
-
-
-def _heads(B, T, H, D, dtype, layout, gen):
-    """(B, T, H, D) q and k operands in a given memory layout; returns (q, k, buffers)."""
-    Hq, Hk = H
-    if layout == "packed":  # views into one (B, T, Hq + 2*Hk, D) qkv projection output
-        buf = torch.randn(B, T, Hq + 2 * Hk, D, generator=gen).to(dtype)
-        return buf[:, :, :Hq], buf[:, :, Hq:Hq + Hk], [buf]
-    if layout == "transposed":  # (B, H, T, D) storage seen as (B, T, H, D)
-        qb = torch.randn(B, Hq, T, D, generator=gen).to(dtype)
-        kb = torch.randn(B, Hk, T, D, generator=gen).to(dtype)
-        return qb.transpose(1, 2), kb.transpose(1, 2), [qb, kb]
-    pad = {"contig": 0, "odd": 3}[layout]  # odd: head stride D + 3 breaks every alignment
-    qb = torch.full((B, T, Hq, D + pad), float("nan"), dtype=dtype)
-    kb = torch.full((B, T, Hk, D + pad), float("nan"), dtype=dtype)
-    q, k = qb[..., :D], kb[..., :D]
-    q.copy_(torch.randn(B, T, Hq, D, generator=gen))
-    k.copy_(torch.randn(B, T, Hk, D, generator=gen))
-    return q, k, [qb, kb]
-
-
-def _rope_tables(T, D, dtype, gen):
-    ang = torch.randn(T + 3, D // 2, generator=gen) * 3
-    return ang.cos().to(dtype), ang.sin().to(dtype)
-
-
-# (B, T, Hq, Hk, D, layout). D > 256 takes the streaming path; the emulation's 3 backward blocks hold
-# 12 warps, so cases with more (token, head) items make warps accumulate several heads' dw.
-QK_CASES = [(1, 1, 1, 1, 2, "contig"), (2, 3, 3, 1, 6, "odd"), (1, 4, 2, 2, 64, "packed"),
-            (2, 2, 5, 3, 80, "transposed"), (2, 4, 3, 1, 272, "contig"), (1, 3, 1, 2, 130, "odd"),
-            (1, 6, 2, 2, 258, "odd"), (1, 2, 3, 1, 264, "packed")]
-QK_VARIANTS = [(None, torch.float32), ("fp32", torch.bfloat16), ("same", torch.float32)]  # (weights, cos/sin dtype)
-
-
-@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "inter"])
-@pytest.mark.parametrize("variant", QK_VARIANTS, ids=lambda v: f"w{v[0]}-cs{DT_ID[v[1]]}")
-@pytest.mark.parametrize("case", QK_CASES, ids=_case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
-def test_qk_norm_rope_forward_backward(emu, dtype, case, variant, interleaved):
-    B, T, Hq, Hk, D, layout = case
-    wkind, cs_dtype = variant
-    gen = torch.Generator().manual_seed(B * 100 + T * 10 + D)
-    q, k, bufs = _heads(B, T, (Hq, Hk), D, dtype, layout, gen)
-    cos, sin = _rope_tables(T, D, cs_dtype, gen)
-    qw, kw = _weight(wkind, D, dtype, gen), _weight(wkind, D, dtype, gen)
-    scale, eps = 0.37, 1e-6
-    inputs = [*bufs, cos, sin, *(w for w in (qw, kw) if w is not None)]
-    before = [_bits(t) for t in inputs]
-
-    q_out, k_out, q_rstd, k_rstd = co.qk_norm_rope_fwd_cuda(q, k, cos, sin, qw, kw, scale, eps, interleaved)
-    for out, x, w, r, name in ((q_out, q, qw, q_rstd, "q"), (k_out, k, kw, k_rstd, "k")):
-        assert out.dtype == dtype and out.is_contiguous() and out.shape == x.shape
-        ref64 = qk_ref(x, cos, sin, w, scale, eps, interleaved)
-        lowp = qk_ref(x, cos, sin, w, scale, eps, interleaved, torch.float32).to(dtype)
-        _assert_budget(out, ref64, lowp, dtype, f"{name}_out")
-        assert r.dtype == torch.float32 and r.shape == x.shape[:3]
-        _assert_budget(r, torch.rsqrt(x.double().pow(2).mean(-1) + eps),
-                       torch.rsqrt(x.float().pow(2).mean(-1) + eps), torch.float32, f"{name}_rstd")
-
-    # backward through fp64 / fp32 autograd of the same reference
-    gq = torch.randn(B, T, Hq, D, generator=gen).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
-    gk = torch.randn(B, T, Hk, D, generator=gen).to(dtype)
-    before += [_bits(t) for t in (gq, gk, q_rstd, k_rstd)]
-    dq, dk, dqw, dkw = co.qk_norm_rope_bwd_cuda(gq, gk, q, k, cos, sin, qw, kw, q_rstd, k_rstd, scale, interleaved)
-    grads = {}
-    for prec in (torch.float64, torch.float32):
-        xs = [t.detach().to(prec).requires_grad_() for t in (q, k)]
-        ws = [w.detach().to(prec).requires_grad_() if w is not None else None for w in (qw, kw)]
-        loss = sum((qk_ref(x, cos, sin, w, scale, eps, interleaved, prec) * g.to(prec)).sum()
-                   for x, w, g in zip(xs, ws, (gq, gk)))
-        loss.backward()
-        grads[prec] = [xs[0].grad, xs[1].grad, *(w.grad if w is not None else None for w in ws)]
-    for i, (got, name) in enumerate(((dq, "dq"), (dk, "dk"), (dqw, "dq_weight"), (dkw, "dk_weight"))):
-        ref64, ref32 = grads[torch.float64][i], grads[torch.float32][i]
-        if ref64 is None:
-            assert got is None, name
-            continue
-        odt = dtype if i < 2 else (qw if i == 2 else kw).dtype
-        assert got.dtype == odt and got.is_contiguous()
-        _assert_budget(got, ref64, ref32.to(odt), odt, name)
-    if qw is not None:
-        again = co.qk_norm_rope_bwd_cuda(gq, gk, q, k, cos, sin, qw, kw, q_rstd, k_rstd, scale, interleaved)
-        for a, b in zip(again, (dq, dk, dqw, dkw)):
-            assert torch.equal(_bits(a), _bits(b)), "backward must be bit-reproducible"
-    after = [_bits(t) for t in [*inputs, gq, gk, q_rstd, k_rstd]]
-    assert all(torch.equal(a, b) for a, b in zip(before, after)), "an input was modified"
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
-@pytest.mark.parametrize("D,pad,interleaved", [(64, 8, False), (64, 8, True), (6, 3, True), (300, 4, False)])
-def test_qk_norm_rope_writes_only_its_outputs(emu, dtype, D, pad, interleaved):
-    B, T, Hq, Hk = 2, 3, 3, 2
-    gen = torch.Generator().manual_seed(D + pad)
-    q = torch.randn(B, T, Hq, D, generator=gen).to(dtype)
-    k = torch.randn(B, T, Hk, D, generator=gen).to(dtype)
-    cos, sin = _rope_tables(T, D, torch.float32, gen)
-    qw, kw = torch.randn(D, generator=gen), torch.randn(D, generator=gen).to(dtype)
-    qo, qobuf, qomask = _guarded(q.shape, dtype, pad)
-    ko, kobuf, komask = _guarded(k.shape, dtype, pad)
-    # rstd outputs are contiguous (B, T, H): guard them as slices of a longer NaN vector
-    qrflat = torch.full((B * T * Hq + 8,), float("nan"))
-    krflat = torch.full((B * T * Hk + 8,), float("nan"))
-    qr = qrflat[4:4 + B * T * Hq].view(B, T, Hq)
-    kr = krflat[4:4 + B * T * Hk].view(B, T, Hk)
-    co._qk_norm_rope_fwd_into(q, k, cos, sin, qw, kw, 0.5, 1e-6, interleaved, qo, ko, qr, kr)
-    _assert_guards(qobuf, qomask, "q_out")
-    _assert_guards(kobuf, komask, "k_out")
-    for flat, name in ((qrflat, "q_rstd"), (krflat, "k_rstd")):
-        assert torch.isnan(flat[:4]).all() and torch.isnan(flat[-4:]).all() and torch.isfinite(flat[4:-4]).all(), name
-    ref = co.qk_norm_rope_fwd_cuda(q, k, cos, sin, qw, kw, 0.5, 1e-6, interleaved)
-    assert torch.equal(_bits(qo), _bits(ref[0])) and torch.equal(_bits(ko), _bits(ref[1]))
-
-    gq, gk = torch.randn_like(q), torch.randn_like(k)
-    dq, dqbuf, dqmask = _guarded(q.shape, dtype, pad)
-    dk, dkbuf, dkmask = _guarded(k.shape, dtype, pad)
-    dqw, dqwbuf, dqwmask = _guarded((D,), qw.dtype, 0)
-    dkw, dkwbuf, dkwmask = _guarded((D,), kw.dtype, 0)
-    co._qk_norm_rope_bwd_into(gq, gk, q, k, cos, sin, qw, kw, ref[2], ref[3], 0.5, interleaved, dq, dk, dqw, dkw)
-    for buf, mask, name in ((dqbuf, dqmask, "dq"), (dkbuf, dkmask, "dk"), (dqwbuf, dqwmask, "dq_weight"),
-                            (dkwbuf, dkwmask, "dk_weight")):
-        _assert_guards(buf, mask, name)
-    bref = co.qk_norm_rope_bwd_cuda(gq, gk, q, k, cos, sin, qw, kw, ref[2], ref[3], 0.5, interleaved)
-    for got, exp in zip((dq, dk, dqw, dkw), bref):
-        assert torch.equal(_bits(got), _bits(exp))
-
-
-INPLACE_CASES = [(1, 1, 1, 2), (7, 3, 1, 6), (5, 4, 2, 64), (6, 2, 3, 80), (3, 2, 1, 320)]  # N, Hq, Hkv, D
-
-
-@pytest.mark.parametrize("weights", [False, True], ids=["now", "w"])
-@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "inter"])
-@pytest.mark.parametrize("case", INPLACE_CASES, ids=_case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
-def test_qk_norm_rope_inplace(emu, dtype, case, interleaved, weights):
-    N, Hq, Hkv, D = case
-    gen = torch.Generator().manual_seed(N * 10 + D)
-    W = (Hq + 2 * Hkv) * D
-    pad = 4 if D % 8 == 0 else 3
-    buf = torch.full((N, W + pad), float("nan"), dtype=dtype)  # NaN row padding must stay untouched
-    qkv = buf[:, :W]
-    qkv.copy_(torch.randn(N, W, generator=gen))
-    max_pos = 11
-    positions = torch.randint(0, max_pos, (N,), generator=gen)
-    positions[0] = max_pos - 1
-    if N > 2:
-        positions[2] = positions[1]  # repeats are fine
-    ang = torch.randn(max_pos, D // 2, generator=gen) * 3
-    cache = torch.cat([ang.cos(), ang.sin()], dim=1)
-    qw = (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype) if weights else None
-    kw = (1 + 0.3 * torch.randn(D, generator=gen)) if weights else None
-    orig = qkv.clone()
-    before_cache, before_pos = _bits(cache), positions.clone()
-    co.qk_norm_rope_inplace_cuda(qkv, positions, cache, Hq, Hkv, qw, kw, 0.8, 1e-6, interleaved)
-    assert torch.isnan(buf[:, W:].float()).all(), "row padding was written"
-    assert torch.equal(_bits(qkv[:, (Hq + Hkv) * D:]), _bits(orig[:, (Hq + Hkv) * D:])), "v heads were modified"
-    cos, sin = cache[positions, :D // 2], cache[positions, D // 2:]  # token n's own row
-    for lo, H, w, name in ((0, Hq, qw, "q"), (Hq * D, Hkv, kw, "k")):
-        x = orig[:, lo:lo + H * D].view(1, N, H, D)
-        got = qkv[:, lo:lo + H * D].view(1, N, H, D)
-        ref64 = qk_ref(x, cos, sin, w, 0.8, 1e-6, interleaved)
-        lowp = qk_ref(x, cos, sin, w, 0.8, 1e-6, interleaved, torch.float32).to(dtype)
-        _assert_budget(got, ref64, lowp, dtype, f"in-place {name}")
-    assert torch.equal(_bits(cache), before_cache) and torch.equal(positions, before_pos)
-    # the same as the out-of-place launcher at those positions
-    out = co.qk_norm_rope_fwd_cuda(orig[:, :Hq * D].view(1, N, Hq, D), orig[:, Hq * D:(Hq + Hkv) * D].view(1, N, Hkv, D),
-                                   cos.contiguous(), sin.contiguous(), qw, kw, 0.8, 1e-6, interleaved)
-    assert torch.equal(_bits(qkv[:, :Hq * D]), _bits(out[0].view(N, -1)))
-
-
-def test_qk_norm_rope_inplace_int32_positions(emu):
-    gen = torch.Generator().manual_seed(3)
-    qkv = torch.randn(4, 4 * 8, generator=gen)
-    cache = torch.randn(6, 8, generator=gen)
-    pos = torch.tensor([5, 0, 2, 2])
-    a, b = qkv.clone(), qkv.clone()
-    co.qk_norm_rope_inplace_cuda(a, pos, cache, 2, 1, None, None, 1.0, 1e-6, False)
-    co.qk_norm_rope_inplace_cuda(b, pos.int(), cache, 2, 1, None, None, 1.0, 1e-6, False)
-    assert torch.equal(a, b) and not torch.equal(a, qkv)
-
+# ------------------------------------------------------------------------------------------------ empty inputs (both norm families)
 
 def test_empty_inputs(emu):
     y, rstd, h = co.rms_norm_fwd_cuda(torch.empty(0, 8), torch.ones(8), torch.empty(0, 8), 1e-6)
@@ -1016,102 +592,6 @@ def test_paths_are_relative_and_overridable(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ vs the Triton engineers' modules
-
-def _module(name):
-    try:
-        return __import__(f"nanofast.kernels.{name}", fromlist=["_"])
-    except ImportError as exc:  # pragma: no cover - only while the module is being written
-        pytest.skip(f"nanofast.kernels.{name} is not available: {exc}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
-@pytest.mark.parametrize("shape,with_res", [((3, 37), False), ((2, 3, 64), True), ((4, 1030), True)])
-def test_rms_norm_public_api_cuda_backend(emu, dtype, shape, with_res):
-    """nanofast.kernels.rms_norm(..., backend="cuda") forward and autograd backward, against that
-    module's own reference in fp64 (the yardstick) and in the input dtype (torch_lowprec)."""
-    m = _module("rms_norm")
-    gen = torch.Generator().manual_seed(7)
-    D = shape[-1]
-    x = torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
-    res = torch.randn(*shape, generator=gen).to(dtype).requires_grad_() if with_res else None
-    w = (1 + 0.5 * torch.randn(D, generator=gen)).to(dtype).requires_grad_()
-    eps = 1e-5
-    out = m.rms_norm(x, w, eps, res, backend="cuda")
-    y = out[0] if with_res else out
-    h = (x + res if with_res else x).detach()  # the contract normalises h rounded to x's dtype
-    if with_res:
-        assert torch.equal(out[1], h)
-    dy = torch.randn(*shape, generator=gen).to(dtype)
-    (y.float() * dy.float()).sum().backward()
-    refs = {}
-    for prec in (torch.float64, dtype):
-        hp = h.to(prec).requires_grad_()
-        wp = w.detach().to(prec).requires_grad_()
-        yp = m.rms_norm_reference(hp, wp, eps)
-        (yp.double() * dy.double()).sum().backward()
-        refs[prec] = (yp.detach(), hp.grad, wp.grad)
-    _assert_budget(y, refs[torch.float64][0], refs[dtype][0], dtype, "rms_norm(backend='cuda') y")
-    _assert_budget(x.grad, refs[torch.float64][1], refs[dtype][1], dtype, "rms_norm(backend='cuda') dx")
-    _assert_budget(w.grad, refs[torch.float64][2], refs[dtype][2], dtype, "rms_norm(backend='cuda') dw")
-    if with_res:  # x and residual enter through h = x + residual: the same gradient
-        assert torch.equal(res.grad, x.grad)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
-@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "inter"])
-@pytest.mark.parametrize("weights", [False, True], ids=["now", "w"])
-def test_qk_norm_rope_public_api_cuda_backend(emu, dtype, interleaved, weights):
-    m = _module("qk_norm_rope")
-    gen = torch.Generator().manual_seed(11)
-    B, T, Hq, Hk, D = 2, 3, 3, 1, 80
-    q = torch.randn(B, T, Hq, D, generator=gen).to(dtype).requires_grad_()
-    k = torch.randn(B, T, Hk, D, generator=gen).to(dtype).requires_grad_()
-    ang = torch.randn(T + 1, D // 2, generator=gen)
-    cos, sin = ang.cos(), ang.sin()
-    qw = (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype).requires_grad_() if weights else None
-    kw = (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype).requires_grad_() if weights else None
-    eps, scale = 1e-6, 0.6
-    q_out, k_out = m.qk_norm_rope(q, k, cos, sin, qw, kw, scale, eps, interleaved, backend="cuda")
-    d64 = [t.detach().double() if t is not None else None for t in (q, k, qw, kw)]
-    r64 = m.qk_norm_rope_reference(d64[0], d64[1], cos.double(), sin.double(), d64[2], d64[3], scale, eps, interleaved)
-    with torch.no_grad():
-        lowp = m.qk_norm_rope_reference(q, k, cos, sin, qw, kw, scale, eps, interleaved)
-    _assert_budget(q_out, r64[0], lowp[0], dtype, "qk_norm_rope(backend='cuda') q")
-    _assert_budget(k_out, r64[1], lowp[1], dtype, "qk_norm_rope(backend='cuda') k")
-    # Also against the fp64 reference written in this file. Without weights that module rotates
-    # before normalising; the orders agree only up to cos^2 + sin^2 - 1 of the fp32 tables (~1e-8).
-    torch.testing.assert_close(r64[0], qk_ref(q.detach(), cos, sin, qw.detach() if weights else None, scale, eps,
-                                              interleaved), rtol=1e-6, atol=1e-6)
-    gq, gk = torch.randn_like(q_out), torch.randn_like(k_out)
-    torch.autograd.backward([q_out, k_out], [gq, gk])
-    leaves = [t for t in (q, k, qw, kw) if t is not None]
-    refs = {}
-    for prec in (torch.float64, None):
-        xs = [(t.detach().to(prec) if prec else t.detach()).requires_grad_() for t in leaves]
-        ws = xs[2:] if weights else [None, None]
-        c, s = (cos.double(), sin.double()) if prec else (cos, sin)
-        out = m.qk_norm_rope_reference(xs[0], xs[1], c, s, ws[0], ws[1], scale, eps, interleaved)
-        g = [t.to(prec) if prec else t for t in (gq, gk)]
-        torch.autograd.backward(list(out), g)
-        refs[prec] = [t.grad for t in xs]
-    for t, r64g, rl in zip(leaves, refs[torch.float64], refs[None]):
-        _assert_budget(t.grad, r64g, rl, t.dtype, "qk_norm_rope(backend='cuda') grad")
-
-    # in place through the public API
-    N, Hkv = 5, 1
-    qkv = torch.randn(N, (Hq + 2 * Hkv) * D, generator=gen).to(dtype)
-    positions = torch.tensor([3, 0, 7, 7, 1])
-    ang = torch.randn(8, D // 2, generator=gen) * 3  # one angle per pair: cos/sin form a rotation
-    cache = torch.cat([ang.cos(), ang.sin()], 1)
-    wq = qw.detach() if weights else None
-    wk = kw.detach() if weights else None
-    a, b, c64 = qkv.clone(), qkv.clone(), qkv.double()
-    m.qk_norm_rope_inplace(a, positions, cache, Hq, Hkv, wq, wk, scale, eps, interleaved, backend="cuda")
-    m.qk_norm_rope_inplace_reference(b, positions, cache, Hq, Hkv, wq, wk, scale, eps, interleaved)
-    m.qk_norm_rope_inplace_reference(c64, positions, cache.double(), Hq, Hkv, None if wq is None else wq.double(),
-                                     None if wk is None else wk.double(), scale, eps, interleaved)
-    _assert_budget(a, c64, b, dtype, "qk_norm_rope_inplace(backend='cuda')")
-
 
 def test_torch_compile_fullgraph_through_the_cuda_backend_ops():
     """The CUDA backend goes through the same custom ops as Triton: torch.compile(fullgraph=True)

@@ -4,7 +4,7 @@ the CPU through the emulation (csrc/cuda_emu.h) and compiled with nvcc for sm_90
 Error budget: max|kernel - ref_fp64| <= 2 * max|torch_lowprec - ref_fp64| + atol(dtype) * max|ref|,
 where ref_fp64 is dense masked attention in float64 over the gathered pages and torch_lowprec the same
 maths done by torch in fp32 from the same (rounded) inputs and rounded to the input dtype once.
-atol: fp32 2e-6, fp16 2e-4, bf16 2e-3 (as tests/test_cuda_kernels.py).
+atol: fp32 2e-6, fp16 2e-4, bf16 2e-3 (tests/cuda_emu_helpers.py, shared with the other CUDA files).
 
 Every cache element the kernel must not read is NaN: slots past a sequence's length in its last
 page, slots before its window, whole pages nobody owns, and the pages that garbage block-table
@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 import re
-import shutil
 
 import pytest
 import torch
@@ -25,36 +23,18 @@ import torch
 from nanofast.kernels import cuda_abi, cuda_build, cuda_facts
 from nanofast.kernels import cuda_ops as co
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-ATOL = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
-FACTOR = 2.0
+from cuda_emu_helpers import DT_ID, DTYPES, FACTOR, HAVE_NVCC, _bits, emu  # noqa: F401 (emu: the fixture)
+from cuda_emu_helpers import _assert_budget as _shared_assert_budget
+
 SOURCE = "paged_attention.cu"
-HAVE_NVCC = shutil.which("nvcc") is not None or bool(os.environ.get("NVCC"))
-HAVE_CXX = shutil.which(os.environ.get("CXX") or "g++") is not None
-
-
-@pytest.fixture(scope="module")
-def emu():
-    if not HAVE_CXX:
-        pytest.skip("no C++20 compiler (g++ / $CXX) to build the CPU emulation")
-    return cuda_build.emulation_library(SOURCE)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous()
-    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).clone()
-
-
 def _assert_budget(out, ref64, lowp, dtype, what):
-    assert out.shape == ref64.shape, what
-    assert torch.isfinite(out.double()).all(), f"{what}: non-finite output (read a poisoned cache slot?)"
-    err = (out.double() - ref64).abs().max().item()
-    base = (lowp.double() - ref64).abs().max().item()
-    atol = ATOL[dtype] * max(1.0, ref64.abs().max().item())
-    assert err <= FACTOR * base + atol, f"{what}: max err {err:.3g} > {FACTOR} * {base:.3g} + {atol:.3g}"
+    """The shared budget at the fixed FACTOR (no per-call factor here); a non-finite output means a
+    NaN-poisoned cache slot was read."""
+    _shared_assert_budget(out, ref64, lowp, dtype, what, factor=FACTOR, nonfinite_hint="read a poisoned cache slot?")
 
 
 def _visible(L: int, window: int | None) -> tuple[int, int]:
@@ -404,7 +384,7 @@ def test_kernels_mask_bad_values_without_faulting(emu):
 
 
 def test_launch_functions_reject_bad_arguments(emu):
-    lib = emu
+    lib = emu[SOURCE]
     q = torch.randn(1, 2, 8)
     kc = torch.randn(2, 2, 1, 8)
     bt = torch.zeros(1, 1, dtype=torch.int32)

@@ -1,6 +1,8 @@
 """Process-level plumbing shared by every stage: devices, dtypes, distributed setup, paths, logging."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
 import os
 import platform
@@ -29,6 +31,32 @@ def base_dir(path: str | os.PathLike | None = None) -> Path:
 
 def autodetect_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process for the next allocation instead of handing it
+    back to the operating system. Returns whether it applied (glibc only; elsewhere a no-op).
+
+    glibc serves every block over its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps
+    it on free. A CPU training step's large tensors (activations, the lm_head's tokens x vocab
+    logits and their gradient: 512 MiB each at 4,096 tokens x 32,768) are freed and allocated again
+    every step, so each step maps them anew and the kernel zero-fills every page on first touch.
+    With mmap off (M_MMAP_MAX 0) they come from the heap, and with trimming off the heap keeps
+    them, so the next step reuses the same pages. The price: the process holds its peak memory.
+    Process-wide and irreversible, so train.py's command line applies it (on CPU), not the
+    library: set NANOFAST_KEEP_FREED_MEMORY=0 to leave glibc's defaults.
+    """
+    path = ctypes.util.find_library("c")
+    if path is None or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(path)
+    # 1 on success for each; top pad: grow the heap 64 MiB at a time rather than page by page
+    return all(libc.mallopt(param, value) == 1 for param, value in
+               ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 64 << 20)))
 
 
 def default_dtype(device: str) -> torch.dtype:

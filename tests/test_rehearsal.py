@@ -200,3 +200,21 @@ def test_the_cuda_sources_train_and_decode(rehearsed, tmp_path):
     assert pre["kernel_backend"] == "cuda" and pre["world_size"] == 2
     finite_and_falling(pre["losses"])
     assert chat_once(base, "cuda", max_tokens=4)
+
+
+def test_the_speedruns_post_training_sft_from_the_base_model(rehearsed, tmp_path):
+    """The speedrun's own post-training (`--post-training nanochat`: SFT from the base model on
+    nanochat's mixture) with every rehearsal switch: 2 ranks, compiled, bf16 after fp8 pretraining,
+    gradient accumulation, each rank warm-starting from its base optimizer shard."""
+    src, _ = rehearsed
+    base = tmp_path / "nanochat_sft"
+    shutil.copytree(src, base)
+    shutil.rmtree(run_dir(base) / "checkpoints" / "sft")
+    cmd = [*TORCHRUN, "--stage", "sft", "--preset", "rehearsal", "--base-dir", str(base), "--post-training", "nanochat"]
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"sft: optimizer moments from {run_dir(base) / 'checkpoints' / 'base'} step" in out.stdout
+    sft = section(base, "sft")
+    assert set(sft["task_sources"]) == {"smoltalk", "mmlu", "gsm8k"} and sft["settings"]["post_training"] == "nanochat"
+    assert (sft["total_batch_size"], sft["grad_accum"]) == (256, 2) and len(sft["losses"]) == sft["iterations"] == 3
+    assert all(math.isfinite(v) for _, v in sft["losses"])

@@ -1,11 +1,12 @@
 """Reinforcement learning on tasks with checkable answers (GSM8K-style): nanochat's simplified GRPO.
 
 RL trains through the one training loop (`nanofast.trainer.train`): `rollout_batches` is its
-loader, `policy_loss` its loss. Per step, on-policy: every question is answered `samples` times by the current model through the
-paged engine; each answer gets the task's reward; advantage = reward - mean reward of its question
-(no std normalisation, no KL term, no clipping: one update per batch of fresh samples); the loss is
--sum(advantage * log p(token)) over the sampled tokens, divided by their number (token-level
-normalisation). Calculator output forced in by the engine is not the policy's choice: masked out.
+loader, `policy_loss` its loss. Per step, on-policy: every question is answered `samples` times by
+the current model through the paged engine; each answer gets the task's reward; advantage =
+reward minus the mean reward of its question (no std normalisation, no KL term, no clipping: one
+update per batch of fresh samples); the loss is -sum(advantage * log p(token)) over the sampled
+tokens, divided by their number over every rank (token-level normalisation). Calculator output forced in by the engine is not the
+policy's choice: masked out.
 
 Sampler/trainer mismatch: the engine (paged attention, one token at a time) and the trainer (full
 sequence forward) compute the same distribution with different kernels and rounding. In bf16
@@ -96,6 +97,8 @@ def grpo_loss(model: GPT, x: torch.Tensor, y: torch.Tensor, advantages: torch.Te
     normalise over the step's tokens on every rank."""
     logp = -model(x, y, loss_reduction="none").view_as(y).float()  # log p(target), 0 where y == -1
     mask = y >= 0
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
     loss = -(advantages[:, None] * logp * mask).sum()
     if loss_reduction == "mean":
         loss = loss / mask.sum().clamp_min(1)

@@ -73,6 +73,10 @@ def test_one_update_moves_probability_towards_rewarded_answers(tok):
     x, y, adv, elp = policy_batch(rolls, tok.bos_token_id, torch.device("cpu"))
     loss, stats = grpo_loss(model, x, y, adv, elp)
     assert stats["tokens"] == int((y >= 0).sum()) and stats["kl_engine_trainer"] < 1e-6  # fp32: same numbers
+    summed, _ = grpo_loss(model, x, y, adv, elp, loss_reduction="sum")
+    torch.testing.assert_close(summed, loss * int((y >= 0).sum()))
+    with pytest.raises(ValueError, match="loss_reduction must be 'mean' or 'sum'"):
+        grpo_loss(model, x, y, adv, elp, loss_reduction="none")
     loss.backward()
     with torch.no_grad():
         for p in model.parameters():

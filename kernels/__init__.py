@@ -14,6 +14,8 @@ if triton_interpreting():  # bf16 dots would multiply raw bit patterns (see kern
 from .fp8_gemm import fp8_gemm, fp8_gemm_reference
 from .fp8_linear import FP8_BACKENDS, fp8_linear
 from .fp8_quant import DelayedScaling, quantize_fp8, quantize_fp8_reference
+from .linear_cross_entropy import (LinearSoftcapCrossEntropy, linear_softcap_cross_entropy,
+                                   linear_softcap_cross_entropy_reference)
 from .newton_schulz import (CLASSIC_NS_COEFFS, POLAR_EXPRESS_COEFFS, nesterov_normalize_, newton_schulz,
                             newton_schulz_reference)
 from .paged_attention import (paged_decode_attention, paged_decode_attention_reference, paged_kv_write,
@@ -25,4 +27,5 @@ __all__ = ["BACKENDS", "FP8_BACKENDS", "resolve_backend", "fp8_gemm", "fp8_gemm_
            "quantize_fp8_reference", "DelayedScaling", "newton_schulz", "newton_schulz_reference", "POLAR_EXPRESS_COEFFS",
            "CLASSIC_NS_COEFFS", "nesterov_normalize_", "paged_decode_attention", "paged_decode_attention_reference",
            "paged_kv_write", "paged_kv_write_reference", "rms_norm", "rms_norm_reference", "RMSNorm", "qk_norm_rope", "qk_norm_rope_inplace",
-           "qk_norm_rope_reference", "QKNormRope"]
+           "qk_norm_rope_reference", "QKNormRope", "linear_softcap_cross_entropy",
+           "linear_softcap_cross_entropy_reference", "LinearSoftcapCrossEntropy"]

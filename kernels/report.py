@@ -18,13 +18,15 @@ def triton_facts(arch: int = 90) -> list[MachineFacts]:
     from . import newton_schulz_triton as ns
     from .fp8_gemm import KERNEL_CONFIGS as FP8_GEMM_CONFIGS
     from .fp8_quant import KERNEL_CONFIGS as FP8_QUANT_CONFIGS
+    from .linear_cross_entropy import KERNEL_CONFIGS as LCE_CONFIGS
     from .paged_attention import KERNEL_CONFIGS as PAGED_CONFIGS
     from .qk_norm_rope import KERNEL_CONFIGS as QK_CONFIGS
     from .rms_norm import KERNEL_CONFIGS as RMS_CONFIGS
 
     ns_configs = ns.KERNEL_CONFIGS_SM80 if arch < 90 else ns.KERNEL_CONFIGS  # its tiles depend on the target
     return [compile_triton(**cfg, arch=arch) for cfg in (*RMS_CONFIGS, *QK_CONFIGS, *ns_configs, *ns.PROLOGUE_CONFIGS,
-                                                      *PAGED_CONFIGS, *FP8_QUANT_CONFIGS, *FP8_GEMM_CONFIGS)]
+                                                      *PAGED_CONFIGS, *FP8_QUANT_CONFIGS, *FP8_GEMM_CONFIGS,
+                                                      *LCE_CONFIGS)]
 
 
 def cuda_facts(arch: str = "sm_90a") -> list[MachineFacts]:

@@ -15,5 +15,6 @@ def test_benchmarks_collect():
     for name in ("test_bench_train_step", "test_bench_tokenizer", "test_bench_newton_schulz",
                  "test_bench_optimizer_step", "test_bench_rms_norm", "test_bench_qk_norm_rope",
                  "test_bench_paged_attention", "test_bench_engine", "test_bench_fp8_quant",
-                 "test_bench_fp8_gemm", "test_bench_fp8_linear", "test_bench_cpu_memory"):
+                 "test_bench_fp8_gemm", "test_bench_fp8_linear", "test_bench_cpu_memory",
+                 "test_bench_linear_cross_entropy"):
         assert any(name in line for line in collected), name

@@ -383,6 +383,37 @@ def test_torch_compile_triton_backend_graph_break():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_in_for_the_models_head(backend):
+    """What the model computes today (lm_head over the padded vocabulary, sliced, softcap, cross-
+    entropy) against the fused op on the same hidden states and lm_head.weight[:vocab_size]: same
+    loss, same lm_head gradient (zero on the pad rows)."""
+    from nanofast.model import GPT, config_for_depth
+
+    cfg = config_for_depth(2, vocab_size=300, sequence_len=32, head_dim=64)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model.init_weights()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.3)  # init is ~0: make the softcap matter
+    assert model.lm_head.weight.shape[0] == 320  # padded to a multiple of 64
+    idx = torch.randint(0, 300, (2, 16), generator=_gen(16))
+    targets = idx.roll(-1, 1)
+    targets[:, -1] = -1
+    seen = {}
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
+    loss = model(idx, targets)
+    hook.remove()
+    loss.backward()
+    x = seen["x"].detach().requires_grad_()
+    w = model.lm_head.weight.detach().clone().requires_grad_()
+    fused = linear_softcap_cross_entropy(x, w[:300], targets, softcap=15.0, backend=backend, chunk_rows=10)
+    fused.backward()
+    torch.testing.assert_close(fused, loss.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, model.lm_head.weight.grad, rtol=1e-5, atol=1e-7)
+    assert not w.grad[300:].any()
+
+
 def test_module():
     m = LinearSoftcapCrossEntropy(softcap=15.0, reduction="sum", backend="torch", chunk_rows=3)
     assert "reduction='sum'" in repr(m) and list(m.parameters()) == []

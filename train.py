@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import fields
 
-from nanofast.common import (autodetect_device, base_dir, init_distributed, keep_freed_memory, print0,
+from nanofast.common import (autodetect_device, base_dir, init_distributed, cpu_process_setup, print0,
                              shutdown_distributed)
 from nanofast.pipeline import STAGES, Run, report_path, run_stages, stages_of
 from nanofast.presets import PRESETS, Settings, check_run_name, make_settings
@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if autodetect_device() == "cpu" and os.environ.get("NANOFAST_KEEP_FREED_MEMORY", "1") != "0":
-        keep_freed_memory()  # measured: see nanofast.common.keep_freed_memory and the README
+    cpu_process_setup()  # measured: see nanofast.common.keep_freed_memory and the README
     code = main()
     if "RANK" in os.environ:
         # gloo's worker threads occasionally abort the interpreter's teardown after the group is

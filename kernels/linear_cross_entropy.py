@@ -47,16 +47,18 @@ __all__ = ["linear_softcap_cross_entropy", "linear_softcap_cross_entropy_referen
 _REDUCTIONS = ("mean", "sum", "none")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Elements of one chunk's (R, V) logits buffer. CPU: 2^22 elements (16 MiB in fp32; 128 rows at
-# V = 32768) bounds the chunk's memory (plus the torch step's fp32 temporaries of the same size) to
-# a few cache-sized buffers while keeping the three GEMMs at M >= 128 rows, where CPU GEMMs reach
-# full speed: measured at N=4096, C=256, V=32768 fp32 fwd+bwd on 2 cores (another process
-# competing), 32 / 128 / 512 rows per chunk took 3.3 / 2.5 / 2.5 s (the unfused path 5.5 s).
+# Elements of one chunk's (R, V) logits buffer. CPU: 2^25 elements (128 MiB in fp32; 1024 rows at
+# V = 32768). Small chunks lose in a whole training step: each chunk's dW += dlogits^T x re-reads
+# and re-writes the full fp32 (V, C) accumulator (32 MiB at V = 32768, C = 256) with only R rows of
+# work, and GEMMs of few rows run below the CPU's peak. Measured in a depth-4 training step (T 512,
+# batch 8, V 32768, fp32, 2 cores, glibc keeping freed memory as train.py sets it): 256 / 512 /
+# 1024 / 2048 rows per chunk gave 1,416-1,462 / 1,465-1,522 / 1,510-1,546 / 1,539-1,540 tokens/s,
+# the unfused head 1,330-1,542: as fast, with a quarter of the logits memory.
 # GPU: 2^27 elements (256 MiB in bf16: 2048 rows at V = 65536) keep every GEMM at >= 2048 x 65536
 # x C, enough 128x256 tiles (>= 4096) to fill an H100's 132 SMs many times over, while bounding the
 # logits memory to an eighth of what N = 16384 unfused rows take (2 GiB bf16 logits + 4 GiB fp32
 # capped copy, and their gradients).
-_CPU_CHUNK_ELEMS = 1 << 22
+_CPU_CHUNK_ELEMS = 1 << 25
 _GPU_CHUNK_ELEMS = 1 << 27
 
 # Kernel tiling: one program per row streams the row through BLOCK_V-wide blocks, twice (online

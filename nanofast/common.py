@@ -59,6 +59,13 @@ def keep_freed_memory() -> bool:
                ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 64 << 20)))
 
 
+def cpu_process_setup() -> None:
+    """What train.py's command line does to its process before a CPU run: `keep_freed_memory`,
+    unless NANOFAST_KEEP_FREED_MEMORY=0. A no-op on a machine with a GPU."""
+    if autodetect_device() == "cpu" and os.environ.get("NANOFAST_KEEP_FREED_MEMORY", "1") != "0":
+        keep_freed_memory()
+
+
 def default_dtype(device: str) -> torch.dtype:
     """bf16 on Ampere+ GPUs (same exponent range as fp32, no loss scaling needed), fp32 elsewhere."""
     if device == "cuda" and torch.cuda.is_bf16_supported():

@@ -191,7 +191,9 @@ class Engine:
                 ready.append((row, seq))
         if not ready:
             return []
-        sampled = self._sample(logits[[row for row, _ in ready]], [seq for _, seq in ready])
+        rows = [row for row, _ in ready]
+        # every row ready (a decoding batch): the logits are already in order, no gather needed
+        sampled = self._sample(logits if len(rows) == logits.size(0) else logits[rows], [seq for _, seq in ready])
         events: list[TokenEvent] = []
         for (_, seq), (token, logprob) in zip(ready, sampled):
             self._append(seq, token, events, logprob=logprob)

@@ -110,9 +110,12 @@ class Linear(nn.Linear):
         self.precision: str | None = None
         self.recipe = "tensorwise"
 
+    @property
+    def active_precision(self) -> str | None:
+        return None if (self.precision == "fp8" and not self.training) else self.precision
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        precision = None if (self.precision == "fp8" and not self.training) else self.precision
-        return ops.linear(x, self.weight, precision, self.recipe)
+        return ops.linear(x, self.weight, self.active_precision, self.recipe)
 
 
 def parse_linear_precision(text: str | None) -> dict[str, str]:
@@ -288,10 +291,12 @@ class GPT(nn.Module):
         x = x - self.backout_lambda.to(dtype) * x_mid
         if kv is not None:
             x = x[0, kv.logits_rows]  # only the rows the engine samples from
-        logits = self.lm_head(ops.norm(x))[..., :self.config.vocab_size]
+        x = ops.norm(x)
+        head, V = self.lm_head, self.config.vocab_size
         if targets is None:
-            return ops.softcap_logits(logits, SOFTCAP)
-        return ops.softcap_cross_entropy(logits, targets, SOFTCAP, reduction=loss_reduction)
+            return ops.softcap_logits(head(x)[..., :V], SOFTCAP)
+        return ops.linear_softcap_cross_entropy(x, head.weight, targets, V, SOFTCAP, loss_reduction,
+                                                head.active_precision, head.recipe)
 
     def linears(self) -> dict[str, list[Linear]]:
         """The GEMM layers by class. The value-embedding and smear gates (12 and 24 inputs) are

@@ -261,8 +261,21 @@ def stage_tokenizer(run: Run, t0: float) -> None:
 def compiled(model: GPT, s: Settings) -> torch.nn.Module:
     """The module that runs training steps: `model` compiled for its one (batch, seq_len) shape, or
     `model` itself. Evaluation, sampling and checkpoints use `model` (the shapes vary there, and its
-    state-dict keys stay free of torch.compile's `_orig_mod.` prefix)."""
-    return torch.compile(model, dynamic=False) if s.compile else model
+    state-dict keys stay free of torch.compile's `_orig_mod.` prefix). On CPU, torch.compile writes
+    C++: without a C++ compiler the step runs eager, and a line says so."""
+    if not s.compile:
+        return model
+    if model.cos.device.type == "cpu" and not cpp_compiler():
+        print0("--compile: no C++ compiler found (torch.compile's CPU code is C++; set CXX or install g++): "
+               "training eager")
+        return model
+    return torch.compile(model, dynamic=False)
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would use: $CXX, else g++, c++ or clang++ on PATH."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return next((path for path in map(shutil.which, names) if path), None)
 
 
 SAMPLE_PROMPTS = ("import os\n", "def main(", "class ", "The capital of France is")

@@ -97,9 +97,12 @@ PRESETS: dict[str, Settings] = {
                       sft_iterations=10, rl_steps=3, rl_questions=4, rl_samples=4, rl_max_tokens=24,
                       rl_eval_examples=12, eval_examples=12, eval_max_tokens=24),
     # The README's main job: a tiny model on the embedded corpus, every stage, in 18-27 minutes on 2 cores.
+    # Compiled: measured at depth 4, T 512, batch 8, vocab 32768 on 2 cores, torch.compile's step
+    # ran 1,650-1,800 tokens/s in fp32 against eager's 1,540 (2,700-2,930 against ~2,100 in bf16)
+    # after ~30 s of compiling, paid back within the first 100 of pretraining's 300 steps.
     "cpu": Settings(corpus_shards=8, vocab_size=8192, tokenizer_chars=50_000_000, depth=4, head_dim=64,
                     window_pattern="SSSL", seq_len=512, device_batch_size=8, total_batch_size=4096,
-                    num_iterations=300, eval_every=100, eval_tokens=64 * 1024, log_every=20, compile=False,
+                    num_iterations=300, eval_every=100, eval_tokens=64 * 1024, log_every=20,
                     task_size=2000, midtrain_iterations=100, sft_iterations=100, eval_examples=100, eval_max_tokens=64,
                     # RL: 30 steps at LR x 0.05 left held-out accuracy flat; from the same SFT model
                     # 100 steps at x 0.05 raised sampled accuracy 0.41 -> 0.64 and at x 0.15 to 0.77

@@ -345,10 +345,10 @@ def test_kernel_out_of_range_target_is_nan_not_a_stray_read():
 
 def test_default_chunk_rows():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert lce.default_chunk_rows(4096, 32768, cpu) == (1 << 22) // 32768 == 128
+    assert lce.default_chunk_rows(4096, 32768, cpu) == (1 << 25) // 32768 == 1024
     assert lce.default_chunk_rows(16384, 65536, cuda) == 2048
     assert lce.default_chunk_rows(10, 65536, cuda) == 10
-    assert lce.default_chunk_rows(5, 1 << 23, cpu) == 1
+    assert lce.default_chunk_rows(5, 1 << 26, cpu) == 1
     assert lce.default_chunk_rows(0, 7, cpu) == 1
 
 
@@ -384,10 +384,10 @@ def test_torch_compile_triton_backend_graph_break():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_drop_in_for_the_models_head(backend):
-    """What the model computes today (lm_head over the padded vocabulary, sliced, softcap, cross-
-    entropy) against the fused op on the same hidden states and lm_head.weight[:vocab_size]: same
-    loss, same lm_head gradient (zero on the pad rows)."""
+def test_the_models_training_head_is_the_fused_op(backend, monkeypatch):
+    """The GPT's loss goes through the fused op (on the padded lm_head's first vocab_size rows) and
+    equals the head it replaced (lm_head over the padded vocabulary, sliced, softcap, cross-entropy)
+    on the same hidden states: same loss, same lm_head gradient, zero on the pad rows."""
     from nanofast.model import GPT, config_for_depth
 
     cfg = config_for_depth(2, vocab_size=300, sequence_len=32, head_dim=64)
@@ -400,18 +400,26 @@ def test_drop_in_for_the_models_head(backend):
     idx = torch.randint(0, 300, (2, 16), generator=_gen(16))
     targets = idx.roll(-1, 1)
     targets[:, -1] = -1
-    seen = {}
-    hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
-    loss = model(idx, targets)
-    hook.remove()
-    loss.backward()
+    seen, fused_head = {}, ops.linear_softcap_cross_entropy
+
+    def spy(x, weight, *args, **kwargs):
+        seen["x"] = x
+        return fused_head(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "linear_softcap_cross_entropy", spy)
+    ops.set_kernel_backend(backend)
+    try:
+        loss = model(idx, targets)
+        loss.backward()
+    finally:
+        ops.set_kernel_backend(None)
     x = seen["x"].detach().requires_grad_()
     w = model.lm_head.weight.detach().clone().requires_grad_()
-    fused = linear_softcap_cross_entropy(x, w[:300], targets, softcap=15.0, backend=backend, chunk_rows=10)
-    fused.backward()
-    torch.testing.assert_close(fused, loss.detach(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(w.grad, model.lm_head.weight.grad, rtol=1e-5, atol=1e-7)
-    assert not w.grad[300:].any()
+    unfused = ops.softcap_cross_entropy(F.linear(x, w)[..., :300], targets, 15.0)
+    unfused.backward()
+    torch.testing.assert_close(loss.detach(), unfused.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.lm_head.weight.grad, w.grad, rtol=1e-5, atol=1e-7)
+    assert not model.lm_head.weight.grad[300:].any()
 
 
 def test_module():

@@ -191,6 +191,25 @@ def test_compiled_pretraining_matches_eager(tokenized, tmp_path):
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=2e-4, rtol=0)
 
 
+def test_compile_on_a_cpu_without_a_cpp_compiler_trains_eager_and_says_so(monkeypatch, capsys):
+    """make run's preset compiles; torch.compile's CPU code is C++, so a laptop without a compiler
+    must still train (eager), told why, not crash at the first step."""
+    from nanofast import pipeline
+    from nanofast.model import GPT, config_for_depth
+
+    model = GPT(config_for_depth(1, 64, 16, head_dim=16))
+    s = make_settings("cpu")
+    assert s.compile
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(pipeline.shutil, "which", lambda name: None)
+    assert pipeline.cpp_compiler() is None and pipeline.compiled(model, s) is model
+    assert "no C++ compiler found" in capsys.readouterr().out
+    monkeypatch.setenv("CXX", "my-c++")
+    monkeypatch.setattr(pipeline.shutil, "which", lambda name: f"/opt/bin/{name}" if name == "my-c++" else None)
+    assert pipeline.cpp_compiler() == "/opt/bin/my-c++" and pipeline.compiled(model, s) is not model
+    assert pipeline.compiled(model, make_settings("cpu", compile=False)) is model
+
+
 def run_main(capsys, *argv) -> tuple[int, str]:
     code = train.main(list(argv))
     return code, capsys.readouterr().err.strip()

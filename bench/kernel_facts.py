@@ -33,7 +33,7 @@ TRITON_SOURCES = [("nanofast.kernels.rms_norm", "KERNEL_CONFIGS"), ("nanofast.ke
                   ("nanofast.kernels.newton_schulz_triton", "KERNEL_CONFIGS"),
                   ("nanofast.kernels.newton_schulz_triton", "PROLOGUE_CONFIGS"),
                   ("nanofast.kernels.paged_attention", "KERNEL_CONFIGS"), ("nanofast.kernels.fp8_quant", "KERNEL_CONFIGS"),
-                  ("nanofast.kernels.fp8_gemm", "KERNEL_CONFIGS")]
+                  ("nanofast.kernels.fp8_gemm", "KERNEL_CONFIGS"), ("nanofast.kernels.linear_cross_entropy", "KERNEL_CONFIGS")]
 CUDA_SOURCES = ("rms_norm.cu", "qk_norm_rope.cu", "paged_attention.cu")
 
 

@@ -78,6 +78,7 @@ def test_report_command_prints_the_facts_of_every_kernel(tmp_path):
     from nanofast.kernels.newton_schulz_triton import PROLOGUE_CONFIGS as NS_PROLOGUE
     from nanofast.kernels.fp8_gemm import KERNEL_CONFIGS as FP8_GEMM
     from nanofast.kernels.fp8_quant import KERNEL_CONFIGS as FP8_QUANT
+    from nanofast.kernels.linear_cross_entropy import KERNEL_CONFIGS as LCE
     from nanofast.kernels.paged_attention import KERNEL_CONFIGS as PAGED
     from nanofast.kernels.qk_norm_rope import KERNEL_CONFIGS as QK
     from nanofast.kernels.rms_norm import KERNEL_CONFIGS as RMS
@@ -90,8 +91,10 @@ def test_report_command_prints_the_facts_of_every_kernel(tmp_path):
     text = out.read_text()
     assert text == proc.stdout
     rows = [line for line in text.splitlines() if line.startswith("| _")]
-    expected = len(RMS) + len(QK) + len(NS) + len(NS_PROLOGUE) + len(PAGED) + len(FP8_QUANT) + len(FP8_GEMM)
+    expected = (len(RMS) + len(QK) + len(NS) + len(NS_PROLOGUE) + len(PAGED) + len(FP8_QUANT) + len(FP8_GEMM)
+                + len(LCE))
     assert len([r for r in rows if "sm_90 |" in r]) == expected
+    assert any(r.startswith("| _lce_row_kernel") for r in rows)
     assert any(r.startswith("| _ns_gram_kernel") and "HGMMA" in r for r in rows)
     assert any(r.startswith("| _fp8_gemm") for r in rows)
     assert "## CUDA kernels (csrc/), sm_90a" in text and "## CUDA kernels (csrc/), sm_80" in text

@@ -107,7 +107,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, precision: str | None = None,
 # slow in torch's CPU BLAS; (W @ x^T)^T streams W as the large operand. Measured on a 2-core machine
 # (2 threads, ms per call, F.linear vs this): 1 row 3.7 vs 1.1 (padded to 2 rows: one column falls
 # back to the same slow GEMV), 8 rows 6.6 vs 2.2, 32 rows 9.8 vs 5.5, 128 rows 22 vs 15, 1024 rows
-# 148 vs 138. Training (autograd on) keeps F.linear: its gradients want x @ W^T's layout.
+# 148 vs 138 (bench/test_bench_decode_linear.py times 1, 8 and 32 rows). Training (autograd on)
+# keeps F.linear: its gradients want x @ W^T's layout.
 _MAX_ROWS, _LARGE_WEIGHT = 1024, 1 << 20
 
 

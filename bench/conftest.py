@@ -65,9 +65,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def machine_class() -> str:
     """The baseline class of this machine: "gpu-<name>" with a GPU, else "cpu-<cores>core"."""
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        short = next((k for k in ("H200", "H100", "H800", "A100", "L40S", "L4", "B200") if k in name), name)
-        return "gpu-" + short.replace(" ", "-")
+        # one rule with the dispatch table's folders (nanofast.dispatch reads gpu_check.json there)
+        from nanofast.dispatch import device_class
+
+        return device_class(torch.device("cuda"))
     return f"cpu-{os.cpu_count()}core"
 
 

@@ -1,8 +1,12 @@
 """The model's compute boundaries: every op a kernel plugs into is one plain function here.
 
-Each function below is the plain-torch implementation the model runs today on every device; the
-kernel issues swap in `nanofast.kernels` implementations behind the same signatures, chosen by
-device, so the CPU test suite keeps executing the same call sites the GPU runs.
+Each function below is the plain-torch implementation the model runs on CPU; `nanofast.kernels`
+implementations swap in behind the same signatures, so the CPU test suite keeps executing the same
+call sites the GPU runs. Who runs an op (`decide_backend`): a backend forced with set_kernel_backend
+(or set_fp8_backend for the fp8 linears) wins; otherwise plain torch on CPU, and on CUDA the backend
+`nanofast.dispatch` picks from the measured table of this kind of GPU: nanofast's kernel where it
+passed its checks and beat the vendor path, the vendor path where it did not, and where nothing was
+measured, Triton for the memory-bound fused ops and the vendor GEMMs for Newton-Schulz and fp8.
 Layouts follow flash-attn: activations (B, T, H, D), so no transposes are needed around attention.
 """
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanofast import kernels
+from nanofast import dispatch, kernels
 
 try:  # FA3 (Hopper) ships as flash_attn_interface; FA2 as flash_attn. Both optional.
     import flash_attn_interface as _fa3
@@ -23,18 +27,23 @@ except ImportError:
 
 
 _KERNEL_BACKEND: str | None = None
-KERNEL_BACKEND_HELP = ("who runs the kernel-backed ops (default: Triton on GPU, torch on CPU); on CPU, triton runs "
-                       "Triton's interpreter (TRITON_INTERPRET=1) and cuda the CUDA sources' CPU emulation")
+KERNEL_BACKEND_HELP = ("who runs the kernel-backed ops (default: on GPU, each op's backend from the measured dispatch "
+                       "table, see nanofast.dispatch; torch on CPU); on CPU, triton runs Triton's interpreter "
+                       "(TRITON_INTERPRET=1) and cuda the CUDA sources' CPU emulation")
 
 
 def set_kernel_backend(backend: str | None, device: str | None = None) -> None:
     """Choose who computes every kernel-backed op of the model, engine and optimizer.
 
-    None (default): by device, the Triton kernels on CUDA tensors and plain torch on CPU.
-    "torch", "triton" or "cuda" force one; on CPU tensors "triton" runs Triton's interpreter and
-    "cuda" the CPU emulation build of the CUDA source: slow, but the same kernels the GPU runs.
-    "cuda" applies to the ops with CUDA sources (norm, qk_norm_rope, paged attention); the fp8
-    linears and Newton-Schulz then run their Triton kernels (see `triton_backend`).
+    None (default): plain torch on CPU tensors; on CUDA tensors each op's backend from the measured
+    dispatch table (`nanofast.dispatch.backend_for`): the fastest of nanofast's kernels that passed
+    its checks and beats the vendor path, else the vendor path, and where the GPU was never
+    measured, nanofast's Triton kernels for the memory-bound fused ops and the vendor GEMMs
+    (torch.matmul, torch._scaled_mm) for Newton-Schulz and the fp8 linears.
+    "torch", "triton" or "cuda" force one for every op, table or not; on CPU tensors "triton" runs
+    Triton's interpreter and "cuda" the CPU emulation build of the CUDA source: slow, but the same
+    kernels the GPU runs. "cuda" applies to the ops with CUDA sources (norm, qk_norm_rope, paged
+    attention); the fused loss head, the fp8 linears and Newton-Schulz then run their Triton kernels.
     device: where the model runs, if known: "triton" on "cpu" without the interpreter (which must
     be chosen before triton is imported) is refused here rather than at the first kernel launch.
     """
@@ -47,22 +56,47 @@ def set_kernel_backend(backend: str | None, device: str | None = None) -> None:
     _KERNEL_BACKEND = backend
 
 
-def kernel_backend(x: torch.Tensor) -> str:
-    """The backend of the ops with Triton and CUDA kernels (norms, qk_norm_rope, paged attention) for
-    `x`: the one chosen with set_kernel_backend, else the kernels' own rule by device."""
-    return kernels.resolve_backend(_KERNEL_BACKEND, x)
+def op_backend(op: str, x: torch.Tensor) -> str:
+    """The backend that runs `op` (a key of nanofast.dispatch.OPS) on tensor `x`: see decide_backend."""
+    return decide_backend(op, x.device)
 
 
-def triton_backend(x: torch.Tensor) -> str:
-    """The backend of the ops whose only kernel is Triton (fp8 linears, Muon's Newton-Schulz) for `x`:
-    "triton" wherever the kernel backend is not "torch" (a "cuda" choice keeps them on their Triton
-    kernels, as on a GPU), else "torch"."""
-    return "torch" if kernel_backend(x) == "torch" else "triton"
+def decide_backend(op: str, device: torch.device) -> str:
+    """The backend that runs `op` on `device`, as the rule of set_kernel_backend/set_fp8_backend says.
+
+    A function of (op, device) and the forced choices only, so it can be asked about a device this
+    process has no tensors on. Under torch.compile the choice is a trace-time constant: the forced
+    choices are module globals Dynamo guards on, and dispatch.backend_for answers at trace time.
+    """
+    spec = dispatch.OPS.get(op)
+    if spec is None:
+        raise ValueError(f"unknown op {op!r}: the known ops are {sorted(dispatch.OPS)}")
+    if op == "fp8_linear" and _FP8_BACKEND is not None:
+        return _FP8_BACKEND
+    if _KERNEL_BACKEND is not None:  # forced wins over the table; a kernel backend the op lacks means Triton
+        if _KERNEL_BACKEND == "torch":
+            return "torch"
+        return _KERNEL_BACKEND if _KERNEL_BACKEND in spec.kernels else "triton"
+    return dispatch.backend_for(op, device)
+
+
+def kernel_backend(x: torch.Tensor, op: str = "rms_norm") -> str:
+    """The backend of `op` (default rms_norm, one of the ops with Triton and CUDA kernels) for `x`:
+    the one chosen with set_kernel_backend, else by device and the dispatch table (op_backend)."""
+    return op_backend(op, x)
+
+
+def triton_backend(x: torch.Tensor, op: str = "linear_cross_entropy") -> str:
+    """The backend of `op` (default the fused loss head, whose only kernel is Triton) for `x`, never
+    "cuda": a forced "cuda" keeps the ops without CUDA sources on their Triton kernels, as on a GPU.
+    The choice otherwise follows op_backend (by device and the dispatch table)."""
+    backend = op_backend(op, x)
+    return "triton" if backend == "cuda" else backend
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
     """Parameter-free RMSNorm over the last dim (F.rms_norm's default eps), any leading shape and float dtype."""
-    backend = kernel_backend(x)
+    backend = op_backend("rms_norm", x)
     if backend == "torch":
         return F.rms_norm(x, (x.size(-1),))
     return kernels.rms_norm(x, backend=backend)
@@ -73,9 +107,11 @@ _FP8_BACKEND: str | None = None
 
 
 def set_fp8_backend(backend: str | None) -> None:
-    """Who runs fp8 linears: None (`triton_backend`: Triton on CUDA or when a kernel backend is
-    forced, the torch reference on CPU) or one of kernels.FP8_BACKENDS ("torch",
-    "scaled_mm" = torch._scaled_mm, "triton", "triton_persistent")."""
+    """Who runs fp8 linears: one of kernels.FP8_BACKENDS ("torch", "scaled_mm" = torch._scaled_mm,
+    "triton", "triton_persistent"), which wins over everything else, or None (default): the forced
+    kernel backend if set_kernel_backend chose one ("torch" -> torch, "triton"/"cuda" -> "triton"),
+    else the torch reference on CPU and, on CUDA, the dispatch table's choice for "fp8_linear"
+    (torch._scaled_mm where the GPU was never measured)."""
     if backend is not None and backend not in kernels.FP8_BACKENDS:
         raise ValueError(f"fp8 backend must be None or one of {kernels.FP8_BACKENDS}, got {backend!r}")
     global _FP8_BACKEND
@@ -97,7 +133,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, precision: str | None = None,
             return _few_rows_linear(x, weight)
         return F.linear(x, weight)
     if precision == "fp8":
-        return kernels.fp8_linear(x, weight, recipe=recipe, backend=_FP8_BACKEND or triton_backend(x))
+        return kernels.fp8_linear(x, weight, recipe=recipe, backend=op_backend("fp8_linear", x))
     dt = _PRECISION_DTYPES[precision]
     return F.linear(x.to(dt), weight.to(dt)).to(x.dtype)
 
@@ -151,11 +187,12 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     q: (B, T, Hq, D), k: (B, T, Hk, D); cos, sin: (T, D/2). A rotation preserves each pair's norm,
     so norm-then-rotate equals rotate-then-norm: the fused kernel normalises first.
     """
-    backend = kernel_backend(q)
+    backend = op_backend("qk_norm_rope", q)
     if backend != "torch":
         return kernels.qk_norm_rope(q, k, cos, sin, scale=scale, backend=backend)
-    q = norm(apply_rotary(q, cos, sin)) * scale
-    k = norm(apply_rotary(k, cos, sin)) * scale
+    # The vendor path is plain torch throughout (what the dispatch table measured as "torch").
+    q = F.rms_norm(apply_rotary(q, cos, sin), (q.size(-1),)) * scale
+    k = F.rms_norm(apply_rotary(k, cos, sin), (k.size(-1),)) * scale
     return q, k
 
 
@@ -198,7 +235,7 @@ def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
 def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """Write N new keys/values (N, Hkv, D) into their cache slots (page * page_size + offset), in place."""
-    kernels.paged_kv_write(k, v, k_cache, v_cache, slot_mapping, backend=kernel_backend(k))
+    kernels.paged_kv_write(k, v, k_cache, v_cache, slot_mapping, backend=op_backend("paged_attention", k))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -210,7 +247,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     which stays the readable definition the kernels are tested against. Every block-table entry
     must be a valid page id (the engine pads rows with page 0): all of them are gathered.
     """
-    backend = kernel_backend(q)
+    backend = op_backend("paged_attention", q)
     if backend != "torch":
         return kernels.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, window=window,
                                               backend=backend)
@@ -252,15 +289,15 @@ def linear_softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets:
 
     x: (..., C) in the compute dtype; weight: (V_padded, C), the lm_head (rows past vocab_size are
     padding); targets (...) int64, -1 ignored. A head in the activations' dtype (precision None)
-    runs fused and chunked on the weight's first vocab_size rows (kernels.linear_softcap_cross_entropy:
-    Triton on CUDA, its torch path on CPU), so the (tokens x vocab) logits and their gradient never
-    exist whole: at 4,096 tokens x 32,768 those are 512 MiB each in fp32. A head in another
+    runs fused and chunked on the weight's first vocab_size rows (kernels.linear_softcap_cross_entropy,
+    on Triton or its torch path as op_backend decides), so the (tokens x vocab) logits and their
+    gradient never exist whole: at 4,096 tokens x 32,768 those are 512 MiB each in fp32. A head in another
     precision (fp8 in the speedrun) runs unfused over the padded weight, whose aligned width fp8
     GEMMs need.
     """
     if precision is None:
         return kernels.linear_softcap_cross_entropy(x, weight[:vocab_size], targets, softcap, reduction,
-                                                    backend=triton_backend(x))
+                                                    backend=op_backend("linear_cross_entropy", x))
     logits = linear(x, weight, precision, recipe)[..., :vocab_size]
     return softcap_cross_entropy(logits, targets, softcap, reduction)
 

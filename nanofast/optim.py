@@ -7,9 +7,11 @@ work and state across ranks (ZeRO-2 style), and gathers the updated parameters b
 Param groups are dicts with 'params' and 'kind':
   kind='adamw': lr (required), betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0 (decoupled).
   kind='muon':  lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.0,
-                ns_coefficients='polar_express', ns_backend=None (newton_schulz's backend:
-                None = nanofast.ops.triton_backend: Triton on CUDA or when a kernel
-                backend is forced, torch on CPU). All params of a Muon group share one
+                ns_coefficients='polar_express', ns_backend=None (the backend of
+                newton_schulz and nesterov_normalize_; None = nanofast.ops.op_backend
+                ("newton_schulz"): a forced kernel backend ("cuda" -> Triton), else torch
+                on CPU and on CUDA the dispatch table's choice, torch.matmul where the GPU
+                was never measured). All params of a Muon group share one
                 shape (>= 2-D) so they are stacked and orthogonalised as one batch.
 Each group also remembers initial_lr (and Muon groups initial_weight_decay) for the schedules.
 
@@ -393,7 +395,8 @@ class MuonAdamW(torch.optim.Optimizer):
         muon_update_(params, grads, mom, second, lr=group["lr"], momentum=group["momentum"],
                      beta2=group["beta2"], weight_decay=group["weight_decay"], ns_steps=group["ns_steps"],
                      ns_coefficients=group["ns_coefficients"],
-                     ns_backend=group["ns_backend"] if group["ns_backend"] is not None else ops.triton_backend(params))
+                     ns_backend=group["ns_backend"] if group["ns_backend"] is not None
+                     else ops.op_backend("newton_schulz", params))
         torch._foreach_copy_([self.state[p]["momentum_buffer"] for p in owned], list(mom.unbind(0)))
         torch._foreach_copy_([self.state[p]["second_momentum_buffer"] for p in owned], list(second.unbind(0)))
         return params

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench guard browser
+.PHONY: run test bench guard gpu-check browser
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -46,3 +46,8 @@ bench: $(STAMP)
 # The throughput guard alone: same-run ratios, kernel machine-code facts (and GPU peak fractions).
 guard: $(STAMP)
 	$(BIN)/python -m pytest bench -m guard -q $(ARGS)
+
+# On one CUDA GPU: compiled numerics, the model end to end and speed vs the vendor paths, in 5
+# minutes; writes bench/baselines/<class>/gpu_check.json and the performance page (README).
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu_check $(ARGS)

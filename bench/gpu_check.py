@@ -1,0 +1,974 @@
+"""One command on one CUDA GPU: compiled numerics of every kernel config nanofast uses, the model
+end to end, and each kernel's speed beside the path a user would otherwise call, in a time budget.
+
+    python -m bench.gpu_check                     # a GPU: writes bench/baselines/<class>/gpu_check.json,
+                                                  #   regenerates bench/performance.md (make gpu-check)
+    python -m bench.gpu_check --set-floors        # ... and sets the guard's unmeasured GPU floors
+    python -m bench.gpu_check --dry-run --out x.json   # CPU: every check at tiny shapes (interpreter)
+
+Why one command: GPUs are lent rarely and for minutes, so a lent GPU must yield everything at once.
+The checks run in priority order (numerics, then the model, then speed) and each has an estimate
+of its GPU seconds: a check that would end past `--budget-s` (default 300) is skipped and named,
+so the command always finishes and says what it did not do.
+
+Numerics use the kernel tests' FlashAttention-style budget: a kernel's max error against an fp64
+evaluation may be at most FACTOR x the error of plain torch in the same low precision plus
+ATOL x max(1, max|ref|) (tests/error_budget.py; ATOL per dtype below). Quantisation is bitwise.
+
+The output's "dispatch" section ({op: {backend: {"ms", "ok"}}}) is what `nanofast.dispatch`
+picks each op's backend from on this device class: speed from the speed checks, "ok" from the
+numerics checks of that (op, backend).
+
+`--dry-run` is the same code at tiny shapes on CPU tensors: Triton kernels through the
+interpreter, CUDA sources through their CPU emulation build, torch.compile included. Its timings
+are CPU timings of toy shapes and mean nothing; it exists so the tests execute every check's path.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported inside functions: --dry-run must set TRITON_INTERPRET first
+    import torch
+
+BENCH = Path(__file__).resolve().parent
+BASELINES = BENCH / "baselines"
+GPU_FLOORS = BASELINES / "gpu_floors.json"
+BUDGET_S = 300.0
+FLOOR_MARGIN = 0.8  # a floor is 0.8 x the first measured fraction of peak (gpu_floors.json's rule)
+ATOL = {"float32": 1e-6, "float16": 1e-5, "bfloat16": 2.0 ** -7}  # the kernel tests' ATOLs
+NO_CUDA = ("gpu_check: no CUDA device (torch.cuda.is_available() is False), nothing checked; "
+           "`python -m bench.gpu_check --dry-run` runs every check at tiny shapes on CPU")
+
+
+@dataclass
+class Check:
+    """One check: `fn(ctx)` returns a dict with "ok" (numerics/model) or "times_ms" (speed)."""
+    name: str
+    section: str  # "numerics" | "model" | "speed"
+    fn: Callable[["Ctx"], dict]
+    est_s: float  # expected seconds on an H100, compile time included (the budget planner's guess)
+    op: str | None = None  # the dispatch op this check informs
+    backend: str | None = None
+    floor: tuple[str, str] | None = None  # speed: (gpu_floors.json name, the backend whose fraction sets it)
+
+
+@dataclass
+class Ctx:
+    """Where and at which size the checks run."""
+    device: torch.device
+    dry_run: bool
+
+    def pick(self, full, tiny):
+        """The GPU size, or the dry run's toy size of the same case."""
+        return tiny if self.dry_run else full
+
+    def randn(self, *shape: int, dtype=None, seed: int = 0, scale: float = 1.0):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        return (scale * torch.randn(*shape, generator=g)).to(self.device, dtype or torch.float32)
+
+    def median_ms(self, fn: Callable[[], object]) -> float:
+        """Median milliseconds per call: CUDA events on a GPU (up to 25 calls or ~1 s), wall time of
+        two calls in a dry run."""
+        import torch
+
+        fn()  # warm-up: compilation and autotuning happen outside the timed calls
+        if self.device.type != "cuda":
+            times = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - t0))
+            return statistics.median(times)
+        torch.cuda.synchronize()
+        times, spent = [], 0.0
+        while len(times) < 25 and (spent < 1000.0 or len(times) < 3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+            spent += times[-1]
+        return statistics.median(times)
+
+
+CHECKS: list[Check] = []
+
+
+def _add(section: str, name: str, est_s: float, fn: Callable, op: str | None = None, backend: str | None = None,
+         args: dict | None = None, floor: tuple[str, str] | None = None) -> None:
+    """Register `fn(ctx, **args)` as a check informing (op, backend) of the dispatch table."""
+    CHECKS.append(Check(name, section, functools.partial(fn, **args) if args else fn, est_s, op, backend, floor))
+
+
+# --------------------------------------------------------------------------------------------
+# Numerics: compiled kernels against fp64, with the CPU tests' budgets
+# --------------------------------------------------------------------------------------------
+
+def budget(name: str, kernel, torch_lp, ref64, factor: float = 2.0, atol: float | None = None) -> dict:
+    """The kernel tests' rule: max|kernel - ref64| <= factor * max|torch_lp - ref64| + atol * scale."""
+    import torch
+
+    atol = ATOL[str(torch_lp.dtype).removeprefix("torch.")] if atol is None else atol
+    scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
+    err_k = (kernel.double() - ref64.double()).abs().max().item() if kernel.numel() else 0.0
+    err_t = (torch_lp.double() - ref64.double()).abs().max().item() if kernel.numel() else 0.0
+    allowed = factor * err_t + atol * scale
+    ok = bool(torch.isfinite(kernel).all()) and err_k <= allowed
+    return {"case": name, "ok": ok, "err": err_k, "torch_err": err_t, "allowed": allowed}
+
+
+def _cases(cases: list[dict]) -> dict:
+    return {"ok": all(c["ok"] for c in cases), "cases": cases}
+
+
+def _norm_grad_pair(fn, x, g):
+    """fn(x) and d(fn(x) . g)/dx for a fresh leaf copy of x."""
+    x = x.detach().clone().requires_grad_(True)
+    y = fn(x)
+    y.backward(g)
+    return y.detach(), x.grad
+
+
+def check_rms_norm(ctx: Ctx, backend: str) -> dict:
+    """Forward and backward at the model's (tokens, d_model) in bf16 and fp32, and the fused
+    residual + norm forward."""
+    import torch
+    import torch.nn.functional as F
+
+    from nanofast.kernels import rms_norm
+
+    cases = []
+    for rows, d, dtype in ctx.pick([(16384, 1536, torch.bfloat16), (4096, 768, torch.float32)],
+                                   [(7, 96, torch.bfloat16), (5, 33, torch.float32)]):
+        x, g = ctx.randn(rows, d, dtype=dtype, seed=1), ctx.randn(rows, d, dtype=dtype, seed=2)
+        yk, dk = _norm_grad_pair(lambda t: rms_norm(t, backend=backend), x, g)
+        yt, dt = _norm_grad_pair(lambda t: F.rms_norm(t, (d,)), x, g)
+        y64, d64 = _norm_grad_pair(lambda t: F.rms_norm(t, (d,), eps=torch.finfo(torch.float32).eps), x.double(),
+                                   g.double())
+        cases += [budget(f"fwd {rows}x{d} {dtype}", yk, yt, y64), budget(f"bwd {rows}x{d} {dtype}", dk, dt, d64)]
+        res = ctx.randn(rows, d, dtype=dtype, seed=3)
+        out = rms_norm(x, residual=res, backend=backend)
+        yk = out[0] if isinstance(out, tuple) else out
+        h = (x + res).double()  # the kernel's h is x + residual rounded to x's dtype, as torch's
+        cases.append(budget(f"residual fwd {rows}x{d} {dtype}", yk, F.rms_norm((x + res), (d,)),
+                            F.rms_norm(h, (d,), eps=torch.finfo(torch.float32).eps)))
+    return _cases(cases)
+
+
+def _qk_torch(q, k, cos, sin, scale):
+    import torch.nn.functional as F
+
+    from nanofast import ops
+
+    d = q.size(-1)
+    return (F.rms_norm(ops.apply_rotary(q, cos, sin), (d,)) * scale,
+            F.rms_norm(ops.apply_rotary(k, cos, sin), (d,)) * scale)
+
+
+def check_qk_norm_rope(ctx: Ctx, backend: str) -> dict:
+    """QK-norm + rotary forward and backward at a d12-like shape (heads of 128, GQA 2:1)."""
+    import torch
+
+    from nanofast import ops
+    from nanofast.kernels import qk_norm_rope
+
+    B, T, hq, hk, d = ctx.pick((8, 2048, 12, 6, 128), (2, 7, 3, 1, 64))
+    dtype = torch.bfloat16
+    q, k = ctx.randn(B, T, hq, d, dtype=dtype, seed=1), ctx.randn(B, T, hk, d, dtype=dtype, seed=2)
+    gq, gk = ctx.randn(B, T, hq, d, dtype=dtype, seed=3), ctx.randn(B, T, hk, d, dtype=dtype, seed=4)
+    cos, sin = (t.to(ctx.device) for t in ops.rotary_tables(T, d))
+    outs = {}
+    for name, fn, dt in (("kernel", lambda a, b: qk_norm_rope(a, b, cos.to(dtype), sin.to(dtype), scale=1.2,
+                                                               backend=backend), dtype),
+                         ("torch", lambda a, b: _qk_torch(a, b, cos.to(dtype), sin.to(dtype), 1.2), dtype),
+                         ("fp64", lambda a, b: _qk_torch(a, b, cos.to(dtype).double(), sin.to(dtype).double(), 1.2),
+                          torch.float64)):
+        a, b = q.to(dt).detach().requires_grad_(True), k.to(dt).detach().requires_grad_(True)
+        oq, ok_ = fn(a, b)
+        torch.autograd.backward([oq, ok_], [gq.to(dt), gk.to(dt)])
+        outs[name] = (oq.detach(), ok_.detach(), a.grad, b.grad)
+    labels = ("q fwd", "k fwd", "q bwd", "k bwd")
+    return _cases([budget(f"{lab} B{B} T{T} {hq}/{hk} heads", kk, tt, rr)
+                   for lab, kk, tt, rr in zip(labels, outs["kernel"], outs["torch"], outs["fp64"])])
+
+
+def _paged_cache(ctx: Ctx, lens: list[int], hkv: int, d: int, page: int, dtype, spare: int = 3):
+    """A cache holding sequences of `lens` tokens on shuffled pages, and its block table."""
+    import torch
+
+    pages = [-(-n // page) for n in lens]
+    num_pages = sum(pages) + spare
+    g = torch.Generator().manual_seed(7)
+    order = torch.randperm(num_pages, generator=g)
+    table = torch.zeros(len(lens), max(pages), dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(pages):
+        table[i, :n] = order[at:at + n]
+        at += n
+    k = ctx.randn(num_pages, page, hkv, d, dtype=dtype, seed=8)
+    v = ctx.randn(num_pages, page, hkv, d, dtype=dtype, seed=9)
+    return k, v, table.to(ctx.device), torch.tensor(lens, dtype=torch.int32, device=ctx.device)
+
+
+def check_paged_decode(ctx: Ctx, backend: str, group: int, page: int) -> dict:
+    """Decode attention with `group` query heads per KV head and `page`-token pages over a ragged
+    batch (one long sequence, many short), each split count and with/without a sliding window."""
+    import torch
+
+    from nanofast.kernels import paged_decode_attention, paged_decode_attention_reference
+
+    hkv, d = 2, ctx.pick(128, 64)
+    lens = ctx.pick([2048, 1, 17, 300, 1000, 64, 5, 777, 129, 2000, 33, 256, 1024, 511, 2, 1500],
+                    [40, 1, 17])
+    dtype = torch.bfloat16
+    kc, vc, table, seq_lens = _paged_cache(ctx, lens, hkv, d, page, dtype)
+    q = ctx.randn(len(lens), hkv * group, d, dtype=dtype, seed=10)
+    cases = []
+    splits = (1, None, ctx.pick(256, 4)) if backend == "triton" else (None,)
+    for window in (None, ctx.pick(128, 7)):
+        ref64 = paged_decode_attention_reference(q.double(), kc.double(), vc.double(), table, seq_lens, window=window)
+        lp = paged_decode_attention_reference(q, kc, vc, table, seq_lens, window=window)
+        for ns in splits:
+            kw = {"num_splits": ns} if backend == "triton" else {}
+            out = paged_decode_attention(q, kc, vc, table, seq_lens, window=window, backend=backend, **kw)
+            cases.append(budget(f"window={window} splits={ns or 'auto'}", out, lp, ref64))
+    return _cases(cases)
+
+
+def check_paged_kv_write(ctx: Ctx, backend: str) -> dict:
+    """The KV write is a copy: bitwise equal to the reference, slots on shuffled pages."""
+    import torch
+
+    from nanofast.kernels import paged_kv_write, paged_kv_write_reference
+
+    n, hkv, d, page, pages = ctx.pick((4096, 8, 128, 16, 400), (9, 2, 64, 4, 5))
+    dtype = torch.bfloat16
+    slots = torch.randperm(pages * page, generator=torch.Generator().manual_seed(0))[:n].to(ctx.device)
+    k, v = ctx.randn(n, hkv, d, dtype=dtype, seed=1), ctx.randn(n, hkv, d, dtype=dtype, seed=2)
+    caches = [torch.zeros(pages, page, hkv, d, dtype=dtype, device=ctx.device) for _ in range(4)]
+    paged_kv_write(k, v, caches[0], caches[1], slots, backend=backend)
+    paged_kv_write_reference(k, v, caches[2], caches[3], slots)
+    return {"ok": torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])}
+
+
+def check_newton_schulz(ctx: Ctx) -> dict:
+    """bf16 Newton-Schulz (Triton) against fp64, and the symmetric products bitwise symmetric."""
+    import torch
+
+    from nanofast.kernels import newton_schulz, newton_schulz_reference
+    from nanofast.kernels.newton_schulz_triton import ns_gram_triton, ns_poly_triton
+
+    cases = []
+    for shape in ctx.pick([(4, 1280, 5120), (1536, 1536), (768, 3072)], [(2, 48, 80), (33, 33)]):
+        G = ctx.randn(*shape, seed=1)
+        out = newton_schulz(G, backend="triton", dtype=torch.bfloat16)
+        lp = newton_schulz_reference(G, dtype=torch.bfloat16)
+        ref64 = newton_schulz_reference(G.double(), dtype=torch.float64)
+        cases.append(budget(f"{shape}", out, lp, ref64, atol=2.0 ** -7))
+        X = (G / G.norm(dim=(-2, -1), keepdim=True)).to(torch.bfloat16)
+        X = X if X.size(-2) <= X.size(-1) else X.mT.contiguous()
+        A = ns_gram_triton(X.reshape(-1, *X.shape[-2:]))
+        B = ns_poly_triton(A, -4.7, 2.0)
+        symmetric = torch.equal(A, A.mT) and torch.equal(B, B.mT)
+        cases.append({"case": f"{shape} A and B bitwise symmetric", "ok": symmetric})
+    return _cases(cases)
+
+
+def _fp8(ctx: Ctx, x, dtype, recipe: str):
+    from nanofast.kernels import quantize_fp8_reference
+
+    q, scale, _, _ = quantize_fp8_reference(x, dtype, recipe=recipe)
+    return q, scale
+
+
+def check_fp8_gemm(ctx: Ctx, backend: str) -> dict:
+    """e4m3/e5m2 x e4m3, tensorwise/rowwise scales, bias, and a long K with split and fast
+    accumulation, against fp64 (and torch._scaled_mm's output, reported, where it runs)."""
+    import torch
+
+    from nanofast.kernels import fp8_gemm, fp8_gemm_reference
+
+    E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
+    M, N, K = ctx.pick((4096, 3072, 1536), (48, 40, 96))
+    Ml, Nl, Kl = ctx.pick((1024, 1024, 16384), (16, 24, 1024))
+    cases = []
+    for name, (m, n, k), a_dt, recipe, bias, fast in (
+            ("e4m3 tensorwise", (M, N, K), E4, "tensorwise", False, False),
+            ("e4m3 rowwise", (M, N, K), E4, "rowwise", False, False),
+            ("e5m2 x e4m3 tensorwise", (M, N, K), E5, "tensorwise", False, False),
+            ("e4m3 rowwise + bias", (M, N, K), E4, "rowwise", True, False),
+            ("long K split accumulation", (Ml, Nl, Kl), E4, "tensorwise", False, False),
+            ("long K fast accumulation", (Ml, Nl, Kl), E4, "tensorwise", False, True)):
+        a, sa = _fp8(ctx, ctx.randn(m, k, seed=1), a_dt, recipe)
+        b, sb = _fp8(ctx, ctx.randn(n, k, seed=2), E4, recipe)
+        sb_rows, sb = sb, (sb.reshape(1, n) if recipe == "rowwise" else sb)  # (N, 1) per row of b -> (1, N)
+        bias_t = ctx.randn(n, dtype=torch.bfloat16, seed=3) if bias else None
+        out = fp8_gemm(a, b, sa, sb, out_dtype=torch.bfloat16, bias=bias_t, use_fast_accum=fast, backend=backend)
+        lp = fp8_gemm_reference(a, b, sa, sb, out_dtype=torch.bfloat16, bias=bias_t)
+        ref64 = (a.double() * sa.double()) @ (b.double() * sb_rows.double()).T
+        ref64 = ref64 + bias_t.double() if bias else ref64
+        mag = max(1.0, ref64.abs().max().item())
+        # Split accumulation: fp32 sums in another order (~sqrt(K) fp32 ulps) plus one bf16 ulp
+        # (2^-7, the kernel tests' bf16 ATOL: the interpreter rounds to bf16 by truncation). Fast
+        # accumulation keeps the tensor core's narrower accumulator for all of K: one more ulp.
+        atol = 2.0 ** -7 * (2 if fast else 1) + (2 * math.sqrt(k) + 4) * torch.finfo(torch.float32).eps
+        case = budget(f"{name} {m}x{n}x{k}", out, lp, ref64, atol=atol)
+        case["allowed"] = max(case["allowed"], 2 * case["torch_err"] + atol * mag)
+        case["ok"] = case["err"] <= case["allowed"] and bool(torch.isfinite(out).all())
+        if backend != "scaled_mm" and ctx.device.type == "cuda":
+            try:
+                vendor = fp8_gemm(a, b, sa, sb, out_dtype=torch.bfloat16, bias=bias_t, use_fast_accum=fast,
+                                  backend="scaled_mm")
+                case["max_diff_vs_scaled_mm"] = (out.float() - vendor.float()).abs().max().item()
+            except (RuntimeError, ValueError) as e:  # a config _scaled_mm does not take
+                case["max_diff_vs_scaled_mm"] = f"scaled_mm: {e}"[:120]
+        cases.append(case)
+    return _cases(cases)
+
+
+def _fp8_inputs(ctx: Ctx, rows: int, cols: int, seed: int):
+    """bf16 values over every fp8 binade and exact fp8 ties (as the quantisation tests use)."""
+    import torch
+
+    x = ctx.randn(rows, cols, seed=seed)
+    mag = torch.exp(torch.empty(rows, cols).uniform_(-7.0, 7.0, generator=torch.Generator().manual_seed(seed)))
+    return (x * mag.to(ctx.device)).to(torch.bfloat16)
+
+
+def check_quantize_fp8(ctx: Ctx) -> dict:
+    """quantize_fp8 (Triton) bitwise equal to torch's cast: both formats, both recipes, q^T."""
+    import torch
+
+    from nanofast.kernels import quantize_fp8, quantize_fp8_reference
+
+    rows, cols = ctx.pick((4096, 6144), (33, 70))
+    x = _fp8_inputs(ctx, rows, cols, seed=4)
+    cases = []
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        for recipe, transpose in (("tensorwise", True), ("rowwise", False)):
+            got = quantize_fp8(x, dtype, recipe=recipe, transpose=transpose, backend="triton")
+            want = quantize_fp8_reference(x, dtype, recipe=recipe, transpose=transpose)
+            same = [g is w or torch.equal(g.view(torch.uint8) if g.dtype == dtype else g,
+                                          w.view(torch.uint8) if w.dtype == dtype else w)
+                    for g, w in zip(got, want)]
+            differ = (got[0].view(torch.uint8) != want[0].view(torch.uint8)).float().mean().item()
+            cases.append({"case": f"{dtype} {recipe}", "ok": all(same), "q_bits_differ_fraction": differ})
+    return _cases(cases)
+
+
+def check_linear_cross_entropy(ctx: Ctx) -> dict:
+    """The fused head (Triton) forward and backward against fp64, bf16 inputs, softcap 15."""
+    import torch
+
+    from nanofast.kernels import linear_softcap_cross_entropy, linear_softcap_cross_entropy_reference
+
+    N, D, V = ctx.pick((8192, 768, 32768), (37, 64, 300))
+    x, w = ctx.randn(N, D, dtype=torch.bfloat16, seed=1), ctx.randn(V, D, seed=2, scale=D ** -0.5)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3)).to(ctx.device)
+    outs = {}
+    for name, fn, dt in (("kernel", functools.partial(linear_softcap_cross_entropy, backend="triton"), torch.bfloat16),
+                         ("torch", linear_softcap_cross_entropy_reference, torch.bfloat16),
+                         ("fp64", linear_softcap_cross_entropy_reference, torch.float64)):
+        xi = x.detach().to(dt).requires_grad_(True)
+        wi = w.detach().to(torch.float64 if dt == torch.float64 else torch.float32).requires_grad_(True)
+        loss = fn(xi, wi, t, 15.0)
+        loss.backward()
+        outs[name] = (loss.detach().reshape(1), xi.grad, wi.grad)
+    return _cases([budget(f"{lab} N{N} D{D} V{V}", k, tt, r, atol=2.0 ** -7)
+                   for lab, k, tt, r in zip(("loss", "dx", "dW"), outs["kernel"], outs["torch"], outs["fp64"])])
+
+
+def check_past_2_31(ctx: Ctx, kernel: str) -> dict:
+    """A memory-bound kernel on a tensor of more than 2^31 elements (int32 offsets would wrap):
+    the first and last rows against plain torch. The dry run takes the same path at toy size."""
+    import torch
+    import torch.nn.functional as F
+
+    from nanofast import kernels
+
+    if ctx.device.type == "cuda" and torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
+        return {"ok": True, "skipped": "needs 40 GiB of GPU memory"}
+    d = 2048
+    rows = ctx.pick((1 << 31) // d + 512, 300)  # 2^31 + 2^20 elements of bf16 = 4 GiB
+    x = torch.empty(rows, d, dtype=torch.bfloat16, device=ctx.device)
+    edge = [slice(0, 256), slice(rows - 256, rows)]
+    for s in edge:
+        x[s] = ctx.randn(x[s].size(0), d, dtype=torch.bfloat16, seed=s.start)
+    cases = []
+    if kernel in ("rms_norm", "rms_norm_cuda"):
+        y = kernels.rms_norm(x, backend="cuda" if kernel.endswith("cuda") else "triton")
+        for s in edge:
+            cases.append(budget(f"rows {s.start}..{s.stop}", y[s], F.rms_norm(x[s], (d,)),
+                                F.rms_norm(x[s].double(), (d,), eps=torch.finfo(torch.float32).eps)))
+    elif kernel == "quantize_fp8":
+        scale = torch.tensor(0.01, device=ctx.device)
+        q = kernels.quantize_fp8(x, torch.float8_e4m3fn, scale=scale, backend="triton")[0]
+        want = (x[edge[1]].float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        cases.append({"case": "last rows bitwise", "ok": torch.equal(q[edge[1]].view(torch.uint8),
+                                                                    want.view(torch.uint8))})
+    del x
+    return _cases(cases)
+
+
+def check_paged_decode_past_2_31(ctx: Ctx, backend: str) -> dict:
+    """Decode reading the last pages of a KV pool of more than 2^31 elements."""
+    import torch
+
+    from nanofast.kernels import paged_decode_attention, paged_decode_attention_reference
+
+    if ctx.device.type == "cuda" and torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
+        return {"ok": True, "skipped": "needs 40 GiB of GPU memory"}
+    page, hkv, d = 16, 8, ctx.pick(128, 16)
+    num_pages = ctx.pick((1 << 31) // (page * hkv * d) + 64, 40)
+    kc = torch.empty(num_pages, page, hkv, d, dtype=torch.bfloat16, device=ctx.device)
+    vc = torch.empty_like(kc)
+    used = torch.arange(num_pages - 8, num_pages, dtype=torch.int32, device=ctx.device).view(2, 4)
+    kc[-8:], vc[-8:] = ctx.randn(8, page, hkv, d, dtype=torch.bfloat16, seed=1), \
+        ctx.randn(8, page, hkv, d, dtype=torch.bfloat16, seed=2)
+    seq_lens = torch.tensor([4 * page, 3 * page - 5], dtype=torch.int32, device=ctx.device)
+    q = ctx.randn(2, 4 * hkv, d, dtype=torch.bfloat16, seed=3)
+    out = paged_decode_attention(q, kc, vc, used, seq_lens, backend=backend)
+    # The reference only needs the pages in use: remap them to a small pool.
+    small_k, small_v = kc[-8:].double(), vc[-8:].double()
+    local = (used - (num_pages - 8)).to(torch.int32)
+    ref64 = paged_decode_attention_reference(q.double(), small_k, small_v, local, seq_lens)
+    lp = paged_decode_attention_reference(q, kc[-8:], vc[-8:], local, seq_lens)
+    del kc, vc
+    return _cases([budget("last pages", out, lp, ref64)])
+
+
+# --------------------------------------------------------------------------------------------
+# The model end to end
+# --------------------------------------------------------------------------------------------
+
+def _model(ctx: Ctx, depth: int, vocab: int, T: int, head_dim: int, dtype, seed: int = 0):
+    import torch
+
+    from nanofast.model import GPT, config_for_depth
+
+    torch.manual_seed(seed)
+    model = GPT(config_for_depth(depth, vocab, T, head_dim=head_dim), compute_dtype=dtype).to(ctx.device)
+    model.init_weights()
+    with torch.no_grad():  # zero-initialised output projections would hide every kernel behind them
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def _step_grads(ctx: Ctx, shape: tuple, backend: str, dtype, compiled: bool, x, y):
+    """(loss, {name: fp64 gradient}) of one training step of a fresh model with `backend`."""
+    import torch
+
+    from nanofast import ops
+
+    torch._dynamo.reset()
+    ops.set_kernel_backend(backend)
+    try:
+        model = _model(ctx, *shape, dtype)
+        loss = (torch.compile(model, dynamic=False) if compiled else model)(x, y)
+        loss.backward()
+        return loss.item(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+    finally:
+        ops.set_kernel_backend(None)
+        torch._dynamo.reset()
+
+
+def check_train_step(ctx: Ctx) -> dict:
+    """One compiled training step, the kernel backend against the torch backend.
+
+    fp32 (TF32 off): the two differ only in summation order, so every gradient, the scalar ones
+    included, agrees to 1e-3 relative (a wrong kernel is off by O(1)), plus 1e-6 of the whole
+    gradient's norm for a gradient that cancels to nothing. bf16: the loss and each
+    matrix gradient may be at most twice as far from the fp32 step as torch's bf16 step plus one
+    bf16 ulp (2^-7) of its norm. The model's scalar gradients are sums over every token with heavy
+    cancellation, where bf16 rounding alone moves them by percents on either backend (more under
+    the interpreter, which rounds to bf16 by truncation): they are judged in fp32 only."""
+    import torch
+
+    shape = ctx.pick((4, 32768, 1024, 128), (1, 256, 32, 32))
+    B = ctx.pick(4, 2)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, shape[1], (B, shape[2]), generator=g).to(ctx.device)
+    y = torch.randint(0, shape[1], (B, shape[2]), generator=g).to(ctx.device)
+    tf32, precision = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        l32, g32 = _step_grads(ctx, shape, "torch", torch.float32, False, x, y)
+        lk32, gk32 = _step_grads(ctx, shape, "triton", torch.float32, True, x, y)
+        lt, gt = _step_grads(ctx, shape, "torch", torch.bfloat16, True, x, y)
+        lk, gk = _step_grads(ctx, shape, "triton", torch.bfloat16, True, x, y)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.set_float32_matmul_precision(precision)
+    if not set(g32) == set(gk32) == set(gt) == set(gk):
+        return {"ok": False, "error": "the backends produced gradients for different parameters"}
+    cases = [{"case": "fp32 loss", "ok": abs(lk32 - l32) <= 1e-4 * abs(l32), "err": abs(lk32 - l32)},
+             {"case": "bf16 loss", "ok": abs(lk - l32) <= 2 * abs(lt - l32) + 1e-3 * abs(l32), "err": abs(lk - l32),
+              "torch_err": abs(lt - l32)}]
+    # A gradient that cancels to fp32 noise (backout_lambda's is ~1e-9 at init) is held to the
+    # whole gradient's scale instead: 1e-6 of its norm.
+    total = math.sqrt(sum(v.norm().item() ** 2 for v in g32.values()))
+    for n, ref in g32.items():
+        scale = ref.norm().item()
+        err32 = (gk32[n] - ref).norm().item()
+        cases.append({"case": f"fp32 {n}", "ok": err32 <= 1e-3 * scale + 1e-6 * total, "err": err32, "norm": scale})
+        if ref.dim() >= 2:
+            err_k, err_t = (gk[n] - ref).norm().item(), (gt[n] - ref).norm().item()
+            cases.append({"case": f"bf16 {n}", "ok": err_k <= 2 * err_t + 2.0 ** -7 * scale, "err": err_k,
+                          "torch_err": err_t, "norm": scale})
+    return _cases(cases)
+
+
+def check_engine(ctx: Ctx) -> dict:
+    """The engine's greedy tokens (paged prefill + decode kernels, prefix cache, chunking) equal
+    the model's full-recompute `generate`, fp32 (TF32 off: near-ties must not flip)."""
+    import torch
+
+    from nanofast import ops
+    from nanofast.engine import Engine, SamplingParams
+
+    depth, vocab, T, hd, n_new = ctx.pick((2, 4096, 512, 64, 24), (1, 300, 48, 16, 6))
+    model = _model(ctx, depth, vocab, T, hd, torch.float32).eval()
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in ctx.pick((200, 3, 77, 31), (9, 1, 14))]
+    prompts.append(prompts[0][:5] + prompts[-1])  # a shared-prefix request
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ops.set_kernel_backend(None if ctx.device.type == "cuda" else "triton")
+    try:
+        with torch.no_grad():
+            want = [list(model.generate(p, n_new)) for p in prompts]
+        got = Engine(model, page_size=16).generate(prompts, SamplingParams(max_tokens=n_new, temperature=0.0))
+    finally:
+        ops.set_kernel_backend(None)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    same = sum(a == b for a, b in zip(got, want))
+    return {"ok": got == want, "requests": len(prompts), "identical": same}
+
+
+# --------------------------------------------------------------------------------------------
+# Speed: each kernel beside what a user would otherwise call, same run
+# --------------------------------------------------------------------------------------------
+
+def _peaks() -> tuple[float | None, float | None]:
+    """(DRAM bytes/s, dense bf16 FLOP/s) of this GPU; (None, None) on CPU or an unknown GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, None
+    from bench.gpu_peaks import peak_bandwidth_gbps
+    from nanofast.common import peak_flops
+
+    gbps = peak_bandwidth_gbps()
+    return (gbps * 1e9 if gbps else None), peak_flops("cuda")
+
+
+def speed(ctx: Ctx, impls: dict[str, Callable[[], object]], nbytes: int = 0, flops: int = 0,
+          flop_peak_factor: float = 1.0) -> dict:
+    """Time each implementation (interleaved by name order; CUDA events), and each one's fraction
+    of the DRAM peak (bytes given) or the FLOP peak (flops given; fp8 peaks are 2x bf16's)."""
+    bw, fl = _peaks()
+    times, fractions = {}, {}
+    for name, fn in impls.items():
+        if fn is None:
+            continue
+        ms = ctx.median_ms(fn)
+        times[name] = ms
+        if nbytes and bw:
+            fractions[name] = nbytes / (ms / 1e3) / bw
+        elif flops and fl:
+            fractions[name] = flops / (ms / 1e3) / (fl * flop_peak_factor)
+    return {"times_ms": times, "fraction_of_peak": fractions, "bytes": nbytes, "flops": flops}
+
+
+def _compiled(fn):
+    import torch
+
+    return torch.compile(fn, dynamic=False)
+
+
+def _optional(module: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        return None
+
+
+def speed_rms_norm(ctx: Ctx) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from nanofast.kernels import rms_norm
+
+    rows, d = ctx.pick((16384, 1536), (64, 96))
+    x = ctx.randn(rows, d, dtype=torch.bfloat16)
+    vendor = _compiled(lambda t: F.rms_norm(t, (d,)))
+    return speed(ctx, {"triton": lambda: rms_norm(x, backend="triton"), "cuda": lambda: rms_norm(x, backend="cuda"),
+                       "torch": lambda: vendor(x)},
+                 nbytes=2 * rows * d * 2 + 4 * rows)
+
+
+def speed_qk_norm_rope(ctx: Ctx) -> dict:
+    import torch
+
+    from nanofast import ops
+    from nanofast.kernels import qk_norm_rope
+
+    B, T, H, d = ctx.pick((32, 2048, 10, 128), (2, 16, 2, 64))
+    q, k = ctx.randn(B, T, H, d, dtype=torch.bfloat16, seed=1), ctx.randn(B, T, H, d, dtype=torch.bfloat16, seed=2)
+    cos, sin = (t.to(ctx.device, torch.bfloat16) for t in ops.rotary_tables(T, d))
+    vendor = _compiled(lambda a, b: _qk_torch(a, b, cos, sin, 1.2))
+    return speed(ctx, {b: (lambda b=b: qk_norm_rope(q, k, cos, sin, scale=1.2, backend=b)) for b in ("triton", "cuda")}
+                 | {"torch": lambda: vendor(q, k)},
+                 nbytes=4 * B * T * H * d * 2)
+
+
+def speed_paged_decode(ctx: Ctx) -> dict:
+    import torch
+
+    from nanofast.kernels import paged_decode_attention
+
+    B, ctx_len, hq, hkv, d = ctx.pick((64, 2048, 32, 8, 128), (3, 40, 4, 2, 64))
+    kc, vc, table, lens = _paged_cache(ctx, [ctx_len] * B, hkv, d, 16, torch.bfloat16)
+    q = ctx.randn(B, hq, d, dtype=torch.bfloat16)
+    impls = {b: (lambda b=b: paged_decode_attention(q, kc, vc, table, lens, backend=b))
+             for b in ("triton", "cuda", "torch")}
+    fa = _optional("flash_attn") if ctx.device.type == "cuda" else None
+    if fa is not None and hasattr(fa, "flash_attn_with_kvcache"):  # the paged API wants page_size % 256 == 0
+        kc2, vc2, table2, _ = _paged_cache(ctx, [ctx_len] * B, hkv, d, 256, torch.bfloat16)
+        impls["flash_attn"] = lambda: fa.flash_attn_with_kvcache(q[:, None], kc2, vc2, cache_seqlens=lens,
+                                                                 block_table=table2)
+    return speed(ctx, impls, nbytes=(2 * B * ctx_len * hkv * d + 2 * B * hq * d) * 2)
+
+
+def speed_newton_schulz(ctx: Ctx) -> dict:
+    import torch
+
+    from nanofast.kernels import newton_schulz
+
+    shape = ctx.pick((5120, 1280), (80, 48))
+    G = ctx.randn(*shape, dtype=torch.bfloat16)
+    s, l = min(shape), max(shape)
+    flops = 5 * (2 * s * s * l + 2 * s ** 3 + 2 * s * s * l)  # 5 steps of X X^T, A @ A and B @ X
+    return speed(ctx, {b: (lambda b=b: newton_schulz(G, backend=b, dtype=torch.bfloat16)) for b in ("triton", "torch")},
+                 flops=flops)
+
+
+def speed_fp8_gemm(ctx: Ctx) -> dict:
+    import torch
+
+    from nanofast.kernels import fp8_gemm
+
+    M, N, K = ctx.pick((32768, 5120, 1280), (64, 48, 96))
+    a, sa = _fp8(ctx, ctx.randn(M, K, seed=1), torch.float8_e4m3fn, "tensorwise")
+    b, sb = _fp8(ctx, ctx.randn(N, K, seed=2), torch.float8_e4m3fn, "tensorwise")
+    backends = ("triton", "triton_persistent", "scaled_mm")
+    return speed(ctx, {be: (lambda be=be: fp8_gemm(a, b, sa, sb, backend=be)) for be in backends},
+                 flops=2 * M * N * K, flop_peak_factor=2.0)  # Hopper's dense fp8 peak is twice its bf16 peak
+
+
+def speed_quantize_fp8(ctx: Ctx) -> dict:
+    import torch
+
+    from nanofast.kernels import quantize_fp8
+
+    rows, cols = ctx.pick((16384, 6144), (64, 96))
+    x = ctx.randn(rows, cols, dtype=torch.bfloat16)
+    return speed(ctx, {b: (lambda b=b: quantize_fp8(x, torch.float8_e4m3fn, transpose=True, backend=b))
+                       for b in ("triton", "torch")},
+                 nbytes=rows * cols * (2 + 1 + 1))
+
+
+def speed_muon_prologue(ctx: Ctx) -> dict:
+    import torch
+
+    from nanofast.kernels import nesterov_normalize_
+
+    shape = ctx.pick((12, 5120, 1280), (2, 48, 80))
+    g, m = ctx.randn(*shape, seed=1), ctx.randn(*shape, seed=2)
+    n = math.prod(shape)
+    return speed(ctx, {b: (lambda b=b: nesterov_normalize_(g, m, 0.95, dtype=torch.bfloat16, backend=b))
+                       for b in ("triton", "torch")},
+                 nbytes=n * (4 + 4 + 4 + 2))  # read fp32 g and m, write fp32 m and bf16 X_0
+
+
+def _loss_tensor(out):
+    """A loss module's result as a tensor (some versions return (loss, extras))."""
+    return out if hasattr(out, "backward") else out[0]
+
+
+def speed_linear_cross_entropy(ctx: Ctx) -> dict:
+    import torch
+
+    from nanofast.kernels import linear_softcap_cross_entropy, linear_softcap_cross_entropy_reference
+
+    N, D, V = ctx.pick((16384, 768, 32768), (64, 32, 300))
+    x = ctx.randn(N, D, dtype=torch.bfloat16).requires_grad_(True)
+    w = ctx.randn(V, D, scale=D ** -0.5).requires_grad_(True)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(1)).to(ctx.device)
+
+    def step(fn):
+        def run():
+            fn(x, w, t, 15.0).backward()
+            x.grad = w.grad = None
+        return run
+
+    impls = {"triton": step(functools.partial(linear_softcap_cross_entropy, backend="triton")),
+             "torch": step(functools.partial(linear_softcap_cross_entropy, backend="torch")),
+             "unfused": step(linear_softcap_cross_entropy_reference)}
+    liger = _optional("liger_kernel.transformers") if ctx.device.type == "cuda" else None
+    try:  # Liger's fused loss takes (weight, input, target); softcap arrived in later versions
+        loss = liger.LigerFusedLinearCrossEntropyLoss(softcap=15.0)
+        impls["liger"] = step(lambda a, b, c, _s: _loss_tensor(loss(b.to(a.dtype), a, c)))
+    except (AttributeError, TypeError):  # not installed, or a version without softcap
+        pass
+    return speed(ctx, impls, flops=3 * 2 * N * D * V)
+
+
+def speed_train_step(ctx: Ctx, depth: int) -> dict:
+    """Tokens/s and MFU of a compiled bf16 training step (MuonAdamW) with the default backends."""
+    import torch
+
+    from nanofast.optim import MuonAdamW
+
+    T, B, vocab, hd = ctx.pick((2048, 16 if depth <= 12 else 8, 32768, 128), (32, 2, 256, 32))
+    model = _model(ctx, ctx.pick(depth, 1), vocab, T, hd, torch.bfloat16)
+    opt = MuonAdamW(model.param_groups())
+    run = torch.compile(model, dynamic=False)
+    x = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(2)).to(ctx.device)
+
+    def step():
+        run(x, x).backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+
+    ms = ctx.median_ms(step)
+    tok_s = B * T / (ms / 1e3)
+    _, peak = _peaks()
+    torch._dynamo.reset()
+    return {"times_ms": {"default": ms}, "tokens_per_s": tok_s, "depth": depth,
+            "mfu": None if peak is None else model.flops_per_token() * tok_s / peak}
+
+
+# --------------------------------------------------------------------------------------------
+# The registry, in priority order (the budget drops from the end)
+# --------------------------------------------------------------------------------------------
+
+for _b in ("triton", "cuda"):
+    _add("numerics", f"rms_norm[{_b}]", 8, check_rms_norm, "rms_norm", _b, {"backend": _b})
+    _add("numerics", f"qk_norm_rope[{_b}]", 8, check_qk_norm_rope, "qk_norm_rope", _b, {"backend": _b})
+    for _g in (1, 4, 8):
+        for _p in (16, 256):
+            _add("numerics", f"paged_decode[{_b},q/kv={_g},page={_p}]", 4, check_paged_decode, "paged_attention", _b,
+                 {"backend": _b, "group": _g, "page": _p})
+    _add("numerics", f"paged_kv_write[{_b}]", 2, check_paged_kv_write, "paged_attention", _b, {"backend": _b})
+_add("numerics", "newton_schulz[triton]", 15, check_newton_schulz, "newton_schulz", "triton")
+for _b in ("triton", "triton_persistent", "scaled_mm"):
+    _add("numerics", f"fp8_gemm[{_b}]", 10, check_fp8_gemm, "fp8_linear", _b, {"backend": _b})
+_add("numerics", "quantize_fp8[triton]", 5, check_quantize_fp8)
+_add("numerics", "linear_cross_entropy[triton]", 8, check_linear_cross_entropy, "linear_cross_entropy", "triton")
+_add("numerics", "past_2^31[rms_norm,triton]", 6, check_past_2_31, "rms_norm", "triton", {"kernel": "rms_norm"})
+_add("numerics", "past_2^31[rms_norm,cuda]", 6, check_past_2_31, "rms_norm", "cuda", {"kernel": "rms_norm_cuda"})
+_add("numerics", "past_2^31[quantize_fp8,triton]", 6, check_past_2_31, args={"kernel": "quantize_fp8"})
+for _b in ("triton", "cuda"):
+    _add("numerics", f"past_2^31[paged_decode,{_b}]", 6, check_paged_decode_past_2_31, "paged_attention", _b,
+         {"backend": _b})
+_add("model", "train_step[compiled,triton vs torch]", 60, check_train_step)
+_add("model", "engine_greedy_vs_generate", 15, check_engine)
+_add("speed", "rms_norm", 20, speed_rms_norm, "rms_norm", floor=("rms_norm_fwd_16384x1536", "triton"))
+_add("speed", "qk_norm_rope", 20, speed_qk_norm_rope, "qk_norm_rope",
+     floor=("qk_norm_rope_fwd_B32_T2048_H10", "triton"))
+_add("speed", "paged_decode", 10, speed_paged_decode, "paged_attention",
+     floor=("paged_decode_B64_ctx2048_q32kv8", "triton"))
+_add("speed", "newton_schulz", 10, speed_newton_schulz, "newton_schulz", floor=("newton_schulz_5120x1280", "triton"))
+_add("speed", "fp8_gemm", 15, speed_fp8_gemm, "fp8_linear", floor=("fp8_gemm_32768x5120x1280", "triton"))
+_add("speed", "linear_cross_entropy", 10, speed_linear_cross_entropy, "linear_cross_entropy")
+_add("speed", "quantize_fp8", 5, speed_quantize_fp8, floor=("fp8_quant_tensorwise_T_16384x6144", "triton"))
+_add("speed", "muon_prologue", 5, speed_muon_prologue, floor=("muon_prologue_12x5120x1280", "triton"))
+_add("speed", "train_step[d12]", 70, speed_train_step, args={"depth": 12})
+_add("speed", "train_step[d24]", 100, speed_train_step, args={"depth": 24})
+
+
+# --------------------------------------------------------------------------------------------
+# Running, the dispatch table, floors
+# --------------------------------------------------------------------------------------------
+
+def run_checks(ctx: Ctx, checks: list[Check], budget_s: float, log=print) -> list[dict]:
+    """Run `checks` in order; one that would end past the budget is skipped (on a GPU judged by its
+    estimate, in a dry run by the time already spent). An exception is the check's result
+    ("error"), not the end of the run."""
+    import torch
+
+    start = time.monotonic()
+    results = []
+    for c in checks:
+        elapsed = time.monotonic() - start
+        estimate = 0.0 if ctx.dry_run else c.est_s
+        rec = {"name": c.name, "section": c.section, "op": c.op, "backend": c.backend}
+        if c.floor:
+            rec["floor"] = {"name": c.floor[0], "backend": c.floor[1]}
+        if elapsed + estimate > budget_s:
+            rec.update(status="skipped", reason=f"time budget: {elapsed:.0f} s spent of {budget_s:.0f}")
+        else:
+            t0 = time.monotonic()
+            try:
+                out = c.fn(ctx)
+                status = "pass" if out.get("ok", True) else "fail"
+                rec.update(status=status, **out)
+            except Exception as e:  # the failure is the finding: record it and go on
+                rec.update(status="error", error=f"{type(e).__name__}: {e}"[:500],
+                           traceback=traceback.format_exc(limit=4)[-1500:])
+            rec["seconds"] = round(time.monotonic() - t0, 2)
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+        log(f"{rec['status']:8} {c.section:9} {c.name} ({rec.get('seconds', 0):.1f} s){_summary(rec)}")
+        results.append(rec)
+    return results
+
+
+def _summary(rec: dict) -> str:
+    if rec["status"] in ("error", "skipped"):
+        return ": " + rec.get("error", rec.get("reason", ""))
+    if "times_ms" in rec:
+        return ": " + ", ".join(f"{k} {v:.3f} ms" for k, v in rec["times_ms"].items())
+    bad = [c["case"] for c in rec.get("cases", []) if not c["ok"]]
+    return f": failing {bad}" if bad else ""
+
+
+def build_dispatch(results: list[dict]) -> dict:
+    """{op: {backend: {"ms", "ok"}}} for `nanofast.dispatch`: time from the op's speed check (only
+    the backends the op can dispatch to: flash-attn or Liger timings are for the page), ok = every
+    numerics check of that (op, backend) ran and passed (the vendor's, unchecked, counts as ok)."""
+    from nanofast.dispatch import OPS
+
+    table: dict[str, dict] = {}
+    for r in results:
+        if r["section"] == "speed" and r["op"] and r["status"] == "pass":
+            for backend, ms in r["times_ms"].items():
+                if backend in OPS[r["op"]].backends:
+                    table.setdefault(r["op"], {})[backend] = {"ms": ms, "ok": True}
+    for r in results:
+        if r["section"] == "numerics" and r["op"] in table and r["backend"] in table[r["op"]]:
+            entry = table[r["op"]][r["backend"]]
+            entry["ok"] = entry["ok"] and r["status"] == "pass"
+    return table
+
+
+def set_floors(floors_doc: dict, machine: str, results: list[dict], margin: float = FLOOR_MARGIN) -> list[str]:
+    """Fill the unmeasured (null) floors of `machine` in gpu_floors.json's document from the speed
+    checks' fractions of peak; returns the names set. A floor already set is never moved here."""
+    floors = floors_doc.setdefault("floors", {}).setdefault(machine, {})
+    done = []
+    for r in results:
+        floor = r.get("floor")
+        if r["status"] != "pass" or not floor:
+            continue
+        frac = r["fraction_of_peak"].get(floor["backend"])
+        if frac is not None and floors.get(floor["name"]) is None:
+            floors[floor["name"]] = round(margin * frac, 3)
+            done.append(floor["name"])
+    return done
+
+
+def render(record: dict) -> str:
+    """Markdown of one gpu_check record for the performance page: what passed, the speed of each
+    implementation (and its fraction of peak), and the backend each op gets from it."""
+    m = record.get("machine", {})
+    counts = {s: sum(r["status"] == s for r in record["checks"]) for s in ("pass", "fail", "error", "skipped")}
+    lines = [f"{m.get('gpu') or record['machine_class']}, torch {m.get('torch')}, triton {m.get('triton')}, "
+             f"{record['elapsed_s']} s{' (dry run: CPU timings of toy shapes)' if record['dry_run'] else ''}: "
+             f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, "
+             f"{counts['skipped']} skipped.", ""]
+    bad = [r for r in record["checks"] if r["status"] != "pass"]
+    if bad:
+        lines += ["| check | status | why |", "|---|---|---|"]
+        lines += [f"| {r['name']} | {r['status']} | {_summary(r).lstrip(': ')} |" for r in bad] + [""]
+    lines += ["| speed check | time per call (ms) | fraction of peak |", "|---|---|---|"]
+    for r in record["checks"]:
+        if r["section"] == "speed" and r["status"] == "pass":
+            times = ", ".join(f"{k} {v:.3f}" for k, v in r["times_ms"].items())
+            fracs = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r.get("fraction_of_peak", {}).items())
+            extra = f" ({r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.0f}%)" if r.get("mfu") else ""
+            lines.append(f"| {r['name']} | {times}{extra} | {fracs or 'n/a'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter, CUDA emulation")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S, help="seconds the checks may take (default 300)")
+    p.add_argument("--sections", default="numerics,model,speed", help="comma-separated sections to run (default all)")
+    p.add_argument("--only", default=None, help="comma-separated substrings: run the checks whose name has one")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the JSON written (default on a GPU: bench/baselines/<class>/gpu_check.json; dry run: none)")
+    p.add_argument("--no-page", action="store_true", help="do not regenerate bench/performance.md")
+    p.add_argument("--set-floors", action="store_true", help="fill this device's null floors in gpu_floors.json")
+    args = p.parse_args(argv)
+    if args.dry_run:  # must precede the first triton import
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    if not args.dry_run:
+        if not torch.cuda.is_available():
+            print(NO_CUDA)
+            return 2
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            print("gpu_check: TRITON_INTERPRET=1 would run the interpreter on the GPU: unset it")
+            return 2
+    from bench.conftest import machine_class, machine_summary
+    from nanofast.kernels import triton_interpreting
+
+    if args.dry_run and not triton_interpreting():
+        print("gpu_check --dry-run: triton was imported without TRITON_INTERPRET=1; run it in a fresh process")
+        return 2
+    ctx = Ctx(torch.device("cpu" if args.dry_run else "cuda"), args.dry_run)
+    sections = args.sections.split(",")
+    checks = [c for c in CHECKS if c.section in sections]
+    if args.only:
+        keys = args.only.split(",")
+        checks = [c for c in checks if any(k in c.name for k in keys)]
+    t0 = time.monotonic()
+    results = run_checks(ctx, checks, args.budget_s)
+    machine = machine_class()
+    record = {"machine": machine_summary(), "machine_class": machine, "dry_run": args.dry_run,
+              "budget_s": args.budget_s, "elapsed_s": round(time.monotonic() - t0, 1),
+              "checks": results, "dispatch": build_dispatch(results)}
+    counts = {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "error", "skipped")}
+    out = args.out or (None if args.dry_run else BASELINES / machine / "gpu_check.json")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    if args.set_floors and not args.dry_run:
+        doc = json.loads(GPU_FLOORS.read_text())
+        names = set_floors(doc, machine, results)
+        GPU_FLOORS.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"floors set for {machine}: {names or 'none (already set, or no peak known)'}")
+    if not args.dry_run and not args.no_page:
+        from bench import performance
+
+        performance.main([])
+    skipped = [r["name"] for r in results if r["status"] == "skipped"]
+    print(f"gpu_check: {counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, "
+          f"{counts['skipped']} skipped{' (time budget): ' + ', '.join(skipped) if skipped else ''}; "
+          f"{record['elapsed_s']} s" + (f"; wrote {out}" if out else ""))
+    return 0 if counts["fail"] == counts["error"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -809,16 +809,17 @@ _add("speed", "train_step[d24]", 100, speed_train_step, args={"depth": 24})
 # Running, the dispatch table, floors
 # --------------------------------------------------------------------------------------------
 
-def run_checks(ctx: Ctx, checks: list[Check], budget_s: float, log=print) -> list[dict]:
+def run_checks(ctx: Ctx, checks: list[Check], budget_s: float, log=print,
+               clock: Callable[[], float] = time.monotonic) -> list[dict]:
     """Run `checks` in order; one that would end past the budget is skipped (on a GPU judged by its
     estimate, in a dry run by the time already spent). An exception is the check's result
     ("error"), not the end of the run."""
     import torch
 
-    start = time.monotonic()
+    start = clock()
     results = []
     for c in checks:
-        elapsed = time.monotonic() - start
+        elapsed = clock() - start
         estimate = 0.0 if ctx.dry_run else c.est_s
         rec = {"name": c.name, "section": c.section, "op": c.op, "backend": c.backend}
         if c.floor:
@@ -826,7 +827,7 @@ def run_checks(ctx: Ctx, checks: list[Check], budget_s: float, log=print) -> lis
         if elapsed + estimate > budget_s:
             rec.update(status="skipped", reason=f"time budget: {elapsed:.0f} s spent of {budget_s:.0f}")
         else:
-            t0 = time.monotonic()
+            t0 = clock()
             try:
                 out = c.fn(ctx)
                 status = "pass" if out.get("ok", True) else "fail"
@@ -834,7 +835,7 @@ def run_checks(ctx: Ctx, checks: list[Check], budget_s: float, log=print) -> lis
             except Exception as e:  # the failure is the finding: record it and go on
                 rec.update(status="error", error=f"{type(e).__name__}: {e}"[:500],
                            traceback=traceback.format_exc(limit=4)[-1500:])
-            rec["seconds"] = round(time.monotonic() - t0, 2)
+            rec["seconds"] = round(clock() - t0, 2)
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
         log(f"{rec['status']:8} {c.section:9} {c.name} ({rec.get('seconds', 0):.1f} s){_summary(rec)}")

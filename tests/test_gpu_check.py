@@ -79,18 +79,26 @@ def _check(name: str, est_s: float, fn) -> gpu_check.Check:
 
 
 def test_the_budget_skips_by_estimate_and_a_crash_is_a_result():
-    ran = []
-    checks = [_check("a", 10, lambda ctx: ran.append("a") or {"ok": True}),
-              _check("too long", 10, lambda ctx: ran.append("b") or {"ok": True}),
-              _check("short", 1, lambda ctx: ran.append("c") or {"ok": False}),
-              _check("crash", 1, lambda ctx: 1 / 0)]
+    now, ran = [0.0], []
+
+    def takes(name: str, seconds: float, ok: bool = True):
+        def fn(ctx):
+            ran.append(name)
+            now[0] += seconds
+            return {"ok": ok}
+        return fn
+
+    checks = [_check("a", 10, takes("a", 10)), _check("too long", 10, takes("b", 10)),
+              _check("short", 1, takes("c", 1, ok=False)), _check("crash", 1, lambda ctx: 1 / 0),
+              _check("fits", 4, takes("d", 4)), _check("over", 1, takes("e", 1))]
     ctx = gpu_check.Ctx(torch.device("cpu"), dry_run=False)
     lines = []
-    results = gpu_check.run_checks(ctx, checks, budget_s=15, log=lines.append)
-    assert ran == ["a", "c"]
-    assert [r["status"] for r in results] == ["pass", "skipped", "fail", "error"]
+    results = gpu_check.run_checks(ctx, checks, budget_s=15, log=lines.append, clock=lambda: now[0])
+    # After a (10 s) a 10-s check cannot end within 15 s; at 11 s a 4-s one can; at 15 s nothing.
+    assert ran == ["a", "c", "d"]
+    assert [r["status"] for r in results] == ["pass", "skipped", "fail", "error", "pass", "skipped"]
     assert "time budget" in results[1]["reason"] and "ZeroDivisionError" in results[3]["error"]
-    assert len(lines) == 4 and lines[1].startswith("skipped")
+    assert len(lines) == 6 and lines[1].startswith("skipped")
 
 
 def _speed(op: str, times: dict, floor: tuple | None = None, fractions: dict | None = None) -> dict:

@@ -425,6 +425,33 @@ def check_past_2_31(ctx: Ctx, kernel: str) -> dict:
     return _cases(cases)
 
 
+def check_qk_norm_rope_past_2_31(ctx: Ctx, backend: str) -> dict:
+    """QK-norm + rotary over q and k of more than 2^31 elements each: the last tokens against plain
+    torch (the row offsets token * heads * D pass 2^31 there)."""
+    import torch
+
+    from nanofast import ops
+    from nanofast.kernels import qk_norm_rope
+
+    if ctx.device.type == "cuda" and torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
+        return {"ok": True, "skipped": "needs 40 GiB of GPU memory"}
+    H, d = ctx.pick((16, 128), (2, 16))
+    T = ctx.pick((1 << 31) // (H * d) + 64, 40)  # 2^31 + 2^17 elements of bf16 per tensor: 4 GiB
+    q = torch.empty(1, T, H, d, dtype=torch.bfloat16, device=ctx.device)
+    k = torch.empty_like(q)
+    tail = slice(T - 32, T)
+    q[:, tail] = ctx.randn(1, 32, H, d, dtype=torch.bfloat16, seed=1)
+    k[:, tail] = ctx.randn(1, 32, H, d, dtype=torch.bfloat16, seed=2)
+    cos, sin = (t.to(ctx.device, torch.bfloat16) for t in ops.rotary_tables(T, d))
+    oq, ok_ = qk_norm_rope(q, k, cos, sin, backend=backend)
+    c, s_ = cos[tail], sin[tail]
+    ref_q, ref_k = _qk_torch(q[:, tail].double(), k[:, tail].double(), c.double(), s_.double(), 1.0)
+    lp_q, lp_k = _qk_torch(q[:, tail], k[:, tail], c, s_, 1.0)
+    cases = [budget("q last tokens", oq[:, tail], lp_q, ref_q), budget("k last tokens", ok_[:, tail], lp_k, ref_k)]
+    del q, k, oq, ok_
+    return _cases(cases)
+
+
 def check_paged_decode_past_2_31(ctx: Ctx, backend: str) -> dict:
     """Decode reading the last pages of a KV pool of more than 2^31 elements."""
     import torch
@@ -787,6 +814,8 @@ _add("numerics", "past_2^31[rms_norm,triton]", 6, check_past_2_31, "rms_norm", "
 _add("numerics", "past_2^31[rms_norm,cuda]", 6, check_past_2_31, "rms_norm", "cuda", {"kernel": "rms_norm_cuda"})
 _add("numerics", "past_2^31[quantize_fp8,triton]", 6, check_past_2_31, args={"kernel": "quantize_fp8"})
 for _b in ("triton", "cuda"):
+    _add("numerics", f"past_2^31[qk_norm_rope,{_b}]", 8, check_qk_norm_rope_past_2_31, "qk_norm_rope", _b,
+         {"backend": _b})
     _add("numerics", f"past_2^31[paged_decode,{_b}]", 6, check_paged_decode_past_2_31, "paged_attention", _b,
          {"backend": _b})
 _add("model", "train_step[compiled,triton vs torch]", 60, check_train_step)

@@ -183,16 +183,22 @@ def choose(op: str, measured: Mapping[str, Mapping[str, Any]] | None) -> str:
     return min(timed)[2] if timed else spec.vendor
 
 
-def backend_for(op: str, device: torch.device) -> str:
+def backend_for(op: str, device: torch.device, rehearse: str | None = None) -> str:
     """The backend `op` runs on for tensors on `device` when the user forced none.
 
-    CPU (and any non-CUDA device): "torch". CUDA: `choose` on this device class's table. Safe under
-    torch.compile: the answer is computed once at trace time and is a constant of the graph (Dynamo
-    cannot trace file reads or the device-name query; both are fixed for a process).
+    CUDA: `choose` on this device class's table. CPU (and any non-CUDA device): "torch", or with
+    `rehearse` (a device class such as "gpu-H100") what `choose` picks on that class's table: a CPU
+    run that executes a GPU run's per-op choices (the rehearsal preset). Safe under torch.compile:
+    the answer is computed once at trace time and is a constant of the graph (Dynamo cannot trace
+    file reads or the device-name query; both are fixed for a process).
     """
     _spec(op)
     if torch.device(device).type != "cuda":
-        return "torch"
+        if rehearse is None:
+            return "torch"
+        if torch.compiler.is_compiling():
+            return _choose_constant(op, rehearse)
+        return _choose_for_class(op, rehearse)
     if torch.compiler.is_compiling():
         return _backend_for_constant(op, device)
     return _backend_for(op, device)
@@ -204,4 +210,13 @@ def _backend_for_constant(op: str, device: torch.device) -> str:
 
 
 def _backend_for(op: str, device: torch.device) -> str:
-    return choose(op, table(device_class(device)).get(op))
+    return _choose_for_class(op, device_class(device))
+
+
+@torch.compiler.assume_constant_result
+def _choose_constant(op: str, cls: str) -> str:
+    return _choose_for_class(op, cls)
+
+
+def _choose_for_class(op: str, cls: str) -> str:
+    return choose(op, table(cls).get(op))

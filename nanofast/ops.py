@@ -27,12 +27,13 @@ except ImportError:
 
 
 _KERNEL_BACKEND: str | None = None
+_DISPATCH_AS: str | None = None
 KERNEL_BACKEND_HELP = ("who runs the kernel-backed ops (default: on GPU, each op's backend from the measured dispatch "
                        "table, see nanofast.dispatch; torch on CPU); on CPU, triton runs Triton's interpreter "
                        "(TRITON_INTERPRET=1) and cuda the CUDA sources' CPU emulation")
 
 
-def set_kernel_backend(backend: str | None, device: str | None = None) -> None:
+def set_kernel_backend(backend: str | None, device: str | None = None, dispatch_as: str | None = None) -> None:
     """Choose who computes every kernel-backed op of the model, engine and optimizer.
 
     None (default): plain torch on CPU tensors; on CUDA tensors each op's backend from the measured
@@ -46,14 +47,20 @@ def set_kernel_backend(backend: str | None, device: str | None = None) -> None:
     attention); the fused loss head, the fp8 linears and Newton-Schulz then run their Triton kernels.
     device: where the model runs, if known: "triton" on "cpu" without the interpreter (which must
     be chosen before triton is imported) is refused here rather than at the first kernel launch.
+    dispatch_as: a GPU class (e.g. "gpu-H100") whose per-op choices CPU tensors get too: each op
+    runs the backend the dispatch picks on that GPU (its table, or the unmeasured defaults), the
+    kernels through the interpreter and the CUDA emulation. The rehearsal preset uses it so that a
+    CPU run executes the choices an 8xH100 run makes. A forced `backend` wins over it.
     """
     if backend not in (None, *kernels.BACKENDS):
         raise ValueError(f"kernel backend must be None or one of {kernels.BACKENDS}, got {backend!r}")
-    if backend == "triton" and device == "cpu" and not kernels.backend.triton_interpreting():
-        raise ValueError("kernel backend 'triton' on CPU runs Triton's interpreter: set TRITON_INTERPRET=1 in the "
-                         "environment")
-    global _KERNEL_BACKEND
-    _KERNEL_BACKEND = backend
+    if dispatch_as is not None and not dispatch_as.startswith("gpu-"):
+        raise ValueError(f"dispatch_as must be a GPU device class such as 'gpu-H100', got {dispatch_as!r}")
+    if (backend == "triton" or dispatch_as) and device == "cpu" and not kernels.backend.triton_interpreting():
+        raise ValueError(f"{'kernel backend triton' if backend else 'dispatch_as'} on CPU runs Triton's interpreter: "
+                         "set TRITON_INTERPRET=1 in the environment")
+    global _KERNEL_BACKEND, _DISPATCH_AS
+    _KERNEL_BACKEND, _DISPATCH_AS = backend, dispatch_as
 
 
 def op_backend(op: str, x: torch.Tensor) -> str:
@@ -77,7 +84,7 @@ def decide_backend(op: str, device: torch.device) -> str:
         if _KERNEL_BACKEND == "torch":
             return "torch"
         return _KERNEL_BACKEND if _KERNEL_BACKEND in spec.kernels else "triton"
-    return dispatch.backend_for(op, device)
+    return dispatch.backend_for(op, device, rehearse=_DISPATCH_AS)
 
 
 def kernel_backend(x: torch.Tensor, op: str = "rms_norm") -> str:

@@ -132,7 +132,7 @@ def _check_done(run: Run, stage: str) -> None:
 def run_stages(run: Run, stages: list[str]) -> dict[str, str]:
     """Run `stages` in order; for `all`-style lists skip stages whose output exists. Returns
     {stage: "ran" | "skipped (already done)"}."""
-    ops.set_kernel_backend(run.settings.kernel_backend, run.device)
+    ops.set_kernel_backend(run.settings.kernel_backend, run.device, run.settings.dispatch_as)
     done = {stage: stage != "report" and len(stages) > 1 and stage_done(run, stage) for stage in stages}
     for stage in stages:
         if done[stage]:
@@ -362,7 +362,7 @@ def stage_pretrain(run: Run, t0: float) -> None:
             **loop_numbers(run, state, flops), tokens_per_second=state.tokens_per_second,
             samples=samples, checkpoint_dir=str(ckpt_dir),
             linear_precision=s.linear_precision, fp8_recipe=s.fp8_recipe, precision_report=precision,
-            kernel_backend=s.kernel_backend or "by device", compile=s.compile, seconds=time.perf_counter() - t0))
+            kernel_backend=s.kernel_backend or "by device", dispatch_as=s.dispatch_as, compile=s.compile, seconds=time.perf_counter() - t0))
     _join(run, "pretrain")
 
 

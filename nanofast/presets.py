@@ -53,6 +53,10 @@ class Settings:
     fp8_recipe: str = setting("tensorwise", "fp8 dynamic scaling", ("tensorwise", "rowwise"))
     compile: bool = setting(True, "torch.compile the training step (pretraining, mid-training, SFT)")
     kernel_backend: str | None = setting(None, KERNEL_BACKEND_HELP, BACKENDS)
+    dispatch_as: str | None = setting(None, "on CPU, run each kernel-backed op on the backend a GPU of this class "
+                                            "(e.g. gpu-H100) picks (nanofast.dispatch), the kernels through Triton's "
+                                            "interpreter and the CUDA emulation: rehearses a GPU run's choices; "
+                                            "--kernel-backend wins over it")
     seed: int = setting(42, "seed of the model's init, the data order and the samples")
     wandb: str | None = setting(None, "Weights & Biases project: log every stage's steps, evaluations and report "
                                       "numbers there (rank 0; needs `pip install wandb`; WANDB_MODE=offline logs "
@@ -110,9 +114,9 @@ PRESETS: dict[str, Settings] = {
                     rl_steps=100, rl_questions=8, rl_samples=8, rl_max_tokens=64, rl_lr_scale=0.15,
                     rl_eval_examples=300),
     # The speedrun's code path at toy size: every switch the 8xH100 run flips (torch.compile, bf16,
-    # fp8 linears, the Triton kernels) with only the sizes changed, plus what a machine without a GPU
-    # or network forces: the kernel backend named explicitly (Triton's interpreter on CPU tensors)
-    # and the offline data. tests/test_rehearsal.py runs it on two ranks through every stage. The
+    # fp8 linears, each op's backend as the dispatch picks it on an H100) with only the sizes
+    # changed, plus what a machine without a GPU or network forces: the H100's choices applied to
+    # CPU tensors (dispatch_as; Triton kernels through the interpreter) and the offline data. tests/test_rehearsal.py runs it on two ranks through every stage. The
     # corpus is larger than the tokenizer needs so that each split has row groups for both ranks.
     # One row per micro-step: 2 micro-steps per step, the gradient accumulation the speedrun's
     # pretraining and fine-tuning run (4 micro-steps of 16 rows on 8 ranks).
@@ -121,7 +125,7 @@ PRESETS: dict[str, Settings] = {
                           num_iterations=6, eval_every=3, eval_tokens=256, core_every=6, core_examples=4,
                           save_every=2, log_every=1,
                           sample_tokens=4, dtype="bf16", linear_precision="attn=fp8,mlp=fp8,lm_head=fp8",
-                          kernel_backend="triton",
+                          dispatch_as="gpu-H100",
                           task_size=40, midtrain_iterations=3, sft_iterations=3, rl_steps=2, rl_questions=2,
                           rl_samples=2, rl_max_tokens=8, rl_eval_examples=4, eval_examples=4, eval_max_tokens=8),
     # nanochat's runs/speedrun.sh on 8xH100: depth 24, param:data ratio 8, fp8 pretraining (every
@@ -185,6 +189,7 @@ STAGE_SETTINGS = {
 }
 OPERATIONAL = ("device_batch_size", "eval_every", "eval_tokens", "core_every", "core_examples", "save_every",
                "save_minutes", "keep_checkpoints", "log_every", "sample_tokens", "compile", "kernel_backend",
+               "dispatch_as",
                "dist_timeout_minutes", "wait_minutes", "wandb")
 
 

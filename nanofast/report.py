@@ -90,7 +90,7 @@ def build_report(report_dir: str | Path, out_path: str | Path, planned: Sequence
                   f"- steps: {pre['num_iterations']:,} x {pre['total_batch_size']:,} tokens "
                   f"({pre['num_iterations'] * pre['total_batch_size']:,} tokens), {pre['world_size']} process(es), "
                   f"{pre['device']} {pre['dtype']}",
-                  f"- kernels: {pre.get('kernel_backend', 'by device')} backend, "
+                  f"- kernels: {_kernels(pre)}, "
                   f"{'compiled' if pre.get('compile') else 'eager'} training step",
                   f"- final train loss: {pre['final_loss']:.4f}; val bpb: {pre['val_bpb']:.4f}",
                   f"- throughput: {pre['median_tokens_per_second']:,.0f} tokens/s (median step), MFU: {_mfu(pre.get('mfu'))}",
@@ -189,6 +189,14 @@ def build_report(report_dir: str | Path, out_path: str | Path, planned: Sequence
 
 def _num(x) -> str:
     return "n/a" if x is None else f"{x:.3e}"
+
+
+def _kernels(pre: dict) -> str:
+    """Who ran the kernel-backed ops of a pretraining run, for the report."""
+    backend = pre.get("kernel_backend", "by device")
+    if backend == "by device" and pre.get("dispatch_as"):
+        return f"each op's backend as a {pre['dispatch_as']} run picks it"
+    return f"{backend} backend"
 
 
 def _mfu(x) -> str:

@@ -350,3 +350,43 @@ def test_the_choice_is_a_constant_under_torch_compile(measured_gpu):
     finally:
         torch._dynamo.reset()
     assert out.tolist() == [11.0, 11.0, 11.0]
+
+
+# ---- rehearsing a GPU's choices on CPU (the rehearsal preset's dispatch_as) ------------------
+
+def test_dispatch_as_gives_cpu_tensors_an_unmeasured_gpus_choices():
+    ops.set_kernel_backend(None, "cpu", dispatch_as="gpu-Unmeasured")
+    assert {op: ops.decide_backend(op, CPU) for op in dispatch.OPS} == UNMEASURED
+    x = torch.zeros(2, 4)
+    assert (ops.kernel_backend(x), ops.op_backend("newton_schulz", x), ops.op_backend("fp8_linear", x)) \
+        == ("triton", "torch", "scaled_mm")
+
+
+def test_dispatch_as_follows_that_gpus_table(measured_gpu):
+    ops.set_kernel_backend(None, "cpu", dispatch_as="gpu-Test")
+    assert {op: ops.decide_backend(op, CPU) for op in dispatch.OPS} == measured_gpu
+
+
+def test_a_forced_backend_wins_over_dispatch_as(measured_gpu):
+    ops.set_kernel_backend("torch", "cpu", dispatch_as="gpu-Test")
+    assert {op: ops.decide_backend(op, CPU) for op in dispatch.OPS} == {op: "torch" for op in dispatch.OPS}
+
+
+@pytest.mark.parametrize("bad", ["H100", "cpu", ""])
+def test_dispatch_as_names_a_gpu_class(bad):
+    with pytest.raises(ValueError, match="dispatch_as must be a GPU device class"):
+        ops.set_kernel_backend(None, "cpu", dispatch_as=bad)
+
+
+def test_dispatch_as_is_a_constant_under_torch_compile(measured_gpu):
+    ops.set_kernel_backend(None, "cpu", dispatch_as="gpu-Test")
+
+    def f(x):
+        return x + (1 if ops.decide_backend("paged_attention", CPU) == "cuda" else 100)
+
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(2))
+    finally:
+        torch._dynamo.reset()
+    assert out.tolist() == [1.0, 1.0]

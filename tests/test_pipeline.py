@@ -454,11 +454,12 @@ def test_the_rehearsal_is_the_speedrun_with_only_sizes_changed():
              "eval_tokens", "core_every", "core_examples", "save_every", "log_every", "sample_tokens", "task_size",
              "midtrain_iterations", "sft_iterations", "rl_steps", "rl_questions", "rl_samples", "rl_max_tokens",
              "rl_eval_examples", "eval_examples", "eval_max_tokens", "finetune_lr_scale"}
-    # what the speedrun picks by device (bf16, Triton on a GPU) named explicitly; offline data
-    forced = {"dtype": "bf16", "kernel_backend": "triton", "data": "default", "download_tasks": False}
+    # what the speedrun picks by device (bf16, each op's backend as on an H100) named explicitly; offline data
+    forced = {"dtype": "bf16", "dispatch_as": "gpu-H100", "data": "default", "download_tasks": False}
     differ = {k for k in speedrun if speedrun[k] != rehearsal[k]}
     assert differ - sizes - set(forced) == {"post_training"}
-    assert {k: rehearsal[k] for k in forced} == forced and speedrun["dtype"] is speedrun["kernel_backend"] is None
+    assert {k: rehearsal[k] for k in forced} == forced and speedrun["dtype"] is speedrun["dispatch_as"] is None
+    assert speedrun["kernel_backend"] is rehearsal["kernel_backend"] is None
     assert stages_of("all", make_settings("rehearsal")) == list(STAGES)
 
 

@@ -19,9 +19,11 @@
   stage before (the Adam moments and Muon momenta), with the stage's own LRs.
 - the speedrun's checkpoint defaults: every 30 minutes (a per-step all-reduce of the time flag)
   and every 2 steps here, the 2 newest kept.
-- `kernel_backend=triton` (TRITON_INTERPRET=1): every op the GPU sends to a kernel (the norms,
-  fused QK-norm+rotary, paged KV writes and decode, FP8 quantisation and GEMMs, Muon's
-  Newton-Schulz) runs its Triton kernel, not the torch fallback a CPU run would pick.
+- `dispatch_as=gpu-H100` (TRITON_INTERPRET=1): every op runs the backend an H100 run picks
+  (nanofast.dispatch: the committed H100 table, or the unmeasured defaults), not the torch
+  fallback a CPU run would pick: the Triton kernels of the norms, fused QK-norm+rotary, paged KV
+  writes and decode, the fused loss head and FP8 quantisation; `torch._scaled_mm` for the FP8
+  GEMMs and torch.matmul for Muon's Newton-Schulz until a measurement says nanofast's win.
 - post-training: nanofast's (mid-training, SFT, RL), a superset of the speedrun's nanochat SFT: its
   mid-training starts from the base model as the speedrun's SFT does, with the same loop, warm
   start and dtypes (tests/test_pipeline.py checks the presets differ only in sizes and this).
@@ -106,8 +108,8 @@ def test_the_rerun_resumes_pretraining_and_runs_every_stage(rehearsed):
 def test_every_training_stage_learns_in_bf16_with_fp8_linears(rehearsed):
     base, _ = rehearsed
     pre = section(base, "pretrain")
-    assert (pre["dtype"], pre["linear_precision"], pre["kernel_backend"], pre["compile"]) \
-        == ("bfloat16", make_settings("speedrun").linear_precision, "triton", True)
+    assert (pre["dtype"], pre["linear_precision"], pre["kernel_backend"], pre["dispatch_as"], pre["compile"]) \
+        == ("bfloat16", make_settings("speedrun").linear_precision, "by device", "gpu-H100", True)
     for stage in ("midtrain", "sft"):
         sec = section(base, stage)
         assert len(sec["losses"]) == sec["iterations"] == 3
@@ -129,7 +131,8 @@ def test_the_report_has_every_section(rehearsed):
     assert f"report: {run_dir(base) / 'report.md'}" in stdout
     report = (run_dir(base) / "report.md").read_text()
     for needle in ("## System", "## Tokenizer", "val bpb", "## Mid-training", "## SFT", "## RL (GRPO)",
-                   "KL(engine||trainer)", "- kernels: triton backend, compiled training step", "## Metrics", "| CORE | ", "| ChatCORE |", "## Time and cost"):
+                   "KL(engine||trainer)", "- kernels: each op's backend as a gpu-H100 run picks it, compiled training step",
+                   "## Metrics", "| CORE | ", "| ChatCORE |", "## Time and cost"):
         assert needle in report, needle
     assert "Stages without results" not in report
 

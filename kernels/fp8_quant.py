@@ -54,9 +54,15 @@ Every max |x| propagates NaN like torch.amax: it is an integer max over the bit 
 make q differ from torch's `x / scale` by one fp32 ulp before the fp8 rounding.
 
 Triton backend inputs: fp32 / fp16 / bf16, any row stride, unit last-dim stride (other layouts
-are copied once). The Triton interpreter's fp32 -> fp8 conversion is not torch's (no exponent
-carry at some values, ties away from zero, truncated fp8 subnormals, NaN mangled; triton issue
-8322): see tests/test_fp8_quant.py for how the kernels are nevertheless checked bitwise.
+are copied once).
+
+The final fp32 -> fp8 rounding is done by the kernels themselves, in fp32 / int32
+(`_round_to_fp8_grid`), before the `.to(fp8)`, which then only re-encodes a value already on the
+fp8 grid. On the GPU the conversion alone would do (cvt.rn.satfinite is IEEE round-to-nearest-even),
+but Triton's interpreter converts with its own routine that is not (no exponent carry at some
+values, ties away from zero, truncated fp8 subnormals, NaN turned into a finite code; triton issue
+8322): with the rounding in the kernel, q is torch's cast bit for bit under both, which is what
+tests/test_fp8_quant.py checks on CPU.
 """
 from __future__ import annotations
 
@@ -183,15 +189,68 @@ if triton is not None:
         """Inverse of _abs_bits' reinterpretation: int32 bits -> fp32."""
         return b.to(tl.float32, bitcast=True)
 
+    @triton.constexpr_function
+    def _fp8_mbits(fp8_max):
+        """Mantissa bits of the fp8 format whose largest finite value is fp8_max."""
+        return {448.0: 3, 57344.0: 2}[float(fp8_max)]
+
+    @triton.constexpr_function
+    def _fp8_emin(fp8_max):
+        """Exponent of the fp8 format's smallest normal value, 2^emin (e4m3fn: -6, e5m2: -14)."""
+        return {448.0: -6, 57344.0: -14}[float(fp8_max)]
+
+    @triton.jit
+    def _round_to_fp8_grid(y, FP8_MAX: tl.constexpr):
+        """fp32 y with |y| <= FP8_MAX (or NaN) rounded to the nearest value of the fp8 format's grid
+        (ties to even), computed in fp32 / int32 so that the fp8 conversion that follows has
+        nothing left to round.
+
+        Why: the conversion itself is IEEE round-to-nearest-even on the GPU (cvt.rn.satfinite), but
+        Triton's interpreter converts with its own numpy routine, which is not (triton issue 8322:
+        no exponent carry, ties away from zero, truncated fp8 subnormals, NaN turned into a finite
+        code). Both convert a value that is already on the fp8 grid exactly, so rounding here gives
+        the same bits on the GPU and under the interpreter: torch's cast, bit for bit. It costs a
+        dozen integer / fp32 ALU ops per element in a kernel bound by memory bandwidth (measured on
+        sm_90: the cast kernels' registers unchanged, the rowwise kernel's 1-2 fewer; no spills).
+
+          * |y| >= 2^emin (fp8 normals): RNE on the fp32 bit pattern. Keeping the top MBITS of the
+            23 mantissa bits: add half an fp8 ulp minus one plus the lowest kept bit, then clear
+            the dropped bits. A mantissa that rounds up past all ones carries into the exponent
+            (127.9 -> 128 in e4m3); integer ops only, so FP fusion cannot touch it. Rounding is
+            monotone and FP8_MAX lies on the grid, so |y| <= FP8_MAX stays <= FP8_MAX (+-inf, which
+            the clamp already removed, would pass unchanged).
+          * |y| < 2^emin (fp8 subnormals): the quantum is fixed, 2^(emin - MBITS). Adding
+            C = 2^(emin - MBITS + 23) puts |y| + C in C's binade, whose fp32 ulp is that quantum: the
+            fp32 addition rounds to it (RNE), and subtracting C again is exact. An add and a
+            subtract, no product for an FMA to fuse with (the compile gate checks that both FADDs
+            are in the SASS).
+          * NaN: the fp32 NaN whose top MBITS mantissa bits are set (and the sign of y), i.e. the
+            fp8 NaN code 0x7F / 0xFF extended to fp32, which torch's cast also returns for any NaN
+            (the integer sum above may wrap for a NaN's bits; it is replaced).
+        """
+        MBITS: tl.constexpr = _fp8_mbits(FP8_MAX)
+        EMIN: tl.constexpr = _fp8_emin(FP8_MAX)
+        DROP: tl.constexpr = 23 - MBITS  # fp32 mantissa bits below the fp8 ulp
+        b = y.to(tl.int32, bitcast=True)
+        a = b & 0x7FFFFFFF  # |y|'s bits
+        sign = b ^ a
+        normal = (a + ((1 << (DROP - 1)) - 1) + ((a >> DROP) & 1)) & -(1 << DROP)
+        c = tl.cast(2.0 ** (EMIN - MBITS + 23), tl.float32)
+        sub = ((a.to(tl.float32, bitcast=True) + c) - c).to(tl.int32, bitcast=True)
+        r = tl.where(a < ((EMIN + 127) << 23), sub, normal)
+        r = tl.where(a > 0x7F800000, 0x7F800000 | (((1 << MBITS) - 1) << DROP), r)
+        return (r | sign).to(tl.float32, bitcast=True)
+
     @triton.jit
     def _quantize(x, scale, FP8_MAX: tl.constexpr, OUT_TY: tl.constexpr):
         """fp32 x / scale (IEEE division), saturated to +-FP8_MAX (NaN kept), rounded to OUT_TY.
         The clamp makes saturation explicit rather than relying on the conversion's overflow mode:
         Hopper's cvt.satfinite saturates, but torch's CPU cast (the reference's) saturates only
-        e4m3fn and overflows e5m2 to +-inf."""
+        e4m3fn and overflows e5m2 to +-inf. The rounding to the fp8 grid is done before the
+        conversion (`_round_to_fp8_grid`: the interpreter's own conversion is not IEEE RNE)."""
         y = tl.math.div_rn(x, scale)
         y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-        return y.to(OUT_TY)
+        return _round_to_fp8_grid(y, FP8_MAX).to(OUT_TY)
 
     @triton.jit
     def _amax_partial_kernel(X, PARTIAL, stride_x, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):

@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fp8_interp import check_q
 from nanofast import kernels, ops
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -133,9 +132,8 @@ def test_newton_schulz_and_its_prologue_defaults_match_torch(name):
 
 
 # ---- FP8: the defaults are e4m3, tensorwise, a bf16 GEMM output ------------------------------------
-# The interpreter's own fp32 -> fp8 conversion is not IEEE RNE (tests/test_fp8_quant.py): q is held
-# bitwise to that conversion of torch's pre-cast values, and to torch's cast wherever the two
-# conversions agree; the scales and amaxes are fp32 arithmetic and must agree bitwise.
+# Everything bitwise: the scales and amaxes are fp32 arithmetic done alike, and q is torch's cast
+# bit for bit (the kernels round to the fp8 grid before their conversion: tests/test_fp8_quant.py).
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 @pytest.mark.parametrize("name", DTYPES)
@@ -146,7 +144,8 @@ def test_quantize_fp8_defaults_match_the_torch_path(name, recipe):
     rq, rscale, rq_t, ramax = kernels.quantize_fp8(x, recipe=recipe, backend="torch")
     assert q.dtype == rq.dtype == torch.float8_e4m3fn and q_t is rq_t is None
     assert torch.equal(scale, rscale) and torch.equal(amax, ramax)
-    check_q(q, x, rscale, torch.float8_e4m3fn, f"{name} {recipe}")
+    assert q.shape == rq.shape and q.is_contiguous()
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), f"{name} {recipe}"
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
@@ -168,7 +167,8 @@ def rel_frobenius(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_fp8_linear_defaults_match_the_torch_path(name):
     """fp8_linear(x, w) as the model calls it, forward and backward, Triton against torch. The
     budgets are tests/test_fp8_linear.py's (relative Frobenius error; y 0.05, dx and dw 0.10 from
-    e4m3/e5m2 rounding) with its 4x for the interpreter's conversion, which halves ~2% of values."""
+    e4m3/e5m2 rounding); both backends quantise to the same fp8 codes, so what differs is the GEMMs'
+    fp32 summation order."""
     dtype = DTYPES[name]
     x = small(2, 9, 64, dtype=dtype).requires_grad_()
     w = (torch.randn(48, 64, generator=torch.Generator().manual_seed(5)) / 8).requires_grad_()
@@ -180,4 +180,4 @@ def test_fp8_linear_defaults_match_the_torch_path(name):
         results.append((out, dx, dw))
     for got, want, budget in zip(*results, (0.05, 0.10, 0.10)):
         assert got.dtype == want.dtype and got.shape == want.shape
-        assert rel_frobenius(got, want) <= 4 * budget
+        assert rel_frobenius(got, want) <= budget, rel_frobenius(got, want)

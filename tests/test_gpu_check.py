@@ -55,14 +55,22 @@ def test_the_dry_run_executes_and_passes_every_check(dry_run):
     assert results["engine_greedy_vs_generate"]["identical"] == results["engine_greedy_vs_generate"]["requests"]
 
 
-def test_the_dry_run_dispatch_table_feeds_the_dispatch_rule(dry_run):
+def test_the_dry_run_dispatch_table_feeds_the_dispatch_rule(dry_run, tmp_path, monkeypatch):
     table = dry_run["dispatch"]
+    written = tmp_path / "gpu_check.json"
+    written.write_text(json.dumps(dry_run))
+    monkeypatch.setenv(dispatch.TABLE_ENV, str(written))
+    dispatch.clear_cache()
+    try:
+        assert dispatch.table("gpu-X") == table  # the file gpu_check writes passes dispatch's validation
+    finally:
+        dispatch.clear_cache()
     assert set(table) == set(dispatch.OPS)
     for op, measured in table.items():
-        vendor, kernels, _ = dispatch.OPS[op]
-        assert set(measured) >= set(kernels), op
+        spec = dispatch.OPS[op]
+        assert set(measured) == set(spec.backends), op  # the vendor's time too: the rule compares with it
         assert all(v["ok"] and v["ms"] > 0 for v in measured.values()), op
-        assert dispatch.choose(op, measured) in (vendor, *kernels)
+        assert dispatch.choose(op, measured) in spec.backends
 
 
 def test_the_page_renders_a_record_and_says_when_there_is_none(dry_run, tmp_path):

@@ -294,7 +294,7 @@ class Engine:
             block_table=torch.tensor(table, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev),
-            num_decode=num_decode, chunks=chunks, context_lens=ctx_lens)
+            num_decode=num_decode, chunks=chunks, context_lens=ctx_lens, cos_sin_cache=self.model.cos_sin_cache())
         return batch, torch.tensor([idx], dtype=torch.long, device=dev)
 
     # ---- sampling and tokens ---------------------------------------------------------------

@@ -148,8 +148,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = Linear(config.n_embd, config.n_kv_head * config.head_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.ve_gate = Linear(VE_GATE_CHANNELS, config.n_kv_head) if has_value_embed(layer, config.n_layer) else None
-
-        self._qkv_cache: tuple | None = None  # (key, packed weight) of packed_qkv_weight
+        self._qkv_cache: tuple | None = None  # (weights, versions, packed weight): packed_qkv_weight
 
     def packed_qkv_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """c_q, c_k, c_v's weights stacked, ((Hq + 2 Hkv) D, n_embd) in `dtype`, for the engine's one
@@ -157,11 +156,14 @@ class CausalSelfAttention(nn.Module):
         such as an optimizer step or load_state_dict, which bumps its version counter) or the
         dtype asked for changes. Costs one more copy of the attention input weights in memory."""
         ws = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
-        key = (dtype, *((w.data_ptr(), w._version, w.dtype, w.device) for w in ws))
-        if self._qkv_cache is None or self._qkv_cache[0] != key:
+        versions = (dtype, *(w._version for w in ws))
+        cached = self._qkv_cache
+        # The key holds the weight tensors themselves (compared by identity, so a freed weight's
+        # address can never be mistaken for a new one) and their version counters.
+        if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], ws)):
             with torch.no_grad():
-                self._qkv_cache = (key, torch.cat([w.detach() for w in ws]).to(dtype))
-        return self._qkv_cache[1]
+                cached = self._qkv_cache = (ws, versions, torch.cat([w.detach() for w in ws]).to(dtype))
+        return cached[2]
 
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 window: int, kv=None) -> torch.Tensor:
@@ -271,12 +273,11 @@ class GPT(nn.Module):
         """The rotary tables side by side, (max_position, head_dim) = [cos | sin] per position, in the
         compute dtype (the dtype the model's own forward casts cos/sin to): the cos_sin_cache of
         kernels.qk_norm_rope_inplace. Built once, rebuilt if the tables are replaced or moved."""
-        key = (self.cos.data_ptr(), self.sin.data_ptr(), self.cos.device, self.compute_dtype)
-        cached = getattr(self, "_cos_sin", None)
-        if cached is None or cached[0] != key:
-            cached = (key, torch.cat([self.cos, self.sin], dim=-1).to(self.compute_dtype).contiguous())
-            self._cos_sin = cached
-        return cached[1]
+        cached = getattr(self, "_cos_sin", None)  # (cos, sin, dtype, table): tables compared by identity
+        if cached is None or cached[0] is not self.cos or cached[1] is not self.sin or cached[2] != self.compute_dtype:
+            table = torch.cat([self.cos, self.sin], dim=-1).to(self.compute_dtype).contiguous()
+            cached = self._cos_sin = (self.cos, self.sin, self.compute_dtype, table)
+        return cached[3]
 
     @torch.no_grad()
     def init_weights(self) -> None:

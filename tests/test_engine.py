@@ -154,6 +154,8 @@ def test_packed_qkv_weight_is_cached_and_follows_weight_updates():
     w2 = attn.packed_qkv_weight(torch.float32)
     assert w2 is not w and torch.equal(w2[attn.c_q.weight.size(0):][:attn.c_k.weight.size(0)], attn.c_k.weight)
     assert attn.packed_qkv_weight(torch.bfloat16).dtype == torch.bfloat16
+    attn.c_q.weight = torch.nn.Parameter(torch.zeros_like(attn.c_q.weight))  # a new tensor, version 0
+    assert torch.equal(attn.packed_qkv_weight(torch.float32)[:attn.c_q.weight.size(0)], attn.c_q.weight)
 
 
 def test_a_step_with_several_chunks_makes_one_prefill_call_per_layer(monkeypatch):

@@ -27,5 +27,5 @@ def paged_step_attention(batch: PagedBatch, layer: int, q: torch.Tensor, k: torc
     if batch.chunks:  # chunks follow the decode rows, back to back: one call for all of them
         parts.append(ops.paged_prefill_attention_batched(q[0, nd:], k_cache, v_cache, batch.block_table,
                                                          [(row, start - nd, n) for row, start, n in batch.chunks],
-                                                         batch.context_lens, window))
+                                                         batch.context_lens, window, batch.prefill_plan))
     return (parts[0] if len(parts) == 1 else torch.cat(parts))[None]

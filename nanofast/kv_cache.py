@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -155,3 +155,5 @@ class PagedBatch:
     # (max_position, D) [cos | sin] rotary tables in the compute dtype (GPT.cos_sin_cache): read by
     # the packed-qkv attention path (kernels.qk_norm_rope_inplace at `positions`); None without it.
     cos_sin_cache: torch.Tensor | None = None
+    # index tensors of the batched prefill, built by the first layer and reused by the others
+    prefill_plan: dict = field(default_factory=dict)

@@ -11,6 +11,8 @@ Layouts follow flash-attn: activations (B, T, H, D), so no transposes are needed
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -328,7 +330,7 @@ def _varlen_flash_attn(q: torch.Tensor):
 
 def paged_prefill_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                     block_table: torch.Tensor, chunks: list[tuple[int, int, int]],
-                                    context_lens: list[int], window: int) -> torch.Tensor:
+                                    context_lens: list[int], window: int, plan: dict | None = None) -> torch.Tensor:
     """Every chunk of an engine step (prefill, recompute, tool output) against its pages, in one call.
 
     q: (M, Hq, D), the chunks' queries back to back in `chunks` order (M = sum of their lengths);
@@ -344,44 +346,49 @@ def paged_prefill_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_ca
     is importable; otherwise one batched SDPA: every chunk's pages gathered at once into
     (S', L, Hkv, D) (L the longest context, rounded up to pages), queries padded to the longest
     chunk, one causal + window + length mask. Each chunk gets what paged_prefill_attention gives it
-    alone (masked keys and padded query rows add nothing to the kept rows).
+    alone up to rounding (masked keys and padded query rows add nothing to the kept rows, but SDPA's
+    CPU kernel may round differently with the longer key range: fp32 agrees to ~1e-7).
+    plan: a dict the caller keeps for one step (empty at first): the index tensors built from the
+    host lists are stored there by the first layer's call and reused by the others.
     """
-    rows = [r for r, _, _ in chunks]
+    if plan is None:
+        plan = {}
     lens = [n for _, _, n in chunks]
-    ctxs = [context_lens[r] for r in rows]
+    ctxs = [context_lens[r] for r, _, _ in chunks]
     dev = q.device
     P = k_cache.size(1)
     fa = _varlen_flash_attn(q)
     if fa is not None:
-        # Pack each chunk's context keys, one sequence after another (flash-attn's varlen layout).
-        slots = []
-        for r, c in zip(rows, ctxs):
-            pos = torch.arange(c, device=dev)
-            slots.append(block_table[r].long()[pos // P] * P + pos % P)
-        slots = torch.cat(slots)
-        k = k_cache.flatten(0, 1)[slots]
-        v = v_cache.flatten(0, 1)[slots]
-        cu_q = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
-        cu_k = torch.tensor([0, *torch.tensor(ctxs).cumsum(0).tolist()], dtype=torch.int32, device=dev)
-        out = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens), max(ctxs), causal=True,
+        if "slots" not in plan:
+            # Each chunk's context keys, one sequence after another (flash-attn's varlen layout).
+            pos = [torch.arange(c, device=dev) for c in ctxs]
+            plan["slots"] = torch.cat([block_table[r].long()[p // P] * P + p % P for (r, _, _), p in zip(chunks, pos)])
+            plan["cu"] = torch.tensor([[0, *itertools.accumulate(lens)], [0, *itertools.accumulate(ctxs)]],
+                                      dtype=torch.int32, device=dev)
+        k = k_cache.flatten(0, 1)[plan["slots"]]
+        v = v_cache.flatten(0, 1)[plan["slots"]]
+        out = fa.flash_attn_varlen_func(q, k, v, plan["cu"][0], plan["cu"][1], max(lens), max(ctxs), causal=True,
                                         window_size=(window, 0))
         return out[0] if isinstance(out, tuple) else out
     S, n_max, L = len(chunks), max(lens), -(-max(ctxs) // P) * P
-    n_t = torch.tensor(lens, device=dev)[:, None]
-    ctx_t = torch.tensor(ctxs, device=dev)[:, None]
-    start_t = torch.tensor([s for _, s, _ in chunks], device=dev)[:, None]
-    j = torch.arange(n_max, device=dev)[None, :]
-    jj = torch.minimum(j, n_t - 1)  # padded query rows repeat the chunk's last query (never all-masked)
-    qp = q[start_t + jj]  # (S, n_max, Hq, D)
-    pages = block_table[torch.tensor(rows, device=dev), :L // P].long()  # (S, L / P)
-    k = k_cache[pages].flatten(1, 2)  # (S, L, Hkv, D)
-    v = v_cache[pages].flatten(1, 2)
-    qi = (ctx_t - n_t + jj)[:, :, None]  # (S, n_max, 1) query positions
+    if "q_index" not in plan:  # host lists -> index tensors once per step, not once per layer
+        host = torch.tensor([[r, s, n, c] for (r, s, n), c in zip(chunks, ctxs)]).to(dev)
+        rows, start, n, ctx = (host[:, i:i + 1] for i in range(4))
+        j = torch.arange(n_max, device=dev)[None, :]
+        jj = torch.minimum(j, n - 1)  # padded query rows repeat the chunk's last query (never all-masked)
+        plan["q_index"] = start + jj  # (S, n_max) rows of q
+        plan["q_pos"] = (ctx - n + jj)[:, :, None]  # (S, n_max, 1) positions of those queries
+        plan["keep"] = (j < n).expand(S, n_max)  # the real (unpadded) query rows
+        plan["pages"] = block_table[rows[:, 0], :L // P].long()  # (S, L / P)
+    qp = q[plan["q_index"]]  # (S, n_max, Hq, D)
+    k = k_cache[plan["pages"]].flatten(1, 2)  # (S, L, Hkv, D)
+    v = v_cache[plan["pages"]].flatten(1, 2)
+    qi = plan["q_pos"]
     kj = torch.arange(L, device=dev)[None, None, :]
     mask = (kj <= qi) & (kj >= qi - window)  # kj <= qi < ctx: the length mask too
     y = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=mask[:, None], enable_gqa=q.size(1) != k.size(2))
-    return y.transpose(1, 2)[(j < n_t).expand(S, n_max)]  # (M, Hq, D), chunk rows in order
+    return y.transpose(1, 2)[plan["keep"]]  # (M, Hq, D), chunk rows in order
 
 
 def linear_softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,

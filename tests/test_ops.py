@@ -157,9 +157,11 @@ def test_batched_prefill_equals_the_per_chunk_path(window, hq, hkv):
     P = kc.size(1)
     want = torch.cat([ops.paged_prefill_attention(q[s:s + n], kc, vc, table[r, :-(-ctx[r] // P)].long(), ctx[r],
                                                   window) for r, s, n in chunks])
-    got = ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctx, window)
-    assert got.shape == want.shape == (q.size(0), hq, q.size(-1))
+    plan = {}  # what the engine keeps per step: the second layer's call reuses the first's index tensors
+    got = ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctx, window, plan)
+    assert got.shape == want.shape == (q.size(0), hq, q.size(-1)) and plan
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctx, window, plan), got)
 
 
 class _FakeVarlenFlashAttn:
@@ -198,8 +200,9 @@ def test_batched_prefill_packs_flash_attn_varlen_inputs(monkeypatch, window):
     P = kc.size(1)
     want = torch.cat([ops.paged_prefill_attention(q[s:s + n], kc, vc, table[r, :-(-ctx[r] // P)].long(), ctx[r],
                                                   window) for r, s, n in chunks])
-    got = ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctx, window)
-    assert fake.calls == 1
+    plan = {}
+    got = ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctx, window, plan)
+    assert fake.calls == 1 and set(plan) == {"slots", "cu"}
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -156,10 +156,11 @@ class CausalSelfAttention(nn.Module):
         such as an optimizer step or load_state_dict, which bumps its version counter) or the
         dtype asked for changes. Costs one more copy of the attention input weights in memory."""
         ws = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
-        versions = (dtype, *(w._version for w in ws))
+        versions = (dtype, *((w._version, w.data_ptr(), w.device) for w in ws))
         cached = self._qkv_cache
         # The key holds the weight tensors themselves (compared by identity, so a freed weight's
-        # address can never be mistaken for a new one) and their version counters.
+        # address can never be mistaken for a new one), their version counters, and their storage
+        # (model.to() swaps a parameter's data without a new object or a version bump).
         if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], ws)):
             with torch.no_grad():
                 cached = self._qkv_cache = (ws, versions, torch.cat([w.detach() for w in ws]).to(dtype))

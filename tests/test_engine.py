@@ -155,6 +155,9 @@ def test_packed_qkv_weight_is_cached_and_follows_weight_updates():
     assert w2 is not w and torch.equal(w2[attn.c_q.weight.size(0):][:attn.c_k.weight.size(0)], attn.c_k.weight)
     assert attn.packed_qkv_weight(torch.bfloat16).dtype == torch.bfloat16
     attn.c_q.weight = torch.nn.Parameter(torch.zeros_like(attn.c_q.weight))  # a new tensor, version 0
+    attn.packed_qkv_weight(torch.float32)
+    attn.c_v.weight.data = torch.ones_like(attn.c_v.weight)  # as Module.to does: same object, same version
+    assert torch.equal(attn.packed_qkv_weight(torch.float32)[-attn.c_v.weight.size(0):], attn.c_v.weight)
     assert torch.equal(attn.packed_qkv_weight(torch.float32)[:attn.c_q.weight.size(0)], attn.c_q.weight)
 
 

@@ -148,10 +148,30 @@ class CausalSelfAttention(nn.Module):
         self.c_v = Linear(config.n_embd, config.n_kv_head * config.head_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.ve_gate = Linear(VE_GATE_CHANNELS, config.n_kv_head) if has_value_embed(layer, config.n_layer) else None
+        self._qkv_cache: tuple | None = None  # (weights, versions, packed weight): packed_qkv_weight
+
+    def packed_qkv_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """c_q, c_k, c_v's weights stacked, ((Hq + 2 Hkv) D, n_embd) in `dtype`, for the engine's one
+        qkv GEMM. Cached; rebuilt when a weight changes (another tensor, or an in-place update
+        such as an optimizer step or load_state_dict, which bumps its version counter) or the
+        dtype asked for changes. Costs one more copy of the attention input weights in memory."""
+        ws = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
+        versions = (dtype, *((w._version, w.data_ptr(), w.device) for w in ws))
+        cached = self._qkv_cache
+        # The key holds the weight tensors themselves (compared by identity, so a freed weight's
+        # address can never be mistaken for a new one), their version counters, and their storage
+        # (model.to() swaps a parameter's data without a new object or a version bump).
+        if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], ws)):
+            with torch.no_grad():
+                cached = self._qkv_cache = (ws, versions, torch.cat([w.detach() for w in ws]).to(dtype))
+        return cached[2]
 
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 window: int, kv=None) -> torch.Tensor:
         B, T, _ = x.shape
+        if (kv is not None and kv.cos_sin_cache is not None and not torch.is_grad_enabled()
+                and ops.op_backend("qk_norm_rope", x) != "torch"):
+            return self._forward_packed(x, ve, window, kv)
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -162,6 +182,33 @@ class CausalSelfAttention(nn.Module):
         q, k = ops.qk_norm_rope(q, k, cos, sin, scale=QK_SCALE)
         y = ops.attention(q, k, v, window) if kv is None else paged_step_attention(kv, self.layer, q, k, v, window)
         return self.c_proj(y.reshape(B, T, -1))
+
+    def _forward_packed(self, x: torch.Tensor, ve: torch.Tensor | None, window: int, kv) -> torch.Tensor:
+        """The engine's attention when QK-norm+rotary runs on a kernel backend: one GEMM into a
+        packed qkv buffer (N, (Hq + 2 Hkv) D), the value embedding added into its v heads in place,
+        then kernels.qk_norm_rope_inplace normalises, rotates (at each token's own position, from
+        kv.cos_sin_cache) and scales the q and k heads in place, and the q, k, v views go to the
+        paged attention. The same maths as `forward`'s separate c_q/c_k/c_v + qk_norm_rope, which
+        on a kernel backend also normalises before rotating; only the GEMM's blocking may differ
+        (one N = (Hq + 2 Hkv) D GEMM instead of three). x: (1, N, n_embd) -> (1, N, n_embd)."""
+        _, N, _ = x.shape
+        Hq, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        precisions = {m.active_precision for m in (self.c_q, self.c_k, self.c_v)}
+        if len(precisions) == 1:
+            precision = precisions.pop()
+            w = self.packed_qkv_weight(x.dtype if precision is None else self.c_q.weight.dtype)
+            qkv = ops.linear(x[0], w, precision, self.c_q.recipe)
+        else:  # per-layer precisions differ: three GEMMs, packed afterwards
+            qkv = torch.cat([self.c_q(x[0]), self.c_k(x[0]), self.c_v(x[0])], dim=-1)
+        q = qkv[:, :Hq * D].view(N, Hq, D)
+        k = qkv[:, Hq * D:(Hq + Hkv) * D].view(N, Hkv, D)
+        v = qkv[:, (Hq + Hkv) * D:].view(N, Hkv, D)
+        if ve is not None:
+            gate = 3 * torch.sigmoid(self.ve_gate(x[0, :, :VE_GATE_CHANNELS]))
+            v.add_(gate.unsqueeze(-1) * ve[0].view(N, Hkv, D))
+        ops.qk_norm_rope_packed_(qkv, kv.positions, kv.cos_sin_cache, Hq, Hkv, scale=QK_SCALE)
+        y = paged_step_attention(kv, self.layer, q[None], k[None], v[None], window)
+        return self.c_proj(y.reshape(1, N, -1))
 
 
 class MLP(nn.Module):
@@ -181,8 +228,14 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, ve, cos, sin, window, kv=None):
-        x = x + self.attn(ops.norm(x), ve, cos, sin, window, kv)
-        return x + self.mlp(ops.norm(x))
+        # x = x + attn(norm(x)); x + mlp(norm(x)), with the second residual add fused into the norm
+        # that follows it (one kernel pass on a kernel backend; the plain add + F.rms_norm on torch).
+        # Exact: h = attn_out + x is the same IEEE add either way. The adds outside the block are
+        # not fused: resid_lambdas * x + x0_lambdas * x0 (GPT.forward) is a scaled combination,
+        # not an add a norm kernel takes, and the backout subtraction's result feeds the head's
+        # norm only after the engine's row selection.
+        y, x = ops.norm(self.attn(ops.norm(x), ve, cos, sin, window, kv), residual=x)
+        return x + self.mlp(y)
 
 
 class GPT(nn.Module):
@@ -216,6 +269,16 @@ class GPT(nn.Module):
         cos, sin = ops.rotary_tables(config.sequence_len * 10, config.head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+
+    def cos_sin_cache(self) -> torch.Tensor:
+        """The rotary tables side by side, (max_position, head_dim) = [cos | sin] per position, in the
+        compute dtype (the dtype the model's own forward casts cos/sin to): the cos_sin_cache of
+        kernels.qk_norm_rope_inplace. Built once, rebuilt if the tables are replaced or moved."""
+        cached = getattr(self, "_cos_sin", None)  # (cos, sin, dtype, table): tables compared by identity
+        if cached is None or cached[0] is not self.cos or cached[1] is not self.sin or cached[2] != self.compute_dtype:
+            table = torch.cat([self.cos, self.sin], dim=-1).to(self.compute_dtype).contiguous()
+            cached = self._cos_sin = (self.cos, self.sin, self.compute_dtype, table)
+        return cached[3]
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -11,6 +11,8 @@ Layouts follow flash-attn: activations (B, T, H, D), so no transposes are needed
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -101,12 +103,24 @@ def triton_backend(x: torch.Tensor, op: str = "linear_cross_entropy") -> str:
     return "triton" if backend == "cuda" else backend
 
 
-def norm(x: torch.Tensor) -> torch.Tensor:
-    """Parameter-free RMSNorm over the last dim (F.rms_norm's default eps), any leading shape and float dtype."""
+def norm(x: torch.Tensor, residual: torch.Tensor | None = None):
+    """Parameter-free RMSNorm over the last dim (F.rms_norm's default eps), any leading shape and float dtype.
+
+    residual: None -> returns y = rms_norm(x). A tensor of x's shape and dtype -> returns (y, h) with
+    h = x + residual (the new residual stream) and y = rms_norm(h): on a kernel backend one fused
+    pass (kernels.rms_norm(x, residual=...): h is x + residual rounded to x's dtype, exactly the
+    plain add; its autograd sends h's gradient to x and residual alike), on torch the plain
+    add then F.rms_norm, the same ops the unfused model runs.
+    """
     backend = op_backend("rms_norm", x)
     if backend == "torch":
-        return F.rms_norm(x, (x.size(-1),))
-    return kernels.rms_norm(x, backend=backend)
+        if residual is None:
+            return F.rms_norm(x, (x.size(-1),))
+        h = residual + x
+        return F.rms_norm(h, (h.size(-1),)), h
+    if residual is None:
+        return kernels.rms_norm(x, backend=backend)
+    return kernels.rms_norm(x, residual=residual, backend=backend)
 
 
 _PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -203,6 +217,22 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return q, k
 
 
+def qk_norm_rope_packed_(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, n_head: int,
+                         n_kv_head: int, scale: float = 1.0) -> None:
+    """qk_norm_rope of the inference engine, in place on a packed qkv buffer, on a kernel backend.
+
+    qkv: (N, (Hq + 2 Hkv) D) in the compute dtype, each row [q heads | k heads | v heads] of one
+    token, last dim contiguous; positions: (N,) int64, each token's position in its sequence;
+    cos_sin_cache: (max_position, D) with [cos | sin] halves per position (the model's rotary
+    tables side by side). The q and k heads become rotary(rms_norm(x)) * scale at their own
+    positions, as `qk_norm_rope` computes them on a kernel backend (normalise first, then rotate);
+    v is untouched. One launch of kernels.qk_norm_rope_inplace on the backend op_backend picks for
+    "qk_norm_rope"; callers use it only when that backend is a kernel (no autograd: inference).
+    """
+    backend = op_backend("qk_norm_rope", qkv)
+    kernels.qk_norm_rope_inplace(qkv, positions, cos_sin_cache, n_head, n_kv_head, scale=scale, backend=backend)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     """Causal attention with a left sliding window, default softmax scale 1/sqrt(D).
 
@@ -286,6 +316,79 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                        attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
     return y[0].transpose(0, 1)
+
+
+def _varlen_flash_attn(q: torch.Tensor):
+    """flash-attn's module whose flash_attn_varlen_func runs q (FA3 on Hopper, else FA2), or None:
+    CPU tensors, fp32, or flash-attn not installed."""
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if _fa3 is not None and torch.cuda.get_device_capability(q.device)[0] == 9:
+        return _fa3
+    return _fa2
+
+
+def paged_prefill_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                    block_table: torch.Tensor, chunks: list[tuple[int, int, int]],
+                                    context_lens: list[int], window: int, plan: dict | None = None) -> torch.Tensor:
+    """Every chunk of an engine step (prefill, recompute, tool output) against its pages, in one call.
+
+    q: (M, Hq, D), the chunks' queries back to back in `chunks` order (M = sum of their lengths);
+    k_cache, v_cache: (num_pages, page_size, Hkv, D) with the chunks' own K/V already written;
+    block_table: (S, max_pages) int32 page ids per sequence row (entries past a row's used pages
+    must be valid page ids: they are gathered, then masked); chunks: (sequence row, first row in
+    q, tokens n) per chunk; context_lens: host ints per sequence row, the length after this step.
+    Chunk c's queries sit at positions ctx - n .. ctx - 1 of its sequence and attend causally with
+    left window `window` to positions 0 .. ctx - 1. Returns (M, Hq, D) in q's dtype, rows as q's.
+
+    Runs on flash-attn's flash_attn_varlen_func (keys gathered per sequence and packed, cu_seqlens,
+    causal bottom-right aligned, window_size=(window, 0)) for fp16/bf16 CUDA tensors when flash-attn
+    is importable; otherwise one batched SDPA: every chunk's pages gathered at once into
+    (S', L, Hkv, D) (L the longest context, rounded up to pages), queries padded to the longest
+    chunk, one causal + window + length mask. Each chunk gets what paged_prefill_attention gives it
+    alone up to rounding (masked keys and padded query rows add nothing to the kept rows, but SDPA's
+    CPU kernel may round differently with the longer key range: fp32 agrees to ~1e-7).
+    plan: a dict the caller keeps for one step (empty at first): the index tensors built from the
+    host lists are stored there by the first layer's call and reused by the others.
+    """
+    if plan is None:
+        plan = {}
+    lens = [n for _, _, n in chunks]
+    ctxs = [context_lens[r] for r, _, _ in chunks]
+    dev = q.device
+    P = k_cache.size(1)
+    fa = _varlen_flash_attn(q)
+    if fa is not None:
+        if "slots" not in plan:
+            # Each chunk's context keys, one sequence after another (flash-attn's varlen layout).
+            pos = [torch.arange(c, device=dev) for c in ctxs]
+            plan["slots"] = torch.cat([block_table[r].long()[p // P] * P + p % P for (r, _, _), p in zip(chunks, pos)])
+            plan["cu"] = torch.tensor([[0, *itertools.accumulate(lens)], [0, *itertools.accumulate(ctxs)]],
+                                      dtype=torch.int32, device=dev)
+        k = k_cache.flatten(0, 1)[plan["slots"]]
+        v = v_cache.flatten(0, 1)[plan["slots"]]
+        out = fa.flash_attn_varlen_func(q, k, v, plan["cu"][0], plan["cu"][1], max(lens), max(ctxs), causal=True,
+                                        window_size=(window, 0))
+        return out[0] if isinstance(out, tuple) else out
+    S, n_max, L = len(chunks), max(lens), -(-max(ctxs) // P) * P
+    if "q_index" not in plan:  # host lists -> index tensors once per step, not once per layer
+        host = torch.tensor([[r, s, n, c] for (r, s, n), c in zip(chunks, ctxs)]).to(dev)
+        rows, start, n, ctx = (host[:, i:i + 1] for i in range(4))
+        j = torch.arange(n_max, device=dev)[None, :]
+        jj = torch.minimum(j, n - 1)  # padded query rows repeat the chunk's last query (never all-masked)
+        plan["q_index"] = start + jj  # (S, n_max) rows of q
+        plan["q_pos"] = (ctx - n + jj)[:, :, None]  # (S, n_max, 1) positions of those queries
+        plan["keep"] = (j < n).expand(S, n_max)  # the real (unpadded) query rows
+        plan["pages"] = block_table[rows[:, 0], :L // P].long()  # (S, L / P)
+    qp = q[plan["q_index"]]  # (S, n_max, Hq, D)
+    k = k_cache[plan["pages"]].flatten(1, 2)  # (S, L, Hkv, D)
+    v = v_cache[plan["pages"]].flatten(1, 2)
+    qi = plan["q_pos"]
+    kj = torch.arange(L, device=dev)[None, None, :]
+    mask = (kj <= qi) & (kj >= qi - window)  # kj <= qi < ctx: the length mask too
+    y = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask[:, None], enable_gqa=q.size(1) != k.size(2))
+    return y.transpose(1, 2)[plan["keep"]]  # (M, Hq, D), chunk rows in order
 
 
 def linear_softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,

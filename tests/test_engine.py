@@ -102,6 +102,81 @@ def test_kernel_backends_in_the_engine(backend):
     assert got == want
 
 
+def _counting(monkeypatch, obj, name):
+    """Replace obj.name with a wrapper that records each call's args; returns the list of calls."""
+    calls, real = [], getattr(obj, name)
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_in_place_qk_norm_rope_kernel_runs_on_the_kernel_path(monkeypatch, backend):
+    """With QK-norm+rotary on a kernel backend the engine's attention runs ONE packed qkv buffer
+    through kernels.qk_norm_rope_inplace per layer and step (not the separate q/k op); on the torch
+    path it never does."""
+    model = _model(2, [6, 48])
+    prompts = _prompts(seed=7)[:3]
+    want = _reference(model, prompts, 4)
+    inplace = _counting(monkeypatch, ops.kernels, "qk_norm_rope_inplace")
+    separate = _counting(monkeypatch, ops.kernels, "qk_norm_rope")
+    ops.set_kernel_backend(backend)
+    try:
+        engine = Engine(model, page_size=4, num_pages=40, max_batch_tokens=12)
+        got = engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0))
+    finally:
+        ops.set_kernel_backend(None)
+    assert got == want
+    if backend == "torch":
+        assert inplace == [] and separate == []
+        return
+    cfg = model.config
+    assert len(inplace) == engine.stats["steps"] * cfg.n_layer and separate == []
+    (qkv, positions, cache, hq, hkv), kwargs = inplace[0]
+    D = cfg.head_dim
+    assert qkv.shape[1] == (cfg.n_head + 2 * cfg.n_kv_head) * D and (hq, hkv) == (cfg.n_head, cfg.n_kv_head)
+    assert positions.shape == (qkv.shape[0],) and cache.shape == (model.cos.size(0), D)
+    assert kwargs["backend"] == backend and kwargs["scale"] == 1.2
+
+
+def test_packed_qkv_weight_is_cached_and_follows_weight_updates():
+    model = _model()
+    attn = model.transformer.h[0].attn
+    w = attn.packed_qkv_weight(torch.float32)
+    assert w is attn.packed_qkv_weight(torch.float32)  # cached
+    torch.testing.assert_close(w, torch.cat([attn.c_q.weight, attn.c_k.weight, attn.c_v.weight]), rtol=0, atol=0)
+    with torch.no_grad():
+        attn.c_k.weight.add_(1.0)  # an in-place update (optimizer step, load_state_dict)
+    w2 = attn.packed_qkv_weight(torch.float32)
+    assert w2 is not w and torch.equal(w2[attn.c_q.weight.size(0):][:attn.c_k.weight.size(0)], attn.c_k.weight)
+    assert attn.packed_qkv_weight(torch.bfloat16).dtype == torch.bfloat16
+    attn.c_q.weight = torch.nn.Parameter(torch.zeros_like(attn.c_q.weight))  # a new tensor, version 0
+    attn.packed_qkv_weight(torch.float32)
+    attn.c_v.weight.data = torch.ones_like(attn.c_v.weight)  # as Module.to does: same object, same version
+    assert torch.equal(attn.packed_qkv_weight(torch.float32)[-attn.c_v.weight.size(0):], attn.c_v.weight)
+    assert torch.equal(attn.packed_qkv_weight(torch.float32)[:attn.c_q.weight.size(0)], attn.c_q.weight)
+
+
+def test_a_step_with_several_chunks_makes_one_prefill_call_per_layer(monkeypatch):
+    model = _model(2, [5, 48])
+    prompts = _prompts(seed=8)[4:8]  # 17, 30, 9 and 11 tokens: several chunks per step
+    batched = _counting(monkeypatch, ops, "paged_prefill_attention_batched")
+    per_chunk = _counting(monkeypatch, ops, "paged_prefill_attention")
+    engine = Engine(model, page_size=4, num_pages=60, max_batch_tokens=64)
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_tokens=3, temperature=0.0))
+    engine.step()  # every prompt in one step: four chunks
+    assert len(batched) == model.config.n_layer and per_chunk == []
+    assert [len(args[4]) for args, _ in batched] == [len(prompts)] * model.config.n_layer
+    while engine.has_unfinished():
+        engine.step()
+    assert per_chunk == []
+
+
 def test_hash_collisions_cannot_return_wrong_text(monkeypatch):
     """With every page hashing alike, the token/parent verification must keep outputs exact."""
     monkeypatch.setattr(kv_cache, "page_key", lambda parent, tokens: b"same")

@@ -11,7 +11,6 @@ Layouts follow flash-attn: activations (B, T, H, D), so no transposes are needed
 """
 from __future__ import annotations
 
-import itertools
 
 import torch
 import torch.nn.functional as F
@@ -316,79 +315,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                        attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
     return y[0].transpose(0, 1)
-
-
-def _varlen_flash_attn(q: torch.Tensor):
-    """flash-attn's module whose flash_attn_varlen_func runs q (FA3 on Hopper, else FA2), or None:
-    CPU tensors, fp32, or flash-attn not installed."""
-    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
-        return None
-    if _fa3 is not None and torch.cuda.get_device_capability(q.device)[0] == 9:
-        return _fa3
-    return _fa2
-
-
-def paged_prefill_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                    block_table: torch.Tensor, chunks: list[tuple[int, int, int]],
-                                    context_lens: list[int], window: int, plan: dict | None = None) -> torch.Tensor:
-    """Every chunk of an engine step (prefill, recompute, tool output) against its pages, in one call.
-
-    q: (M, Hq, D), the chunks' queries back to back in `chunks` order (M = sum of their lengths);
-    k_cache, v_cache: (num_pages, page_size, Hkv, D) with the chunks' own K/V already written;
-    block_table: (S, max_pages) int32 page ids per sequence row (entries past a row's used pages
-    must be valid page ids: they are gathered, then masked); chunks: (sequence row, first row in
-    q, tokens n) per chunk; context_lens: host ints per sequence row, the length after this step.
-    Chunk c's queries sit at positions ctx - n .. ctx - 1 of its sequence and attend causally with
-    left window `window` to positions 0 .. ctx - 1. Returns (M, Hq, D) in q's dtype, rows as q's.
-
-    Runs on flash-attn's flash_attn_varlen_func (keys gathered per sequence and packed, cu_seqlens,
-    causal bottom-right aligned, window_size=(window, 0)) for fp16/bf16 CUDA tensors when flash-attn
-    is importable; otherwise one batched SDPA: every chunk's pages gathered at once into
-    (S', L, Hkv, D) (L the longest context, rounded up to pages), queries padded to the longest
-    chunk, one causal + window + length mask. Each chunk gets what paged_prefill_attention gives it
-    alone up to rounding (masked keys and padded query rows add nothing to the kept rows, but SDPA's
-    CPU kernel may round differently with the longer key range: fp32 agrees to ~1e-7).
-    plan: a dict the caller keeps for one step (empty at first): the index tensors built from the
-    host lists are stored there by the first layer's call and reused by the others.
-    """
-    if plan is None:
-        plan = {}
-    lens = [n for _, _, n in chunks]
-    ctxs = [context_lens[r] for r, _, _ in chunks]
-    dev = q.device
-    P = k_cache.size(1)
-    fa = _varlen_flash_attn(q)
-    if fa is not None:
-        if "slots" not in plan:
-            # Each chunk's context keys, one sequence after another (flash-attn's varlen layout).
-            pos = [torch.arange(c, device=dev) for c in ctxs]
-            plan["slots"] = torch.cat([block_table[r].long()[p // P] * P + p % P for (r, _, _), p in zip(chunks, pos)])
-            plan["cu"] = torch.tensor([[0, *itertools.accumulate(lens)], [0, *itertools.accumulate(ctxs)]],
-                                      dtype=torch.int32, device=dev)
-        k = k_cache.flatten(0, 1)[plan["slots"]]
-        v = v_cache.flatten(0, 1)[plan["slots"]]
-        out = fa.flash_attn_varlen_func(q, k, v, plan["cu"][0], plan["cu"][1], max(lens), max(ctxs), causal=True,
-                                        window_size=(window, 0))
-        return out[0] if isinstance(out, tuple) else out
-    S, n_max, L = len(chunks), max(lens), -(-max(ctxs) // P) * P
-    if "q_index" not in plan:  # host lists -> index tensors once per step, not once per layer
-        host = torch.tensor([[r, s, n, c] for (r, s, n), c in zip(chunks, ctxs)]).to(dev)
-        rows, start, n, ctx = (host[:, i:i + 1] for i in range(4))
-        j = torch.arange(n_max, device=dev)[None, :]
-        jj = torch.minimum(j, n - 1)  # padded query rows repeat the chunk's last query (never all-masked)
-        plan["q_index"] = start + jj  # (S, n_max) rows of q
-        plan["q_pos"] = (ctx - n + jj)[:, :, None]  # (S, n_max, 1) positions of those queries
-        plan["keep"] = (j < n).expand(S, n_max)  # the real (unpadded) query rows
-        plan["pages"] = block_table[rows[:, 0], :L // P].long()  # (S, L / P)
-    qp = q[plan["q_index"]]  # (S, n_max, Hq, D)
-    k = k_cache[plan["pages"]].flatten(1, 2)  # (S, L, Hkv, D)
-    v = v_cache[plan["pages"]].flatten(1, 2)
-    qi = plan["q_pos"]
-    kj = torch.arange(L, device=dev)[None, None, :]
-    mask = (kj <= qi) & (kj >= qi - window)  # kj <= qi < ctx: the length mask too
-    y = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask[:, None], enable_gqa=q.size(1) != k.size(2))
-    return y.transpose(1, 2)[plan["keep"]]  # (M, Hq, D), chunk rows in order
 
 
 def linear_softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,

@@ -41,6 +41,12 @@ pairs: e4m3 x e4m3, e4m3 x e5m2, e5m2 x e4m3; e5m2 x e5m2 is rejected, as `torch
 rejects it (cuBLASLt has no such kernel; the CPU build of torch 2.13 would accept it). Hopper's
 wgmma itself could do it, but a recipe that only works on one backend is a trap: gradients are e5m2
 on one side only.
+
+Tiles: FP8_GEMM_CONFIGS is the configuration space, a small tuple of named `TileConfig`s (tile
+shape, stages, warps, GROUP_M of the grouped program order) with the reason for each entry, every
+one compiled for sm_90 in both kernels by the compile gate (KERNEL_CONFIGS). `fp8_gemm(...,
+config=)` / `fp8_gemm_triton(..., config=)` run one entry; None keeps the default tiles of the shape
+class, since no GPU has measured any entry against another yet.
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ from torch import Tensor
 from .backend import resolve_backend, target_arch
 from .compile_gate import gate_signature
 from .launch import TL_DTYPE as _TL_DTYPE, sm_count
+from .tile_config import TileConfig, select_config
 
 try:  # triton is optional: backend="torch" / "scaled_mm" work without it
     import triton
@@ -60,7 +67,7 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
     tl = None
 
 __all__ = ["fp8_gemm", "fp8_gemm_reference", "fp8_gemm_scaled_mm", "fp8_gemm_triton", "tma_aligned", "FP8_DTYPES",
-           "OUT_DTYPES", "FP8_GEMM_BACKENDS", "KERNEL_CONFIGS"]
+           "OUT_DTYPES", "FP8_GEMM_BACKENDS", "KERNEL_CONFIGS", "FP8_GEMM_CONFIGS", "TileConfig"]
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -208,30 +215,110 @@ if triton is not None:
 # Launch meta-parameters (shared by the launcher and KERNEL_CONFIGS)
 # --------------------------------------------------------------------------------------------
 
+# The configuration space (`fp8_gemm_triton(config=)` picks an entry by name; both kernels, the
+# tiled one and the persistent TMA one, take every entry). The arithmetic, for sm_90:
+#   * fp8 wgmma is QGMMA.64xNx32: 4 warps (a warpgroup) per 64 rows, k32 per instruction, N <= 256;
+#     BLOCK_K = 128 fp8 bytes is one 128-byte swizzled shared-memory row and 4 k32 instructions;
+#   * shared memory per stage = (BLOCK_M + BLOCK_N) * BLOCK_K * 1 byte; the persistent kernel also
+#     stages the output tile for its TMA store: BLOCK_M * BLOCK_N * out bytes; 227 KB per CTA;
+#   * the fp32 accumulator is BLOCK_M * BLOCK_N / (32 * num_warps) registers per thread; the split
+#     accumulator (use_fast_accum=False) needs a second copy for each K step's partial sum, so twice
+#     that, of 255.
+# Measured numbers: the compile gate's (e4m3, rowwise, bf16 out unless said), as committed in
+# bench/baselines/kernel_facts.json. No GPU has timed any entry: the defaults are what they were.
+# Dropped: 128x256 with the split accumulator (2 x 128 acc registers: 255 registers and 168 B of
+# stack spilled, measured; at 16 warps the 128-register cap per thread spills too) -- the 128x256
+# entry is fast-accumulation only; 64x256x128 with 4 warps likewise (split: 232 B spilled).
+_FP8_DECODE = TileConfig(
+    "64x128x128-w4-s4-g8", 64, 128, 128, num_warps=4, num_stages=4, GROUP_M=8,
+    why="default for M <= 64 (decode): one m64 warpgroup, no MMA rows wasted on padding; "
+        "4 x (64 + 128) x 128 B = 96 KB (+ 32 KB fp32 epilogue, persistent); 64 acc registers/thread, "
+        "128 split (164 measured)")
+_FP8_DEFAULT = TileConfig(
+    "128x128x128-w8-s4-g8", 128, 128, 128, num_warps=8, num_stages=4, GROUP_M=8,
+    why="default for M > 64: two m64 warpgroups; 4 x (128 + 128) x 128 B = 128 KB (+ 64 KB fp32 "
+        "epilogue, persistent: 192 KB); 64 acc registers/thread, 128 split (160..173 measured)")
+_FP8_K64 = TileConfig(
+    "128x128x64-w8-s6-g8", 128, 128, 64, num_warps=8, num_stages=6, GROUP_M=8,
+    why="half-depth K steps, 6 in flight: 6 x (128 + 128) x 64 B = 96 KB; the split accumulator "
+        "promotes every 64 instead of 128 (2 k32 QGMMAs per promotion: more FADDs, shorter "
+        "reduced-precision chains; split: 151 registers measured)")
+_FP8_WIDE = TileConfig(
+    "128x256x128-w8-s3-g8", 128, 256, 128, num_warps=8, num_stages=3, GROUP_M=8, fast_accum_only=True,
+    persistent_out_bytes=2,
+    why="the largest tile, use_fast_accum=True only: 128x256 needs 8 warps (two m64n256 warpgroups), "
+        "128 acc registers/thread (189 measured); 3 x (128 + 256) x 128 B = 144 KB, + 64 KB bf16 "
+        "epilogue when persistent = 208 KB (209 KB measured; fp32 out: + 128 KB = 272 KB > 227 KB, refused)")
+_FP8_ROW_MAJOR = TileConfig(
+    "128x128x128-w8-s4-g1", 128, 128, 128, num_warps=8, num_stages=4, GROUP_M=1,
+    why="the default tile in plain row-major program order (GROUP_M = 1): what the grouped order's "
+        "L2-reuse claim has to be measured against (split: 160 registers measured)")
+FP8_GEMM_CONFIGS: tuple[TileConfig, ...] = (_FP8_DECODE, _FP8_DEFAULT, _FP8_K64, _FP8_WIDE, _FP8_ROW_MAJOR)
+
 _SMALL_M = 64
+
+
+def _config_meta(cfg: TileConfig) -> dict:
+    return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _meta(m: int, n: int, k: int, arch: int = 90) -> dict:
     """Tile configuration for an (m, n, k) GEMM on sm_`arch`; fixed per shape class, no autotuning.
 
-    sm_90: BLOCK_K = 128 fp8 bytes is one 128-byte swizzled shared-memory row and four k32 wgmmas
-    per stage. Large M (nanochat's B*T = 2^15 .. 2^19): 128x128 tiles over 8 warps (two m64
-    warpgroups), 4 stages of 16 + 16 KB = 128 KB of shared memory; 128x256 would double the
-    accumulator to 128 fp32 registers per thread, which the split accumulator's second copy cannot
-    afford. Small M (decode, M <= 64): one m64 warpgroup, so no MMA rows are wasted on padding.
+    sm_90: `_FP8_DECODE` for M <= 64 (decode), else `_FP8_DEFAULT` (see FP8_GEMM_CONFIGS for the
+    arithmetic); 128x256 would double the accumulator to 128 fp32 registers per thread, which the
+    split accumulator's second copy cannot afford (it spills: compile gate).
     """
     if arch >= 90:
-        if m <= _SMALL_M:
-            meta = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
-        else:
-            meta = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4)
-    else:
-        # Ada (sm_89 mma.sync e4m3) has ~100 KB of shared memory per SM: 3 stages of 64-deep tiles.
-        # Not compile-gated; correctness only.
-        meta = dict(BLOCK_M=64 if m <= _SMALL_M else 128, BLOCK_N=128, BLOCK_K=64, num_warps=4 if m <= _SMALL_M else 8,
-                    num_stages=3)
-    meta["GROUP_M"] = 8
-    return meta
+        return _config_meta(_FP8_DECODE if m <= _SMALL_M else _FP8_DEFAULT)
+    # Ada (sm_89 mma.sync e4m3) has ~100 KB of shared memory per SM: 3 stages of 64-deep tiles.
+    # Not compile-gated; correctness only.
+    return dict(BLOCK_M=64 if m <= _SMALL_M else 128, BLOCK_N=128, BLOCK_K=64, num_warps=4 if m <= _SMALL_M else 8,
+                num_stages=3, GROUP_M=8)
+
+
+_META_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+
+def _check_meta(meta: object) -> dict:
+    """A caller's `meta` dict, validated (ValueError naming meta); NUM_SMS is optional."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta must be a dict of {list(_META_KEYS)} (and optionally NUM_SMS), got "
+                         f"{type(meta).__name__}")
+    missing = [key for key in _META_KEYS if key not in meta]
+    unknown = sorted(set(meta) - set(_META_KEYS) - {"NUM_SMS"})
+    if missing or unknown:
+        raise ValueError(f"meta must have the keys {list(_META_KEYS)} (and optionally NUM_SMS); missing {missing}, "
+                         f"unknown {unknown}")
+    if meta["BLOCK_K"] < 16 or meta["BLOCK_M"] < 16 or meta["BLOCK_N"] < 16:
+        raise ValueError(f"meta tiles must be >= 16 (tl.dot's minimum), got {meta}")
+    for key in _META_KEYS:
+        v = meta[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1 or (key != "num_stages" and key != "GROUP_M"
+                                                                       and v & (v - 1)):
+            raise ValueError(f"meta[{key!r}] must be a positive int (a power of two for tiles and warps), got {v!r}")
+    return dict(meta)
+
+
+def _config_for(config: object, a: Tensor, out_dtype: torch.dtype, use_fast_accum: bool, persistent: bool) -> dict:
+    """The launch meta of space entry `config` for this call; ValueError naming config when the entry
+    was not compile-gated for it (a GPU older than sm_90, split accumulation, a too-wide output)."""
+    cfg = select_config(config, FP8_GEMM_CONFIGS, "config", "fp8_gemm_triton")
+    if target_arch(a) < 90:
+        raise ValueError(f"config={cfg.name!r} is compiled for sm_90; this GPU is sm_{target_arch(a)} "
+                         "(use the default tiles, or meta=)")
+    if cfg.fast_accum_only and not use_fast_accum:
+        raise ValueError(f"config={cfg.name!r} needs use_fast_accum=True: with the split accumulator its "
+                         f"{cfg.BLOCK_M}x{cfg.BLOCK_N} tile holds two fp32 accumulators, "
+                         f"{2 * cfg.acc_registers()} registers per thread, and spills (compile gate)")
+    if persistent and out_dtype.itemsize > cfg.persistent_out_bytes:
+        raise ValueError(f"config={cfg.name!r} with persistent=True takes outputs of at most "
+                         f"{cfg.persistent_out_bytes} bytes, got {out_dtype}: the {cfg.BLOCK_M}x{cfg.BLOCK_N} TMA "
+                         f"epilogue tile ({cfg.BLOCK_M * cfg.BLOCK_N * out_dtype.itemsize // 1024} KB) and "
+                         f"{cfg.num_stages} load stages ({cfg.num_stages * cfg.stage_bytes(1) // 1024} KB) exceed "
+                         "227 KB of shared memory")
+    return _config_meta(cfg)
 
 
 def _num_sms(x: Tensor) -> int:
@@ -361,12 +448,17 @@ def fp8_gemm_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *
 def fp8_gemm_triton(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *,
                     out_dtype: torch.dtype = torch.bfloat16, bias: Tensor | None = None,
                     use_fast_accum: bool = False, meta: dict | None = None, out: Tensor | None = None,
-                    persistent: bool = False) -> Tensor:
+                    persistent: bool = False, config: str | TileConfig | None = None) -> Tensor:
     """The Triton kernel. Arguments as `fp8_gemm`, plus:
 
-    meta: tile override (BLOCK_M, BLOCK_N, BLOCK_K >= 16, GROUP_M, num_warps, num_stages, and
-        NUM_SMS for the persistent kernel); tests use small tiles so that small shapes have several
-        tiles, edge tiles and multi-step K loops.
+    config: one entry of FP8_GEMM_CONFIGS, by name (e.g. "128x128x64-w8-s6-g8") or the TileConfig;
+        None: the default tiles of the shape class (`_meta`). No GPU has measured one entry against
+        another, so the default stays what it was. Entries are compile-gated for sm_90; one marked
+        fast_accum_only needs use_fast_accum=True, and persistent=True needs an output no wider than
+        its persistent_out_bytes: anything else raises ValueError naming config.
+    meta: raw tile override instead of config (BLOCK_M, BLOCK_N, BLOCK_K >= 16, GROUP_M, num_warps,
+        num_stages, and NUM_SMS for the persistent kernel); tests use small tiles so that small
+        shapes have several tiles, edge tiles and multi-step K loops.
     out: optional (M, N) out_dtype destination with unit column stride (any row stride, e.g. a view
         into a larger buffer); written in place and returned.
     persistent: the persistent TMA kernel (`_fp8_gemm_persistent_kernel`). TMA reads and writes
@@ -384,11 +476,15 @@ def fp8_gemm_triton(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *,
     elif (not isinstance(out, Tensor) or tuple(out.shape) != (m, n) or out.dtype != out_dtype
           or out.device != a.device or (out.stride(1) != 1 and n > 1)):
         raise ValueError(f"out must be an ({m}, {n}) {out_dtype} tensor on {a.device} with unit column stride")
+    if config is not None:
+        if meta is not None:
+            raise ValueError("fp8_gemm_triton: pass config= or meta=, not both")
+        meta = _config_for(config, a, out_dtype, use_fast_accum, persistent)
+    elif meta is not None:
+        meta = _check_meta(meta)
     if m == 0 or n == 0:
         return out
     meta = dict(meta or _meta(m, n, k, target_arch(a)))
-    if meta["BLOCK_K"] < 16 or meta["BLOCK_M"] < 16 or meta["BLOCK_N"] < 16:
-        raise ValueError(f"meta tiles must be >= 16 (tl.dot's minimum), got {meta}")
     sa = scale_a.reshape(-1).contiguous() if rowwise_a else scale_a.reshape(())
     sb = scale_b.reshape(-1).contiguous() if rowwise_b else scale_b.reshape(())
     if persistent and k > 0:  # K = 0 (an empty sum: bias or zeros) has no TMA box to load
@@ -417,7 +513,8 @@ def fp8_gemm_triton(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *,
 
 
 def fp8_gemm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *, out_dtype: torch.dtype = torch.bfloat16,
-             bias: Tensor | None = None, use_fast_accum: bool = False, backend: str | None = None) -> Tensor:
+             bias: Tensor | None = None, use_fast_accum: bool = False, backend: str | None = None,
+             config: str | None = None) -> Tensor:
     """out = (a.float() * scale_a) @ (b.float() * scale_b).T (+ bias), fp32 accumulation, rounded once.
 
     Args:
@@ -434,21 +531,28 @@ def fp8_gemm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *, out_dtyp
             less accurate on Hopper; the forward pass only). See the module docstring.
         backend: "torch", "triton", "triton_persistent", "scaled_mm" or None (triton on CUDA,
             torch on CPU).
+        config: the Triton kernels' tiles, a name from FP8_GEMM_CONFIGS (see `fp8_gemm_triton`), or
+            None for the default; only with a Triton backend (ValueError otherwise).
     Returns:
         (M, N) tensor in out_dtype, contiguous, on a's device.
     """
     if backend is not None and backend not in FP8_GEMM_BACKENDS:
         raise ValueError(f"backend must be one of {FP8_GEMM_BACKENDS} or None, got {backend!r}")
     kwargs = dict(out_dtype=out_dtype, bias=bias, use_fast_accum=use_fast_accum)
+    if config is not None and backend in ("torch", "scaled_mm"):
+        raise ValueError(f"config={config!r} picks the Triton kernels' tiles; backend={backend!r} has none")
     if backend == "scaled_mm":
         return fp8_gemm_scaled_mm(a, b, scale_a, scale_b, **kwargs)
     if not isinstance(a, Tensor):
         raise TypeError(f"a must be a tensor, got {type(a).__name__}")
     if backend == "triton_persistent":
         resolve_backend("triton", a)  # on CPU: a clear error unless the interpreter is on
-        return fp8_gemm_triton(a, b, scale_a, scale_b, persistent=True, **kwargs)
+        return fp8_gemm_triton(a, b, scale_a, scale_b, persistent=True, config=config, **kwargs)
     if resolve_backend(backend, a) == "triton":
-        return fp8_gemm_triton(a, b, scale_a, scale_b, **kwargs)
+        return fp8_gemm_triton(a, b, scale_a, scale_b, config=config, **kwargs)
+    if config is not None:
+        raise ValueError(f"config={config!r} picks the Triton kernels' tiles, but backend resolved to 'torch' "
+                         "(pass backend='triton' or 'triton_persistent')")
     return fp8_gemm_reference(a, b, scale_a, scale_b, **kwargs)
 
 
@@ -457,8 +561,10 @@ def fp8_gemm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *, out_dtyp
 # --------------------------------------------------------------------------------------------
 
 def _config(m: int, n: int, k: int, a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.dtype,
-            rowwise: bool, fast_accum: bool, bias: bool = False, persistent: bool = False) -> dict:
-    meta = _meta(m, n, k, 90)
+            rowwise: bool, fast_accum: bool, bias: bool = False, persistent: bool = False,
+            cfg: TileConfig | None = None) -> dict:
+    """compile_triton kwargs of one launch: the default tiles of (m, n, k), or entry `cfg`."""
+    meta = _meta(m, n, k, 90) if cfg is None else _config_meta(cfg)
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
     a_t, b_t, c_t = _TL_DTYPE[a_dtype], _TL_DTYPE[b_dtype], _TL_DTYPE[out_dtype]
     const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=meta["GROUP_M"])
@@ -478,7 +584,8 @@ def _config(m: int, n: int, k: int, a_dtype: torch.dtype, b_dtype: torch.dtype, 
     fn = _fp8_gemm_persistent_kernel if persistent else _fp8_gemm_kernel
     sig = gate_signature(fn, const, c_t, {**types, "SA": "*fp32", "SB": "*fp32"})
     label = (f"{a_t}x{b_t}->{c_t} m={m} n={n} k={k} {'rowwise' if rowwise else 'tensorwise'} "
-             f"{'fast' if fast_accum else 'split'}{' bias' if bias else ''} BLOCK={bm}x{bn}x{bk} "
+             f"{'fast' if fast_accum else 'split'}{' bias' if bias else ''}"
+             f"{'' if cfg is None else ' config=' + cfg.name} BLOCK={bm}x{bn}x{bk} "
              f"warps={meta['num_warps']} stages={meta['num_stages']}{' persistent' if persistent else ''}")
     return dict(fn=fn, signature=sig, constexprs=const, aligned=aligned, num_warps=meta["num_warps"],
                 num_stages=meta["num_stages"], config=label)
@@ -489,7 +596,7 @@ def _kernel_configs() -> list[dict]:
         return []
     e4, e5, bf16, f32 = torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float32
     big, small = 65536, 32  # B*T rows of a training step; a decode-sized M
-    return [
+    out = [
         # forward (e4m3 x e4m3 -> bf16), tensorwise and rowwise, fast and split accumulation
         _config(big, 1280, 1280, e4, e4, bf16, rowwise=False, fast_accum=True),
         _config(big, 1280, 1280, e4, e4, bf16, rowwise=False, fast_accum=False),
@@ -508,9 +615,35 @@ def _kernel_configs() -> list[dict]:
         _config(1280, 5120, big, e5, e4, f32, rowwise=False, fast_accum=False, persistent=True),
         _config(small, 65536, 1280, e4, e4, bf16, rowwise=True, fast_accum=True, persistent=True),
     ]
+    return out + _space_configs(out)
+
+
+def _space_configs(done: list[dict]) -> list[dict]:
+    """Every entry of FP8_GEMM_CONFIGS in both kernels, in its most demanding allowed use (the split
+    accumulator unless fast-only; persistent: the widest output it takes), unless `done` already
+    compiles that (kernel, tiles, accumulation, output dtype)."""
+    e4, bf16, f32 = torch.float8_e4m3fn, torch.bfloat16, torch.float32
+
+    def key(c: dict) -> tuple:
+        k = c["constexprs"]
+        out_t = c["signature"]["c_desc" if "c_desc" in c["signature"] else "C"]
+        return (c["fn"], k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], k["GROUP_M"], c["num_warps"], c["num_stages"],
+                k["FAST_ACCUM"], "fp32" in out_t)
+
+    seen = {key(c) for c in done}
+    out = []
+    for cfg in FP8_GEMM_CONFIGS:
+        for persistent in (False, True):
+            out_dtype = f32 if persistent and cfg.persistent_out_bytes >= 4 else bf16
+            m = 32 if cfg.BLOCK_M == 64 else 65536  # the label's shape class (M is a runtime argument)
+            c = _config(m, 5120, 1280, e4, e4, out_dtype, rowwise=True, fast_accum=cfg.fast_accum_only,
+                        persistent=persistent, cfg=cfg)
+            if key(c) not in seen:
+                out.append(c)
+    return out
 
 
 KERNEL_CONFIGS: list[dict] = _kernel_configs()
-"""Keyword arguments of `compile_gate.compile_triton`, built from the launcher's `_meta`, so
-`compile_triton(**cfg, arch=90)` compiles exactly what an H100 launches. Compile them in a process
-without TRITON_INTERPRET=1 (see `compile_gate.configs_facts`)."""
+"""Keyword arguments of `compile_gate.compile_triton`, built from the launcher's `_meta` and from
+every entry of FP8_GEMM_CONFIGS, so `compile_triton(**cfg, arch=90)` compiles exactly what an H100
+launches. Compile them in a process without TRITON_INTERPRET=1 (see `compile_gate.configs_facts`)."""

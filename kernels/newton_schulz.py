@@ -169,25 +169,34 @@ def newton_schulz(
     dtype: torch.dtype | None = None,
     backend: str | None = None,
     normalized: bool = False,
+    config: str | None = None,
 ) -> Tensor:
     """Orthogonalise each (m, n) matrix of G (..., m, n); see `newton_schulz_reference`.
 
     backend: "torch" (the reference), "triton" (batched Triton kernels, `newton_schulz_triton`;
     iteration dtype float16 / bfloat16 / float32, default bf16 on CUDA and fp32 on CPU) or None
     (Triton on CUDA tensors, torch on CPU). There is no CUDA-source version: "cuda" raises.
+    config: the Triton kernels' tiles, a name from `newton_schulz_triton.NS_ITERATION_CONFIGS`
+    (e.g. "128x128x64-w8-s3"; bf16 / fp16 iteration only), or None for the default of the shape
+    class. No GPU has measured one entry against another; the default is what ran before the space
+    existed. A config with the torch backend raises ValueError.
     Returns a (..., m, n) tensor in G's dtype whose singular values are pulled towards 1 while the
     singular vectors of G are kept. Raises TypeError/ValueError naming G, steps, coefficients,
-    dtype or backend on bad input.
+    dtype, backend or config on bad input.
     """
     _check_input(G)
     backend = resolve_backend(backend, G)
+    if config is not None and backend != "triton":
+        raise ValueError(f"config={config!r} picks the Triton kernels' tiles, but backend resolved to {backend!r} "
+                         "(pass backend='triton')")
     if backend == "torch":
         return newton_schulz_reference(G, steps=steps, coefficients=coefficients, eps=eps, dtype=dtype,
                                        normalized=normalized)
     if backend == "cuda":
         raise ValueError("backend='cuda' is not available for newton_schulz (no CUDA-source kernel exists); "
                          "use backend='triton' or 'torch'")
-    from .newton_schulz_triton import TRITON_DTYPES, newton_schulz_iterate_op
+    from .newton_schulz_triton import _GATED_DTYPES, NS_ITERATION_CONFIGS, TRITON_DTYPES, newton_schulz_iterate_op
+    from .tile_config import select_config
 
     if dtype is None:
         # fp64 inputs on CPU would default to an fp64 iteration, which the kernels do not run.
@@ -195,8 +204,14 @@ def newton_schulz(
         dtype = dtype if dtype in TRITON_DTYPES else torch.float32
     elif dtype not in TRITON_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32 for backend='triton', got {dtype!r}")
+    if config is not None:
+        # Checked before any work: a name of the space (the op takes the name) and a gated dtype.
+        config = select_config(config, NS_ITERATION_CONFIGS, "config", "newton_schulz (square tiles)").name
+        if dtype not in _GATED_DTYPES:
+            raise ValueError(f"config={config!r} is compile-gated for bfloat16 / float16 iterations only, got "
+                             f"dtype={dtype}")
     X, coeffs, tall = _prepare(G, steps, coefficients, eps, dtype, normalized)
-    return _finish(newton_schulz_iterate_op(X, [v for abc in coeffs for v in abc]), G, tall)
+    return _finish(newton_schulz_iterate_op(X, [v for abc in coeffs for v in abc], config), G, tall)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,11 +15,17 @@ upper half), so the outputs are *bitwise* symmetric whatever order the MMA hardw
 keeps B = bA + cA^2 exactly symmetric too, as the maths assumes.
 
 Supported: fp16 / bf16 / fp32 (fp32 dots run in IEEE fp32, not TF32, to match torch's fp32
-matmul); tile sizes are fixed per shape class by `_meta` (no start-up autotuning).
+matmul); by default the tiles are fixed per shape class by `_meta` (no start-up autotuning).
+
+Configuration spaces: NS_GRAM_CONFIGS, NS_POLY_CONFIGS (square tiles: the symmetric store mirrors
+each tile) and NS_UPDATE_CONFIGS (also 64x128 and 128x256 tiles), each a small tuple of named
+`TileConfig`s with the reason for each entry, all compiled for sm_90 by the compile gate
+(KERNEL_CONFIGS). Every launcher takes `config=` (a name of its space) to run one entry; the default
+(None) stays the shape class's tiles: no GPU has measured any entry against another yet.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -27,6 +33,7 @@ from torch import Tensor
 from .backend import target_arch
 from .compile_gate import gate_signature
 from .launch import TL_DTYPE as _TL_DTYPE
+from .tile_config import TileConfig, select_config
 
 try:  # triton is optional: backend="torch" works without it
     import triton
@@ -36,7 +43,9 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
     tl = None
 
 __all__ = ["newton_schulz_triton", "newton_schulz_iterate_op", "ns_gram_triton", "ns_poly_triton", "ns_update_triton",
-           "nesterov_rows_triton", "scale_rows_triton", "KERNEL_CONFIGS", "PROLOGUE_CONFIGS", "TRITON_DTYPES"]
+           "nesterov_rows_triton", "scale_rows_triton", "KERNEL_CONFIGS", "PROLOGUE_CONFIGS", "TRITON_DTYPES",
+           "NS_CONFIGS", "NS_GRAM_CONFIGS", "NS_POLY_CONFIGS", "NS_UPDATE_CONFIGS", "NS_ITERATION_CONFIGS",
+           "TileConfig"]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -109,11 +118,11 @@ if triton is not None:
 
     @triton.jit
     def _ns_tile_matmul(L, stride_l, R, stride_r, rows, cols, M, K, N,
-                        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-        """fp32 (BLOCK, BLOCK) tile of L @ R at `rows` x `cols`: L (M, K), R (K, N), both with unit
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        """fp32 (BLOCK_M, BLOCK_N) tile of L @ R at `rows` x `cols`: L (M, K), R (K, N), both with unit
         column strides. Zero-filled masked loads: padding contributes exactly 0 to every dot."""
         ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + ks
             a = tl.load(L + rows[:, None] * stride_l + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K),
@@ -133,7 +142,7 @@ if triton is not None:
         ab = A + pid_b.to(tl.int64) * stride_ab
         rows = pid_m * BLOCK + tl.arange(0, BLOCK)
         cols = pid_n * BLOCK + tl.arange(0, BLOCK)
-        acc = _ns_tile_matmul(ab, stride_am, ab, stride_am, rows, cols, M, M, M, BLOCK, BLOCK_K, PRECISION)
+        acc = _ns_tile_matmul(ab, stride_am, ab, stride_am, rows, cols, M, M, M, BLOCK, BLOCK, BLOCK_K, PRECISION)
         # Fused epilogue in fp32: one rounding of b*A + c*A^2 instead of rounding A^2 first.
         # tl.cast: scalars arrive as Python floats interpreted and fp32 compiled; compute in fp32.
         mask = (rows[:, None] < M) & (cols[None, :] < M)
@@ -143,17 +152,19 @@ if triton is not None:
 
     @triton.jit
     def _ns_update_kernel(X, B, Y, M, N, stride_xb, stride_xm, stride_bb, stride_bm, stride_yb, stride_ym, coef_a,
-                          BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PRECISION: tl.constexpr):
         """Y[b] = coef_a * X[b] + B[b] @ X[b]. X, Y: (batch, M, N), B: (batch, M, M), unit column
-        strides; Y must not alias X (other programs still read X). Grid (batch, M tiles, N tiles)."""
+        strides; Y must not alias X (other programs still read X). Grid (batch, M tiles, N tiles).
+        Not symmetric, so the tile may be rectangular (BLOCK_M x BLOCK_N)."""
         pid_b = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_n = tl.program_id(2)
         xb = X + pid_b.to(tl.int64) * stride_xb
         bb = B + pid_b.to(tl.int64) * stride_bb
-        rows = pid_m * BLOCK + tl.arange(0, BLOCK)
-        cols = pid_n * BLOCK + tl.arange(0, BLOCK)
-        acc = _ns_tile_matmul(bb, stride_bm, xb, stride_xm, rows, cols, M, M, N, BLOCK, BLOCK_K, PRECISION)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _ns_tile_matmul(bb, stride_bm, xb, stride_xm, rows, cols, M, M, N, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
         x_tile = tl.load(xb + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         acc = tl.cast(coef_a, tl.float32) * x_tile + acc
@@ -203,30 +214,151 @@ if triton is not None:
 
 
 # --------------------------------------------------------------------------------------------
-# Launch meta-parameters (shared by the launchers and KERNEL_CONFIGS)
+# Configuration spaces and launch meta-parameters (shared by the launchers and KERNEL_CONFIGS)
 # --------------------------------------------------------------------------------------------
 
-# Shape classes. nanochat's Gram sides (m = 768 .. 1664) give only 6..13 row tiles of 128, i.e.
-# 21..91 upper-triangle CTAs per matrix for 132 SMs: 64-wide tiles (4 warps, one m64 warpgroup MMA)
-# quadruple the CTA count. At m = 4096, 128-wide tiles (8 warps) halve the operand traffic per
-# FLOP and still give 528 CTAs. 4 stages of 64x64 + 64x64 16-bit operands are 64 KB of shared
-# memory, 3 stages of 128x64 + 64x128 are 96 KB: both leave room for the transposed-store buffer.
+# Each entry is written for, and config= accepts only, 16-bit operands (bf16 / fp16, the Hopper
+# HGMMA path). The default for fp32 operands (IEEE fp32 dots, not tensor cores) is the default
+# entry's tiles with HALF the K depth, so that a stage holds the same bytes (what _meta always did).
+# The arithmetic behind every entry, for sm_90:
+#   * a Hopper warpgroup MMA (wgmma) is 4 warps over 64 rows (m64): 64-row tiles take 4 warps, 128-row
+#     tiles 8 (two m64 warpgroups), and the N side of one wgmma goes up to 256;
+#   * shared memory per stage = (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes; an H100 SM has 228 KB, at
+#     most 227 KB per CTA; the symmetric kernels' transposed store reuses that buffer (compile gate);
+#   * the fp32 accumulator is BLOCK_M * BLOCK_N / (32 * num_warps) registers per thread, of 255.
+# Measured numbers (registers, shared bytes, bf16, sm_90) are the compile gate's, as committed in
+# bench/baselines/kernel_facts.json. Which entry is fastest on which shape is for a GPU to measure;
+# none has been measured, so the defaults stay what they were before the spaces existed.
+_NS_64 = TileConfig(
+    "64x64x64-w4-s4", 64, 64, 64, num_warps=4, num_stages=4,
+    why="default for m <= 2048: nanochat's Gram sides (768..1664) give 78..351 upper-triangle CTAs per "
+        "matrix at 64 (~4x those of 128-wide tiles) for 132 SMs; one m64 warpgroup; "
+        "4 x (64 + 64) x 64 x 2 B = 64 KB; 32 acc registers/thread (gram: 88 measured)")
+_NS_64_K128 = TileConfig(
+    "64x64x128-w4-s3", 64, 64, 128, num_warps=4, num_stages=3,
+    why="the same CTA count with half the K steps (8 k16 wgmmas per stage, not 4), one stage fewer: "
+        "3 x (64 + 64) x 128 x 2 B = 96 KB (gram: 96 registers measured)")
+_NS_128 = TileConfig(
+    "128x128x64-w8-s3", 128, 128, 64, num_warps=8, num_stages=3,
+    why="default for m > 2048: two m64 warpgroups, half the operand bytes per FLOP of 64x64 and still "
+        "528 CTAs at m = 4096; 3 x (128 + 128) x 64 x 2 B = 96 KB; 64 acc registers/thread "
+        "(poly: 140 measured)")
+_NS_128_S4 = TileConfig(
+    "128x128x64-w8-s4", 128, 128, 64, num_warps=8, num_stages=4,
+    why="one more load stage in flight to hide HBM latency: 4 x 32 KB = 128 KB, still ~100 KB under "
+        "the 227 KB per CTA (poly: 140 registers measured)")
+# Update only: the symmetric kernels need square tiles (tile (i, j) is also stored as (j, i), and
+# the upper-triangle enumeration counts square tiles), but X' = aX + BX is a plain m x n product.
+_NS_UPD_64x128 = TileConfig(
+    "64x128x64-w4-s4", 64, 128, 64, num_warps=4, num_stages=4,
+    why="update only: MLP matrices are m x 4m, so N tiles twice as wide read each B row panel half as "
+        "often; one warpgroup, m64n128 wgmma; 4 x (64 + 128) x 64 x 2 B = 96 KB; 64 acc registers/thread "
+        "(128 measured)")
+_NS_UPD_128x256 = TileConfig(
+    "128x256x64-w8-s3", 128, 256, 64, num_warps=8, num_stages=3,
+    why="update only: the largest tile, 128x256 needs 8 warps (two m64n256 warpgroups, 128 acc "
+        "registers/thread; 246 of 255 measured, no headroom); 3 x (128 + 256) x 64 x 2 B = 144 KB; "
+        "few CTAs on small matrices (m = 768, n = 3072: 6 x 12 per matrix)")
+# The configuration space of each launcher (`config=` picks an entry by name).
+NS_GRAM_CONFIGS: tuple[TileConfig, ...] = (_NS_64, _NS_64_K128, _NS_128, _NS_128_S4)
+NS_POLY_CONFIGS: tuple[TileConfig, ...] = NS_GRAM_CONFIGS
+NS_UPDATE_CONFIGS: tuple[TileConfig, ...] = NS_GRAM_CONFIGS + (_NS_UPD_64x128, _NS_UPD_128x256)
+NS_CONFIGS = {"gram": NS_GRAM_CONFIGS, "poly": NS_POLY_CONFIGS, "update": NS_UPDATE_CONFIGS}
+# What `newton_schulz_triton(config=)` / `newton_schulz(config=)` take: one tile for all three kernels.
+NS_ITERATION_CONFIGS: tuple[TileConfig, ...] = tuple(c for c in NS_UPDATE_CONFIGS if c in NS_GRAM_CONFIGS)
+
+# The operand dtypes the spaces are compiled and gated for. fp32 (no tensor cores, twice the bytes)
+# runs only the default tiles with half the K depth, as it always did, and is not compile-gated: the
+# gate measured that fp32 spills in the 64x64x32 gram tile (16 B of stack) and in a 128x256x32
+# update tile (120 B). GPUs iterate in bf16 (the default iteration dtype on CUDA); fp32 is the CPU's.
+_GATED_DTYPES = (torch.bfloat16, torch.float16)
+
+# Shape classes of the default: m <= _LARGE_M takes _NS_64, larger Gram sides _NS_128.
 _LARGE_M = 2048
+_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def _config_meta(cfg: TileConfig, dtype: torch.dtype) -> dict:
+    """The launch meta of a space entry for operands of `dtype` (fp32: half the K depth)."""
+    wide = dtype == torch.float32
+    # fp32 stays IEEE fp32 (torch's fp32 matmul default); 16-bit inputs take the tensor-core path.
+    return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K // 2 if wide else cfg.BLOCK_K,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, PRECISION="ieee" if wide else "tf32")
+
+
+def _default_config(m: int) -> TileConfig:
+    return _NS_128 if m > _LARGE_M else _NS_64
 
 
 def _meta(m: int, dtype: torch.dtype, arch: int = 90) -> dict:
-    """BLOCK, BLOCK_K, num_warps, num_stages and dot precision for Gram side m, dtype and sm_`arch`."""
-    wide = dtype == torch.float32
-    if m > _LARGE_M:
-        # fp32 operands are twice the bytes: a 32-deep K step keeps 3 stages inside 227 KB.
-        meta = dict(BLOCK=128, BLOCK_K=32 if wide else 64, num_warps=8, num_stages=3)
-    else:
+    """The default launch meta (BLOCK_M = BLOCK_N, BLOCK_K, num_warps, num_stages, PRECISION) for Gram
+    side m, dtype and sm_`arch`: `_default_config(m)`'s tiles."""
+    meta = _config_meta(_default_config(m), dtype)
+    if arch < 90 and m <= _LARGE_M:
         # Ampere's mma.sync keeps the accumulators in registers the 4-stage pipeline also needs:
         # the gram kernel spilled there (compile gate, sm_80), 3 stages do not.
-        meta = dict(BLOCK=64, BLOCK_K=32 if wide else 64, num_warps=4, num_stages=4 if arch >= 90 else 3)
-    # fp32 stays IEEE fp32 (torch's fp32 matmul default); 16-bit inputs take the tensor-core path.
-    meta["PRECISION"] = "ieee" if wide else "tf32"
+        meta["num_stages"] = 3
     return meta
+
+
+def _pow2(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0 and v & (v - 1) == 0
+
+
+def _check_meta(meta: object, square: bool, dtype: torch.dtype) -> dict:
+    """A caller's `meta` dict, validated and normalised to the launch meta; BLOCK sets both tile sides,
+    PRECISION defaults by dtype. Raises ValueError naming `meta`."""
+    keys = {"BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "PRECISION"}
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta must be a dict of {sorted(keys)}, got {type(meta).__name__}")
+    unknown = set(meta) - keys
+    if unknown:
+        raise ValueError(f"meta has unknown keys {sorted(unknown)} (allowed: {sorted(keys)})")
+    out = dict(meta)
+    if "BLOCK" in out:
+        block = out.pop("BLOCK")
+        out.setdefault("BLOCK_M", block)
+        out.setdefault("BLOCK_N", block)
+    out.setdefault("PRECISION", "ieee" if dtype == torch.float32 else "tf32")
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        # tl.dot's minimum side is 16, and Triton tiles are powers of two.
+        if not _pow2(out.get(key)) or out[key] < 16:
+            raise ValueError(f"meta[{key!r}] must be a power of two >= 16 (BLOCK sets BLOCK_M and BLOCK_N), "
+                             f"got {out.get(key)!r}")
+    if not _pow2(out.get("num_warps")) or out["num_warps"] > 32:
+        raise ValueError(f"meta['num_warps'] must be a power of two <= 32, got {out.get('num_warps')!r}")
+    if not isinstance(out.get("num_stages"), int) or isinstance(out["num_stages"], bool) or out["num_stages"] < 1:
+        raise ValueError(f"meta['num_stages'] must be an int >= 1, got {out.get('num_stages')!r}")
+    if out["PRECISION"] not in _PRECISIONS:
+        raise ValueError(f"meta['PRECISION'] must be one of {_PRECISIONS}, got {out['PRECISION']!r}")
+    if square and out["BLOCK_M"] != out["BLOCK_N"]:
+        raise ValueError(f"meta: the symmetric kernels (gram, poly) need square tiles, got BLOCK_M = "
+                         f"{out['BLOCK_M']} != BLOCK_N = {out['BLOCK_N']}")
+    return out
+
+
+def _check_gated(cfg: TileConfig, x: Tensor, where: str) -> None:
+    """config= runs only what the compile gate checked: 16-bit operands on sm_90 and later."""
+    if x.dtype not in _GATED_DTYPES:
+        raise ValueError(f"{where}: config={cfg.name!r} is compile-gated for bfloat16 / float16 operands only, got "
+                         f"{x.dtype} (fp32 runs the default tiles; meta= for ad-hoc tiles)")
+    if target_arch(x) < 90:
+        raise ValueError(f"{where}: config={cfg.name!r} is compiled for sm_90; this GPU is sm_{target_arch(x)} "
+                         "(use the default tiles, or meta=)")
+
+
+def _resolve_meta(kernel: str, x: Tensor, m: int, meta: dict | None, config: object) -> dict:
+    """The launch meta of one call: `config` (an entry of NS_CONFIGS[kernel]), else `meta`, else the
+    default for Gram side m."""
+    if config is not None:
+        if meta is not None:
+            raise ValueError(f"ns_{kernel}_triton: pass config= or meta=, not both")
+        cfg = select_config(config, NS_CONFIGS[kernel], "config", f"ns_{kernel}_triton")
+        _check_gated(cfg, x, f"ns_{kernel}_triton")
+        return _config_meta(cfg, x.dtype)
+    if meta is None:
+        return _meta(m, x.dtype, target_arch(x))
+    return _check_meta(meta, kernel != "update", x.dtype)
 
 
 def _check_stack(x: Tensor, name: str, square: bool = False) -> None:
@@ -244,48 +376,63 @@ def _unit_cols(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 or x.size(-1) <= 1 else x.contiguous()
 
 
-def _launch_args(meta: dict) -> tuple[dict, dict]:
-    const = {k: meta[k] for k in ("BLOCK", "BLOCK_K", "PRECISION")}
+def _launch_args(meta: dict, square: bool = True) -> tuple[dict, dict]:
+    """(constexprs, launch options) of a launch meta: BLOCK for the symmetric kernels, BLOCK_M and
+    BLOCK_N for the update."""
+    tiles = {"BLOCK": meta["BLOCK_M"]} if square else {"BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"]}
+    const = dict(tiles, BLOCK_K=meta["BLOCK_K"], PRECISION=meta["PRECISION"])
     return const, {"num_warps": meta["num_warps"], "num_stages": meta["num_stages"]}
 
 
-def ns_gram_triton(X: Tensor, meta: dict | None = None) -> Tensor:
+def ns_gram_triton(X: Tensor, meta: dict | None = None, config: str | TileConfig | None = None) -> Tensor:
     """A = X X^T per matrix. X: (batch, m, n) fp16/bf16/fp32 -> A: (batch, m, m), X's dtype,
-    bitwise symmetric. `meta` overrides the tile configuration (tests use small tiles)."""
+    bitwise symmetric.
+
+    Tiles: `config` names one entry of this launcher's space (NS_GRAM_CONFIGS, square tiles; e.g.
+    "128x128x64-w8-s3", a name or the TileConfig); `meta` is a raw override (BLOCK or BLOCK_M /
+    BLOCK_N, BLOCK_K, num_warps, num_stages, PRECISION; tests use 16-wide tiles); neither: the
+    default tiles of the shape class (`_meta`), which no GPU measurement has shown another entry to
+    beat or lose to (none has been made). config= takes bf16 / fp16 operands on sm_90+ (what the
+    compile gate checked). Bad values raise ValueError naming config or meta.
+    """
     _check_stack(X, "X")
     X = _unit_cols(X)
     bsz, m, n = X.shape
+    meta = _resolve_meta("gram", X, m, meta, config)
     A = torch.empty((bsz, m, m), dtype=X.dtype, device=X.device)
     if A.numel() == 0:
         return A
-    meta = meta or _meta(m, X.dtype, target_arch(X))
-    tiles = triton.cdiv(m, meta["BLOCK"])
+    tiles = triton.cdiv(m, meta["BLOCK_M"])
     const, opts = _launch_args(meta)
     _ns_gram_kernel[(bsz, tiles * (tiles + 1) // 2)](X, A, m, n, X.stride(0), X.stride(1), A.stride(0), A.stride(1),
                                          **const, **opts)
     return A
 
 
-def ns_poly_triton(A: Tensor, b: float, c: float, meta: dict | None = None) -> Tensor:
+def ns_poly_triton(A: Tensor, b: float, c: float, meta: dict | None = None,
+                   config: str | TileConfig | None = None) -> Tensor:
     """B = b A + c A @ A per matrix, for symmetric A: (batch, m, m) fp16/bf16/fp32 -> B, A's dtype,
-    bitwise symmetric. Only A's upper triangle of tiles drives the output; A must be symmetric."""
+    bitwise symmetric. Only A's upper triangle of tiles drives the output; A must be symmetric.
+    config / meta: as `ns_gram_triton`, from NS_POLY_CONFIGS (square tiles)."""
     _check_stack(A, "A", square=True)
     A = _unit_cols(A)
     bsz, m, _ = A.shape
+    meta = _resolve_meta("poly", A, m, meta, config)
     B = torch.empty_like(A, memory_format=torch.contiguous_format)
     if B.numel() == 0:
         return B
-    meta = meta or _meta(m, A.dtype, target_arch(A))
-    tiles = triton.cdiv(m, meta["BLOCK"])
+    tiles = triton.cdiv(m, meta["BLOCK_M"])
     const, opts = _launch_args(meta)
     _ns_poly_kernel[(bsz, tiles * (tiles + 1) // 2)](A, B, m, A.stride(0), A.stride(1), B.stride(0), B.stride(1),
                                          float(b), float(c), **const, **opts)
     return B
 
 
-def ns_update_triton(X: Tensor, B: Tensor, a: float, meta: dict | None = None) -> Tensor:
+def ns_update_triton(X: Tensor, B: Tensor, a: float, meta: dict | None = None,
+                     config: str | TileConfig | None = None) -> Tensor:
     """X' = a X + B @ X per matrix. X: (batch, m, n), B: (batch, m, m), same fp16/bf16/fp32 dtype
-    -> X': (batch, m, n), a new tensor in X's dtype."""
+    -> X': (batch, m, n), a new tensor in X's dtype. config / meta: as `ns_gram_triton`, from
+    NS_UPDATE_CONFIGS (which adds rectangular tiles: 64x128, 128x256)."""
     _check_stack(X, "X")
     _check_stack(B, "B", square=True)
     if B.shape[0] != X.shape[0] or B.shape[1] != X.shape[1] or B.dtype != X.dtype or B.device != X.device:
@@ -293,19 +440,19 @@ def ns_update_triton(X: Tensor, B: Tensor, a: float, meta: dict | None = None) -
                          f"device, got {tuple(B.shape)} {B.dtype} {B.device}")
     X, B = _unit_cols(X), _unit_cols(B)
     bsz, m, n = X.shape
+    meta = _resolve_meta("update", X, m, meta, config)
     Y = torch.empty((bsz, m, n), dtype=X.dtype, device=X.device)
     if Y.numel() == 0:
         return Y
-    meta = meta or _meta(m, X.dtype, target_arch(X))
-    const, opts = _launch_args(meta)
-    grid = (bsz, triton.cdiv(m, meta["BLOCK"]), triton.cdiv(n, meta["BLOCK"]))
+    const, opts = _launch_args(meta, square=False)
+    grid = (bsz, triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
     _ns_update_kernel[grid](X, B, Y, m, n, X.stride(0), X.stride(1), B.stride(0), B.stride(1), Y.stride(0),
                             Y.stride(1), float(a), **const, **opts)
     return Y
 
 
 def newton_schulz_triton(X: Tensor, coefficients: Sequence[tuple[float, float, float]], dtype: torch.dtype,
-                         meta: dict | None = None) -> Tensor:
+                         meta: dict | None = None, config: str | TileConfig | None = None) -> Tensor:
     """Run the iteration X <- a X + (b A + c A^2) X, A = X X^T, once per (a, b, c) in `coefficients`.
 
     Args:
@@ -313,6 +460,11 @@ def newton_schulz_triton(X: Tensor, coefficients: Sequence[tuple[float, float, f
             (singular values inside (0, 1)); leading dims are a batch run in one grid per launch.
         coefficients: resolved (a, b, c) float tuples, one per step.
         dtype: iteration dtype, float16 / bfloat16 / float32 (X is cast to it).
+        meta: raw tile override for all three kernels (square: BLOCK), see `ns_gram_triton`.
+        config: one entry of NS_ITERATION_CONFIGS (the square tiles every kernel has), by name, used by
+            all three kernels; bf16 / fp16 only (what the compile gate checked). None: the default of
+            the shape class (not claimed slower or faster than any other entry: no GPU has measured
+            them). ValueError for a name outside the space.
     Returns:
         (..., m, n) tensor in `dtype`.
     """
@@ -324,12 +476,14 @@ def newton_schulz_triton(X: Tensor, coefficients: Sequence[tuple[float, float, f
         raise ValueError("X must be a (..., m, n) tensor")
     if X.size(-2) > X.size(-1):
         raise ValueError(f"X must be wide (m <= n; transpose tall matrices first), got shape {tuple(X.shape)}")
+    if config is not None:
+        config = select_config(config, NS_ITERATION_CONFIGS, "config", "newton_schulz_triton (square tiles)")
     lead, (m, n) = X.shape[:-2], X.shape[-2:]
     x = X.to(dtype).reshape(-1, m, n)
     for a, b, c in coefficients:
-        A = ns_gram_triton(x, meta)
-        B = ns_poly_triton(A, b, c, meta)
-        x = ns_update_triton(x, B, a, meta)
+        A = ns_gram_triton(x, meta, config)
+        B = ns_poly_triton(A, b, c, meta, config)
+        x = ns_update_triton(x, B, a, meta, config)
     return x.reshape(*lead, m, n)
 
 
@@ -367,19 +521,20 @@ def scale_rows_triton(u: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @torch.library.custom_op("nanofast::newton_schulz_iterate", mutates_args=())
-def newton_schulz_iterate_op(X: Tensor, coefficients: list[float]) -> Tensor:
+def newton_schulz_iterate_op(X: Tensor, coefficients: list[float], config: Optional[str] = None) -> Tensor:
     """`newton_schulz_triton` as a torch.library op, so torch.compile (e.g. a compiled optimizer
     step) keeps the Triton launches in its graph instead of breaking it. X: (..., m, n) wide, in
-    the iteration dtype; coefficients: the (a, b, c) tuples flattened, 3 floats per step.
+    the iteration dtype; coefficients: the (a, b, c) tuples flattened, 3 floats per step; config:
+    the name of an NS_ITERATION_CONFIGS entry or None (the default tiles).
     Returns a new contiguous (..., m, n) tensor in X's dtype."""
     if len(coefficients) == 0 or len(coefficients) % 3:
         raise ValueError(f"coefficients must hold 3 floats per step (a, b, c), got {len(coefficients)} floats")
     steps = [tuple(coefficients[i:i + 3]) for i in range(0, len(coefficients), 3)]
-    return newton_schulz_triton(X, steps, X.dtype)
+    return newton_schulz_triton(X, steps, X.dtype, config=config)
 
 
 @newton_schulz_iterate_op.register_fake
-def _(X, coefficients):
+def _(X, coefficients, config=None):
     return X.new_empty(X.shape)
 
 
@@ -394,15 +549,24 @@ def _aligned(sig: dict[str, str]) -> tuple[str, ...]:
     return tuple(a for a, ty in sig.items() if ty.startswith("*") or ty == "i32")
 
 
-def _config(kernel: str, m: int, n: int, dtype: torch.dtype, arch: int = 90) -> dict:
+def _config(kernel: str, m: int, n: int, dtype: torch.dtype, arch: int = 90, cfg: TileConfig | None = None) -> dict:
+    """compile_triton kwargs of one launch: the default tiles of (m, dtype, arch), or entry `cfg`."""
     t = _TL_DTYPE[dtype]
-    meta = _meta(m, dtype, arch)
-    const, opts = _launch_args(meta)
+    meta = _meta(m, dtype, arch) if cfg is None else _config_meta(cfg, dtype)
+    const, opts = _launch_args(meta, square=kernel != "update")
     fn = {"gram": _ns_gram_kernel, "poly": _ns_poly_kernel, "update": _ns_update_kernel}[kernel]
     sig = gate_signature(fn, const, t)
+    # Default tiles keep their historical labels (BLOCK=MxK for square tiles); entries name themselves.
+    tiles = (f"{meta['BLOCK_M']}x{meta['BLOCK_K']}" if cfg is None
+             else f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}")
     return dict(fn=fn, signature=sig, constexprs=const, aligned=_aligned(sig), **opts,
-                config=f"{kernel} m={m} n={n} {t} BLOCK={meta['BLOCK']}x{meta['BLOCK_K']} "
+                config=f"{kernel} m={m} n={n} {t}{'' if cfg is None else ' config=' + cfg.name} BLOCK={tiles} "
                        f"warps={meta['num_warps']} stages={meta['num_stages']}")
+
+
+# The shape the space's other entries are compiled at (a label only: m and n are runtime arguments,
+# compiled as multiples of 16 like every nanochat width).
+_SPACE_M, _SPACE_N = 1664, 6656
 
 
 def _kernel_configs(arch: int = 90) -> list[dict]:
@@ -415,13 +579,21 @@ def _kernel_configs(arch: int = 90) -> list[dict]:
         for dt in dtypes:
             for kernel in ("gram", "poly", "update"):
                 out.append(_config(kernel, m, n, dt, arch))
+    if arch >= 90:
+        # Every other entry of each launcher's space (the defaults are compiled above), in bf16.
+        defaults = (_default_config(0), _default_config(_LARGE_M + 1))
+        for kernel, space in NS_CONFIGS.items():
+            for cfg in space:
+                if cfg not in defaults:
+                    out.append(_config(kernel, _SPACE_M, _SPACE_N, torch.bfloat16, arch, cfg))
     return out
 
 
 KERNEL_CONFIGS: list[dict] = _kernel_configs()
 KERNEL_CONFIGS_SM80: list[dict] = _kernel_configs(80)  # what an A100 launches (for compile_triton(..., arch=80))
-"""Each entry: keyword arguments of `compile_gate.compile_triton` built from the launchers' `_meta`,
-so `compile_triton(**cfg, arch=90)` compiles exactly what an H100 launches. Compile them in a
+"""Each entry: keyword arguments of `compile_gate.compile_triton` built from the launchers' `_meta`
+(and, for sm_90, from every other entry of NS_CONFIGS), so `compile_triton(**cfg, arch=90)` compiles
+exactly what an H100 launches. Compile them in a
 process without TRITON_INTERPRET=1 (see `compile_gate.configs_facts`)."""
 
 

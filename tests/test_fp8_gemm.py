@@ -24,8 +24,8 @@ import re
 import pytest
 import torch
 
-from nanofast.kernels.fp8_gemm import (KERNEL_CONFIGS, _meta, fp8_gemm, fp8_gemm_reference,
-                                       fp8_gemm_triton)
+from nanofast.kernels.fp8_gemm import (FP8_GEMM_CONFIGS, KERNEL_CONFIGS, TileConfig, _config_meta, _meta,
+                                       fp8_gemm, fp8_gemm_reference, fp8_gemm_triton)
 from compile_gate_helpers import MAX_SHARED, config_ids, run_uninterpreted
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -273,6 +273,90 @@ def test_errors_name_the_argument():
 
 
 # --------------------------------------------------------------------------------------------
+# The configuration space: every entry runs in both kernels (interpreter) at the smallest shapes
+# that still give a partial edge tile in M and N and a K loop with a partial last step, within the
+# budgets above; the entries' limits are refused with errors that name config.
+# --------------------------------------------------------------------------------------------
+
+def test_config_space_is_named_documented_and_holds_the_defaults():
+    names = [c.name for c in FP8_GEMM_CONFIGS]
+    assert len(set(names)) == len(names) and 3 <= len(names) <= 8
+    for c in FP8_GEMM_CONFIGS:
+        assert c.why and c.name == f"{c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}-w{c.num_warps}-s{c.num_stages}-g{c.GROUP_M}"
+        # fp8 wgmma: a warpgroup (4 warps) per 64 rows, N <= 256, k32 steps
+        assert c.num_warps == 4 * (c.BLOCK_M // 64) and c.BLOCK_N <= 256 and c.BLOCK_K % 32 == 0
+        assert c.num_stages * c.stage_bytes(1) <= 227 * 1024
+        if c.persistent_out_bytes:  # load stages + the TMA epilogue tile of the widest output it takes
+            assert c.num_stages * c.stage_bytes(1) + c.BLOCK_M * c.BLOCK_N * c.persistent_out_bytes <= 227 * 1024
+        # split accumulation doubles the accumulator: only tiles whose two copies fit 128 registers
+        assert c.fast_accum_only == (2 * c.acc_registers() > 128), c.name
+    for m in (1, 64, 65, 65536):
+        assert any(_config_meta(c) == _meta(m, 1280, 1280) for c in FP8_GEMM_CONFIGS), m
+    assert {c.GROUP_M for c in FP8_GEMM_CONFIGS} == {1, 8}  # row-major and grouped program order
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["tiled", "persistent"])
+@pytest.mark.parametrize("cfg", FP8_GEMM_CONFIGS, ids=lambda c: c.name)
+def test_config_space_executes(cfg, persistent):
+    m, n, k = cfg.BLOCK_M + 3, cfg.BLOCK_N + 5, cfg.BLOCK_K + 48  # K % 16 == 0 (TMA rows), a partial K step
+    out_dtype = torch.float32 if persistent and cfg.persistent_out_bytes >= 4 else torch.bfloat16
+    a, b = _fp8((m, k), E4, seed=20), _fp8((n, k), E5 if persistent else E4, seed=21)
+    sa, sb = _scales("rowwise", m, n, seed=22)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(23))
+    ref, mag = _ref64(a, b, sa, sb, bias)
+    # a padded out view: an odd N of 16-bit elements is no 16-byte TMA row on its own
+    buf = torch.full((m, n + 11), float("nan"), dtype=out_dtype)
+    got = fp8_gemm_triton(a, b, sa, sb, out_dtype=out_dtype, bias=bias, use_fast_accum=cfg.fast_accum_only,
+                          config=cfg.name, out=buf[:, :n] if persistent else None, persistent=persistent)
+    assert got.shape == (m, n) and got.dtype == out_dtype
+    _assert_within_budget(got, ref, mag, k, f"{cfg.name} persistent={persistent}")
+    if persistent:
+        assert buf[:, n:].isnan().all(), "persistent kernel wrote past N"
+
+
+def test_fp8_gemm_takes_a_config_for_the_triton_backends():
+    a, b = _fp8((70, 64), E4, seed=24), _fp8((40, 64), E4, seed=25)
+    s = torch.tensor(0.5)
+    ref, mag = _ref64(a, b, s, s, None)
+    for backend in ("triton", "triton_persistent"):
+        out = fp8_gemm(a, b, s, s, out_dtype=torch.float32, backend=backend, config="128x128x64-w8-s6-g8")
+        _assert_within_budget(out, ref, mag, 64, backend)
+    cfg = FP8_GEMM_CONFIGS[0]  # the TileConfig itself works as well as its name
+    _assert_within_budget(fp8_gemm_triton(a, b, s, s, out_dtype=torch.float32, config=cfg), ref, mag, 64, cfg.name)
+
+
+def test_config_errors_name_the_argument():
+    a, b = _fp8((8, 32), E4, 0), _fp8((16, 32), E4, 1)
+    s = torch.tensor(1.0)
+    wide = next(c for c in FP8_GEMM_CONFIGS if c.fast_accum_only)
+    cases = [
+        (dict(config="128x128x128"), r"^config must be one of \['64x128x128-w4-s4-g8'"),
+        (dict(config=128), "config must be one of"),
+        (dict(config=TileConfig("mine", 64, 64, 64, 4, 2)), "config='mine' is not an entry of the fp8_gemm_triton"),
+        (dict(config="128x128x128-w8-s4-g8", meta=SMALL), "pass config= or meta=, not both"),
+        (dict(config=wide.name), f"config='{wide.name}' needs use_fast_accum=True: .* 256 registers per thread"),
+        (dict(config=wide.name, use_fast_accum=True, persistent=True, out_dtype=torch.float32),
+         f"config='{wide.name}' with persistent=True takes outputs of at most 2 bytes"),
+        (dict(meta=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)), r"meta must have the keys .* missing \['GROUP_M'"),
+        (dict(meta=dict(SMALL, BLOCK=16)), r"unknown \['BLOCK'\]"),
+        (dict(meta=dict(SMALL, BLOCK_N=48)), r"meta\['BLOCK_N'\] must be a positive int .a power of two"),
+        (dict(meta=[16, 16, 16]), "meta must be a dict"),
+    ]
+    for over, msg in cases:
+        kw = dict(out_dtype=torch.bfloat16)
+        kw.update(over)
+        with pytest.raises(ValueError, match=msg):
+            fp8_gemm_triton(a, b, s, s, **kw)
+    # the wide entry with fast accumulation and a bf16 out is accepted in both kernels
+    fp8_gemm_triton(a, b, s, s, config=wide, use_fast_accum=True, persistent=True)
+    for backend in ("torch", "scaled_mm", None):  # None on CPU resolves to torch
+        with pytest.raises(ValueError, match="config='128x128x128-w8-s4-g8' picks the Triton kernels' tiles"):
+            fp8_gemm(a, b, s, s, backend=backend, config="128x128x128-w8-s4-g8")
+    with pytest.raises(ValueError, match="config must be one of"):
+        fp8_gemm(a, b, s, s, backend="triton", config="nope")
+
+
+# --------------------------------------------------------------------------------------------
 # Compile gate: every H100 configuration compiled for sm_90 in a child process without the
 # interpreter; facts from compile_gate plus the SASS text (fp8 MMA mnemonics, FADD count) and PTX.
 # --------------------------------------------------------------------------------------------
@@ -320,10 +404,13 @@ def gate_facts() -> list[dict]:
 
 
 def test_kernel_configs_follow_the_launcher():
+    by_name = {c.name: c for c in FP8_GEMM_CONFIGS}
+    assert len({c["config"] for c in KERNEL_CONFIGS}) == len(KERNEL_CONFIGS)
     for c in KERNEL_CONFIGS:
         assert list(c["signature"]) == list(c["fn"].arg_names), c["config"]
         m, n, k = (int(tok.split("=")[1]) for tok in c["config"].split()[1:4])
-        meta = _meta(m, n, k)
+        named = [tok[len("config="):] for tok in c["config"].split() if tok.startswith("config=")]
+        meta = _config_meta(by_name[named[0]]) if named else _meta(m, n, k)
         assert c["num_warps"] == meta["num_warps"] and c["num_stages"] == meta["num_stages"], c["config"]
         assert all(c["constexprs"][key] == meta[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
         if c["fn"].__name__ == "_fp8_gemm_persistent_kernel":
@@ -338,6 +425,20 @@ def test_kernel_configs_follow_the_launcher():
     for needed in ("fp8e4nvxfp8e4nv->bf16", "fp8e5xfp8e4nv->bf16", "fp8e5xfp8e4nv->fp32", "tensorwise", "rowwise",
                    " fast", " split", "persistent"):
         assert needed in labels, needed
+
+
+def test_kernel_configs_cover_every_entry_of_the_space():
+    """Every entry is compiled in both kernels, in its most demanding allowed use: the split
+    accumulator unless fast-only, and (persistent) the widest output it takes."""
+    for cfg in FP8_GEMM_CONFIGS:
+        meta = _config_meta(cfg)
+        for fn in ("_fp8_gemm_kernel", "_fp8_gemm_persistent_kernel"):
+            hits = [c for c in KERNEL_CONFIGS if c["fn"].__name__ == fn and c["num_warps"] == meta["num_warps"]
+                    and c["num_stages"] == meta["num_stages"]
+                    and all(c["constexprs"][key] == meta[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))]
+            assert any(c["constexprs"]["FAST_ACCUM"] == cfg.fast_accum_only for c in hits), (cfg.name, fn)
+            if fn == "_fp8_gemm_persistent_kernel" and cfg.persistent_out_bytes >= 4:
+                assert any("fp32" in c["signature"]["c_desc"] for c in hits), (cfg.name, "fp32 out")
 
 
 @pytest.mark.parametrize("index", range(len(KERNEL_CONFIGS)), ids=config_ids(KERNEL_CONFIGS))

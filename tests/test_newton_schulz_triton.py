@@ -12,9 +12,10 @@ import triton
 import triton.language as tl
 
 from nanofast.kernels.newton_schulz import POLAR_EXPRESS_COEFFS, nesterov_normalize_, newton_schulz
-from nanofast.kernels.newton_schulz_triton import (KERNEL_CONFIGS, KERNEL_CONFIGS_SM80, PROLOGUE_CONFIGS, _meta,
-                                                   _ns_upper_tile,
-                                                   newton_schulz_triton, ns_gram_triton,
+from nanofast.kernels.newton_schulz_triton import (KERNEL_CONFIGS, KERNEL_CONFIGS_SM80, NS_CONFIGS,
+                                                   NS_GRAM_CONFIGS, NS_ITERATION_CONFIGS, NS_UPDATE_CONFIGS,
+                                                   PROLOGUE_CONFIGS, TileConfig, _config_meta, _meta,
+                                                   _ns_upper_tile, newton_schulz_triton, ns_gram_triton,
                                                    ns_poly_triton, ns_update_triton)
 from compile_gate_helpers import check_common_facts, config_ids, gate_facts_fixture
 
@@ -129,7 +130,128 @@ def test_launcher_default_meta_and_non_contiguous_input():
     A = ns_gram_triton(X)
     assert torch.equal(A, A.mT)
     _budget(A, X.double() @ X.double().mT, X @ X.mT, torch.float32)
-    assert _meta(768, torch.bfloat16)["BLOCK"] == 64 and _meta(4096, torch.bfloat16)["BLOCK"] == 128
+    assert _meta(768, torch.bfloat16)["BLOCK_M"] == 64 and _meta(4096, torch.bfloat16)["BLOCK_M"] == 128
+
+
+# --------------------------------------------------------------------------------------------
+# The configuration spaces: every entry runs (interpreter, fp16: the spaces are gated for 16-bit
+# operands) at the smallest shapes that still give a partial edge tile in M and N and a masked K
+# tail, against torch with the budgets above. Big tiles are slow interpreted: batch 1, one shape.
+# --------------------------------------------------------------------------------------------
+
+def _space_shape(cfg: TileConfig) -> tuple[int, int, int]:
+    """(batch, m, n), m <= n, both odd: one full and one partial tile row; n one partial column tile
+    past BLOCK_N and a K loop (over n for gram, over m for poly / update) with a masked tail."""
+    m = cfg.BLOCK_M + 3
+    return 1, m, max(m, cfg.BLOCK_N) + 5
+
+
+def test_config_spaces_are_named_documented_and_hold_the_defaults():
+    for kernel, space in NS_CONFIGS.items():
+        names = [c.name for c in space]
+        assert len(names) == len(set(names)) and 3 <= len(space) <= 8, kernel
+        for c in space:
+            assert c.why and c.name == f"{c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}-w{c.num_warps}-s{c.num_stages}"
+            # wgmma: 4 warps (one warpgroup) per 64 rows; 128x256 at most; stages fit 227 KB
+            assert c.num_warps == 4 * (c.BLOCK_M // 64) and c.BLOCK_M <= 128 and c.BLOCK_N <= 256
+            assert c.num_stages * c.stage_bytes(2) <= 227 * 1024
+            if kernel != "update":
+                assert c.BLOCK_M == c.BLOCK_N, (kernel, c.name)  # the mirrored store needs square tiles
+        # the defaults of both shape classes are entries of every space (fp32: half the K depth)
+        for m in (768, 4096):
+            for dt in (torch.bfloat16, torch.float32):
+                assert any(_config_meta(c, dt) == _meta(m, dt) for c in space), (kernel, m, dt)
+    assert {c.name for c in NS_ITERATION_CONFIGS} == {c.name for c in NS_GRAM_CONFIGS}
+    assert any(c.BLOCK_M != c.BLOCK_N for c in NS_UPDATE_CONFIGS)
+
+
+@pytest.mark.parametrize("cfg", NS_GRAM_CONFIGS, ids=lambda c: c.name)
+def test_gram_config_space_executes(cfg):
+    bsz, m, n = _space_shape(cfg)
+    X = _rand((bsz, m, n), torch.float16, seed=12)
+    A = ns_gram_triton(X, config=cfg.name)
+    assert A.shape == (bsz, m, m) and torch.equal(A, A.mT)
+    _budget(A, X.double() @ X.double().mT, X @ X.mT, torch.float16)
+
+
+@pytest.mark.parametrize("cfg", NS_GRAM_CONFIGS, ids=lambda c: c.name)
+def test_poly_config_space_executes(cfg):
+    bsz, m, _ = _space_shape(cfg)
+    Y = _rand((bsz, m, m), torch.float64, seed=13)
+    A = (Y + Y.mT).to(torch.float16)
+    b, c = -2.808917465908714, 0.5000178451051316
+    B = ns_poly_triton(A, b, c, config=cfg)  # the TileConfig itself works as well as its name
+    assert torch.equal(B, B.mT)
+    A64 = A.double()
+    _budget(B, b * A64 + c * (A64 @ A64), b * A + c * (A @ A), torch.float16)
+
+
+@pytest.mark.parametrize("cfg", NS_UPDATE_CONFIGS, ids=lambda c: c.name)
+def test_update_config_space_executes(cfg):
+    bsz, m, n = _space_shape(cfg)
+    X = _rand((bsz, m, n), torch.float16, seed=14)
+    B = _rand((bsz, m, m), torch.float16, seed=15)
+    a = 3.8916678022926607
+    out = ns_update_triton(X, B, a, config=cfg.name)
+    assert out.shape == (bsz, m, n)
+    _budget(out, a * X.double() + B.double() @ X.double(), a * X + B @ X, torch.float16)
+
+
+def test_rectangular_meta_for_the_update():
+    """meta= takes BLOCK_M != BLOCK_N for the update (small tiles, several of them, fp32)."""
+    X, B = _rand((2, 37, 70), torch.float32, seed=16), _rand((2, 37, 37), torch.float32, seed=17)
+    out = ns_update_triton(X, B, 1.5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1))
+    _budget(out, 1.5 * X.double() + B.double() @ X.double(), 1.5 * X + B @ X, torch.float32)
+
+
+def test_newton_schulz_with_a_config_matches_the_torch_backend():
+    """newton_schulz(config=) runs the entry in all three kernels; fp16 budget of the end-to-end test."""
+    cfg = "64x64x64-w4-s4"
+    g = torch.Generator().manual_seed(18)
+    G = torch.randn(2, 67, 75, generator=g)  # two tile rows (one partial), a masked K tail
+    out = newton_schulz(G, steps=2, dtype=torch.float16, backend="triton", config=cfg)
+    ref = newton_schulz(G, steps=2, dtype=torch.float16, backend="torch")
+    ref64 = newton_schulz(G.double(), steps=2, dtype=torch.float64, backend="torch")
+    err = (out.double() - ref64).abs().max().item()
+    torch_err = (ref.double() - ref64).abs().max().item()
+    assert err <= 2 * torch_err + 8 * 2.0 ** -10, (err, torch_err)
+
+
+def test_config_errors_name_the_argument():
+    X16, A16 = _rand((1, 8, 12), torch.float16), _rand((1, 8, 8), torch.float16)
+    wide = "128x256x64-w8-s3"  # update only
+    cases = [
+        (lambda: ns_gram_triton(X16, config="64x64"), r"^config must be one of \['64x64x64-w4-s4'"),
+        (lambda: ns_gram_triton(X16, config=64), "config must be one of"),
+        (lambda: ns_gram_triton(X16, config=wide), r"config must be one of .* for ns_gram_triton"),
+        (lambda: ns_poly_triton(A16, 1.0, 1.0, config=wide), "for ns_poly_triton"),
+        (lambda: ns_update_triton(X16, A16, 1.0, config=TileConfig("x", 64, 64, 64, 4, 4)),
+         r"config='x' is not an entry of the ns_update_triton configuration space"),
+        (lambda: ns_gram_triton(X16, meta=_meta_for(torch.float16), config="64x64x64-w4-s4"),
+         "pass config= or meta=, not both"),
+        (lambda: ns_gram_triton(X16.float(), config="64x64x64-w4-s4"),
+         "compile-gated for bfloat16 / float16 operands only, got torch.float32"),
+        (lambda: ns_gram_triton(X16, meta=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)),
+         "meta: the symmetric kernels .* need square tiles"),
+        (lambda: ns_gram_triton(X16, meta=dict(BLOCK=24, BLOCK_K=16, num_warps=4, num_stages=1)),
+         r"meta\['BLOCK_M'\] must be a power of two >= 16"),
+        (lambda: ns_gram_triton(X16, meta=dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1, GROUP_M=8)),
+         r"meta has unknown keys \['GROUP_M'\]"),
+        (lambda: ns_gram_triton(X16, meta=dict(BLOCK=16, BLOCK_K=16, num_warps=3, num_stages=1)),
+         r"meta\['num_warps'\] must be a power of two"),
+        (lambda: ns_gram_triton(X16, meta="64x64x64-w4-s4"), "meta must be a dict"),
+        (lambda: newton_schulz_triton(X16, [(1.0, 0.0, 0.0)], torch.float16, config=wide),
+         "for newton_schulz_triton .square tiles."),
+        (lambda: newton_schulz(X16[0], backend="triton", dtype=torch.float16, config=wide),
+         "for newton_schulz .square tiles."),
+        (lambda: newton_schulz(X16[0], backend="triton", dtype=torch.float32, config="64x64x64-w4-s4"),
+         "compile-gated for bfloat16 / float16 iterations only"),
+        (lambda: newton_schulz(X16[0], backend="torch", config="64x64x64-w4-s4"),
+         "picks the Triton kernels' tiles, but backend resolved to 'torch'"),
+    ]
+    for call, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            call()
 
 
 # End to end: both backends iterate on the same normalised X_0 (shared code in newton_schulz).
@@ -213,6 +335,7 @@ def test_opcheck_iterate_op():
     coeffs = [v for abc in POLAR_EXPRESS_COEFFS[:2] for v in abc]
     for shape, dtype in [((2, 5, 9), torch.float32), ((1, 3, 3), torch.float16), ((2, 3, 4, 6), torch.float32)]:
         torch.library.opcheck(op, (_rand(shape, dtype, seed=5) * 0.2, coeffs))
+    torch.library.opcheck(op, (_rand((1, 3, 5), torch.float16, seed=5) * 0.2, coeffs, "64x64x64-w4-s4"))
     with pytest.raises(ValueError, match="3 floats per step"):
         op(_rand((1, 3, 4), torch.float32), [1.0, 2.0])
 
@@ -346,12 +469,32 @@ def test_kernel_configs_cover_h100_shapes():
     assert {lbl.split()[0] for lbl in labels} == {"gram", "poly", "update"}
     assert any("m=768 " in lbl for lbl in labels) and any("m=1664 " in lbl for lbl in labels)
     assert any("m=4096 " in lbl for lbl in labels)
+    assert len(set(labels)) == len(labels)
+    by_name = {c.name: c for space in NS_CONFIGS.values() for c in space}
     for c in KERNEL_CONFIGS:
         assert list(c["signature"]) == list(c["fn"].arg_names), c["config"]
+        named = [tok[len("config="):] for tok in c["config"].split() if tok.startswith("config=")]
         m = int(c["config"].split()[1][2:])
-        meta = _meta(m, torch.bfloat16)
+        meta = _config_meta(by_name[named[0]], torch.bfloat16) if named else _meta(m, torch.bfloat16)
         assert c["num_warps"] == meta["num_warps"] and c["num_stages"] == meta["num_stages"]
-        assert c["constexprs"]["BLOCK"] == meta["BLOCK"] and c["constexprs"]["BLOCK_K"] == meta["BLOCK_K"]
+        tiles = ({"BLOCK": meta["BLOCK_M"]} if c["config"].split()[0] != "update"
+                 else {"BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"]})
+        assert {k: c["constexprs"][k] for k in tiles} == tiles and c["constexprs"]["BLOCK_K"] == meta["BLOCK_K"]
+
+
+def test_kernel_configs_cover_every_entry_of_the_spaces():
+    """Each entry of each launcher's space is compiled (bf16) by the gate below: the defaults through
+    the shape classes, the others under their names."""
+    fns = {"gram": "_ns_gram_kernel", "poly": "_ns_poly_kernel", "update": "_ns_update_kernel"}
+    for kernel, space in NS_CONFIGS.items():
+        for cfg in space:
+            meta = _config_meta(cfg, torch.bfloat16)
+            hits = [c for c in KERNEL_CONFIGS if c["fn"].__name__ == fns[kernel] and c["signature"]["M"] == "i32"
+                    and "bf16" in c["config"] and c["num_warps"] == meta["num_warps"]
+                    and c["num_stages"] == meta["num_stages"] and c["constexprs"]["BLOCK_K"] == meta["BLOCK_K"]
+                    and c["constexprs"].get("BLOCK", c["constexprs"].get("BLOCK_M")) == meta["BLOCK_M"]
+                    and c["constexprs"].get("BLOCK", c["constexprs"].get("BLOCK_N")) == meta["BLOCK_N"]]
+            assert hits, (kernel, cfg.name)
 
 
 @pytest.mark.parametrize("index", range(len(KERNEL_CONFIGS)), ids=config_ids(KERNEL_CONFIGS))
@@ -359,6 +502,8 @@ def test_compile_gate_sm90(gate_facts, index):
     cfg, f = KERNEL_CONFIGS[index], gate_facts[(index, 90)]
     where = check_common_facts(cfg, f, 90, MAX_REGISTERS)
     assert f["instructions"].get("HGMMA", 0) > 0, "no Hopper warpgroup MMA: " + where
+    # cp.async 16-byte tile loads: the software pipeline of the operand tiles
+    assert f["instructions"].get("LDGSTS.E.BYPASS.128", 0) > 0, "tile loads not pipelined: " + where
     assert f["instructions"].get("STG.E.128", 0) > 0, "stores not vectorised: " + where
     # int64 batch offsets (a stack passes 2^31 elements quickly at 4096^2).
     assert f["i64_muls"] > 0 and f["atomics"] == 0, where

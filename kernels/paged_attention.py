@@ -24,10 +24,14 @@ each K/V byte exactly once and keeping enough bytes in flight:
 * GQA head packing: one program owns one (sequence, kv head) and ALL Hq/Hkv query heads that share
   it, as the rows of a tile padded to a power of two >= 16 (tl.dot's minimum M on tensor cores),
   so each K/V page is read once per kv head, not once per query head.
-* Split-KV (flash-decoding): with few sequences (B * Hkv programs << SM count) one program per
-  (b, kv head) would leave most SMs idle while it walks a long context, so each sequence's key range
-  is cut into `num_splits` contiguous chunks that run in parallel and write a partial output and
-  log-sum-exp (fp32 scratch); a small second kernel merges them with LSE rescaling.
+* Split-KV (flash-decoding) planned from the actual lengths: with few or ragged sequences one
+  program per (b, kv head) would leave most SMs idle while one of them walks a long context, so
+  `plan_paged_decode` picks one chunk size for the batch and cuts each sequence's visible keys into
+  ceil(tiles / chunk) units of similar size (FlashInfer-style), ~2 programs per SM in all. The
+  decode kernel runs every unit of the batch in ONE launch (grid (units, Hkv), unit -> (sequence,
+  split) through small int32 plan arrays); one-unit sequences write the output directly, the others
+  write a partial output and log-sum-exp (fp32 scratch) that a small second kernel merges with LSE
+  rescaling, looping over chunks of 16 splits (registers independent of the split count).
 * Any page_size through one code path: keys are processed in tiles of BLOCK_N positions; each
   position gathers its own page id from the block table (a tile may span several small pages, or a
   fraction of one large page). The K/V rows are D contiguous elements, so loads stay 128-bit wide.
@@ -38,7 +42,9 @@ Layering, as the other kernel modules: Triton kernels -> launchers (`paged_decod
 `paged_kv_write_triton`) -> functional API with `backend=` (`paged_decode_attention`,
 `paged_kv_write`) -> plain-torch references beside them. Inference only: no autograd.
 
-Host syncs: validation of *values* (seq_lens within the block table's capacity, used page ids
+Host syncs: planning from seq_lens reads them back (on CUDA one device->host copy of B ints per
+call) unless the caller passes `plan=` (computed from lengths it knows on the host) or `num_splits=`.
+Validation of *values* (seq_lens within the block table's capacity, used page ids
 within the pool, slots within the cache) reads tensors back to the host, so it runs for CPU tensors
 only. On CUDA the kernels instead clamp/mask so that bad values can never read or write outside
 the tensors: seq_lens are clamped to max_pages * page_size, keys whose page id is outside
@@ -666,9 +672,10 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
             `plan_paged_decode` (which the caller can compute from lengths it knows on the host).
             None (and num_splits None): the launcher plans from seq_lens itself: on CUDA that is
             one device->host copy of the B lengths (a sync) per call; on CPU (interpreter) one
-            split per sequence. The plan aims at ~2 programs per SM with equal-sized work units
-            (`plan_paged_decode`), all launched in one grid, so a ragged batch keeps every SM busy.
-            Triton backend; the CUDA backend takes num_splits only (a plan is rejected there).
+            split per sequence. The plan makes work units of similar size (`plan_paged_decode`),
+            all launched in one grid, so a ragged batch keeps every SM busy: Triton aims at ~2
+            programs (8-warp CTAs) per SM, the CUDA backend at ~16 warps per SM
+            (`cuda_ops._paged_plan`). Both backends take the same plan tensor.
         backend: "torch" | "triton" | "cuda" | None (triton on CUDA tensors, torch on CPU).
     Returns:
         (B, Hq, D) contiguous in q's dtype. Softmax and accumulation in fp32.
@@ -687,9 +694,8 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     if be == "cuda":
         from .cuda_ops import paged_decode_attention_cuda  # lazy: builds/loads the CUDA extension
 
-        if plan is not None:
-            raise ValueError("plan= is a Triton-backend option; the CUDA backend takes num_splits (or None)")
-        return paged_decode_attention_cuda(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits)
+        return paged_decode_attention_cuda(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits,
+                                           plan)
     return _decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan=plan)
 
 

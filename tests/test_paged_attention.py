@@ -442,7 +442,6 @@ def _bad_plan_cases():
         (dict(base, plan=torch.tensor([0, 1], dtype=torch.int32)), ValueError, r"plan entries must lie in \[1, 256\]"),
         (dict(base, plan=torch.tensor([1, 257], dtype=torch.int32)), ValueError, "plan entries must lie in"),
         (dict(base, plan=ok, num_splits=2), ValueError, "either num_splits .* or plan"),
-        (dict(base, plan=ok, backend="cuda"), ValueError, "plan= is a Triton-backend option"),
     ]
 
 

@@ -119,8 +119,11 @@ typedef struct nf_qk_norm_rope_bwd_args {
 // (bt_sb, bt_sp); seq_lens int32 (B,) at sl_s, each in [1, max_pages * page_size], with the entries
 // of every page read in [0, num_pages) (the caller checks that where it can; otherwise lengths are
 // clamped and keys in out-of-pool pages dropped, so bad values never fault). window < 0: none.
-// num_splits == 1: out (B, Hq, D) of dtype at (o_sb, o_sh) directly; num_splits > 1: part_o
-// (S, B, Hq, D) and part_lse (S, B, Hq) fp32 contiguous scratch, then the merge into out.
+// The split plan: num_units U >= B work units; sequence b owns units seq_start[b] ..
+// seq_start[b+1] - 1 (at least one), unit u is split unit_idx[u] of sequence unit_seq[u] (all int32,
+// built by the caller, trusted). A sequence of one unit is written to out (B, Hq, D) of dtype at
+// (o_sb, o_sh) directly; a sequence of n > 1 units writes part_o (U, Hq, D) and part_lse (U, Hq)
+// fp32 contiguous scratch (needed iff U > B), then the merge writes its out rows.
 // heads_per_warp (1, 2 or 4) and warps (1..8) lay the Hq / Hkv query heads of a KV head out over
 // a block: the caller chooses them (kernels/cuda_ops.py, which also sizes the grid from them).
 typedef struct nf_paged_attention_fwd_args {
@@ -144,7 +147,10 @@ typedef struct nf_paged_attention_fwd_args {
     int64_t sl_s;
     int64_t window;
     float scale;
-    int64_t num_splits;
+    int64_t num_units;
+    const int* seq_start;
+    const int* unit_seq;
+    const int* unit_idx;
     float* part_o;  // or null with one split
     float* part_lse;  // or null with one split
     void* out;

@@ -23,9 +23,23 @@
 //     its keys; at the end the segments are merged by a butterfly across segments;
 //   * scores live in the exp2 domain (q is pre-scaled by scale * log2 e): exp2 is the hardware's
 //     native exponential (MUFU.EX2);
-//   * split-KV: with S > 1 splits, split s covers a contiguous range of the sequence's visible
-//     positions and writes its normalised fp32 partial output and log2-sum-exp; a merge kernel
-//     combines the splits. Empty splits (short sequences) write lse = -inf and are skipped by the merge.
+//   * split-KV from a plan: the grid is (work units, KV heads x head blocks), ONE launch for the
+//     whole ragged batch. Unit u is split unit_idx[u] of the n units of sequence unit_seq[u] (the
+//     caller's plan, kernels/paged_attention.plan_paged_decode: n from the sequence's own length so
+//     that units are of similar size); it covers the visible positions [first + s*V/n, first +
+//     (s+1)*V/n) of the V visible keys. A sequence of one unit writes its output directly; the
+//     others write a normalised fp32 partial output and log2-sum-exp, and a merge kernel combines
+//     them. Empty units (a plan with more units than keys) write lse = -inf, skipped by the merge.
+//
+// Occupancy and bytes in flight (what the plan targets, kernels/cuda_ops.py _PAGED_WARPS_PER_SM):
+// a warp step requests the K and V rows of 32 / L keys, i.e. 2 x 32 x VEC x sizeof(T) = 1 KB for
+// 16-byte lanes (2 keys of 512 B at bf16 D = 128), and the key loop keeps one step in flight per
+// warp. Little's law for an H100 (~3.35 TB/s x ~600 ns / 132 SMs ~= 15 KB per SM) then needs
+// ~16 warps resident per SM: __launch_bounds__(256, 2) caps ptxas at 128 registers so that 16 warps
+// of any instantiation fit the 64 K registers of an SM (checked from the nvcc facts in
+// tests/test_paged_attention_cuda.py), and the launcher plans ~16 warps per SM of work units
+// (units x KV heads x head blocks x warps per block ~= 16 x SMs), not ~2 blocks per SM (with one
+// warp per block for <= 4 query heads per KV head, that was ~2 warps = ~2 KB in flight per SM).
 //
 // No atomics: the result is bit-reproducible run to run.
 #include <cmath>
@@ -45,7 +59,7 @@ constexpr int kMaxD = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // The ABI struct as given, plus what the host derives from it once per launch. 32-bit copies of
-// page_size, window and num_splits: the key loop's index arithmetic stays in 32-bit registers.
+// page_size and window: the key loop's index arithmetic stays in 32-bit registers.
 struct AttnArgs {
     nf_paged_attention_fwd_args in;
     int max_len;          // max_pages * page_size: seq_lens are clamped to it
@@ -54,7 +68,7 @@ struct AttnArgs {
     int hblocks;          // blocks per (b, kv head) along the group
     int page_size;
     int window;  // < 0: no window
-    int splits;
+    bool split;  // some sequence has more than one unit (part_o / part_lse and the merge are used)
     int lanes;     // L: lanes per key, a power of two <= 32
     float qscale;  // scale * log2(e)
 };
@@ -100,20 +114,24 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 2) paged_attention_kernel(Attn
     constexpr int E = VEC * C;  // elements per lane
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int L = a.lanes, li = lane & (L - 1), seg = lane / L, nseg = 32 / L;
-    const int64_t bk = blockIdx.x / a.hblocks;  // b * Hkv + kv head
-    const int hb = static_cast<int>(blockIdx.x - bk * a.hblocks);
-    const int64_t b = bk / a.in.Hkv, kvh = bk - b * a.in.Hkv;
+    const int64_t unit = blockIdx.x;
+    const int64_t kvh = blockIdx.y / a.hblocks;
+    const int hb = static_cast<int>(blockIdx.y - kvh * a.hblocks);
     const int g0 = hb * a.heads_per_block + warp * HPW;  // first head (within the group) of this warp
     if (g0 >= a.group) return;  // the whole warp leaves: every shuffle below stays full
-    const int split = blockIdx.y;
+    const int64_t b = a.in.unit_seq[unit];
+    const int split = a.in.unit_idx[unit];
+    const int nsplit = a.in.seq_start[b + 1] - a.in.seq_start[b];
 
-    // Visible positions [first, len), cut into `splits` contiguous ranges; this block takes [lo, hi).
-    // seq_lens are validated on the host only for CPU tensors (on CUDA that would be a sync per
-    // call): clamping keeps a bad length from reading past the block-table row.
+    // Visible positions [first, len), cut into `nsplit` contiguous ranges of V / nsplit keys (sizes
+    // differ by at most one); this block takes [lo, hi). seq_lens are validated on the host only for
+    // CPU tensors (on CUDA that would be a sync per call): clamping keeps a bad length from reading
+    // past the block-table row.
     const int len = max(0, min(a.in.seq_lens[b * a.in.sl_s], a.max_len));
     const int first = a.window < 0 ? 0 : max(0, len - 1 - a.window);
-    const int per = (len - first + a.splits - 1) / a.splits;
-    const int lo = min(len, first + split * per), hi = min(len, lo + per);
+    const int64_t vis = len - first;
+    const int lo = first + static_cast<int>(split * vis / nsplit);
+    const int hi = first + static_cast<int>((split + 1) * vis / nsplit);
 
     float q[HPW][E], m[HPW], l[HPW], acc[HPW][E];
 #pragma unroll
@@ -212,11 +230,11 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 2) paged_attention_kernel(Attn
         // l >= 1 once a key was seen (the maximum's own term); l = 0 only for a range without keys
         // (an empty split, or a bad length / page id on CUDA): zeros, never 0/0.
         const bool any = l[h] > 0.f;
-        if (a.splits == 1) {
+        if (nsplit == 1) {
             T* op = static_cast<T*>(a.in.out) + b * a.in.o_sb + hq * a.in.o_sh;
             store_row<T, VEC, C>(op, li, L, a.in.D, acc[h], any ? 1.f / l[h] : 0.f);
         } else {
-            const int64_t row = (static_cast<int64_t>(split) * a.in.B + b) * a.in.Hq + hq;
+            const int64_t row = unit * a.in.Hq + hq;
             store_row<float, VEC, C>(a.in.part_o + row * a.in.D, li, L, a.in.D, acc[h], any ? 1.f / l[h] : 0.f);
             if (li == 0) a.in.part_lse[row] = any ? m[h] + log2f(l[h]) : -INFINITY;
         }
@@ -232,22 +250,27 @@ __global__ void __launch_bounds__(32 * kMergeWarps) paged_attention_merge_kernel
     const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + (threadIdx.x >> 5);
     if (row >= rows) return;
     const int64_t b = row / a.in.Hq, hq = row - b * a.in.Hq;
+    const int64_t u0 = a.in.seq_start[b];
+    const int n = a.in.seq_start[b + 1] - static_cast<int>(u0);
+    if (n <= 1) return;  // one unit: the attention kernel wrote this row itself
+    const float* lse = a.in.part_lse + u0 * a.in.Hq + hq;  // unit s of this sequence: lse[s * Hq]
+    const float* po = a.in.part_o + (u0 * a.in.Hq + hq) * a.in.D;  // its row: po + s * Hq * D
     float mx = -INFINITY;
-    for (int s = 0; s < a.splits; ++s) mx = fmaxf(mx, a.in.part_lse[s * rows + row]);
+    for (int s = 0; s < n; ++s) mx = fmaxf(mx, lse[s * a.in.Hq]);
     // mx is finite unless no split saw a key (only for a bad length / page id on CUDA): then zeros.
     float wsum = 0.f;
-    for (int s = 0; s < a.splits; ++s) {
-        const float ls = a.in.part_lse[s * rows + row];
+    for (int s = 0; s < n; ++s) {
+        const float ls = lse[s * a.in.Hq];
         if (ls != -INFINITY) wsum += exp2f(ls - mx);
     }
     const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
     T* op = static_cast<T*>(a.in.out) + b * a.in.o_sb + hq * a.in.o_sh;
     for (int64_t d = lane; d < a.in.D; d += 32) {
         float o = 0.f;
-        for (int s = 0; s < a.splits; ++s) {
-            const float ls = a.in.part_lse[s * rows + row];
+        for (int s = 0; s < n; ++s) {
+            const float ls = lse[s * a.in.Hq];
             if (ls == -INFINITY) continue;  // empty split: its partial row holds nothing
-            o += exp2f(ls - mx) * a.in.part_o[(s * rows + row) * a.in.D + d];
+            o += exp2f(ls - mx) * po[s * a.in.Hq * a.in.D + d];
         }
         op[d] = nf::from_float<T>(o * inv);
     }
@@ -299,10 +322,11 @@ int nf_paged_attention_fwd(const nf_paged_attention_fwd_args* args, void* stream
     const nf_paged_attention_fwd_args& p = *args;
     if (!nf::valid_dtype(p.dtype) || p.B < 1 || p.Hkv < 1 || p.Hq < p.Hkv || p.Hq % p.Hkv != 0 || p.D < 1 ||
         p.D > kMaxD || p.num_pages < 1 || p.page_size < 1 || p.max_pages < 1 ||
-        p.max_pages * p.page_size > 0x7fffffffLL || p.window > 0x7fffffffLL || p.num_splits < 1 ||
-        p.num_splits > 65535 || !(p.scale > 0.f) || p.q == nullptr || p.k == nullptr || p.v == nullptr ||
-        p.block_table == nullptr || p.seq_lens == nullptr || p.out == nullptr ||
-        (p.num_splits > 1 && (p.part_o == nullptr || p.part_lse == nullptr)))
+        p.max_pages * p.page_size > 0x7fffffffLL || p.window > 0x7fffffffLL || p.num_units < p.B ||
+        p.num_units > 0x7fffffffLL || !(p.scale > 0.f) || p.q == nullptr || p.k == nullptr || p.v == nullptr ||
+        p.block_table == nullptr || p.seq_lens == nullptr || p.out == nullptr || p.seq_start == nullptr ||
+        p.unit_seq == nullptr || p.unit_idx == nullptr ||
+        (p.num_units > p.B && (p.part_o == nullptr || p.part_lse == nullptr)))
         return nf::kInvalidArgument;
     // The caller lays the heads out (kernels/cuda_ops.py owns that policy); only what this file
     // compiled is accepted: the HPW instantiations and the warps of __launch_bounds__.
@@ -312,7 +336,7 @@ int nf_paged_attention_fwd(const nf_paged_attention_fwd_args* args, void* stream
     const int64_t G = p.Hq / p.Hkv;
     if (G > 0x7fffffffLL) return nf::kInvalidArgument;
     const int64_t hblocks = nf::ceil_div(G, static_cast<int64_t>(p.heads_per_warp) * p.warps);
-    if (p.B * p.Hkv * hblocks > 0x7fffffffLL) return nf::kInvalidArgument;
+    if (p.Hkv * hblocks > 65535) return nf::kInvalidArgument;  // gridDim.y
 
     const int vec16 = 16 / nf::elem_size(p.dtype);
     const void* ptrs[] = {p.q, p.k, p.v, p.out};
@@ -338,10 +362,10 @@ int nf_paged_attention_fwd(const nf_paged_attention_fwd_args* args, void* stream
     a.hblocks = static_cast<int>(hblocks);
     a.page_size = static_cast<int>(p.page_size);
     a.window = p.window < 0 ? -1 : static_cast<int>(p.window);
-    a.splits = static_cast<int>(p.num_splits);
+    a.split = p.num_units > p.B;
     a.lanes = lanes;
     a.qscale = p.scale * kLog2e;
-    const dim3 grid(static_cast<unsigned>(p.B * p.Hkv * hblocks), static_cast<unsigned>(p.num_splits));
+    const dim3 grid(static_cast<unsigned>(p.num_units), static_cast<unsigned>(p.Hkv * hblocks));
     const dim3 block(32 * p.warps);
 
     auto run = [&](auto t) -> int {
@@ -367,7 +391,7 @@ int nf_paged_attention_fwd(const nf_paged_attention_fwd_args* args, void* stream
         case nf::kFloat16: err = run(__half{}); break;
         default: err = run(__nv_bfloat16{}); break;
     }
-    if (err != 0 || p.num_splits == 1) return err;
+    if (err != 0 || !a.split) return err;
 
     const dim3 mgrid(static_cast<unsigned>(nf::ceil_div(p.B * p.Hq, kMergeWarps)));
     switch (p.dtype) {

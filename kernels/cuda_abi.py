@@ -59,7 +59,8 @@ class PagedAttentionArgs(ctypes.Structure):
                 ("q_sh", _I64), ("k", _P), ("k_sp", _I64), ("k_ss", _I64), ("k_sh", _I64), ("v", _P), ("v_sp", _I64),
                 ("v_ss", _I64), ("v_sh", _I64), ("num_pages", _I64), ("page_size", _I64), ("block_table", _P),
                 ("bt_sb", _I64), ("bt_sp", _I64), ("max_pages", _I64), ("seq_lens", _P), ("sl_s", _I64),
-                ("window", _I64), ("scale", _F32), ("num_splits", _I64), ("part_o", _P), ("part_lse", _P), ("out", _P),
+                ("window", _I64), ("scale", _F32), ("num_units", _I64), ("seq_start", _P),
+                ("unit_seq", _P), ("unit_idx", _P), ("part_o", _P), ("part_lse", _P), ("out", _P),
                 ("o_sb", _I64), ("o_sh", _I64), ("heads_per_warp", _I32), ("warps", _I32)]
 
 

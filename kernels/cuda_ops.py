@@ -18,6 +18,7 @@ from .cuda_abi import (DTYPE_CODES, PagedAttentionArgs, PagedKvWriteArgs, QkNorm
                        RmsNormBwdArgs, RmsNormFwdArgs)
 from .cuda_build import launch
 from .launch import sm_count
+from .paged_attention import _check_plan, _plan_tensors, plan_paged_decode
 
 __all__ = [
     "rms_norm_fwd_cuda", "rms_norm_bwd_cuda", "qk_norm_rope_fwd_cuda", "qk_norm_rope_bwd_cuda",
@@ -474,9 +475,15 @@ def _qk_norm_rope_inplace(qkv: Tensor, positions: Tensor, cos_sin_cache: Tensor,
 # paged KV-cache decode attention
 
 _PAGED_MAX_D = 256  # kMaxD in csrc/paged_attention.cu: at most 8 elements per lane in registers
-_PAGED_MAX_SPLITS = 65535  # gridDim.y
+_PAGED_MAX_SPLITS = 65535  # explicit num_splits (the uniform plan): B * num_splits units on gridDim.x
 _PAGED_MAX_WARPS = 8  # kMaxWarps in csrc/paged_attention.cu: the block size its __launch_bounds__ declares
-_SPLIT_MIN_KEYS = 64  # a split should stream at least this many keys, or the merge costs more than it buys
+_SPLIT_MIN_KEYS = 64  # the plan's granule: a split streams about this many keys or more (>= half of it)
+# The occupancy the plan targets: 16 resident warps per SM, each with one ~1 KB step of K/V rows in
+# flight (2 x 32 lanes x 16 B), ~16 KB per SM: Little's law on an H100 wants ~3.35 TB/s x ~600 ns /
+# 132 SMs ~= 15 KB. 16 warps of every instantiation fit an SM's 64 K registers (<= 128 registers per
+# thread, __launch_bounds__(256, 2); asserted from the nvcc facts). See csrc/paged_attention.cu.
+_PAGED_WARPS_PER_SM = 16
+_PAGED_REGS_PER_SM = 65536
 
 
 def _check_index_tensor(name: str, t, ndim: int, dtypes: tuple) -> None:
@@ -521,20 +528,27 @@ def _paged_heads_layout(G: int) -> tuple[int, int, int]:
     return hpw, warps, -(-G // (hpw * warps))
 
 
-def _default_num_splits(device: torch.device, B: int, Hkv: int, G: int, max_len: int) -> int:
-    """CUDA: enough splits for ~2 blocks per SM, each split >= _SPLIT_MIN_KEYS keys of the longest
-    possible sequence (max_pages * page_size: known without reading seq_lens, so no host sync).
-    The emulation runs blocks one after another: one split."""
+def _paged_plan(device: torch.device, seq_lens: Tensor, window: int, max_len: int, Hkv: int, G: int) -> list[int]:
+    """Splits per sequence from the actual lengths (`paged_attention.plan_paged_decode`, the rule the
+    Triton backend uses), sized so that units x Hkv x head blocks x warps ~ _PAGED_WARPS_PER_SM x SMs.
+
+    On CUDA this reads seq_lens back (one device->host copy of B ints, a sync): pass `plan=` to avoid
+    it. The emulation (CPU) runs blocks one after another: one split per sequence."""
     if device.type != "cuda":
-        return 1
-    blocks = B * Hkv * _paged_heads_layout(G)[2]
-    want = -(-2 * sm_count(device) // blocks)
-    return max(1, min(want, max_len // _SPLIT_MIN_KEYS, _PAGED_MAX_SPLITS))
+        return [1] * seq_lens.shape[0]
+    _, warps, hblocks = _paged_heads_layout(G)
+    lens = seq_lens.to("cpu", torch.int64).clamp(1, max_len)  # the kernel clamps bad lengths the same way
+    # waves = resident warps per SM / warps per block: plan_paged_decode aims at waves x SMs / (Hkv x
+    # hblocks) units, each unit being Hkv x hblocks blocks of `warps` warps.
+    plan = plan_paged_decode(lens, Hkv * hblocks, window=None if window < 0 else window, block_n=_SPLIT_MIN_KEYS,
+                             sm_count=sm_count(device), waves=_PAGED_WARPS_PER_SM / warps)
+    return [int(x) for x in plan.tolist()]
 
 
-def _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits
-                           ) -> tuple[float, int, int]:
-    """Validate the arguments of paged_decode_attention_cuda; returns (scale, window or -1, num_splits)."""
+def _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan=None
+                           ) -> tuple[float, int, list[int]]:
+    """Validate the arguments of paged_decode_attention_cuda; returns (scale, window or -1, splits per
+    sequence)."""
     _check_tensor("q", q, 3)
     P, ps, Hkv, D = _check_cache_pair(k_cache, v_cache)
     _check_index_tensor("block_table", block_table, 2, (torch.int32,))
@@ -560,17 +574,28 @@ def _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, wi
     w = -1 if window is None else _check_int("window", window, 0)
     if w > 2**31 - 1:
         w = -1  # a window longer than any sequence is no window
-    if num_splits is None:
-        S = _default_num_splits(q.device, B, Hkv, Hq // Hkv, max_len)
-    else:
+    if plan is not None and num_splits is not None:
+        raise ValueError("pass either num_splits (the same split count for every sequence) or plan "
+                         "(splits per sequence), not both")
+    if num_splits is not None:
         S = _check_int("num_splits", num_splits, 1)
         if S > _PAGED_MAX_SPLITS:
             raise ValueError(f"num_splits must be <= {_PAGED_MAX_SPLITS}, got {S}")
-    if B * Hkv * _paged_heads_layout(Hq // Hkv)[2] > 2**31 - 1:
-        raise ValueError(f"B * Hkv = {B * Hkv} blocks exceed the launch grid")
+    elif plan is not None:
+        _check_plan(plan, B)
+    if Hkv * _paged_heads_layout(Hq // Hkv)[2] > 65535:
+        raise ValueError(f"Hkv = {Hkv} KV heads (x head blocks) exceed the launch grid's y dimension")
     if B and not q.is_cuda:
         _check_paged_values(block_table, seq_lens, P, ps, w)
-    return scale, w, S
+    if num_splits is not None:
+        splits = [S] * B
+    elif plan is not None:
+        splits = [int(x) for x in plan.tolist()]
+    else:
+        splits = _paged_plan(q.device, seq_lens, w, max_len, Hkv, Hq // Hkv) if B else []
+    if sum(splits) > 2**31 - 1:
+        raise ValueError(f"{sum(splits)} work units exceed the launch grid")
+    return scale, w, splits
 
 
 def _check_paged_values(block_table: Tensor, seq_lens: Tensor, P: int, ps: int, window: int) -> None:
@@ -596,17 +621,22 @@ def _check_paged_values(block_table: Tensor, seq_lens: Tensor, P: int, ps: int, 
 
 
 def _paged_decode_attention_into(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
-                                 seq_lens: Tensor, scale: float, window: int, num_splits: int, out: Tensor) -> None:
+                                 seq_lens: Tensor, scale: float, window: int, splits, out: Tensor) -> None:
     """Attention into a caller-provided out (B, Hq, D) in q's dtype, any strides but a contiguous last
-    dim; arguments as _check_paged_attention returns them (window -1: none)."""
+    dim; arguments as _check_paged_attention returns them (window -1: none). `splits`: splits per
+    sequence (a list of B ints >= 1), or one int for every sequence (the uniform plan)."""
     B, Hq, D = q.shape
     if B == 0:
         return
+    if isinstance(splits, int):
+        splits = [splits] * B
     P, ps, Hkv, _ = k_cache.shape
+    packed, units = _plan_tensors(list(splits), B, 1, q.device)
+    seq_start, unit_seq, unit_idx = packed[:B + 1], packed[B + 1:B + 1 + units], packed[B + 1 + units:]
     part_o = part_lse = None
-    if num_splits > 1:
-        part_o = torch.empty((num_splits, B, Hq, D), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((num_splits, B, Hq), dtype=torch.float32, device=q.device)
+    if units > B:
+        part_o = torch.empty((units, Hq, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((units, Hq), dtype=torch.float32, device=q.device)
     ks, vs = k_cache.stride(), v_cache.stride()
     hpw, warps, _ = _paged_heads_layout(Hq // Hkv)
     launch("nf_paged_attention_fwd", q.device, PagedAttentionArgs(
@@ -614,13 +644,15 @@ def _paged_decode_attention_into(q: Tensor, k_cache: Tensor, v_cache: Tensor, bl
         k=k_cache.data_ptr(), k_sp=ks[0], k_ss=ks[1], k_sh=ks[2], v=v_cache.data_ptr(), v_sp=vs[0], v_ss=vs[1],
         v_sh=vs[2], num_pages=P, page_size=ps, block_table=block_table.data_ptr(), bt_sb=block_table.stride(0),
         bt_sp=block_table.stride(1), max_pages=block_table.shape[1], seq_lens=seq_lens.data_ptr(),
-        sl_s=seq_lens.stride(0), window=window, scale=scale, num_splits=num_splits, part_o=_ptr(part_o),
+        sl_s=seq_lens.stride(0), window=window, scale=scale, num_units=units, seq_start=seq_start.data_ptr(),
+        unit_seq=unit_seq.data_ptr(), unit_idx=unit_idx.data_ptr(), part_o=_ptr(part_o),
         part_lse=_ptr(part_lse), out=out.data_ptr(), o_sb=out.stride(0), o_sh=out.stride(1), heads_per_warp=hpw,
         warps=warps))
 
 
 def paged_decode_attention_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
-                                scale: float, window: int | None, num_splits: int | None) -> Tensor:
+                                scale: float, window: int | None, num_splits: int | None,
+                                plan: Tensor | None = None) -> Tensor:
     """Decode attention of one query token per sequence over a paged KV cache (csrc/paged_attention.cu).
 
     q: (B, Hq, D) float32/float16/bfloat16, any strides (a non-unit last-dim stride costs a copy of q).
@@ -631,11 +663,15 @@ def paged_decode_attention_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, blo
     never read. seq_lens: (B,) int32 in [1, max_pages * page_size], the length including the current
     token. Values (lengths, used page ids) are checked for CPU tensors; on CUDA (no host sync) the
     kernel clamps lengths and skips keys in pages outside the pool instead. scale > 0 multiplies q.k. window None: all keys; w >= 0: keys j with len-1-w <= j <= len-1.
-    num_splits: split-KV factor (None: enough to fill ~2x the SMs on CUDA, 1 in the emulation).
+    num_splits: the uniform plan, this many splits of every sequence (1..65535). plan: (B,) int32
+    CPU tensor of splits per sequence (`paged_attention.plan_paged_decode`), exclusive with
+    num_splits. Both None: planned from the lengths (`_paged_plan`: ~16 warps per SM of similar-sized
+    work units, one launch; on CUDA a device->host copy of seq_lens, 1 split each in the emulation).
     Returns (B, Hq, D) in q's dtype; fp32 scores, online softmax, deterministic.
     """
     q = _unit_last(q)
-    scale, w, S = _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits)
+    scale, w, S = _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits,
+                                         plan)
     out = torch.empty(tuple(q.shape), dtype=q.dtype, device=q.device)
     _paged_decode_attention_into(q, k_cache, v_cache, block_table, seq_lens, scale, w, S, out)
     return out

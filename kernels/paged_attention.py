@@ -24,10 +24,14 @@ each K/V byte exactly once and keeping enough bytes in flight:
 * GQA head packing: one program owns one (sequence, kv head) and ALL Hq/Hkv query heads that share
   it, as the rows of a tile padded to a power of two >= 16 (tl.dot's minimum M on tensor cores),
   so each K/V page is read once per kv head, not once per query head.
-* Split-KV (flash-decoding): with few sequences (B * Hkv programs << SM count) one program per
-  (b, kv head) would leave most SMs idle while it walks a long context, so each sequence's key range
-  is cut into `num_splits` contiguous chunks that run in parallel and write a partial output and
-  log-sum-exp (fp32 scratch); a small second kernel merges them with LSE rescaling.
+* Split-KV (flash-decoding) planned from the actual lengths: with few or ragged sequences one
+  program per (b, kv head) would leave most SMs idle while one of them walks a long context, so
+  `plan_paged_decode` picks one chunk size for the batch and cuts each sequence's visible keys into
+  ceil(tiles / chunk) units of similar size (FlashInfer-style), ~2 programs per SM in all. The
+  decode kernel runs every unit of the batch in ONE launch (grid (units, Hkv), unit -> (sequence,
+  split) through small int32 plan arrays); one-unit sequences write the output directly, the others
+  write a partial output and log-sum-exp (fp32 scratch) that a small second kernel merges with LSE
+  rescaling, looping over chunks of 16 splits (registers independent of the split count).
 * Any page_size through one code path: keys are processed in tiles of BLOCK_N positions; each
   position gathers its own page id from the block table (a tile may span several small pages, or a
   fraction of one large page). The K/V rows are D contiguous elements, so loads stay 128-bit wide.
@@ -38,7 +42,9 @@ Layering, as the other kernel modules: Triton kernels -> launchers (`paged_decod
 `paged_kv_write_triton`) -> functional API with `backend=` (`paged_decode_attention`,
 `paged_kv_write`) -> plain-torch references beside them. Inference only: no autograd.
 
-Host syncs: validation of *values* (seq_lens within the block table's capacity, used page ids
+Host syncs: planning from seq_lens reads them back (on CUDA one device->host copy of B ints per
+call) unless the caller passes `plan=` (computed from lengths it knows on the host) or `num_splits=`.
+Validation of *values* (seq_lens within the block table's capacity, used page ids
 within the pool, slots within the cache) reads tensors back to the host, so it runs for CPU tensors
 only. On CUDA the kernels instead clamp/mask so that bad values can never read or write outside
 the tensors: seq_lens are clamped to max_pages * page_size, keys whose page id is outside
@@ -65,7 +71,7 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
     tl = None
 
 __all__ = ["paged_decode_attention", "paged_decode_attention_reference", "paged_decode_attention_triton",
-           "paged_kv_write", "paged_kv_write_reference", "paged_kv_write_triton", "KERNEL_CONFIGS"]
+           "plan_paged_decode", "paged_kv_write", "paged_kv_write_reference", "paged_kv_write_triton", "KERNEL_CONFIGS"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 256  # the merge kernel holds (splits, D) fp32 partials of one head in registers
@@ -104,7 +110,7 @@ def _check_caches(k_cache, v_cache, dtype: torch.dtype, device: torch.device, re
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)} {doc}, got {tuple(v_cache.shape)}")
 
 
-def _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits=None) -> None:
+def _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits=None, plan=None) -> None:
     """Shapes, dtypes, devices and scalars of a decode call (values too, for CPU tensors)."""
     _check_tensor("q", q, 3, "(B, Hq, D)")
     if not q.is_floating_point():
@@ -144,6 +150,11 @@ def _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral)
                                    or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be None (automatic) or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    if plan is not None:
+        if num_splits is not None:
+            raise ValueError("pass either num_splits (the same split count for every sequence) or plan "
+                             "(splits per sequence), not both")
+        _check_plan(plan, B)
     # Value checks read the tensors back: free on CPU, a device sync per call on CUDA (skipped
     # there; the kernels clamp and mask instead, see the module docstring).
     if not q.is_cuda and B > 0:
@@ -255,35 +266,39 @@ if triton is not None:
     _LOG2E = tl.constexpr(1.4426950408889634)
 
     @triton.jit
-    def _paged_decode_kernel(Q, K, V, BT, SL, O, OP, LSE,
+    def _paged_decode_kernel(Q, K, V, BT, SL, O, OP, LSE, SEQ_START, UNIT_SEQ, UNIT_IDX,
                              stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-                             stride_btb, stride_ob, stride_oh, num_pages, capacity, window, num_splits, sm_scale,
+                             stride_btb, stride_ob, stride_oh, num_pages, capacity, window, sm_scale,
                              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                             BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                             SPLIT: tl.constexpr):
-        """Grid (B, Hkv, num_splits). Program (b, kvh, s) attends the GROUP query heads
-        kvh*GROUP .. kvh*GROUP + GROUP-1 of sequence b over split s of its key range.
+                             BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Grid (U, Hkv): one program per (work unit, kv head). Unit u is split UNIT_IDX[u] of the
+        n = SEQ_START[b+1] - SEQ_START[b] splits of sequence b = UNIT_SEQ[u] (the plan, see
+        `plan_paged_decode`); the program attends the GROUP query heads kvh*GROUP .. kvh*GROUP +
+        GROUP-1 of sequence b over that split of its key range: the tiles of BLOCK_N keys
+        [s * T // n, (s+1) * T // n) of the T tiles of visible keys (sizes differ by at most one tile).
 
         Q: (B, Hq, D) row strides stride_qb/stride_qh, unit last stride. K/V: (pages, PAGE_SIZE, Hkv, D)
         with page/slot/head strides, unit last stride. BT: block table rows (stride_btb, unit column
-        stride); SL: (B,) int32. SPLIT=False: normalised output to O (B, Hq, D) with strides
-        stride_ob/stride_oh. SPLIT=True: partial output (normalised by its own softmax sum) to OP
-        (B, Hq, num_splits, D) fp32 and its base-2 log-sum-exp (of scale*log2e*q.k) to LSE
-        (B, Hq, num_splits) fp32, contiguous; an empty split writes 0 and -inf.
-        window < 0 means no window.
+        stride); SL: (B,) int32; SEQ_START (B+1,), UNIT_SEQ (U,), UNIT_IDX (U,) int32.
+        n == 1: normalised output to O (B, Hq, D) with strides stride_ob/stride_oh (no merge needed).
+        n > 1: partial output (normalised by its own softmax sum) to OP (U, Hq, D) fp32 and its
+        base-2 log-sum-exp (of scale*log2e*q.k) to LSE (U, Hq) fp32, contiguous; an empty split
+        (only when n > T) writes 0 and -inf. window < 0 means no window.
         """
-        b = tl.program_id(0)
+        u = tl.program_id(0)
         kvh = tl.program_id(1)
-        split = tl.program_id(2)
         n_kv = tl.num_programs(1)
+        b = tl.load(UNIT_SEQ + u)
+        split = tl.load(UNIT_IDX + u)
+        num_splits = tl.load(SEQ_START + b + 1) - tl.load(SEQ_START + b)
         # Clamp L to the block table's capacity: an oversized seq_len (unchecked on CUDA) then
         # cannot index past the block-table row.
         L = tl.minimum(tl.load(SL + b), capacity)
         lo = tl.where(window >= 0, tl.maximum(L - 1 - window, 0), 0)
         n_tiles = tl.cdiv(L - lo, BLOCK_N)
-        per_split = tl.cdiv(n_tiles, num_splits)
-        t_start = split * per_split
-        t_end = tl.minimum(t_start + per_split, n_tiles)
+        # int64 products: n_tiles * num_splits stays far below 2^31, but be safe for huge capacities.
+        t_start = ((split.to(tl.int64) * n_tiles) // num_splits).to(tl.int32)
+        t_end = (((split + 1).to(tl.int64) * n_tiles) // num_splits).to(tl.int32)
 
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
@@ -330,41 +345,60 @@ if triton is not None:
 
         nonempty = l_i > 0.0
         out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-        row_mask = g_mask[:, None] & d_mask[None, :]
-        if SPLIT:
-            row = (b * (n_kv * GROUP) + heads).to(tl.int64) * num_splits + split  # (b, h, split) contiguous
-            tl.store(OP + row[:, None] * HEAD_DIM + d[None, :], out, mask=row_mask)
-            lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-            tl.store(LSE + row, lse, mask=g_mask)
-        else:
-            o_ptr = O + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh + d[None, :]
-            tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_mask)
+        # Which destination, as row counts (a scalar & tile mask is mis-typed by the interpreter).
+        direct_rows = tl.where(num_splits == 1, GROUP, 0)
+        part_rows = GROUP - direct_rows
+        d_ok = d_mask[None, :]
+        o_ptr = O + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh + d[None, :]
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=(g < direct_rows)[:, None] & d_ok)
+        row = u.to(tl.int64) * (n_kv * GROUP) + heads  # (unit, h) contiguous
+        tl.store(OP + row[:, None] * HEAD_DIM + d[None, :], out, mask=(g < part_rows)[:, None] & d_ok)
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        tl.store(LSE + row, lse, mask=g < part_rows)
 
     @triton.jit
-    def _paged_decode_merge_kernel(OP, LSE, O, stride_ob, stride_oh, num_splits,
+    def _paged_decode_merge_kernel(OP, LSE, O, SEQ_START, stride_ob, stride_oh,
                                    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Grid (B, Hq): combine the num_splits partial outputs of one head.
+        """Grid (B, Hq): combine the n = SEQ_START[b+1] - SEQ_START[b] partial outputs of one head
+        (rows SEQ_START[b] .. + n - 1 of OP (U, Hq, D) / LSE (U, Hq)); sequences with n == 1 were
+        written directly by the decode kernel and are left alone.
 
-        out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s. Empty splits have
-        lse = -inf and weigh 0; M is replaced by 0 when every split is empty (only possible for an
-        invalid seq_len), so no -inf - -inf = NaN: the output is 0 then.
+        out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s, computed as an online
+        (running-max) sum over chunks of BLOCK_S splits, so the registers hold one (BLOCK_S, D) tile
+        whatever the split count (no spills at 256 splits). Empty splits have lse = -inf and weigh 0;
+        the running max is replaced by 0 while every split seen is empty, so no -inf - -inf = NaN: the
+        output is 0 when all are empty (only possible for an invalid seq_len).
         """
         b = tl.program_id(0)
         h = tl.program_id(1)
-        row = (b * tl.num_programs(1) + h).to(tl.int64) * num_splits
-        s = tl.arange(0, BLOCK_S)
+        n_heads = tl.num_programs(1)
+        start = tl.load(SEQ_START + b)
+        n = tl.load(SEQ_START + b + 1) - start
+        # n == 1: the decode kernel wrote this row and OP/LSE hold nothing for it: read nothing.
+        n = tl.where(n > 1, n, 0)
         d = tl.arange(0, BLOCK_D)
-        s_mask = s < num_splits
-        lse = tl.load(LSE + row + s, mask=s_mask, other=float("-inf"))
-        m = tl.max(lse, axis=0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp2(lse - m)
-        o = tl.load(OP + (row + s)[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None] & (d < HEAD_DIM)[None, :],
-                    other=0.0)
-        den = tl.sum(w, axis=0)
-        out = tl.sum(o * w[:, None], axis=0) / tl.where(den > 0.0, den, 1.0)
+        d_mask = d < HEAD_DIM
+        m = tl.full([], float("-inf"), tl.float32)
+        den = tl.zeros([], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for c in range(0, n, BLOCK_S):
+            s = c + tl.arange(0, BLOCK_S)
+            s_mask = s < n
+            row = (start + s).to(tl.int64) * n_heads + h
+            lse = tl.load(LSE + row, mask=s_mask, other=float("-inf"))
+            m_new = tl.maximum(m, tl.max(lse, axis=0))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_ref)  # 0 on the first chunk (m = -inf)
+            w = tl.exp2(lse - m_ref)
+            o = tl.load(OP + row[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+            acc = acc * alpha + tl.sum(o * w[:, None], axis=0)
+            den = den * alpha + tl.sum(w, axis=0)
+            m = m_new
+        out = acc / tl.where(den > 0.0, den, 1.0)
+        # A row count, not a scalar & tile mask (which the interpreter mis-types).
+        n_out = tl.where(n > 1, HEAD_DIM, 0)
         tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + d, out.to(O.dtype.element_ty),
-                 mask=d < HEAD_DIM)
+                 mask=d < n_out)
 
     @triton.jit
     def _paged_kv_write_kernel(K, V, KC, VC, SLOT, stride_kn, stride_kh, stride_vn, stride_vh,
@@ -410,8 +444,11 @@ def _decode_meta(group: int, head_dim: int, itemsize: int) -> dict:
                 num_warps=num_warps, num_stages=2)
 
 
-def _merge_meta(num_splits: int, head_dim: int) -> dict:
-    return dict(BLOCK_S=_next_pow2(num_splits), BLOCK_D=_next_pow2(head_dim), num_warps=4 if num_splits > 16 else 1)
+def _merge_meta(head_dim: int) -> dict:
+    """The merge loops over the splits in chunks of BLOCK_S = 16 rows with a running max (online
+    softmax), so its registers do not grow with the split count: one (16, D) fp32 tile, 16 values
+    per thread at D = 128 over 4 warps."""
+    return dict(BLOCK_S=16, BLOCK_D=_next_pow2(head_dim), num_warps=4 if head_dim >= 128 else 2)
 
 
 def _write_meta(hkv: int, head_dim: int) -> dict:
@@ -420,18 +457,93 @@ def _write_meta(hkv: int, head_dim: int) -> dict:
     return dict(BLOCK_H=block_h, BLOCK_D=block_d, num_warps=min(8, max(1, block_h * block_d // 256)))
 
 
-def _auto_splits(batch: int, hkv: int, capacity: int, window: int | None, block_n: int,
-                 sm_count: int | None) -> int:
-    """Split count so that batch * hkv * splits ~ 2x the SM count (two resident CTAs per SM hide
-    each other's load latency), bounded by the tiles of the longest possible key range. The bound
-    uses the block table's capacity (and the window), not max(seq_lens), which would need a host
-    sync. sm_count None (CPU, the interpreter runs programs one after another): 1."""
+PLAN_WAVES = 2  # the plan aims at ~2 decode programs per SM (two resident CTAs hide each other's latency)
+
+
+def plan_paged_decode(seq_lens, num_kv_heads: int, *, window: int | None = None, block_n: int = 64,
+                      sm_count: int | None = None, waves: int = PLAN_WAVES, max_splits: int = MAX_SPLITS) -> Tensor:
+    """Split plan of a decode batch from its actual lengths: how many splits each sequence gets.
+
+    Args:
+        seq_lens: (B,) lengths (including the current token), an int tensor on any device (a CUDA
+            tensor costs one device->host copy of B ints here: pass a host copy, e.g. what the
+            engine already knows, to avoid the sync) or a sequence of ints, each >= 1.
+        num_kv_heads: Hkv (each work unit runs Hkv programs, one per kv head).
+        window: the call's sliding window (None: full causal): a sequence's visible keys are
+            min(L, window + 1).
+        block_n: keys per tile of the kernel (64 for 16-bit caches at D <= 128, `_decode_meta`); a
+            split is a whole number of tiles.
+        sm_count: the SMs to fill; None (CPU: the interpreter runs programs one after another): one
+            split per sequence.
+        waves: target programs per SM; max_splits: cap per sequence (the merge reads at most that).
+    Returns:
+        (B,) int32 CPU tensor, splits[b] in [1, max_splits]. Pass it as `plan=` to
+        `paged_decode_attention`.
+
+    Rule (FlashInfer-style balanced planning): T_b = ceil(visible_b / block_n) tiles per sequence;
+    one chunk size for the whole batch, c = max(ceil(sum_b T_b / target), ceil(max_b T_b / max_splits))
+    tiles with target = max(1, ceil(waves * sm_count / Hkv)) units; sequence b gets
+    splits[b] = ceil(T_b / c). Every unit then holds between c/2 and c tiles (T_b // splits[b] or one
+    more, never more than c), except that a sequence shorter than c tiles is one unit of its own; the
+    total is <= target + B units, all launched at once (grid (units, Hkv)), so a ragged batch (one long
+    sequence, many short) spreads the long one over many SMs instead of leaving them idle.
+    """
+    if isinstance(seq_lens, Tensor):
+        lens = [int(x) for x in seq_lens.detach().to("cpu", torch.int64).tolist()]
+    else:
+        lens = [int(x) for x in seq_lens]
+    if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, numbers.Integral) or num_kv_heads < 1:
+        raise ValueError(f"num_kv_heads must be an int >= 1, got {num_kv_heads!r}")
+    if isinstance(block_n, bool) or not isinstance(block_n, numbers.Integral) or block_n < 1:
+        raise ValueError(f"block_n must be an int >= 1, got {block_n!r}")
+    if sm_count is not None and (isinstance(sm_count, bool) or not isinstance(sm_count, numbers.Integral)
+                                 or sm_count < 1):
+        raise ValueError(f"sm_count must be None (CPU) or an int >= 1, got {sm_count!r}")
+    if isinstance(max_splits, bool) or not isinstance(max_splits, numbers.Integral) or not 1 <= max_splits <= MAX_SPLITS:
+        raise ValueError(f"max_splits must be an int in [1, {MAX_SPLITS}], got {max_splits!r}")
+    if not isinstance(waves, numbers.Real) or isinstance(waves, bool) or not waves > 0:
+        raise ValueError(f"waves must be a number > 0, got {waves!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0):
+        raise ValueError(f"window must be None or an int >= 0, got {window!r}")
+    if lens and min(lens) < 1:
+        raise ValueError(f"seq_lens must all be >= 1 to plan a decode step, got min {min(lens)}")
+    if not lens:
+        return torch.zeros(0, dtype=torch.int32)
+    vis = lens if window is None else [min(n, window + 1) for n in lens]
+    tiles = [-(-n // block_n) for n in vis]
     if sm_count is None:
-        return 1
-    keys = capacity if window is None else min(capacity, window + 1)
-    max_tiles = -(-keys // block_n)
-    want = -(-2 * sm_count // max(batch * hkv, 1))
-    return max(1, min(want, max_tiles, MAX_SPLITS))
+        return torch.ones(len(lens), dtype=torch.int32)
+    target = max(1, math.ceil(waves * sm_count / num_kv_heads))
+    chunk = max(1, -(-sum(tiles) // target), -(-max(tiles) // max_splits))
+    return torch.tensor([-(-t // chunk) for t in tiles], dtype=torch.int32)
+
+
+def _check_plan(plan, B: int) -> None:
+    if not isinstance(plan, Tensor):
+        raise TypeError(f"plan must be a (B,) int32 tensor of splits per sequence (plan_paged_decode), "
+                        f"got {type(plan).__name__}")
+    if plan.dtype != torch.int32 or plan.ndim != 1 or plan.shape[0] != B:
+        raise ValueError(f"plan must be a (B,) = ({B},) int32 tensor of splits per sequence (plan_paged_decode), "
+                         f"got shape {tuple(plan.shape)} dtype {plan.dtype}")
+    if plan.is_cuda:
+        raise ValueError("plan must be a CPU tensor (it is read on the host to size the launch)")
+    if B and (int(plan.min()) < 1 or int(plan.max()) > MAX_SPLITS):
+        raise ValueError(f"plan entries must lie in [1, {MAX_SPLITS}] splits, got values in "
+                         f"[{int(plan.min())}, {int(plan.max())}]")
+
+
+def _plan_tensors(splits: list[int] | None, B: int, uniform: int, device: torch.device) -> tuple[Tensor, int]:
+    """One int32 tensor [seq_start (B+1) | unit_seq (U) | unit_idx (U)] on `device` (one host->device
+    copy) and U. splits None: the uniform plan, `uniform` splits for every sequence."""
+    if splits is None:
+        splits = [uniform] * B
+    start = [0]
+    for n in splits:
+        start.append(start[-1] + n)
+    unit_seq = [b for b, n in enumerate(splits) for _ in range(n)]
+    unit_idx = [i for n in splits for i in range(n)]
+    packed = torch.tensor(start + unit_seq + unit_idx, dtype=torch.int32)
+    return packed.to(device, non_blocking=True) if device.type == "cuda" else packed, start[-1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,9 +551,12 @@ def _auto_splits(batch: int, hkv: int, capacity: int, window: int | None, block_
 # ----------------------------------------------------------------------------------------------
 
 def _decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale: float, window: int | None,
-                   num_splits: int | None, out: Tensor | None = None) -> Tensor:
+                   num_splits: int | None, out: Tensor | None = None, plan: Tensor | None = None) -> Tensor:
     """paged_decode_attention_triton without validation (inputs checked by the caller). `out`: an
-    optional preallocated (B, Hq, D) destination in q's dtype, any strides with unit stride on D."""
+    optional preallocated (B, Hq, D) destination in q's dtype, any strides with unit stride on D.
+    The split plan: `plan` (checked (B,) int32 CPU splits per sequence) if given, else `num_splits`
+    for every sequence (the uniform plan), else `plan_paged_decode` from seq_lens (on CUDA one
+    device->host copy of the B lengths; on CPU one split per sequence)."""
     B, Hq, D = q.shape
     num_pages, page_size, Hkv, _ = k_cache.shape
     if out is None:
@@ -458,39 +573,47 @@ def _decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale: float, win
     capacity = block_table.shape[1] * page_size
     # Windows wider than any sequence are full attention; clamping keeps the argument in int32.
     win = -1 if window is None else min(int(window), capacity)
-    if num_splits is None:
-        sm = _sm_count(q.device) if q.is_cuda else None
-        splits = _auto_splits(B, Hkv, capacity, window, meta["BLOCK_N"], sm)
+    if plan is not None:
+        splits = [int(x) for x in plan.tolist()]
+    elif num_splits is not None:
+        splits = None
     else:
-        splits = int(num_splits)
-    common = (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0))
-    if splits == 1:
-        _paged_decode_kernel[(B, Hkv, 1)](
-            q, k_cache, v_cache, block_table, seq_lens, out, out, out, *common, out.stride(0), out.stride(1),
-            num_pages, capacity, win, 1, scale, GROUP=Hq // Hkv, HEAD_DIM=D, PAGE_SIZE=page_size, SPLIT=False,
-            num_warps=nw, num_stages=ns, **meta)
-        return out
-    part = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
-    lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
-    _paged_decode_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, block_table, seq_lens, out, part, lse, *common, out.stride(0), out.stride(1),
-        num_pages, capacity, win, splits, scale, GROUP=Hq // Hkv, HEAD_DIM=D, PAGE_SIZE=page_size, SPLIT=True,
-        num_warps=nw, num_stages=ns, **meta)
-    mm = _merge_meta(splits, D)
-    mw = mm.pop("num_warps")
-    _paged_decode_merge_kernel[(B, Hq)](part, lse, out, out.stride(0), out.stride(1), splits, HEAD_DIM=D,
-                                        num_warps=mw, **mm)
+        sm = _sm_count(q.device) if q.is_cuda else None
+        # Lengths past the capacity (unchecked on CUDA) are clamped by the kernel; plan the same.
+        lens = seq_lens.to("cpu", torch.int64).clamp(1, capacity)
+        splits = [int(x) for x in plan_paged_decode(lens, Hkv, window=window, block_n=meta["BLOCK_N"],
+                                                    sm_count=sm).tolist()]
+    packed, units = _plan_tensors(splits, B, 1 if num_splits is None else int(num_splits), q.device)
+    seq_start, unit_seq, unit_idx = packed[:B + 1], packed[B + 1:B + 1 + units], packed[B + 1 + units:]
+    direct = units == B  # every sequence is one unit: the decode kernel writes out, no merge
+    if direct:
+        part = lse = torch.empty(1, dtype=torch.float32, device=q.device)  # never written
+    else:
+        part = torch.empty((units, Hq, D), dtype=torch.float32, device=q.device)
+        lse = torch.empty((units, Hq), dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(units, Hkv)](
+        q, k_cache, v_cache, block_table, seq_lens, out, part, lse, seq_start, unit_seq, unit_idx,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
+        out.stride(0), out.stride(1), num_pages, capacity, win, scale, GROUP=Hq // Hkv, HEAD_DIM=D,
+        PAGE_SIZE=page_size, num_warps=nw, num_stages=ns, **meta)
+    if not direct:
+        mm = _merge_meta(D)
+        mw = mm.pop("num_warps")
+        _paged_decode_merge_kernel[(B, Hq)](part, lse, out, seq_start, out.stride(0), out.stride(1), HEAD_DIM=D,
+                                            num_warps=mw, **mm)
     return out
 
 
 def paged_decode_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                                   seq_lens: Tensor, scale: float, window: int | None,
-                                  num_splits: int | None) -> Tensor:
+                                  num_splits: int | None, plan: Tensor | None = None) -> Tensor:
     """Triton launcher (same signature as `cuda_ops.paged_decode_attention_cuda`): validates, then
-    runs the decode kernel (and, for num_splits > 1, the merge kernel). See `paged_decode_attention`."""
-    _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits)
+    runs the decode kernel (one launch over all work units) and, when some sequence has more than
+    one split, the merge kernel. See `paged_decode_attention`."""
+    _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan)
     _check_kernel_dtype(q, "q")
-    return _decode_triton(q, k_cache, v_cache, block_table, seq_lens, float(scale), window, num_splits)
+    return _decode_triton(q, k_cache, v_cache, block_table, seq_lens, float(scale), window, num_splits,
+                          plan=plan)
 
 
 def _write_triton(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -523,7 +646,8 @@ def paged_kv_write_triton(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor
 
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                            scale: float | None = None, window: int | None = None, *,
-                           num_splits: int | None = None, backend: str | None = None) -> Tensor:
+                           num_splits: int | None = None, plan: Tensor | None = None,
+                           backend: str | None = None) -> Tensor:
     """Decode attention of one new token per sequence over a paged KV cache (GQA, sliding window).
 
     Args:
@@ -540,10 +664,18 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         scale: softmax scale, > 0; None -> 1 / sqrt(D).
         window: None (full causal) or w >= 0: the query (position L-1) attends keys j with
             L-1-w <= j <= L-1 (flash-attn window_size=(w, 0), as nanofast.ops.attention).
-        num_splits: Triton backend: split each sequence's key range into this many chunks run in
-            parallel and merged (1..256; 1 writes the output directly). None: on CUDA enough splits
-            that B * Hkv * splits ~ 2 x SM count, bounded by the tiles of the longest possible key
-            range; on CPU (interpreter) 1. Ignored by backend="torch".
+        num_splits: the uniform plan: split every sequence's visible keys into this many chunks
+            (whole tiles, sizes differing by at most one tile) run in parallel and merged (1..256;
+            1 writes the output directly). None: `plan`, or else a plan from the actual lengths.
+            Ignored by backend="torch".
+        plan: (B,) int32 CPU tensor, splits per sequence in [1, 256], normally from
+            `plan_paged_decode` (which the caller can compute from lengths it knows on the host).
+            None (and num_splits None): the launcher plans from seq_lens itself: on CUDA that is
+            one device->host copy of the B lengths (a sync) per call; on CPU (interpreter) one
+            split per sequence. The plan makes work units of similar size (`plan_paged_decode`),
+            all launched in one grid, so a ragged batch keeps every SM busy: Triton aims at ~2
+            programs (8-warp CTAs) per SM, the CUDA backend at ~16 warps per SM
+            (`cuda_ops._paged_plan`). Both backends take the same plan tensor.
         backend: "torch" | "triton" | "cuda" | None (triton on CUDA tensors, torch on CPU).
     Returns:
         (B, Hq, D) contiguous in q's dtype. Softmax and accumulation in fp32.
@@ -552,7 +684,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         checks (seq_lens range, used page ids) run for CPU tensors only: on CUDA they would cost a
         host sync per call, and the kernel masks out-of-range values instead (module docstring).
     """
-    _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits)
+    _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan)
     be = resolve_backend(backend, q)
     if be == "torch":
         return paged_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens, scale, window)
@@ -562,8 +694,9 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     if be == "cuda":
         from .cuda_ops import paged_decode_attention_cuda  # lazy: builds/loads the CUDA extension
 
-        return paged_decode_attention_cuda(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits)
-    return _decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits)
+        return paged_decode_attention_cuda(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits,
+                                           plan)
+    return _decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan=plan)
 
 
 def paged_kv_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, *,
@@ -598,33 +731,38 @@ def paged_kv_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
 # What an H100 compiles (checked by the compile gate in the tests)
 # ----------------------------------------------------------------------------------------------
 
-def _decode_config(dtype: torch.dtype, group: int, head_dim: int, page_size: int, split: bool) -> dict:
+def _decode_config(dtype: torch.dtype, group: int, head_dim: int, page_size: int) -> dict:
     t = _TL_DTYPE[dtype]
     m = _decode_meta(group, head_dim, torch.empty((), dtype=dtype).element_size())
     nw, ns = m.pop("num_warps"), m.pop("num_stages")
-    const = dict(GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, SPLIT=split, **m)
+    const = dict(GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, **m)
     sig = gate_signature(_paged_decode_kernel, const, t,
-                         {"K": f"*{t}", "BT": "*i32", "SL": "*i32", "OP": "*fp32", "LSE": "*fp32"})
+                         {"K": f"*{t}", "BT": "*i32", "SL": "*i32", "OP": "*fp32", "LSE": "*fp32",
+                          "SEQ_START": "*i32", "UNIT_SEQ": "*i32", "UNIT_IDX": "*i32"})
     # What Triton's launcher specialises for a contiguous cache and packed qkv at D in {64, 128}: all
     # pointers 16-byte aligned and every stride a multiple of 16 elements (D, Hkv*D, page_size*Hkv*D,
-    # (Hq + 2 Hkv) * D). num_pages, capacity and the lengths are arbitrary.
-    aligned = ("Q", "K", "V", "BT", "SL", "O", "OP", "LSE", "stride_qb", "stride_qh", "stride_kp", "stride_ks",
-               "stride_kh", "stride_vp", "stride_vs", "stride_vh", "stride_ob", "stride_oh")
+    # (Hq + 2 Hkv) * D). num_pages, capacity and the lengths are arbitrary; the plan's unit arrays
+    # are slices of one packed tensor at arbitrary offsets (SEQ_START is its start).
+    aligned = ("Q", "K", "V", "BT", "SL", "O", "OP", "LSE", "SEQ_START", "stride_qb", "stride_qh", "stride_kp",
+               "stride_ks", "stride_kh", "stride_vp", "stride_vs", "stride_vh", "stride_ob", "stride_oh")
     return dict(fn=_paged_decode_kernel, signature=sig, constexprs=const, num_warps=nw, num_stages=ns,
                 aligned=aligned,
-                config=f"decode {t} group={group} D={head_dim} page={page_size} {'split' if split else 'direct'} "
+                config=f"decode {t} group={group} D={head_dim} page={page_size} planned "
                        f"BLOCK={m['BLOCK_G']}x{m['BLOCK_N']}x{m['BLOCK_D']} warps={nw}")
 
 
-def _merge_config(dtype: torch.dtype, num_splits: int, head_dim: int) -> dict:
+def _merge_config(dtype: torch.dtype, head_dim: int) -> dict:
+    """The merge's machine code does not depend on the split count (a runtime loop over chunks of
+    BLOCK_S splits): one config per (dtype, D) covers 2..256 splits."""
     t = _TL_DTYPE[dtype]
-    m = _merge_meta(num_splits, head_dim)
+    m = _merge_meta(head_dim)
     nw = m.pop("num_warps")
     const = dict(HEAD_DIM=head_dim, **m)
-    sig = gate_signature(_paged_decode_merge_kernel, const, t, {"OP": "*fp32", "LSE": "*fp32"})
+    sig = gate_signature(_paged_decode_merge_kernel, const, t,
+                         {"OP": "*fp32", "LSE": "*fp32", "SEQ_START": "*i32"})
     return dict(fn=_paged_decode_merge_kernel, signature=sig, constexprs=const, num_warps=nw,
-                num_stages=1, aligned=("OP", "LSE", "O", "stride_ob", "stride_oh"),
-                config=f"merge {t} splits={num_splits} D={head_dim} BLOCK_S={m['BLOCK_S']} warps={nw}")
+                num_stages=1, aligned=("OP", "LSE", "O", "SEQ_START", "stride_ob", "stride_oh"),
+                config=f"merge {t} D={head_dim} BLOCK_S={m['BLOCK_S']} warps={nw} splits<=256")
 
 
 def _write_config(dtype: torch.dtype, hkv: int, head_dim: int, page_size: int, slot_dtype: str = "i64") -> dict:
@@ -647,22 +785,26 @@ def _kernel_configs() -> list[dict]:
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     return [
         # nanochat-like MHA (group 1) and Llama-style GQA (group 4, 8) at D = 128, page 16 (vLLM's
-        # default), direct and split-KV variants; bf16 is what serving runs, fp16 the interpreter twin.
-        _decode_config(bf16, 1, 128, 16, split=False),
-        _decode_config(bf16, 1, 128, 16, split=True),
-        _decode_config(bf16, 4, 128, 16, split=True),
-        _decode_config(bf16, 8, 128, 16, split=False),
-        _decode_config(bf16, 8, 128, 16, split=True),
-        _decode_config(fp16, 4, 128, 16, split=True),
-        _decode_config(fp16, 8, 128, 16, split=False),
-        _decode_config(bf16, 4, 64, 16, split=True),
-        _decode_config(fp16, 1, 64, 16, split=False),
-        # Large pages (one tile inside one page) and fp32 (CPU-parity / debugging runs).
-        _decode_config(bf16, 8, 128, 256, split=True),
-        _decode_config(fp32, 4, 128, 16, split=True),
-        _merge_config(bf16, 8, 128),
-        _merge_config(fp16, 64, 128),
-        _merge_config(bf16, 32, 64),
+        # default); one kernel serves direct (1 split) and split units; bf16 is what serving runs,
+        # fp16 the interpreter twin.
+        _decode_config(bf16, 1, 128, 16),
+        _decode_config(bf16, 4, 128, 16),
+        _decode_config(bf16, 8, 128, 16),
+        _decode_config(fp16, 4, 128, 16),
+        _decode_config(fp16, 8, 128, 16),
+        _decode_config(bf16, 4, 64, 16),
+        _decode_config(fp16, 1, 64, 16),
+        # Large pages (one tile inside one page), page 1 (a gather per key) and fp32 (CPU-parity runs).
+        _decode_config(bf16, 8, 128, 256),
+        _decode_config(bf16, 4, 128, 1),
+        _decode_config(fp32, 4, 128, 16),
+        # The merge at every dtype of the output; its code is the same for 2..256 splits (fp32 at
+        # D = 128 is the widest tile: the old one-tile merge held 256 x 128 fp32 partials).
+        _merge_config(bf16, 128),
+        _merge_config(fp16, 128),
+        _merge_config(fp32, 128),
+        _merge_config(bf16, 64),
+        _merge_config(bf16, 256),
         _write_config(bf16, 8, 128, 16),
         _write_config(fp16, 2, 128, 16, "i32"),
         _write_config(bf16, 4, 64, 16),

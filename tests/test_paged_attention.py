@@ -229,7 +229,7 @@ def test_q_with_non_unit_last_stride_is_copied():
     assert _max_err(out, paged_decode_attention_reference(q, kc, vc, bt, sl)) <= 1e-5
 
 
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("splits", [1, 3, "plan"])
 def test_output_guard_bands_untouched(splits):
     # Write into a strided view of a sentinel-filled buffer: only the (B, Hq, D) window changes.
     B, Hq, Hkv, D = 3, 4, 2, 80
@@ -237,7 +237,11 @@ def test_output_guard_bands_untouched(splits):
     sentinel = 1234.0
     buf = torch.full((B + 2, Hq + 1, D + 8), sentinel, dtype=torch.float16)
     out = buf[1:B + 1, :Hq, 4:D + 4]
-    got = pa._decode_triton(q, kc, vc, bt, sl, D ** -0.5, None, splits, out=out)
+    if splits == "plan":  # some sequences direct, some merged
+        got = pa._decode_triton(q, kc, vc, bt, sl, D ** -0.5, None, None, out=out,
+                                plan=torch.tensor([1, 4, 2], dtype=torch.int32))
+    else:
+        got = pa._decode_triton(q, kc, vc, bt, sl, D ** -0.5, None, splits, out=out)
     assert got.data_ptr() == out.data_ptr()
     mask = torch.ones_like(buf, dtype=torch.bool)
     mask[1:B + 1, :Hq, 4:D + 4] = False
@@ -267,18 +271,187 @@ def test_unchecked_bad_values_never_fault(splits):
     assert _max_err(out[:2], dense_attention(q[:2].double(), dense_fixed, None, 0.25)) <= 1e-5
 
 
-def test_auto_split_heuristic():
-    # CPU (no SM count): 1. CUDA: ~2 CTAs per SM, bounded by the tiles of the longest key range.
-    assert pa._auto_splits(1, 8, 8192, None, 64, None) == 1
-    assert pa._auto_splits(1, 8, 8192, None, 64, 132) == 33          # ceil(264 / 8)
-    assert pa._auto_splits(64, 8, 8192, None, 64, 132) == 1          # 512 programs fill 132 SMs
-    assert pa._auto_splits(1, 1, 100, None, 64, 132) == 2            # only 2 tiles of keys
-    assert pa._auto_splits(1, 1, 8192, 10, 64, 132) == 1             # window: 11 keys, one tile
-    assert pa._auto_splits(1, 1, 10 ** 6, None, 16, 10 ** 4) == pa.MAX_SPLITS
-    # None on CPU runs one split (the interpreter's default) and matches the reference.
+# ----------------------------------------------------------------------------------------------
+# The split plan (from the actual lengths) and its one-launch execution
+# ----------------------------------------------------------------------------------------------
+
+def _units(lens, splits, block_n, window=None):
+    """The kernel's split rule replayed in Python: per sequence, the tile ranges of its units."""
+    out = []
+    for L, n in zip(lens, splits):
+        vis = L if window is None else min(L, window + 1)
+        T = -(-vis // block_n)
+        out.append([(s * T // n, (s + 1) * T // n) for s in range(n)])
+    return out
+
+
+PLAN_CASES = [
+    # (lens, Hkv, window, block_n, sm_count)
+    ([4096] + [1] * 31, 8, None, 64, 132),       # one long, many short (the ragged case)
+    ([1] * 64, 8, None, 64, 132),                # all length 1: one unit each
+    ([8192], 8, None, 64, 132),                  # one sequence: ~2 programs per SM
+    ([8192], 1, None, 64, 132),
+    ([100, 3000, 7, 2048, 640, 1], 2, None, 64, 132),
+    ([5000, 4000, 9], 4, 100, 64, 132),          # window: 101 visible keys at most
+    ([10 ** 6], 1, None, 16, 10 ** 4),           # capped at MAX_SPLITS per sequence
+    ([512] * 256, 8, None, 64, 132),             # big uniform batch: already > 2 programs per SM
+]
+
+
+@pytest.mark.parametrize("lens,hkv,window,block_n,sm", PLAN_CASES)
+def test_plan_units_are_balanced_and_cover_every_key_once(lens, hkv, window, block_n, sm):
+    plan = pa.plan_paged_decode(torch.tensor(lens, dtype=torch.int32), hkv, window=window, block_n=block_n,
+                                sm_count=sm)
+    assert plan.dtype == torch.int32 and plan.shape == (len(lens),) and plan.device.type == "cpu"
+    splits = plan.tolist()
+    assert min(splits) >= 1 and max(splits) <= pa.MAX_SPLITS
+    units = _units(lens, splits, block_n, window)
+    sizes = []
+    for L, us in zip(lens, units):
+        vis = L if window is None else min(L, window + 1)
+        T = -(-vis // block_n)
+        covered = [t for lo, hi in us for t in range(lo, hi)]
+        assert covered == list(range(T)), "every tile exactly once, in order"
+        assert all(hi > lo for lo, hi in us), "no empty unit"
+        sizes += [hi - lo for lo, hi in us]
+    # One chunk size c for the batch: every unit <= c tiles; a split sequence's units >= c / 2.
+    tiles = [-(-(L if window is None else min(L, window + 1)) // block_n) for L in lens]
+    target = -(-2 * sm // hkv)
+    c = max(1, -(-sum(tiles) // target), -(-max(tiles) // pa.MAX_SPLITS))
+    assert max(sizes) <= c
+    for us in units:
+        if len(us) > 1:
+            assert min(hi - lo for lo, hi in us) * 2 >= c - 1
+    # Work units ~ the target (<= target + B), at least one per sequence.
+    assert len(lens) <= sum(splits) <= target + len(lens)
+    if len(lens) * 1 < target and max(tiles) >= target:
+        assert sum(splits) >= min(target, pa.MAX_SPLITS) // 2, "a long sequence fills the machine"
+
+
+def test_plan_ragged_batch_spreads_the_long_sequence():
+    plan = pa.plan_paged_decode([4096] + [1] * 31, 8, sm_count=132).tolist()
+    # 95 tiles over a target of 33 units: chunks of 3 tiles, the long sequence gets 22 of them.
+    assert plan == [22] + [1] * 31
+    # The old rule gave every sequence the same count from the block table's capacity: 1 here
+    # (32 * 8 programs >= 2 x 132), leaving one program to walk 4096 keys alone.
+    assert pa.plan_paged_decode([1] * 5, 8, sm_count=132).tolist() == [1] * 5
+    assert pa.plan_paged_decode([4096], 8).tolist() == [1]           # CPU (no SM count): one split
+    assert pa.plan_paged_decode([], 8, sm_count=132).shape == (0,)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(seq_lens=[0, 5], num_kv_heads=2), ValueError, "seq_lens must all be >= 1"),
+    (dict(seq_lens=[5], num_kv_heads=0), ValueError, "num_kv_heads must be an int >= 1"),
+    (dict(seq_lens=[5], num_kv_heads=2, block_n=0), ValueError, "block_n must be an int >= 1"),
+    (dict(seq_lens=[5], num_kv_heads=2, sm_count=0), ValueError, "sm_count must be None"),
+    (dict(seq_lens=[5], num_kv_heads=2, sm_count=True), ValueError, "sm_count must be None"),
+    (dict(seq_lens=[5], num_kv_heads=2, max_splits=257), ValueError, "max_splits must be an int in"),
+    (dict(seq_lens=[5], num_kv_heads=2, waves=0), ValueError, "waves must be a number > 0"),
+    (dict(seq_lens=[5], num_kv_heads=2, window=-1), ValueError, "window must be None or an int >= 0"),
+])
+def test_plan_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        pa.plan_paged_decode(**kwargs)
+
+
+class _LaunchCounter:
+    """Stands in for a @triton.jit kernel: records each launch's grid, then launches the real one."""
+
+    def __init__(self, fn):
+        self.fn, self.grids = fn, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.fn[grid]
+
+
+# (B, Hq, Hkv, D, page_size, seq_lens, window, sm_count): ragged batches, GQA 1/4/8, pages 1/16/64.
+RAGGED = [
+    (6, 4, 4, 16, 16, [400, 1, 3, 1, 17, 2], None, 8),      # one long, many short, group 1
+    (4, 8, 2, 16, 1, [150, 1, 1, 2], None, 4),              # page size 1, group 4
+    (3, 8, 1, 32, 64, [1, 1, 1], None, 8),                  # all length 1: direct, no merge
+    (1, 8, 1, 16, 16, [333], None, 16),                     # one sequence over many splits, group 8
+    (5, 4, 1, 16, 64, [260, 70, 1, 129, 64], 100, 8),       # window 100 caps the long ones; big pages
+    (3, 16, 2, 16, 16, [200, 9, 65], 0, 8),                 # window 0: one key each
+]
+
+
+def _ragged_id(c):
+    B, Hq, Hkv, D, ps, lens, w, sm = c
+    return f"q{Hq}kv{Hkv}-D{D}-ps{ps}-L{'_'.join(map(str, lens))}-w{w}-sm{sm}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DT_ID.get)
+@pytest.mark.parametrize("case", RAGGED, ids=_ragged_id)
+def test_planned_ragged_batch_is_one_launch_and_matches(case, dtype, monkeypatch):
+    B, Hq, Hkv, D, ps, lens, window, sm = case
+    q, kc, vc, bt, sl, dense = make_case(B, Hq, Hkv, D, ps, lens, dtype, seed=100 + RAGGED.index(case))
+    block_n = pa._decode_meta(Hq // Hkv, D, q.element_size())["BLOCK_N"]
+    plan = pa.plan_paged_decode(sl, Hkv, window=window, block_n=block_n, sm_count=sm)
+    dec = _LaunchCounter(pa._paged_decode_kernel)
+    mer = _LaunchCounter(pa._paged_decode_merge_kernel)
+    monkeypatch.setattr(pa, "_paged_decode_kernel", dec)
+    monkeypatch.setattr(pa, "_paged_decode_merge_kernel", mer)
+    out = paged_decode_attention(q, kc, vc, bt, sl, window=window, plan=plan, backend="triton")
+    units = int(plan.sum())
+    assert dec.grids == [(units, Hkv)], "one decode launch over every work unit"
+    assert mer.grids == ([] if units == B else [(B, Hq)])
+    if max(lens) > 2 * block_n and (window is None or window >= 2 * block_n):
+        assert units > B, "the long sequence is split"
+    assert torch.isfinite(out).all(), "NaN/inf: a poisoned slot was read"
+    want = dense_attention(q.double(), dense, window, 1.0 / math.sqrt(D))
+    ref = paged_decode_attention_reference(q, kc, vc, bt, sl, window=window)
+    err, err_ref = _max_err(out, want), _max_err(out, ref)
+    half_ulp = 2.0 ** -11 * max(1.0, want.abs().max().item())
+    if dtype == torch.float32:
+        assert err <= 1e-5 and err_ref <= 1e-5, (err, err_ref)
+    else:
+        torch_err = _max_err(dense_attention(q.double(), dense, window, 1.0 / math.sqrt(D), dtype=dtype), want)
+        assert err <= 2 * torch_err + half_ulp, (err, torch_err)
+        assert err_ref <= 2 * half_ulp, err_ref
+
+
+def test_hand_written_plan_with_more_splits_than_tiles():
+    # A plan is only a split count per sequence: any counts in [1, 256] give the same result, empty
+    # units included (a 1-tile sequence over 5 splits), and 256 splits exercise the merge's chunk loop.
+    q, kc, vc, bt, sl, dense = make_case(3, 4, 2, 16, 16, [300, 40, 1], torch.float32, seed=21)
+    want = dense_attention(q.double(), dense, None, 0.25)
+    for splits in ([256, 5, 1], [3, 1, 2], [1, 1, 1], [17, 33, 256]):
+        out = paged_decode_attention(q, kc, vc, bt, sl, plan=torch.tensor(splits, dtype=torch.int32),
+                                     backend="triton")
+        assert _max_err(out, want) <= 1e-5, splits
+
+
+def test_default_plan_on_cpu_is_one_split_and_matches():
+    # None on CPU plans one split per sequence (the interpreter runs programs one after another).
     q, kc, vc, bt, sl, _ = make_case(2, 2, 2, 16, 3, [70, 2], torch.float32, seed=4)
     out = paged_decode_attention(q, kc, vc, bt, sl, backend="triton")
     assert _max_err(out, paged_decode_attention_reference(q, kc, vc, bt, sl)) <= 1e-5
+
+
+def _bad_plan_cases():
+    q, kc, vc = torch.randn(2, 4, 16), torch.randn(6, 3, 2, 16), torch.randn(6, 3, 2, 16)
+    bt, sl = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32), torch.tensor([7, 9], dtype=torch.int32)
+    base = dict(q=q, k_cache=kc, v_cache=vc, block_table=bt, seq_lens=sl)
+    ok = torch.tensor([2, 1], dtype=torch.int32)
+    return [
+        (dict(base, plan=[2, 1]), TypeError, "plan must be a"),
+        (dict(base, plan=ok.long()), ValueError, r"plan must be a \(B,\) = \(2,\) int32"),
+        (dict(base, plan=ok[:1]), ValueError, r"plan must be a \(B,\) = \(2,\) int32"),
+        (dict(base, plan=ok[None]), ValueError, r"plan must be a \(B,\)"),
+        (dict(base, plan=torch.tensor([0, 1], dtype=torch.int32)), ValueError, r"plan entries must lie in \[1, 256\]"),
+        (dict(base, plan=torch.tensor([1, 257], dtype=torch.int32)), ValueError, "plan entries must lie in"),
+        (dict(base, plan=ok, num_splits=2), ValueError, "either num_splits .* or plan"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_plan_cases())))
+def test_bad_plan_raises_clear_errors(case):
+    kwargs, exc, match = _bad_plan_cases()[case]
+    backends = [kwargs.pop("backend")] if "backend" in kwargs else ["triton", "torch"]
+    for backend in backends:
+        with pytest.raises(exc, match=match):
+            paged_decode_attention(**kwargs, backend=backend)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,11 +620,13 @@ def test_bad_write_input_raises_clear_errors(case):
 # Compile gate: what an H100 runs, compiled for sm_90 (and sm_80), machine code checked
 # ----------------------------------------------------------------------------------------------
 
-# Measured (triton 3.9, sm_90): decode 16-bit 72-78 registers (8 warps at D = 128, 4 at D = 64),
-# fp32 64, merge 32-64, write 30-32; no local memory anywhere. 128 keeps >= 2 decode CTAs (16
+# Measured (triton 3.9, sm_90): decode 16-bit 72-80 registers at page 16/256 (8 warps at D = 128, 4
+# at D = 64), 122 at page 1 (a page id per key), fp32 64, merge 40-48 at any split count (it
+# loops over chunks of 16 splits; the old one-tile merge hit 255 registers + 72-88 stack bytes of
+# spills at 256 splits x D = 128), write 30-32; no local memory or stack anywhere. 128 keeps >= 2 decode CTAs (16
 # warps) resident per SM and flags regressions (4 warps at 64 keys measured 110-142).
 MAX_REGISTERS = 128
-SM80_CONFIGS = [4]  # decode bf16 group 8 D=128 split
+SM80_CONFIGS = [2]  # decode bf16 group 8 D=128
 gate_facts = gate_facts_fixture("nanofast.kernels.paged_attention", sm80=SM80_CONFIGS)
 
 
@@ -464,8 +639,10 @@ def test_kernel_configs_cover_serving_shapes_and_match_launchers():
             assert f"decode {dt} " in labels and f"D={d}" in labels
     for g in (1, 4, 8):
         assert f"group={g} D=128" in labels
-    assert "split" in labels and "direct" in labels and "decode fp32" in labels and "page=256" in labels
-    assert KERNEL_CONFIGS[SM80_CONFIGS[0]]["config"].startswith("decode bf16 group=8 D=128 page=16 split")
+    assert "planned" in labels and "decode fp32" in labels and "page=256" in labels and "page=1 " in labels
+    # The merge at the widest partial tile the old one-shot merge spilled on (256 splits x D=128 fp32).
+    assert "merge fp32 D=128" in labels and "splits<=256" in labels
+    assert KERNEL_CONFIGS[SM80_CONFIGS[0]]["config"].startswith("decode bf16 group=8 D=128 page=16 planned")
     for c in KERNEL_CONFIGS:
         # Every kernel argument is described, in order, and the meta-parameters are the launcher's.
         assert list(c["signature"]) == list(c["fn"].arg_names), c["config"]
@@ -478,7 +655,7 @@ def test_kernel_configs_cover_serving_shapes_and_match_launchers():
             assert (c["num_warps"], c["num_stages"]) == (meta["num_warps"], meta["num_stages"])
             assert all(c["constexprs"][n] == meta[n] for n in ("BLOCK_G", "BLOCK_N", "BLOCK_D"))
         elif kind == "merge":
-            meta = pa._merge_meta(int(words["splits"]), int(words["D"]))
+            meta = pa._merge_meta(int(words["D"]))
             assert c["num_warps"] == meta["num_warps"] and c["constexprs"]["BLOCK_S"] == meta["BLOCK_S"]
         else:
             meta = pa._write_meta(int(words["Hkv"]), int(words["D"]))
@@ -489,7 +666,7 @@ def _check_facts(cfg: dict, f: dict, arch: int) -> None:
     where = check_common_facts(cfg, f, arch, MAX_REGISTERS)
     ins = f["instructions"]
     name = cfg["fn"].__name__
-    assert ins.get("LDL", 0) == 0, "register spills: " + where
+    assert ins.get("LDL", 0) == 0 and f["stack_bytes"] == 0, "register spills: " + where
     assert f["stores"] > 0 and f["atomics"] == 0, where  # no atomics: the split merge is a second pass
     # page_id * page_stride (decode, write) and row offsets are 64-bit multiplies: pools past 2^31
     # elements index correctly (the interpreter cannot show it: it would need such a pool).

@@ -22,11 +22,14 @@ import torch
 
 from nanofast.kernels import cuda_abi, cuda_build, cuda_facts
 from nanofast.kernels import cuda_ops as co
+from nanofast.kernels import paged_attention as pa
 
-from cuda_emu_helpers import DT_ID, DTYPES, FACTOR, HAVE_NVCC, _bits, emu  # noqa: F401 (emu: the fixture)
+import cuda_emu_helpers
+from cuda_emu_helpers import DT_ID, DTYPES, FACTOR, HAVE_NVCC, _bits
 from cuda_emu_helpers import _assert_budget as _shared_assert_budget
 
 SOURCE = "paged_attention.cu"
+emu = cuda_emu_helpers.emu  # the fixture (bound by name, so pyflakes sees it used)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -195,15 +198,55 @@ def test_empty_batch(emu):
     co.paged_kv_write_cuda(torch.randn(0, 2, 16), torch.randn(0, 2, 16), kc, kc.clone(), torch.zeros(0, dtype=torch.int64))
 
 
-def test_default_num_splits_formula(monkeypatch):
-    """On CUDA: ~2 blocks per SM, at most one split per 64 positions of the longest possible sequence."""
+def test_default_plan_targets_16_warps_per_sm(monkeypatch):
+    """On CUDA: splits from the actual lengths (the Triton backend's rule), sized for ~16 warps per SM."""
     dev = torch.device("cuda", 0)
     monkeypatch.setattr(co, "sm_count", lambda device: 132)  # an H100 SXM, without one
-    assert co._default_num_splits(dev, 1, 8, 4, 4096) == 33  # 8 blocks -> 264 / 8
-    assert co._default_num_splits(dev, 1, 8, 4, 100) == 1  # too short to split
-    assert co._default_num_splits(dev, 64, 8, 1, 1 << 20) == 1  # 512 blocks already fill the GPU
-    assert co._default_num_splits(dev, 1, 1, 40, 1 << 20) == 132  # 40 heads: 2 blocks per KV head
-    assert co._default_num_splits(torch.device("cpu"), 1, 1, 1, 1 << 20) == 1
+    lens = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    # G = 4: one 1-warp block per KV head; 8 KV heads -> target 16 x 132 / 8 = 264 units of 64+ keys.
+    plan = co._paged_plan(dev, lens(4096), -1, 1 << 20, 8, 4)
+    assert plan == [64]  # 64 tiles of 64 keys: one per unit (the old rule: 33 splits, ~2 warps per SM)
+    ragged = co._paged_plan(dev, lens(1 << 16, *[1] * 63), -1, 1 << 20, 8, 4)
+    assert ragged[1:] == [1] * 63 and 190 <= ragged[0] <= 256  # the long one is spread, the short stay whole
+    warps = sum(ragged) * 8 * 1
+    assert 0.9 * 16 * 132 <= warps <= 1.5 * 16 * 132
+    # G = 16: 4 warps per block (4 heads each): a quarter of the units for the same warps.
+    assert co._paged_plan(dev, lens(1 << 16), -1, 1 << 20, 8, 16) == [64]  # 66 units wanted: 1024 / 16 tiles
+    assert co._paged_plan(dev, lens(100), -1, 1 << 20, 1, 1) == [2]  # too short to split further
+    assert co._paged_plan(dev, lens(5000), 10, 1 << 20, 1, 1) == [1]  # window: 11 visible keys
+    assert co._paged_plan(torch.device("cpu"), lens(1 << 20, 5), -1, 1 << 21, 1, 1) == [1, 1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("lens,G,ps,window", [
+    ([300, 1, 5, 1, 70], 1, 16, None),   # one long, many short
+    ([1, 1, 1], 4, 3, None),             # all length 1: no merge
+    ([257], 8, 1, None),                 # one sequence, page size 1
+    ([200, 64, 9], 4, 64, 100),          # big pages, window
+])
+def test_planned_ragged_batch(emu, dtype, lens, G, ps, window, monkeypatch):
+    """A plan from the lengths (as on an H100) through the emulation: one launch call, the budgets hold."""
+    B, Hkv, D = len(lens), 2, 32
+    q, kc, vc, bt, sl, dense = _paged_problem(B, Hkv, G, D, ps, lens, window, dtype, "contig", "contig", seed=B + G)
+    plan = pa.plan_paged_decode(sl, Hkv, window=window, block_n=16, sm_count=4, waves=4)
+    if max(lens) > 64:
+        assert int(plan.max()) > 1
+    calls = []
+    real = co.launch
+    monkeypatch.setattr(co, "launch", lambda name, *a: (calls.append(name), real(name, *a))[1])
+    out = pa.paged_decode_attention(q, kc, vc, bt, sl, 0.3, window, plan=plan, backend="cuda")
+    assert calls == ["nf_paged_attention_fwd"]
+    _assert_budget(out, _reference(q, dense, 0.3, torch.float64), _reference(q, dense, 0.3, torch.float32).to(dtype),
+                   dtype, f"plan {plan.tolist()}")
+    # A hand-written plan with more splits than keys (empty units) and the uniform plan agree.
+    odd = torch.tensor([min(n, 9) + 2 for n in lens], dtype=torch.int32)
+    _assert_budget(co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, window, None, odd),
+                   _reference(q, dense, 0.3, torch.float64), _reference(q, dense, 0.3, torch.float32).to(dtype),
+                   dtype, "odd plan")
+    with pytest.raises(ValueError, match="either num_splits"):
+        co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, window, 2, plan)
+    with pytest.raises(ValueError, match="plan entries must lie in"):
+        co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, window, None, plan * 0)
 
 
 # ------------------------------------------------------------------------------------------------ cache write
@@ -390,18 +433,22 @@ def test_launch_functions_reject_bad_arguments(emu):
     bt = torch.zeros(1, 1, dtype=torch.int32)
     sl = torch.ones(1, dtype=torch.int32)
     out = torch.empty_like(q)
+    plan = torch.tensor([0, 1, 0, 0], dtype=torch.int32)  # seq_start [0, 1], unit_seq [0], unit_idx [0]
     good = dict(dtype=0, B=1, Hq=2, Hkv=1, D=8, q=q.data_ptr(), q_sb=16, q_sh=8, k=kc.data_ptr(), k_sp=16, k_ss=8,
                 k_sh=8, v=kc.data_ptr(), v_sp=16, v_ss=8, v_sh=8, num_pages=2, page_size=2, block_table=bt.data_ptr(),
-                bt_sb=1, bt_sp=1, max_pages=1, seq_lens=sl.data_ptr(), sl_s=1, window=-1, scale=0.5, num_splits=1,
+                bt_sb=1, bt_sp=1, max_pages=1, seq_lens=sl.data_ptr(), sl_s=1, window=-1, scale=0.5, num_units=1,
+                seq_start=plan.data_ptr(), unit_seq=plan.data_ptr() + 8, unit_idx=plan.data_ptr() + 12,
                 out=out.data_ptr(), o_sb=16, o_sh=8, heads_per_warp=2, warps=1)
 
     def call(**changes):
         return lib.nf_paged_attention_fwd(ctypes.byref(cuda_abi.PagedAttentionArgs(**{**good, **changes})), None)
 
     assert call() == 0
-    # dtype, Hq < Hkv, D, splits without scratch, scale, a heads-per-warp and a warp count never compiled
-    for bad in ({"dtype": 5}, {"Hkv": 3}, {"D": 300}, {"num_splits": 2}, {"scale": 0.0}, {"heads_per_warp": 3},
-                {"warps": 9}, {"warps": 0}):
+    # dtype, Hq < Hkv, D, splits without scratch, fewer units than sequences, no plan, scale, a
+    # heads-per-warp and a warp count never compiled
+    for bad in ({"dtype": 5}, {"Hkv": 3}, {"D": 300}, {"num_units": 2}, {"num_units": 0}, {"seq_start": None},
+                {"unit_seq": None}, {"unit_idx": None}, {"scale": 0.0}, {"heads_per_warp": 3}, {"warps": 9},
+                {"warps": 0}):
         rc = call(**bad)
         assert rc == -1 and b"invalid argument" in lib.nf_paged_attention_error_string(rc), bad
     with pytest.raises(RuntimeError, match="nf_paged_kv_write failed .*invalid argument"):
@@ -415,6 +462,14 @@ def test_launch_functions_reject_bad_arguments(emu):
 
 # 128: the cap __launch_bounds__(256, 2) gives ptxas (16 warps per SM); the others are small by design.
 REG_BOUND = {"paged_attention_kernel": 128, "paged_attention_merge_kernel": 40, "paged_kv_write_kernel": 40}
+
+
+def _resident_warps(registers: int, shared: int) -> int:
+    """Warps of one kernel resident per Hopper/Ampere SM from its compiled registers and shared memory:
+    registers are allocated per warp in units of 256 (registers x 32 rounded up), 64 K per SM, at
+    most 64 warps; no shared memory is used (asserted below)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(64, co._PAGED_REGS_PER_SM // per_warp)
 INSTANTIATIONS = {"paged_attention_kernel": 21, "paged_attention_merge_kernel": 3, "paged_kv_write_kernel": 4}
 
 
@@ -430,6 +485,10 @@ def test_nvcc_facts_paged_attention(arch):
         assert 0 < f.registers <= REG_BOUND[f.kernel], f"{what}: {f.registers} registers"
         assert f.shared_bytes == 0, f"{what}: {f.shared_bytes} B shared (the design uses shuffles only)"
         assert f.barriers == 0, f"{what}: uses a block barrier"
+        if f.kernel == "paged_attention_kernel":
+            # The occupancy the plan targets (cuda_ops._PAGED_WARPS_PER_SM) fits: 16 warps x ~1 KB of
+            # K/V rows in flight each ~= 16 KB per SM (Little's law on an H100: ~15 KB).
+            assert _resident_warps(f.registers, f.shared_bytes) >= co._PAGED_WARPS_PER_SM, f"{what}: {f.registers}"
         if not f.instructions:
             continue  # no nvdisasm (triton wheel) to read SASS
         assert f.instructions.get("STL", 0) == 0 and f.instructions.get("LDL", 0) == 0, what

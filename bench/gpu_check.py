@@ -516,7 +516,7 @@ def _step_grads(ctx: Ctx, shape: tuple, backend: str, dtype, compiled: bool, x, 
 
 
 def check_train_step(ctx: Ctx) -> dict:
-    """One compiled training step, the kernel backend against the torch backend.
+    """One training step, the kernel backend against the torch backend: eager in fp32, compiled in bf16.
 
     fp32 (TF32 off): the two differ only in summation order, so every gradient, the scalar ones
     included, agrees to 1e-3 relative (a wrong kernel is off by O(1)), plus 1e-6 of the whole
@@ -536,8 +536,10 @@ def check_train_step(ctx: Ctx) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     try:
+        # fp32 eager (the kernels' numerics; one compile fewer for the budget), bf16 compiled (the
+        # product's path: Inductor around the kernels)
         l32, g32 = _step_grads(ctx, shape, "torch", torch.float32, False, x, y)
-        lk32, gk32 = _step_grads(ctx, shape, "triton", torch.float32, True, x, y)
+        lk32, gk32 = _step_grads(ctx, shape, "triton", torch.float32, False, x, y)
         lt, gt = _step_grads(ctx, shape, "torch", torch.bfloat16, True, x, y)
         lk, gk = _step_grads(ctx, shape, "triton", torch.bfloat16, True, x, y)
     finally:
@@ -818,7 +820,7 @@ for _b in ("triton", "cuda"):
          {"backend": _b})
     _add("numerics", f"past_2^31[paged_decode,{_b}]", 6, check_paged_decode_past_2_31, "paged_attention", _b,
          {"backend": _b})
-_add("model", "train_step[compiled,triton vs torch]", 60, check_train_step)
+_add("model", "train_step[compiled,triton vs torch]", 90, check_train_step)
 _add("model", "engine_greedy_vs_generate", 15, check_engine)
 _add("speed", "rms_norm", 20, speed_rms_norm, "rms_norm", floor=("rms_norm_fwd_16384x1536", "triton"))
 _add("speed", "qk_norm_rope", 20, speed_qk_norm_rope, "qk_norm_rope",

@@ -19,13 +19,14 @@ from .linear_cross_entropy import (LinearSoftcapCrossEntropy, linear_softcap_cro
 from .newton_schulz import (CLASSIC_NS_COEFFS, POLAR_EXPRESS_COEFFS, nesterov_normalize_, newton_schulz,
                             newton_schulz_reference)
 from .paged_attention import (paged_decode_attention, paged_decode_attention_reference, paged_kv_write,
-                              paged_kv_write_reference)
+                              paged_kv_write_reference, plan_paged_decode)
 from .qk_norm_rope import QKNormRope, qk_norm_rope, qk_norm_rope_inplace, qk_norm_rope_reference
 from .rms_norm import RMSNorm, rms_norm, rms_norm_reference
 
-__all__ = ["BACKENDS", "FP8_BACKENDS", "resolve_backend", "fp8_gemm", "fp8_gemm_reference", "fp8_linear", "quantize_fp8",
-           "quantize_fp8_reference", "DelayedScaling", "newton_schulz", "newton_schulz_reference", "POLAR_EXPRESS_COEFFS",
-           "CLASSIC_NS_COEFFS", "nesterov_normalize_", "paged_decode_attention", "paged_decode_attention_reference",
-           "paged_kv_write", "paged_kv_write_reference", "rms_norm", "rms_norm_reference", "RMSNorm", "qk_norm_rope", "qk_norm_rope_inplace",
+__all__ = ["BACKENDS", "FP8_BACKENDS", "resolve_backend", "fp8_gemm", "fp8_gemm_reference", "fp8_linear",
+           "quantize_fp8", "quantize_fp8_reference", "DelayedScaling", "newton_schulz", "newton_schulz_reference",
+           "POLAR_EXPRESS_COEFFS", "CLASSIC_NS_COEFFS", "nesterov_normalize_", "paged_decode_attention",
+           "paged_decode_attention_reference", "plan_paged_decode", "paged_kv_write", "paged_kv_write_reference",
+           "rms_norm", "rms_norm_reference", "RMSNorm", "qk_norm_rope", "qk_norm_rope_inplace",
            "qk_norm_rope_reference", "QKNormRope", "linear_softcap_cross_entropy",
            "linear_softcap_cross_entropy_reference", "LinearSoftcapCrossEntropy"]

@@ -18,7 +18,7 @@ from .cuda_abi import (DTYPE_CODES, PagedAttentionArgs, PagedKvWriteArgs, QkNorm
                        RmsNormBwdArgs, RmsNormFwdArgs)
 from .cuda_build import launch
 from .launch import sm_count
-from .paged_attention import _check_plan, _plan_tensors, plan_paged_decode
+from .paged_attention import _check_plan, _plan_tensors, host_lengths, plan_paged_decode
 
 __all__ = [
     "rms_norm_fwd_cuda", "rms_norm_bwd_cuda", "qk_norm_rope_fwd_cuda", "qk_norm_rope_bwd_cuda",
@@ -532,8 +532,9 @@ def _paged_plan(device: torch.device, seq_lens: Tensor, window: int, max_len: in
     """Splits per sequence from the actual lengths (`paged_attention.plan_paged_decode`, the rule the
     Triton backend uses), sized so that units x Hkv x head blocks x warps ~ _PAGED_WARPS_PER_SM x SMs.
 
-    On CUDA this reads seq_lens back (one device->host copy of B ints, a sync): pass `plan=` to avoid
-    it. The emulation (CPU) runs blocks one after another: one split per sequence."""
+    On CUDA a device tensor here is read back (one device->host copy of B ints, a sync): callers pass
+    host lengths (`host_seq_lens`) or `plan=` to avoid it. The emulation (CPU) runs blocks one
+    after another: one split per sequence."""
     if device.type != "cuda":
         return [1] * seq_lens.shape[0]
     _, warps, hblocks = _paged_heads_layout(G)
@@ -545,8 +546,8 @@ def _paged_plan(device: torch.device, seq_lens: Tensor, window: int, max_len: in
     return [int(x) for x in plan.tolist()]
 
 
-def _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan=None
-                           ) -> tuple[float, int, list[int]]:
+def _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan=None,
+                           host_seq_lens=None) -> tuple[float, int, list[int]]:
     """Validate the arguments of paged_decode_attention_cuda; returns (scale, window or -1, splits per
     sequence)."""
     _check_tensor("q", q, 3)
@@ -592,7 +593,10 @@ def _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, wi
     elif plan is not None:
         splits = [int(x) for x in plan.tolist()]
     else:
-        splits = _paged_plan(q.device, seq_lens, w, max_len, Hkv, Hq // Hkv) if B else []
+        if host_seq_lens is not None and len(host_seq_lens) != B:
+            raise ValueError(f"host_seq_lens must hold B = {B} lengths, got {len(host_seq_lens)}")
+        lens = host_lengths(seq_lens, host_seq_lens) if B else seq_lens
+        splits = _paged_plan(q.device, lens, w, max_len, Hkv, Hq // Hkv) if B else []
     if sum(splits) > 2**31 - 1:
         raise ValueError(f"{sum(splits)} work units exceed the launch grid")
     return scale, w, splits
@@ -652,7 +656,7 @@ def _paged_decode_attention_into(q: Tensor, k_cache: Tensor, v_cache: Tensor, bl
 
 def paged_decode_attention_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                                 scale: float, window: int | None, num_splits: int | None,
-                                plan: Tensor | None = None) -> Tensor:
+                                plan: Tensor | None = None, host_seq_lens: list[int] | None = None) -> Tensor:
     """Decode attention of one query token per sequence over a paged KV cache (csrc/paged_attention.cu).
 
     q: (B, Hq, D) float32/float16/bfloat16, any strides (a non-unit last-dim stride costs a copy of q).
@@ -666,12 +670,13 @@ def paged_decode_attention_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, blo
     num_splits: the uniform plan, this many splits of every sequence (1..65535). plan: (B,) int32
     CPU tensor of splits per sequence (`paged_attention.plan_paged_decode`), exclusive with
     num_splits. Both None: planned from the lengths (`_paged_plan`: ~16 warps per SM of similar-sized
-    work units, one launch; on CUDA a device->host copy of seq_lens, 1 split each in the emulation).
+    work units, one launch; on CUDA a device->host copy of seq_lens unless host_seq_lens (the same
+    lengths as host ints) is given; 1 split each in the emulation).
     Returns (B, Hq, D) in q's dtype; fp32 scores, online softmax, deterministic.
     """
     q = _unit_last(q)
     scale, w, S = _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits,
-                                         plan)
+                                         plan, host_seq_lens)
     out = torch.empty(tuple(q.shape), dtype=q.dtype, device=q.device)
     _paged_decode_attention_into(q, k_cache, v_cache, block_table, seq_lens, scale, w, S, out)
     return out

@@ -43,7 +43,8 @@ Layering, as the other kernel modules: Triton kernels -> launchers (`paged_decod
 `paged_kv_write`) -> plain-torch references beside them. Inference only: no autograd.
 
 Host syncs: planning from seq_lens reads them back (on CUDA one device->host copy of B ints per
-call) unless the caller passes `plan=` (computed from lengths it knows on the host) or `num_splits=`.
+call) unless the caller passes `host_seq_lens=` (the same lengths as host ints: the engine's),
+`plan=` (computed from lengths it knows on the host) or `num_splits=`.
 Validation of *values* (seq_lens within the block table's capacity, used page ids
 within the pool, slots within the cache) reads tensors back to the host, so it runs for CPU tensors
 only. On CUDA the kernels instead clamp/mask so that bad values can never read or write outside
@@ -110,7 +111,8 @@ def _check_caches(k_cache, v_cache, dtype: torch.dtype, device: torch.device, re
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)} {doc}, got {tuple(v_cache.shape)}")
 
 
-def _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits=None, plan=None) -> None:
+def _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits=None, plan=None,
+                  host_seq_lens=None) -> None:
     """Shapes, dtypes, devices and scalars of a decode call (values too, for CPU tensors)."""
     _check_tensor("q", q, 3, "(B, Hq, D)")
     if not q.is_floating_point():
@@ -155,6 +157,16 @@ def _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num
             raise ValueError("pass either num_splits (the same split count for every sequence) or plan "
                              "(splits per sequence), not both")
         _check_plan(plan, B)
+    if host_seq_lens is not None:
+        if num_splits is not None or plan is not None:
+            raise ValueError("pass at most one of num_splits, plan and host_seq_lens (all three decide the split plan)")
+        if (not isinstance(host_seq_lens, (list, tuple)) or len(host_seq_lens) != B
+                or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in host_seq_lens)):
+            raise ValueError(f"host_seq_lens must be a list of B = {B} ints (seq_lens on the host), "
+                             f"got {host_seq_lens!r}"[:300])
+        if not q.is_cuda and seq_lens.tolist() != list(host_seq_lens):
+            raise ValueError(f"host_seq_lens must equal seq_lens, got {list(host_seq_lens)[:8]} vs "
+                             f"{seq_lens.tolist()[:8]}")
     # Value checks read the tensors back: free on CPU, a device sync per call on CUDA (skipped
     # there; the kernels clamp and mask instead, see the module docstring).
     if not q.is_cuda and B > 0:
@@ -518,6 +530,14 @@ def plan_paged_decode(seq_lens, num_kv_heads: int, *, window: int | None = None,
     return torch.tensor([-(-t // chunk) for t in tiles], dtype=torch.int32)
 
 
+def host_lengths(seq_lens: Tensor, host_seq_lens: list[int] | None) -> Tensor:
+    """The lengths to plan from as an int64 CPU tensor: the caller's host copy if it gave one, else
+    seq_lens read back (on CUDA a device->host copy, i.e. a sync)."""
+    if host_seq_lens is not None:
+        return torch.tensor(host_seq_lens, dtype=torch.int64)
+    return seq_lens.to("cpu", torch.int64)
+
+
 def _check_plan(plan, B: int) -> None:
     if not isinstance(plan, Tensor):
         raise TypeError(f"plan must be a (B,) int32 tensor of splits per sequence (plan_paged_decode), "
@@ -551,12 +571,13 @@ def _plan_tensors(splits: list[int] | None, B: int, uniform: int, device: torch.
 # ----------------------------------------------------------------------------------------------
 
 def _decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale: float, window: int | None,
-                   num_splits: int | None, out: Tensor | None = None, plan: Tensor | None = None) -> Tensor:
+                   num_splits: int | None, out: Tensor | None = None, plan: Tensor | None = None,
+                   host_seq_lens: list[int] | None = None) -> Tensor:
     """paged_decode_attention_triton without validation (inputs checked by the caller). `out`: an
     optional preallocated (B, Hq, D) destination in q's dtype, any strides with unit stride on D.
     The split plan: `plan` (checked (B,) int32 CPU splits per sequence) if given, else `num_splits`
-    for every sequence (the uniform plan), else `plan_paged_decode` from seq_lens (on CUDA one
-    device->host copy of the B lengths; on CPU one split per sequence)."""
+    for every sequence (the uniform plan), else `plan_paged_decode` from host_seq_lens if given, else
+    from seq_lens (on CUDA one device->host copy of the B lengths; on CPU one split per sequence)."""
     B, Hq, D = q.shape
     num_pages, page_size, Hkv, _ = k_cache.shape
     if out is None:
@@ -580,7 +601,7 @@ def _decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale: float, win
     else:
         sm = _sm_count(q.device) if q.is_cuda else None
         # Lengths past the capacity (unchecked on CUDA) are clamped by the kernel; plan the same.
-        lens = seq_lens.to("cpu", torch.int64).clamp(1, capacity)
+        lens = host_lengths(seq_lens, host_seq_lens).clamp(1, capacity)
         splits = [int(x) for x in plan_paged_decode(lens, Hkv, window=window, block_n=meta["BLOCK_N"],
                                                     sm_count=sm).tolist()]
     packed, units = _plan_tensors(splits, B, 1 if num_splits is None else int(num_splits), q.device)
@@ -606,14 +627,15 @@ def _decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale: float, win
 
 def paged_decode_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                                   seq_lens: Tensor, scale: float, window: int | None,
-                                  num_splits: int | None, plan: Tensor | None = None) -> Tensor:
+                                  num_splits: int | None, plan: Tensor | None = None,
+                                  host_seq_lens: list[int] | None = None) -> Tensor:
     """Triton launcher (same signature as `cuda_ops.paged_decode_attention_cuda`): validates, then
     runs the decode kernel (one launch over all work units) and, when some sequence has more than
     one split, the merge kernel. See `paged_decode_attention`."""
-    _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan)
+    _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan, host_seq_lens)
     _check_kernel_dtype(q, "q")
     return _decode_triton(q, k_cache, v_cache, block_table, seq_lens, float(scale), window, num_splits,
-                          plan=plan)
+                          plan=plan, host_seq_lens=host_seq_lens)
 
 
 def _write_triton(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -647,7 +669,7 @@ def paged_kv_write_triton(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                            scale: float | None = None, window: int | None = None, *,
                            num_splits: int | None = None, plan: Tensor | None = None,
-                           backend: str | None = None) -> Tensor:
+                           host_seq_lens: list[int] | None = None, backend: str | None = None) -> Tensor:
     """Decode attention of one new token per sequence over a paged KV cache (GQA, sliding window).
 
     Args:
@@ -676,6 +698,10 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
             all launched in one grid, so a ragged batch keeps every SM busy: Triton aims at ~2
             programs (8-warp CTAs) per SM, the CUDA backend at ~16 warps per SM
             (`cuda_ops._paged_plan`). Both backends take the same plan tensor.
+        host_seq_lens: seq_lens as a list of host ints, when the caller has them (an inference
+            engine does): the launcher plans from these with its own rule instead of reading
+            seq_lens back, so a call makes no host sync. Must equal seq_lens (checked on CPU only);
+            exclusive with num_splits and plan. Ignored by backend="torch".
         backend: "torch" | "triton" | "cuda" | None (triton on CUDA tensors, torch on CPU).
     Returns:
         (B, Hq, D) contiguous in q's dtype. Softmax and accumulation in fp32.
@@ -684,7 +710,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         checks (seq_lens range, used page ids) run for CPU tensors only: on CUDA they would cost a
         host sync per call, and the kernel masks out-of-range values instead (module docstring).
     """
-    _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan)
+    _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan, host_seq_lens)
     be = resolve_backend(backend, q)
     if be == "torch":
         return paged_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens, scale, window)
@@ -695,8 +721,9 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         from .cuda_ops import paged_decode_attention_cuda  # lazy: builds/loads the CUDA extension
 
         return paged_decode_attention_cuda(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits,
-                                           plan)
-    return _decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan=plan)
+                                           plan, host_seq_lens)
+    return _decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan=plan,
+                          host_seq_lens=host_seq_lens)
 
 
 def paged_kv_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, *,

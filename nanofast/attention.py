@@ -25,7 +25,7 @@ def paged_step_attention(batch: PagedBatch, layer: int, q: torch.Tensor, k: torc
     parts = []
     if nd:
         parts.append(ops.paged_decode_attention(q[0, :nd], k_cache, v_cache, batch.block_table[:nd],
-                                                batch.seq_lens[:nd], window))
+                                                batch.seq_lens[:nd], window, host_seq_lens=batch.context_lens[:nd]))
     for row, start, n in batch.chunks:
         ctx = batch.context_lens[row]
         pages = batch.block_table[row, :math.ceil(ctx / batch.cache.page_size)].long()

@@ -275,8 +275,11 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                           seq_lens: torch.Tensor, window: int) -> torch.Tensor:
+                           seq_lens: torch.Tensor, window: int, host_seq_lens: list[int] | None = None
+                           ) -> torch.Tensor:
     """One query token per sequence, q (B, Hq, D), against its pages; see kernels.paged_decode_attention.
+    host_seq_lens: seq_lens as host ints (the engine knows them): the kernels plan their splits from
+    these instead of reading seq_lens back, a host sync per call and layer on a GPU.
 
     The torch path (CPU) gathers the block table's pages and runs one fused SDPA with a length and
     window mask: ~4x faster than the kernels' reference (einsums + softmax, argument validation),
@@ -286,7 +289,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     backend = op_backend("paged_attention", q)
     if backend != "torch":
         return kernels.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, window=window,
-                                              backend=backend)
+                                              host_seq_lens=host_seq_lens, backend=backend)
     pages = block_table.long()
     k, v = k_cache[pages].flatten(1, 2), v_cache[pages].flatten(1, 2)  # (B, n, Hkv, D)
     pos = torch.arange(k.size(1), device=q.device)[None, :]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanofast import kv_cache, ops
+from nanofast import kernels, kv_cache, ops
 from nanofast.engine import Engine, SamplingParams
 from nanofast.kv_cache import BlockManager
 from nanofast.model import GPT, config_for_depth
@@ -159,6 +159,22 @@ def test_packed_qkv_weight_is_cached_and_follows_weight_updates():
     attn.c_v.weight.data = torch.ones_like(attn.c_v.weight)  # as Module.to does: same object, same version
     assert torch.equal(attn.packed_qkv_weight(torch.float32)[-attn.c_v.weight.size(0):], attn.c_v.weight)
     assert torch.equal(attn.packed_qkv_weight(torch.float32)[:attn.c_q.weight.size(0)], attn.c_q.weight)
+
+
+def test_decode_plans_from_the_engines_host_lengths(monkeypatch):
+    """The engine hands the decode kernel its lengths as host ints, so the split plan costs no
+    device->host copy per layer and step on a GPU; they are the lengths the kernel reads."""
+    model = _model(2, [5, 48])
+    calls = _counting(monkeypatch, kernels, "paged_decode_attention")
+    ops.set_kernel_backend("triton")
+    try:
+        Engine(model, page_size=4, num_pages=40, max_batch_tokens=12).generate(
+            _prompts(seed=2)[:3], SamplingParams(max_tokens=4, temperature=0.0))
+    finally:
+        ops.set_kernel_backend(None)
+    assert calls
+    for args, kwargs in calls:
+        assert kwargs["host_seq_lens"] == args[4].tolist()
 
 
 def test_hash_collisions_cannot_return_wrong_text(monkeypatch):

@@ -429,6 +429,29 @@ def test_default_plan_on_cpu_is_one_split_and_matches():
     assert _max_err(out, paged_decode_attention_reference(q, kc, vc, bt, sl)) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_host_seq_lens_plan_without_reading_seq_lens_back(backend, monkeypatch):
+    """An engine knows its lengths on the host: given them, the launcher plans from them (no
+    device->host copy of seq_lens on a GPU) and the result is the default plan's."""
+    q, kc, vc, bt, sl, _ = make_case(3, 4, 2, 16, 4, [37, 1, 12], torch.float32, seed=6)
+    want = paged_decode_attention(q, kc, vc, bt, sl, backend=backend)
+    seen = []
+
+    def spy(seq_lens, host_seq_lens):
+        seen.append(host_seq_lens)
+        return real(seq_lens, host_seq_lens)
+
+    real = pa.host_lengths
+    monkeypatch.setattr(pa, "host_lengths", spy)
+    if backend == "cuda":
+        from nanofast.kernels import cuda_ops
+
+        monkeypatch.setattr(cuda_ops, "host_lengths", spy)
+    out = paged_decode_attention(q, kc, vc, bt, sl, host_seq_lens=[37, 1, 12], backend=backend)
+    assert seen == [[37, 1, 12]] and torch.equal(out, want)
+    assert real(None, [5, 2]).tolist() == [5, 2]  # the host copy is used as is: seq_lens is never touched
+
+
 def _bad_plan_cases():
     q, kc, vc = torch.randn(2, 4, 16), torch.randn(6, 3, 2, 16), torch.randn(6, 3, 2, 16)
     bt, sl = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32), torch.tensor([7, 9], dtype=torch.int32)
@@ -442,6 +465,11 @@ def _bad_plan_cases():
         (dict(base, plan=torch.tensor([0, 1], dtype=torch.int32)), ValueError, r"plan entries must lie in \[1, 256\]"),
         (dict(base, plan=torch.tensor([1, 257], dtype=torch.int32)), ValueError, "plan entries must lie in"),
         (dict(base, plan=ok, num_splits=2), ValueError, "either num_splits .* or plan"),
+        (dict(base, host_seq_lens=[7, 9], plan=ok), ValueError, "at most one of num_splits, plan and host_seq_lens"),
+        (dict(base, host_seq_lens=[7, 9], num_splits=2), ValueError, "at most one of"),
+        (dict(base, host_seq_lens=[7]), ValueError, r"host_seq_lens must be a list of B = 2 ints"),
+        (dict(base, host_seq_lens=torch.tensor([7, 9])), ValueError, "host_seq_lens must be a list"),
+        (dict(base, host_seq_lens=[7, 8]), ValueError, "host_seq_lens must equal seq_lens"),
     ]
 
 

@@ -116,8 +116,10 @@ def table(cls: str) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def clear_cache() -> None:
-    """Forget the loaded tables (tests that write or point at another table call this)."""
+    """Forget the loaded tables and the choices made from them (tests that write or point at
+    another table call this)."""
     _load.cache_clear()
+    _choice.cache_clear()
 
 
 @functools.lru_cache(maxsize=None)
@@ -219,4 +221,11 @@ def _choose_constant(op: str, cls: str) -> str:
 
 
 def _choose_for_class(op: str, cls: str) -> str:
+    return _choice(op, cls, os.environ.get(TABLE_ENV))
+
+
+@functools.lru_cache(maxsize=None)
+def _choice(op: str, cls: str, table_env: str | None) -> str:
+    # Eager inference asks once per op and layer on every step: the answer is fixed per (op, device
+    # class, table file), so it is worked out once instead of re-resolving the table path each call.
     return choose(op, table(cls).get(op))

@@ -15,6 +15,9 @@ D = 128, page_size 16, bf16, MHA (16 / 16 heads) and GQA (32 query / 8 kv heads)
 records the bytes of K/V the attention must read (sum over sequences of L * Hkv * D * 2 tensors,
 plus q and the output), the achieved GB/s against that, and the % of the device's DRAM bandwidth.
 
+Prefill (test_bench_paged_prefill): one engine step's chunks in the engine's batched call against
+one gather + SDPA per chunk, on a step of like prompts (RL) and a mixed one (prompts and tool outputs).
+
 On CPU: only the torch paths are timed (their ratio in the same run is meaningful; absolute CPU
 times say nothing about a GPU). The Triton kernel would run through the interpreter (numpy), whose
 speed says nothing about the kernel, so it is not timed there; one tiny case checks, when the
@@ -29,6 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanofast import ops
 from nanofast.kernels.backend import triton_interpreting
 
 from bench.gpu_peaks import bandwidth_info
@@ -134,3 +138,68 @@ def test_triton_path_sanity_cpu():
         out = pa.paged_decode_attention(*args, num_splits=splits, backend="triton")
         torch.testing.assert_close(out, pa.paged_decode_attention_reference(*args), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sdpa_gather(*args), pa.paged_decode_attention_reference(*args), rtol=1e-5, atol=1e-5)
+
+
+# Prefill of one engine step: every chunk (new prompts, tool outputs) against its pages. `batched`
+# is the engine's call (ops.paged_prefill_attention_batched: flash-attn varlen on a GPU with
+# flash-attn, else SDPA per group of like shapes); `per_chunk` is what a user would otherwise
+# write: one gather + SDPA per chunk (ops.paged_prefill_attention). Chunk lengths (queries, context).
+if GPU:
+    PREFILL_STEPS = {"rl16x256": [(256, 256)] * 16, "mixed": [(2048, 2048), (512, 512), (3, 1500), (5, 900)] * 2}
+    PREFILL_HEADS = (32, 8, 128)
+else:
+    PREFILL_STEPS = {"rl16x64": [(64, 64)] * 16, "mixed": [(256, 256), (64, 64), (3, 200), (5, 120)] * 2}
+    PREFILL_HEADS = (8, 2, 64)
+
+
+def make_prefill_step(chunks: list[tuple[int, int]], hq: int, hkv: int, d: int):
+    """A paged cache with each chunk's context on shuffled pages, the step's queries back to back,
+    and the engine's (row, start, n) chunk list and host context lengths."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pages = [-(-ctx // PAGE_SIZE) for _, ctx in chunks]
+    perm = torch.randperm(sum(pages) + 1, generator=g).tolist()
+    width, rows, used = max(pages), [], 0
+    for n_pages in pages:
+        rows.append(perm[used:used + n_pages] + [perm[-1]] * (width - n_pages))
+        used += n_pages
+    block_table = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+    shape = (sum(pages) + 1, PAGE_SIZE, hkv, d)
+    k_cache = torch.randn(shape, generator=g).to(DEVICE, DTYPE)
+    v_cache = torch.randn(shape, generator=g).to(DEVICE, DTYPE)
+    starts = [0]
+    for n, _ in chunks:
+        starts.append(starts[-1] + n)
+    q = torch.randn((starts[-1], hq, d), generator=g).to(DEVICE, DTYPE)
+    spec = [(row, starts[row], n) for row, (n, _) in enumerate(chunks)]
+    return q, k_cache, v_cache, block_table, spec, [ctx for _, ctx in chunks]
+
+
+def prefill_per_chunk(q, k_cache, v_cache, block_table, spec, ctxs, window):
+    return torch.cat([ops.paged_prefill_attention(q[s:s + n], k_cache, v_cache,
+                                                  block_table[r, :-(-ctxs[r] // PAGE_SIZE)].long(), ctxs[r], window)
+                      for r, s, n in spec])
+
+
+@pytest.mark.parametrize("impl", ["batched", "per_chunk"])
+@pytest.mark.parametrize("step", list(PREFILL_STEPS))
+def test_bench_paged_prefill(benchmark, step, impl):
+    chunks = PREFILL_STEPS[step]
+    args = make_prefill_step(chunks, *PREFILL_HEADS)
+    window = max(ctx for _, ctx in chunks)
+
+    def run():
+        with torch.no_grad():
+            if impl == "batched":  # a fresh plan per call: what the step's first layer pays
+                out = ops.paged_prefill_attention_batched(*args, window, {})
+            else:
+                out = prefill_per_chunk(*args, window)
+        if GPU:
+            torch.cuda.synchronize()
+        return out
+
+    torch.testing.assert_close(run().float(), prefill_per_chunk(*args, window).float(), rtol=2e-2, atol=2e-2)
+    benchmark.group = f"paged prefill {step} Hq,Hkv,D={PREFILL_HEADS} {DEVICE}"
+    benchmark.pedantic(run, rounds=10 if GPU else 3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(0) if GPU else "cpu", chunks=len(chunks),
+                                tokens=sum(n for n, _ in chunks),
+                                flash_attn=ops._flash_attn_module(args[0]) is not None)

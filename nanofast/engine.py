@@ -5,7 +5,8 @@ running sequence its next tokens under a token budget (`max_batch_tokens`): one 
 sequence that is decoding, a chunk of its prompt for one that is prefilling, so a long prompt is
 spread over several steps instead of stalling everybody's decoding. All of a step's tokens run
 through the model in ONE forward: decode rows through the paged decode kernel as one batch,
-chunks against their gathered pages (`nanofast.kv_cache.PagedBatch`, `nanofast.attention`). Where QK-norm+rotary runs on a kernel backend, each layer computes q, k, v
+all chunks in one batched prefill call against their pages (`nanofast.kv_cache.PagedBatch`,
+`nanofast.attention`). Where QK-norm+rotary runs on a kernel backend, each layer computes q, k, v
 with one GEMM into a packed buffer normalised and rotated in place (`CausalSelfAttention._forward_packed`).
 
 Memory: pages come from a fixed pool (`BlockManager`). Prompts that share a prefix share its pages

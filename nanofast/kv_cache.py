@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -138,8 +138,8 @@ class PagedBatch:
 
     The first `num_decode` sequences contribute one token each (rows 0 .. num_decode - 1, run by
     the paged decode kernel in one batch); the others contribute chunks (prefill, recompute after
-    preemption, tool output), run per sequence against their gathered pages
-    (`nanofast.attention.paged_step_attention`).
+    preemption, tool output), rows back to back after the decode rows, run together in one
+    batched prefill call against their pages (`nanofast.attention.paged_step_attention`).
     """
     cache: KVCache
     positions: torch.Tensor     # (N,) int64 position of each token in its sequence
@@ -155,3 +155,5 @@ class PagedBatch:
     # (max_position, D) [cos | sin] rotary tables in the compute dtype (GPT.cos_sin_cache): read by
     # the packed-qkv attention path (kernels.qk_norm_rope_inplace at `positions`); None without it.
     cos_sin_cache: torch.Tensor | None = None
+    # index tensors of the batched prefill, built by the first layer and reused by the others
+    prefill_plan: dict = field(default_factory=dict)

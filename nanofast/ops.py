@@ -11,6 +11,7 @@ Layouts follow flash-attn: activations (B, T, H, D), so no transposes are needed
 """
 from __future__ import annotations
 
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -238,11 +239,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) ->
     q: (B, T, Hq, D); k, v: (B, T, Hkv, D) with Hq % Hkv == 0 (GQA). Query i sees keys j with
     i - window <= j <= i (flash-attn's window_size=(window, 0)). Returns (B, T, Hq, D).
     """
-    if q.is_cuda and (_fa3 is not None or _fa2 is not None) and q.dtype in (torch.bfloat16, torch.float16):
-        fa = _fa3 if (_fa3 is not None and torch.cuda.get_device_capability(q.device)[0] == 9) else _fa2
-        if fa is not None:
-            out = fa.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
-            return out[0] if isinstance(out, tuple) else out
+    fa = _flash_attn_module(q)
+    if fa is not None:
+        out = fa.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+        return out[0] if isinstance(out, tuple) else out
     return _sdpa_attention(q, k, v, window)
 
 
@@ -318,6 +318,124 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                        attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
     return y[0].transpose(0, 1)
+
+
+def _flash_attn_module(q: torch.Tensor):
+    """flash-attn's module to run q on (FA3's on Hopper, else FA2's), or None: CPU tensors, fp32,
+    or flash-attn not installed."""
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if _fa3 is not None and torch.cuda.get_device_capability(q.device)[0] == 9:
+        return _fa3
+    return _fa2
+
+
+def paged_prefill_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                    block_table: torch.Tensor, chunks: list[tuple[int, int, int]],
+                                    context_lens: list[int], window: int, plan: dict | None = None) -> torch.Tensor:
+    """Every chunk of an engine step (prefill, recompute, tool output) against its pages, batched.
+
+    q: (M, Hq, D), the chunks' queries back to back in `chunks` order (M = sum of their lengths);
+    k_cache, v_cache: (num_pages, page_size, Hkv, D) with the chunks' own K/V already written;
+    block_table: (S, max_pages) int32 page ids per sequence row (entries past a row's used pages
+    must be valid page ids: they are gathered, then masked); chunks: (sequence row, first row in
+    q, tokens n) per chunk; context_lens: host ints per sequence row, the length after this step.
+    Chunk c's queries sit at positions ctx - n .. ctx - 1 of its sequence and attend causally with
+    left window `window` to positions 0 .. ctx - 1. Returns (M, Hq, D) in q's dtype, rows as q's.
+
+    fp16/bf16 CUDA tensors with flash-attn importable: one flash_attn_varlen_func call (keys
+    gathered per sequence and packed, cu_seqlens, causal bottom-right aligned, window_size=(window,
+    0)), which does no padded work. Otherwise batched SDPA: chunks of similar shape go into one call
+    (`prefill_groups`: padding adds at most a quarter to a call's query x key work), its pages
+    gathered into (S', L, Hkv, D) (L its longest context rounded up to pages), queries padded to its
+    longest chunk and one causal + window + length mask. Each chunk gets what paged_prefill_attention
+    gives it alone up to rounding (masked keys and padded rows add nothing to the kept rows, but
+    SDPA's CPU kernel may round differently with the longer key range: fp32 agrees to ~1e-7).
+    plan: a dict the caller keeps for one step (empty at first): the index tensors built from the
+    host lists are stored there by the first layer's call and reused by the others.
+    """
+    if plan is None:
+        plan = {}
+    if not chunks:
+        raise ValueError("chunks must list at least one (sequence row, first row in q, tokens) chunk")
+    lens = [n for _, _, n in chunks]
+    ctxs = [context_lens[r] for r, _, _ in chunks]
+    if q.dim() != 3 or q.size(0) != sum(lens):
+        raise ValueError(f"q must be (M, Hq, D) with M = {sum(lens)} (the chunks' tokens), got {tuple(q.shape)}")
+    if any(not 1 <= n <= c for n, c in zip(lens, ctxs)):
+        raise ValueError(f"each chunk needs 1 <= tokens <= its context length, got tokens {lens}, contexts {ctxs}")
+    dev = q.device
+    P = k_cache.size(1)
+    fa = _flash_attn_module(q)
+    if fa is not None:
+        if "slots" not in plan:
+            # Each chunk's context keys, one sequence after another (flash-attn's varlen layout).
+            pos = [torch.arange(c, device=dev) for c in ctxs]
+            plan["slots"] = torch.cat([block_table[r].long()[p // P] * P + p % P for (r, _, _), p in zip(chunks, pos)])
+            plan["cu"] = torch.tensor([[0, *itertools.accumulate(lens)], [0, *itertools.accumulate(ctxs)]],
+                                      dtype=torch.int32, device=dev)
+        k = k_cache.flatten(0, 1)[plan["slots"]]
+        v = v_cache.flatten(0, 1)[plan["slots"]]
+        out = fa.flash_attn_varlen_func(q, k, v, plan["cu"][0], plan["cu"][1], max(lens), max(ctxs), causal=True,
+                                        window_size=(window, 0))
+        return out[0] if isinstance(out, tuple) else out
+    if "groups" not in plan:  # host lists -> index tensors once per step, not once per layer
+        groups = [sorted(g) for g in prefill_groups(lens, [-(-c // P) * P for c in ctxs])]  # chunk order within
+        plan["groups"] = [_padded_prefill_plan([chunks[i] for i in g], [ctxs[i] for i in g], block_table, P)
+                          for g in groups]
+        # rows of q in the order the groups return them (one group returns them in q's order)
+        plan["rows"] = None if len(groups) == 1 else torch.cat([
+            torch.arange(chunks[i][1], chunks[i][1] + chunks[i][2]) for g in groups for i in g]).to(dev)
+    outs = []
+    for g in plan["groups"]:
+        qp = q[g["q_index"]]  # (S', n_max, Hq, D)
+        k = k_cache[g["pages"]].flatten(1, 2)  # (S', L, Hkv, D)
+        v = v_cache[g["pages"]].flatten(1, 2)
+        kj = torch.arange(k.size(1), device=dev)[None, None, :]
+        mask = (kj <= g["q_pos"]) & (kj >= g["q_pos"] - window)  # kj <= q_pos < ctx: the length mask too
+        y = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask[:, None], enable_gqa=q.size(1) != k.size(2))
+        outs.append(y.transpose(1, 2)[g["keep"]])  # (rows of the group, Hq, D), chunk rows in order
+    if plan["rows"] is None:
+        return outs[0]
+    return torch.empty_like(q).index_copy_(0, plan["rows"], torch.cat(outs))
+
+
+def prefill_groups(lens: list[int], keys: list[int], max_padding: float = 1.25) -> list[list[int]]:
+    """Chunk indices grouped for padded batched attention: chunk i has lens[i] queries over keys[i]
+    keys; a group is padded to its most queries x most keys, and a chunk joins a group only while
+    that padded area stays within `max_padding` x the group's real area. Padding costs FLOPs (each
+    padded row and key is computed, then discarded) while a call costs a fixed overhead, so like
+    shapes share a call and a 3-token tool output does not ride in a 2,000-token prompt's call.
+    Groups of the chunks sorted by queries then keys, largest first; every index once."""
+    order = sorted(range(len(lens)), key=lambda i: (lens[i], keys[i]), reverse=True)
+    groups: list[list[int]] = []
+    n_max = k_max = real = 0
+    for i in order:
+        if groups:
+            k_new = max(k_max, keys[i])
+            if (len(groups[-1]) + 1) * n_max * k_new <= max_padding * (real + lens[i] * keys[i]):
+                groups[-1].append(i)
+                k_max, real = k_new, real + lens[i] * keys[i]
+                continue
+        groups.append([i])
+        n_max, k_max, real = lens[i], keys[i], lens[i] * keys[i]
+    return groups
+
+
+def _padded_prefill_plan(chunks: list[tuple[int, int, int]], ctxs: list[int], block_table: torch.Tensor,
+                         page_size: int) -> dict:
+    """Index tensors of one padded SDPA call over `chunks` (see paged_prefill_attention_batched)."""
+    dev = block_table.device
+    S, n_max, pages = len(chunks), max(n for _, _, n in chunks), -(-max(ctxs) // page_size)
+    host = torch.tensor([[r, s, n, c] for (r, s, n), c in zip(chunks, ctxs)]).to(dev)
+    rows, start, n, ctx = (host[:, i:i + 1] for i in range(4))
+    j = torch.arange(n_max, device=dev)[None, :]
+    jj = torch.minimum(j, n - 1)  # padded query rows repeat the chunk's last query (never all-masked)
+    return {"q_index": start + jj,  # (S, n_max) rows of q
+            "q_pos": (ctx - n + jj)[:, :, None],  # (S, n_max, 1) positions of those queries
+            "keep": (j < n).expand(S, n_max),  # the real (unpadded) query rows
+            "pages": block_table[rows[:, 0], :pages].long()}  # (S, pages)
 
 
 def linear_softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,

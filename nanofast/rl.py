@@ -5,14 +5,16 @@ loader, `policy_loss` its loss. Per step, on-policy: every question is answered 
 the current model through the paged engine; each answer gets the task's reward; advantage =
 reward minus the mean reward of its question (no std normalisation, no KL term, no clipping: one
 update per batch of fresh samples); the loss is -sum(advantage * log p(token)) over the sampled
-tokens, divided by their number over every rank (token-level normalisation). Calculator output forced in by the engine is not the
-policy's choice: masked out.
+tokens, divided by their number over every rank (token-level normalisation). Calculator output
+forced in by the engine is not the policy's choice: masked out.
 
 Sampler/trainer mismatch: the engine (paged attention, one token at a time) and the trainer (full
-sequence forward) compute the same distribution with different kernels and rounding. In bf16
-that gap is large enough to bias the policy gradient (arXiv 2510.26788); fp16's 10-bit mantissa
-shrinks it. Each step reports mean |logp_engine - logp_trainer| and the KL(engine || trainer)
-estimated on the sampled tokens (k3: E[r - 1 - log r], r = p_trainer / p_engine).
+sequence forward) compute the same distribution with different kernels and rounding. On a GPU
+both attention kernels round the softmax probabilities to the compute dtype, over different
+tiles: in bf16 that gap is large enough to bias the policy gradient (arXiv 2510.26788); fp16's
+10-bit mantissa shrinks it (~7x measured through the paged decode kernel, tests/test_rl.py).
+Each step reports mean |logp_engine - logp_trainer| and the KL(engine || trainer) estimated on
+the sampled tokens (k3: E[r - 1 - log r], r = p_trainer / p_engine).
 """
 from __future__ import annotations
 

@@ -177,6 +177,22 @@ def test_decode_plans_from_the_engines_host_lengths(monkeypatch):
         assert kwargs["host_seq_lens"] == args[4].tolist()
 
 
+def test_a_step_with_several_chunks_makes_one_prefill_call_per_layer(monkeypatch):
+    model = _model(2, [5, 48])
+    prompts = _prompts(seed=8)[4:8]  # 17, 30, 9 and 11 tokens: several chunks per step
+    batched = _counting(monkeypatch, ops, "paged_prefill_attention_batched")
+    per_chunk = _counting(monkeypatch, ops, "paged_prefill_attention")
+    engine = Engine(model, page_size=4, num_pages=60, max_batch_tokens=64)
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_tokens=3, temperature=0.0))
+    engine.step()  # every prompt in one step: four chunks
+    assert len(batched) == model.config.n_layer and per_chunk == []
+    assert [len(args[4]) for args, _ in batched] == [len(prompts)] * model.config.n_layer
+    while engine.has_unfinished():
+        engine.step()
+    assert per_chunk == []
+
+
 def test_hash_collisions_cannot_return_wrong_text(monkeypatch):
     """With every page hashing alike, the token/parent verification must keep outputs exact."""
     monkeypatch.setattr(kv_cache, "page_key", lambda parent, tokens: b"same")

@@ -125,6 +125,127 @@ def test_paged_decode_torch_path_equals_the_kernels_reference(window, hq, hkv):
                                rtol=1e-5, atol=1e-6)
 
 
+def _prefill_case(hq, hkv, seed, P=4, D=8):
+    """A cache, an engine-style block table (rows padded with page 0) and 4 chunks of mixed sizes:
+    (row, start, n) with one decode row (row 0) before them, as the engine orders a step."""
+    g = torch.Generator().manual_seed(seed)
+    pages = 24
+    kc, vc = torch.randn(pages, P, hkv, D, generator=g), torch.randn(pages, P, hkv, D, generator=g)
+    ctx = [6, 13, 2, 21, 7]  # row 0 decodes; rows 1..4 are chunks
+    lens = [None, 5, 2, 21, 3]  # a chunk may be the whole prompt or the tail of a longer context
+    perm = torch.randperm(pages, generator=g).tolist()
+    table, used = [], 0
+    for c in ctx:
+        n = -(-c // P)
+        table.append(perm[used:used + n])
+        used += n
+    width = max(map(len, table))
+    table = torch.tensor([t + [0] * (width - len(t)) for t in table], dtype=torch.int32)
+    chunks, start = [], 0
+    for row in range(1, 5):
+        chunks.append((row, start, lens[row]))
+        start += lens[row]
+    q = torch.randn(start, hq, D + 2, generator=g)[..., :D]  # strided, as views of a packed qkv buffer
+    return q, kc, vc, table, chunks, ctx
+
+
+@pytest.mark.parametrize("window", [0, 3, 1000])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (3, 1)])
+def test_batched_prefill_equals_the_per_chunk_path(window, hq, hkv):
+    """One call over every chunk gives each chunk what paged_prefill_attention gives it alone."""
+    q, kc, vc, table, chunks, ctx = _prefill_case(hq, hkv, seed=window + 7 * hq)
+    P = kc.size(1)
+    want = torch.cat([ops.paged_prefill_attention(q[s:s + n], kc, vc, table[r, :-(-ctx[r] // P)].long(), ctx[r],
+                                                  window) for r, s, n in chunks])
+    plan = {}  # what the engine keeps per step: the second layer's call reuses the first's index tensors
+    got = ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctx, window, plan)
+    assert got.shape == want.shape == (q.size(0), hq, q.size(-1)) and len(plan["groups"]) > 1  # chunks reordered
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctx, window, plan), got)
+
+
+def test_batched_prefill_of_like_chunks_is_one_sdpa_call(monkeypatch):
+    q, kc, vc, table, _, ctx = _prefill_case(6, 2, seed=3)
+    chunks = [(0, 0, 5), (4, 5, 6)]  # contexts 6 and 7: 8 keys each in pages of 4
+    calls = []
+    sdpa = ops.F.scaled_dot_product_attention
+    monkeypatch.setattr(ops.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    want = torch.cat([ops.paged_prefill_attention(q[s:s + n], kc, vc, table[r, :-(-ctx[r] // 4)].long(), ctx[r], 5)
+                      for r, s, n in chunks])
+    calls.clear()
+    plan = {}
+    got = ops.paged_prefill_attention_batched(q[:11], kc, vc, table, chunks, ctx, 5, plan)
+    assert len(calls) == 1 and len(plan["groups"]) == 1 and plan["rows"] is None
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_batched_prefill_errors_name_the_argument():
+    q, kc, vc, table, chunks, ctx = _prefill_case(4, 2, seed=1)
+    with pytest.raises(ValueError, match="chunks must list at least one"):
+        ops.paged_prefill_attention_batched(q, kc, vc, table, [], ctx, 3)
+    with pytest.raises(ValueError, match=r"q must be \(M, Hq, D\) with M = 31"):
+        ops.paged_prefill_attention_batched(q[:-1], kc, vc, table, chunks, ctx, 3)
+    with pytest.raises(ValueError, match="1 <= tokens <= its context length"):
+        ops.paged_prefill_attention_batched(q[:3], kc, vc, table, [(2, 0, 3)], ctx, 3)  # 3 tokens, context 2
+
+
+def test_prefill_groups_bound_the_padding():
+    # a 3-token tool output does not ride in a long prompt's call; like shapes share one
+    assert ops.prefill_groups([2000, 3], [2048, 2048]) == [[0], [1]]
+    assert ops.prefill_groups([30, 17, 11, 9], [32, 20, 12, 12]) == [[0], [1], [2, 3]]
+    assert ops.prefill_groups([5, 5, 5], [16, 16, 16]) == [[0, 1, 2]]
+    assert ops.prefill_groups([7], [8]) == [[0]]
+    for lens, keys in (([1, 9, 4, 4, 30, 2], [64, 12, 8, 40, 32, 4]), ([3] * 7, [4, 8, 12, 16, 20, 24, 28])):
+        groups = ops.prefill_groups(lens, keys)
+        assert sorted(i for g in groups for i in g) == list(range(len(lens)))
+        for g in groups:  # padded area within 1.25x of the real one
+            padded = len(g) * max(lens[i] for i in g) * max(keys[i] for i in g)
+            assert padded <= 1.25 * sum(lens[i] * keys[i] for i in g)
+    assert ops.prefill_groups([3, 3], [4, 64], max_padding=100.0) == [[1, 0]]
+
+
+class _FakeVarlenFlashAttn:
+    """flash_attn_varlen_func's contract written plainly (per sequence, dense, bottom-right aligned
+    causal mask with a left window), so the packing into it can be checked on CPU."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def flash_attn_varlen_func(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, window_size):
+        self.calls += 1
+        assert causal and window_size[1] == 0 and cu_q.dtype == cu_k.dtype == torch.int32
+        out = []
+        for i in range(cu_q.numel() - 1):
+            qs, ks = q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]]
+            vs = v[cu_k[i]:cu_k[i + 1]]
+            n, c = qs.size(0), ks.size(0)
+            assert n <= max_q and c <= max_k
+            rep = qs.size(1) // ks.size(1)
+            ks, vs = ks.repeat_interleave(rep, 1), vs.repeat_interleave(rep, 1)
+            s = torch.einsum("nhd,chd->hnc", qs.double(), ks.double()) / math.sqrt(qs.size(-1))
+            qi = torch.arange(c - n, c)[:, None]
+            kj = torch.arange(c)[None, :]
+            s = s.masked_fill(~((kj <= qi) & (kj >= qi - window_size[0])), float("-inf"))
+            out.append(torch.einsum("hnc,chd->nhd", s.softmax(-1), vs.double()).to(q.dtype))
+        return torch.cat(out), None  # FA3 returns (out, lse)
+
+
+@pytest.mark.parametrize("window", [0, 3, 1000])
+def test_batched_prefill_packs_flash_attn_varlen_inputs(monkeypatch, window):
+    """The flash-attn branch (taken on CUDA for fp16/bf16): keys gathered per sequence into the
+    varlen layout with cu_seqlens; checked on CPU against the per-chunk path with a plain stand-in."""
+    fake = _FakeVarlenFlashAttn()
+    monkeypatch.setattr(ops, "_flash_attn_module", lambda q: fake)
+    q, kc, vc, table, chunks, ctx = _prefill_case(6, 2, seed=window)
+    P = kc.size(1)
+    want = torch.cat([ops.paged_prefill_attention(q[s:s + n], kc, vc, table[r, :-(-ctx[r] // P)].long(), ctx[r],
+                                                  window) for r, s, n in chunks])
+    plan = {}
+    got = ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctx, window, plan)
+    assert fake.calls == 1 and set(plan) == {"slots", "cu"}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_norm_with_residual_returns_the_new_stream():
     x, r = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
     y, h = ops.norm(x, residual=r)

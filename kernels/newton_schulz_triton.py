@@ -267,10 +267,10 @@ NS_CONFIGS = {"gram": NS_GRAM_CONFIGS, "poly": NS_POLY_CONFIGS, "update": NS_UPD
 # What `newton_schulz_triton(config=)` / `newton_schulz(config=)` take: one tile for all three kernels.
 NS_ITERATION_CONFIGS: tuple[TileConfig, ...] = tuple(c for c in NS_UPDATE_CONFIGS if c in NS_GRAM_CONFIGS)
 
-# The operand dtypes the spaces are compiled and gated for. fp32 (no tensor cores, twice the bytes)
-# runs only the default tiles with half the K depth, as it always did, and is not compile-gated: the
-# gate measured that fp32 spills in the 64x64x32 gram tile (16 B of stack) and in a 128x256x32
-# update tile (120 B). GPUs iterate in bf16 (the default iteration dtype on CUDA); fp32 is the CPU's.
+# The operand dtypes the spaces (config=) are for. fp32 (IEEE dots: FFMA, no tensor cores; twice the
+# bytes) runs only the default tiles with half the K depth and its own stage count (_meta), and those
+# defaults are compile-gated on sm_90 like the 16-bit ones; a 128x256x32 update tile spilled 120 B in
+# fp32, so the spaces stay 16-bit. GPUs iterate in bf16 (the default on CUDA); fp32 is the CPU's.
 _GATED_DTYPES = (torch.bfloat16, torch.float16)
 
 # Shape classes of the default: m <= _LARGE_M takes _NS_64, larger Gram sides _NS_128.
@@ -298,6 +298,11 @@ def _meta(m: int, dtype: torch.dtype, arch: int = 90) -> dict:
         # Ampere's mma.sync keeps the accumulators in registers the 4-stage pipeline also needs:
         # the gram kernel spilled there (compile gate, sm_80), 3 stages do not.
         meta["num_stages"] = 3
+    if dtype == torch.float32 and m <= _LARGE_M:
+        # IEEE fp32 dots are FFMA loops fed from registers: at 4 (or 3) stages ptxas held the gram
+        # kernel to 128 registers and it spilled 16 B of stack (sm_90, compile gate); at 2 stages
+        # it takes 166 registers and spills nothing (still 3 CTAs of 4 warps per SM).
+        meta["num_stages"] = 2
     return meta
 
 
@@ -574,8 +579,10 @@ def _kernel_configs(arch: int = 90) -> list[dict]:
         return []
     out = []
     # Small class (nanochat d = 768 .. 1664; the d x 4d shapes share the Gram side d) and large (4096).
-    for m, n, dtypes in ((768, 3072, (torch.bfloat16, torch.float16)), (1664, 6656, (torch.bfloat16,)),
-                         (4096, 4096, (torch.bfloat16, torch.float16))):
+    # fp32 (IEEE FFMA dots) on sm_90 only: what an H100 runs for an fp32 iteration; Ampere iterates in 16 bits.
+    wide = (torch.float32,) if arch >= 90 else ()
+    for m, n, dtypes in ((768, 3072, (torch.bfloat16, torch.float16, *wide)), (1664, 6656, (torch.bfloat16,)),
+                         (4096, 4096, (torch.bfloat16, torch.float16, *wide))):
         for dt in dtypes:
             for kernel in ("gram", "poly", "update"):
                 out.append(_config(kernel, m, n, dt, arch))

@@ -56,7 +56,9 @@ def check_common_facts(cfg: dict, f: dict, arch: int, max_registers: int, where:
     the failure context (`where`, by default the config, target and facts) for further asserts."""
     where = where or f"{cfg['config']} sm_{arch}: {f}"
     assert f["arch"] == arch and f["kernel"] == cfg["fn"].__name__, where
-    assert f["local_bytes"] == 0 and f["instructions"].get("STL", 0) == 0, "register spills: " + where
+    # Triton's spill slots show up as STACK (LOCAL stays 0): both must be 0
+    assert f["local_bytes"] == 0 and f.get("stack_bytes", 0) == 0 and f["instructions"].get("STL", 0) == 0, \
+        "register spills: " + where
     assert f["registers"] <= max_registers, where
     assert f["shared_bytes"] <= MAX_SHARED[arch], where
     return where

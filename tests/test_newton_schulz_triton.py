@@ -157,10 +157,15 @@ def test_config_spaces_are_named_documented_and_hold_the_defaults():
             assert c.num_stages * c.stage_bytes(2) <= 227 * 1024
             if kernel != "update":
                 assert c.BLOCK_M == c.BLOCK_N, (kernel, c.name)  # the mirrored store needs square tiles
-        # the defaults of both shape classes are entries of every space (fp32: half the K depth)
+        # the defaults of both shape classes are entries of every space (fp32: half the K depth, and
+        # 2 stages for the small class, where 4 spilled)
         for m in (768, 4096):
             for dt in (torch.bfloat16, torch.float32):
-                assert any(_config_meta(c, dt) == _meta(m, dt) for c in space), (kernel, m, dt)
+                want = _meta(m, dt)
+                if dt == torch.float32 and m == 768:
+                    assert want["num_stages"] == 2
+                    want = dict(want, num_stages=4)
+                assert any(_config_meta(c, dt) == want for c in space), (kernel, m, dt)
     assert {c.name for c in NS_ITERATION_CONFIGS} == {c.name for c in NS_GRAM_CONFIGS}
     assert any(c.BLOCK_M != c.BLOCK_N for c in NS_UPDATE_CONFIGS)
 
@@ -465,7 +470,7 @@ def test_prologue_compile_gate_sm90(prologue_facts, index):
 
 def test_kernel_configs_cover_h100_shapes():
     labels = [c["config"] for c in KERNEL_CONFIGS]
-    assert {c["signature"]["X" if "X" in c["signature"] else "A"] for c in KERNEL_CONFIGS} == {"*bf16", "*fp16"}
+    assert {c["signature"]["X" if "X" in c["signature"] else "A"] for c in KERNEL_CONFIGS} == {"*bf16", "*fp16", "*fp32"}
     assert {lbl.split()[0] for lbl in labels} == {"gram", "poly", "update"}
     assert any("m=768 " in lbl for lbl in labels) and any("m=1664 " in lbl for lbl in labels)
     assert any("m=4096 " in lbl for lbl in labels)
@@ -475,7 +480,8 @@ def test_kernel_configs_cover_h100_shapes():
         assert list(c["signature"]) == list(c["fn"].arg_names), c["config"]
         named = [tok[len("config="):] for tok in c["config"].split() if tok.startswith("config=")]
         m = int(c["config"].split()[1][2:])
-        meta = _config_meta(by_name[named[0]], torch.bfloat16) if named else _meta(m, torch.bfloat16)
+        dt = torch.float32 if " fp32 " in c["config"] else torch.bfloat16
+        meta = _config_meta(by_name[named[0]], dt) if named else _meta(m, dt)
         assert c["num_warps"] == meta["num_warps"] and c["num_stages"] == meta["num_stages"]
         tiles = ({"BLOCK": meta["BLOCK_M"]} if c["config"].split()[0] != "update"
                  else {"BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"]})
@@ -501,7 +507,11 @@ def test_kernel_configs_cover_every_entry_of_the_spaces():
 def test_compile_gate_sm90(gate_facts, index):
     cfg, f = KERNEL_CONFIGS[index], gate_facts[(index, 90)]
     where = check_common_facts(cfg, f, 90, MAX_REGISTERS)
-    assert f["instructions"].get("HGMMA", 0) > 0, "no Hopper warpgroup MMA: " + where
+    if cfg["signature"]["M"] and " fp32 " in cfg["config"]:
+        # fp32 is IEEE (torch's fp32 matmul): FFMA, never the TF32 tensor cores
+        assert "HGMMA" not in f["instructions"] and "HMMA" not in f["instructions"], where
+    else:
+        assert f["instructions"].get("HGMMA", 0) > 0, "no Hopper warpgroup MMA: " + where
     # cp.async 16-byte tile loads: the software pipeline of the operand tiles
     assert f["instructions"].get("LDGSTS.E.BYPASS.128", 0) > 0, "tile loads not pipelined: " + where
     assert f["instructions"].get("STG.E.128", 0) > 0, "stores not vectorised: " + where

@@ -250,6 +250,47 @@ def check_paged_decode(ctx: Ctx, backend: str, group: int, page: int) -> dict:
     return _cases(cases)
 
 
+def _prefill_step(ctx: Ctx):
+    """One engine step's chunks (a long prompt, two short ones, two tool outputs deep in their
+    contexts) on shuffled pages: (q, k_cache, v_cache, block_table, chunks, context_lens)."""
+    import torch
+
+    shape = ctx.pick([(1024, 1024), (200, 200), (64, 64), (3, 1500), (5, 700)], [(20, 20), (7, 7), (3, 30)])
+    hq, hkv, d = ctx.pick((32, 8, 128), (4, 2, 64))
+    ctxs = [c for _, c in shape]
+    kc, vc, table, _ = _paged_cache(ctx, ctxs, hkv, d, 16, torch.bfloat16)
+    starts = [0]
+    for n, _ in shape:
+        starts.append(starts[-1] + n)
+    q = ctx.randn(starts[-1], hq, d, dtype=torch.bfloat16, seed=11)
+    return q, kc, vc, table, [(r, starts[r], n) for r, (n, _) in enumerate(shape)], ctxs
+
+
+def _prefill_per_chunk(q, kc, vc, table, chunks, ctxs, window):
+    import torch
+
+    from nanofast import ops
+
+    page = kc.size(1)
+    return torch.cat([ops.paged_prefill_attention(q[s:s + n], kc, vc, table[r, :-(-ctxs[r] // page)].long(), ctxs[r],
+                                                  window) for r, s, n in chunks])
+
+
+def check_paged_prefill(ctx: Ctx) -> dict:
+    """The engine's batched prefill (flash-attn varlen where installed, else grouped SDPA) against
+    one SDPA per chunk in fp64, with and without a sliding window."""
+    from nanofast import ops
+
+    q, kc, vc, table, chunks, ctxs = _prefill_step(ctx)
+    cases = []
+    for window in (max(ctxs), ctx.pick(128, 5)):
+        ref64 = _prefill_per_chunk(q.double(), kc.double(), vc.double(), table, chunks, ctxs, window)
+        lp = _prefill_per_chunk(q, kc, vc, table, chunks, ctxs, window)
+        out = ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctxs, window)
+        cases.append(budget(f"window={window} flash_attn={ops._flash_attn_module(q) is not None}", out, lp, ref64))
+    return _cases(cases)
+
+
 def check_paged_kv_write(ctx: Ctx, backend: str) -> dict:
     """The KV write is a copy: bitwise equal to the reference, slots on shuffled pages."""
     import torch
@@ -686,6 +727,15 @@ def speed_paged_decode(ctx: Ctx) -> dict:
     return speed(ctx, impls, nbytes=(2 * B * ctx_len * hkv * d + 2 * B * hq * d) * 2)
 
 
+def speed_paged_prefill(ctx: Ctx) -> dict:
+    from nanofast import ops
+
+    q, kc, vc, table, chunks, ctxs = _prefill_step(ctx)
+    w = max(ctxs)
+    return speed(ctx, {"batched": lambda: ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctxs, w),
+                       "per_chunk": lambda: _prefill_per_chunk(q, kc, vc, table, chunks, ctxs, w)})
+
+
 def speed_newton_schulz(ctx: Ctx) -> dict:
     import torch
 
@@ -807,6 +857,7 @@ for _b in ("triton", "cuda"):
             _add("numerics", f"paged_decode[{_b},q/kv={_g},page={_p}]", 4, check_paged_decode, "paged_attention", _b,
                  {"backend": _b, "group": _g, "page": _p})
     _add("numerics", f"paged_kv_write[{_b}]", 2, check_paged_kv_write, "paged_attention", _b, {"backend": _b})
+_add("numerics", "paged_prefill[batched]", 4, check_paged_prefill)
 _add("numerics", "newton_schulz[triton]", 15, check_newton_schulz, "newton_schulz", "triton")
 for _b in ("triton", "triton_persistent", "scaled_mm"):
     _add("numerics", f"fp8_gemm[{_b}]", 10, check_fp8_gemm, "fp8_linear", _b, {"backend": _b})
@@ -827,6 +878,7 @@ _add("speed", "qk_norm_rope", 20, speed_qk_norm_rope, "qk_norm_rope",
      floor=("qk_norm_rope_fwd_B32_T2048_H10", "triton"))
 _add("speed", "paged_decode", 10, speed_paged_decode, "paged_attention",
      floor=("paged_decode_B64_ctx2048_q32kv8", "triton"))
+_add("speed", "paged_prefill", 5, speed_paged_prefill)
 _add("speed", "newton_schulz", 10, speed_newton_schulz, "newton_schulz", floor=("newton_schulz_5120x1280", "triton"))
 _add("speed", "fp8_gemm", 15, speed_fp8_gemm, "fp8_linear", floor=("fp8_gemm_32768x5120x1280", "triton"))
 _add("speed", "linear_cross_entropy", 10, speed_linear_cross_entropy, "linear_cross_entropy")

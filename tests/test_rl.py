@@ -98,7 +98,7 @@ def test_one_update_moves_probability_towards_rewarded_answers(tok):
 def _token_mismatch(model: GPT, tok: Tokenizer, task, questions: int, max_new_tokens: int, seed: int = 9
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """|logp_trainer - logp_engine| of the sampled tokens: (per rollout, its first token's: the
-    logits of the prompt's prefill), (per rollout, the mean over its other tokens: decode steps)."""
+    logits of the prompt's prefill), (per rollout with more, the mean over its other tokens: decode steps)."""
     rolls = rollouts(model, tok, task, list(range(questions)), samples=4, max_new_tokens=max_new_tokens, seed=seed)
     x, y, _, engine_lp = policy_batch(rolls, tok.bos_token_id, torch.device("cpu"))
     with torch.no_grad():
@@ -108,7 +108,8 @@ def _token_mismatch(model: GPT, tok: Tokenizer, task, questions: int, max_new_to
     for row, mask in zip(gap, y >= 0):
         cols = mask.nonzero()[:, 0]
         first.append(row[cols[0]])
-        rest.append(row[cols[1:]].mean())
+        if len(cols) > 1:  # a rollout that stopped at its first token has no decode step
+            rest.append(row[cols[1:]].mean())
     return torch.stack(first), torch.stack(rest)
 
 
@@ -139,11 +140,12 @@ def test_engine_on_torch_computes_what_the_trainer_computes(tok):
     with the trainer's full forward up to fp32 accumulation order: the first sampled token's gap
     measured ~2e-7 in bf16 and fp16 (one SDPA call per chunk, which took another CPU kernel, gave
     5e-4 in bf16). The decode steps' gap is then no longer a matter of the compute dtype's
-    rounding (~7e-5 bf16, ~9e-5 fp16 measured), so fp16 has nothing to remove on this path; the
-    bounds below are 50-250x the measurements."""
+    rounding (~7e-5 bf16, ~9e-5 fp16 measured), so fp16 has nothing to remove on this path. The
+    bounds leave room for a CPU whose GEMMs block differently by row count (rounding flips at the
+    decode steps' level, ~1e-4) and stay below the per-chunk path's 5e-4."""
     task = load_task("arithmetic", "train", size=8)
     first, rest = _token_mismatch(_model(tok, torch.float32, seed=3), tok, task, questions=8, max_new_tokens=32)
     assert first.mean() < 1e-5 and rest.mean() < 1e-5  # same maths in fp32: only summation order differs
     for dtype in (torch.bfloat16, torch.float16):
         first, rest = _token_mismatch(_model(tok, dtype, seed=3), tok, task, questions=8, max_new_tokens=32)
-        assert first.mean() < 5e-5 and rest.mean() < 5e-3, (dtype, first.mean().item(), rest.mean().item())
+        assert first.mean() < 2e-4 and rest.mean() < 5e-3, (dtype, first.mean().item(), rest.mean().item())

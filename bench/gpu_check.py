@@ -266,16 +266,6 @@ def _prefill_step(ctx: Ctx):
     return q, kc, vc, table, [(r, starts[r], n) for r, (n, _) in enumerate(shape)], ctxs
 
 
-def _prefill_per_chunk(q, kc, vc, table, chunks, ctxs, window):
-    import torch
-
-    from nanofast import ops
-
-    page = kc.size(1)
-    return torch.cat([ops.paged_prefill_attention(q[s:s + n], kc, vc, table[r, :-(-ctxs[r] // page)].long(), ctxs[r],
-                                                  window) for r, s, n in chunks])
-
-
 def check_paged_prefill(ctx: Ctx) -> dict:
     """The engine's batched prefill (flash-attn varlen where installed, else grouped SDPA) against
     one SDPA per chunk in fp64, with and without a sliding window."""
@@ -284,8 +274,8 @@ def check_paged_prefill(ctx: Ctx) -> dict:
     q, kc, vc, table, chunks, ctxs = _prefill_step(ctx)
     cases = []
     for window in (max(ctxs), ctx.pick(128, 5)):
-        ref64 = _prefill_per_chunk(q.double(), kc.double(), vc.double(), table, chunks, ctxs, window)
-        lp = _prefill_per_chunk(q, kc, vc, table, chunks, ctxs, window)
+        ref64 = ops.paged_prefill_attention_per_chunk(q.double(), kc.double(), vc.double(), table, chunks, ctxs, window)
+        lp = ops.paged_prefill_attention_per_chunk(q, kc, vc, table, chunks, ctxs, window)
         out = ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctxs, window)
         cases.append(budget(f"window={window} flash_attn={ops._flash_attn_module(q) is not None}", out, lp, ref64))
     return _cases(cases)
@@ -733,7 +723,7 @@ def speed_paged_prefill(ctx: Ctx) -> dict:
     q, kc, vc, table, chunks, ctxs = _prefill_step(ctx)
     w = max(ctxs)
     return speed(ctx, {"batched": lambda: ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctxs, w),
-                       "per_chunk": lambda: _prefill_per_chunk(q, kc, vc, table, chunks, ctxs, w)})
+                       "per_chunk": lambda: ops.paged_prefill_attention_per_chunk(q, kc, vc, table, chunks, ctxs, w)})
 
 
 def speed_newton_schulz(ctx: Ctx) -> dict:

@@ -143,7 +143,8 @@ def test_triton_path_sanity_cpu():
 # Prefill of one engine step: every chunk (new prompts, tool outputs) against its pages. `batched`
 # is the engine's call (ops.paged_prefill_attention_batched: flash-attn varlen on a GPU with
 # flash-attn, else SDPA per group of like shapes); `per_chunk` is what a user would otherwise
-# write: one gather + SDPA per chunk (ops.paged_prefill_attention). Chunk lengths (queries, context).
+# write: one gather + SDPA per chunk (ops.paged_prefill_attention_per_chunk). Chunk lengths
+# (queries, context).
 if GPU:
     PREFILL_STEPS = {"rl16x256": [(256, 256)] * 16, "mixed": [(2048, 2048), (512, 512), (3, 1500), (5, 900)] * 2}
     PREFILL_HEADS = (32, 8, 128)
@@ -174,12 +175,6 @@ def make_prefill_step(chunks: list[tuple[int, int]], hq: int, hkv: int, d: int):
     return q, k_cache, v_cache, block_table, spec, [ctx for _, ctx in chunks]
 
 
-def prefill_per_chunk(q, k_cache, v_cache, block_table, spec, ctxs, window):
-    return torch.cat([ops.paged_prefill_attention(q[s:s + n], k_cache, v_cache,
-                                                  block_table[r, :-(-ctxs[r] // PAGE_SIZE)].long(), ctxs[r], window)
-                      for r, s, n in spec])
-
-
 @pytest.mark.parametrize("impl", ["batched", "per_chunk"])
 @pytest.mark.parametrize("step", list(PREFILL_STEPS))
 def test_bench_paged_prefill(benchmark, step, impl):
@@ -192,12 +187,13 @@ def test_bench_paged_prefill(benchmark, step, impl):
             if impl == "batched":  # a fresh plan per call: what the step's first layer pays
                 out = ops.paged_prefill_attention_batched(*args, window, {})
             else:
-                out = prefill_per_chunk(*args, window)
+                out = ops.paged_prefill_attention_per_chunk(*args, window)
         if GPU:
             torch.cuda.synchronize()
         return out
 
-    torch.testing.assert_close(run().float(), prefill_per_chunk(*args, window).float(), rtol=2e-2, atol=2e-2)
+    want = ops.paged_prefill_attention_per_chunk(*args, window)
+    torch.testing.assert_close(run().float(), want.float(), rtol=2e-2, atol=2e-2)
     benchmark.group = f"paged prefill {step} Hq,Hkv,D={PREFILL_HEADS} {DEVICE}"
     benchmark.pedantic(run, rounds=10 if GPU else 3, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(device=torch.cuda.get_device_name(0) if GPU else "cpu", chunks=len(chunks),

@@ -75,7 +75,8 @@ __all__ = ["paged_decode_attention", "paged_decode_attention_reference", "paged_
            "plan_paged_decode", "paged_kv_write", "paged_kv_write_reference", "paged_kv_write_triton", "KERNEL_CONFIGS"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_SPLITS = 256  # the merge kernel holds (splits, D) fp32 partials of one head in registers
+MAX_SPLITS = 256  # splits per sequence at most: bounds the fp32 partials (units x Hq x D) a call allocates
+# and the merge's loop (it walks them in chunks of 16, so its registers do not depend on this)
 _MIN_DOT = 16  # tl.dot needs every tile dim >= 16 (mma.sync m16n8k16 fragments)
 
 
@@ -473,7 +474,7 @@ PLAN_WAVES = 2  # the plan aims at ~2 decode programs per SM (two resident CTAs 
 
 
 def plan_paged_decode(seq_lens, num_kv_heads: int, *, window: int | None = None, block_n: int = 64,
-                      sm_count: int | None = None, waves: int = PLAN_WAVES, max_splits: int = MAX_SPLITS) -> Tensor:
+                      sm_count: int | None = None, waves: float = PLAN_WAVES, max_splits: int = MAX_SPLITS) -> Tensor:
     """Split plan of a decode batch from its actual lengths: how many splits each sequence gets.
 
     Args:
@@ -511,7 +512,8 @@ def plan_paged_decode(seq_lens, num_kv_heads: int, *, window: int | None = None,
     if sm_count is not None and (isinstance(sm_count, bool) or not isinstance(sm_count, numbers.Integral)
                                  or sm_count < 1):
         raise ValueError(f"sm_count must be None (CPU) or an int >= 1, got {sm_count!r}")
-    if isinstance(max_splits, bool) or not isinstance(max_splits, numbers.Integral) or not 1 <= max_splits <= MAX_SPLITS:
+    if (isinstance(max_splits, bool) or not isinstance(max_splits, numbers.Integral)
+            or not 1 <= max_splits <= MAX_SPLITS):
         raise ValueError(f"max_splits must be an int in [1, {MAX_SPLITS}], got {max_splits!r}")
     if not isinstance(waves, numbers.Real) or isinstance(waves, bool) or not waves > 0:
         raise ValueError(f"waves must be a number > 0, got {waves!r}")

@@ -320,6 +320,17 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return y[0].transpose(0, 1)
 
 
+def paged_prefill_attention_per_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                      block_table: torch.Tensor, chunks: list[tuple[int, int, int]],
+                                      context_lens: list[int], window: int) -> torch.Tensor:
+    """paged_prefill_attention_batched's arguments and result, one paged_prefill_attention call per
+    chunk: the plain path the batched call is checked and timed against."""
+    page = k_cache.size(1)
+    return torch.cat([paged_prefill_attention(q[s:s + n], k_cache, v_cache,
+                                              block_table[r, :-(-context_lens[r] // page)].long(), context_lens[r],
+                                              window) for r, s, n in chunks])
+
+
 def _flash_attn_module(q: torch.Tensor):
     """flash-attn's module to run q on (FA3's on Hopper, else FA2's), or None: CPU tensors, fp32,
     or flash-attn not installed."""
@@ -391,8 +402,10 @@ def paged_prefill_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_ca
         qp = q[g["q_index"]]  # (S', n_max, Hq, D)
         k = k_cache[g["pages"]].flatten(1, 2)  # (S', L, Hkv, D)
         v = v_cache[g["pages"]].flatten(1, 2)
-        kj = torch.arange(k.size(1), device=dev)[None, None, :]
-        mask = (kj <= g["q_pos"]) & (kj >= g["q_pos"] - window)  # kj <= q_pos < ctx: the length mask too
+        mask = g["masks"].get(window)
+        if mask is None:  # once per window per step: the layers share a few windows
+            kj = torch.arange(k.size(1), device=dev)[None, None, :]
+            mask = g["masks"][window] = (kj <= g["q_pos"]) & (kj >= g["q_pos"] - window)  # and the length mask
         y = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask[:, None], enable_gqa=q.size(1) != k.size(2))
         outs.append(y.transpose(1, 2)[g["keep"]])  # (rows of the group, Hq, D), chunk rows in order
@@ -435,7 +448,8 @@ def _padded_prefill_plan(chunks: list[tuple[int, int, int]], ctxs: list[int], bl
     return {"q_index": start + jj,  # (S, n_max) rows of q
             "q_pos": (ctx - n + jj)[:, :, None],  # (S, n_max, 1) positions of those queries
             "keep": (j < n).expand(S, n_max),  # the real (unpadded) query rows
-            "pages": block_table[rows[:, 0], :pages].long()}  # (S, pages)
+            "pages": block_table[rows[:, 0], :pages].long(),  # (S, pages)
+            "masks": {}}  # window -> (S, n_max, pages * page_size) bool mask, filled by the first layer using it
 
 
 def linear_softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,

@@ -154,14 +154,18 @@ def _prefill_case(hq, hkv, seed, P=4, D=8):
 def test_batched_prefill_equals_the_per_chunk_path(window, hq, hkv):
     """One call over every chunk gives each chunk what paged_prefill_attention gives it alone."""
     q, kc, vc, table, chunks, ctx = _prefill_case(hq, hkv, seed=window + 7 * hq)
-    P = kc.size(1)
-    want = torch.cat([ops.paged_prefill_attention(q[s:s + n], kc, vc, table[r, :-(-ctx[r] // P)].long(), ctx[r],
-                                                  window) for r, s, n in chunks])
+    want = ops.paged_prefill_attention_per_chunk(q, kc, vc, table, chunks, ctx, window)
     plan = {}  # what the engine keeps per step: the second layer's call reuses the first's index tensors
     got = ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctx, window, plan)
     assert got.shape == want.shape == (q.size(0), hq, q.size(-1)) and len(plan["groups"]) > 1  # chunks reordered
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert torch.equal(ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctx, window, plan), got)
+    # the next layer may have another window: the step's plan (masks cached per window) still fits it
+    other = window + 2
+    want = ops.paged_prefill_attention_per_chunk(q, kc, vc, table, chunks, ctx, other)
+    torch.testing.assert_close(ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctx, other, plan), want,
+                               rtol=1e-6, atol=1e-6)
+    assert all(set(g["masks"]) == {window, other} for g in plan["groups"])
 
 
 def test_batched_prefill_of_like_chunks_is_one_sdpa_call(monkeypatch):
@@ -170,8 +174,7 @@ def test_batched_prefill_of_like_chunks_is_one_sdpa_call(monkeypatch):
     calls = []
     sdpa = ops.F.scaled_dot_product_attention
     monkeypatch.setattr(ops.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    want = torch.cat([ops.paged_prefill_attention(q[s:s + n], kc, vc, table[r, :-(-ctx[r] // 4)].long(), ctx[r], 5)
-                      for r, s, n in chunks])
+    want = ops.paged_prefill_attention_per_chunk(q[:11], kc, vc, table, chunks, ctx, 5)
     calls.clear()
     plan = {}
     got = ops.paged_prefill_attention_batched(q[:11], kc, vc, table, chunks, ctx, 5, plan)
@@ -237,9 +240,7 @@ def test_batched_prefill_packs_flash_attn_varlen_inputs(monkeypatch, window):
     fake = _FakeVarlenFlashAttn()
     monkeypatch.setattr(ops, "_flash_attn_module", lambda q: fake)
     q, kc, vc, table, chunks, ctx = _prefill_case(6, 2, seed=window)
-    P = kc.size(1)
-    want = torch.cat([ops.paged_prefill_attention(q[s:s + n], kc, vc, table[r, :-(-ctx[r] // P)].long(), ctx[r],
-                                                  window) for r, s, n in chunks])
+    want = ops.paged_prefill_attention_per_chunk(q, kc, vc, table, chunks, ctx, window)
     plan = {}
     got = ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctx, window, plan)
     assert fake.calls == 1 and set(plan) == {"slots", "cu"}

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test bench guard gpu-check browser
 
-$(STAMP): setup.py
+$(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet torch==2.13.0

@@ -1,69 +1,201 @@
-"""Build and install nanofast.
+"""Build and install nanofast (docs/install.md: which install line to use where).
 
 `kernels/` is installed as the subpackage `nanofast.kernels` (never as a top-level `kernels`,
-which would shadow the widely used package of that name). CUDA sources under `csrc/` are built
-into `nanofast._C` only when a CUDA toolchain and a CUDA build of torch are both present, so
-`pip install -e .` succeeds on a CPU-only machine. Install with `--no-build-isolation` so the
-build sees the torch already in the environment instead of fetching a multi-GB CUDA wheel.
+which would shadow the widely used package of that name, the Hugging Face kernel hub client the
+`gpu` extra installs). Install with `--no-build-isolation` so the build sees the torch already in
+the environment instead of fetching a multi-GB CUDA wheel; pyproject.toml holds only the build
+system, every piece of metadata is here.
+
+The CUDA sources under `csrc/` are built into `nanofast._C` as `cuda_ext_decision` says: by
+default only where nvcc exists, torch is a CUDA build and nvcc's CUDA major version is torch's
+(torch's extension builder refuses a major mismatch). Otherwise the install goes on without it
+(one warning line where a CUDA torch is present), and nanofast.kernels.cuda_build builds the same
+sources just in time on first use. NANOFAST_CUDA_EXT=0 skips the build, =1 forces it.
+
+Importing this file does nothing; only running it as __main__ (which setuptools' build backend
+does) probes the machine and calls setup(), so tests/test_install.py can test the rules on CPU.
 """
+from __future__ import annotations
+
 import glob
 import os
+import re
 import shutil
+import subprocess
+import sys
+from typing import Mapping
 
-from setuptools import setup
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV_VAR = "NANOFAST_CUDA_EXT"
+
+INSTALL_REQUIRES = [
+    "torch>=2.5",
+    "triton>=3.4; platform_system == 'Linux'",
+    "numpy",
+    "tiktoken>=0.7",
+    "rustbpe>=0.1.0",
+    "pyarrow>=15",
+    "filelock",
+    "pyyaml",  # the CORE eval bundle's core.yaml
+    "tqdm",
+    "matplotlib",
+]
+
+# Every extra installs from prebuilt wheels in seconds, except `fa2`. Keep each entry something the
+# code imports or uses (tests/test_install.py checks it).
+EXTRAS = {
+    "dev": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.4", "pybind11", "ninja",
+            "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "selenium>=4.11",
+            "wandb>=0.19"],
+    "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+    "wandb": ["wandb>=0.19"],  # --wandb PROJECT: optional logging, imported only when asked for
+    # GPU machines. `kernels`: the Hugging Face kernel hub client, which downloads a prebuilt FA3
+    # for Hopper at run time (get_kernel). `ninja`: torch's extension builder needs it for the just
+    # in time build of csrc/ (nanofast.kernels.cuda_build) and it makes the nanofast._C build fast.
+    "gpu": ["kernels>=0.11.7", "ninja"],
+    # FA2 for non-Hopper GPUs: flash-attn has no wheel for every torch, so pip compiles it from
+    # source (up to hours; install ninja first, e.g. with the `gpu` extra, and cap MAX_JOBS).
+    "fa2": ["flash-attn"],
+}
+
+NVCC_FLAGS = ["-O3", "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"]
+
+JIT_HINT = (f"the CUDA backend of nanofast.kernels will be built just in time on first use instead "
+            f"(nanofast.kernels.cuda_build; needs an nvcc of torch's CUDA major version, found through "
+            f"CUDA_HOME or PATH); {ENV_VAR}=1 forces the build now")
 
 
-def cuda_extensions():
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
-    if not sources or shutil.which("nvcc") is None:
-        return [], {}
+def nvcc_cuda_version(nvcc_output: str | None) -> str | None:
+    """The CUDA release `nvcc --version` reports ("... release 13.0, V13.0.88" -> "13.0"), or None."""
+    m = re.search(r"release (\d+\.\d+)", nvcc_output or "")
+    return m.group(1) if m else None
+
+
+def _major(version: str) -> str:
+    return version.split(".")[0]
+
+
+def cuda_ext_decision(env: Mapping[str, str], nvcc_path: str | None, nvcc_cuda_version: str | None,
+                      torch_cuda_version: str | None, has_sources: bool,
+                      torch_importable: bool = True) -> tuple[bool, str]:
+    """Whether to build nanofast._C, and why: (build, reason).
+
+    env: the environment (NANOFAST_CUDA_EXT); nvcc_path: the nvcc torch's builder would use, or
+    None; nvcc_cuda_version: its release ("13.0"), or None if unreadable; torch_cuda_version:
+    torch.version.cuda (None for a CPU build, or when torch is not importable: torch_importable
+    False, e.g. pip's build isolation); has_sources: csrc/*.cu exist.
+    NANOFAST_CUDA_EXT=0 skips; =1 builds, and raises SystemExit where it cannot (no sources, no
+    nvcc, no CUDA torch); any other non-empty value raises SystemExit. Unset or empty: build only
+    when all are present and nvcc's CUDA major version equals torch's.
+    """
+    forced = env.get(ENV_VAR, "")
+    if forced not in ("", "0", "1"):
+        raise SystemExit(f"{ENV_VAR}={forced!r}: allowed values are 0 (skip the CUDA extension nanofast._C), "
+                         f"1 (build it) or unset (build it where the CUDA toolkit matches torch)")
+    if forced == "0":
+        return False, f"{ENV_VAR}=0"
+    torch_desc = ("torch is not importable by the build (pip's build isolation: install with "
+                  "--no-build-isolation)" if not torch_importable else "torch is a CPU build")
+    missing = None
+    if not has_sources:
+        missing = "no CUDA sources csrc/*.cu"
+    elif torch_cuda_version is None:
+        missing = torch_desc
+    elif nvcc_path is None:
+        missing = f"no nvcc found (CUDA_HOME or PATH); torch is built for CUDA {torch_cuda_version}"
+    if forced == "1":
+        if missing is not None:
+            raise SystemExit(f"{ENV_VAR}=1 asks to build the CUDA extension nanofast._C, but {missing}; "
+                             f"unset {ENV_VAR} or set it to 0 to install without it")
+        if nvcc_cuda_version is not None and _major(nvcc_cuda_version) != _major(torch_cuda_version):
+            return True, (f"forced by {ENV_VAR}=1 although nvcc is CUDA {nvcc_cuda_version} and torch CUDA "
+                          f"{torch_cuda_version} (torch's builder refuses a major version mismatch)")
+        return True, f"forced by {ENV_VAR}=1"
+    if missing is not None:
+        return False, missing
+    if nvcc_cuda_version is None:
+        return False, f"could not read the CUDA version of {nvcc_path} --version"
+    if _major(nvcc_cuda_version) != _major(torch_cuda_version):
+        return False, (f"nvcc is CUDA {nvcc_cuda_version} but torch is built for CUDA {torch_cuda_version}: "
+                       f"torch's extension builder refuses a major version mismatch")
+    return True, f"nvcc CUDA {nvcc_cuda_version} matches torch's CUDA {torch_cuda_version}"
+
+
+def cuda_ext_warning(env: Mapping[str, str], nvcc_path: str | None, nvcc_cuda_version: str | None,
+                     torch_cuda_version: str | None, has_sources: bool,
+                     torch_importable: bool = True) -> str | None:
+    """The one warning line to print when the extension is skipped, or None: no warning when it is
+    built, skipped by NANOFAST_CUDA_EXT=0, or there is no CUDA here at all (no sources, a CPU build
+    of torch, or neither torch nor nvcc in the build)."""
+    build, reason = cuda_ext_decision(env, nvcc_path, nvcc_cuda_version, torch_cuda_version, has_sources,
+                                      torch_importable)
+    if build or env.get(ENV_VAR) == "0" or not has_sources:
+        return None
+    if torch_cuda_version is None and (torch_importable or nvcc_path is None):
+        return None
+    return f"nanofast: WARNING: not building the CUDA extension nanofast._C: {reason}; {JIT_HINT}"
+
+
+def probe() -> dict:
+    """This machine's inputs to cuda_ext_decision (imports torch, runs nvcc --version)."""
+    has_sources = bool(glob.glob(os.path.join("csrc", "*.cu"), root_dir=HERE))
+    torch_importable, torch_cuda, nvcc = True, None, None
     try:
         import torch
-        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+        torch_cuda = torch.version.cuda
     except ImportError:
+        torch_importable = False
+    if torch_cuda is not None:
+        from torch.utils.cpp_extension import CUDA_HOME  # the toolkit torch's builder will use
+        candidate = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+        nvcc = candidate if candidate and os.path.exists(candidate) else None
+    else:
+        nvcc = shutil.which("nvcc")
+    nvcc_version = None
+    if nvcc is not None:
+        try:
+            out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+            nvcc_version = nvcc_cuda_version(out)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return dict(nvcc_path=nvcc, nvcc_cuda_version=nvcc_version, torch_cuda_version=torch_cuda,
+                has_sources=has_sources, torch_importable=torch_importable)
+
+
+def cuda_extensions(env: Mapping[str, str]) -> tuple[list, dict]:
+    """(ext_modules, cmdclass) for setup(): nanofast._C, or nothing (with at most one warning)."""
+    if env.get(ENV_VAR) == "0":  # skip without importing torch
         return [], {}
-    if torch.version.cuda is None:  # CPU build of torch: nothing to link the kernels against
+    facts = probe()
+    build, _ = cuda_ext_decision(env, **facts)
+    if not build:
+        warning = cuda_ext_warning(env, **facts)
+        if warning:
+            print(warning, file=sys.stderr)
         return [], {}
-    bindings = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    ext = CUDAExtension(
-        name="nanofast._C",
-        sources=bindings + sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-gencode=arch=compute_90a,code=sm_90a",
-                                                     "-gencode=arch=compute_80,code=sm_80"]},
-    )
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    bindings = sorted(glob.glob(os.path.join("csrc", "*.cpp"), root_dir=HERE))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu"), root_dir=HERE))
+    ext = CUDAExtension(name="nanofast._C", sources=bindings + sources,
+                        extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS})
     return [ext], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = cuda_extensions()
+if __name__ == "__main__":
+    from setuptools import setup
 
-setup(
-    name="nanofast",
-    version="0.1.0",
-    description="Fast GPU kernels and a thin nanochat-style training driver",
-    python_requires=">=3.10",
-    packages=["nanofast", "nanofast.kernels", "nanofast.tasks"],
-    package_dir={"nanofast": "nanofast", "nanofast.kernels": "kernels"},
-    package_data={"nanofast": ["static/*.html"]},  # the chat page served by nanofast.serve
-    install_requires=[
-        "torch>=2.5",
-        "triton>=3.4; platform_system == 'Linux'",
-        "numpy",
-        "tiktoken>=0.7",
-        "rustbpe>=0.1.0",
-        "pyarrow>=15",
-        "filelock",
-        "pyyaml",  # the CORE eval bundle's core.yaml
-        "tqdm",
-        "matplotlib",
-    ],
-    extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.4", "pybind11", "ninja",
-                "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "selenium>=4.11",
-                "wandb>=0.19"],
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
-        "wandb": ["wandb>=0.19"],  # --wandb PROJECT: optional logging, imported only when asked for
-        "gpu": ["flash-attn", "transformer-engine[pytorch]", "triton>=3.4", "ninja", "pybind11"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+    ext_modules, cmdclass = cuda_extensions(os.environ)
+    setup(
+        name="nanofast",
+        version="0.1.0",
+        description="Fast GPU kernels and a thin nanochat-style training driver",
+        python_requires=">=3.10",
+        packages=["nanofast", "nanofast.kernels", "nanofast.tasks"],
+        package_dir={"nanofast": "nanofast", "nanofast.kernels": "kernels"},
+        package_data={"nanofast": ["static/*.html"]},  # the chat page served by nanofast.serve
+        install_requires=INSTALL_REQUIRES,
+        extras_require=EXTRAS,
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

@@ -2,25 +2,40 @@
 
     python train.py --stage all                                   # CPU: the `cpu` preset
     torchrun --standalone --nproc_per_node=8 train.py --stage all # 8 GPUs: the `speedrun` preset
+
+The device: CUDA when torch can use it. Where GPUs are present but CUDA cannot use them (an old
+driver, a CPU-only wheel, a CUDA_VISIBLE_DEVICES that hides them), or where several ranks find no
+GPU, train.py stops with an error rather than train the CPU preset: to run on CPU there, name a CPU
+preset (--preset smoke|cpu|rehearsal) or set NANOFAST_DEVICE=cpu (NANOFAST_DEVICE=cuda: CUDA or an
+error).
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-from dataclasses import fields
 
-from nanofast.common import (autodetect_device, base_dir, init_distributed, cpu_process_setup, print0,
-                             shutdown_distributed)
-from nanofast.pipeline import STAGES, Run, report_path, run_stages, stages_of
-from nanofast.presets import PRESETS, Settings, check_run_name, make_settings
+# A torchrun rank's launcher, read before the imports below (seconds): if it dies meanwhile, the
+# rank is reparented and die_with_parent sees it.
+_PARENT = os.getppid()
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import fields  # noqa: E402
+
+from nanofast.common import (DeviceError, base_dir, choose_device, cpu_process_setup,  # noqa: E402
+                             die_with_parent, init_distributed, print0, shutdown_distributed)
+from nanofast.pipeline import STAGES, Run, report_path, run_stages, stages_of  # noqa: E402
+from nanofast.presets import PRESETS, Settings, check_run_name, make_settings  # noqa: E402
+
+GPU_PRESETS = ("speedrun",)  # naming any other preset asks for a CPU-sized run: CPU is then fine
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, help=f"one of: {', '.join(STAGES)}, all")
     p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="default: speedrun with a GPU, cpu without")
+                   help="default: speedrun with a GPU, cpu without (one process; see above: a broken GPU "
+                        "or several ranks without one is an error unless a preset other than speedrun is "
+                        "named or NANOFAST_DEVICE=cpu)")
     p.add_argument("--base-dir", default=None, help="artefact folder (env NANOFAST_BASE_DIR, default ~/.cache/nanofast)")
     p.add_argument("--run-name", default=None,
                    help="this run's folder, <base-dir>/runs/NAME (default: from the architecture, e.g. d24)")
@@ -41,7 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = autodetect_device()
+    try:
+        device = choose_device(asked_cpu=args.preset is not None and args.preset not in GPU_PRESETS)
+    except DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     preset = args.preset or ("speedrun" if device == "cuda" else "cpu")
     overrides = {k: v for k, v in vars(args).items() if k not in ("stage", "preset", "base_dir", "run_name")}
     try:
@@ -72,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if "RANK" in os.environ:  # a torchrun rank: it dies with its launcher (see die_with_parent)
+        die_with_parent(_PARENT)
     cpu_process_setup()  # measured: see nanofast.common.keep_freed_memory and the README
     code = main()
     if "RANK" in os.environ:

@@ -6,7 +6,10 @@ import ctypes.util
 import datetime
 import os
 import platform
+import signal
 import subprocess
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +33,154 @@ def base_dir(path: str | os.PathLike | None = None) -> Path:
 
 
 def autodetect_device() -> str:
+    """cuda when torch can use a GPU, else cpu; NANOFAST_DEVICE=cpu picks cpu regardless.
+    train.py goes through `choose_device`, which refuses the silent fallbacks this allows."""
+    if os.environ.get("NANOFAST_DEVICE", "").strip().lower() == "cpu":
+        return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class DeviceError(RuntimeError):
+    """The device train.py would run on is not the one the user can have meant: one actionable line."""
+
+
+def nvidia_gpus_present(root: str | os.PathLike = "/") -> int:
+    """How many NVIDIA GPUs this machine has, as the kernel driver lists them, whether or not CUDA
+    can use them (it is not asked): the entries of /proc/driver/nvidia/gpus, else the /dev/nvidiaN
+    device files (a container may have the files without /proc/driver/nvidia). 0 off Linux.
+    root: where / is (tests)."""
+    root = Path(root)
+    try:
+        gpus = list((root / "proc/driver/nvidia/gpus").iterdir())
+    except OSError:
+        gpus = []
+    if gpus:
+        return len(gpus)
+    try:
+        return sum(1 for p in (root / "dev").iterdir() if p.name.startswith("nvidia") and p.name[6:].isdigit())
+    except OSError:
+        return 0
+
+
+def visible_gpus(value: str | None, present: int) -> int | None:
+    """How many of `present` GPUs CUDA_VISIBLE_DEVICES=`value` leaves visible, as CUDA reads it:
+    the comma-separated list ends at its first entry that names no GPU (a negative or out-of-range
+    index; "" and "-1" hide them all). None when unset; a UUID (GPU-..., MIG-...) counts as valid."""
+    if value is None:
+        return None
+    seen = []
+    for entry in (e.strip() for e in value.split(",")):
+        if entry.isdigit() and int(entry) < present and int(entry) not in seen:
+            seen.append(int(entry))
+        elif entry.startswith(("GPU-", "MIG-")) and entry not in seen:
+            seen.append(entry)
+        else:
+            break
+    return len(seen)
+
+
+def check_device(cuda_available: bool, gpus_present: int, env: dict, world_size: int, asked_cpu: bool,
+                 reason: str | None = None, cpu_only_build: bool = False) -> str:
+    """The device a training run uses, "cuda" or "cpu", or DeviceError with one actionable line
+    when that would be a silent fallback to CPU. Pure: the caller passes what it found
+    (`choose_device` does it for train.py).
+
+    cuda_available: torch.cuda.is_available(). gpus_present: NVIDIA GPUs the driver lists
+    (`nvidia_gpus_present`; no CUDA needed). env: the environment (NANOFAST_DEVICE,
+    CUDA_VISIBLE_DEVICES). world_size: processes of the run (torchrun's WORLD_SIZE, else 1).
+    asked_cpu: the user chose a CPU-sized run (train.py: named a preset other than speedrun).
+    reason: why CUDA is unavailable, when torch said (its warning), for the message.
+    cpu_only_build: this torch has no CUDA at all (torch.version.cuda is None), for the message.
+
+    - NANOFAST_DEVICE=cpu: cpu, always (and it counts as asking for CPU); NANOFAST_DEVICE=cuda:
+      cuda, or an error when CUDA is unavailable. Any other value is an error.
+    - CUDA available: cuda.
+    - GPUs present but CUDA unusable (a driver older than the wheel, a CPU-only wheel, a
+      CUDA_VISIBLE_DEVICES that hides every GPU): an error unless CPU was asked for.
+    - No GPU at all: cpu for one process (`python train.py`, `make run`); an error for several
+      ranks (a multi-GPU launch that would train on gloo) unless CPU was asked for.
+    """
+    wanted = env.get("NANOFAST_DEVICE", "").strip().lower()
+    ask = "set NANOFAST_DEVICE=cpu or name a CPU --preset (smoke, cpu, rehearsal) to train on CPU"
+    if wanted not in ("", "cpu", "cuda"):
+        raise DeviceError(f"NANOFAST_DEVICE={env['NANOFAST_DEVICE']!r}: expected cpu or cuda (or unset: "
+                          "cuda when it works)")
+    if wanted == "cpu":
+        return "cpu"
+    if cuda_available:
+        return "cuda"
+    why = f" ({reason})" if reason else ""
+    if wanted == "cuda":
+        raise DeviceError(f"NANOFAST_DEVICE=cuda but CUDA is unavailable{why}: "
+                          f"{gpus_present} NVIDIA GPU(s) present")
+    if asked_cpu:
+        return "cpu"
+    if gpus_present:
+        shown = visible_gpus(env.get("CUDA_VISIBLE_DEVICES"), gpus_present)
+        if shown == 0:
+            raise DeviceError(f"{gpus_present} NVIDIA GPU(s) present but CUDA_VISIBLE_DEVICES="
+                              f"{env['CUDA_VISIBLE_DEVICES']!r} hides every one (indices 0-{gpus_present - 1} "
+                              f"exist): fix or unset it, or {ask}")
+        if cpu_only_build:
+            raise DeviceError(f"{gpus_present} NVIDIA GPU(s) present but torch {torch.__version__} is a CPU-only "
+                              f"build: install a CUDA build of torch, or {ask}")
+        raise DeviceError(f"{gpus_present} NVIDIA GPU(s) present but CUDA cannot use them{why}: check nvidia-smi "
+                          f"and that the driver supports CUDA {torch.version.cuda} (torch {torch.__version__}), "
+                          f"or {ask}")
+    if world_size > 1:
+        raise DeviceError(f"{world_size} ranks but no GPU: this run would train on CPU (gloo); {ask}")
+    return "cpu"
+
+
+def choose_device(asked_cpu: bool) -> str:
+    """`check_device` on this machine and environment: what train.py runs on."""
+    with warnings.catch_warnings(record=True) as caught:  # torch says why CUDA is unusable in a warning
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    reason = next((" ".join(str(w.message).split()) for w in caught if "CUDA" in str(w.message)), None)
+    return check_device(available, nvidia_gpus_present(), os.environ, int(os.environ.get("WORLD_SIZE", "1")),
+                        asked_cpu, reason, cpu_only_build=torch.version.cuda is None)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_launcher: int | None = None  # the parent this rank started under (torchrun's agent), once recorded
+
+
+def die_with_parent(parent: int | None = None) -> str | None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux's parent-death signal), so
+    that a torchrun rank does not outlive a launcher that was killed: torchrun starts each rank in
+    a session of its own, where the launcher's process group and terminal do not reach it, and
+    without this a rank waits out its collectives or `pipeline._join` (hours) holding its GPU.
+    parent: the parent's pid as read at startup (train.py reads it before its imports, which take
+    seconds), default now. Records it for `launcher_gone`. Returns None when set, else why it is a
+    no-op (not Linux, no libc). If the parent died before the signal was set (it is no longer this
+    process's parent), this process SIGKILLs itself at once: the signal would never come.
+    The kernel sends the signal when the parent *thread* that started this process ends; torchrun's
+    agent starts its ranks from its main thread.
+    """
+    global _launcher
+    parent = os.getppid() if parent is None else parent
+    _launcher = parent
+    if platform.system() != "Linux":
+        return f"no parent-death signal on {platform.system()}"
+    path = ctypes.util.find_library("c")
+    if path is None:
+        return "no C library found"
+    libc = ctypes.CDLL(path, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}"
+    if os.getppid() != parent:  # the parent died before the signal was set: it will never come
+        print(f"error: the launcher (pid {parent}) died before this process started", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return None
+
+
+def launcher_gone() -> str | None:
+    """None while the launcher `die_with_parent` recorded is still this process's parent; else
+    what happened (this process was reparented: its launcher died). None when none was recorded."""
+    if _launcher is None or os.getppid() == _launcher:
+        return None
+    return f"its launcher (pid {_launcher}) is gone"
 
 
 # glibc mallopt parameters (malloc.h)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from nanofast import checkpoint, core_eval, dataset, ops
 from nanofast.chat_eval import chatcore, evaluate_task, generative_outcomes, paired_change
-from nanofast.common import Dist, default_dtype, parse_dtype, peak_flops, print0
+from nanofast.common import Dist, default_dtype, launcher_gone, parse_dtype, peak_flops, print0
 from nanofast.dataloader import ConversationLoader, PackedLoader
 from nanofast.download import download_climbmix
 from nanofast.evaluate import evaluate_bpb
@@ -168,9 +168,12 @@ def _join(run: Run, stage: str) -> None:
     samples and evaluates; a rank may be slow to fetch its shards), which must not run into the
     collective timeout; this wait has its own, `wait_minutes`. Each rank writes a marker naming this
     launch (torchrun's run id), so markers a killed launch left behind do not count. A rank that
-    fails ends the job through torchrun. Multi-node runs need a shared --base-dir."""
+    fails ends the job through torchrun. Multi-node runs need a shared --base-dir. A rank whose
+    launcher died (it was reparented) stops waiting with an error: nothing would end the wait but
+    `wait_minutes` (train.py's ranks are also SIGKILLed with it: common.die_with_parent)."""
     if run.dist.world_size == 1:
         return
+    parent = os.getppid()
     sync = run.dir / "sync"
     sync.mkdir(parents=True, exist_ok=True)
     launch = os.environ.get("TORCHELASTIC_RUN_ID", "")
@@ -186,6 +189,9 @@ def _join(run: Run, stage: str) -> None:
     minutes = run.settings.wait_minutes
     deadline = time.monotonic() + 60 * minutes
     while late := missing():
+        if gone := launcher_gone() or (os.getppid() != parent and f"its parent (pid {parent}) is gone"):
+            raise RuntimeError(f"rank {run.dist.rank}: {gone}: stopped waiting for rank(s) {late} at the end "
+                               f"of the {stage} stage")
         if time.monotonic() > deadline:
             raise TimeoutError(f"rank {run.dist.rank}: rank(s) {late} did not finish the {stage} stage within "
                                f"{minutes:g} minutes (--wait-minutes)")

@@ -78,8 +78,9 @@ def rehearsed(tmp_path_factory) -> tuple[Path, str]:
     Returns it and the rerun's output."""
     base = tmp_path_factory.mktemp("rehearsal")
     cmd = [*TORCHRUN, "--stage", "all", "--preset", "rehearsal", "--base-dir", str(base)]
-    kill_once_saved(cmd, ROOT, ENV, run_dir(base) / "checkpoints" / "base", KILL_AFTER_STEP, base.parent / "killed.log",
-                    world_size=2)
+    killed = kill_once_saved(cmd, ROOT, ENV, run_dir(base) / "checkpoints" / "base", KILL_AFTER_STEP,
+                             base.parent / "killed.log", world_size=2)
+    assert len(killed) >= 3, killed  # torchrun and both ranks (in sessions of their own), each checked gone by pid
     assert not (run_dir(base) / "report" / "pretrain.json").exists()  # it really died inside pretraining
     out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

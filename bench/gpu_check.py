@@ -270,6 +270,7 @@ def check_paged_prefill(ctx: Ctx) -> dict:
     """The engine's batched prefill (flash-attn varlen where installed, else grouped SDPA) against
     one SDPA per chunk in fp64, with and without a sliding window."""
     from nanofast import ops
+    from nanofast.kernels import vendor
 
     q, kc, vc, table, chunks, ctxs = _prefill_step(ctx)
     cases = []
@@ -277,7 +278,7 @@ def check_paged_prefill(ctx: Ctx) -> dict:
         ref64 = ops.paged_prefill_attention_per_chunk(q.double(), kc.double(), vc.double(), table, chunks, ctxs, window)
         lp = ops.paged_prefill_attention_per_chunk(q, kc, vc, table, chunks, ctxs, window)
         out = ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctxs, window)
-        cases.append(budget(f"window={window} flash_attn={ops._flash_attn_module(q) is not None}", out, lp, ref64))
+        cases.append(budget(f"window={window} attention={vendor.attention_backend(q.device, q.dtype)}", out, lp, ref64))
     return _cases(cases)
 
 
@@ -335,8 +336,9 @@ def check_fp8_gemm(ctx: Ctx, backend: str) -> dict:
     from nanofast.kernels import fp8_gemm, fp8_gemm_reference
 
     E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
-    M, N, K = ctx.pick((4096, 3072, 1536), (48, 40, 96))
-    Ml, Nl, Kl = ctx.pick((1024, 1024, 16384), (16, 24, 1024))
+    # K and N multiples of 16 (torch._scaled_mm's CUDA rule, held on every backend); M free
+    M, N, K = ctx.pick((4096, 3072, 1536), (40, 48, 96))
+    Ml, Nl, Kl = ctx.pick((1024, 1024, 16384), (16, 32, 1024))
     cases = []
     for name, (m, n, k), a_dt, recipe, bias, fast in (
             ("e4m3 tensorwise", (M, N, K), E4, "tensorwise", False, False),
@@ -592,6 +594,45 @@ def check_train_step(ctx: Ctx) -> dict:
             err_k, err_t = (gk[n] - ref).norm().item(), (gt[n] - ref).norm().item()
             cases.append({"case": f"bf16 {n}", "ok": err_k <= 2 * err_t + 2.0 ** -7 * scale, "err": err_k,
                           "torch_err": err_t, "norm": scale})
+    return _cases(cases)
+
+
+def check_fp8_training_paths(ctx: Ctx) -> dict:
+    """The speedrun's fp8 paths on the backend the model picks (torch._scaled_mm through
+    kernels.vendor on an unmeasured GPU): a training step per recipe with a token count that is no
+    multiple of 16 (`--seq-len 1000 --device-batch-size 1`), against the bf16 step's loss, then the
+    precision report (every setting finite), with the peak memory it added."""
+    import torch
+
+    from nanofast.precision import precision_report
+
+    depth, vocab, T, hd = ctx.pick((4, 32768, 1000, 128), (1, 256, 25, 32))
+    g = torch.Generator().manual_seed(9)
+    x = torch.randint(0, vocab, (1, T), generator=g).to(ctx.device)
+    dtype = torch.bfloat16
+    cases = []
+    losses = {}
+    for recipe in (None, "tensorwise", "rowwise"):
+        model = _model(ctx, depth, vocab, T, hd, dtype).train()
+        if recipe is not None:
+            model.set_linear_precision({"attn": "fp8", "mlp": "fp8", "lm_head": "fp8"}, recipe)
+        loss = model(x, x)
+        loss.backward()
+        grads_ok = all(torch.isfinite(p.grad).all().item() for p in model.parameters() if p.grad is not None)
+        losses[recipe] = loss.item()
+        if recipe is not None:  # fp8's e4m3 products move the loss by ~1e-2 relative at most
+            err = abs(losses[recipe] - losses[None])
+            cases.append({"case": f"fp8 {recipe} step, {T} tokens", "ok": grads_ok and err <= 0.02 * abs(losses[None]),
+                          "err": err, "bf16_loss": losses[None]})
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if ctx.device.type == "cuda" else 0
+    report = precision_report(model, x, x)
+    added = (torch.cuda.max_memory_allocated() - before) if ctx.device.type == "cuda" else None
+    finite = all(math.isfinite(r["loss"]) and math.isfinite(r["logits_rel_err"]) for r in report["settings"].values())
+    cases.append({"case": "precision report", "ok": finite, "peak_bytes_added": added,
+                  "settings": {k: r["loss_delta"] for k, r in report["settings"].items()}})
     return _cases(cases)
 
 
@@ -863,6 +904,7 @@ for _b in ("triton", "cuda"):
          {"backend": _b})
 _add("model", "train_step[compiled,triton vs torch]", 90, check_train_step)
 _add("model", "engine_greedy_vs_generate", 15, check_engine)
+_add("model", "fp8_training_paths", 20, check_fp8_training_paths)
 _add("speed", "rms_norm", 20, speed_rms_norm, "rms_norm", floor=("rms_norm_fwd_16384x1536", "triton"))
 _add("speed", "qk_norm_rope", 20, speed_qk_norm_rope, "qk_norm_rope",
      floor=("qk_norm_rope_fwd_B32_T2048_H10", "triton"))

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from nanofast import ops
+from nanofast.kernels import vendor
 from nanofast.kernels.backend import triton_interpreting
 
 from bench.gpu_peaks import bandwidth_info
@@ -198,4 +199,4 @@ def test_bench_paged_prefill(benchmark, step, impl):
     benchmark.pedantic(run, rounds=10 if GPU else 3, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(device=torch.cuda.get_device_name(0) if GPU else "cpu", chunks=len(chunks),
                                 tokens=sum(n for n, _ in chunks),
-                                flash_attn=ops._flash_attn_module(args[0]) is not None)
+                                attention=vendor.attention_backend(args[0].device, args[0].dtype))

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .cuda_abi import (DTYPE_CODES, PagedAttentionArgs, PagedKvWriteArgs, QkNormRopeBwdArgs, QkNormRopeFwdArgs,
                        RmsNormBwdArgs, RmsNormFwdArgs)
+from . import vendor
 from .cuda_build import launch
 from .launch import sm_count
 from .paged_attention import _check_plan, _plan_tensors, host_lengths, plan_paged_decode
@@ -572,7 +573,7 @@ def _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, wi
     scale = _check_real("scale", scale)
     if scale <= 0:
         raise ValueError(f"scale must be > 0, got {scale}")
-    w = -1 if window is None else _check_int("window", window, 0)
+    w = -1 if window is None or vendor.left_window(window) is None else int(window)  # -1: full causal
     if w > 2**31 - 1:
         w = -1  # a window longer than any sequence is no window
     if plan is not None and num_splits is not None:
@@ -666,7 +667,7 @@ def paged_decode_attention_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, blo
     int32, page ids of each sequence's positions in order; entries past a sequence's used pages are
     never read. seq_lens: (B,) int32 in [1, max_pages * page_size], the length including the current
     token. Values (lengths, used page ids) are checked for CPU tensors; on CUDA (no host sync) the
-    kernel clamps lengths and skips keys in pages outside the pool instead. scale > 0 multiplies q.k. window None: all keys; w >= 0: keys j with len-1-w <= j <= len-1.
+    kernel clamps lengths and skips keys in pages outside the pool instead. scale > 0 multiplies q.k. window None or -1: all keys; w >= 0: keys j with len-1-w <= j <= len-1.
     num_splits: the uniform plan, this many splits of every sequence (1..65535). plan: (B,) int32
     CPU tensor of splits per sequence (`paged_attention.plan_paged_decode`), exclusive with
     num_splits. Both None: planned from the lengths (`_paged_plan`: ~16 warps per SM of similar-sized

@@ -15,7 +15,8 @@ Backends (`fp8_gemm(..., backend=)`):
                  tiles) that moves tiles with TMA (sm_90 SASS: UTMALDG / UTMASTG, QGMMA); needs
                  16-byte aligned rows (K % 16 == 0). Which of the two is faster on which shapes is
                  for `bench/test_bench_fp8_gemm.py` to say on an H100; unmeasured so far.
-    "scaled_mm"  `torch._scaled_mm` (cuBLASLt on CUDA; a dequantising fallback on CPU).
+    "scaled_mm"  `torch._scaled_mm` through `vendor.scaled_mm` (cuBLASLt on CUDA; torch's CPU kernel
+                 elsewhere, held to the CUDA contract: K, N % 16, row-wise to bf16, the bias rule).
     None         "triton" on CUDA tensors, "torch" on CPU tensors.
 
 Accumulation (`use_fast_accum`): an fp8 wgmma does not accumulate in full fp32 -- the H100 tensor
@@ -53,6 +54,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import vendor
 from .backend import resolve_backend, target_arch
 from .compile_gate import gate_signature
 from .launch import TL_DTYPE as _TL_DTYPE, sm_count
@@ -393,8 +395,13 @@ def _check(a: object, b: object, scale_a: object, scale_b: object, out_dtype: ob
             raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (n,):
             raise ValueError(f"bias must have shape (N,) = ({n},), got {tuple(bias.shape)}")
-        if bias.dtype not in (out_dtype, torch.float32):
-            raise TypeError(f"bias must be out_dtype ({out_dtype}) or float32, got {bias.dtype}")
+        # torch._scaled_mm's bias rule (vendor.SCALED_MM_RULES["bias"]) on every backend, so a call
+        # that works on one backend works on all: add an fp32 bias after an fp32 GEMM instead.
+        if out_dtype == torch.float32:
+            raise ValueError("bias needs a bf16 or fp16 out_dtype (torch._scaled_mm refuses a bias with "
+                             "float32 output): add it after the GEMM")
+        if bias.dtype != out_dtype:
+            raise TypeError(f"bias must be out_dtype ({out_dtype}), got {bias.dtype}")
         if bias.device != a.device:
             raise ValueError(f"bias must be on a's device {a.device}, got {bias.device}")
     if not isinstance(use_fast_accum, bool):
@@ -427,13 +434,12 @@ def fp8_gemm_reference(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *
 def fp8_gemm_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *,
                        out_dtype: torch.dtype = torch.bfloat16, bias: Tensor | None = None,
                        use_fast_accum: bool = False) -> Tensor:
-    """`torch._scaled_mm(a, b.t(), scale_a, scale_b, bias=, out_dtype=, use_fast_accum=)`.
-
-    torch 2.13 accepts tensorwise pairs and rowwise pairs ((M, 1) with (1, N)) on CPU, any M, N, K,
-    fp32/fp16/bf16 out and bias; it raises "Invalid scaling configuration" for a tensorwise scale
-    mixed with a rowwise one, so a mixed pair is passed as two rowwise scales (the tensorwise one
-    broadcast: the same product). On CUDA cuBLASLt adds its own rules (K and N multiples of 16;
-    rowwise only with bf16 out), which torch reports itself.
+    """`torch._scaled_mm(a, b.t(), scale_a, scale_b, bias=, out_dtype=, use_fast_accum=)` through
+    `vendor.scaled_mm`, which holds every device to CUDA's contract (torch's CPU kernel would accept
+    more): K and N multiples of 16, row-wise scales with bf16 output and an e4m3 `b` only; anything
+    else raises `vendor.ContractError` before any work. torch refuses a tensorwise scale mixed with
+    a rowwise one ("Invalid scaling configuration"), so a mixed pair is passed as two rowwise scales
+    (the tensorwise one broadcast: the same product, under the row-wise rules).
     """
     rowwise_a, rowwise_b = _check(a, b, scale_a, scale_b, out_dtype, bias, use_fast_accum)
     if rowwise_a != rowwise_b:  # e.g. a rowwise GEMM over a single row, whose (1, 1) scale reads as tensorwise
@@ -442,7 +448,7 @@ def fp8_gemm_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *
     else:
         sa = scale_a if rowwise_a else scale_a.reshape(())
         sb = scale_b if rowwise_b else scale_b.reshape(())
-    return torch._scaled_mm(a, b.t(), sa, sb, bias=bias, out_dtype=out_dtype, use_fast_accum=use_fast_accum)
+    return vendor.scaled_mm(a, b.t(), sa, sb, bias=bias, out_dtype=out_dtype, use_fast_accum=use_fast_accum)
 
 
 def fp8_gemm_triton(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *,
@@ -525,7 +531,8 @@ def fp8_gemm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *, out_dtyp
         scale_a: fp32, tensorwise (shape (), (1,) or (1, 1)) or rowwise (M, 1) (per row of a).
         scale_b: fp32, tensorwise or rowwise (1, N) (per row of b = per output column).
         out_dtype: torch.bfloat16, torch.float16 or torch.float32.
-        bias: optional (N,) in out_dtype or float32, added in fp32 before the single rounding.
+        bias: optional (N,) in out_dtype, which must then be bf16 or fp16 (torch._scaled_mm's rule,
+            held on every backend); added in fp32 before the single rounding.
         use_fast_accum: False promotes partial sums to an fp32 accumulator every BLOCK_K (split
             accumulator); True keeps the whole reduction in the tensor core's accumulator (faster,
             less accurate on Hopper; the forward pass only). See the module docstring.

@@ -15,14 +15,24 @@ weights accumulate it without another rounding.
 
 Shapes: the GEMMs need K and N multiples of 16 (FP8 tensor-core MMAs and `torch._scaled_mm` read
 16-byte aligned rows): other shapes are rejected with a ValueError rather than silently padded (the
-model's layers all satisfy it; pad the layer, not every call). M (tokens) is free.
+model's layers all satisfy it; pad the layer, not every call). M (tokens) is free: the weight
+gradient reduces over M, which CUDA's `_scaled_mm` also wants a multiple of 16, so M is padded with
+zero rows to the next multiple of 16 (zero rows add nothing to the weight gradient; their outputs
+are dropped). That copies x only when M % 16 != 0.
+
+Output dtypes follow `torch._scaled_mm`'s CUDA contract (`vendor.SCALED_MM_RULES`) on every
+backend, so every backend computes the same roundings and a CPU run predicts the GPU's: row-wise
+GEMMs write bf16 (the one output the CUTLASS row-wise path takes; cast to x's dtype or fp32
+after: the bf16 rounding, 2^-9 relative, is small beside fp8's own 2^-4 / 2^-3), and a bias is
+fused into the GEMM only when the GEMM writes x's 16-bit dtype, else added after it.
 
 backend: "torch" (the plain-torch references of the quantisation and the GEMM: the same
-algorithm, readable), "scaled_mm" (`torch._scaled_mm` for the GEMMs: cuBLASLt on GPU, also runs on
-CPU), "triton" (nanofast's Triton quantisation and GEMM kernels), "triton_persistent" (the same
-quantisation, the persistent TMA GEMM; TMA needs 16-byte aligned rows, and the tensorwise weight
-gradient reduces over the tokens, so with M % 16 != 0 that one GEMM runs the pointer kernel),
-None (Triton on CUDA tensors, torch on CPU).
+algorithm, readable), "scaled_mm" (`torch._scaled_mm` for the GEMMs through
+`vendor.scaled_mm`: cuBLASLt on GPU; on CPU torch's own kernel, held to the CUDA contract),
+"triton" (nanofast's Triton quantisation and GEMM kernels), "triton_persistent" (the same
+quantisation, the persistent TMA GEMM; TMA needs 16-byte aligned operand rows, and a GEMM whose
+operands are not, e.g. views at odd offsets, runs the pointer kernel), None (Triton on CUDA
+tensors, torch on CPU).
 """
 from __future__ import annotations
 
@@ -66,11 +76,20 @@ def _gemm(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor, gb: str, **kwargs) -> Te
 # torch.compile traces. Tensorwise saves the quantised transposes (made in the forward's one read
 # of x and W); rowwise saves x and W, whose backward scales run along the other dimension.
 
+def _linear_out(x: Tensor, gemm, bias: Tensor | None, gemm_dtype: torch.dtype) -> Tensor:
+    """gemm(out_dtype, bias) in x's dtype with `bias` added: fused when the GEMM writes x's 16-bit
+    dtype (the only case `_scaled_mm` takes a bias), else after the GEMM in x's dtype."""
+    if bias is not None and gemm_dtype == x.dtype != torch.float32:
+        return gemm(gemm_dtype, bias.to(x.dtype))
+    out = gemm(gemm_dtype, None).to(x.dtype)
+    return out if bias is None else out + bias.to(x.dtype)
+
+
 def _forward_tensorwise(x: Tensor, weight: Tensor, bias: Tensor | None, qb: str, gb: str):
     xq, xs, xq_t, _ = quantize_fp8(x, E4M3, transpose=True, backend=qb)
     wq, ws, wq_t, _ = quantize_fp8(weight, E4M3, transpose=True, backend=qb)
-    out_bias = bias.to(x.dtype) if bias is not None else None
-    out = _gemm(xq, wq, xs, ws, gb, out_dtype=x.dtype, bias=out_bias, use_fast_accum=True)
+    out = _linear_out(x, lambda dt, b: _gemm(xq, wq, xs, ws, gb, out_dtype=dt, bias=b, use_fast_accum=True),
+                      bias, x.dtype)
     return out, xq_t, xs, wq_t, ws
 
 
@@ -78,25 +97,29 @@ def _backward_tensorwise(gy: Tensor, xq_t: Tensor, xs: Tensor, wq_t: Tensor, ws:
                          qb: str, gb: str) -> tuple[Tensor, Tensor]:
     gq, gs, gq_t, _ = quantize_fp8(gy.contiguous(), E5M2, transpose=True, backend=qb)
     dx = _gemm(gq, wq_t, gs, ws, gb, out_dtype=x_dtype)          # (M,N)(N,K): B = W^T rows
-    dw = _gemm(gq_t, xq_t, gs, xs, gb, out_dtype=torch.float32)  # (N,M)(M,K): B = x^T rows
+    dw = _gemm(gq_t, xq_t, gs, xs, gb, out_dtype=torch.float32)  # (N,M)(M,K): B = x^T rows, K = M % 16 == 0
     return dx, dw
+
+
+# Row-wise GEMMs write bf16, the only output CUDA's row-wise _scaled_mm takes on every build.
+_ROWWISE_OUT = torch.bfloat16
 
 
 def _forward_rowwise(x: Tensor, weight: Tensor, bias: Tensor | None, qb: str, gb: str) -> Tensor:
     xq, xs, _, _ = quantize_fp8(x, E4M3, recipe="rowwise", backend=qb)
     wq, ws, _, _ = quantize_fp8(weight, E4M3, recipe="rowwise", backend=qb)
-    out_bias = bias.to(x.dtype) if bias is not None else None
-    return _gemm(xq, wq, xs, ws.t(), gb, out_dtype=x.dtype, bias=out_bias, use_fast_accum=True)
+    return _linear_out(x, lambda dt, b: _gemm(xq, wq, xs, ws.t(), gb, out_dtype=dt, bias=b, use_fast_accum=True),
+                       bias, _ROWWISE_OUT)
 
 
 def _backward_rowwise(gy: Tensor, x: Tensor, weight: Tensor, qb: str, gb: str) -> tuple[Tensor, Tensor]:
     gy = gy.contiguous()
     gq, gs, _, _ = quantize_fp8(gy, E5M2, recipe="rowwise", backend=qb)
     wtq, wts, _, _ = quantize_fp8(weight.t().contiguous(), E4M3, recipe="rowwise", backend=qb)
-    dx = _gemm(gq, wtq, gs, wts.t(), gb, out_dtype=x.dtype)
+    dx = _gemm(gq, wtq, gs, wts.t(), gb, out_dtype=_ROWWISE_OUT).to(x.dtype)
     gtq, gts, _, _ = quantize_fp8(gy.t().contiguous(), E5M2, recipe="rowwise", backend=qb)
     xtq, xts, _, _ = quantize_fp8(x.t().contiguous(), E4M3, recipe="rowwise", backend=qb)
-    dw = _gemm(gtq, xtq, gts, xts.t(), gb, out_dtype=torch.float32)
+    dw = _gemm(gtq, xtq, gts, xts.t(), gb, out_dtype=_ROWWISE_OUT).float()
     return dx, dw
 
 
@@ -244,10 +267,13 @@ def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, recipe: st
     x2d = x.reshape(-1, x.size(-1))
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
+    m = x2d.size(0)
+    if m % 16:  # the weight gradient reduces over M: zero rows up to a multiple of 16 (module docstring)
+        x2d = torch.nn.functional.pad(x2d, (0, 0, 0, -m % 16))
     if not torch.compiler.is_compiling():
         out = _FP8Linear.apply(x2d, weight, bias, recipe, qb, gb)
     elif recipe == "tensorwise":
         out = torch.ops.nanofast.fp8_linear_tensorwise_fwd(x2d, weight, bias, qb, gb)[0]
     else:
         out = torch.ops.nanofast.fp8_linear_rowwise_fwd(x2d, weight, bias, qb, gb)
-    return out.reshape(*lead, weight.size(0))
+    return out[:m].reshape(*lead, weight.size(0))

@@ -60,6 +60,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from . import vendor
 from .backend import resolve_backend
 from .compile_gate import gate_signature
 from .launch import TL_DTYPE as _TL_DTYPE, next_pow2 as _next_pow2, sm_count as _sm_count
@@ -146,10 +147,7 @@ def _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num
                               or not math.isfinite(scale) or not scale > 0):
         raise ValueError(f"scale must be None (1/sqrt(D)) or a finite real number > 0, got {scale!r}")
     if window is not None:
-        if isinstance(window, bool) or not isinstance(window, numbers.Integral):
-            raise TypeError(f"window must be None or an int >= 0, got {type(window).__name__}")
-        if window < 0:
-            raise ValueError(f"window must be None (full causal) or an int >= 0, got {window}")
+        vendor.left_window(window)  # flash-attn's rule: an int >= -1, -1 full causal like None
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral)
                                    or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be None (automatic) or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
@@ -245,7 +243,7 @@ def paged_decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor
     pages = torch.where(used, block_table.long(), 0)
     pos = torch.arange(block_table.shape[1] * page_size, device=q.device)[None, :]
     valid = pos < lens
-    if window is not None:
+    if window is not None and window >= 0:
         valid &= pos >= lens - 1 - window
     k = k_cache[pages].flatten(1, 2).to(acc)  # (B, n, Hkv, D)
     v = v_cache[pages].flatten(1, 2).to(acc).masked_fill(~valid[:, :, None, None], 0)
@@ -482,7 +480,7 @@ def plan_paged_decode(seq_lens, num_kv_heads: int, *, window: int | None = None,
             tensor costs one device->host copy of B ints here: pass a host copy, e.g. what the
             engine already knows, to avoid the sync) or a sequence of ints, each >= 1.
         num_kv_heads: Hkv (each work unit runs Hkv programs, one per kv head).
-        window: the call's sliding window (None: full causal): a sequence's visible keys are
+        window: the call's sliding window (None or -1: full causal): a sequence's visible keys are
             min(L, window + 1).
         block_n: keys per tile of the kernel (64 for 16-bit caches at D <= 128, `_decode_meta`); a
             split is a whole number of tiles.
@@ -517,8 +515,8 @@ def plan_paged_decode(seq_lens, num_kv_heads: int, *, window: int | None = None,
         raise ValueError(f"max_splits must be an int in [1, {MAX_SPLITS}], got {max_splits!r}")
     if not isinstance(waves, numbers.Real) or isinstance(waves, bool) or not waves > 0:
         raise ValueError(f"waves must be a number > 0, got {waves!r}")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0):
-        raise ValueError(f"window must be None or an int >= 0, got {window!r}")
+    if window is not None and vendor.left_window(window) is None:
+        window = None
     if lens and min(lens) < 1:
         raise ValueError(f"seq_lens must all be >= 1 to plan a decode step, got min {min(lens)}")
     if not lens:
@@ -686,8 +684,9 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         seq_lens: (B,) int32, each in [1, max_pages * page_size]: the sequence length including
             the current token, whose k/v must already be in the cache (`paged_kv_write`).
         scale: softmax scale, > 0; None -> 1 / sqrt(D).
-        window: None (full causal) or w >= 0: the query (position L-1) attends keys j with
-            L-1-w <= j <= L-1 (flash-attn window_size=(w, 0), as nanofast.ops.attention).
+        window: None or -1 (full causal; -1 as in flash-attn) or w >= 0: the query (position L-1)
+            attends keys j with L-1-w <= j <= L-1 (flash-attn window_size=(w, 0), as
+            nanofast.ops.attention). Below -1 raises.
         num_splits: the uniform plan: split every sequence's visible keys into this many chunks
             (whole tiles, sizes differing by at most one tile) run in parallel and merged (1..256;
             1 writes the output directly). None: `plan`, or else a plan from the actual lengths.

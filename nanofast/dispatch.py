@@ -188,16 +188,18 @@ def choose(op: str, measured: Mapping[str, Mapping[str, Any]] | None) -> str:
 def backend_for(op: str, device: torch.device, rehearse: str | None = None) -> str:
     """The backend `op` runs on for tensors on `device` when the user forced none.
 
-    CUDA: `choose` on this device class's table. CPU (and any non-CUDA device): "torch", or with
-    `rehearse` (a device class such as "gpu-H100") what `choose` picks on that class's table: a CPU
-    run that executes a GPU run's per-op choices (the rehearsal preset). Safe under torch.compile:
+    CUDA: `choose` on this device class's table. CPU (and any non-CUDA device): the op's vendor path
+    ("torch"; for the fp8 linears torch._scaled_mm, the call a GPU makes, held to its CUDA contract
+    by nanofast.kernels.vendor), or with `rehearse` (a device class such as "gpu-H100") what
+    `choose` picks on that class's table: a CPU run that executes a GPU run's per-op choices (the
+    rehearsal preset). Safe under torch.compile:
     the answer is computed once at trace time and is a constant of the graph (Dynamo cannot trace
     file reads or the device-name query; both are fixed for a process).
     """
     _spec(op)
     if torch.device(device).type != "cuda":
         if rehearse is None:
-            return "torch"
+            return OPS[op].vendor
         if torch.compiler.is_compiling():
             return _choose_constant(op, rehearse)
         return _choose_for_class(op, rehearse)

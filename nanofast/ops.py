@@ -18,14 +18,18 @@ import torch.nn.functional as F
 
 from nanofast import dispatch, kernels
 
-try:  # FA3 (Hopper) ships as flash_attn_interface; FA2 as flash_attn. Both optional.
-    import flash_attn_interface as _fa3
-except ImportError:
-    _fa3 = None
-try:
-    import flash_attn as _fa2
-except ImportError:
-    _fa2 = None
+from nanofast.kernels import vendor
+
+# The torch paths' stand-in for "no window" (flash-attn's -1): larger than any position, so the
+# window term of a mask never excludes a key.
+_NO_WINDOW = 1 << 62
+
+
+def _mask_window(window: int) -> int:
+    """`window` validated by flash-attn's rule (vendor.left_window: an int >= -1, -1 unlimited), as
+    the left reach the torch paths' masks use."""
+    w = vendor.left_window(window)
+    return _NO_WINDOW if w is None else w
 
 
 _KERNEL_BACKEND: str | None = None
@@ -237,13 +241,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) ->
     """Causal attention with a left sliding window, default softmax scale 1/sqrt(D).
 
     q: (B, T, Hq, D); k, v: (B, T, Hkv, D) with Hq % Hkv == 0 (GQA). Query i sees keys j with
-    i - window <= j <= i (flash-attn's window_size=(window, 0)). Returns (B, T, Hq, D).
+    i - window <= j <= i (flash-attn's window_size=(window, 0)); window -1 means unlimited (full
+    causal), as in flash-attn; below -1 raises. Returns (B, T, Hq, D). Runs flash-attn (FA3 on
+    Hopper, else FA2, through vendor.flash_attn_func and its contract) on fp16/bf16 CUDA tensors
+    where installed, else SDPA (vendor.attention_backend says which).
     """
-    fa = _flash_attn_module(q)
+    w = _mask_window(window)
+    fa = vendor.flash_attn_module(q)
     if fa is not None:
-        out = fa.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
-        return out[0] if isinstance(out, tuple) else out
-    return _sdpa_attention(q, k, v, window)
+        return vendor.flash_attn_func(q, k, v, causal=True, window_size=(int(window), 0), module=fa)
+    return _sdpa_attention(q, k, v, w)
 
 
 def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
@@ -290,6 +297,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if backend != "torch":
         return kernels.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, window=window,
                                               host_seq_lens=host_seq_lens, backend=backend)
+    window = _mask_window(window)
     pages = block_table.long()
     k, v = k_cache[pages].flatten(1, 2), v_cache[pages].flatten(1, 2)  # (B, n, Hkv, D)
     pos = torch.arange(k.size(1), device=q.device)[None, :]
@@ -309,7 +317,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     (context_len, Hkv, D) view for SDPA: a prefill chunk does O(n * context) work per byte gathered,
     so the gather is a small share, and prompts run in chunks of at most the engine's token budget.
     """
-    n = q.size(0)
+    n, window = q.size(0), _mask_window(window)
     k = k_cache[pages].flatten(0, 1)[:context_len]
     v = v_cache[pages].flatten(0, 1)[:context_len]
     qi = torch.arange(context_len - n, context_len, device=q.device)[:, None]
@@ -329,16 +337,6 @@ def paged_prefill_attention_per_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_
     return torch.cat([paged_prefill_attention(q[s:s + n], k_cache, v_cache,
                                               block_table[r, :-(-context_lens[r] // page)].long(), context_lens[r],
                                               window) for r, s, n in chunks])
-
-
-def _flash_attn_module(q: torch.Tensor):
-    """flash-attn's module to run q on (FA3's on Hopper, else FA2's), or None: CPU tensors, fp32,
-    or flash-attn not installed."""
-    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
-        return None
-    if _fa3 is not None and torch.cuda.get_device_capability(q.device)[0] == 9:
-        return _fa3
-    return _fa2
 
 
 def paged_prefill_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -377,7 +375,8 @@ def paged_prefill_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_ca
         raise ValueError(f"each chunk needs 1 <= tokens <= its context length, got tokens {lens}, contexts {ctxs}")
     dev = q.device
     P = k_cache.size(1)
-    fa = _flash_attn_module(q)
+    mask_window = _mask_window(window)
+    fa = vendor.flash_attn_module(q)
     if fa is not None:
         if "slots" not in plan:
             # Each chunk's context keys, one sequence after another (flash-attn's varlen layout).
@@ -387,9 +386,8 @@ def paged_prefill_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_ca
                                       dtype=torch.int32, device=dev)
         k = k_cache.flatten(0, 1)[plan["slots"]]
         v = v_cache.flatten(0, 1)[plan["slots"]]
-        out = fa.flash_attn_varlen_func(q, k, v, plan["cu"][0], plan["cu"][1], max(lens), max(ctxs), causal=True,
-                                        window_size=(window, 0))
-        return out[0] if isinstance(out, tuple) else out
+        return vendor.flash_attn_varlen_func(q, k, v, plan["cu"][0], plan["cu"][1], max(lens), max(ctxs), causal=True,
+                                             window_size=(int(window), 0), module=fa)
     if "groups" not in plan:  # host lists -> index tensors once per step, not once per layer
         groups = [sorted(g) for g in prefill_groups(lens, [-(-c // P) * P for c in ctxs])]  # chunk order within
         plan["groups"] = [_padded_prefill_plan([chunks[i] for i in g], [ctxs[i] for i in g], block_table, P)
@@ -405,7 +403,7 @@ def paged_prefill_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_ca
         mask = g["masks"].get(window)
         if mask is None:  # once per window per step: the layers share a few windows
             kj = torch.arange(k.size(1), device=dev)[None, None, :]
-            mask = g["masks"][window] = (kj <= g["q_pos"]) & (kj >= g["q_pos"] - window)  # and the length mask
+            mask = g["masks"][window] = (kj <= g["q_pos"]) & (kj >= g["q_pos"] - mask_window)  # and the length mask
         y = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask[:, None], enable_gqa=q.size(1) != k.size(2))
         outs.append(y.transpose(1, 2)[g["keep"]])  # (rows of the group, Hq, D), chunk rows in order

@@ -21,6 +21,7 @@ from nanofast.common import Dist, default_dtype, launcher_gone, parse_dtype, pea
 from nanofast.dataloader import ConversationLoader, PackedLoader
 from nanofast.download import download_climbmix
 from nanofast.evaluate import evaluate_bpb
+from nanofast.kernels import vendor
 from nanofast.model import GPT, config_for_depth, parse_linear_precision
 from nanofast.optim import MuonAdamW
 from nanofast.plan import plan_training
@@ -323,6 +324,7 @@ def stage_pretrain(run: Run, t0: float) -> None:
 
     params, flops = model.num_params(), model.flops_per_token()
     print0(f"model {config} | {params['total']:,} params | {flops:.3e} FLOPs/token | {plan}")
+    print0(f"attention: {vendor.attention_backend(device, run.dtype)}")
     loader = PackedLoader(tokenizer, run.data_dir, plan.device_batch_size, s.seq_len, split="train",
                           rank=run.dist.rank, world_size=run.dist.world_size, device=device, state=loader_state)
 
@@ -368,7 +370,8 @@ def stage_pretrain(run: Run, t0: float) -> None:
             **loop_numbers(run, state, flops), tokens_per_second=state.tokens_per_second,
             samples=samples, checkpoint_dir=str(ckpt_dir),
             linear_precision=s.linear_precision, fp8_recipe=s.fp8_recipe, precision_report=precision,
-            kernel_backend=s.kernel_backend or "by device", dispatch_as=s.dispatch_as, compile=s.compile, seconds=time.perf_counter() - t0))
+            kernel_backend=s.kernel_backend or "by device", dispatch_as=s.dispatch_as, compile=s.compile,
+            attention=vendor.attention_backend(device, run.dtype), seconds=time.perf_counter() - t0))
     _join(run, "pretrain")
 
 

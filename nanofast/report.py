@@ -92,6 +92,7 @@ def build_report(report_dir: str | Path, out_path: str | Path, planned: Sequence
                   f"{pre['device']} {pre['dtype']}",
                   f"- kernels: {_kernels(pre)}, "
                   f"{'compiled' if pre.get('compile') else 'eager'} training step",
+                  f"- attention: {pre.get('attention', 'not recorded')}",
                   f"- final train loss: {pre['final_loss']:.4f}; val bpb: {pre['val_bpb']:.4f}",
                   f"- throughput: {pre['median_tokens_per_second']:,.0f} tokens/s (median step), MFU: {_mfu(pre.get('mfu'))}",
                   f"- training time: {pre['train_seconds']:.1f} s", ""]

@@ -247,11 +247,14 @@ def test_ops_on_a_measured_gpu_follow_the_table(measured_gpu):
     assert {op: ops.decide_backend(op, CUDA) for op in dispatch.OPS} == measured_gpu
 
 
-def test_cpu_default_is_torch_for_every_op_whatever_the_table(measured_gpu, monkeypatch, tmp_path):
-    assert {op: ops.decide_backend(op, CPU) for op in dispatch.OPS} == {op: "torch" for op in dispatch.OPS}
-    assert {op: dispatch.backend_for(op, CPU) for op in dispatch.OPS} == {op: "torch" for op in dispatch.OPS}
+def test_cpu_default_is_the_vendor_path_for_every_op_whatever_the_table(measured_gpu, monkeypatch, tmp_path):
+    # CPU: each op's vendor path (torch; torch._scaled_mm for the fp8 linears, as on a GPU)
+    vendor = {op: spec.vendor for op, spec in dispatch.OPS.items()}
+    assert vendor["fp8_linear"] == "scaled_mm" and vendor["rms_norm"] == "torch"
+    assert {op: ops.decide_backend(op, CPU) for op in dispatch.OPS} == vendor
+    assert {op: dispatch.backend_for(op, CPU) for op in dispatch.OPS} == vendor
     x = torch.zeros(2, 4)
-    assert (ops.kernel_backend(x), ops.triton_backend(x), ops.op_backend("fp8_linear", x)) == ("torch",) * 3
+    assert (ops.kernel_backend(x), ops.triton_backend(x), ops.op_backend("fp8_linear", x)) == ("torch", "torch", "scaled_mm")
 
 
 @pytest.mark.parametrize("forced,want", [

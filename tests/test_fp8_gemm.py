@@ -26,6 +26,7 @@ import torch
 
 from nanofast.kernels.fp8_gemm import (FP8_GEMM_CONFIGS, KERNEL_CONFIGS, TileConfig, _config_meta, _meta,
                                        fp8_gemm, fp8_gemm_reference, fp8_gemm_triton)
+from nanofast.kernels import vendor
 from compile_gate_helpers import MAX_SHARED, config_ids, run_uninterpreted
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -34,7 +35,7 @@ E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
 # (M, N, K): 1x1, non-multiples of every tile side (17, 33, 70, 130, 200), K below / not a multiple
 # of BLOCK_K (16, 48: masked tail) and exact (64, 96, 256), and a K that is not a multiple of 16.
-SHAPES = [(1, 1, 16), (17, 33, 48), (64, 64, 64), (70, 130, 96), (128, 200, 256), (5, 7, 17)]
+SHAPES = [(1, 1, 16), (17, 33, 48), (64, 64, 64), (70, 130, 96), (128, 200, 256), (5, 7, 17), (37, 48, 80)]
 # The interpreter's cost is per program: the largest shape takes 32x64x64 tiles (4 x 4 tiles, a
 # ragged N edge, 4 K-steps) to keep the suite fast.
 MEDIUM = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)
@@ -101,8 +102,9 @@ def test_matches_fp64_reference(shape, scaling, out_dtype):
     m, n, k = shape
     idx = SHAPES.index(shape) + ["tensorwise", "rowwise", "mixed"].index(scaling)
     da, db = PAIRS[idx % 3]
-    bias = [None, torch.randn(n, generator=torch.Generator().manual_seed(idx)).to(out_dtype),
-            torch.randn(n, generator=torch.Generator().manual_seed(idx))][idx % 3]
+    # a bias only with a 16-bit output, in its dtype (torch._scaled_mm's rule, held on every backend)
+    bias = None if idx % 2 or out_dtype == torch.float32 else \
+        torch.randn(n, generator=torch.Generator().manual_seed(idx)).to(out_dtype)
     a, b = _fp8((m, k), da, seed=idx), _fp8((n, k), db, seed=idx + 100)
     sa, sb = _scales(scaling, m, n, seed=idx)
     ref, mag = _ref64(a, b, sa, sb, bias)
@@ -124,9 +126,15 @@ def test_matches_fp64_reference(shape, scaling, out_dtype):
         assert buf[:, n:].isnan().all(), "persistent kernel wrote past N"
     _assert_within_budget(fp8_gemm_reference(a, b, sa, sb, out_dtype=out_dtype, bias=bias), ref, mag, k,
                           "reference " + where)
-    # mixed scales: torch._scaled_mm refuses them, so the wrapper broadcasts the tensorwise one
-    out = fp8_gemm(a, b, sa, sb, out_dtype=out_dtype, bias=bias, backend="scaled_mm")
-    _assert_within_budget(out, ref, mag, k, "scaled_mm " + where)
+    # torch._scaled_mm under its CUDA contract (kernels/vendor.py): K, N % 16; row-wise (mixed
+    # scales are passed as two row-wise ones) writes bf16 with an e4m3 b. Refused otherwise, on CPU too.
+    rowwise = sa.numel() > 1 or sb.numel() > 1
+    if k % 16 or n % 16 or (rowwise and (out_dtype != torch.bfloat16 or db != E4)):
+        with pytest.raises(vendor.ContractError, match=r"torch\._scaled_mm: .*\[.*; torch "):
+            fp8_gemm(a, b, sa, sb, out_dtype=out_dtype, bias=bias, backend="scaled_mm")
+    else:
+        out = fp8_gemm(a, b, sa, sb, out_dtype=out_dtype, bias=bias, backend="scaled_mm")
+        _assert_within_budget(out, ref, mag, k, "scaled_mm " + where)
 
 
 def _nan_guarded(shape: tuple[int, int], seed: int) -> torch.Tensor:
@@ -146,7 +154,7 @@ def test_guard_bands_and_strided_operands(k):
     m, n = 37, 45
     a, b = _nan_guarded((m, k), 1), _nan_guarded((n, k), 2)
     sa, sb = _scales("rowwise", m, n, seed=3)
-    bias = torch.randn(n)
+    bias = torch.randn(n).half()
     out_buf = torch.full((m + 4, n + 40), float("nan"), dtype=torch.float16)
     out = out_buf[2:m + 2, 3:n + 3]
     got = fp8_gemm_triton(a, b, sa, sb, out_dtype=torch.float16, bias=bias, meta=SMALL, out=out)
@@ -165,7 +173,7 @@ def test_persistent_guard_bands_and_tma_zero_fill():
     m, n, k = 37, 45, 48  # K = 48: a 32-wide K tail box half out of bounds
     a, b = _nan_guarded((m, k), 1), _nan_guarded((n, k), 2)  # 16-byte aligned rows and bases
     sa, sb = _scales("rowwise", m, n, seed=3)
-    bias = torch.randn(n)
+    bias = torch.randn(n).half()
     out_buf = torch.full((m + 4, 88), float("nan"), dtype=torch.float16)  # 176-byte rows
     out = out_buf[2:m + 2, 8:n + 8]
     for meta in (dict(SMALL, NUM_SMS=3), dict(MEDIUM, NUM_SMS=1)):
@@ -228,7 +236,7 @@ def test_empty_and_zero_k():
         assert out.shape == (m, n) and out.dtype == torch.bfloat16
     # K = 0: the sum is empty, the output is the bias (rounded once) or zero.
     a, b = torch.empty(3, 0, dtype=E4), torch.empty(5, 0, dtype=E4)
-    bias = torch.randn(5)
+    bias = torch.randn(5).half()
     out = fp8_gemm_triton(a, b, sa, sa, out_dtype=torch.float16, bias=bias, meta=SMALL)
     assert torch.equal(out, bias.half().expand(3, 5))
     assert torch.equal(fp8_gemm_triton(a, b, sa, sa, out_dtype=torch.float32, meta=SMALL), torch.zeros(3, 5))
@@ -258,6 +266,8 @@ def test_errors_name_the_argument():
         (dict(out_dtype=torch.float8_e4m3fn), TypeError, "out_dtype must be"),
         (dict(bias=torch.zeros(15)), ValueError, r"bias must have shape \(N,\) = \(16,\)"),
         (dict(bias=torch.zeros(16, dtype=torch.float16)), TypeError, "bias must be out_dtype"),
+        (dict(bias=torch.zeros(16)), TypeError, r"bias must be out_dtype \(torch.bfloat16\), got torch.float32"),
+        (dict(bias=torch.zeros(16), out_dtype=torch.float32), ValueError, "bias needs a bf16 or fp16 out_dtype"),
         (dict(use_fast_accum=1), TypeError, "use_fast_accum must be a bool"),
         (dict(backend="gpu"), ValueError, "backend must be one of"),
     ]
@@ -302,7 +312,7 @@ def test_config_space_executes(cfg, persistent):
     out_dtype = torch.float32 if persistent and cfg.persistent_out_bytes >= 4 else torch.bfloat16
     a, b = _fp8((m, k), E4, seed=20), _fp8((n, k), E5 if persistent else E4, seed=21)
     sa, sb = _scales("rowwise", m, n, seed=22)
-    bias = torch.randn(n, generator=torch.Generator().manual_seed(23))
+    bias = None if out_dtype == torch.float32 else torch.randn(n, generator=torch.Generator().manual_seed(23)).to(out_dtype)
     ref, mag = _ref64(a, b, sa, sb, bias)
     # a padded out view: an odd N of 16-bit elements is no 16-byte TMA row on its own
     buf = torch.full((m, n + 11), float("nan"), dtype=out_dtype)

@@ -50,9 +50,11 @@ def test_the_dry_run_executes_and_passes_every_check(dry_run):
     decode = [r for n, r in results.items() if n.startswith("paged_decode[triton")]
     assert len(decode) == 6 and all(len(r["cases"]) == 6 for r in decode)  # 2 windows x 3 split counts
     assert {c["case"] for c in results["fp8_gemm[triton]"]["cases"]} >= {
-        "long K split accumulation 16x24x1024", "long K fast accumulation 16x24x1024"}
+        "long K split accumulation 16x32x1024", "long K fast accumulation 16x32x1024"}
     assert results["train_step[compiled,triton vs torch]"]["cases"][0]["case"] == "fp32 loss"
     assert results["engine_greedy_vs_generate"]["identical"] == results["engine_greedy_vs_generate"]["requests"]
+    fp8 = [c["case"] for c in results["fp8_training_paths"]["cases"]]  # both recipes, odd M, the report
+    assert fp8 == ["fp8 tensorwise step, 25 tokens", "fp8 rowwise step, 25 tokens", "precision report"]
 
 
 def test_the_dry_run_dispatch_table_feeds_the_dispatch_rule(dry_run, tmp_path, monkeypatch):

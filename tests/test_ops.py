@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nanofast import ops
+from nanofast.kernels import vendor
 
 
 def dense_attention(q, k, v, window):
@@ -228,23 +229,29 @@ class _FakeVarlenFlashAttn:
             s = torch.einsum("nhd,chd->hnc", qs.double(), ks.double()) / math.sqrt(qs.size(-1))
             qi = torch.arange(c - n, c)[:, None]
             kj = torch.arange(c)[None, :]
-            s = s.masked_fill(~((kj <= qi) & (kj >= qi - window_size[0])), float("-inf"))
+            keep = kj <= qi
+            if window_size[0] >= 0:  # -1: unlimited on the left
+                keep &= kj >= qi - window_size[0]
+            s = s.masked_fill(~keep, float("-inf"))
             out.append(torch.einsum("hnc,chd->nhd", s.softmax(-1), vs.double()).to(q.dtype))
         return torch.cat(out), None  # FA3 returns (out, lse)
 
 
-@pytest.mark.parametrize("window", [0, 3, 1000])
+@pytest.mark.parametrize("window", [0, 3, 1000, -1])
 def test_batched_prefill_packs_flash_attn_varlen_inputs(monkeypatch, window):
     """The flash-attn branch (taken on CUDA for fp16/bf16): keys gathered per sequence into the
-    varlen layout with cu_seqlens; checked on CPU against the per-chunk path with a plain stand-in."""
+    varlen layout with cu_seqlens; checked on CPU against the per-chunk path with a plain stand-in,
+    called through vendor.flash_attn_varlen_func (so flash-attn's contract is checked first: fp16)."""
     fake = _FakeVarlenFlashAttn()
-    monkeypatch.setattr(ops, "_flash_attn_module", lambda q: fake)
+    monkeypatch.setattr(vendor, "flash_attn_module", lambda q: fake)
     q, kc, vc, table, chunks, ctx = _prefill_case(6, 2, seed=window)
     want = ops.paged_prefill_attention_per_chunk(q, kc, vc, table, chunks, ctx, window)
     plan = {}
-    got = ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctx, window, plan)
+    got = ops.paged_prefill_attention_batched(q.half(), kc.half(), vc.half(), table, chunks, ctx, window, plan)
     assert fake.calls == 1 and set(plan) == {"slots", "cu"}
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=2e-3)
+    with pytest.raises(vendor.ContractError, match=r"fp16 or bf16.*\[dtype; flash-attn"):
+        ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctx, window, {})  # fp32: refused
 
 
 def test_norm_with_residual_returns_the_new_stream():

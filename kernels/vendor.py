@@ -272,11 +272,18 @@ def load_flash_attn_3():
         return None, f"kernel hub {HUB_FA3} not loadable ({type(e).__name__}: {str(e)[:120]})"
 
 
-def _resolved() -> dict:
+@torch.compiler.disable  # imports and maybe a download: never traced into a compiled graph
+def _resolve() -> dict:
     if not _FA:
         fa3, why3 = load_flash_attn_3() if torch.cuda.is_available() else (None, "no CUDA")
         _FA.update(fa3=fa3, fa3_why=why3, fa2=_import_optional("flash_attn"))
     return _FA
+
+
+def _resolved() -> dict:
+    # Once filled (the run's first lines call attention_backend, before any compile), a traced
+    # call only reads the dict.
+    return _FA or _resolve()
 
 
 def flash_attn_module(q: Tensor):

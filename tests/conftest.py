@@ -66,6 +66,12 @@ def pytest_sessionfinish(session, exitstatus):
     compile_workers = sys.modules.get("torch._inductor.async_compile")
     if compile_workers is not None:
         compile_workers.shutdown_compile_workers()
+    # multiprocessing's resource tracker of this process (started by the first test that uses
+    # multiprocessing) lives as long as the process by design: stop it as Python does at exit,
+    # by closing its pipe. A tracker of a process that died has no one to close it: that one counts.
+    tracker = sys.modules.get("multiprocessing.resource_tracker")
+    if tracker is not None:
+        tracker._resource_tracker._stop()
     deadline = time.monotonic() + 5
     while (left := leftover_processes()) and time.monotonic() < deadline:
         time.sleep(0.1)

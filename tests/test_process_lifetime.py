@@ -366,3 +366,24 @@ def test_the_session_end_finds_and_kills_leftover_processes(tmp_path):
     finally:
         if running(leaked):
             os.kill(leaked, signal.SIGKILL)
+
+
+def test_the_session_end_stops_this_processs_own_multiprocessing_tracker(tmp_path):
+    """A test that uses multiprocessing starts the session's resource tracker, which lives as long
+    as pytest by design: the session end stops it instead of reporting it as a leak."""
+    for name in ("conftest.py", "killing.py"):
+        (tmp_path / name).write_text((ROOT / "tests" / name).read_text())
+    (tmp_path / "test_mp.py").write_text(textwrap.dedent("""
+        import multiprocessing, os
+        from multiprocessing import resource_tracker
+
+        def test_uses_multiprocessing():
+            multiprocessing.get_context("spawn").Lock()  # a semaphore: starts the resource tracker
+            resource_tracker.ensure_running()
+            open("tracker.pid", "w").write(str(resource_tracker._resource_tracker._pid))
+        """))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_mp.py"],
+                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "1 passed" in out.stdout and "still running" not in out.stdout, \
+        out.stdout + out.stderr
+    assert not running(int((tmp_path / "tracker.pid").read_text()))

@@ -7,6 +7,7 @@ sft, mid and base under the data root, in that order of preference.
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import sys
 from collections.abc import Iterator
@@ -87,7 +88,10 @@ class _EncodingOnly(pickle.Unpickler):
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    """Where and how the model runs: the flags the chat CLI and the server share."""
+    """Where the model is found and how it runs: the flags the chat CLI and the server share."""
+    p.add_argument("--base-dir", default=None,
+                   help="where train.py wrote its runs, searched for the newest checkpoint when --checkpoint is not "
+                        "given (default: $NANOFAST_BASE_DIR, else ~/.cache/nanofast)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--kernel-backend", choices=BACKENDS, default=None, help=KERNEL_BACKEND_HELP)
@@ -101,14 +105,21 @@ def runtime(args: argparse.Namespace) -> tuple[str, torch.dtype]:
 
 
 def load_model(checkpoint: str | Path | None, tokenizer_dir: str | Path | None,
-               device: str, dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer, Path]:
-    """Load (model, tokenizer, checkpoint path), computing in `dtype` (default: the device's); a
-    missing default checkpoint is a CheckpointError that says how to make one."""
+               device: str, dtype: torch.dtype | None = None,
+               base: str | Path | None = None) -> tuple[GPT, Tokenizer, Path]:
+    """Load (model, tokenizer, checkpoint path), computing in `dtype` (default: the device's).
+    Without `checkpoint`, the newest under `base` (--base-dir; default $NANOFAST_BASE_DIR, else
+    ~/.cache/nanofast); none there is a CheckpointError that names where it looked and how to
+    point elsewhere or make one."""
     if checkpoint is None:
-        checkpoint = default_checkpoint()
+        root = base_dir() if base is None else Path(base).expanduser()  # a lookup: never creates --base-dir
+        checkpoint = default_checkpoint(root)
         if checkpoint is None:
-            where = base_dir() / "runs" / "*" / "checkpoints"
-            raise CheckpointError(f"no checkpoint in {where}/{{{','.join(CHECKPOINT_STAGES)}}}: {NO_CHECKPOINT}")
+            where = root / "runs" / "*" / "checkpoints"
+            origin = "--base-dir" if base is not None else (
+                "$NANOFAST_BASE_DIR" if os.environ.get("NANOFAST_BASE_DIR") else "the default base dir")
+            raise CheckpointError(f"no checkpoint in {where}/{{{','.join(CHECKPOINT_STAGES)}}} ({origin}; set another "
+                                  f"with --base-dir or NANOFAST_BASE_DIR): {NO_CHECKPOINT}")
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise CheckpointError(f"--checkpoint {checkpoint} does not exist: {NO_CHECKPOINT}")
@@ -182,7 +193,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     try:
         device, dtype = runtime(args)
-        model, tokenizer, checkpoint = load_model(args.checkpoint, args.tokenizer, device, dtype)
+        model, tokenizer, checkpoint = load_model(args.checkpoint, args.tokenizer, device, dtype, args.base_dir)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=stderr)
         return 1

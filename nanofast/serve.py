@@ -7,7 +7,13 @@ unfinished, blocks on the queue when idle, and hands each token event back to th
 asyncio.Queue with `loop.call_soon_threadsafe`. A client that disconnects mid-stream gets an
 "abort" command, which frees its KV-cache pages.
 
-Endpoints: POST /v1/chat/completions (streaming or not), GET /v1/models, GET /health, GET / (UI).
+Endpoints: POST /v1/chat/completions (streaming or not), GET /v1/models, GET /v1/models/{id},
+GET /health, GET / (UI).
+
+Parameters: the ones in PARAMETERS are honoured; every other one is refused with a 400 naming it
+(OpenAI parameters nanofast does not implement, unless their value asks for nothing: NEUTRAL; and
+unknown names, a typo included), so a client never gets an answer that silently ignored what it
+asked for.
 """
 from __future__ import annotations
 
@@ -36,7 +42,17 @@ from nanofast.engine import Engine, SamplingParams, TokenEvent
 from nanofast.tokenizer import Tokenizer
 
 STATIC_DIR = Path(__file__).parent / "static"
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")  # "developer": OpenAI's newer name for system
+PARAMETERS = ("model", "messages", "stream", "stream_options", "n", "max_tokens", "max_completion_tokens",
+              "temperature", "top_p", "top_k", "seed", "stop")
+# OpenAI chat-completions parameters not implemented here, with the values that ask for nothing
+# (accepted: a client library may send them explicitly).
+NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
+           "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+           "parallel_tool_calls": (None,), "functions": (None, []), "function_call": (None, "none"),
+           "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
+           "prediction": (None,), "reasoning_effort": (None,), "service_tier": (None, "auto", "default"),
+           "store": (None, False), "metadata": (None,), "user": (None,), "web_search_options": (None,)}
 
 
 @dataclass
@@ -208,6 +224,13 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _neutral(value: Any, allowed: tuple) -> bool:
+    """`value` is one of `allowed` (None and booleans by identity, so 0 is not False; else ==, so
+    0.0 is 0 and [] is [])."""
+    return any(value is v if v is None or isinstance(v, bool) or isinstance(value, bool) else value == v
+               for v in allowed)
+
+
 def _message_text(content: Any, i: int) -> str:
     """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
     if isinstance(content, list):
@@ -221,9 +244,7 @@ def _message_text(content: Any, i: int) -> str:
     if not isinstance(content, str):
         raise APIError(400, f"messages[{i}].content must be a string, got {type(content).__name__}",
                        f"messages[{i}].content", "invalid_content")
-    if not content.strip():
-        raise APIError(400, f"messages[{i}].content is empty", f"messages[{i}].content", "empty_content")
-    return content
+    return content  # empty is valid (OpenAI accepts it): an empty turn
 
 
 def parse_messages(messages: Any, limits: ServeLimits) -> list[dict]:
@@ -245,8 +266,9 @@ def parse_messages(messages: Any, limits: ServeLimits) -> list[dict]:
         if role not in ROLES:
             raise APIError(400, f"messages[{i}].role is {role!r}: expected one of {', '.join(ROLES)}",
                            f"messages[{i}].role", "invalid_role")
+        role = "system" if role == "developer" else role
         # nanochat has no system turn: a leading one is merged into the first user message.
-        k = i - (messages[0].get("role") == "system")
+        k = i - (messages[0].get("role") in ("system", "developer"))
         expected = "system" if role == "system" and i == 0 else ("user" if k % 2 == 0 else "assistant")
         if role != expected:
             raise APIError(400, f"messages[{i}].role is {role!r}, expected {expected!r}: after an optional "
@@ -269,6 +291,16 @@ def parse_request(body: Any, tokenizer: Tokenizer, model_id: str, context: int, 
     """Validate a chat-completions body; raises APIError naming the offending parameter."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
+    for key, value in body.items():
+        if key in PARAMETERS or (key in NEUTRAL and _neutral(value, NEUTRAL[key])):
+            continue
+        if key in NEUTRAL:
+            asks = " or ".join(repr(v) for v in NEUTRAL[key] if v is not None)
+            raise APIError(400, f"'{key}' is not supported by this server: leave it out{' or send ' + asks if asks else ''} "
+                                f"(an answer that ignored it would not be what you asked for)", key,
+                           "unsupported_parameter")
+        raise APIError(400, f"unknown parameter '{key}': this server takes {', '.join(PARAMETERS)}", key,
+                       "unknown_parameter")
     model = body.get("model")
     if model is not None and model != model_id:
         raise APIError(404, f"the model {model!r} does not exist: this server serves {model_id!r}", "model",
@@ -519,10 +551,18 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, limits: Serv
         return JSONResponse({"status": "ok" if ok else "engine thread stopped", "model": model_id, **worker.stats()},
                             status_code=200 if ok else 503)
 
+    card = {"id": model_id, "object": "model", "created": created, "owned_by": "nanofast"}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "nanofast"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model_info(model: str) -> dict:
+        if model != model_id:
+            raise APIError(404, f"the model {model!r} does not exist: this server serves {model_id!r}", "model",
+                           "model_not_found")
+        return card
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
@@ -614,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         device, dtype = runtime(args)
-        model, tokenizer, checkpoint = load_model(args.checkpoint, args.tokenizer, device, dtype)
+        model, tokenizer, checkpoint = load_model(args.checkpoint, args.tokenizer, device, dtype, args.base_dir)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -131,6 +131,25 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path, monkeypatch):
     assert code == 1 and "does not exist" in err
 
 
+def test_base_dir_finds_the_newest_checkpoint_and_its_error_names_where_to_point(base, reference, tmp_path,
+                                                                                monkeypatch):
+    """--base-dir (chat and serve) is where the newest checkpoint is looked for; without a
+    checkpoint there the one-line error names the flag and NANOFAST_BASE_DIR (issue 30)."""
+    monkeypatch.setenv("NANOFAST_BASE_DIR", str(tmp_path / "elsewhere"))
+    expected, _ = answer(reference, [reference[0].bos_token_id, *user_turn(reference[0], "Hi there")], 8)
+    code, out, err = run_main(["--base-dir", str(base), "-p", "Hi there", "--temperature", "0", "--max-tokens", "8"])
+    assert code == 0 and out == expected + "\n", err
+    missing = tmp_path / "typo"
+    code, out, err = run_main(["--base-dir", str(missing), "-p", "hi"])
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert str(missing) in err and "(--base-dir;" in err and "NANOFAST_BASE_DIR" in err and not missing.exists()
+    code, _, err = run_main(["-p", "hi"])  # from the environment
+    assert code == 1 and "($NANOFAST_BASE_DIR;" in err and str(tmp_path / "elsewhere") in err
+    from nanofast import serve
+
+    assert serve.main(["--base-dir", str(missing)]) == 1  # the server: the same lookup, before it listens
+
+
 def test_tokenizer_must_match_the_checkpoint(base, tmp_path):
     from nanofast.tokenizer import Tokenizer
     from test_serve import TEXTS

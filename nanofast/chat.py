@@ -23,7 +23,7 @@ from nanofast.engine import Engine, SamplingParams
 from nanofast.model import GPT
 from nanofast.kernels import BACKENDS
 from nanofast.ops import KERNEL_BACKEND_HELP, set_kernel_backend
-from nanofast.tokenizer import TOKENIZER_FILE, Tokenizer
+from nanofast.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
 
 CHECKPOINT_STAGES = ("sft", "mid", "base")  # preference order: the most post-trained first
 NO_CHECKPOINT = "run `python train.py --stage all` first or pass --checkpoint"
@@ -131,36 +131,72 @@ def load_model(checkpoint: str | Path | None, tokenizer_dir: str | Path | None,
     return model, tokenizer, checkpoint
 
 
+HELP = ("/help this help, /clear starts over, /quit (or Ctrl-D) exits; Ctrl-C stops an answer, "
+        "Ctrl-C at the prompt exits")
+
+
+def default_answer_tokens(context: int) -> int:
+    """Most tokens per answer by default: a quarter of the context, at most 512, so that the first
+    answers cannot fill a small model's context and end the conversation."""
+    return max(1, min(512, context // 4))
+
+
 def stop_tokens(tokenizer: Tokenizer) -> tuple[int, ...]:
     """The ids that end an assistant turn (nanochat also stops at a stray BOS)."""
     return (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
 
 
+def special_display(tokenizer: Tokenizer, dim: bool = False) -> dict[int, str]:
+    """How the CLI shows each special token in an answer: the calculator call and its result as
+    one readable block, `[calculator: 19*2 = 38]` (dimmed on a terminal), every other special token
+    as nothing. A person never reads machine tokens; the conversation keeps the ids themselves."""
+    start, end = ("\x1b[2m", "\x1b[0m") if dim else ("", "")
+    shown = {"<|python_start|>": f"{start}[calculator: ", "<|python_end|>": "", "<|output_start|>": " = ",
+             "<|output_end|>": f"]{end}"}
+    return {tokenizer.encode_special(name): shown.get(name, "") for name in SPECIAL_TOKENS}
+
+
+def display_text(tokenizer: Tokenizer, ids: list[int], dim: bool = False) -> str:
+    """The text the CLI shows for answer tokens `ids` (see special_display)."""
+    return "".join(stream_text(tokenizer, ids, special_display(tokenizer, dim)))
+
+
+def stream_text(tokenizer: Tokenizer, ids, display: dict[int, str]) -> Iterator[str]:
+    """Pieces of text for a stream of token ids, special tokens replaced by display[id]."""
+    detok = IncrementalDetokenizer(tokenizer)
+    for token in ids:
+        piece = detok.flush() + display[token] if token in display else detok.add(token)
+        if piece:
+            yield piece
+    tail = detok.flush()
+    if tail:
+        yield tail
+
+
 def stream_reply(engine: Engine, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
-                 generated: list[int] | None = None) -> Iterator[str]:
+                 generated: list[int] | None = None, display: dict[int, str] | None = None) -> Iterator[str]:
     """Run one request to completion on `engine`, yielding its text as it is produced.
 
     Every token the request produced (the stop token included) is appended to `generated`.
+    display: how special tokens are shown (special_display); None shows them as their text.
     """
-    detok = IncrementalDetokenizer(tokenizer)
     request_id = engine.add_request(prompt, params)
     finished = False
-    try:
+
+    def tokens() -> Iterator[int]:
+        nonlocal finished
         while not finished and engine.has_unfinished():
             for event in engine.step():
                 if event.request_id != request_id:
                     continue
                 if generated is not None:
                     generated.append(event.token)
-                if event.finished:
-                    finished = True
+                finished = finished or event.finished
                 if not (event.finish_reason == "stop" and event.token in params.stop_token_ids):
-                    piece = detok.add(event.token)
-                    if piece:
-                        yield piece
-        tail = detok.flush()
-        if tail:
-            yield tail
+                    yield event.token
+
+    try:
+        yield from stream_text(tokenizer, tokens(), display or {})
     finally:
         if not finished:  # the consumer stopped early (e.g. Ctrl-C): free the request's pages
             engine.abort(request_id)
@@ -173,7 +209,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="0 = no top-k")
-    p.add_argument("--max-tokens", type=int, default=512, help="most tokens per answer")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens per answer (default: a quarter of the model's context, at most 512, so "
+                        "that a conversation keeps room for its next turns)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (turn i uses seed + i)")
     add_runtime_args(p)
     args = p.parse_args(argv)
@@ -181,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_k < 0:
         p.error(f"--top-k must be >= 0, got {args.top_k}")
-    if args.max_tokens < 1:
+    if args.max_tokens is not None and args.max_tokens < 1:
         p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
     return args
 
@@ -202,66 +240,104 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     sp = {n: tokenizer.encode_special(n) for n in ("<|user_start|>", "<|user_end|>", "<|assistant_start|>",
                                                    "<|assistant_end|>")}
 
-    # The conversation is kept as token ids, so tool calls stay special tokens in later prompts.
-    conversation = [tokenizer.bos_token_id]
+    budget = args.max_tokens or default_answer_tokens(context)
+    display = special_display(tokenizer, dim=stdout.isatty())
+
+    # The conversation is kept as token ids, so tool calls stay special tokens in later prompts:
+    # one list per exchange (user turn + the answer, closed by <|assistant_end|>).
+    exchanges: list[list[int]] = []
     turn = 0
 
     def answer(text: str) -> bool:
-        """Stream the reply to `text`; False (conversation unchanged) when it does not fit the context."""
-        nonlocal conversation, turn
-        prompt = conversation + [sp["<|user_start|>"], *tokenizer.encode(text), sp["<|user_end|>"],
-                                 sp["<|assistant_start|>"]]
+        """Stream the reply to `text`; False (conversation unchanged) when it does not fit the context.
+        Oldest exchanges are dropped (and the user told) until the answer has its budget of room."""
+        nonlocal turn
+        user = [sp["<|user_start|>"], *tokenizer.encode(text), sp["<|user_end|>"], sp["<|assistant_start|>"]]
+        dropped = 0
+        while exchanges and 1 + sum(map(len, exchanges)) + len(user) + budget > context:
+            exchanges.pop(0)
+            dropped += 1
+        if dropped:
+            print(f"(context full: dropped the {dropped} oldest exchange(s); /clear starts over)", file=stderr)
+        prompt = [tokenizer.bos_token_id, *(t for ex in exchanges for t in ex), *user]
         room = context - len(prompt)
         if room < 1:
-            print(f"error: the conversation is {len(prompt)} tokens, the model's context is {context}: "
-                  "/clear to start over", file=stderr)
+            print(f"error: the message is {len(prompt)} tokens, the model's context is {context}: "
+                  "send a shorter one, /clear to start over", file=stderr)
             return False
-        params = SamplingParams(max_tokens=min(args.max_tokens, room), temperature=args.temperature,
+        params = SamplingParams(max_tokens=min(budget, room), temperature=args.temperature,
                                 top_k=args.top_k or None, seed=None if args.seed is None else args.seed + turn,
                                 stop_token_ids=stop_tokens(tokenizer))
         generated: list[int] = []
-        for piece in stream_reply(engine, tokenizer, prompt, params, generated):
-            stdout.write(piece)
+        try:
+            for piece in stream_reply(engine, tokenizer, prompt, params, generated, display):
+                stdout.write(piece)
+                stdout.flush()
+        finally:  # an answer stopped with Ctrl-C stays in the conversation as far as it got
+            stdout.write("\n")
             stdout.flush()
-        stdout.write("\n")
-        stdout.flush()
-        if generated and generated[-1] in params.stop_token_ids:
-            generated[-1] = sp["<|assistant_end|>"]  # a stray BOS also closes the turn as assistant_end
-        else:
-            generated.append(sp["<|assistant_end|>"])  # cut by max_tokens: close the turn anyway
-        conversation = prompt + generated
-        turn += 1
+            stopped = bool(generated) and generated[-1] in params.stop_token_ids
+            if stopped:
+                generated[-1] = sp["<|assistant_end|>"]  # a stray BOS also closes the turn as assistant_end
+            else:
+                generated.append(sp["<|assistant_end|>"])  # cut or interrupted: close the turn anyway
+            exchanges.append(user + generated)
+            turn += 1
+        if not stopped:
+            limit = "--max-tokens" if params.max_tokens == budget else "the model's context"
+            print(f"[answer cut at {len(generated) - 1} tokens: {limit}]", file=stderr)
         return True
 
+    def read(interactive: bool) -> str | None:
+        """One line from the user (None at the end of input); line editing and history on a terminal."""
+        if interactive and stdin is sys.stdin:
+            try:
+                import readline  # noqa: F401  (input() then edits lines and keeps history)
+            except ImportError:
+                pass
+            try:
+                return input("\nYou: ")
+            except EOFError:
+                return None
+        if interactive:
+            stdout.write("\nYou: ")
+            stdout.flush()
+        return stdin.readline() or None
+
     def loop() -> int:
-        """The one-shot answer, or the read-answer loop until /quit or end of input."""
-        nonlocal conversation, turn
+        """The one-shot answer, or the read-answer loop until /quit or end of input. Ctrl-C stops
+        an answer; Ctrl-C at the prompt exits."""
+        nonlocal turn
         if args.prompt is not None:
             if not args.prompt.strip():
                 print("error: -p needs a non-empty prompt", file=stderr)
                 return 2
             return 0 if answer(args.prompt) else 1
         interactive = stdin.isatty()
-        print(f"nanofast chat: {checkpoint} on {device}. /clear resets, /quit exits.", file=stderr)
+        print(f"nanofast chat: {checkpoint} on {device}. {HELP}", file=stderr)
         while True:
-            if interactive:
-                stdout.write("\nYou: ")
-                stdout.flush()
-            line = stdin.readline()
-            if not line:  # end of input
+            line = read(interactive)
+            if line is None:  # end of input
                 break
             text = line.strip()
             if not text:
                 continue
             if text == "/quit":
                 break
+            if text in ("/help", "/?"):
+                print(HELP, file=stderr)
+                continue
             if text == "/clear":
-                conversation, turn = [tokenizer.bos_token_id], 0
+                exchanges.clear()
+                turn = 0
                 print("(conversation cleared)", file=stderr)
                 continue
             if interactive:
                 stdout.write("Assistant: ")
-            answer(text)
+            try:
+                answer(text)
+            except KeyboardInterrupt:  # the request is aborted by stream_reply; the chat goes on
+                print("(stopped)", file=stderr)
         return 0
 
     try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ def answer(reference, prompt: list[int], max_tokens: int) -> tuple[str, list[int
     tokenizer, engine = reference
     ids = stop_ids(tokenizer)
     out = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=ids))[0]
-    return tokenizer.decode(out[:-1] if out[-1] in ids else out), out
+    return chat.display_text(tokenizer, out[:-1] if out[-1] in ids else out), out
 
 
 def user_turn(tokenizer, text: str) -> list[int]:
@@ -217,3 +218,57 @@ def test_a_nanochat_tokenizer_pickle_loads_and_a_crafted_one_is_refused(tmp_path
         chat.load_tokenizer(bad)
     assert "\n" not in str(e.value) and not marker.exists()
 
+
+
+def test_special_tokens_are_shown_readably_never_as_machine_tokens(reference):
+    """The calculator call and its result read as one block; other special tokens show as nothing."""
+    tokenizer = reference[0]
+    sp = tokenizer.encode_special
+    ids = [*tokenizer.encode("The sum is "), sp("<|python_start|>"), *tokenizer.encode("19*2"), sp("<|python_end|>"),
+           sp("<|output_start|>"), *tokenizer.encode("38"), sp("<|output_end|>"), *tokenizer.encode(". Done"),
+           sp("<|user_start|>"), sp("<|bos|>")]
+    assert chat.display_text(tokenizer, ids) == "The sum is [calculator: 19*2 = 38]. Done"
+    assert chat.display_text(tokenizer, ids, dim=True) == "The sum is \x1b[2m[calculator: 19*2 = 38]\x1b[0m. Done"
+    assert "<|" not in chat.display_text(tokenizer, list(range(tokenizer.vocab_size)))
+
+
+def test_a_long_conversation_drops_its_oldest_exchanges_and_goes_on(base):
+    """Ten turns in a 128-token context: the default answer budget (a quarter of the context)
+    leaves room, the oldest exchanges are dropped with a notice, and no turn is refused."""
+    assert chat.default_answer_tokens(128) == 32 and chat.default_answer_tokens(100_000) == 512
+    stdin = "".join(f"tell me about the number {i} please\n" for i in range(10))
+    code, out, err = run_main(["--checkpoint", str(base / "checkpoints" / "sft"), "--temperature", "0"], stdin)
+    assert code == 0 and out.count("\n") == 10, err
+    assert "error" not in err and "(context full: dropped the" in err
+    cuts = re.findall(r"\[answer cut at (\d+) tokens: (--max-tokens|the model's context)\]", err)
+    assert all(int(n) <= 32 for n, _ in cuts)
+
+
+def test_a_cut_answer_is_marked(base):
+    code, out, err = run_main(["--checkpoint", str(base / "checkpoints" / "sft"), "-p", "Hi", "--max-tokens", "1"])
+    assert code == 0 and "[answer cut at 1 tokens: --max-tokens]" in err
+
+
+def test_help_is_answered_by_the_cli_not_the_model(base):
+    code, out, err = run_main(["--checkpoint", str(base / "checkpoints" / "sft")], "/help\n/quit\n")
+    assert code == 0 and out == "" and err.count(chat.HELP) == 2  # the banner and /help
+
+
+def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(base, reference):
+    """The first Ctrl-C (here: while the answer is written) stops that answer and frees its
+    request; the next message is answered; the stopped answer stays in the conversation."""
+
+    class InterruptOnce(io.StringIO):
+        fired = False
+
+        def write(self, text):
+            if text.strip() and not InterruptOnce.fired:
+                InterruptOnce.fired = True
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    out, err = InterruptOnce(), io.StringIO()
+    code = chat.main(["--checkpoint", str(base / "checkpoints" / "sft"), "--temperature", "0", "--max-tokens", "4"],
+                     stdin=io.StringIO("hello\nhello again\n"), stdout=out, stderr=err)
+    assert code == 0 and InterruptOnce.fired and "(stopped)" in err.getvalue()
+    assert out.getvalue().count("\n") == 2 and out.getvalue().split("\n")[1]  # the second answer came

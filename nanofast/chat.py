@@ -18,12 +18,12 @@ import torch
 
 from nanofast.checkpoint import CheckpointError, latest_step, load_nanochat
 from nanofast.common import DTYPES, autodetect_device, base_dir, default_dtype, parse_dtype
-from nanofast.detokenize import IncrementalDetokenizer
+from nanofast.detokenize import special_display, stream_text
 from nanofast.engine import Engine, SamplingParams
 from nanofast.model import GPT
 from nanofast.kernels import BACKENDS
 from nanofast.ops import KERNEL_BACKEND_HELP, set_kernel_backend
-from nanofast.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
+from nanofast.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CHECKPOINT_STAGES = ("sft", "mid", "base")  # preference order: the most post-trained first
 NO_CHECKPOINT = "run `python train.py --stage all` first or pass --checkpoint"
@@ -144,33 +144,6 @@ def default_answer_tokens(context: int) -> int:
 def stop_tokens(tokenizer: Tokenizer) -> tuple[int, ...]:
     """The ids that end an assistant turn (nanochat also stops at a stray BOS)."""
     return (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
-
-
-def special_display(tokenizer: Tokenizer, dim: bool = False) -> dict[int, str]:
-    """How the CLI shows each special token in an answer: the calculator call and its result as
-    one readable block, `[calculator: 19*2 = 38]` (dimmed on a terminal), every other special token
-    as nothing. A person never reads machine tokens; the conversation keeps the ids themselves."""
-    start, end = ("\x1b[2m", "\x1b[0m") if dim else ("", "")
-    shown = {"<|python_start|>": f"{start}[calculator: ", "<|python_end|>": "", "<|output_start|>": " = ",
-             "<|output_end|>": f"]{end}"}
-    return {tokenizer.encode_special(name): shown.get(name, "") for name in SPECIAL_TOKENS}
-
-
-def display_text(tokenizer: Tokenizer, ids: list[int], dim: bool = False) -> str:
-    """The text the CLI shows for answer tokens `ids` (see special_display)."""
-    return "".join(stream_text(tokenizer, ids, special_display(tokenizer, dim)))
-
-
-def stream_text(tokenizer: Tokenizer, ids, display: dict[int, str]) -> Iterator[str]:
-    """Pieces of text for a stream of token ids, special tokens replaced by display[id]."""
-    detok = IncrementalDetokenizer(tokenizer)
-    for token in ids:
-        piece = detok.flush() + display[token] if token in display else detok.add(token)
-        if piece:
-            yield piece
-    tail = detok.flush()
-    if tail:
-        yield tail
 
 
 def stream_reply(engine: Engine, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,

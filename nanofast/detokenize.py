@@ -1,4 +1,5 @@
-"""Streaming text from token ids, and stop-sequence matching on that text.
+"""Streaming text from token ids, and stop-sequence matching on that text; how an answer's
+special tokens are shown to a person and carried as structured parts.
 
 A byte-level BPE token can end in the middle of a multi-byte UTF-8 character (an emoji is often
 split over two or three tokens), so decoding each token on its own shows U+FFFD where the pieces
@@ -9,7 +10,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterable, Sequence
 
-from nanofast.tokenizer import Tokenizer
+from nanofast.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 class IncrementalDetokenizer:
@@ -79,3 +80,102 @@ class StopMatcher:
         """End of stream without a match: the held-back text is ordinary output after all."""
         out, self._pending = ("" if self.stopped else self._pending), ""
         return out
+
+
+# ---- what a person reads, and the parts that round-trip ------------------------------------------
+# An answer may call the calculator: <|python_start|>expr<|python_end|><|output_start|>result
+# <|output_end|>. People read it as one block, "[calculator: expr = result]"; no special token is
+# ever shown. Clients that send the answer back as history send its parts (nanochat's assistant
+# content format, {"type": "text" | "python" | "python_output", "text": ...}), which render to the
+# same token ids the model produced.
+_SHOWN = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " = ", "<|output_end|>": "]"}
+_PART_OF = {"<|python_start|>": "python", "<|output_start|>": "python_output"}
+_PART_END = {"<|python_end|>": "python", "<|output_end|>": "python_output"}
+
+
+def special_display(tokenizer: Tokenizer, dim: bool = False) -> dict[int, str]:
+    """How each special token of an answer is shown: the calculator's four as the readable block
+    `[calculator: 19*2 = 38]` (dimmed with ANSI codes when `dim`), every other one as nothing."""
+    start, end = ("\x1b[2m", "\x1b[0m") if dim else ("", "")
+    shown = dict(_SHOWN, **{"<|python_start|>": start + _SHOWN["<|python_start|>"], "<|output_end|>": "]" + end})
+    return {tokenizer.encode_special(name): shown.get(name, "") for name in SPECIAL_TOKENS}
+
+
+def stream_text(tokenizer: Tokenizer, ids: Iterable[int], display: dict[int, str]) -> Iterable[str]:
+    """Text pieces for a stream of token ids, a special token shown as display[id] (the text
+    before it flushed first, so a character is never split around it)."""
+    detok = IncrementalDetokenizer(tokenizer)
+    for token in ids:
+        piece = detok.flush() + display[token] if token in display else detok.add(token)
+        if piece:
+            yield piece
+    tail = detok.flush()
+    if tail:
+        yield tail
+
+
+def display_text(tokenizer: Tokenizer, ids: Sequence[int], dim: bool = False) -> str:
+    """The text a person reads for answer tokens `ids` (see special_display)."""
+    return "".join(stream_text(tokenizer, ids, special_display(tokenizer, dim)))
+
+
+def answer_parts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[dict]:
+    """Answer tokens as nanochat's assistant parts: text, python (the calculator call) and
+    python_output (its result); other special tokens are dropped. `parts_display` of the result is
+    `display_text(ids)`, and `tokenizer.render_conversation` renders the parts back to `ids` (less
+    any dropped special token)."""
+    specials = {tokenizer.encode_special(name): name for name in SPECIAL_TOKENS}
+    parts: list[dict] = []
+    kind, run = "text", []
+
+    def close() -> None:
+        text = tokenizer.decode(run)
+        if text or kind != "text":
+            parts.append({"type": kind, "text": text})
+        run.clear()
+
+    for token in ids:
+        name = specials.get(token)
+        if name is None:
+            run.append(token)
+        elif name in _PART_OF and kind == "text":
+            close()
+            kind = _PART_OF[name]
+        elif _PART_END.get(name) == kind:
+            close()
+            kind = "text"
+    if run or kind != "text":
+        close()
+    return parts
+
+
+def parts_display(parts: Sequence[dict]) -> str:
+    """The text a person reads for assistant parts (the same as display_text of their tokens)."""
+    out = []
+    for part in parts:
+        kind, text = part["type"], part["text"]
+        out.append(text if kind == "text" else
+                   f"{_SHOWN['<|python_start|>']}{text}" if kind == "python" else f" = {text}]")
+    return "".join(out)
+
+
+def truncate_parts(parts: Sequence[dict], chars: int) -> list[dict]:
+    """Parts whose display is the first `chars` characters of parts_display(parts) (a stop
+    sequence cut the answer there): whole parts while they fit; a text part or a calculator call
+    cut inside its text is cut; a cut inside a block's decoration or result keeps what was shown as
+    text, so the display and what goes back to the model stay the shown characters."""
+    out, used = [], 0
+    prefix = _SHOWN["<|python_start|>"]
+    for part in parts:
+        shown = parts_display([part])
+        if used + len(shown) <= chars:
+            out.append(dict(part))
+            used += len(shown)
+            continue
+        keep = chars - used
+        if part["type"] == "python" and keep > len(prefix):
+            out.append({"type": "python", "text": part["text"][:keep - len(prefix)]})
+        elif keep > 0:
+            out.append({"type": "text", "text": shown[:keep]})
+        break
+    return out

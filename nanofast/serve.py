@@ -10,6 +10,12 @@ asyncio.Queue with `loop.call_soon_threadsafe`. A client that disconnects mid-st
 Endpoints: POST /v1/chat/completions (streaming or not), GET /v1/models, GET /v1/models/{id},
 GET /health, GET / (UI).
 
+Answers: `content` is what a person reads: a calculator call and its result show as
+"[calculator: 19*2 = 38]", and no special token appears. Beside it, `parts` (in a streamed answer,
+the last chunk's delta) gives the answer in nanochat's assistant format (text / python /
+python_output); an assistant message sent back with its `parts` reaches the model as the very tokens
+it produced, so a conversation with tool calls continues exactly (detokenize.answer_parts).
+
 Parameters: the ones in PARAMETERS are honoured; every other one is refused with a 400 naming it
 (OpenAI parameters nanofast does not implement, unless their value asks for nothing: NEUTRAL; and
 unknown names, a typo included), so a client never gets an answer that silently ignored what it
@@ -37,7 +43,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanofast.chat import add_runtime_args
-from nanofast.detokenize import IncrementalDetokenizer, StopMatcher
+from nanofast.detokenize import (IncrementalDetokenizer, StopMatcher, answer_parts, parts_display,
+                                 special_display, truncate_parts)
 from nanofast.engine import Engine, SamplingParams, TokenEvent
 from nanofast.tokenizer import Tokenizer
 
@@ -247,6 +254,24 @@ def _message_text(content: Any, i: int) -> str:
     return content  # empty is valid (OpenAI accepts it): an empty turn
 
 
+def _assistant_parts(parts: Any, content: Any, role: str, i: int) -> list[dict]:
+    """An assistant message's `parts` (what this server returns beside `content`: nanochat's text /
+    python / python_output parts, so a calculator call goes back to the model as the tokens it
+    produced). `content`, when also sent, must be what the parts show."""
+    where = f"messages[{i}].parts"
+    if role != "assistant":
+        raise APIError(400, f"{where}: only assistant messages carry parts", where, "invalid_value")
+    if not isinstance(parts, list) or not all(
+            isinstance(p, dict) and p.get("type") in ("text", "python", "python_output") and isinstance(p.get("text"), str)
+            and set(p) == {"type", "text"} for p in parts):
+        raise APIError(400, f"{where} must be a list of {{\"type\": \"text\" | \"python\" | \"python_output\", "
+                            "\"text\": str}", where, "invalid_value")
+    if content is not None and _message_text(content, i) != parts_display(parts):
+        raise APIError(400, f"messages[{i}].content is not what its parts show: send the parts the server returned "
+                            "with the content it returned, or only one of them", where, "invalid_value")
+    return [{"type": p["type"], "text": p["text"]} for p in parts]
+
+
 def parse_messages(messages: Any, limits: ServeLimits) -> list[dict]:
     """Validate OpenAI messages into nanochat's conversation format (ending with a user turn)."""
     if messages is None:
@@ -274,9 +299,14 @@ def parse_messages(messages: Any, limits: ServeLimits) -> list[dict]:
             raise APIError(400, f"messages[{i}].role is {role!r}, expected {expected!r}: after an optional "
                                 "leading system message, turns must alternate user/assistant starting with user",
                            f"messages[{i}].role", "invalid_role_order")
-        text = _message_text(m.get("content"), i)
-        chars += len(text)
-        out.append({"role": role, "content": text})
+        parts = m.get("parts")
+        if parts is not None:
+            content = _assistant_parts(parts, m.get("content"), role, i)
+            chars += sum(len(p["text"]) for p in content)
+        else:
+            content = _message_text(m.get("content"), i)
+            chars += len(content)
+        out.append({"role": role, "content": content})
     if out[-1]["role"] != "user":
         raise APIError(400, f"the last message (messages[{len(out) - 1}]) must be from the user",
                        f"messages[{len(out) - 1}].role", "invalid_role_order")
@@ -371,12 +401,21 @@ def parse_request(body: Any, tokenizer: Tokenizer, model_id: str, context: int, 
 class Completion:
     """Turns one request's token events into text pieces: detokenised, stop sequences applied."""
 
-    def __init__(self, worker: EngineWorker, handle: RequestHandle, tokenizer: Tokenizer, request: ChatRequest):
-        self.worker, self.handle, self.request = worker, handle, request
+    def __init__(self, worker: EngineWorker, handle: RequestHandle, tokenizer: Tokenizer, request: ChatRequest,
+                 display: dict[int, str]):
+        self.worker, self.handle, self.request, self.tokenizer = worker, handle, request, tokenizer
         self.detok = IncrementalDetokenizer(tokenizer)
+        self.display = display  # special tokens as a person reads them (detokenize.special_display)
         self.matcher = StopMatcher(request.stops)
         self.completion_tokens = 0
+        self.answer: list[int] = []  # the answer's tokens, the stop token excluded
+        self.text = ""  # what was returned
         self.finish_reason: str | None = None
+
+    def parts(self) -> list[dict]:
+        """The returned answer as assistant parts (detokenize.answer_parts), cut where a stop
+        sequence cut the text: what a client sends back to continue the conversation exactly."""
+        return truncate_parts(answer_parts(self.tokenizer, self.answer), len(self.text))
 
     async def next_event(self) -> TokenEvent:
         item = await self.handle.events.get()
@@ -390,9 +429,10 @@ class Completion:
         while self.finish_reason is None:
             event, first = (first, None) if first is not None else (await self.next_event(), None)
             self.completion_tokens += 1  # every generated token counts, the stop token included
-            text = ""
-            if not (event.finish_reason == "stop" and event.token in self.request.params.stop_token_ids):
-                text = self.detok.add(event.token)
+            text, token = "", event.token
+            if not (event.finish_reason == "stop" and token in self.request.params.stop_token_ids):
+                self.answer.append(token)
+                text = self.detok.flush() + self.display[token] if token in self.display else self.detok.add(token)
             if event.finished:
                 text += self.detok.flush()
             out, stopped = self.matcher.push(text)
@@ -404,6 +444,7 @@ class Completion:
                 out += self.matcher.flush()
                 self.finish_reason = "length" if event.finish_reason == "length" else "stop"
             if out:
+                self.text += out
                 yield out
 
     def close(self) -> None:
@@ -522,6 +563,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, limits: Serv
     worker = EngineWorker(engine)
     context = context_window(engine)
     stop_ids = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
+    display = special_display(tokenizer)
     created = int(time.time())
     page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
 
@@ -568,7 +610,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, limits: Serv
     async def chat_completions(request: Request) -> Response:
         body = parse_json(await read_body(request, limits), limits.max_json_depth)
         req = parse_request(body, tokenizer, model_id, context, limits, stop_ids)
-        completion = Completion(worker, worker.submit(req.prompt, req.params), tokenizer, req)
+        completion = Completion(worker, worker.submit(req.prompt, req.params), tokenizer, req, display)
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         try:
             first = await completion.next_event()  # engine-side rejections become a 4xx, not a broken stream
@@ -590,7 +632,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, limits: Serv
             return JSONResponse({
                 "id": cid, "object": "chat.completion", "created": now, "model": model_id,
                 "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
+                                                     "parts": completion.parts()},
                              "logprobs": None, "finish_reason": completion.finish_reason}],
                 "usage": completion.usage()})
 
@@ -607,7 +650,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, limits: Serv
                 yield _sse(chunk({"role": "assistant", "content": ""}))
                 async for piece in completion.pieces(first):
                     yield _sse(chunk({"content": piece}))
-                yield _sse(chunk({}, completion.finish_reason))
+                yield _sse(chunk({"parts": completion.parts()}, completion.finish_reason))
                 if req.include_usage:
                     yield _sse({"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_id,
                                 "system_fingerprint": None, "choices": [], "usage": completion.usage()})

@@ -12,6 +12,7 @@ import pytest
 
 from nanofast import chat
 from nanofast.checkpoint import save_checkpoint
+from nanofast.detokenize import answer_parts, display_text, parts_display, truncate_parts
 from nanofast.engine import Engine, SamplingParams
 from test_serve import stop_ids, tiny_model, tiny_tokenizer
 
@@ -40,7 +41,7 @@ def answer(reference, prompt: list[int], max_tokens: int) -> tuple[str, list[int
     tokenizer, engine = reference
     ids = stop_ids(tokenizer)
     out = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=ids))[0]
-    return chat.display_text(tokenizer, out[:-1] if out[-1] in ids else out), out
+    return display_text(tokenizer, out[:-1] if out[-1] in ids else out), out
 
 
 def user_turn(tokenizer, text: str) -> list[int]:
@@ -227,9 +228,9 @@ def test_special_tokens_are_shown_readably_never_as_machine_tokens(reference):
     ids = [*tokenizer.encode("The sum is "), sp("<|python_start|>"), *tokenizer.encode("19*2"), sp("<|python_end|>"),
            sp("<|output_start|>"), *tokenizer.encode("38"), sp("<|output_end|>"), *tokenizer.encode(". Done"),
            sp("<|user_start|>"), sp("<|bos|>")]
-    assert chat.display_text(tokenizer, ids) == "The sum is [calculator: 19*2 = 38]. Done"
-    assert chat.display_text(tokenizer, ids, dim=True) == "The sum is \x1b[2m[calculator: 19*2 = 38]\x1b[0m. Done"
-    assert "<|" not in chat.display_text(tokenizer, list(range(tokenizer.vocab_size)))
+    assert display_text(tokenizer, ids) == "The sum is [calculator: 19*2 = 38]. Done"
+    assert display_text(tokenizer, ids, dim=True) == "The sum is \x1b[2m[calculator: 19*2 = 38]\x1b[0m. Done"
+    assert "<|" not in display_text(tokenizer, list(range(tokenizer.vocab_size)))
 
 
 def test_a_long_conversation_drops_its_oldest_exchanges_and_goes_on(base):

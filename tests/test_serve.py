@@ -13,7 +13,7 @@ import pytest
 import torch
 import uvicorn
 
-from nanofast.detokenize import IncrementalDetokenizer, StopMatcher
+from nanofast.detokenize import IncrementalDetokenizer, StopMatcher, answer_parts, display_text, parts_display
 from nanofast.engine import Engine, SamplingParams
 from nanofast.model import GPT, config_for_depth
 from nanofast.serve import ServeLimits, create_app, server_config
@@ -59,7 +59,7 @@ def greedy(model: GPT, tokenizer: Tokenizer, messages: list[dict], max_tokens: i
     out = Engine(model, tokenizer).generate(
         [prompt_of(tokenizer, messages)], SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=ids))[0]
     shown = out[:-1] if out and out[-1] in ids else out
-    return tokenizer.decode(shown), out
+    return display_text(tokenizer, shown), out
 
 
 class ServerThread:
@@ -130,6 +130,8 @@ def check_completion(obj: dict) -> None:
     [choice] = obj["choices"]
     assert choice["index"] == 0 and choice["finish_reason"] in ("stop", "length") and "logprobs" in choice
     assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert parts_display(choice["message"]["parts"]) == choice["message"]["content"]
+    assert "<|" not in choice["message"]["content"]  # no special token where a person reads
     usage = obj["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert all(isinstance(v, int) for v in usage.values())
@@ -157,9 +159,10 @@ def stream_chat(server, **body) -> tuple[str, list[dict]]:
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     content_chunks = [c for c in chunks if c["choices"]]
     final = content_chunks[-1]["choices"][0]
-    assert final["delta"] == {} and final["finish_reason"] in ("stop", "length")
+    assert set(final["delta"]) == {"parts"} and final["finish_reason"] in ("stop", "length")
     assert all(c["choices"][0]["finish_reason"] is None for c in content_chunks[:-1])
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in content_chunks)
+    assert parts_display(final["delta"]["parts"]) == text  # the parts show what the content says
     return text, chunks
 
 
@@ -485,6 +488,78 @@ def test_developer_role_and_empty_content_are_valid(server, model, tokenizer):
         r = chat(server, messages=messages, temperature=0, max_tokens=4)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == greedy(model, tokenizer, messages, 4)[0]
+
+
+def _scripted_answer(tokenizer) -> list[int]:
+    """An answer that calls the calculator, as the engine emits it (the result forced in)."""
+    sp, enc = tokenizer.encode_special, tokenizer.encode
+    return [*enc("The sum is "), sp("<|python_start|>"), *enc("19*2"), sp("<|python_end|>"), sp("<|output_start|>"),
+            *enc("38"), sp("<|output_end|>"), *enc(". Done 😀"), sp("<|assistant_end|>")]
+
+
+@pytest.mark.parametrize("stops, shown", [((), "The sum is [calculator: 19*2 = 38]. Done 😀"),
+                                           ((". Done",), "The sum is [calculator: 19*2 = 38]"),
+                                           (("= 38",), "The sum is [calculator: 19*2 "),
+                                           (("lator",), "The sum is [calcu"),
+                                           (("sum",), "The ")])
+def test_an_answer_with_a_calculator_call_reads_cleanly_and_its_parts_round_trip(tokenizer, stops, shown):
+    """What the server makes of the engine's tokens: content without special tokens (the call as a
+    readable block), and parts that render back to the model's own tokens, cut where a stop
+    sequence cut the content."""
+    from nanofast.detokenize import special_display
+    from nanofast.engine import TokenEvent
+    from nanofast.serve import ChatRequest, Completion, RequestHandle
+
+    answer = _scripted_answer(tokenizer)
+    params = SamplingParams(max_tokens=100, stop_token_ids=stop_ids(tokenizer))
+    request = ChatRequest(prompt_of(tokenizer, HELLO), params, stops, False, False)
+
+    class Worker:  # the engine thread's side: only abort is called here
+        def abort(self, handle):
+            handle.finished = True
+
+    async def run():
+        handle = RequestHandle(asyncio.get_running_loop())
+        for i, token in enumerate(answer):
+            last = i == len(answer) - 1
+            handle.events.put_nowait(TokenEvent(0, token, last, "stop" if last else None))
+        completion = Completion(Worker(), handle, tokenizer, request, special_display(tokenizer))
+        return "".join([p async for p in completion.pieces()]), completion.parts()
+
+    text, parts = asyncio.run(run())
+    assert text == shown and parts_display(parts) == shown and "<|" not in text
+    if not stops:
+        assert parts == answer_parts(tokenizer, answer[:-1]) == [
+            {"type": "text", "text": "The sum is "}, {"type": "python", "text": "19*2"},
+            {"type": "python_output", "text": "38"}, {"type": "text", "text": ". Done 😀"}]
+        # sent back as history, the parts are the model's own tokens again
+        history = HELLO + [{"role": "assistant", "content": parts}, {"role": "user", "content": "and?"}]
+        ids, n = prompt_of(tokenizer, history), len(answer)  # the answer, its assistant_end included
+        assert any(ids[i:i + n] == answer for i in range(len(ids)))
+
+
+def test_assistant_parts_sent_back_reach_the_model_as_its_tokens(server, tokenizer):
+    """A client that sends an answer back with its parts (as this server returns them; the
+    official openai client keeps the extra field) continues the conversation on the exact tokens;
+    the content alone would be plain text, and parts that disagree with the content are refused."""
+    parts = answer_parts(tokenizer, _scripted_answer(tokenizer)[:-1])
+    content = parts_display(parts)
+    base = [*HELLO, None, {"role": "user", "content": "and?"}]
+    with_parts = [*HELLO, {"role": "assistant", "content": content, "parts": parts}, base[-1]]
+    exact = prompt_of(tokenizer, [*HELLO, {"role": "assistant", "content": parts}, base[-1]])
+    r = chat(server, messages=with_parts, temperature=0, max_tokens=2)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(exact)
+    only_parts = [*HELLO, {"role": "assistant", "parts": parts}, base[-1]]
+    assert chat(server, messages=only_parts, temperature=0, max_tokens=2).json()["usage"]["prompt_tokens"] == len(exact)
+    as_text = [*HELLO, {"role": "assistant", "content": content}, base[-1]]
+    assert chat(server, messages=as_text, max_tokens=2).json()["usage"]["prompt_tokens"] != len(exact)
+    for bad, param in (([*HELLO, {"role": "assistant", "content": "edited", "parts": parts}, base[-1]], "messages[1].parts"),
+                       ([{"role": "user", "content": "hi", "parts": parts}], "messages[0].parts"),
+                       ([*HELLO, {"role": "assistant", "parts": [{"type": "tool", "text": "x"}]}, base[-1]],
+                        "messages[1].parts")):
+        r = chat(server, messages=bad, max_tokens=2)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_model_retrieve(server):

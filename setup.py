@@ -45,7 +45,7 @@ INSTALL_REQUIRES = [
 # code imports or uses (tests/test_install.py checks it).
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.4", "pybind11", "ninja",
-            "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "selenium>=4.11",
+            "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "selenium>=4.11", "openai>=1.40",
             "wandb>=0.19"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
     "wandb": ["wandb>=0.19"],  # --wandb PROJECT: optional logging, imported only when asked for

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import math
 import queue
@@ -40,6 +41,7 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanofast.chat import add_runtime_args
@@ -554,11 +556,21 @@ def context_window(engine: Engine) -> int:
     return min(engine.model.config.sequence_len, getattr(engine, "max_context", engine.model.config.sequence_len))
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, limits: ServeLimits | None = None) -> FastAPI:
+def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, limits: ServeLimits | None = None,
+               api_key: str | None = None, cors_origins: tuple[str, ...] = ()) -> FastAPI:
     """The FastAPI app serving `engine`. Starts the engine thread now; it stops at app shutdown
-    (or with `app.state.worker.close()`). `app.state.worker` exposes the worker for inspection."""
+    (or with `app.state.worker.close()`). `app.state.worker` exposes the worker for inspection.
+
+    api_key: when set, every /v1/ request must carry `Authorization: Bearer <api_key>` (what the
+    openai client sends), else a 401 in OpenAI's shape; / and /health stay open (the page asks
+    for the key). cors_origins: origins a page on another host or port may call the API from
+    (browser CORS); none by default."""
     if not isinstance(model_id, str) or not model_id:
         raise ValueError(f"model_id must be a non-empty string, got {model_id!r}")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise ValueError("api_key must be None or a non-empty string")
+    if any(not isinstance(o, str) or not o for o in cors_origins):
+        raise ValueError(f"cors_origins must be non-empty strings (e.g. 'http://localhost:5173'), got {cors_origins!r}")
     limits = limits or ServeLimits()
     worker = EngineWorker(engine)
     context = context_window(engine)
@@ -577,6 +589,21 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, limits: Serv
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    if api_key is not None:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def require_key(request: Request, call_next):
+            if request.url.path.startswith("/v1/") and request.method != "OPTIONS" and not hmac.compare_digest(
+                    request.headers.get("authorization", "").encode(), expected):
+                return APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' (the server's "
+                                     "--api-key)", None, "invalid_api_key").response()
+            return await call_next(request)
+
+    if cors_origins:  # added last: it runs first, so a preflight is answered before the key check
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -678,6 +705,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-pages", type=int, default=None, help="KV-cache pages (default: the engine's)")
     p.add_argument("--max-tokens-limit", type=int, default=ServeLimits.max_tokens, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=ServeLimits.default_max_tokens)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/ requests (default: none; the server listens "
+                        "on loopback only unless --host says otherwise)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let a page served from ORIGIN (e.g. http://localhost:5173) call the API; repeatable "
+                        "(default: none)")
     add_runtime_args(p)
     args = p.parse_args(argv)
     for name in ("port", "max_num_seqs", "page_size", "max_tokens_limit", "default_max_tokens"):
@@ -707,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     directory = checkpoint.parent if checkpoint.is_file() else checkpoint
     model_id = args.model_id or f"nanofast-{directory.resolve().name}"
     limits = ServeLimits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens)
-    app = create_app(engine, tokenizer, model_id, limits)
+    app = create_app(engine, tokenizer, model_id, limits, api_key=args.api_key, cors_origins=tuple(args.cors_origin))
     print(f"serving {model_id} ({checkpoint}, {device}) on http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.Server(server_config(app, host=args.host, port=args.port)).run()
     return 0

@@ -718,3 +718,55 @@ def test_health_reports_a_stopped_engine_thread(model, tokenizer):
     assert r.status_code == 503 and r.json()["status"] == "engine thread stopped"
     with pytest.raises(ValueError, match="model_id"):
         create_app(Engine(model, tokenizer), tokenizer, "", LIMITS)
+
+
+def test_api_key_and_cors_origin(model, tokenizer):
+    """--api-key: /v1/ needs 'Authorization: Bearer KEY' (401 in OpenAI's shape otherwise), the page
+    and /health stay open; --cors-origin: a page on that origin may call the API, others may not.
+    Defaults (no key, no CORS) are what every other test here runs."""
+    engine = Engine(model, tokenizer, page_size=16, max_num_seqs=2)
+    app = create_app(engine, tokenizer, MODEL_ID, LIMITS, api_key="s3cret", cors_origins=("http://localhost:5173",))
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        body = {"messages": HELLO, "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            for r in (client.post("/v1/chat/completions", json=body, headers=headers),
+                      client.get("/v1/models", headers=headers)):
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+        good = {"Authorization": "Bearer s3cret"}
+        assert client.post("/v1/chat/completions", json=body, headers=good).status_code == 200
+        assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
+        preflight = {"Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization,content-type"}
+        r = client.options("/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:5173"
+        r = client.post("/v1/chat/completions", json=body, headers={**good, "Origin": "http://localhost:5173"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:5173"
+        r = client.options("/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+    with pytest.raises(ValueError, match="api_key"):
+        create_app(engine, tokenizer, MODEL_ID, api_key=" ")
+
+
+def test_the_official_openai_client(server, model, tokenizer):
+    """The openai package against the live server: chat completions (plain and streamed), model
+    retrieval, and an unimplemented parameter refused as a BadRequestError naming it."""
+    import openai  # the dev extra installs it
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model=MODEL_ID, messages=HELLO, temperature=0, max_tokens=8)
+    want = greedy(model, tokenizer, HELLO, 8)[0]
+    assert reply.choices[0].message.content == want and reply.usage.completion_tokens >= 1
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL_ID, messages=HELLO, temperature=0, max_tokens=8, stream=True) if c.choices)
+    assert streamed == want
+    assert client.models.retrieve(MODEL_ID).id == MODEL_ID
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL_ID, messages=HELLO, presence_penalty=0.5)
+    assert err.value.body["param"] == "presence_penalty"
+    # the reply sent back as history, as the client returns it (parts kept): the model's own tokens
+    history = [*HELLO, reply.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "and?"}]
+    again = client.chat.completions.create(model=MODEL_ID, messages=history, temperature=0, max_tokens=2)
+    parts = reply.choices[0].message.model_dump()["parts"]
+    exact = prompt_of(tokenizer, [*HELLO, {"role": "assistant", "content": parts}, {"role": "user", "content": "and?"}])
+    assert again.usage.prompt_tokens == len(exact)

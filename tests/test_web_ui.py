@@ -126,3 +126,73 @@ def test_chat_page_fits_a_phone_screen(server, browser):
     assert no_horizontal_overflow(browser)
     send = browser.find_element(By.ID, "send").rect
     assert send["x"] + send["width"] <= browser.execute_script("return window.innerWidth")
+
+
+class SlowEngine(Engine):
+    """The tiny model, a decode step every 0.4 s: an answer of 16 tokens streams for 6 s, so Stop
+    lands in the middle of it even on a loaded machine."""
+
+    def step(self):
+        import time
+
+        time.sleep(0.4)
+        return super().step()
+
+
+@pytest.fixture(scope="module")
+def slow_server():
+    tokenizer = tiny_tokenizer()
+    app = create_app(SlowEngine(tiny_model(tokenizer), tokenizer, max_num_seqs=4), tokenizer, MODEL_ID, LIMITS)
+    with ServerThread(app) as srv:
+        yield srv
+
+
+def test_stop_keeps_what_came_and_frees_the_request(slow_server, server, browser):
+    browser.set_window_size(1200, 900)
+    browser.get(slow_server.url + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text == MODEL_ID)
+    stop = browser.find_element(By.ID, "stop")
+    assert not stop.is_displayed()  # only while an answer streams
+    temperature = browser.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("0")
+    browser.find_element(By.ID, "input").send_keys("Hello there", Keys.ENTER)
+    WebDriverWait(browser, 30).until(lambda d: assistant_texts(d) and assistant_texts(d)[0])  # the first piece
+    assert stop.is_displayed()
+    stop.click()
+    [partial] = wait_answers(browser, 1)
+    full = greedy_answer(server, [{"role": "user", "content": "Hello there"}])  # the same model, not slowed
+    assert partial and full.startswith(partial) and partial != full  # stopped in the middle
+    assert not stop.is_displayed() and not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+    WebDriverWait(browser, 10).until(lambda d: httpx.get(f"{slow_server.url}/health").json()["running_requests"] == 0)
+
+
+def test_temperature_is_clamped_a_failed_turn_leaves_no_empty_bubble_and_there_is_a_favicon(server, browser):
+    browser.set_window_size(1200, 900)
+    browser.get(server.url + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text == MODEL_ID)
+    assert browser.execute_script("return document.querySelector('link[rel=icon]').href").startswith("data:")
+    temperature = browser.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("5")  # the server takes [0, 2]: the page sends 2 and shows it
+    box = browser.find_element(By.ID, "input")
+    box.send_keys("Hello there", Keys.ENTER)
+    assert wait_answers(browser, 1)[0]
+    assert temperature.get_attribute("value") == "2" and not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+    box.send_keys("x" * (LIMITS.max_chars + 1), Keys.ENTER)  # the server refuses it (too many characters)
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 1  # no empty bubble for it
+    assert "characters" in browser.find_element(By.CSS_SELECTOR, ".msg.error").text
+
+
+def test_a_calculator_call_shows_as_a_tool_block(server, browser):
+    """The page renders an answer's parts: text as text, the calculator call and its result as one
+    small block (what renderParts does with the parts the server streams last)."""
+    browser.get(server.url + "/")
+    shown = browser.execute_script("""
+        const div = document.createElement('div');
+        renderParts(div, [{type: 'text', text: 'The sum is '}, {type: 'python', text: '19*2'},
+                          {type: 'python_output', text: '38'}, {type: 'text', text: '.'}]);
+        return [div.textContent, [...div.querySelectorAll('.tool')].map(e => e.textContent)];
+    """)
+    assert shown == ["The sum is [calculator: 19*2 = 38].", ["[calculator: 19*2 = 38]"]]

@@ -28,11 +28,16 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
+def serving(engine_class=Engine):
+    """The tiny model served on a free loopback port, on an engine of `engine_class`."""
+    tokenizer = tiny_tokenizer()
+    return ServerThread(create_app(engine_class(tiny_model(tokenizer), tokenizer, max_num_seqs=4), tokenizer,
+                                   MODEL_ID, LIMITS))
+
+
 @pytest.fixture(scope="module")
 def server():
-    tokenizer = tiny_tokenizer()
-    app = create_app(Engine(tiny_model(tokenizer), tokenizer, max_num_seqs=4), tokenizer, MODEL_ID, LIMITS)
-    with ServerThread(app) as srv:
+    with serving() as srv:
         yield srv
 
 
@@ -141,9 +146,7 @@ class SlowEngine(Engine):
 
 @pytest.fixture(scope="module")
 def slow_server():
-    tokenizer = tiny_tokenizer()
-    app = create_app(SlowEngine(tiny_model(tokenizer), tokenizer, max_num_seqs=4), tokenizer, MODEL_ID, LIMITS)
-    with ServerThread(app) as srv:
+    with serving(SlowEngine) as srv:
         yield srv
 
 

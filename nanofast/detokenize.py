@@ -179,3 +179,14 @@ def truncate_parts(parts: Sequence[dict], chars: int) -> list[dict]:
             out.append({"type": "text", "text": shown[:keep]})
         break
     return out
+
+
+def token_piece(tokenizer: Tokenizer, display: dict[int, str], token: int) -> tuple[str, bytes]:
+    """One token as log-probability listings show it: (text, its UTF-8 bytes). A special token is
+    its display text (so a listing's texts add up to what a person read); any other token is its
+    own bytes, decoded with U+FFFD where it ends inside a character (the bytes stay exact)."""
+    if token in display:
+        text = display[token]
+        return text, text.encode()
+    raw = tokenizer.enc.decode_single_token_bytes(token)
+    return raw.decode("utf-8", errors="replace"), raw

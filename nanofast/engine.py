@@ -14,8 +14,9 @@ Memory: pages come from a fixed pool (`BlockManager`). Prompts that share a pref
 pages are released and it is recomputed later from its tokens (often straight from the prefix
 cache), so no request ever fails for lack of memory once it fits the pool alone.
 
-Sampling (temperature, top-k, top-p, a seed per request) runs on the model's device; the engine
-reads the sampled ids back once per step for all sequences, not once per token per sequence.
+Sampling (presence/frequency penalties, temperature, top-k, top-p, a seed per request) runs on the
+model's device; the engine reads the sampled ids, their log-probabilities and any requested top
+alternatives back once per step for all sequences, not once per token per sequence.
 The calculator tool is nanochat's: <|python_start|>expr<|python_end|> is evaluated by
 `nanofast.tools.calculate` and its result forced in as <|output_start|>result<|output_end|>.
 """
@@ -38,13 +39,22 @@ from nanofast.tools import calculate
 class SamplingParams:
     """Per-request generation settings. temperature 0 is greedy; top_k None and top_p 1.0 keep
     every token; seed None draws one. Generation stops after emitting a token of
-    `stop_token_ids` (finish_reason "stop") or `max_tokens` tokens ("length")."""
+    `stop_token_ids` (finish_reason "stop") or `max_tokens` tokens ("length").
+
+    presence_penalty / frequency_penalty (OpenAI's, each in [-2, 2]): before temperature, greedy
+    included, a token's logit is lowered by presence_penalty once it occurs in the answer so far
+    and by frequency_penalty times the number of times it occurs there (calculator output
+    counts: it is part of the answer). top_logprobs: how many most likely tokens each TokenEvent
+    lists with their log-probabilities (0-20)."""
     max_tokens: int = 256
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    top_logprobs: int = 0
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -60,21 +70,43 @@ class SamplingParams:
                                       or not -2 ** 63 <= self.seed < 2 ** 64):
             raise ValueError(f"seed must be None or an int in [-2**63, 2**64) (a torch.Generator's range), "
                              f"got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be a float in [-2, 2], got {v!r}")
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be an int in [0, 20], got {self.top_logprobs!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def sample_seed(seed: int | None, index: int) -> int | None:
+    """The seed of sample `index` of several drawn for one request seeded `seed` (OpenAI's n):
+    sample 0 uses `seed` itself, so n=1 reproduces a plain seeded request; the others step by the
+    64-bit golden ratio, so no two samples of one seed share a generator stream. None stays None."""
+    if seed is None or index == 0:
+        return seed
+    return (seed + index * 0x9E3779B97F4A7C15) % 2 ** 64
 
 
 @dataclass
 class TokenEvent:
     """One new token of a request. The last event of a request has finished=True and a
     finish_reason ("stop" or "length"); forced=True marks calculator output (not sampled).
-    logprob: log p(token) under the model's untempered distribution as the engine computed it
-    (None for forced tokens): RL compares it with the trainer's to measure their mismatch."""
+    logprob: log p(token) under the model's own distribution as the engine computed it (before
+    penalties and temperature; None for forced tokens): RL compares it with the trainer's to
+    measure their mismatch. top_logprobs: the params.top_logprobs most likely (token, logprob)
+    of that same distribution, most likely first (empty for forced tokens)."""
     request_id: int
     token: int
     finished: bool = False
     finish_reason: str | None = None
     forced: bool = False
     logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -89,6 +121,7 @@ class _Sequence:
     registered: int = 0     # leading pages entered into the prefix cache
     in_python: bool = False
     python_tokens: list[int] = field(default_factory=list)
+    counts: torch.Tensor | None = None  # (V,) occurrences of each token in the answer, when penalised
 
     @property
     def num_generated(self) -> int:
@@ -152,6 +185,8 @@ class Engine:
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         rng = torch.Generator(device=self.device).manual_seed(seed)
         seq = _Sequence(self._next_id, list(prompt), params, rng, len(prompt))
+        if params.penalised:
+            seq.counts = torch.zeros(vocab, dtype=torch.float32, device=self.device)
         self._next_id += 1
         self.waiting.append(seq)
         return seq.id
@@ -197,8 +232,8 @@ class Engine:
         # every row ready (a decoding batch): the logits are already in order, no gather needed
         sampled = self._sample(logits if len(rows) == logits.size(0) else logits[rows], [seq for _, seq in ready])
         events: list[TokenEvent] = []
-        for (_, seq), (token, logprob) in zip(ready, sampled):
-            self._append(seq, token, events, logprob=logprob)
+        for (_, seq), (token, logprob, top) in zip(ready, sampled):
+            self._append(seq, token, events, logprob=logprob, top=top)
         return events
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[list[int]]:
@@ -301,15 +336,21 @@ class Engine:
 
     # ---- sampling and tokens ---------------------------------------------------------------
     @staticmethod
-    def _sample(logits: torch.Tensor, seqs: list[_Sequence]) -> list[tuple[int, float]]:
-        """logits (S, V) fp32 -> (token, its untempered log-probability) per sequence, with a
-        single device-to-host read for all of them."""
+    def _sample(logits: torch.Tensor, seqs: list[_Sequence]) -> list[tuple[int, float, tuple]]:
+        """logits (S, V) fp32 -> per sequence (token, its log-probability, its top_logprobs
+        alternatives), log-probabilities of the model's own distribution, with a single
+        device-to-host read for all of them."""
         out = logits.argmax(dim=-1)
         for i, seq in enumerate(seqs):
             p = seq.params
+            row = logits[i]
+            if seq.counts is not None:
+                row = row - p.frequency_penalty * seq.counts - p.presence_penalty * (seq.counts > 0).float()
+                if p.temperature == 0.0:
+                    out[i] = row.argmax()
             if p.temperature == 0.0:
                 continue
-            row = logits[i] / p.temperature
+            row = row / p.temperature
             if p.top_k is not None and p.top_k < row.numel():
                 kth = torch.topk(row, p.top_k).values[-1]
                 row = row.masked_fill(row < kth, float("-inf"))
@@ -319,19 +360,29 @@ class Engine:
                 drop = (probs.cumsum(0) - probs) >= p.top_p
                 row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
             out[i] = torch.multinomial(torch.softmax(row, dim=-1), 1, generator=seq.rng)[0]
-        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, out[:, None])[:, 0]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        columns = [out.double()[:, None], logprobs.gather(1, out[:, None]).double()]
+        k = max(seq.params.top_logprobs for seq in seqs)
+        if k:
+            top = torch.topk(logprobs, min(k, logprobs.size(1)), dim=-1)
+            columns += [top.indices.double(), top.values.double()]
         # float64 holds every token id exactly, so ids and log-probs travel in one transfer
-        both = torch.stack([out.double(), logprobs.double()], dim=1).tolist()
-        return [(int(t), lp) for t, lp in both]
+        rows = torch.cat(columns, dim=1).tolist()
+        width = (len(rows[0]) - 2) // 2  # top alternatives read back per row
+        return [(int(r[0]), r[1], tuple((int(r[2 + j]), r[2 + width + j])
+                                        for j in range(min(seq.params.top_logprobs, width))))
+                for seq, r in zip(seqs, rows)]
 
     def _append(self, seq: _Sequence, token: int, events: list[TokenEvent], forced: bool = False,
-                logprob: float | None = None) -> None:
+                logprob: float | None = None, top: tuple = ()) -> None:
         """Add a token to seq, emit its event; finish the sequence or run the calculator as due."""
         seq.tokens.append(token)
+        if seq.counts is not None:
+            seq.counts[token] += 1
         p = seq.params
         reason = "stop" if (not forced and token in p.stop_token_ids) else (
             "length" if seq.num_generated >= p.max_tokens else None)
-        events.append(TokenEvent(seq.id, token, reason is not None, reason, forced, logprob))
+        events.append(TokenEvent(seq.id, token, reason is not None, reason, forced, logprob, top))
         if reason is not None:
             self._release(seq)
             self.running.remove(seq)

@@ -7,8 +7,8 @@ unfinished, blocks on the queue when idle, and hands each token event back to th
 asyncio.Queue with `loop.call_soon_threadsafe`. A client that disconnects mid-stream gets an
 "abort" command, which frees its KV-cache pages.
 
-Endpoints: POST /v1/chat/completions (streaming or not), GET /v1/models, GET /v1/models/{id},
-GET /health, GET / (UI).
+Endpoints: POST /v1/chat/completions and POST /v1/completions (streaming or not, n samples per
+prompt, log-probabilities), GET /v1/models, GET /v1/models/{id}, GET /health, GET / (UI).
 
 Answers: `content` is what a person reads: a calculator call and its result show as
 "[calculator: 19*2 = 38]", and no special token appears. Beside it, `parts` (in a streamed answer,
@@ -16,10 +16,12 @@ the last chunk's delta) gives the answer in nanochat's assistant format (text / 
 python_output); an assistant message sent back with its `parts` reaches the model as the very tokens
 it produced, so a conversation with tool calls continues exactly (detokenize.answer_parts).
 
-Parameters: the ones in PARAMETERS are honoured; every other one is refused with a 400 naming it
-(OpenAI parameters nanofast does not implement, unless their value asks for nothing: NEUTRAL; and
-unknown names, a typo included), so a client never gets an answer that silently ignored what it
-asked for.
+Parameters: the ones in PARAMETERS (COMPLETION_PARAMETERS) are honoured; every other one is refused
+with a 400 naming it (OpenAI parameters nanofast does not implement, unless their value asks for
+nothing: NEUTRAL; and unknown names, a typo included), so a client never gets an answer that silently ignored what it
+asked for. Log-probabilities are the model's own distribution (before penalties and temperature),
+listed for the tokens the model chose; calculator output, forced in, has none and is not listed.
+n samples of one seeded request use engine.sample_seed: sample 0 is the plain seeded answer.
 """
 from __future__ import annotations
 
@@ -44,24 +46,26 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanofast.chat import add_runtime_args
+from nanofast.chat import add_runtime_args, default_answer_tokens
 from nanofast.detokenize import (IncrementalDetokenizer, StopMatcher, answer_parts, parts_display,
-                                 special_display, truncate_parts)
-from nanofast.engine import Engine, SamplingParams, TokenEvent
+                                 special_display, token_piece, truncate_parts)
+from nanofast.engine import Engine, SamplingParams, TokenEvent, sample_seed
 from nanofast.tokenizer import Tokenizer
 
 STATIC_DIR = Path(__file__).parent / "static"
 ROLES = ("system", "developer", "user", "assistant")  # "developer": OpenAI's newer name for system
-PARAMETERS = ("model", "messages", "stream", "stream_options", "n", "max_tokens", "max_completion_tokens",
-              "temperature", "top_p", "top_k", "seed", "stop")
-# OpenAI chat-completions parameters not implemented here, with the values that ask for nothing
-# (accepted: a client library may send them explicitly).
-NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
-           "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+SAMPLING = ("model", "stream", "stream_options", "n", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+            "presence_penalty", "frequency_penalty", "logprobs")
+PARAMETERS = SAMPLING + ("messages", "max_completion_tokens", "top_logprobs")
+COMPLETION_PARAMETERS = SAMPLING + ("prompt", "echo")
+# OpenAI parameters not implemented here, with the values that ask for nothing (accepted: a
+# client library may send them explicitly).
+NEUTRAL = {"logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
            "parallel_tool_calls": (None,), "functions": (None, []), "function_call": (None, "none"),
            "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
            "prediction": (None,), "reasoning_effort": (None,), "service_tier": (None, "auto", "default"),
            "store": (None, False), "metadata": (None,), "user": (None,), "web_search_options": (None,)}
+COMPLETION_NEUTRAL = {"logit_bias": (None, {}), "user": (None,), "suffix": (None, ""), "best_of": (None, 1)}
 
 
 @dataclass
@@ -71,7 +75,10 @@ class ServeLimits:
     max_chars: int = 32_000           # all message contents together
     max_body_bytes: int = 1_000_000   # the raw request body
     max_tokens: int = 4096            # the largest max_tokens a request may ask for
-    default_max_tokens: int = 512     # when the request gives none (cut to what fits the context)
+    default_max_tokens: int = 512     # a chat answer's most tokens when the request gives none (also at most
+                                      # a quarter of the context, and cut to what fits)
+    default_completion_tokens: int = 16  # /v1/completions' default, OpenAI's
+    max_choices: int = 8              # n (times the prompts of a /v1/completions request)
     max_stop: int = 4                 # stop sequences per request, as OpenAI allows
     max_json_depth: int = 32          # nesting of arrays/objects (a request needs 4)
     body_timeout_s: float = 30.0      # the whole body must arrive within this (a stalled client is cut off)
@@ -216,13 +223,17 @@ class EngineWorker:
 
 # ---- request parsing ----------------------------------------------------------------------------
 @dataclass
-class ChatRequest:
-    """A validated chat-completions request."""
-    prompt: list[int]
-    params: SamplingParams
+class GenerationRequest:
+    """A validated request: the prompt and sampling settings of every choice (n samples of each
+    prompt: choice p * n + i is sample i of prompt p) and how to answer."""
+    prompts: list[list[int]]
+    params: list[SamplingParams]
     stops: tuple[str, ...]
     stream: bool
     include_usage: bool
+    prompt_tokens: int               # usage: each prompt counted once, however many samples it has
+    logprobs: int | None = None      # None: none; k: every token's log-prob and its k most likely alternatives
+    echo: list[str] | None = None    # /v1/completions echo: the prompt text each choice's text starts with
 
 
 def _is_int(v: Any) -> bool:
@@ -318,27 +329,35 @@ def parse_messages(messages: Any, limits: ServeLimits) -> list[dict]:
     return out
 
 
-def parse_request(body: Any, tokenizer: Tokenizer, model_id: str, context: int, limits: ServeLimits,
-                  stop_ids: tuple[int, ...]) -> ChatRequest:
-    """Validate a chat-completions body; raises APIError naming the offending parameter."""
+def check_parameters(body: Any, parameters: tuple[str, ...], neutral: dict[str, tuple]) -> dict:
+    """The body as a dict whose every key is honoured: a key of `neutral` with a value that asks
+    for nothing passes; anything else not in `parameters` is a 400 naming it."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
     for key, value in body.items():
-        if key in PARAMETERS or (key in NEUTRAL and _neutral(value, NEUTRAL[key])):
+        if key in parameters or (key in neutral and _neutral(value, neutral[key])):
             continue
-        if key in NEUTRAL:
-            asks = " or ".join(repr(v) for v in NEUTRAL[key] if v is not None)
+        if key in neutral:
+            asks = " or ".join(repr(v) for v in neutral[key] if v is not None)
             raise APIError(400, f"'{key}' is not supported by this server: leave it out{' or send ' + asks if asks else ''} "
                                 f"(an answer that ignored it would not be what you asked for)", key,
                            "unsupported_parameter")
-        raise APIError(400, f"unknown parameter '{key}': this server takes {', '.join(PARAMETERS)}", key,
+        raise APIError(400, f"unknown parameter '{key}': this server takes {', '.join(parameters)}", key,
                        "unknown_parameter")
-    model = body.get("model")
-    if model is not None and model != model_id:
-        raise APIError(404, f"the model {model!r} does not exist: this server serves {model_id!r}", "model",
-                       "model_not_found")
-    messages = parse_messages(body.get("messages"), limits)
+    return body
 
+
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(name)
+    value = default if value is None else value
+    if not _is_number(value) or not (low < value if low_open else low <= value) or not value <= high:
+        span = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
+        raise APIError(400, f"'{name}' must be a number in {span}, got {value!r}", name, "invalid_value")
+    return float(value)
+
+
+def _sampling(body: dict, limits: ServeLimits) -> dict:
+    """The sampling and streaming parameters both endpoints share, validated."""
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise APIError(400, f"'stream' must be a boolean, got {stream!r}", "stream", "invalid_type")
@@ -351,23 +370,14 @@ def parse_request(body: Any, tokenizer: Tokenizer, model_id: str, context: int, 
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options",
                        "invalid_value")
     n = body.get("n")
-    if n is not None and n != 1:
-        raise APIError(400, f"only n=1 is supported, got {n!r}", "n", "unsupported_value")
-
+    n = 1 if n is None else n
+    if not _is_int(n) or not 1 <= n <= limits.max_choices:
+        raise APIError(400, f"'n' must be an integer in [1, {limits.max_choices}], got {n!r}", "n", "invalid_value")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     if max_tokens is not None and (not _is_int(max_tokens) or not 1 <= max_tokens <= limits.max_tokens):
         raise APIError(400, f"'{param}' must be an integer in [1, {limits.max_tokens}], got {max_tokens!r}",
                        param, "invalid_value")
-    temperature = body.get("temperature")
-    temperature = 1.0 if temperature is None else temperature
-    if not _is_number(temperature) or not 0 <= temperature <= 2:
-        raise APIError(400, f"'temperature' must be a number in [0, 2], got {temperature!r}", "temperature",
-                       "invalid_value")
-    top_p = body.get("top_p")
-    top_p = 1.0 if top_p is None else top_p
-    if not _is_number(top_p) or not 0 < top_p <= 1:
-        raise APIError(400, f"'top_p' must be a number in (0, 1], got {top_p!r}", "top_p", "invalid_value")
     top_k = body.get("top_k")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise APIError(400, f"'top_k' must be an integer >= 1, got {top_k!r}", "top_k", "invalid_value")
@@ -382,37 +392,147 @@ def parse_request(body: Any, tokenizer: Tokenizer, model_id: str, context: int, 
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > limits.max_stop:
         raise APIError(400, f"'stop' must be a non-empty string or a list of at most {limits.max_stop} non-empty "
                             f"strings, got {stop!r}", "stop", "invalid_value")
+    return {"stream": stream, "include_usage": bool(options and options.get("include_usage")), "n": n,
+            "max_tokens": max_tokens, "max_tokens_param": param, "top_k": top_k, "seed": seed, "stops": tuple(stops),
+            "temperature": _number(body, "temperature", 1.0, 0, 2), "top_p": _number(body, "top_p", 1.0, 0, 1, True),
+            "presence_penalty": _number(body, "presence_penalty", 0.0, -2, 2),
+            "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2, 2)}
 
+
+def _choices(prompts: list[list[int]], where: str, sampling: dict, context: int, default_tokens: int,
+             stop_ids: tuple[int, ...], top_logprobs: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """n (prompt, params) pairs per prompt, each sample with its own seed (engine.sample_seed); a
+    prompt that leaves no room for its answer is a 400 naming `where`."""
+    out_prompts, out_params = [], []
+    max_tokens, param = sampling["max_tokens"], sampling["max_tokens_param"]
+    for prompt in prompts:
+        if len(prompt) >= context:
+            raise APIError(400, f"the prompt is {len(prompt)} tokens; the model's context is {context} tokens, "
+                                f"which must also leave room for the answer: shorten the {where}", where,
+                           "context_length_exceeded")
+        room = context - len(prompt)
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"the prompt ({len(prompt)} tokens) + '{param}' ({max_tokens}) exceed the model's "
+                                f"context of {context} tokens: ask for at most {room}", param,
+                           "context_length_exceeded")
+        for _ in range(sampling["n"]):
+            out_prompts.append(prompt)
+            out_params.append(SamplingParams(
+                max_tokens=max_tokens if max_tokens is not None else min(default_tokens, room),
+                temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"],
+                seed=sample_seed(sampling["seed"], len(out_params)), stop_token_ids=stop_ids,
+                presence_penalty=sampling["presence_penalty"], frequency_penalty=sampling["frequency_penalty"],
+                top_logprobs=top_logprobs))
+    return out_prompts, out_params
+
+
+def _model_check(body: dict, model_id: str) -> None:
+    model = body.get("model")
+    if model is not None and model != model_id:
+        raise APIError(404, f"the model {model!r} does not exist: this server serves {model_id!r}", "model",
+                       "model_not_found")
+
+
+def parse_request(body: Any, tokenizer: Tokenizer, model_id: str, context: int, limits: ServeLimits,
+                  stop_ids: tuple[int, ...]) -> GenerationRequest:
+    """Validate a chat-completions body; raises APIError naming the offending parameter."""
+    body = check_parameters(body, PARAMETERS, NEUTRAL)
+    _model_check(body, model_id)
+    messages = parse_messages(body.get("messages"), limits)
+    sampling = _sampling(body, limits)
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise APIError(400, f"'logprobs' must be a boolean, got {logprobs!r}", "logprobs", "invalid_type")
+    if top is not None and (not _is_int(top) or not 0 <= top <= 20):
+        raise APIError(400, f"'top_logprobs' must be an integer in [0, 20], got {top!r}", "top_logprobs",
+                       "invalid_value")
+    if top and not logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
     prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
-    if len(prompt) >= context:
-        raise APIError(400, f"the prompt is {len(prompt)} tokens; the model's context is {context} tokens, "
-                            "which must also leave room for the answer: shorten the messages", "messages",
-                       "context_length_exceeded")
-    room = context - len(prompt)
-    if max_tokens is not None and max_tokens > room:
-        raise APIError(400, f"the prompt ({len(prompt)} tokens) + '{param}' ({max_tokens}) exceed the model's "
-                            f"context of {context} tokens: ask for at most {room}", param, "context_length_exceeded")
-    params = SamplingParams(max_tokens=max_tokens if max_tokens is not None else min(limits.default_max_tokens, room),
-                            temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed,
-                            stop_token_ids=stop_ids)
-    return ChatRequest(prompt, params, tuple(stops), stream,
-                       bool(options and options.get("include_usage")))
+    # By default an answer leaves room for the turns after it, as the chat CLI does.
+    default = min(limits.default_max_tokens, default_answer_tokens(context))
+    prompts, params = _choices([prompt], "messages", sampling, context, default, stop_ids, top or 0)
+    return GenerationRequest(prompts, params, sampling["stops"], sampling["stream"], sampling["include_usage"],
+                             len(prompt), (top or 0) if logprobs else None)
+
+
+def _prompt_list(prompt: Any, tokenizer: Tokenizer, limits: ServeLimits) -> list[list[int]]:
+    """/v1/completions' `prompt` (a string, a list of strings, a list of token ids, or a list of
+    such lists) as token-id prompts; text starts with BOS, as every document did in training."""
+    vocab = tokenizer.vocab_size
+
+    def one(p: Any, where: str) -> list[int]:
+        if isinstance(p, str):
+            return [tokenizer.bos_token_id, *tokenizer.encode(p)]
+        if isinstance(p, list) and p and all(_is_int(t) and 0 <= t < vocab for t in p):
+            return list(p)
+        raise APIError(400, f"'{where}' must be a string or a non-empty list of token ids in [0, {vocab})",
+                       "prompt", "invalid_value")
+
+    if prompt is None:
+        raise APIError(400, "missing required parameter 'prompt'", "prompt", "missing_required_parameter")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        prompts = [one(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    else:
+        prompts = [one(prompt, "prompt")]
+    if sum(len(p) for p in prompts) > limits.max_chars:
+        raise APIError(400, f"the prompts hold more than {limits.max_chars} tokens", "prompt", "too_many_characters")
+    return prompts
+
+
+def parse_completion_request(body: Any, tokenizer: Tokenizer, model_id: str, context: int,
+                             limits: ServeLimits) -> GenerationRequest:
+    """Validate a /v1/completions body (plain text continuation, no chat template); raises
+    APIError naming the offending parameter."""
+    body = check_parameters(body, COMPLETION_PARAMETERS, COMPLETION_NEUTRAL)
+    _model_check(body, model_id)
+    prompts = _prompt_list(body.get("prompt"), tokenizer, limits)
+    sampling = _sampling(body, limits)
+    if len(prompts) * sampling["n"] > limits.max_choices:
+        raise APIError(400, f"{len(prompts)} prompts x n={sampling['n']} is more than {limits.max_choices} choices",
+                       "n", "invalid_value")
+    logprobs, echo = body.get("logprobs"), body.get("echo")
+    if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= 20):
+        raise APIError(400, f"'logprobs' must be an integer in [0, 20], got {logprobs!r}", "logprobs", "invalid_value")
+    if echo is not None and not isinstance(echo, bool):
+        raise APIError(400, f"'echo' must be a boolean, got {echo!r}", "echo", "invalid_type")
+    if echo and logprobs is not None:
+        raise APIError(400, "'echo' with 'logprobs' would need the prompt's log-probabilities, which this server "
+                            "does not compute: drop one of them", "echo", "unsupported_value")
+    # A base model ends a document with the next document's BOS: that ends the text.
+    prompts, params = _choices(prompts, "prompt", sampling, context, limits.default_completion_tokens,
+                               (tokenizer.bos_token_id,), logprobs or 0)
+    texts = [tokenizer.decode([t for t in p if t != tokenizer.bos_token_id]) for p in prompts] if echo else None
+    return GenerationRequest(prompts, params, sampling["stops"], sampling["stream"], sampling["include_usage"],
+                             sum(len(p) for p in prompts[::sampling["n"]]), logprobs, texts)
 
 
 # ---- running a request --------------------------------------------------------------------------
-class Completion:
-    """Turns one request's token events into text pieces: detokenised, stop sequences applied."""
+class Choice:
+    """One choice of a request: its token events turned into text pieces (detokenised, special
+    tokens shown as a person reads them, stop sequences applied), the answer's parts, and the
+    log-probabilities of the tokens whose text was returned."""
 
-    def __init__(self, worker: EngineWorker, handle: RequestHandle, tokenizer: Tokenizer, request: ChatRequest,
-                 display: dict[int, str]):
-        self.worker, self.handle, self.request, self.tokenizer = worker, handle, request, tokenizer
+    def __init__(self, worker: EngineWorker, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
+                 request: GenerationRequest, display: dict[int, str], index: int):
+        self.worker, self.tokenizer, self.params, self.index = worker, tokenizer, params, index
+        self.handle = worker.submit(prompt, params)
         self.detok = IncrementalDetokenizer(tokenizer)
         self.display = display  # special tokens as a person reads them (detokenize.special_display)
         self.matcher = StopMatcher(request.stops)
+        self.want_logprobs = request.logprobs is not None
         self.completion_tokens = 0
         self.answer: list[int] = []  # the answer's tokens, the stop token excluded
         self.text = ""  # what was returned
         self.finish_reason: str | None = None
+        self._first: TokenEvent | None = None
+        self._produced = 0  # characters the tokens so far turned into, before stop sequences
+        self._logprobs: list[tuple[int, float, tuple, int]] = []  # (token, logprob, top, text offset)
+        self._released = 0
+
+    async def start(self) -> None:
+        """Wait for the first token, so an engine-side refusal surfaces before any answer is sent."""
+        self._first = await self.next_event()
 
     def parts(self) -> list[dict]:
         """The returned answer as assistant parts (detokenize.answer_parts), cut where a stop
@@ -426,17 +546,21 @@ class Completion:
             raise item
         return item
 
-    async def pieces(self, first: TokenEvent | None = None) -> AsyncIterator[str]:
+    async def pieces(self) -> AsyncIterator[str]:
         """Yield text pieces until the request finishes; then `finish_reason` is set."""
         while self.finish_reason is None:
-            event, first = (first, None) if first is not None else (await self.next_event(), None)
+            event, self._first = (self._first, None) if self._first is not None else (await self.next_event(), None)
             self.completion_tokens += 1  # every generated token counts, the stop token included
             text, token = "", event.token
-            if not (event.finish_reason == "stop" and token in self.request.params.stop_token_ids):
+            if not (event.finish_reason == "stop" and token in self.params.stop_token_ids):
                 self.answer.append(token)
                 text = self.detok.flush() + self.display[token] if token in self.display else self.detok.add(token)
+                # calculator output is forced in, not sampled: it has no log-probability to list
+                if self.want_logprobs and not event.forced:
+                    self._logprobs.append((token, event.logprob, event.top_logprobs, self._produced))
             if event.finished:
                 text += self.detok.flush()
+            self._produced += len(text)
             out, stopped = self.matcher.push(text)
             if stopped:
                 self.worker.abort(self.handle)  # the rest of the answer is not wanted: free its pages
@@ -449,15 +573,95 @@ class Completion:
                 self.text += out
                 yield out
 
+    def take_logprobs(self) -> list[tuple[int, float, tuple, int]]:
+        """The log-prob entries not handed out yet whose text has been returned (a token that
+        starts inside the returned text; once finished, a trailing token that showed nothing too,
+        unless a stop sequence cut the text)."""
+        end = len(self.text)
+        cut = self.matcher.stopped
+        n = self._released
+        while n < len(self._logprobs) and (self._logprobs[n][3] < end or (
+                self.finish_reason is not None and not cut and self._logprobs[n][3] == end)):
+            n += 1
+        taken, self._released = self._logprobs[self._released:n], n
+        return taken
+
     def close(self) -> None:
         """Abort the request in the engine unless it already finished."""
         if not self.handle.finished:
             self.worker.abort(self.handle)
 
-    def usage(self) -> dict:
-        n = len(self.request.prompt)
-        return {"prompt_tokens": n, "completion_tokens": self.completion_tokens,
-                "total_tokens": n + self.completion_tokens}
+
+async def start_choices(worker: EngineWorker, tokenizer: Tokenizer, request: GenerationRequest,
+                        display: dict[int, str]) -> list[Choice]:
+    """Submit every choice and wait for each one's first token: an engine-side refusal becomes a
+    4xx (a failed engine a 500) before any answer is sent."""
+    choices = [Choice(worker, tokenizer, prompt, params, request, display, i)
+               for i, (prompt, params) in enumerate(zip(request.prompts, request.params))]
+    try:
+        for choice in choices:
+            await choice.start()
+    except BaseException as e:
+        for choice in choices:
+            choice.close()
+        if isinstance(e, ValueError):
+            raise APIError(400, str(e), None, "invalid_value") from None
+        if isinstance(e, RuntimeError):
+            raise APIError(500, str(e), None, "engine_error", type="server_error") from None
+        raise
+    return choices
+
+
+async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, str | None]]:
+    """(choice, text piece) as the choices produce them, interleaved; (choice, None) once a choice
+    has finished. An engine failure in any choice is raised here."""
+    pending: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        try:
+            async for piece in choice.pieces():
+                pending.put_nowait((choice, piece))
+            pending.put_nowait((choice, None))
+        except Exception as e:
+            pending.put_nowait((choice, e))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        for _ in range(len(choices)):
+            while True:
+                choice, item = await pending.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield choice, item
+                if item is None:
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def usage(request: GenerationRequest, choices: list[Choice]) -> dict:
+    done = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": request.prompt_tokens, "completion_tokens": done,
+            "total_tokens": request.prompt_tokens + done}
+
+
+def chat_logprobs(entries: list[tuple[int, float, tuple, int]], piece) -> dict:
+    """OpenAI's chat `logprobs` object for entries (token, logprob, top alternatives, offset)."""
+    def item(token: int, logprob: float) -> dict:
+        text, raw = piece(token)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+    return {"content": [dict(item(t, lp), top_logprobs=[item(a, alp) for a, alp in top]) for t, lp, top, _ in entries],
+            "refusal": None}
+
+
+def text_logprobs(entries: list[tuple[int, float, tuple, int]], piece, offset: int = 0) -> dict:
+    """The legacy completions `logprobs` object: tokens, their log-probs, the most likely
+    alternatives (with the chosen token, as OpenAI lists it) and each token's character offset."""
+    return {"tokens": [piece(t)[0] for t, _, _, _ in entries], "token_logprobs": [lp for _, lp, _, _ in entries],
+            "top_logprobs": [{piece(a)[0]: alp for a, alp in (*top, (t, lp))} for t, lp, top, _ in entries],
+            "text_offset": [offset + o for _, _, _, o in entries]}
 
 
 class _SSEResponse(StreamingResponse):
@@ -633,61 +837,85 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, limits: Serv
                            "model_not_found")
         return card
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: Request) -> Response:
-        body = parse_json(await read_body(request, limits), limits.max_json_depth)
-        req = parse_request(body, tokenizer, model_id, context, limits, stop_ids)
-        completion = Completion(worker, worker.submit(req.prompt, req.params), tokenizer, req, display)
-        cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        try:
-            first = await completion.next_event()  # engine-side rejections become a 4xx, not a broken stream
-        except ValueError as e:
-            raise APIError(400, str(e), None, "invalid_value") from None
-        except RuntimeError as e:
-            raise APIError(500, str(e), None, "engine_error", type="server_error") from None
-        except BaseException:
-            completion.close()
-            raise
+    def piece(token: int) -> tuple[str, bytes]:
+        return token_piece(tokenizer, display, token)
+
+    async def respond(req: GenerationRequest, chat: bool) -> Response:
+        """Run the request's choices; answer as chat.completion(.chunk)s or text_completions."""
+        choices = await start_choices(worker, tokenizer, req, display)
+        cid, now = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        echo = req.echo or [""] * len(choices)
+
+        def close() -> None:
+            for choice in choices:
+                choice.close()
+
+        def logprobs(choice: Choice) -> dict | None:
+            if req.logprobs is None:
+                return None
+            entries = choice.take_logprobs()
+            return chat_logprobs(entries, piece) if chat else text_logprobs(entries, piece, len(echo[choice.index]))
 
         if not req.stream:
             try:
-                text = "".join([piece async for piece in completion.pieces(first)])
+                async for _ in merged(choices):
+                    pass
             except RuntimeError as e:
                 raise APIError(500, str(e), None, "engine_error", type="server_error") from None
             finally:
-                completion.close()
-            return JSONResponse({
-                "id": cid, "object": "chat.completion", "created": now, "model": model_id,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
-                                                     "parts": completion.parts()},
-                             "logprobs": None, "finish_reason": completion.finish_reason}],
-                "usage": completion.usage()})
+                close()
+            if chat:
+                out = [{"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None,
+                                                      "parts": c.parts()},
+                        "logprobs": logprobs(c), "finish_reason": c.finish_reason} for c in choices]
+            else:
+                out = [{"index": c.index, "text": echo[c.index] + c.text, "logprobs": logprobs(c),
+                        "finish_reason": c.finish_reason} for c in choices]
+            return JSONResponse({"id": cid, "object": "chat.completion" if chat else "text_completion",
+                                 "created": now, "model": model_id, "system_fingerprint": None, "choices": out,
+                                 "usage": usage(req, choices)})
 
-        def chunk(delta: dict, finish_reason: str | None = None) -> dict:
-            out = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_id,
-                   "system_fingerprint": None,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        def chunk(choice: Choice | None, content: dict | str = "", finish_reason: str | None = None,
+                  lp: dict | None = None) -> dict:
+            out = {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion", "created": now,
+                   "model": model_id, "system_fingerprint": None, "choices": []}
+            if choice is not None:
+                out["choices"] = [{"index": choice.index, "delta" if chat else "text": content, "logprobs": lp,
+                                   "finish_reason": finish_reason}]
             if req.include_usage:
                 out["usage"] = None  # OpenAI: null on every chunk but the last when usage is asked for
             return out
 
         async def events() -> AsyncIterator[str]:
             try:
-                yield _sse(chunk({"role": "assistant", "content": ""}))
-                async for piece in completion.pieces(first):
-                    yield _sse(chunk({"content": piece}))
-                yield _sse(chunk({"parts": completion.parts()}, completion.finish_reason))
+                for choice in choices:
+                    if chat or echo[choice.index]:
+                        yield _sse(chunk(choice, {"role": "assistant", "content": ""} if chat else echo[choice.index]))
+                async for choice, text in merged(choices):
+                    if text is not None:
+                        yield _sse(chunk(choice, {"content": text} if chat else text, None, logprobs(choice)))
+                    else:  # finished: the parts to send back (chat), the reason, any last log-probs
+                        yield _sse(chunk(choice, {"parts": choice.parts()} if chat else "", choice.finish_reason,
+                                         logprobs(choice)))
                 if req.include_usage:
-                    yield _sse({"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_id,
-                                "system_fingerprint": None, "choices": [], "usage": completion.usage()})
+                    yield _sse(dict(chunk(None), usage=usage(req, choices)))
             except RuntimeError as e:  # the engine failed mid-stream: headers are gone, report in-band
                 yield _sse(APIError(500, str(e), None, "engine_error", type="server_error").body())
             finally:
-                completion.close()
+                close()
             yield _sse("[DONE]")
 
-        return _SSEResponse(events(), completion.close, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _SSEResponse(events(), close, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        body = parse_json(await read_body(request, limits), limits.max_json_depth)
+        return await respond(parse_request(body, tokenizer, model_id, context, limits, stop_ids), chat=True)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        body = parse_json(await read_body(request, limits), limits.max_json_depth)
+        return await respond(parse_completion_request(body, tokenizer, model_id, context, limits), chat=False)
 
     return app
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanofast import kernels, kv_cache, ops
-from nanofast.engine import Engine, SamplingParams
+from nanofast.engine import Engine, SamplingParams, sample_seed
 from nanofast.kv_cache import BlockManager
 from nanofast.model import GPT, config_for_depth
 from nanofast.tools import calculate
@@ -266,6 +266,74 @@ def test_sampling_seeds_topk_topp():
         assert Engine(model).generate(prompts, narrow) == greedy
 
 
+def _penalised_reference(model: GPT, prompt: list[int], steps: int, presence: float, frequency: float) -> list[int]:
+    """Greedy decoding by full recompute, OpenAI's penalties applied to the answer's counts."""
+    ids, counts = list(prompt), torch.zeros(model.config.vocab_size)
+    with torch.no_grad():
+        for _ in range(steps):
+            row = model(torch.tensor([ids]))[0, -1].float()
+            token = int((row - frequency * counts - presence * (counts > 0).float()).argmax())
+            ids.append(token)
+            counts[token] += 1
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("presence,frequency", [(1.5, 0.0), (0.0, 2.0), (0.7, 0.4), (-2.0, -1.0)])
+def test_penalties_equal_the_reference_and_change_the_answer(presence, frequency):
+    model = _model(2, [5, 48])
+    prompts = _prompts(seed=8)[:5]
+    params = SamplingParams(max_tokens=14, temperature=0.0, presence_penalty=presence, frequency_penalty=frequency)
+    got = Engine(model, page_size=4, max_batch_tokens=7).generate(prompts, params)
+    assert got == [_penalised_reference(model, p, 14, presence, frequency) for p in prompts]
+    assert got != _reference(model, prompts, 14)  # the penalties mattered somewhere
+    if presence > 0 and frequency >= 0:  # repeats are discouraged: fewer than without
+        repeats = lambda outs: sum(len(o) - len(set(o)) for o in outs)  # noqa: E731
+        assert repeats(got) < repeats(_reference(model, prompts, 14))
+
+
+def test_penalties_come_before_sampling_filters():
+    """Sampling with top_k=1 keeps only the best penalised token: the greedy penalised reference."""
+    model = _model()
+    prompts = _prompts(seed=9)[:3]
+    params = SamplingParams(max_tokens=12, temperature=1.3, top_k=1, seed=5, presence_penalty=0.9,
+                            frequency_penalty=0.6)
+    assert Engine(model).generate(prompts, params) == [_penalised_reference(model, p, 12, 0.9, 0.6) for p in prompts]
+
+
+def test_top_logprobs_are_the_models_most_likely_tokens():
+    model = _model(2, [5, 48])
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    engine = Engine(model, page_size=4, max_batch_tokens=5)
+    engine.add_request(prompt, SamplingParams(max_tokens=6, temperature=0.8, seed=2, top_logprobs=5,
+                                              frequency_penalty=1.0))
+    engine.add_request(prompt[:3], SamplingParams(max_tokens=6, temperature=0.0))  # asks for none, in the same steps
+    events = []
+    while engine.has_unfinished():
+        events += engine.step()
+    mine = [e for e in events if e.request_id == 0]
+    assert all(e.top_logprobs == () for e in events if e.request_id == 1)
+    ids = torch.tensor([prompt + [e.token for e in mine]])
+    with torch.no_grad():
+        full = torch.log_softmax(model(ids[:, :-1])[0].float(), -1)[len(prompt) - 1:]
+    for e, row in zip(mine, full):
+        assert len(e.top_logprobs) == 5
+        want = torch.topk(row, 5)
+        assert [t for t, _ in e.top_logprobs] == want.indices.tolist()
+        torch.testing.assert_close(torch.tensor([lp for _, lp in e.top_logprobs]), want.values, rtol=0, atol=1e-4)
+        assert e.logprob == pytest.approx(row[e.token].item(), abs=1e-4)  # the model's own, before the penalty
+
+
+def test_sample_seeds_differ_and_the_first_is_the_seed():
+    assert sample_seed(None, 3) is None and sample_seed(7, 0) == 7
+    seeds = [sample_seed(s, i) for s in (0, 1, -5, 2 ** 64 - 1) for i in range(4)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= sample_seed(s, i) < 2 ** 64 for s in (-5, 2 ** 64 - 1) for i in (1, 2))  # a Generator's range
+    model = _model()
+    outs = [Engine(model).generate([[1, 2, 3]], SamplingParams(max_tokens=8, temperature=1.0, seed=sample_seed(9, i)))[0]
+            for i in range(3)]
+    assert len({tuple(o) for o in outs}) == 3
+
+
 def test_top_k_and_top_p_restrict_the_support():
     """Every sampled token lies in the top-k set / the top-p nucleus of its distribution."""
     torch.manual_seed(0)
@@ -280,7 +348,8 @@ def test_top_k_and_top_p_restrict_the_support():
             rid = engine.add_request([1], params)
             seqs.append(next(s for s in engine.waiting if s.id == rid))
         for _ in range(50):
-            for row, (tok, logprob) in zip(logits, engine._sample(logits, seqs)):
+            for row, (tok, logprob, top) in zip(logits, engine._sample(logits, seqs)):
+                assert top == ()
                 assert tok in allowed(row)
                 assert logprob == pytest.approx(torch.log_softmax(row, -1)[tok].item(), abs=1e-5)
         engine.waiting.clear()
@@ -328,7 +397,7 @@ def test_calculator_output_is_forced_into_the_sequence(monkeypatch):
     def scripted(logits, seqs):
         real_sample(logits, seqs)
         computed.append(seqs[0].num_computed)
-        return [(script[len(computed) - 1], 0.0)]
+        return [(script[len(computed) - 1], 0.0, ())]
 
     monkeypatch.setattr(engine, "_sample", scripted)
     rid = engine.add_request([tok.bos_token_id, 5], SamplingParams(max_tokens=len(script) + 3))
@@ -347,6 +416,9 @@ def test_calculator_output_is_forced_into_the_sequence(monkeypatch):
 # ---- errors --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,msg", [(dict(max_tokens=0), "max_tokens"), (dict(temperature=-1.0), "temperature"),
+                                        (dict(presence_penalty=2.5), "presence_penalty"),
+                                        (dict(frequency_penalty=True), "frequency_penalty"),
+                                        (dict(top_logprobs=21), "top_logprobs"), (dict(top_logprobs=-1), "top_logprobs"),
                                         (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
                                         (dict(top_p=1.5), "top_p"), (dict(seed="x"), "seed")])
 def test_sampling_params_errors(kwargs, msg):

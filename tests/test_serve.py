@@ -14,7 +14,7 @@ import torch
 import uvicorn
 
 from nanofast.detokenize import IncrementalDetokenizer, StopMatcher, answer_parts, display_text, parts_display
-from nanofast.engine import Engine, SamplingParams
+from nanofast.engine import Engine, SamplingParams, sample_seed
 from nanofast.model import GPT, config_for_depth
 from nanofast.serve import ServeLimits, create_app, server_config
 from nanofast.tokenizer import Tokenizer
@@ -307,13 +307,15 @@ LONG = "word " * 200  # far more than the 128-token context
     ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
     ({"messages": HELLO, "stream": "yes"}, 400, "stream", "invalid_type"),
     ({"messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value"),
-    ({"messages": HELLO, "n": 2}, 400, "n", "unsupported_value"),
+    ({"messages": HELLO, "n": 0}, 400, "n", "invalid_value"),
+    ({"messages": HELLO, "n": 9}, 400, "n", "invalid_value"),
+    ({"messages": HELLO, "n": 2.0}, 400, "n", "invalid_value"),
+    ({"messages": HELLO, "logprobs": 0}, 400, "logprobs", "invalid_type"),  # chat's logprobs is a boolean
+    ({"messages": HELLO, "top_logprobs": 3}, 400, "top_logprobs", "invalid_value"),  # needs logprobs: true
+    ({"messages": HELLO, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
+    ({"messages": HELLO, "presence_penalty": 2.5}, 400, "presence_penalty", "invalid_value"),
+    ({"messages": HELLO, "frequency_penalty": "1"}, 400, "frequency_penalty", "invalid_value"),
     # not implemented: refused by name rather than ignored (issue 30), unless the value asks for nothing
-    ({"messages": HELLO, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
-    ({"messages": HELLO, "logprobs": 0}, 400, "logprobs", "unsupported_parameter"),  # not a boolean false
-    ({"messages": HELLO, "top_logprobs": 3}, 400, "top_logprobs", "unsupported_parameter"),
-    ({"messages": HELLO, "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
-    ({"messages": HELLO, "frequency_penalty": -1}, 400, "frequency_penalty", "unsupported_parameter"),
     ({"messages": HELLO, "logit_bias": {"5": 10}}, 400, "logit_bias", "unsupported_parameter"),
     ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
      "unsupported_parameter"),
@@ -468,7 +470,7 @@ def test_parameters_that_ask_for_nothing_are_accepted_and_change_nothing(server)
     """The OpenAI parameters the server does not implement, sent with their "off" values (as some
     client libraries do), give exactly the answer of the request without them."""
     plain = chat(server, messages=HELLO, temperature=0, max_tokens=6).json()["choices"][0]["message"]["content"]
-    off = dict(logprobs=False, top_logprobs=0, presence_penalty=0.0, frequency_penalty=0, logit_bias={}, tools=[],
+    off = dict(logprobs=False, top_logprobs=0, presence_penalty=0.0, frequency_penalty=0, n=1, logit_bias={}, tools=[],
                tool_choice="none", response_format={"type": "text"}, user=None, store=False)
     r = chat(server, messages=HELLO, temperature=0, max_tokens=6, **off)
     assert r.status_code == 200, r.text
@@ -504,29 +506,41 @@ def _scripted_answer(tokenizer) -> list[int]:
                                            (("sum",), "The ")])
 def test_an_answer_with_a_calculator_call_reads_cleanly_and_its_parts_round_trip(tokenizer, stops, shown):
     """What the server makes of the engine's tokens: content without special tokens (the call as a
-    readable block), and parts that render back to the model's own tokens, cut where a stop
-    sequence cut the content."""
-    from nanofast.detokenize import special_display
+    readable block), parts that render back to the model's own tokens, and log-probabilities for
+    the sampled tokens whose text was returned, all cut where a stop sequence cut the content."""
+    from nanofast.detokenize import display_text, special_display
     from nanofast.engine import TokenEvent
-    from nanofast.serve import ChatRequest, Completion, RequestHandle
+    from nanofast.serve import Choice, GenerationRequest, RequestHandle
 
     answer = _scripted_answer(tokenizer)
     params = SamplingParams(max_tokens=100, stop_token_ids=stop_ids(tokenizer))
-    request = ChatRequest(prompt_of(tokenizer, HELLO), params, stops, False, False)
+    request = GenerationRequest([prompt_of(tokenizer, HELLO)], [params], stops, False, False, 0, logprobs=0)
+    out_start, out_end = tokenizer.encode_special("<|output_start|>"), tokenizer.encode_special("<|output_end|>")
+    forced = [answer.index(out_start) <= i <= answer.index(out_end) for i in range(len(answer))]
 
-    class Worker:  # the engine thread's side: only abort is called here
+    class Worker:  # the engine thread's side, its events scripted
+        def submit(self, prompt, params):
+            handle = RequestHandle(asyncio.get_running_loop())
+            for i, token in enumerate(answer):
+                last = i == len(answer) - 1
+                handle.events.put_nowait(TokenEvent(0, token, last, "stop" if last else None, forced[i],
+                                                    None if forced[i] else -0.5 - i))
+            return handle
+
         def abort(self, handle):
             handle.finished = True
 
     async def run():
-        handle = RequestHandle(asyncio.get_running_loop())
-        for i, token in enumerate(answer):
-            last = i == len(answer) - 1
-            handle.events.put_nowait(TokenEvent(0, token, last, "stop" if last else None))
-        completion = Completion(Worker(), handle, tokenizer, request, special_display(tokenizer))
-        return "".join([p async for p in completion.pieces()]), completion.parts()
+        choice = Choice(Worker(), tokenizer, request.prompts[0], params, request, special_display(tokenizer), 0)
+        await choice.start()
+        return "".join([p async for p in choice.pieces()]), choice.parts(), choice.take_logprobs()
 
-    text, parts = asyncio.run(run())
+    text, parts, logprobs = asyncio.run(run())
+    # listed: the sampled tokens (not the forced result, not the stop token); with a stop sequence,
+    # only those that start inside the returned text
+    starts = [len(display_text(tokenizer, answer[:i])) for i in range(len(answer))]
+    want = [i for i in range(len(answer) - 1) if not forced[i] and (not stops or starts[i] < len(shown))]
+    assert [(t, lp) for t, lp, _, _ in logprobs] == [(answer[i], -0.5 - i) for i in want]
     assert text == shown and parts_display(parts) == shown and "<|" not in text
     if not stops:
         assert parts == answer_parts(tokenizer, answer[:-1]) == [
@@ -762,11 +776,142 @@ def test_the_official_openai_client(server, model, tokenizer):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=MODEL_ID, messages=HELLO, presence_penalty=0.5)
-    assert err.value.body["param"] == "presence_penalty"
+        client.chat.completions.create(model=MODEL_ID, messages=HELLO, response_format={"type": "json_object"})
+    assert err.value.body["param"] == "response_format"
     # the reply sent back as history, as the client returns it (parts kept): the model's own tokens
     history = [*HELLO, reply.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "and?"}]
     again = client.chat.completions.create(model=MODEL_ID, messages=history, temperature=0, max_tokens=2)
     parts = reply.choices[0].message.model_dump()["parts"]
     exact = prompt_of(tokenizer, [*HELLO, {"role": "assistant", "content": parts}, {"role": "user", "content": "and?"}])
     assert again.usage.prompt_tokens == len(exact)
+
+
+def _engine_answer(model, tokenizer, prompt: list[int], stops: tuple[int, ...], **params) -> list[int]:
+    """A fresh engine's tokens for `prompt`, the stop token dropped: the reference for the server."""
+    out = Engine(model, tokenizer).generate([prompt], SamplingParams(stop_token_ids=stops, **params))[0]
+    return out[:-1] if out and out[-1] in stops else out
+
+
+def _model_logprobs(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """log p of every answer token under a full forward of the model: (len(answer), V)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + answer[:-1]]))[0, len(prompt) - 1:]
+    return torch.log_softmax(logits.float(), -1)
+
+
+def test_logprobs_n_and_penalties_through_the_official_client(server, model, tokenizer):
+    """Each chat parameter the server takes does what OpenAI documents, checked with the openai
+    package against the engine and a full forward of the model."""
+    import openai
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    prompt, stops = prompt_of(tokenizer, HELLO), stop_ids(tokenizer)
+    answer = _engine_answer(model, tokenizer, prompt, stops, max_tokens=10, temperature=0.0)
+
+    # logprobs / top_logprobs: the model's own log p of each token and its 3 most likely tokens
+    reply = client.chat.completions.create(model=MODEL_ID, messages=HELLO, temperature=0, max_tokens=10,
+                                           logprobs=True, top_logprobs=3)
+    entries = reply.choices[0].logprobs.content
+    full = _model_logprobs(model, prompt, answer)
+    assert len(entries) == len(answer)
+    for e, token, row in zip(entries, answer, full):
+        assert e.logprob == pytest.approx(row[token].item(), abs=1e-4)
+        top = torch.topk(row, 3)
+        assert [a.logprob for a in e.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert e.top_logprobs[0].token == e.token  # greedy: the chosen token is the most likely
+    assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace") == reply.choices[0].message.content
+    chunks = client.chat.completions.create(model=MODEL_ID, messages=HELLO, temperature=0, max_tokens=10,
+                                            logprobs=True, top_logprobs=3, stream=True)
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in entries]
+    plain = client.chat.completions.create(model=MODEL_ID, messages=HELLO, temperature=0, max_tokens=10)
+    assert plain.choices[0].logprobs is None
+
+    # n: different samples from one seed; sample 0 is the n=1 answer; the prompt counted once
+    many = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=8, seed=11, n=3)
+    one = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=8, seed=11)
+    texts = [c.message.content for c in sorted(many.choices, key=lambda c: c.index)]
+    assert [c.index for c in sorted(many.choices, key=lambda c: c.index)] == [0, 1, 2]
+    assert texts[0] == one.choices[0].message.content and len(set(texts)) == 3
+    assert many.usage.prompt_tokens == len(prompt)
+    samples = [Engine(model, tokenizer).generate([prompt], SamplingParams(
+        max_tokens=8, seed=sample_seed(11, i), stop_token_ids=stops))[0] for i in range(3)]
+    assert texts == [display_text(tokenizer, o[:-1] if o[-1] in stops else o) for o in samples]
+    assert many.usage.completion_tokens == sum(map(len, samples))
+    again = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=8, seed=11, n=3, stream=True)
+    streamed_texts = ["", "", ""]
+    for c in again:
+        for choice in c.choices:
+            streamed_texts[choice.index] += choice.delta.content or ""
+    assert streamed_texts == texts
+
+    # presence / frequency penalties: exactly the engine's penalised greedy answer
+    changed = False
+    for presence, frequency in ((2.0, 0.0), (0.0, 2.0), (-1.0, 0.5)):
+        want = _engine_answer(model, tokenizer, prompt, stops, max_tokens=12, temperature=0.0,
+                              presence_penalty=presence, frequency_penalty=frequency)
+        got = client.chat.completions.create(model=MODEL_ID, messages=HELLO, temperature=0, max_tokens=12,
+                                             presence_penalty=presence, frequency_penalty=frequency)
+        assert got.choices[0].message.content == display_text(tokenizer, want)
+        changed |= want != _engine_answer(model, tokenizer, prompt, stops, max_tokens=12, temperature=0.0)
+    assert changed  # the penalties were not all without effect on this model
+
+
+def test_text_completions_through_the_official_client(server, model, tokenizer):
+    """/v1/completions: a plain continuation of text or token ids (no chat template), with n,
+    logprobs in the legacy shape, echo, streaming and stop sequences."""
+    import openai
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    text = "The number 7 is"
+    prompt = [tokenizer.bos_token_id, *tokenizer.encode(text)]
+    bos = (tokenizer.bos_token_id,)
+    answer = _engine_answer(model, tokenizer, prompt, bos, max_tokens=8, temperature=0.0)
+    want = display_text(tokenizer, answer)
+    reply = client.completions.create(model=MODEL_ID, prompt=text, max_tokens=8, temperature=0)
+    assert reply.object == "text_completion" and reply.choices[0].text == want
+    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == len(answer)
+    assert client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=0).choices[0].text == want
+    assert client.completions.create(model=MODEL_ID, prompt=text, max_tokens=8, temperature=0,
+                                     echo=True).choices[0].text == text + want
+    default = client.completions.create(model=MODEL_ID, prompt=text, temperature=0)  # OpenAI's default: 16 tokens
+    assert default.usage.completion_tokens <= 16
+
+    scored = client.completions.create(model=MODEL_ID, prompt=text, max_tokens=8, temperature=0, logprobs=2)
+    lp = scored.choices[0].logprobs
+    full = _model_logprobs(model, prompt, answer)
+    assert lp.token_logprobs == pytest.approx([row[t].item() for row, t in zip(full, answer)], abs=1e-4)
+    assert all(len(top) in (2, 3) and tok in top for top, tok in zip(lp.top_logprobs, lp.tokens))  # top 2 + the chosen
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL_ID, prompt=text, max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert streamed == want
+    cut = client.completions.create(model=MODEL_ID, prompt=text, max_tokens=8, temperature=0, stop=[want[3:5]])
+    assert cut.choices[0].text == want[:want.index(want[3:5])] and cut.choices[0].finish_reason == "stop"
+
+    # two prompts, two samples each: four choices, prompt p's samples at 2p and 2p + 1
+    two = client.completions.create(model=MODEL_ID, prompt=[text, "Café"], max_tokens=6, n=2, seed=4)
+    assert sorted(c.index for c in two.choices) == [0, 1, 2, 3]
+    assert two.usage.prompt_tokens == len(prompt) + 1 + len(tokenizer.encode("Café"))
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL_ID, prompt=text, suffix="!")
+    assert err.value.body["param"] == "suffix"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL_ID, prompt=text, echo=True, logprobs=1)
+    assert err.value.body["param"] == "echo"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL_ID, prompt=[[]])
+    assert err.value.body["param"] == "prompt"
+
+
+def test_the_documented_openai_client_example_runs(server, capsys):
+    """docs/serving.md's client example, as written, against a live server (its URL swapped in)."""
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
+    [block] = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert "http://127.0.0.1:8000/v1" in block
+    exec(compile(block.replace("http://127.0.0.1:8000", server.url), str(doc), "exec"), {"__name__": "__doc__"})
+    out = capsys.readouterr().out  # the tiny model's answers are random bytes, newlines included
+    assert "CompletionUsage(prompt_tokens" in out or "CompletionUsage(completion_tokens" in out
+    assert all(re.search(rf"^{i} ['\"]", out, re.M) for i in range(3))  # the n=3 choices

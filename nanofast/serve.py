@@ -375,6 +375,9 @@ def _sampling(body: dict, limits: ServeLimits) -> dict:
         raise APIError(400, f"'n' must be an integer in [1, {limits.max_choices}], got {n!r}", "n", "invalid_value")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") not in (None, body["max_tokens"]):
+        raise APIError(400, "'max_tokens' and 'max_completion_tokens' disagree: send one of them (OpenAI's newer name "
+                            "is max_completion_tokens)", "max_tokens", "invalid_value")
     if max_tokens is not None and (not _is_int(max_tokens) or not 1 <= max_tokens <= limits.max_tokens):
         raise APIError(400, f"'{param}' must be an integer in [1, {limits.max_tokens}], got {max_tokens!r}",
                        param, "invalid_value")

@@ -295,6 +295,7 @@ LONG = "word " * 200  # far more than the 128-token context
     ({"messages": HELLO, "max_tokens": 101}, 400, "max_tokens", "invalid_value"),
     ({"messages": HELLO, "max_tokens": "5"}, 400, "max_tokens", "invalid_value"),
     ({"messages": HELLO, "max_completion_tokens": -1}, 400, "max_completion_tokens", "invalid_value"),
+    ({"messages": HELLO, "max_tokens": 5, "max_completion_tokens": 6}, 400, "max_tokens", "invalid_value"),
     ({"messages": [{"role": "user", "content": "word " * 10}], "max_tokens": 100}, 400, "max_tokens",
      "context_length_exceeded"),
     ({"messages": HELLO, "temperature": 2.5}, 400, "temperature", "invalid_value"),

@@ -452,11 +452,16 @@ def parse_request(body: Any, tokenizer: Tokenizer, model_id: str, context: int, 
     if top and not logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
     prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
-    # By default an answer leaves room for the turns after it, as the chat CLI does.
-    default = min(limits.default_max_tokens, default_answer_tokens(context))
-    prompts, params = _choices([prompt], "messages", sampling, context, default, stop_ids, top or 0)
+    prompts, params = _choices([prompt], "messages", sampling, context, chat_answer_tokens(limits, context), stop_ids,
+                               top or 0)
     return GenerationRequest(prompts, params, sampling["stops"], sampling["stream"], sampling["include_usage"],
                              len(prompt), (top or 0) if logprobs else None)
+
+
+def chat_answer_tokens(limits: ServeLimits, context: int) -> int:
+    """A chat answer's budget when the request names none: it leaves room for the turns after it,
+    as the chat CLI does (chat.default_answer_tokens), within the server's --default-max-tokens."""
+    return min(limits.default_max_tokens, default_answer_tokens(context))
 
 
 def _prompt_list(prompt: Any, tokenizer: Tokenizer, limits: ServeLimits) -> list[list[int]]:
@@ -781,6 +786,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, limits: Serv
     limits = limits or ServeLimits()
     worker = EngineWorker(engine)
     context = context_window(engine)
+    answer_budget = chat_answer_tokens(limits, context)
     stop_ids = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
     display = special_display(tokenizer)
     created = int(time.time())
@@ -827,7 +833,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_id: str, limits: Serv
         return JSONResponse({"status": "ok" if ok else "engine thread stopped", "model": model_id, **worker.stats()},
                             status_code=200 if ok else 503)
 
-    card = {"id": model_id, "object": "model", "created": created, "owned_by": "nanofast"}
+    # Beyond OpenAI's fields: the context (vLLM's name for it) and the answer budget a chat request
+    # gets by default, so a client can keep a conversation inside the context (the page does).
+    card = {"id": model_id, "object": "model", "created": created, "owned_by": "nanofast", "max_model_len": context,
+            "default_max_tokens": answer_budget}
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -173,6 +173,8 @@ def test_models_health_and_index(server):
     models = server.client.get("/v1/models").json()
     assert models["object"] == "list"
     assert [(m["id"], m["object"], m["owned_by"]) for m in models["data"]] == [(MODEL_ID, "model", "nanofast")]
+    # the context and the default chat answer budget: a quarter of the context, within the limit
+    assert (models["data"][0]["max_model_len"], models["data"][0]["default_max_tokens"]) == (CONTEXT, 16)
     health = server.client.get("/health").json()
     assert health["status"] == "ok" and health["model"] == MODEL_ID and health["pages_total"] > 0
     page = server.client.get("/")

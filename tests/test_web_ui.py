@@ -43,9 +43,11 @@ def browser():
 
 
 def greedy_request(server, messages: list[dict], headers: dict | None = None) -> httpx.Response:
-    """The server's own non-streaming greedy answer (default max_tokens, as the page sends none)."""
+    """The server's own non-streaming greedy answer, asked for the default answer budget its model
+    card names, as the page asks for it."""
+    budget = httpx.get(f"{server.url}/v1/models", headers=headers).json()["data"][0]["default_max_tokens"]
     return httpx.post(f"{server.url}/v1/chat/completions", timeout=60, headers=headers,
-                      json={"model": MODEL_ID, "messages": messages, "temperature": 0})
+                      json={"model": MODEL_ID, "messages": messages, "temperature": 0, "max_tokens": budget})
 
 
 def greedy_choice(server, messages: list[dict], headers: dict | None = None) -> dict:
@@ -359,7 +361,7 @@ def test_a_full_context_drops_the_oldest_exchanges_and_the_chat_goes_on(small_se
     browser.execute_script("chat.messages.push(arguments[0])", system)  # the page has no box for one
     box = browser.find_element(By.ID, "input")
     drops = []
-    for turn, question in enumerate(["Hi", "Go on", "More", "Now a much longer question"], 1):
+    for turn, question in enumerate(["Hi", "Go on", "More"], 1):
         box.send_keys(question, Keys.ENTER)
         answers = wait_answers(browser, turn)
         assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
@@ -382,14 +384,26 @@ def test_a_full_context_drops_the_oldest_exchanges_and_the_chat_goes_on(small_se
         if dropped:
             assert notice.text == ("context full: the oldest exchange is no longer sent" if dropped == 1 else
                                    f"context full: the {dropped} oldest exchanges are no longer sent")
-    # the chat filled up over the turns (drops are kept), and the long question needed two at once
-    assert drops[0] == 0 and drops == sorted(drops) and drops[-1] - drops[-2] >= 2, drops
+    # the chat filled up over the turns (drops are kept)
+    assert drops[0] == 0 and drops == sorted(drops) and drops[-1] > 0, drops
+
+    # three short exchanges, then a long question: several exchanges must go at once
+    for _ in range(3):
+        browser.execute_script("addMessage(chat, {role: 'user', content: 'a'}); "
+                               "addMessage(chat, {role: 'assistant', content: 'b'})")
+    box.send_keys("Now a much longer question", Keys.ENTER)
+    answers = wait_answers(browser, 7)
+    messages, dropped = browser.execute_script("return [chat.messages, chat.dropped]")
+    assert dropped - drops[-1] >= 2, (drops, dropped)
+    assert answers[-1] == greedy_answer(small_server, [system, *messages[1 + 2 * dropped:-1]])
+    assert context_full(small_server, [system, *messages[1 + 2 * (dropped - 1):-1]])
+    drops.append(dropped)
 
     # a question that does not fit even alone: the error, and nothing more is dropped for it
     box.send_keys("x" * 80, Keys.ENTER)
     WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error"))
     assert "context" in browser.find_element(By.CSS_SELECTOR, ".msg.error").text
-    assert browser.execute_script("return [chat.dropped, chat.messages.length]") == [drops[-1], 9]
+    assert browser.execute_script("return [chat.dropped, chat.messages.length]") == [drops[-1], 15]
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.dropped")) == 2 * drops[-1]
 
     browser.find_element(By.ID, "new-chat").click()  # a fresh conversation: nothing dropped

@@ -26,13 +26,16 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from nanofast.kv_cache import BlockManager, KVCache, PagedBatch
 from nanofast.model import GPT
-from nanofast.tokenizer import Tokenizer
 from nanofast.tools import calculate
+
+if TYPE_CHECKING:  # the engine only calls a tokenizer it is given: serving token ids needs no tokenizer libraries
+    from nanofast.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ tensors, the torch reference on CPU) and runs on CPU tensors too: Triton through
 from .backend import BACKENDS, resolve_backend, triton_interpreting
 
 if triton_interpreting():  # bf16 dots would multiply raw bit patterns (see kernels/interpreter.py)
-    from .interpreter import patch_bf16_dot
+    from .interpreter import patch_bf16_dot, patch_scalar_index
 
     patch_bf16_dot()
+    patch_scalar_index()  # triton 3.6's interpreter: range(pid, ...) under NumPy >= 2.4
 from .fp8_gemm import fp8_gemm, fp8_gemm_reference
 from .fp8_linear import FP8_BACKENDS, fp8_linear
 from .fp8_quant import DelayedScaling, quantize_fp8, quantize_fp8_reference

@@ -54,7 +54,7 @@ def _tool(name: str) -> str:
 
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{name} not found in the triton wheel ({path}): install triton>=3.4 with its NVIDIA backend")
+        raise FileNotFoundError(f"{name} not found in the triton wheel ({path}): install triton>=3.6 with its NVIDIA backend")
     return path
 
 

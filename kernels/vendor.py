@@ -22,6 +22,7 @@ Calls:
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import numbers
@@ -142,8 +143,41 @@ def scaled_mm(mat1: Tensor, mat2: Tensor, scale_a: Tensor, scale_b: Tensor, *, b
     check_scaled_mm(mat1, mat2, scale_a, scale_b, bias=bias, out_dtype=out_dtype)
     if scale_a.numel() == 1 and scale_b.numel() == 1:  # tensor-wise: torch takes 0-d scales on every build
         scale_a, scale_b = scale_a.reshape(()), scale_b.reshape(())
+    elif mat1.device.type == "cpu" and not _cpu_scaled_mm_takes_rowwise():
+        return _rowwise_scaled_mm_cpu(mat1, mat2, scale_a, scale_b, bias, out_dtype)
     return torch._scaled_mm(mat1, mat2, scale_a, scale_b, bias=bias, out_dtype=out_dtype,
                             use_fast_accum=use_fast_accum)
+
+
+# Compatibility with torch 2.11 (kept while setup.py allows torch>=2.11): its CPU `_scaled_mm`
+# takes tensor-wise scales only (an internal assert, "Now _scaled_mm only supports per-tensor
+# scaling for CPU backend"); torch 2.13's CPU kernel takes row-wise scales too, and CUDA builds of
+# both do (cuBLASLt). Probed once, not decided by version number; CUDA tensors never get here.
+@torch.compiler.assume_constant_result  # a trace-time constant under torch.compile
+def _cpu_scaled_mm_takes_rowwise() -> bool:
+    return _probe_cpu_scaled_mm_rowwise()
+
+
+@functools.cache
+def _probe_cpu_scaled_mm_rowwise() -> bool:
+    a = torch.zeros(16, 16, dtype=E4M3)
+    try:
+        torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _rowwise_scaled_mm_cpu(mat1: Tensor, mat2: Tensor, scale_a: Tensor, scale_b: Tensor, bias: Tensor | None,
+                           out_dtype: torch.dtype) -> Tensor:
+    """Row-wise `_scaled_mm` where the CPU kernel has only tensor-wise scales, computed as torch's
+    CPU kernel computes tensor-wise (and torch 2.13's row-wise): the operands dequantised to fp32
+    with their scales (scale_a (M, 1) per row of mat1, scale_b (1, N) per column of mat2), one fp32
+    matmul, the bias added in fp32, one rounding to out_dtype."""
+    out = (mat1.float() * scale_a) @ (mat2.float() * scale_b)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------

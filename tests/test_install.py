@@ -266,3 +266,51 @@ def test_pyproject_holds_only_the_build_system():
     assert set(data) == {"build-system"}
     assert data["build-system"]["build-backend"] == "setuptools.build_meta"
     assert any(r.replace(" ", "").startswith("setuptools>=") for r in data["build-system"]["requires"])
+
+
+# ---- the tested range of torch and triton (issue 31) ------------------------------------------------------
+
+def _make_var(name: str) -> str:
+    """A `NAME := value` of the Makefile, its backslash-continued lines joined."""
+    text = (ROOT / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")
+    return re.search(rf"^{name} := (.*)$", text, re.M).group(1).strip()
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split("."))
+
+
+def test_requirements_floor_torch_and_triton_at_the_tested_versions():
+    # torch 2.11 + triton 3.6: the GPU machines' pair; triton 3.6 is what the compat leg runs.
+    assert (S.MIN_TORCH, S.MIN_TRITON) == ("2.11", "3.6")
+    assert f"torch>={S.MIN_TORCH}" in S.INSTALL_REQUIRES
+    # triton publishes Linux wheels only: required there (CPU machines included), never elsewhere
+    assert f"triton>={S.MIN_TRITON}; platform_system == 'Linux'" in S.INSTALL_REQUIRES
+    assert f"triton>={S.MIN_TRITON}" in S.EXTRAS["dev"]
+    # ... and no other floor or pin of either anywhere
+    named = {r for reqs in (S.INSTALL_REQUIRES, *S.EXTRAS.values()) for r in reqs if _name(r) in ("torch", "triton")}
+    assert named == {f"torch>={S.MIN_TORCH}", f"triton>={S.MIN_TRITON}; platform_system == 'Linux'",
+                     f"triton>={S.MIN_TRITON}"}
+
+
+def test_the_compat_leg_runs_the_lowest_triton_allowed_and_make_test_runs_it():
+    leg = _make_var("COMPAT_TRITON")
+    assert _version(leg)[:2] == _version(S.MIN_TRITON), (leg, S.MIN_TRITON)
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    main_torch = re.search(r"pip install --quiet torch==([\d.]+)", makefile).group(1)
+    main_triton = re.search(r"pip install --quiet triton==([\d.]+)", makefile).group(1)
+    assert _version(main_torch) >= _version(S.MIN_TORCH) and _version(main_triton) > _version(leg)
+    test_recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "compat" in test_recipe.splitlines()[-1]  # after the main tests and the guard
+    assert ".venv-compat/" in (ROOT / ".gitignore").read_text(encoding="utf-8").split()
+
+
+def test_the_compat_leg_covers_every_triton_kernel_and_the_model():
+    tests = _make_var("COMPAT_TESTS").replace("'", "").split()
+    files = {t.split("::")[0] for t in tests}
+    assert all((ROOT / f).is_file() for f in files), files
+    jit_modules = sorted(p.stem for p in (ROOT / "kernels").glob("*.py")
+                         if re.search(r"^\s*@triton\.jit", p.read_text(encoding="utf-8"), re.M))
+    assert len(jit_modules) >= 7, jit_modules
+    assert {f"tests/test_{m}.py" for m in jit_modules} <= files, jit_modules
+    assert {"tests/test_model.py", "tests/test_ops.py"} <= files

@@ -43,7 +43,8 @@ COMPAT_TESTS := tests/test_rms_norm.py tests/test_qk_norm_rope.py tests/test_pag
 	tests/test_newton_schulz_triton.py tests/test_newton_schulz.py tests/test_fp8_gemm.py \
 	tests/test_fp8_quant.py tests/test_fp8_linear.py tests/test_linear_cross_entropy.py \
 	tests/test_kernel_defaults.py tests/test_tile_config.py tests/test_dispatch.py tests/test_ops.py \
-	tests/test_model.py tests/test_compat.py 'tests/test_engine.py::test_kernel_backends_in_the_engine[triton]' \
+	tests/test_model.py tests/test_compat.py tests/test_registry.py \
+	'tests/test_engine.py::test_kernel_backends_in_the_engine[triton]' \
 	'tests/test_engine.py::test_the_in_place_qk_norm_rope_kernel_runs_on_the_kernel_path[triton]' \
 	tests/test_engine.py::test_decode_plans_from_the_engines_host_lengths
 COMPAT_DESELECT := not compile_gate and not test_tiny_model_trains_in_fp8_and_fp16_about_as_well_as_bf16

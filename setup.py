@@ -202,7 +202,7 @@ if __name__ == "__main__":
         python_requires=">=3.10",
         packages=["nanofast", "nanofast.kernels", "nanofast.tasks"],
         package_dir={"nanofast": "nanofast", "nanofast.kernels": "kernels"},
-        package_data={"nanofast": ["static/*.html"]},  # the chat page served by nanofast.serve
+        package_data={"nanofast": ["static/*.html", "dispatch_tables/*.json"]},  # the chat page; measured tables
         install_requires=INSTALL_REQUIRES,
         extras_require=EXTRAS,
         ext_modules=ext_modules,

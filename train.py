@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if "RANK" in os.environ:  # a torchrun rank: it dies with its launcher (see die_with_parent)
         die_with_parent(_PARENT)
-    cpu_process_setup()  # measured: see nanofast.common.keep_freed_memory and the README
+    cpu_process_setup()  # why: nanofast.common.keep_freed_memory (measured: docs/cpu-performance.md)
     code = main()
     if "RANK" in os.environ:
         # gloo's worker threads occasionally abort the interpreter's teardown after the group is

@@ -66,6 +66,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench.render import check_summary, gpu_check_markdown, status_counts
+
 if TYPE_CHECKING:  # torch is imported inside functions: `--help` answers without loading it
     import torch
 
@@ -84,7 +86,6 @@ DRY_RUN_TIMEOUT_S = 600.0  # the estimates are H100 seconds; the interpreter on 
 FLOOR_MARGIN = 0.8  # a floor is 0.8 x the first measured fraction of peak (gpu_floors.json's rule)
 ATOL = {"float32": 1e-6, "float16": 1e-5, "bfloat16": 2.0 ** -7}  # the kernel tests' ATOLs
 NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC"]  # kernels.cuda_build's JIT flags, as a plain .so
-STATUSES = ("pass", "fail", "error", "crashed", "timeout", "skipped")
 NO_CUDA = ("gpu_check: no CUDA device (torch.cuda.is_available() is False), nothing checked; "
            "`python -m bench.gpu_check --dry-run` runs every check at tiny shapes on CPU")
 
@@ -342,15 +343,16 @@ def _prefill_step(ctx: Ctx):
 def check_paged_prefill(ctx: Ctx) -> dict:
     """The engine's batched prefill (flash-attn varlen where installed, else grouped SDPA) against
     one SDPA per chunk in fp64, with and without a sliding window."""
-    from nanofast import ops
+    from nanofast import attention
     from nanofast.kernels import vendor
 
     q, kc, vc, table, chunks, ctxs = _prefill_step(ctx)
     cases = []
     for window in (max(ctxs), ctx.pick(128, 5)):
-        ref64 = ops.paged_prefill_attention_per_chunk(q.double(), kc.double(), vc.double(), table, chunks, ctxs, window)
-        lp = ops.paged_prefill_attention_per_chunk(q, kc, vc, table, chunks, ctxs, window)
-        out = ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctxs, window)
+        ref64 = attention.paged_prefill_attention_per_chunk(q.double(), kc.double(), vc.double(), table, chunks,
+                                                            ctxs, window)
+        lp = attention.paged_prefill_attention_per_chunk(q, kc, vc, table, chunks, ctxs, window)
+        out = attention.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctxs, window)
         cases.append(budget(f"window={window} attention={vendor.attention_backend(q.device, q.dtype)}", out, lp, ref64))
     return _cases(cases)
 
@@ -844,21 +846,21 @@ def speed_qk_norm_rope(ctx: Ctx) -> dict:
 
 def speed_paged_decode(ctx: Ctx) -> dict:
     """One decode step of 64 sequences of 2048 tokens as the engine calls it
-    (ops.paged_decode_attention with the host's lengths) on each backend: the kernels, and "torch",
+    (attention.paged_decode_attention with the host's lengths) on each backend: the kernels, and "torch",
     the model's own path without them (gather the pages, one SDPA); flash-attn's paged decode too
     where it is installed."""
     import inspect
 
     import torch
 
-    from nanofast import ops
+    from nanofast import attention
     from nanofast.kernels import vendor
 
     B, ctx_len, hq, hkv, d = ctx.pick((64, 2048, 32, 8, 128), (3, 40, 4, 2, 64))
     kc, vc, table, lens = _paged_cache(ctx, [ctx_len] * B, hkv, d, 16, torch.bfloat16)
     q = ctx.randn(B, hq, d, dtype=torch.bfloat16)
     host = [ctx_len] * B
-    impls = {b: _forced(b, lambda: ops.paged_decode_attention(q, kc, vc, table, lens, -1, host_seq_lens=host))
+    impls = {b: _forced(b, lambda: attention.paged_decode_attention(q, kc, vc, table, lens, -1, host_seq_lens=host))
              for b in ctx.backends("paged_attention")}
     extras, not_timed = {}, _no_cuda(ctx)
     fa = vendor.flash_attn_module(q)
@@ -875,12 +877,13 @@ def speed_paged_decode(ctx: Ctx) -> dict:
 
 
 def speed_paged_prefill(ctx: Ctx) -> dict:
-    from nanofast import ops
+    from nanofast import attention
 
     q, kc, vc, table, chunks, ctxs = _prefill_step(ctx)
     w = max(ctxs)
-    return speed(ctx, {"batched": lambda: ops.paged_prefill_attention_batched(q, kc, vc, table, chunks, ctxs, w),
-                       "per_chunk": lambda: ops.paged_prefill_attention_per_chunk(q, kc, vc, table, chunks, ctxs, w)})
+    args = (q, kc, vc, table, chunks, ctxs, w)
+    return speed(ctx, {"batched": lambda: attention.paged_prefill_attention_batched(*args),
+                       "per_chunk": lambda: attention.paged_prefill_attention_per_chunk(*args)})
 
 
 def speed_newton_schulz(ctx: Ctx) -> dict:
@@ -1484,7 +1487,7 @@ def run(checks: list[Check], record: dict, out: Path | None, log_path: Path, *, 
                 results.append(rec)
                 record.update(dispatch=build_dispatch(results), elapsed_s=round(time.monotonic() - start, 1))
                 _save(record, out)
-                log(f"{rec['status']:8} {c.section:9} {c.name} ({rec.get('seconds', 0):.1f} s){_summary(rec)}")
+                log(f"{rec['status']:8} {c.section:9} {c.name} ({rec.get('seconds', 0):.1f} s){check_summary(rec)}")
         finally:
             if worker is not None:
                 worker.close()
@@ -1539,15 +1542,26 @@ def _run_one(worker: Worker, c: Check, timeout_s: float, log_file, log_path: Pat
     return message["result"], worker
 
 
-def _summary(rec: dict) -> str:
-    if rec["status"] in ("error", "crashed", "timeout", "skipped"):
-        why = rec.get("error", rec.get("reason", ""))
-        last = rec.get("output_tail", "").strip().splitlines()[-1:]
-        return ": " + why + (f" | {last[0][:200]}" if last else "")
-    if "times_ms" in rec:
-        return ": " + ", ".join(f"{k} {v:.3f} ms" for k, v in rec["times_ms"].items())
-    bad = [c["case"] for c in rec.get("cases", []) if not c["ok"]]
-    return f": failing {bad}" if bad else ""
+def dispatch_table(record: dict) -> dict:
+    """What `nanofast.dispatch` reads from a run: its "dispatch" section, with the machine it was
+    measured on (a file per GPU class in nanofast/dispatch_tables/, shipped in the package)."""
+    return {"machine_class": record.get("machine_class"), "machine": record.get("machine"),
+            "dispatch": record.get("dispatch", {})}
+
+
+def dispatch_table_path(out_dir: Path | None, out: Path | None, default_out: Path | None, machine: str) -> Path | None:
+    """Where a run writes its dispatch table: into --out-dir (dispatch_table.json, to commit as
+    nanofast/dispatch_tables/<class>.json); for the default record on a GPU, straight into the
+    package; beside an explicit --out as <stem>.dispatch.json."""
+    if out_dir is not None:
+        return out_dir / "dispatch_table.json"
+    if out is None:
+        return None
+    if out == default_out:
+        from nanofast.dispatch import TABLES
+
+        return TABLES / f"{machine}.json"
+    return out.with_name(f"{out.stem}.dispatch.json")
 
 
 def build_dispatch(results: list[dict]) -> dict:
@@ -1585,44 +1599,16 @@ def set_floors(floors_doc: dict, machine: str, results: list[dict], margin: floa
     return done
 
 
-def _counts(record: dict) -> dict[str, int]:
-    return {s: sum(r["status"] == s for r in record["checks"]) for s in STATUSES}
-
-
-def render(record: dict) -> str:
-    """Markdown of one gpu_check record for the performance page: what passed, the speed of each
-    implementation (and its fraction of peak), and the backend each op gets from it."""
-    m = record.get("machine", {})
-    counts = _counts(record)
-    lines = [f"{m.get('gpu') or record['machine_class']}, torch {m.get('torch')}, triton {m.get('triton')}, "
-             f"{record['elapsed_s']} s{' (dry run: CPU timings of toy shapes)' if record['dry_run'] else ''}: "
-             f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, "
-             f"{counts['crashed']} crashed, {counts['timeout']} timed out, {counts['skipped']} skipped"
-             f"{'' if record.get('finished', True) else ' (the run ended early)'}.", ""]
-    bad = [r for r in record["checks"] if r["status"] != "pass"]
-    if bad:
-        lines += ["| check | status | why |", "|---|---|---|"]
-        lines += [f"| {r['name']} | {r['status']} | {_summary(r).lstrip(': ').replace('|', '/')} |" for r in bad] + [""]
-    lines += ["| speed check | time per call (ms) | fraction of peak |", "|---|---|---|"]
-    for r in record["checks"]:
-        if r["section"] == "speed" and r["status"] == "pass":
-            times = ", ".join(f"{k} {v:.3f}" for k, v in r["times_ms"].items())
-            fracs = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r.get("fraction_of_peak", {}).items())
-            extra = f" ({r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.0f}%)" if r.get("mfu") else ""
-            lines.append(f"| {r['name']} | {times}{extra} | {fracs or 'n/a'} |")
-    return "\n".join(lines)
-
-
 def summary_lines(record: dict, wrote: list[Path]) -> list[str]:
     """The run in a few lines, printed last: each check that did not pass, the backend each op gets
     from this run's table, the totals."""
     from nanofast.dispatch import OPS, choose
 
-    lines = [f"gpu_check: {r['status']:8} {r['name']}{_summary(r)}" for r in record["checks"] if r["status"] != "pass"]
+    lines = [f"gpu_check: {r['status']:8} {r['name']}{check_summary(r)}" for r in record["checks"] if r["status"] != "pass"]
     picks = [f"{op} {choose(op, record['dispatch'].get(op))}{'' if op in record['dispatch'] else ' (unmeasured)'}"
              for op in OPS]
     lines.append("gpu_check: dispatch: " + ", ".join(picks))
-    counts = _counts(record)
+    counts = status_counts(record)
     budget = "" if record["budget_s"] is None else f" of {record['budget_s']:.0f}"
     lines.append(f"gpu_check: {counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, "
                  f"{counts['crashed']} crashed, {counts['timeout']} timed out, {counts['skipped']} skipped; "
@@ -1703,9 +1689,13 @@ def main(argv: list[str] | None = None) -> int:
     run(checks, record, out, log_path, dry_run=args.dry_run, budget_s=budget_s,
         everything=args.all or args.dry_run or bool(args.only), timeout_s=args.timeout_s)
     wrote = [path for path in (out, log_path) if path is not None]
+    table_out = dispatch_table_path(args.out_dir, out, default_out, machine)
+    if table_out is not None:
+        table_out.write_text(json.dumps(dispatch_table(record), indent=1) + "\n")
+        wrote.append(table_out)
     if args.out_dir:
         page = args.out_dir / "performance.md"
-        page.write_text(f"# gpu_check: {machine}\n\n{render(record)}\n")
+        page.write_text(f"# gpu_check: {machine}\n\n{gpu_check_markdown(record)}\n")
         wrote.append(page)
     if args.set_floors and not args.dry_run:
         doc = json.loads(GPU_FLOORS.read_text())
@@ -1722,7 +1712,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"run `python -m bench.performance` where its requirements are installed")
     for line in summary_lines(record, wrote):
         print(line)
-    counts = _counts(record)
+    counts = status_counts(record)
     return 0 if counts["fail"] == counts["error"] == counts["crashed"] == counts["timeout"] == 0 else 1
 
 

@@ -1,25 +1,16 @@
-"""The device peaks every GPU benchmark reports against (one place, so all agree)."""
+"""The device peaks every GPU benchmark reports against: nanofast.common's one table (GPU_PEAKS), so
+MFU, the benchmarks, the guard and the performance page all agree."""
 from __future__ import annotations
 
 import torch
 
-# Peak DRAM bandwidth (GB/s) by device name fragment, most specific first: the fallback when the
-# driver does not report the memory clock and bus width.
-_PEAK_GBPS = [("H100 PCIe", 2000), ("H100 NVL", 3900), ("H100", 3350), ("H200", 4800), ("H800", 3350),
-              ("B200", 8000), ("A100-SXM4-80GB", 2039), ("A100 80GB PCIe", 1935), ("A100", 1555), ("L40S", 864),
-              ("L4", 300), ("RTX 4090", 1008), ("RTX 3090", 936)]
+from nanofast import common
 
 
 def peak_bandwidth_gbps() -> float | None:
-    """DRAM bandwidth in GB/s: 2 (double data rate) x memory clock x bus width, or the table by
-    name; None on CPU or an unknown device."""
-    if not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(0)
-    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
-    if clock_khz and bus_bits:
-        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
-    return next((gbps for key, gbps in _PEAK_GBPS if key in props.name), None)
+    """DRAM bandwidth in GB/s of the current GPU (nanofast.common.peak_bandwidth_gbps: the driver's
+    memory clock and bus width, else the table by name); None on CPU or an unknown device."""
+    return common.peak_bandwidth_gbps("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def bandwidth_info(benchmark, nbytes: int, calls_per_round: int = 1) -> dict:

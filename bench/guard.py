@@ -119,12 +119,13 @@ def check_ratio(case: RatioCase, fast: Callable[[], object] | None = None, slow:
                        + f" (when the floor was set: {case.measured})")
 
 
-# The implementations: the benchmark files' own code, small sizes so the whole guard takes seconds.
+# The implementations: the benchmarks' own workloads (bench/workloads.py), small sizes so the whole
+# guard takes seconds.
 
 def _prologue_pair():
     import torch
 
-    from bench.test_bench_newton_schulz import unfused_prologue
+    from bench.workloads import unfused_prologue
     from nanofast.kernels.newton_schulz import nesterov_normalize_
 
     gen = torch.Generator().manual_seed(0)
@@ -137,7 +138,7 @@ def _prologue_pair():
 def _engine_pair():
     import torch
 
-    from bench.test_bench_engine import offline_throughput
+    from bench.workloads import offline_throughput
     from nanofast.engine import SamplingParams
     from nanofast.model import GPT, config_for_depth
 
@@ -153,16 +154,12 @@ def _engine_pair():
 
 
 def _tokenizer_pair():
-    import importlib
-    import inspect
-
-    from bench.test_bench_tokenizer import DOC_CHARS, MODULES
+    from bench.workloads import split_documents, tokenizer_sources
     from nanofast.tokenizer import Tokenizer
 
-    sources = [open(inspect.getsourcefile(importlib.import_module(m)), encoding="utf-8").read() for m in MODULES]
+    sources = tokenizer_sources()
     tok = Tokenizer.train(sources[:4], vocab_size=1024)  # a small vocab trains in a fraction of a second
-    text = "\n".join(sources)
-    docs = [text[i:i + DOC_CHARS] for i in range(0, len(text), DOC_CHARS)]
+    docs = split_documents("\n".join(sources))
     return (lambda: tok.encode(docs, prepend="<|bos|>"),
             lambda: [[tok.bos_token_id] + tok.encode(d) for d in docs])
 

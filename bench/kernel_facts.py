@@ -14,7 +14,6 @@ fp16/bf16 and QGMMA for fp8, cp.async and TMA tile copies, 128-bit loads and sto
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -29,12 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TABLE = Path(__file__).resolve().parent / "baselines" / "kernel_facts.json"
 ARCH = 90
 # (module, attribute) of every Triton config list: what nanofast.kernels.report compiles for sm_90.
-TRITON_SOURCES = [("nanofast.kernels.rms_norm", "KERNEL_CONFIGS"), ("nanofast.kernels.qk_norm_rope", "KERNEL_CONFIGS"),
-                  ("nanofast.kernels.newton_schulz_triton", "KERNEL_CONFIGS"),
-                  ("nanofast.kernels.newton_schulz_triton", "PROLOGUE_CONFIGS"),
-                  ("nanofast.kernels.paged_attention", "KERNEL_CONFIGS"), ("nanofast.kernels.fp8_quant", "KERNEL_CONFIGS"),
-                  ("nanofast.kernels.fp8_gemm", "KERNEL_CONFIGS"), ("nanofast.kernels.linear_cross_entropy", "KERNEL_CONFIGS")]
-CUDA_SOURCES = ("rms_norm.cu", "qk_norm_rope.cu", "paged_attention.cu")
 
 
 def fact_key(row: dict) -> str:
@@ -77,7 +70,9 @@ def cuda_facts(arch: str = "sm_90a") -> list[dict]:
     from nanofast.kernels.cuda_facts import nvcc_facts
 
     rows = []
-    for source in CUDA_SOURCES:
+    from nanofast.kernels.registry import cuda_sources
+
+    for source in cuda_sources():
         for f in nvcc_facts(source, arch):
             rows.append({"source": "cuda", "kernel": f.kernel, "config": f.config, "arch": f.arch,
                          "registers": f.registers, "shared_bytes": f.shared_bytes, "local_bytes": f.local_bytes,
@@ -87,9 +82,9 @@ def cuda_facts(arch: str = "sm_90a") -> list[dict]:
 
 
 def _collect_here(cuda: bool) -> dict:
-    rows = []
-    for module, attr in TRITON_SOURCES:
-        rows += [triton_config_facts(cfg) for cfg in getattr(importlib.import_module(module), attr)]
+    from nanofast.kernels.registry import triton_configs
+
+    rows = [triton_config_facts(cfg) for cfg in triton_configs(90)]
     notes = []
     if cuda:
         try:

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from bench.gpu_peaks import peak_bandwidth_gbps
+from bench.workloads import offline_throughput
 from nanofast.common import peak_flops
 from nanofast.engine import Engine, SamplingParams
 from nanofast.model import GPT, config_for_depth
@@ -118,24 +119,6 @@ def offline_requests(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int],
         prompt = [1] + [rng.randrange(2, vocab) for _ in range(rng.randint(8, 96))]
         out.append((prompt, SamplingParams(max_tokens=rng.randint(8, 64), temperature=0.0)))
     return out
-
-
-def offline_throughput(model: GPT, requests, one_at_a_time: bool) -> dict:
-    _sync()
-    t0 = time.perf_counter()
-    if one_at_a_time:
-        outs = [Engine(model, max_num_seqs=1).generate([p], sp)[0] for p, sp in requests]
-    else:
-        engine = Engine(model, max_num_seqs=len(requests), max_batch_tokens=4096)
-        ids = [engine.add_request(p, sp) for p, sp in requests]
-        got: dict[int, list[int]] = {i: [] for i in ids}
-        while engine.has_unfinished():
-            for ev in engine.step():
-                got[ev.request_id].append(ev.token)
-        outs = [got[i] for i in ids]
-    _sync()
-    dt = time.perf_counter() - t0
-    return {"seconds": dt, "tokens": sum(map(len, outs)), "tokens_per_s": sum(map(len, outs)) / dt, "outputs": outs}
 
 
 @pytest.mark.expensive

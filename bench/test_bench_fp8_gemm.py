@@ -13,16 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.workloads import quantize_e4m3
 from nanofast.kernels.fp8_gemm import fp8_gemm, fp8_gemm_reference
 
 H100_SXM_DENSE_TFLOPS = {"fp8": 1979.0, "bf16": 989.0}
-E4 = torch.float8_e4m3fn
-
-
-def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tensorwise e4m3 quantisation: (x / s).to(e4m3), s = amax / 448 (fp32 scalar)."""
-    scale = (x.abs().amax().float() / torch.finfo(E4).max).clamp_min(1e-12)
-    return (x.float() / scale).to(E4), scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -33,8 +27,8 @@ def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def test_bench_fp8_gemm_cpu(benchmark, impl):
     m, n, k = 512, 768, 768
     g = torch.Generator().manual_seed(0)
-    a, sa = _quantize(torch.randn(m, k, generator=g))
-    b, sb = _quantize(torch.randn(n, k, generator=g))
+    a, sa = quantize_e4m3(torch.randn(m, k, generator=g))
+    b, sb = quantize_e4m3(torch.randn(n, k, generator=g))
     out = benchmark(fp8_gemm, a, b, sa, sb, out_dtype=torch.bfloat16, backend=impl)
     benchmark.extra_info.update(shape=[m, n, k], impl=impl, device="cpu", flops=2 * m * n * k,
                                 threads=torch.get_num_threads())
@@ -80,8 +74,8 @@ def test_bench_fp8_gemm_gpu(benchmark, case, impl):
         def fn():
             return torch.mm(x, wt)
     else:
-        a, sa = _quantize(x)
-        b, sb = _quantize(w)
+        a, sa = quantize_e4m3(x)
+        b, sb = quantize_e4m3(w)
         backend = impl.removesuffix("_fast_accum")
         fast = impl.endswith("fast_accum")
 

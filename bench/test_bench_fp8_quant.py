@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from nanofast.kernels.fp8_quant import FP8_MAX, quantize_fp8, quantize_fp8_reference
+from nanofast.kernels.registry import OPS
 
 from bench.gpu_peaks import bandwidth_info
 
@@ -36,14 +37,6 @@ else:
     SHAPES = [(256, 768)]
 IMPLS = ["triton", "triton-delayed", "torch", "compile"]
 RECIPES = ["tensorwise+T", "rowwise"]
-
-def bytes_moved(tokens: int, d: int, recipe: str, itemsize: int) -> int:
-    """Byte model, each tensor once: read x; write q (1 byte/elem) [+ q_t]; scales and amax (fp32)."""
-    n = tokens * d
-    if recipe == "tensorwise+T":
-        return n * itemsize + 2 * n + 8
-    return n * itemsize + n + 8 * tokens
-
 
 def torch_baseline(x: torch.Tensor, recipe: str):
     """What a user writes without a kernel library (no saturation clamp: torch's e4m3fn cast
@@ -114,7 +107,7 @@ def test_bench_fp8_quant(benchmark, shape, impl, recipe):
         assert torch.equal(q_t.view(torch.uint8), q.t().contiguous().view(torch.uint8))
     benchmark.group = f"fp8_quant {recipe} {tokens}x{d} {DEVICE}"
     benchmark.pedantic(run, rounds=10 if GPU else 5, iterations=1, warmup_rounds=1)
-    nbytes = bytes_moved(tokens, d, recipe, x.element_size())
+    nbytes = OPS["fp8_quant"].cost(tokens=tokens, d=d, recipe=recipe, itemsize=x.element_size())["bytes"]
     info = dict(device=torch.cuda.get_device_name(0) if GPU else "cpu", dtype=str(dtype).replace("torch.", ""),
                 tokens=tokens, d=d, bytes_per_call=nbytes, calls_per_round=inner)
     info.update(bandwidth_info(benchmark, nbytes, inner))

@@ -32,9 +32,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanofast import ops
+from nanofast import attention
 from nanofast.kernels import vendor
 from nanofast.kernels.backend import triton_interpreting
+from nanofast.kernels.registry import OPS
 
 from bench.gpu_peaks import bandwidth_info
 
@@ -51,12 +52,6 @@ if GPU:
 else:
     SHAPES = [(1, 256, 8, 2, 64), (4, 512, 8, 2, 64)]
 IMPLS = ["triton", "sdpa", "torch"]
-
-def bytes_read(seq_lens: list[int], hq: int, hkv: int, d: int, itemsize: int) -> int:
-    """The floor any decode attention pays: every K and V row of every sequence once, q read and
-    the output written once (block table and lengths are negligible)."""
-    return (2 * sum(seq_lens) * hkv * d + 2 * len(seq_lens) * hq * d) * itemsize
-
 
 def make_inputs(B: int, ctx: int, hq: int, hkv: int, d: int):
     """A paged cache holding B sequences of exactly ctx tokens on shuffled pages (as a serving pool
@@ -120,7 +115,7 @@ def test_bench_paged_decode(benchmark, shape, impl):
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
     benchmark.group = f"paged decode B={B} ctx={ctx} Hq={hq} Hkv={hkv} D={d} {DEVICE}"
     benchmark.pedantic(run, rounds=10 if GPU else 3, iterations=1, warmup_rounds=1)
-    nbytes = bytes_read([ctx] * B, hq, hkv, d, args[0].element_size())
+    nbytes = OPS["paged_attention"].cost(seq_lens=[ctx] * B, hq=hq, hkv=hkv, d=d, itemsize=args[0].element_size())["bytes"]
     info = dict(device=torch.cuda.get_device_name(0) if GPU else "cpu", dtype=str(DTYPE).replace("torch.", ""),
                 batch=B, context=ctx, hq=hq, hkv=hkv, d=d, page_size=PAGE_SIZE, bytes_per_call=nbytes,
                 calls_per_round=inner)
@@ -142,9 +137,9 @@ def test_triton_path_sanity_cpu():
 
 
 # Prefill of one engine step: every chunk (new prompts, tool outputs) against its pages. `batched`
-# is the engine's call (ops.paged_prefill_attention_batched: flash-attn varlen on a GPU with
+# is the engine's call (attention.paged_prefill_attention_batched: flash-attn varlen on a GPU with
 # flash-attn, else SDPA per group of like shapes); `per_chunk` is what a user would otherwise
-# write: one gather + SDPA per chunk (ops.paged_prefill_attention_per_chunk). Chunk lengths
+# write: one gather + SDPA per chunk (attention.paged_prefill_attention_per_chunk). Chunk lengths
 # (queries, context).
 if GPU:
     PREFILL_STEPS = {"rl16x256": [(256, 256)] * 16, "mixed": [(2048, 2048), (512, 512), (3, 1500), (5, 900)] * 2}
@@ -186,14 +181,14 @@ def test_bench_paged_prefill(benchmark, step, impl):
     def run():
         with torch.no_grad():
             if impl == "batched":  # a fresh plan per call: what the step's first layer pays
-                out = ops.paged_prefill_attention_batched(*args, window, {})
+                out = attention.paged_prefill_attention_batched(*args, window, {})
             else:
-                out = ops.paged_prefill_attention_per_chunk(*args, window)
+                out = attention.paged_prefill_attention_per_chunk(*args, window)
         if GPU:
             torch.cuda.synchronize()
         return out
 
-    want = ops.paged_prefill_attention_per_chunk(*args, window)
+    want = attention.paged_prefill_attention_per_chunk(*args, window)
     torch.testing.assert_close(run().float(), want.float(), rtol=2e-2, atol=2e-2)
     benchmark.group = f"paged prefill {step} Hq,Hkv,D={PREFILL_HEADS} {DEVICE}"
     benchmark.pedantic(run, rounds=10 if GPU else 3, iterations=1, warmup_rounds=1)

@@ -19,6 +19,7 @@ import importlib
 
 import pytest
 import torch
+from nanofast.kernels.registry import OPS
 
 from bench.gpu_peaks import peak_bandwidth_gbps
 
@@ -30,20 +31,6 @@ try:  # optional comparison, GPU only
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
 except ImportError:
     liger_rotary_pos_emb = None
-
-def bytes_moved(B: int, T: int, HQ: int, HK: int, D: int, elt: int, backward: bool, norm: bool = True) -> int:
-    """DRAM bytes a fused implementation must move (the minimum; extra passes only add to it).
-
-    Forward: read q and k, write q_out and k_out (elt bytes each), write fp32 rstd per head, read
-    cos and sin once (T x D/2 each; re-reads by other batch rows hit L2). Backward: read dy and x,
-    write dx, read rstd, read cos/sin. norm=False (rope only): no rstd.
-    """
-    n = B * T * (HQ + HK)
-    tables = T * D * elt
-    fwd = 2 * n * D * elt + (4 * n if norm else 0) + tables
-    bwd = 3 * n * D * elt + (4 * n if norm else 0) + tables
-    return fwd + (bwd if backward else 0)
-
 
 def make_inputs(B, T, H, D, dtype, device, requires_grad):
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -114,7 +101,8 @@ def _run(benchmark, impl, B, T, H, D, dtype, backward):
     if benchmark.stats is None:  # --benchmark-disable: ran once as a smoke test, nothing timed
         return
     seconds = benchmark.stats.stats.median
-    moved = bytes_moved(B, T, H, H, D, q.element_size(), backward, norm=impl != "liger_rope_only")
+    moved = OPS["qk_norm_rope"].cost(B=B, T=T, HQ=H, HK=H, D=D, itemsize=q.element_size(), backward=backward,
+                                      norm=impl != "liger_rope_only")["bytes"]
     peak = peak_bandwidth_gbps()
     gbps = moved / seconds / 1e9
     benchmark.extra_info.update(impl=impl, device=DEVICE, dtype=str(dtype), tokens=B * T, heads=H, head_dim=D,
@@ -151,6 +139,7 @@ def test_byte_model():
     n = 2 * 3 * 8  # token-heads of q and k
     fwd = 2 * n * 8 * 2 + 4 * n + 3 * 8 * 2
     bwd = 3 * n * 8 * 2 + 4 * n + 3 * 8 * 2
-    assert bytes_moved(2, 3, 4, 4, 8, 2, backward=False) == fwd
-    assert bytes_moved(2, 3, 4, 4, 8, 2, backward=True) == fwd + bwd
-    assert bytes_moved(2, 3, 4, 4, 8, 2, backward=False, norm=False) == fwd - 4 * n
+    cost = OPS["qk_norm_rope"].cost
+    assert cost(B=2, T=3, HQ=4, HK=4, D=8, itemsize=2, backward=False)["bytes"] == fwd
+    assert cost(B=2, T=3, HQ=4, HK=4, D=8, itemsize=2, backward=True)["bytes"] == fwd + bwd
+    assert cost(B=2, T=3, HQ=4, HK=4, D=8, itemsize=2, backward=False, norm=False)["bytes"] == fwd - 4 * n

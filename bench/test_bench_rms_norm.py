@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from nanofast.kernels.rms_norm import rms_norm, rms_norm_reference
+from nanofast.kernels.registry import OPS
 
 from bench.gpu_peaks import bandwidth_info
 
@@ -32,16 +33,6 @@ else:
     SHAPES = [(256, 768), (2048, 1280)]
 IMPLS = ["triton", "torch", "compile", "liger"]
 MODES = ["fwd", "fwd+bwd"]
-
-def bytes_moved(tokens: int, d: int, mode: str, weight: bool, itemsize: int) -> int:
-    """Byte model, each tensor once. Forward: read x, write y, write rstd (fp32) [, read w].
-    Backward: read dy, read x, read rstd, write dx [, read w, write dw]."""
-    nd = tokens * d * itemsize
-    fwd = 2 * nd + 4 * tokens + (d * itemsize if weight else 0)
-    if mode == "fwd":
-        return fwd
-    return fwd + 3 * nd + 4 * tokens + (2 * d * itemsize if weight else 0)
-
 
 def make_impl(impl: str, d: int, weight: torch.Tensor | None):
     if impl == "triton":
@@ -104,7 +95,7 @@ def test_bench_rms_norm(benchmark, shape, impl, mode, weight):
     torch.testing.assert_close(y.detach().float(), ref.float(), rtol=2e-2, atol=2e-2)
     benchmark.group = f"rms_norm {mode} {tokens}x{d} {'w' if weight else 'plain'} {DEVICE}"
     benchmark.pedantic(run, rounds=10 if GPU else 5, iterations=1, warmup_rounds=1)
-    nbytes = bytes_moved(tokens, d, mode, weight, x.element_size())
+    nbytes = OPS["rms_norm"].cost(tokens=tokens, d=d, mode=mode, weight=weight, itemsize=x.element_size())["bytes"]
     info = dict(device=torch.cuda.get_device_name(0) if GPU else "cpu", dtype=str(DTYPE).replace("torch.", ""),
                 tokens=tokens, d=d, bytes_per_call=nbytes, calls_per_round=inner)
     info.update(bandwidth_info(benchmark, nbytes, inner))

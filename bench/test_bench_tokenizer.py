@@ -4,25 +4,18 @@ Run with `python -m pytest bench/test_bench_tokenizer.py --benchmark-only`. Both
 the same documents with the same tokenizer in the same run; `extra_info` records bytes/s and
 chars/s so the two rows can be compared directly.
 """
-import importlib
-import inspect
-
 import pytest
 
+from bench.workloads import split_documents, tokenizer_sources
 from nanofast.tokenizer import Tokenizer
-
-MODULES = ["textwrap", "argparse", "inspect", "dataclasses", "json.decoder", "difflib", "string",
-           "functools", "pathlib", "typing", "collections", "email.message"]
-DOC_CHARS = 2000  # roughly a web-text document
 
 
 @pytest.fixture(scope="module")
 def setup() -> tuple[Tokenizer, list[str]]:
     """A small tokenizer trained once, and ~1 MB of documents to encode."""
-    sources = [open(inspect.getsourcefile(importlib.import_module(m)), encoding="utf-8").read() for m in MODULES]
+    sources = tokenizer_sources()
     tok = Tokenizer.train(sources, vocab_size=4096)
-    text = "\n".join(sources)
-    docs = [text[i:i + DOC_CHARS] for i in range(0, len(text), DOC_CHARS)]
+    docs = split_documents("\n".join(sources))
     return tok, docs
 
 

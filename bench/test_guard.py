@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanofast.kernels.registry import OPS
+
 from bench import guard
 from bench.kernel_facts import TABLE, collect, load_table
 
@@ -78,50 +80,50 @@ def _peak_case(name: str) -> guard.PeakResult:
     """One kernel at a representative nanochat shape: (call, bytes, FLOPs) -> its PeakResult."""
     bw, bf16 = _peaks()
     if name == "rms_norm_fwd_16384x1536":
-        from bench.test_bench_rms_norm import bytes_moved
         from nanofast.kernels.rms_norm import rms_norm
 
         x = torch.randn(16384, 1536, device="cuda", dtype=torch.bfloat16)
         fn, nbytes, flops, bound = lambda: rms_norm(x, None, 1e-6, backend="triton"), \
-            bytes_moved(16384, 1536, "fwd", False, 2), 0, "memory"
+            OPS["rms_norm"].cost(tokens=16384, d=1536, mode="fwd")["bytes"], 0, "memory"
     elif name == "qk_norm_rope_fwd_B32_T2048_H10":
-        from bench.test_bench_qk_norm_rope import bytes_moved, make_inputs, qnr
+        from bench.test_bench_qk_norm_rope import make_inputs, qnr
 
         q, k, cos, sin = make_inputs(32, 2048, 10, 128, torch.bfloat16, "cuda", requires_grad=False)
         fn, nbytes, flops, bound = lambda: qnr.qk_norm_rope(q, k, cos, sin, scale=1.2, backend="triton"), \
-            bytes_moved(32, 2048, 10, 10, 128, 2, backward=False), 0, "memory"
+            OPS["qk_norm_rope"].cost(B=32, T=2048, HQ=10, HK=10, D=128)["bytes"], 0, "memory"
     elif name == "paged_decode_B64_ctx2048_q32kv8":
-        from bench.test_bench_paged_attention import bytes_read, make_inputs, pa
+        from bench.test_bench_paged_attention import make_inputs, pa
 
         args = make_inputs(64, 2048, 32, 8, 128)
         fn, nbytes, flops, bound = lambda: pa.paged_decode_attention(*args, backend="triton"), \
-            bytes_read([2048] * 64, 32, 8, 128, 2), 0, "memory"
+            OPS["paged_attention"].cost(seq_lens=[2048] * 64, hq=32, hkv=8, d=128)["bytes"], 0, "memory"
     elif name == "fp8_quant_tensorwise_T_16384x6144":
-        from bench.test_bench_fp8_quant import FP8, bytes_moved
+        from bench.test_bench_fp8_quant import FP8
         from nanofast.kernels.fp8_quant import quantize_fp8
 
         x = torch.randn(16384, 6144, device="cuda", dtype=torch.bfloat16)
         fn, nbytes, flops, bound = lambda: quantize_fp8(x, FP8, transpose=True, backend="triton"), \
-            bytes_moved(16384, 6144, "tensorwise+T", 2), 0, "memory"
+            OPS["fp8_quant"].cost(tokens=16384, d=6144, recipe="tensorwise+T")["bytes"], 0, "memory"
     elif name == "muon_prologue_12x5120x1280":
-        from bench.test_bench_newton_schulz import _prologue_impl, prologue_bytes
+        from bench.workloads import prologue_impl
+        from nanofast.kernels.newton_schulz import prologue_cost
 
         g, m = torch.randn(12, 5120, 1280, device="cuda"), torch.randn(12, 5120, 1280, device="cuda")
-        impl = _prologue_impl("fused_triton", torch.bfloat16)
-        fn, nbytes, flops, bound = lambda: impl(g, m), prologue_bytes((12, 5120, 1280), torch.bfloat16), 0, "memory"
+        impl = prologue_impl("fused_triton", torch.bfloat16)
+        fn, nbytes, flops, bound = lambda: impl(g, m), prologue_cost((12, 5120, 1280))["bytes"], 0, "memory"
     elif name == "newton_schulz_5120x1280":
-        from bench.test_bench_newton_schulz import STEPS, newton_schulz_flops
+        from bench.test_bench_newton_schulz import STEPS
         from nanofast.kernels.newton_schulz import newton_schulz
 
         G = torch.randn(5120, 1280, device="cuda", dtype=torch.bfloat16)
         fn, nbytes, flops, bound = lambda: newton_schulz(G, STEPS, backend="triton", dtype=torch.bfloat16), \
-            0, newton_schulz_flops((5120, 1280)), "compute"
+            0, OPS["newton_schulz"].cost(shape=(5120, 1280), steps=STEPS)["flops"], "compute"
     elif name == "fp8_gemm_32768x5120x1280":
-        from bench.test_bench_fp8_gemm import _quantize
+        from bench.workloads import quantize_e4m3
         from nanofast.kernels.fp8_gemm import fp8_gemm
 
-        a, sa = _quantize(torch.randn(32768, 1280, device="cuda", dtype=torch.bfloat16))
-        b, sb = _quantize(torch.randn(5120, 1280, device="cuda", dtype=torch.bfloat16))
+        a, sa = quantize_e4m3(torch.randn(32768, 1280, device="cuda", dtype=torch.bfloat16))
+        b, sb = quantize_e4m3(torch.randn(5120, 1280, device="cuda", dtype=torch.bfloat16))
         fn = lambda: fp8_gemm(a, b, sa, sb, out_dtype=torch.bfloat16, backend="triton")  # noqa: E731
         nbytes, flops, bound = 32768 * 1280 + 5120 * 1280 + 2 * 32768 * 5120, 2 * 32768 * 5120 * 1280, "compute"
         bf16 = None if bf16 is None else 2 * bf16  # Hopper's dense fp8 peak is twice its bf16 peak

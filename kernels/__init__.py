@@ -4,6 +4,9 @@ This package imports nothing from the rest of nanofast, so other projects can ta
 Every kernel takes `backend=` ("torch", "triton", "cuda"; None picks by device: Triton on CUDA
 tensors, the torch reference on CPU) and runs on CPU tensors too: Triton through its interpreter
 (TRITON_INTERPRET=1 set before triton is imported), CUDA through the CPU emulation build.
+Each op is declared once, at the end of its module (`OP`), and `registry.OPS` collects them: the
+validation of its public entries, its reference, vendor path, launchers per backend, byte/FLOP
+model and compile-gate configurations.
 """
 from .backend import BACKENDS, resolve_backend, triton_interpreting
 

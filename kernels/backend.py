@@ -25,27 +25,32 @@ def triton_interpreting() -> bool:
     return bool(knobs.runtime.interpret)
 
 
-def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
-    """The backend to run on tensor `x`: `backend` if given (validated), else by device."""
+def resolve_backend(backend: str | None, x: torch.Tensor, choices: tuple[str, ...] = BACKENDS) -> str:
+    """The backend to run on tensor `x`: `backend` if given (validated against `choices`, an op's
+    `Op.backends`), else by device."""
     if torch.compiler.is_compiling():
-        return _resolve_constant(backend, x.device)
-    return _resolve(backend, x.device)
+        return _resolve_constant(backend, x.device, choices)
+    return _resolve(backend, x.device, choices)
 
 
 @torch.compiler.assume_constant_result
-def _resolve_constant(backend: str | None, device: torch.device) -> str:
+def _resolve_constant(backend: str | None, device: torch.device, choices: tuple[str, ...]) -> str:
     # Whether Triton interprets is a knob Dynamo cannot trace; it is fixed when triton is
     # imported, so under torch.compile the whole choice is a trace-time constant.
-    return _resolve(backend, device)
+    return _resolve(backend, device, choices)
 
 
-def _resolve(backend: str | None, device: torch.device) -> str:
+def _resolve(backend: str | None, device: torch.device, choices: tuple[str, ...]) -> str:
     is_cuda = device.type == "cuda"
     if backend is None:
         return "triton" if is_cuda else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend == "triton" and not is_cuda and not triton_interpreting():
+    if backend not in choices:
+        if backend in BACKENDS:  # a backend of other ops that this one has no kernel for
+            kind = "CUDA-source" if backend == "cuda" else backend
+            raise ValueError(f"backend={backend!r} is not available for this op (no {kind} kernel exists for it): "
+                             f"backend must be one of {choices} or None")
+        raise ValueError(f"backend must be one of {choices} or None, got {backend!r}")
+    if backend.startswith("triton") and not is_cuda and not triton_interpreting():
         raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
                            "in the environment before triton is imported")
     return backend

@@ -49,7 +49,8 @@ class MachineFacts:
         return self.local_bytes > 0 or self.stack_bytes > 0 or self.instructions.get("STL", 0) > 0
 
 
-def _tool(name: str) -> str:
+def cuda_tool(name: str) -> str:
+    """Path of a CUDA binary tool (cuobjdump, nvdisasm) bundled with triton's NVIDIA backend."""
     import triton
 
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
@@ -76,9 +77,9 @@ def cubin_facts(cubin: bytes, kernel: str, config: str, arch: int) -> MachineFac
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True,
+        usage = subprocess.run([cuda_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True,
                                text=True, check=True).stdout
-        sass = subprocess.run([_tool("nvdisasm"), path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuda_tool("nvdisasm"), path], capture_output=True, text=True, check=True).stdout
     numbers = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
     return MachineFacts(kernel=kernel, config=config, arch=arch, registers=numbers.get("REG", 0),
                         shared_bytes=numbers.get("SHARED", 0), local_bytes=numbers.get("LOCAL", 0),

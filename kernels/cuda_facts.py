@@ -103,9 +103,9 @@ def parse_ptxas(log: str) -> dict[str, dict]:
 
 def _sass_by_function(cubin: Path) -> dict[str, str]:
     try:
-        from .compile_gate import _tool
+        from .compile_gate import cuda_tool
 
-        nvdisasm = _tool("nvdisasm")
+        nvdisasm = cuda_tool("nvdisasm")
     except (ImportError, FileNotFoundError):
         return {}
     res = subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True)

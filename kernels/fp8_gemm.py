@@ -51,12 +51,16 @@ class, since no GPU has measured any entry against another yet.
 """
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
+
 import torch
 from torch import Tensor
 
 from . import vendor
 from .backend import resolve_backend, target_arch
 from .compile_gate import gate_signature
+from .op import Op
 from .launch import TL_DTYPE as _TL_DTYPE, sm_count
 from .tile_config import TileConfig, select_config
 
@@ -69,11 +73,10 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
     tl = None
 
 __all__ = ["fp8_gemm", "fp8_gemm_reference", "fp8_gemm_scaled_mm", "fp8_gemm_triton", "tma_aligned", "FP8_DTYPES",
-           "OUT_DTYPES", "FP8_GEMM_BACKENDS", "KERNEL_CONFIGS", "FP8_GEMM_CONFIGS", "TileConfig"]
+           "OUT_DTYPES", "KERNEL_CONFIGS", "FP8_GEMM_CONFIGS", "TileConfig"]
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-FP8_GEMM_BACKENDS = ("torch", "triton", "triton_persistent", "scaled_mm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,7 +424,14 @@ def fp8_gemm_reference(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *
     Same arguments and checks as `fp8_gemm`; `use_fast_accum` is accepted for signature parity and
     has no effect (torch's fp32 matmul always accumulates in fp32). Returns (M, N) in out_dtype.
     """
-    rowwise_a, rowwise_b = _check(a, b, scale_a, scale_b, out_dtype, bias, use_fast_accum)
+    rowwise = _check(a, b, scale_a, scale_b, out_dtype, bias, use_fast_accum)
+    return _reference(a, b, scale_a, scale_b, rowwise, out_dtype=out_dtype, bias=bias, use_fast_accum=use_fast_accum)
+
+
+def _reference(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, rowwise: tuple[bool, bool], *,
+               out_dtype: torch.dtype, bias: Tensor | None, use_fast_accum: bool) -> Tensor:
+    """fp8_gemm_reference for validated arguments (`rowwise`: whether scale_a and scale_b are row-wise)."""
+    rowwise_a, rowwise_b = rowwise
     # Every fp8 value and every scaled fp8 value up to the scale's rounding is exact in fp32.
     sa = scale_a.reshape(-1, 1) if rowwise_a else scale_a.reshape(())
     sb = scale_b.reshape(-1, 1) if rowwise_b else scale_b.reshape(())
@@ -441,7 +451,14 @@ def fp8_gemm_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *
     a rowwise one ("Invalid scaling configuration"), so a mixed pair is passed as two rowwise scales
     (the tensorwise one broadcast: the same product, under the row-wise rules).
     """
-    rowwise_a, rowwise_b = _check(a, b, scale_a, scale_b, out_dtype, bias, use_fast_accum)
+    rowwise = _check(a, b, scale_a, scale_b, out_dtype, bias, use_fast_accum)
+    return _scaled_mm(a, b, scale_a, scale_b, rowwise, out_dtype=out_dtype, bias=bias, use_fast_accum=use_fast_accum)
+
+
+def _scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, rowwise: tuple[bool, bool], *,
+               out_dtype: torch.dtype, bias: Tensor | None, use_fast_accum: bool) -> Tensor:
+    """fp8_gemm_scaled_mm for validated arguments (`rowwise`: whether scale_a and scale_b are row-wise)."""
+    rowwise_a, rowwise_b = rowwise
     if rowwise_a != rowwise_b:  # e.g. a rowwise GEMM over a single row, whose (1, 1) scale reads as tensorwise
         sa = scale_a.reshape(-1, 1).expand(a.size(0), 1).contiguous()
         sb = scale_b.reshape(1, -1).expand(1, b.size(0)).contiguous()
@@ -475,7 +492,16 @@ def fp8_gemm_triton(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *,
     """
     if triton is None:
         raise RuntimeError("fp8_gemm_triton needs triton installed")
-    rowwise_a, rowwise_b = _check(a, b, scale_a, scale_b, out_dtype, bias, use_fast_accum)
+    rowwise = _check(a, b, scale_a, scale_b, out_dtype, bias, use_fast_accum)
+    return _triton(a, b, scale_a, scale_b, rowwise, out_dtype=out_dtype, bias=bias, use_fast_accum=use_fast_accum,
+                   meta=meta, out=out, persistent=persistent, config=config)
+
+
+def _triton(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, rowwise: tuple[bool, bool], *,
+            out_dtype: torch.dtype, bias: Tensor | None, use_fast_accum: bool, meta: dict | None = None,
+            out: Tensor | None = None, persistent: bool = False, config: str | TileConfig | None = None) -> Tensor:
+    """fp8_gemm_triton for validated arguments (`rowwise`: whether scale_a and scale_b are row-wise)."""
+    rowwise_a, rowwise_b = rowwise
     (m, k), n = a.shape, b.size(0)
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=a.device)
@@ -543,24 +569,23 @@ def fp8_gemm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *, out_dtyp
     Returns:
         (M, N) tensor in out_dtype, contiguous, on a's device.
     """
-    if backend is not None and backend not in FP8_GEMM_BACKENDS:
-        raise ValueError(f"backend must be one of {FP8_GEMM_BACKENDS} or None, got {backend!r}")
-    kwargs = dict(out_dtype=out_dtype, bias=bias, use_fast_accum=use_fast_accum)
+    if backend is not None and backend not in OP.choices:
+        raise ValueError(f"backend must be one of {OP.choices} or None, got {backend!r}")
     if config is not None and backend in ("torch", "scaled_mm"):
         raise ValueError(f"config={config!r} picks the Triton kernels' tiles; backend={backend!r} has none")
-    if backend == "scaled_mm":
-        return fp8_gemm_scaled_mm(a, b, scale_a, scale_b, **kwargs)
     if not isinstance(a, Tensor):
         raise TypeError(f"a must be a tensor, got {type(a).__name__}")
-    if backend == "triton_persistent":
-        resolve_backend("triton", a)  # on CPU: a clear error unless the interpreter is on
-        return fp8_gemm_triton(a, b, scale_a, scale_b, persistent=True, config=config, **kwargs)
-    if resolve_backend(backend, a) == "triton":
-        return fp8_gemm_triton(a, b, scale_a, scale_b, config=config, **kwargs)
-    if config is not None:
+    be = resolve_backend(backend, a, OP.choices)  # a Triton backend on CPU needs the interpreter
+    if config is not None and be == "torch":
         raise ValueError(f"config={config!r} picks the Triton kernels' tiles, but backend resolved to 'torch' "
                          "(pass backend='triton' or 'triton_persistent')")
-    return fp8_gemm_reference(a, b, scale_a, scale_b, **kwargs)
+    rowwise = OP.checks["fp8_gemm"](a, b, scale_a, scale_b, out_dtype, bias, use_fast_accum)
+    kwargs = dict(out_dtype=out_dtype, bias=bias, use_fast_accum=use_fast_accum)
+    if be == "torch":
+        return _reference(a, b, scale_a, scale_b, rowwise, **kwargs)
+    if be == "scaled_mm":
+        return _scaled_mm(a, b, scale_a, scale_b, rowwise, **kwargs)
+    return OP.launcher(be).gemm(a, b, scale_a, scale_b, rowwise, config=config, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,3 +679,21 @@ KERNEL_CONFIGS: list[dict] = _kernel_configs()
 """Keyword arguments of `compile_gate.compile_triton`, built from the launcher's `_meta` and from
 every entry of FP8_GEMM_CONFIGS, so `compile_triton(**cfg, arch=90)` compiles exactly what an H100
 launches. Compile them in a process without TRITON_INTERPRET=1 (see `compile_gate.configs_facts`)."""
+
+
+def cost(m: int, n: int, k: int, out_itemsize: int = 2) -> dict:
+    """One (M, K) x (N, K)^T GEMM in fp8: both operands read once (1 byte each), the output written
+    once (and read for nothing else), 2 M N K FLOPs."""
+    return {"bytes": m * k + n * k + out_itemsize * m * n, "flops": 2 * m * n * k}
+
+
+# The Triton backends' launchers (inputs trusted): the tiled kernel and the persistent TMA kernel.
+TRITON_LAUNCHERS = SimpleNamespace(gemm=functools.partial(_triton, persistent=False))
+TRITON_PERSISTENT_LAUNCHERS = SimpleNamespace(gemm=functools.partial(_triton, persistent=True))
+
+OP = Op(name="fp8_gemm", vendor="scaled_mm", kernels=("triton", "triton_persistent"), unmeasured="scaled_mm",
+        why="GEMM-class: torch._scaled_mm (cuBLASLt) is known correct and fast; the Triton fp8 GEMMs are unmeasured "
+            "on a GPU",
+        checks={"fp8_gemm": _check}, references={"fp8_gemm": fp8_gemm_reference}, vendor_path=fp8_gemm_scaled_mm,
+        launchers={"triton": TRITON_LAUNCHERS, "triton_persistent": TRITON_PERSISTENT_LAUNCHERS}, cost=cost,
+        configs=lambda arch=90: KERNEL_CONFIGS, part_of="fp8_linear")

@@ -36,33 +36,33 @@ tensors, torch on CPU).
 """
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
+
 import torch
 from torch import Tensor
 
 from .backend import resolve_backend
+from .op import Op
 from .fp8_gemm import fp8_gemm, tma_aligned
 from .fp8_quant import quantize_fp8
 
 __all__ = ["fp8_linear", "FP8_BACKENDS", "FP8_RECIPES"]
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-FP8_BACKENDS = ("torch", "scaled_mm", "triton", "triton_persistent")
 FP8_RECIPES = ("tensorwise", "rowwise")
 
 
 def _resolve(backend: str | None, x: Tensor) -> tuple[str, str]:
     """(quantisation backend, GEMM backend) for fp8_linear's `backend`."""
-    if backend is None:
-        backend = "triton" if x.is_cuda else "torch"
-    if backend not in FP8_BACKENDS:
-        raise ValueError(f"backend must be one of {FP8_BACKENDS} or None, got {backend!r}")
-    if backend == "scaled_mm":
+    be = resolve_backend(backend, x, OP.choices)  # a Triton backend on CPU needs the interpreter
+    if be == "torch":
+        return "torch", "torch"
+    if be == "scaled_mm":
         # cuBLASLt does the GEMMs; the quantisation is the device's default (Triton on GPU).
         return resolve_backend(None, x), "scaled_mm"
-    if backend == "triton_persistent":  # Triton quantisation, the persistent TMA GEMM
-        return resolve_backend("triton", x), "triton_persistent"
-    resolve_backend(backend, x)  # "triton" on CPU needs the interpreter: a clear error if absent
-    return backend, backend
+    launch = OP.launcher(be)
+    return launch.quantize, launch.gemm
 
 
 def _gemm(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor, gb: str, **kwargs) -> Tensor:
@@ -261,7 +261,7 @@ def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, recipe: st
         (..., N) in x's dtype; differentiable in x, weight and bias (weight's gradient in its dtype,
         computed in fp32).
     """
-    _check(x, weight, bias, recipe)
+    OP.checks["fp8_linear"](x, weight, bias, recipe)
     qb, gb = _resolve(backend, x)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.size(-1))
@@ -277,3 +277,26 @@ def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, recipe: st
     else:
         out = torch.ops.nanofast.fp8_linear_rowwise_fwd(x2d, weight, bias, qb, gb)
     return out[:m].reshape(*lead, weight.size(0))
+
+
+def cost(m: int, n: int, k: int, itemsize: int = 2) -> dict:
+    """One training step of an (M, K) x (N, K) layer: the three GEMMs' 6 M N K FLOPs, and the bytes
+    of the tensorwise recipe with each tensor moved once: x, W and the output gradient read in
+    16 bits and written in fp8 with their transposes, the fp8 operands read by the GEMMs, y and dx
+    written in 16 bits, dW in fp32."""
+    mk, nk, mn = m * k, n * k, m * n
+    quant = (mk + nk + mn) * (itemsize + 2)
+    gemms = 2 * (mk + nk + mn)
+    return {"bytes": quant + gemms + (mn + mk) * itemsize + 4 * nk, "flops": 6 * m * n * k}
+
+
+# A kernel backend of fp8_linear is a pair: the quantisation's backend and the GEMM's.
+OP = Op(name="fp8_linear", vendor="scaled_mm", kernels=("triton", "triton_persistent"), unmeasured="scaled_mm",
+        why="GEMM-class: torch._scaled_mm (cuBLASLt) is known correct and fast; the Triton fp8 GEMMs are unmeasured "
+            "on a GPU",
+        checks={"fp8_linear": _check}, references={"fp8_linear": functools.partial(fp8_linear, backend="torch")},
+        vendor_path=functools.partial(fp8_linear, backend="scaled_mm"),
+        launchers={"triton": SimpleNamespace(quantize="triton", gemm="triton"),
+                   "triton_persistent": SimpleNamespace(quantize="triton", gemm="triton_persistent")},
+        cost=cost)
+FP8_BACKENDS = OP.choices  # ("torch", "scaled_mm", "triton", "triton_persistent")

@@ -66,12 +66,14 @@ tests/test_fp8_quant.py checks on CPU.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .backend import resolve_backend
+from .op import Op
 from .compile_gate import gate_signature
 from .launch import TL_DTYPE as _TL_DTYPE, alloc as _alloc, device_ctx as _device_ctx, next_pow2 as _next_pow2, \
     row_stride as _row_stride, sm_count as _sm_count
@@ -144,6 +146,12 @@ def quantize_fp8_reference(x: Tensor, dtype: torch.dtype = torch.float8_e4m3fn, 
     Args and returns exactly as `quantize_fp8` (without `backend`).
     """
     _validate(x, dtype, recipe, scale, transpose)
+    return _reference(x, dtype, recipe, scale, transpose)
+
+
+def _reference(x: Tensor, dtype: torch.dtype, recipe: str, scale: Optional[Tensor], transpose: bool
+               ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """quantize_fp8_reference for validated arguments."""
     fp8_max = FP8_MAX[dtype]
     xf = x.float()
     M, K = x.shape
@@ -423,10 +431,16 @@ def quantize_fp8_triton(x: Tensor, dtype: torch.dtype = torch.float8_e4m3fn, *, 
                         scale: Optional[Tensor] = None, transpose: bool = False
                         ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """The Triton implementation of `quantize_fp8` (same arguments, minus backend; same outputs).
-    x must already satisfy `_validate`; a non-unit last-dim stride is copied away here."""
+    A non-unit last-dim stride is copied away here."""
     if triton is None:
         raise RuntimeError("quantize_fp8_triton needs triton installed")
     _validate(x, dtype, recipe, scale, transpose)
+    return _triton(x, dtype, recipe, scale, transpose)
+
+
+def _triton(x: Tensor, dtype: torch.dtype, recipe: str, scale: Optional[Tensor], transpose: bool
+            ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """quantize_fp8_triton for validated arguments."""
     M, K = x.shape
     if K > 1 and x.stride(1) != 1:
         x = x.contiguous()  # the kernels need unit column stride (128-bit loads along K)
@@ -515,14 +529,11 @@ def quantize_fp8(x: Tensor, dtype: torch.dtype = torch.float8_e4m3fn, *, recipe:
     Raises:
         TypeError / ValueError naming the offending argument and the expected shape/dtype.
     """
-    _validate(x, dtype, recipe, scale, transpose)
-    be = resolve_backend(backend, x)
+    OP.checks["quantize_fp8"](x, dtype, recipe, scale, transpose)
+    be = resolve_backend(backend, x, OP.choices)
     if be == "torch":
-        return quantize_fp8_reference(x, dtype, recipe=recipe, scale=scale, transpose=transpose)
-    if be != "triton":
-        raise ValueError(f"backend must be 'torch', 'triton' or None for quantize_fp8 (there is no CUDA-source "
-                         f"version), got {backend!r}")
-    return quantize_fp8_triton(x, dtype, recipe=recipe, scale=scale, transpose=transpose)
+        return _reference(x, dtype, recipe, scale, transpose)
+    return OP.launcher(be).quantize(x, dtype, recipe, scale, transpose)
 
 
 # --------------------------------------------------------------------------------------------
@@ -677,3 +688,21 @@ KERNEL_CONFIGS: list[dict] = _kernel_configs()
 num_warps, num_stages, aligned, config), built from the same meta functions the launcher uses, so
 `compile_triton(**cfg, arch=90)` compiles exactly what an H100 launches. Compile them in a process
 without TRITON_INTERPRET=1 (see compile_gate.configs_facts)."""
+
+
+def cost(tokens: int, d: int, recipe: str = "tensorwise+T", itemsize: int = 2) -> dict:
+    """One call on (tokens, d), each tensor once: read x; write q (1 byte per element) [+ q_t for
+    "tensorwise+T"]; scales and amax (fp32). ~3 FLOPs per element (abs-max, scale, round)."""
+    n = tokens * d
+    if recipe == "tensorwise+T":
+        return {"bytes": n * itemsize + 2 * n + 8, "flops": 3 * n}
+    if recipe != "rowwise":
+        raise ValueError(f"recipe must be 'tensorwise+T' or 'rowwise', got {recipe!r}")
+    return {"bytes": n * itemsize + n + 8 * tokens, "flops": 3 * n}
+
+
+OP = Op(name="fp8_quant", vendor="torch", kernels=("triton",), unmeasured="triton",
+        why="memory-bound: amax, scale, cast (and the transpose) in two passes over x instead of several",
+        checks={"quantize_fp8": _validate}, references={"quantize_fp8": quantize_fp8_reference},
+        vendor_path=quantize_fp8_reference, launchers={"triton": SimpleNamespace(quantize=_triton)}, cost=cost,
+        configs=lambda arch=90: KERNEL_CONFIGS, part_of="fp8_linear")

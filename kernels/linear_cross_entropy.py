@@ -25,6 +25,7 @@ unknown in the forward: it saves lse (N,) and recomputes each chunk's logits in 
 from __future__ import annotations
 
 import numbers
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from .backend import resolve_backend
 from .compile_gate import gate_signature
+from .op import Op
 from .launch import TL_DTYPE as _TL_DTYPE, alloc as _alloc, device_ctx as _device_ctx, next_pow2 as _next_pow2
 
 try:  # triton is optional: backend="torch" works without it
@@ -50,10 +52,8 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Elements of one chunk's (R, V) logits buffer. CPU: 2^25 elements (128 MiB in fp32; 1024 rows at
 # V = 32768). Small chunks lose in a whole training step: each chunk's dW += dlogits^T x re-reads
 # and re-writes the full fp32 (V, C) accumulator (32 MiB at V = 32768, C = 256) with only R rows of
-# work, and GEMMs of few rows run below the CPU's peak. Measured in a depth-4 training step (T 512,
-# batch 8, V 32768, fp32, 2 cores, glibc keeping freed memory as train.py sets it): 256 / 512 /
-# 1024 / 2048 rows per chunk gave 1,416-1,462 / 1,465-1,522 / 1,510-1,546 / 1,539-1,540 tokens/s,
-# the unfused head 1,330-1,542: as fast, with a quarter of the logits memory.
+# work, and GEMMs of few rows run below the CPU's peak; at this size a training step runs as fast
+# as the unfused head with a quarter of its logits memory (bench/test_bench_linear_cross_entropy.py).
 # GPU: 2^27 elements (256 MiB in bf16: 2048 rows at V = 65536) keep every GEMM at >= 2048 x 65536
 # x C, enough 128x256 tiles (>= 4096) to fill an H100's 132 SMs many times over, while bounding the
 # logits memory to an eighth of what N = 16384 unfused rows take (2 GiB bf16 logits + 4 GiB fp32
@@ -239,7 +239,7 @@ def _chunked(x: Tensor, weight: Tensor, targets: Tensor, softcap: float, backend
     dW (V, C) fp32 if want_w. With lse_in (the backward of reduction "none") the forward pass is
     skipped and each row's lse is read from it.
     """
-    step = _step_triton if backend == "triton" else _step_torch
+    step = _step_torch if backend == "torch" else OP.launcher(backend).step
     N, C = x.shape
     V = weight.shape[0]
     wc = weight.to(x.dtype)  # the GEMM in x's dtype, as nanofast.ops.linear
@@ -384,10 +384,8 @@ def linear_softcap_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, sof
     Raises:
         TypeError / ValueError naming the offending argument and the expected shape/dtype.
     """
-    _validate(x, weight, targets, softcap, reduction, chunk_rows)
-    be = resolve_backend(backend, x)
-    if be == "cuda":
-        raise ValueError("backend='cuda' is not supported by linear_softcap_cross_entropy: use 'triton' or 'torch'")
+    OP.checks["linear_softcap_cross_entropy"](x, weight, targets, softcap, reduction, chunk_rows)
+    be = resolve_backend(backend, x, OP.choices)
     if be == "triton" and x.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32 for backend='triton', got {x.dtype}")
     softcap = float(softcap) if softcap else 0.0
@@ -460,3 +458,24 @@ def _kernel_configs() -> list[dict]:
 
 KERNEL_CONFIGS: list[dict] = _kernel_configs()
 """Keyword arguments of `compile_gate.compile_triton` built from the launcher's own `_meta`."""
+
+
+def cost(N: int, V: int, C: int, itemsize: int = 2, backward: bool = True) -> dict:
+    """One call on N rows, vocabulary V, width C: x and the weight read once per pass (the chunk
+    logits stay on chip), the fp32 gradients written once; the GEMMs' 2 N V C FLOPs per pass (the
+    forward, then the backward's logit recompute and its two gradient GEMMs)."""
+    passes = 4 if backward else 1
+    io = (N * C + V * C) * itemsize + 8 * N
+    return {"bytes": io + ((N * C * itemsize + V * C * 4) if backward else 0), "flops": passes * 2 * N * V * C}
+
+
+# The Triton backend's launcher: one chunk's softcapped cross-entropy (and its gradient) on the
+# chunk's logits; the "torch" backend runs `_step_torch` in the same chunk loop.
+TRITON_LAUNCHERS = SimpleNamespace(step=_step_triton)
+
+OP = Op(name="linear_cross_entropy", vendor="torch", kernels=("triton",), unmeasured="triton",
+        why="the (tokens x vocab) logits never reach HBM",
+        checks={"linear_softcap_cross_entropy": _validate},
+        references={"linear_softcap_cross_entropy": linear_softcap_cross_entropy_reference},
+        vendor_path=linear_softcap_cross_entropy_reference,
+        launchers={"triton": TRITON_LAUNCHERS}, cost=cost, configs=lambda arch=90: KERNEL_CONFIGS)

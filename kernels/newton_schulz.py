@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from .backend import resolve_backend
+from .op import Op
+from .tile_config import select_config
 
 # Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932), optimised for exactly
 # five iterations on singular values in (0, 1]: the early steps have a steep slope at zero to
@@ -102,13 +104,17 @@ def _check_dtype(dtype) -> None:
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
 
 
-def _prepare(G: Tensor, steps: int, coefficients, eps: float, dtype: torch.dtype | None, normalized: bool = False
-             ) -> tuple[Tensor, list[tuple[float, float, float]], bool]:
-    """Validate, resolve coefficients and normalise: shared by every backend so they iterate on the
-    same X_0. Returns (X_0 as (..., min, max) wide matrices in the iteration dtype, coeffs, tall)."""
+def _validate(G, steps, coefficients, dtype) -> list[tuple[float, float, float]]:
+    """newton_schulz's arguments checked; returns the resolved coefficients (one tuple per step)."""
     _check_input(G)
     coeffs = resolve_coefficients(coefficients, steps)
     _check_dtype(dtype)
+    return coeffs
+
+
+def _prepare(G: Tensor, eps: float, dtype: torch.dtype | None, normalized: bool = False) -> tuple[Tensor, bool]:
+    """Normalise, shared by every backend so they iterate on the same X_0. Returns (X_0 as
+    (..., min, max) wide matrices in the iteration dtype, tall)."""
     if dtype is None:
         dtype = default_iteration_dtype(G)
 
@@ -121,7 +127,7 @@ def _prepare(G: Tensor, steps: int, coefficients, eps: float, dtype: torch.dtype
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT
-    return X, coeffs, tall
+    return X, tall
 
 
 def _finish(X: Tensor, G: Tensor, tall: bool) -> Tensor:
@@ -153,7 +159,12 @@ def newton_schulz_reference(
         keeps every singular value strictly inside (0, 1), where the polynomials are designed),
         then `steps` updates X <- a X + (b A + c A^2) X with A = X X^T (transposed for tall).
     """
-    X, coeffs, tall = _prepare(G, steps, coefficients, eps, dtype, normalized)
+    return _reference(G, _validate(G, steps, coefficients, dtype), eps, dtype, normalized)
+
+
+def _reference(G: Tensor, coeffs, eps: float, dtype: torch.dtype | None, normalized: bool) -> Tensor:
+    """newton_schulz_reference for validated arguments (`coeffs`: one (a, b, c) per step)."""
+    X, tall = _prepare(G, eps, dtype, normalized)
     for a, b, c in coeffs:
         A = X @ X.mT
         B = b * A + c * (A @ A)
@@ -184,34 +195,29 @@ def newton_schulz(
     singular vectors of G are kept. Raises TypeError/ValueError naming G, steps, coefficients,
     dtype, backend or config on bad input.
     """
-    _check_input(G)
-    backend = resolve_backend(backend, G)
+    coeffs = OP.checks["newton_schulz"](G, steps, coefficients, dtype)
+    backend = resolve_backend(backend, G, OP.choices)
     if config is not None and backend != "triton":
         raise ValueError(f"config={config!r} picks the Triton kernels' tiles, but backend resolved to {backend!r} "
                          "(pass backend='triton')")
     if backend == "torch":
-        return newton_schulz_reference(G, steps=steps, coefficients=coefficients, eps=eps, dtype=dtype,
-                                       normalized=normalized)
-    if backend == "cuda":
-        raise ValueError("backend='cuda' is not available for newton_schulz (no CUDA-source kernel exists); "
-                         "use backend='triton' or 'torch'")
-    from .newton_schulz_triton import _GATED_DTYPES, NS_ITERATION_CONFIGS, TRITON_DTYPES, newton_schulz_iterate_op
-    from .tile_config import select_config
+        return _reference(G, coeffs, eps, dtype, normalized)
+    kernel = OP.launcher(backend)
 
     if dtype is None:
         # fp64 inputs on CPU would default to an fp64 iteration, which the kernels do not run.
         dtype = default_iteration_dtype(G)
-        dtype = dtype if dtype in TRITON_DTYPES else torch.float32
-    elif dtype not in TRITON_DTYPES:
+        dtype = dtype if dtype in kernel.TRITON_DTYPES else torch.float32
+    elif dtype not in kernel.TRITON_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32 for backend='triton', got {dtype!r}")
     if config is not None:
         # Checked before any work: a name of the space (the op takes the name) and a gated dtype.
-        config = select_config(config, NS_ITERATION_CONFIGS, "config", "newton_schulz (square tiles)").name
-        if dtype not in _GATED_DTYPES:
+        config = select_config(config, kernel.NS_ITERATION_CONFIGS, "config", "newton_schulz (square tiles)").name
+        if dtype not in kernel.GATED_DTYPES:
             raise ValueError(f"config={config!r} is compile-gated for bfloat16 / float16 iterations only, got "
                              f"dtype={dtype}")
-    X, coeffs, tall = _prepare(G, steps, coefficients, eps, dtype, normalized)
-    return _finish(newton_schulz_iterate_op(X, [v for abc in coeffs for v in abc], config), G, tall)
+    X, tall = _prepare(G, eps, dtype, normalized)
+    return _finish(kernel.newton_schulz_iterate_op(X, [v for abc in coeffs for v in abc], config), G, tall)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,6 +266,11 @@ def nesterov_normalize_reference(grad: Tensor, momentum_buf: Tensor, momentum: f
                                  dtype: torch.dtype | None = None) -> Tensor:
     """Plain-torch definition of `nesterov_normalize_` (same arguments, same in-place effects)."""
     dtype = _check_prologue(grad, momentum_buf, momentum, eps, dtype)
+    return _prologue_reference(grad, momentum_buf, momentum, equilibrate_rows, eps, dtype)
+
+
+def _prologue_reference(grad, momentum_buf, momentum, equilibrate_rows, eps, dtype) -> Tensor:
+    """nesterov_normalize_reference for validated arguments (dtype resolved)."""
     momentum_buf.lerp_(grad, 1 - momentum)
     u = grad.lerp_(momentum_buf, momentum)
     row_sq = u.float().square().sum(-1)
@@ -287,19 +298,46 @@ def nesterov_normalize_(grad: Tensor, momentum_buf: Tensor, momentum: float, *, 
     forms the per-row factors on the tiny (..., m) vector, and reads u once more to write X_0: 5.5
     passes. X_0 is rounded to `dtype` once, where the unfused path rounds before normalising.
     """
-    _check_input(grad)
-    backend = resolve_backend(backend, grad)
+    dtype = OP.checks["nesterov_normalize_"](grad, momentum_buf, momentum, eps, dtype)
+    backend = resolve_backend(backend, grad, OP.choices)
     if backend == "torch":
-        return nesterov_normalize_reference(grad, momentum_buf, momentum, equilibrate_rows=equilibrate_rows,
-                                            eps=eps, dtype=dtype)
-    if backend == "cuda":
-        raise ValueError("backend='cuda' is not available for nesterov_normalize_ (no CUDA-source kernel exists); "
-                         "use backend='triton' or 'torch'")
-    dtype = _check_prologue(grad, momentum_buf, momentum, eps, dtype)
-    from .newton_schulz_triton import TRITON_DTYPES, nesterov_rows_triton, scale_rows_triton
-
+        return _prologue_reference(grad, momentum_buf, momentum, equilibrate_rows, eps, dtype)
+    kernel = OP.launcher(backend)
     for name, dt in (("grad", grad.dtype), ("dtype", dtype)):
-        if dt not in TRITON_DTYPES:
+        if dt not in kernel.TRITON_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32 for backend='triton', got {dt}")
-    row_sq = nesterov_rows_triton(grad, momentum_buf, float(momentum))
-    return scale_rows_triton(grad, row_scales(row_sq, equilibrate_rows, eps), dtype)
+    row_sq = kernel.nesterov_rows_triton(grad, momentum_buf, float(momentum))
+    return kernel.scale_rows_triton(grad, row_scales(row_sq, equilibrate_rows, eps), dtype)
+
+
+def cost(shape: tuple[int, ...], steps: int = 5, itemsize: int = 2) -> dict:
+    """One call on a (..., m, n) stack: FLOPs of the matmuls (per matrix and step, with s = min(m, n)
+    and l = max(m, n): the Gram matrix A (2 s^2 l), A @ A (2 s^3) and B @ X (2 s^2 l); elementwise
+    terms are negligible) and bytes, each step's three matmuls moving about two s x l plus two s x s
+    matrices each (unfused: every product goes through memory)."""
+    *batch, m, n = shape
+    count = math.prod(batch)
+    s, l = min(m, n), max(m, n)
+    return {"flops": count * steps * (4 * s * s * l + 2 * s ** 3),
+            "bytes": count * steps * 3 * 2 * (s * l + s * s) * itemsize}
+
+
+def prologue_cost(shape: tuple[int, ...], out_itemsize: int = 2) -> dict:
+    """The fused prologue's minimum traffic for fp32 g and m: read g, m; write m', u; read u; write
+    X_0 (`nesterov_normalize_`), and its ~8 FLOPs per element."""
+    n = math.prod(shape)
+    return {"bytes": n * (6 * 4 + out_itemsize), "flops": 8 * n}
+
+
+def _triton_configs(arch: int = 90) -> list[dict]:
+    # The iteration's tiles depend on the target (an A100 has less shared memory); the prologue's do not.
+    kernel = OP.launcher("triton")
+    return [*(kernel.KERNEL_CONFIGS_SM80 if arch < 90 else kernel.KERNEL_CONFIGS), *kernel.PROLOGUE_CONFIGS]
+
+
+OP = Op(name="newton_schulz", vendor="torch", kernels=("triton",), unmeasured="torch",
+        why="GEMM-class: torch.matmul (cuBLAS) is known correct and fast; the Triton GEMMs are unmeasured on a GPU",
+        checks={"newton_schulz": _validate, "nesterov_normalize_": _check_prologue},
+        references={"newton_schulz": newton_schulz_reference, "nesterov_normalize_": nesterov_normalize_reference},
+        vendor_path=newton_schulz_reference, launchers={"triton": "newton_schulz_triton"}, cost=cost,
+        configs=_triton_configs)

@@ -271,7 +271,7 @@ NS_ITERATION_CONFIGS: tuple[TileConfig, ...] = tuple(c for c in NS_UPDATE_CONFIG
 # bytes) runs only the default tiles with half the K depth and its own stage count (_meta), and those
 # defaults are compile-gated on sm_90 like the 16-bit ones; a 128x256x32 update tile spilled 120 B in
 # fp32, so the spaces stay 16-bit. GPUs iterate in bf16 (the default on CUDA); fp32 is the CPU's.
-_GATED_DTYPES = (torch.bfloat16, torch.float16)
+GATED_DTYPES = (torch.bfloat16, torch.float16)
 
 # Shape classes of the default: m <= _LARGE_M takes _NS_64, larger Gram sides _NS_128.
 _LARGE_M = 2048
@@ -344,7 +344,7 @@ def _check_meta(meta: object, square: bool, dtype: torch.dtype) -> dict:
 
 def _check_gated(cfg: TileConfig, x: Tensor, where: str) -> None:
     """config= runs only what the compile gate checked: 16-bit operands on sm_90 and later."""
-    if x.dtype not in _GATED_DTYPES:
+    if x.dtype not in GATED_DTYPES:
         raise ValueError(f"{where}: config={cfg.name!r} is compile-gated for bfloat16 / float16 operands only, got "
                          f"{x.dtype} (fp32 runs the default tiles; meta= for ad-hoc tiles)")
     if target_arch(x) < 90:

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -63,7 +64,9 @@ from torch import Tensor
 from . import vendor
 from .backend import resolve_backend
 from .compile_gate import gate_signature
+from .op import Op
 from .launch import TL_DTYPE as _TL_DTYPE, next_pow2 as _next_pow2, sm_count as _sm_count
+from .paged_plan import MAX_SPLITS, check_plan, host_lengths, plan_paged_decode, plan_tensors
 
 try:  # triton is optional: backend="torch" (and "cuda") work without it
     import triton
@@ -76,8 +79,6 @@ __all__ = ["paged_decode_attention", "paged_decode_attention_reference", "paged_
            "plan_paged_decode", "paged_kv_write", "paged_kv_write_reference", "paged_kv_write_triton", "KERNEL_CONFIGS"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_SPLITS = 256  # splits per sequence at most: bounds the fp32 partials (units x Hq x D) a call allocates
-# and the merge's loop (it walks them in chunks of 16, so its registers do not depend on this)
 _MIN_DOT = 16  # tl.dot needs every tile dim >= 16 (mma.sync m16n8k16 fragments)
 
 
@@ -155,7 +156,7 @@ def _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num
         if num_splits is not None:
             raise ValueError("pass either num_splits (the same split count for every sequence) or plan "
                              "(splits per sequence), not both")
-        _check_plan(plan, B)
+        check_plan(plan, B)
     if host_seq_lens is not None:
         if num_splits is not None or plan is not None:
             raise ValueError("pass at most one of num_splits, plan and host_seq_lens (all three decide the split plan)")
@@ -234,6 +235,11 @@ def paged_decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor
     included), which must not leak through a zero softmax weight (0 * NaN = NaN).
     """
     _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window)
+    return _decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale, window)
+
+
+def _decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale, window) -> Tensor:
+    """paged_decode_attention_reference for validated arguments."""
     B, Hq, D = q.shape
     page_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -259,6 +265,11 @@ def paged_kv_write_reference(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Ten
     every token i with slot_mapping[i] >= 0; tokens with a negative slot (padding) are skipped.
     Same arguments as `paged_kv_write`. Duplicate slots: which token lands is unspecified."""
     _check_write(k, v, k_cache, v_cache, slot_mapping)
+    _write_reference(k, v, k_cache, v_cache, slot_mapping)
+
+
+def _write_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """paged_kv_write_reference for validated arguments."""
     page_size = k_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
@@ -468,104 +479,6 @@ def _write_meta(hkv: int, head_dim: int) -> dict:
     return dict(BLOCK_H=block_h, BLOCK_D=block_d, num_warps=min(8, max(1, block_h * block_d // 256)))
 
 
-PLAN_WAVES = 2  # the plan aims at ~2 decode programs per SM (two resident CTAs hide each other's latency)
-
-
-def plan_paged_decode(seq_lens, num_kv_heads: int, *, window: int | None = None, block_n: int = 64,
-                      sm_count: int | None = None, waves: float = PLAN_WAVES, max_splits: int = MAX_SPLITS) -> Tensor:
-    """Split plan of a decode batch from its actual lengths: how many splits each sequence gets.
-
-    Args:
-        seq_lens: (B,) lengths (including the current token), an int tensor on any device (a CUDA
-            tensor costs one device->host copy of B ints here: pass a host copy, e.g. what the
-            engine already knows, to avoid the sync) or a sequence of ints, each >= 1.
-        num_kv_heads: Hkv (each work unit runs Hkv programs, one per kv head).
-        window: the call's sliding window (None or -1: full causal): a sequence's visible keys are
-            min(L, window + 1).
-        block_n: keys per tile of the kernel (64 for 16-bit caches at D <= 128, `_decode_meta`); a
-            split is a whole number of tiles.
-        sm_count: the SMs to fill; None (CPU: the interpreter runs programs one after another): one
-            split per sequence.
-        waves: target programs per SM; max_splits: cap per sequence (the merge reads at most that).
-    Returns:
-        (B,) int32 CPU tensor, splits[b] in [1, max_splits]. Pass it as `plan=` to
-        `paged_decode_attention`.
-
-    Rule (FlashInfer-style balanced planning): T_b = ceil(visible_b / block_n) tiles per sequence;
-    one chunk size for the whole batch, c = max(ceil(sum_b T_b / target), ceil(max_b T_b / max_splits))
-    tiles with target = max(1, ceil(waves * sm_count / Hkv)) units; sequence b gets
-    splits[b] = ceil(T_b / c). Every unit then holds between c/2 and c tiles (T_b // splits[b] or one
-    more, never more than c), except that a sequence shorter than c tiles is one unit of its own; the
-    total is <= target + B units, all launched at once (grid (units, Hkv)), so a ragged batch (one long
-    sequence, many short) spreads the long one over many SMs instead of leaving them idle.
-    """
-    if isinstance(seq_lens, Tensor):
-        lens = [int(x) for x in seq_lens.detach().to("cpu", torch.int64).tolist()]
-    else:
-        lens = [int(x) for x in seq_lens]
-    if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, numbers.Integral) or num_kv_heads < 1:
-        raise ValueError(f"num_kv_heads must be an int >= 1, got {num_kv_heads!r}")
-    if isinstance(block_n, bool) or not isinstance(block_n, numbers.Integral) or block_n < 1:
-        raise ValueError(f"block_n must be an int >= 1, got {block_n!r}")
-    if sm_count is not None and (isinstance(sm_count, bool) or not isinstance(sm_count, numbers.Integral)
-                                 or sm_count < 1):
-        raise ValueError(f"sm_count must be None (CPU) or an int >= 1, got {sm_count!r}")
-    if (isinstance(max_splits, bool) or not isinstance(max_splits, numbers.Integral)
-            or not 1 <= max_splits <= MAX_SPLITS):
-        raise ValueError(f"max_splits must be an int in [1, {MAX_SPLITS}], got {max_splits!r}")
-    if not isinstance(waves, numbers.Real) or isinstance(waves, bool) or not waves > 0:
-        raise ValueError(f"waves must be a number > 0, got {waves!r}")
-    if window is not None and vendor.left_window(window) is None:
-        window = None
-    if lens and min(lens) < 1:
-        raise ValueError(f"seq_lens must all be >= 1 to plan a decode step, got min {min(lens)}")
-    if not lens:
-        return torch.zeros(0, dtype=torch.int32)
-    vis = lens if window is None else [min(n, window + 1) for n in lens]
-    tiles = [-(-n // block_n) for n in vis]
-    if sm_count is None:
-        return torch.ones(len(lens), dtype=torch.int32)
-    target = max(1, math.ceil(waves * sm_count / num_kv_heads))
-    chunk = max(1, -(-sum(tiles) // target), -(-max(tiles) // max_splits))
-    return torch.tensor([-(-t // chunk) for t in tiles], dtype=torch.int32)
-
-
-def host_lengths(seq_lens: Tensor, host_seq_lens: list[int] | None) -> Tensor:
-    """The lengths to plan from as an int64 CPU tensor: the caller's host copy if it gave one, else
-    seq_lens read back (on CUDA a device->host copy, i.e. a sync)."""
-    if host_seq_lens is not None:
-        return torch.tensor(host_seq_lens, dtype=torch.int64)
-    return seq_lens.to("cpu", torch.int64)
-
-
-def _check_plan(plan, B: int) -> None:
-    if not isinstance(plan, Tensor):
-        raise TypeError(f"plan must be a (B,) int32 tensor of splits per sequence (plan_paged_decode), "
-                        f"got {type(plan).__name__}")
-    if plan.dtype != torch.int32 or plan.ndim != 1 or plan.shape[0] != B:
-        raise ValueError(f"plan must be a (B,) = ({B},) int32 tensor of splits per sequence (plan_paged_decode), "
-                         f"got shape {tuple(plan.shape)} dtype {plan.dtype}")
-    if plan.is_cuda:
-        raise ValueError("plan must be a CPU tensor (it is read on the host to size the launch)")
-    if B and (int(plan.min()) < 1 or int(plan.max()) > MAX_SPLITS):
-        raise ValueError(f"plan entries must lie in [1, {MAX_SPLITS}] splits, got values in "
-                         f"[{int(plan.min())}, {int(plan.max())}]")
-
-
-def _plan_tensors(splits: list[int] | None, B: int, uniform: int, device: torch.device) -> tuple[Tensor, int]:
-    """One int32 tensor [seq_start (B+1) | unit_seq (U) | unit_idx (U)] on `device` (one host->device
-    copy) and U. splits None: the uniform plan, `uniform` splits for every sequence."""
-    if splits is None:
-        splits = [uniform] * B
-    start = [0]
-    for n in splits:
-        start.append(start[-1] + n)
-    unit_seq = [b for b, n in enumerate(splits) for _ in range(n)]
-    unit_idx = [i for n in splits for i in range(n)]
-    packed = torch.tensor(start + unit_seq + unit_idx, dtype=torch.int32)
-    return packed.to(device, non_blocking=True) if device.type == "cuda" else packed, start[-1]
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers (Triton backend)
 # ----------------------------------------------------------------------------------------------
@@ -604,7 +517,7 @@ def _decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale: float, win
         lens = host_lengths(seq_lens, host_seq_lens).clamp(1, capacity)
         splits = [int(x) for x in plan_paged_decode(lens, Hkv, window=window, block_n=meta["BLOCK_N"],
                                                     sm_count=sm).tolist()]
-    packed, units = _plan_tensors(splits, B, 1 if num_splits is None else int(num_splits), q.device)
+    packed, units = plan_tensors(splits, B, 1 if num_splits is None else int(num_splits), q.device)
     seq_start, unit_seq, unit_idx = packed[:B + 1], packed[B + 1:B + 1 + units], packed[B + 1 + units:]
     direct = units == B  # every sequence is one unit: the decode kernel writes out, no merge
     if direct:
@@ -629,9 +542,9 @@ def paged_decode_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, b
                                   seq_lens: Tensor, scale: float, window: int | None,
                                   num_splits: int | None, plan: Tensor | None = None,
                                   host_seq_lens: list[int] | None = None) -> Tensor:
-    """Triton launcher (same signature as `cuda_ops.paged_decode_attention_cuda`): validates, then
-    runs the decode kernel (one launch over all work units) and, when some sequence has more than
-    one split, the merge kernel. See `paged_decode_attention`."""
+    """Triton launcher (same signature as `paged_attention_cuda.paged_decode_attention_cuda`):
+    validates, then runs the decode kernel (one launch over all work units) and, when some sequence
+    has more than one split, the merge kernel. See `paged_decode_attention`."""
     _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan, host_seq_lens)
     _check_kernel_dtype(q, "q")
     return _decode_triton(q, k_cache, v_cache, block_table, seq_lens, float(scale), window, num_splits,
@@ -656,7 +569,7 @@ def _write_triton(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 def paged_kv_write_triton(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
-    """Triton launcher of `paged_kv_write` (same signature as `cuda_ops.paged_kv_write_cuda`)."""
+    """Triton launcher of `paged_kv_write` (same signature as `paged_attention_cuda.paged_kv_write_cuda`)."""
     _check_write(k, v, k_cache, v_cache, slot_mapping)
     _check_kernel_dtype(k, "k")
     _write_triton(k, v, k_cache, v_cache, slot_mapping)
@@ -698,7 +611,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
             split per sequence. The plan makes work units of similar size (`plan_paged_decode`),
             all launched in one grid, so a ragged batch keeps every SM busy: Triton aims at ~2
             programs (8-warp CTAs) per SM, the CUDA backend at ~16 warps per SM
-            (`cuda_ops._paged_plan`). Both backends take the same plan tensor.
+            (`paged_attention_cuda.plan_splits`). Both backends take the same plan tensor.
         host_seq_lens: seq_lens as a list of host ints, when the caller has them (an inference
             engine does): the launcher plans from these with its own rule instead of reading
             seq_lens back, so a call makes no host sync. Must equal seq_lens (checked on CPU only);
@@ -711,20 +624,19 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         checks (seq_lens range, used page ids) run for CPU tensors only: on CUDA they would cost a
         host sync per call, and the kernel masks out-of-range values instead (module docstring).
     """
-    _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan, host_seq_lens)
-    be = resolve_backend(backend, q)
+    OP.checks["paged_decode_attention"](q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan,
+                                        host_seq_lens)
+    be = resolve_backend(backend, q, OP.choices)
     if be == "torch":
-        return paged_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens, scale, window)
+        return _decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale, window)
     _check_kernel_dtype(q, "q")
+    launcher = OP.launcher(be)
+    if hasattr(launcher, "check_limits"):  # what this backend cannot run that the contract allows
+        launcher.check_limits(q, k_cache)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     window = None if window is None else int(window)
-    if be == "cuda":
-        from .cuda_ops import paged_decode_attention_cuda  # lazy: builds/loads the CUDA extension
-
-        return paged_decode_attention_cuda(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits,
-                                           plan, host_seq_lens)
-    return _decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan=plan,
-                          host_seq_lens=host_seq_lens)
+    return launcher.decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan=plan,
+                           host_seq_lens=host_seq_lens)
 
 
 def paged_kv_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, *,
@@ -741,18 +653,13 @@ def paged_kv_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
         backend: "torch" | "triton" | "cuda" | None (triton on CUDA tensors, torch on CPU).
     Every other cache slot is left bitwise untouched.
     """
-    _check_write(k, v, k_cache, v_cache, slot_mapping)
-    be = resolve_backend(backend, k)
+    OP.checks["paged_kv_write"](k, v, k_cache, v_cache, slot_mapping)
+    be = resolve_backend(backend, k, OP.choices)
     if be == "torch":
-        paged_kv_write_reference(k, v, k_cache, v_cache, slot_mapping)
+        _write_reference(k, v, k_cache, v_cache, slot_mapping)
         return
     _check_kernel_dtype(k, "k")
-    if be == "cuda":
-        from .cuda_ops import paged_kv_write_cuda  # lazy: builds/loads the CUDA extension
-
-        paged_kv_write_cuda(k, v, k_cache, v_cache, slot_mapping)
-        return
-    _write_triton(k, v, k_cache, v_cache, slot_mapping)
+    OP.launcher(be).write(k, v, k_cache, v_cache, slot_mapping)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -843,3 +750,41 @@ KERNEL_CONFIGS: list[dict] = _kernel_configs()
 """Each entry: keyword arguments of `compile_gate.compile_triton` (fn, signature, constexprs, num_warps,
 num_stages, aligned, config), built from the launchers' own `_decode_meta` / `_merge_meta` / `_write_meta`,
 so `compile_triton(**cfg, arch=90)` compiles exactly what an H100 launches for that shape."""
+
+
+# The Triton backend's launchers, in the op's launcher protocol (decode, write; inputs trusted).
+# The CUDA backend's are paged_attention_cuda.decode / write (and its check_limits).
+TRITON_LAUNCHERS = SimpleNamespace(decode=_decode_triton, write=_write_triton)
+
+
+def cost(seq_lens: list[int], hq: int, hkv: int, d: int, itemsize: int = 2) -> dict:
+    """The floor any decode attention pays: every K and V row of every sequence read once, q read
+    and the output written once (block table and lengths are negligible); 4 FLOPs per (query head,
+    key, channel): the q.k and p.v products."""
+    return {"bytes": (2 * sum(seq_lens) * hkv * d + 2 * len(seq_lens) * hq * d) * itemsize,
+            "flops": 4 * hq * sum(seq_lens) * d}
+
+
+def _vendor(q, k_cache, v_cache, block_table, seq_lens, scale=None, window=None):
+    # Without a paged kernel the pages are gathered into a dense view for SDPA: one extra copy of
+    # the visible cache, the cost the kernels avoid.
+    pages = block_table.long()
+    k, v = k_cache[pages].flatten(1, 2), v_cache[pages].flatten(1, 2)  # (B, n, Hkv, D)
+    pos = torch.arange(k.size(1), device=q.device)[None, :]
+    lens = seq_lens.long()[:, None]
+    valid = pos < lens
+    if window is not None and window >= 0:
+        valid &= pos >= lens - 1 - window
+    y = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=valid[:, None, None, :], scale=scale,
+        enable_gqa=q.size(1) != k.size(2))
+    return y[:, :, 0]
+
+
+OP = Op(name="paged_attention", vendor="torch", kernels=("triton", "cuda"), unmeasured="triton",
+        why="memory-bound: reads the pages in place instead of gathering them (paged decode and paged_kv_write)",
+        checks={"paged_decode_attention": _check_decode, "paged_kv_write": _check_write},
+        references={"paged_decode_attention": paged_decode_attention_reference,
+                    "paged_kv_write": paged_kv_write_reference},
+        vendor_path=_vendor, launchers={"triton": TRITON_LAUNCHERS, "cuda": "paged_attention_cuda"}, cost=cost,
+        configs=lambda arch=90: KERNEL_CONFIGS)

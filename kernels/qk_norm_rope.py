@@ -18,16 +18,17 @@ arithmetic (memory bound); fused, q and k are read once and written once, and co
 loaded once per token for all of its heads.
 
 Layering (as in Liger-Kernel): Triton kernels -> launchers `qk_norm_rope_{fwd,bwd,inplace}_triton`
-(same names and signatures as the `_cuda` launchers in `cuda_ops`) -> autograd (a
+(same names and signatures as the `_cuda` launchers in `qk_norm_rope_cuda`) -> autograd (a
 `torch.library.custom_op` with `register_fake` + `register_autograd`, so torch.compile can trace it
-with fullgraph=True; eager calls the same launchers through a plain autograd.Function: measured on
-CPU with the launch stubbed out, 14 us vs 59 us per forward and 75 us vs 182 us per forward +
-backward, which matters next to a ~10 us kernel) -> functional `qk_norm_rope` /
-`qk_norm_rope_inplace` -> `QKNormRope`.
+with fullgraph=True; eager calls the same launchers through a plain autograd.Function, whose
+dispatch costs a fraction of the custom op's: that matters next to a ~10 us kernel) -> functional
+`qk_norm_rope` / `qk_norm_rope_inplace` -> `QKNormRope`; the op's declaration (`OP`, with the
+launchers of each backend) closes the module.
 """
 from __future__ import annotations
 
 import numbers
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ import triton.language as tl
 from .backend import resolve_backend
 from .compile_gate import gate_signature
 from .launch import TL_DTYPE as _TL_DTYPE
+from .op import Op
 from .rms_norm import default_eps
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_inplace", "qk_norm_rope_reference", "qk_norm_rope_inplace_reference",
@@ -200,6 +202,11 @@ def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, 
     The two orders (and the kernels' norm-first order) agree when cos^2 + sin^2 = 1.
     """
     _check_qk(q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved)
+    return _reference(q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved)
+
+
+def _reference(q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved) -> tuple[torch.Tensor, torch.Tensor]:
+    """qk_norm_rope_reference for validated arguments."""
     T, D = q.shape[1], q.shape[3]
     cos, sin = cos[:T].to(q.dtype), sin[:T].to(q.dtype)
 
@@ -224,14 +231,21 @@ def qk_norm_rope_inplace_reference(qkv: torch.Tensor, positions: torch.Tensor, c
     (max_position, D) holding [cos | sin] per position. The q and k heads of token i are
     normalised, rotated at positions[i] and scaled in place; v and any row padding are untouched.
     """
-    D = _check_inplace(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight, k_weight,
-                       scale, eps, interleaved)
+    _check_inplace(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight, k_weight, scale, eps,
+                   interleaved)
+    _inplace_reference(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight, k_weight, scale, eps,
+                       interleaved)
+
+
+def _inplace_reference(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight, k_weight, scale, eps,
+                       interleaved) -> None:
+    """qk_norm_rope_inplace_reference for validated arguments."""
+    D = qkv.shape[1] // (num_q_heads + 2 * num_kv_heads)
     nq, nk = num_q_heads * D, num_kv_heads * D
     rows = cos_sin_cache[positions.long()]  # (N, D): each token's own position, in any order
     q = qkv[:, :nq].unflatten(-1, (num_q_heads, D))[None]  # (1, N, Hq, D): tokens play the role of T
     k = qkv[:, nq:nq + nk].unflatten(-1, (num_kv_heads, D))[None]
-    q_out, k_out = qk_norm_rope_reference(q, k, rows[:, :D // 2], rows[:, D // 2:], q_weight, k_weight,
-                                          scale, eps, interleaved)
+    q_out, k_out = _reference(q, k, rows[:, :D // 2], rows[:, D // 2:], q_weight, k_weight, scale, eps, interleaved)
     with torch.no_grad():
         qkv[:, :nq].copy_(q_out[0].flatten(-2))
         qkv[:, nq:nq + nk].copy_(k_out[0].flatten(-2))
@@ -487,7 +501,7 @@ def _token_meta(hq: int, hk: int, d: int, has_qw: bool, has_kw: bool, interleave
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers (Triton backend). Same names/signatures as the `_cuda` launchers in cuda_ops.
+# Launchers (Triton backend). Same names/signatures as the `_cuda` launchers in qk_norm_rope_cuda.
 # ----------------------------------------------------------------------------------------------
 
 def _launch_fwd(q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved, q_out, k_out, q_rstd, k_rstd) -> None:
@@ -623,16 +637,9 @@ def _inplace_triton(qkv, positions, cos_sin_cache, num_q_heads: int, num_kv_head
 # Backend dispatch, custom ops (torch.compile) and autograd
 # ----------------------------------------------------------------------------------------------
 
-def _launchers(backend: str):
-    """(fwd, bwd, inplace) launchers of a kernel backend, without input checks: the public
-    functions validated once already (the checks cost ~5 us of Python per call)."""
-    if backend == "triton":
-        return _fwd_triton, _bwd_triton, _inplace_triton
-    if backend == "cuda":
-        from . import cuda_ops  # lazily: the CUDA backend is optional and may be absent
-
-        return cuda_ops._qk_norm_rope_fwd, cuda_ops._qk_norm_rope_bwd, cuda_ops._qk_norm_rope_inplace
-    raise ValueError(f"kernel backend must be 'triton' or 'cuda', got {backend!r}")
+# The Triton backend's launchers, in the op's launcher protocol (fwd, bwd, inplace; inputs trusted:
+# the public functions validated once). The CUDA backend's are qk_norm_rope_cuda.fwd / bwd / inplace.
+TRITON_LAUNCHERS = SimpleNamespace(fwd=_fwd_triton, bwd=_bwd_triton, inplace=_inplace_triton)
 
 
 @torch.library.custom_op("nanofast::qk_norm_rope_fwd", mutates_args=())
@@ -640,7 +647,7 @@ def _qk_norm_rope_fwd_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
                          q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, scale: float, eps: float,
                          interleaved: bool, backend: str
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launchers(backend)[0](q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved)
+    return OP.launcher(backend).fwd(q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved)
 
 
 @_qk_norm_rope_fwd_op.register_fake
@@ -656,7 +663,7 @@ def _qk_norm_rope_bwd_op(dq_out: torch.Tensor, dk_out: torch.Tensor, q: torch.Te
                          interleaved: bool, backend: str
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # Custom-op schemas cannot return an optional tensor: an absent weight's gradient is (0,).
-    dq, dk, dqw, dkw = _launchers(backend)[1](dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, q_rstd, k_rstd,
+    dq, dk, dqw, dkw = OP.launcher(backend).bwd(dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, q_rstd, k_rstd,
                                               scale, interleaved)
     # (two distinct empties: custom-op outputs must not alias each other)
     return (dq, dk, q.new_empty((0,), dtype=torch.float32) if dqw is None else dqw,
@@ -701,7 +708,7 @@ def _qk_norm_rope_inplace_op(qkv: torch.Tensor, positions: torch.Tensor, cos_sin
                              num_q_heads: int, num_kv_heads: int, q_weight: torch.Tensor | None,
                              k_weight: torch.Tensor | None, scale: float, eps: float, interleaved: bool,
                              backend: str) -> None:
-    _launchers(backend)[2](qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight, k_weight, scale,
+    OP.launcher(backend).inplace(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight, k_weight, scale,
                            eps, interleaved)
 
 
@@ -716,7 +723,7 @@ class _QKNormRopeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved, backend):
-        q_out, k_out, q_rstd, k_rstd = _launchers(backend)[0](q, k, cos, sin, q_weight, k_weight, scale, eps,
+        q_out, k_out, q_rstd, k_rstd = OP.launcher(backend).fwd(q, k, cos, sin, q_weight, k_weight, scale, eps,
                                                               interleaved)
         ctx.save_for_backward(q, k, cos, sin, q_weight, k_weight, q_rstd, k_rstd)
         ctx.scale, ctx.interleaved, ctx.backend = scale, interleaved, backend
@@ -726,7 +733,7 @@ class _QKNormRopeFunction(torch.autograd.Function):
     def backward(ctx, dq_out, dk_out):
         q, k, cos, sin, q_weight, k_weight, q_rstd, k_rstd = ctx.saved_tensors
         dq_out, dk_out = _unit_last_stride(dq_out), _unit_last_stride(dk_out)
-        dq, dk, dqw, dkw = _launchers(ctx.backend)[1](dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, q_rstd,
+        dq, dk, dqw, dkw = OP.launcher(ctx.backend).bwd(dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, q_rstd,
                                                       k_rstd, ctx.scale, ctx.interleaved)
         return dq, dk, None, None, dqw, dkw, None, None, None, None
 
@@ -749,10 +756,10 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     Returns (q_out (B, T, Hq, D), k_out (B, T, Hk, D)), contiguous, in q's dtype; differentiable
     w.r.t. q, k and the weights (not cos/sin on the kernel backends).
     """
-    _check_qk(q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved)
-    backend = resolve_backend(backend, q)
+    OP.checks["qk_norm_rope"](q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved)
+    backend = resolve_backend(backend, q, OP.choices)
     if backend == "torch":
-        q_out, k_out = qk_norm_rope_reference(q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved)
+        q_out, k_out = _reference(q, k, cos, sin, q_weight, k_weight, scale, eps, interleaved)
         return q_out.contiguous(), k_out.contiguous()
     _check_kernel_dtype(q, "q", ("cos", cos), ("sin", sin), ("q_weight", q_weight), ("k_weight", k_weight))
     if sin.dtype != cos.dtype or sin.shape != cos.shape:  # one table layout: the CUDA launch takes one dtype code
@@ -779,11 +786,11 @@ def qk_norm_rope_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cac
     contiguous (row stride >= width); positions: (N,) int64, any order, repeats allowed;
     cos_sin_cache: (max_position, D) fp32 with [cos | sin] halves. v is not touched. No autograd.
     """
-    _check_inplace(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight, k_weight,
-                   scale, eps, interleaved)
-    backend = resolve_backend(backend, qkv)
+    OP.checks["qk_norm_rope_inplace"](qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight,
+                                      k_weight, scale, eps, interleaved)
+    backend = resolve_backend(backend, qkv, OP.choices)
     if backend == "torch":
-        qk_norm_rope_inplace_reference(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight,
+        _inplace_reference(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight,
                                        k_weight, scale, eps, interleaved)
         return
     _check_kernel_dtype(qkv, "qkv", ("cos_sin_cache", cos_sin_cache), ("q_weight", q_weight), ("k_weight", k_weight))
@@ -792,7 +799,7 @@ def qk_norm_rope_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cac
         torch.ops.nanofast.qk_norm_rope_inplace(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight,
                                                 k_weight, float(scale), eps, interleaved, backend)
     else:  # eager: the same launcher without the op dispatcher's overhead (a decode step calls it per layer)
-        _launchers(backend)[2](qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight, k_weight,
+        OP.launcher(backend).inplace(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight, k_weight,
                                float(scale), eps, interleaved)
 
 
@@ -879,3 +886,26 @@ KERNEL_CONFIGS: list[dict] = [
 """Each entry: keyword arguments of `compile_gate.compile_triton` (fn, signature, constexprs, num_warps,
 num_stages, aligned, config), built from the launchers' own `_launch_meta`, so
 `compile_triton(**cfg, arch=90)` compiles exactly what an H100 launches for that shape."""
+
+
+def cost(B: int, T: int, HQ: int, HK: int, D: int, itemsize: int = 2, backward: bool = False,
+         norm: bool = True) -> dict:
+    """Bytes a fused implementation must move (the minimum; extra passes only add to it) and FLOPs.
+
+    Forward: read q and k, write q_out and k_out, write fp32 rstd per head, read cos and sin once
+    (T x D/2 each; re-reads by other batch rows hit L2). Backward: read dy and x, write dx, read
+    rstd, read cos/sin. norm=False (rope only): no rstd. ~8 FLOPs per element each way.
+    """
+    n = B * T * (HQ + HK)
+    tables = T * D * itemsize
+    fwd = 2 * n * D * itemsize + (4 * n if norm else 0) + tables
+    bwd = 3 * n * D * itemsize + (4 * n if norm else 0) + tables
+    return {"bytes": fwd + (bwd if backward else 0), "flops": 8 * n * D * (2 if backward else 1)}
+
+
+OP = Op(name="qk_norm_rope", vendor="torch", kernels=("triton", "cuda"), unmeasured="triton",
+        why="memory-bound: rotary, norm and scale in one pass instead of several",
+        checks={"qk_norm_rope": _check_qk, "qk_norm_rope_inplace": _check_inplace},
+        references={"qk_norm_rope": qk_norm_rope_reference, "qk_norm_rope_inplace": qk_norm_rope_inplace_reference},
+        vendor_path=qk_norm_rope_reference,
+        launchers={"triton": TRITON_LAUNCHERS, "cuda": "qk_norm_rope_cuda"}, cost=cost, configs=lambda arch=90: KERNEL_CONFIGS)

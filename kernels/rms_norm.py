@@ -24,6 +24,7 @@ residual; backward: dy and h, in a separate row-reduction kernel). nanochat's d_
 from __future__ import annotations
 
 import numbers
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from .backend import resolve_backend
 from .compile_gate import gate_signature
+from .op import Op
 from .launch import TL_DTYPE as _TL_DTYPE, alloc as _alloc, device_ctx as _device_ctx, next_pow2 as _next_pow2, \
     row_stride as _row_stride, sm_count as _sm_count
 
@@ -417,37 +419,30 @@ def _bwd_triton(dy: Tensor, h: Tensor, rstd: Tensor, weight: Optional[Tensor],
     return dx, dw
 
 
-def _launchers(backend: str):
-    """(fwd, bwd) of a kernel backend, without input checks: `rms_norm` validated once already."""
-    if backend == "triton":
-        return _fwd_triton, _bwd_triton
-    if backend == "cuda":
-        # Imported lazily: the CUDA build is optional and written separately.
-        from .cuda_ops import _rms_norm_bwd, _rms_norm_fwd
-
-        return _rms_norm_fwd, _rms_norm_bwd
-    raise ValueError(f"backend must be 'triton' or 'cuda' for the rms_norm ops, got {backend!r}")
+# The Triton backend's launchers, in the op's launcher protocol (fwd, bwd on 2-D tensors, inputs
+# trusted: `rms_norm` validated them once). The CUDA backend's are rms_norm_cuda.fwd / .bwd.
+TRITON_LAUNCHERS = SimpleNamespace(fwd=_fwd_triton, bwd=_bwd_triton)
 
 
 # --------------------------------------------------------------------------------------------
 # Autograd: one forward/backward implementation, reached two ways. torch.compile needs custom ops
 # (opaque graph nodes with fake shapes: Dynamo must not trace into a Triton launch); in eager mode
-# the custom-op dispatcher costs ~38 us per call against ~7 us for an autograd.Function (measured
-# on this CPU with an empty body), more than the whole kernel at nanochat's smaller shapes.
+# the custom-op dispatcher costs several times an autograd.Function's dispatch, more than the whole
+# kernel at nanochat's smaller shapes.
 # --------------------------------------------------------------------------------------------
 
 def _fwd_impl(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], eps: float,
               backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(y, rstd, h) of the 2-D launcher; h is an empty (0,) tensor without residual (custom ops
     cannot return None)."""
-    y, rstd, h = _launchers(backend)[0](x, weight, residual, eps)
+    y, rstd, h = OP.launcher(backend).fwd(x, weight, residual, eps)
     return y, rstd, (h if h is not None else x.new_empty((0,)))
 
 
 def _bwd_impl(dy: Tensor, h: Tensor, rstd: Tensor, weight: Optional[Tensor], dh: Optional[Tensor],
               backend: str) -> tuple[Tensor, Tensor]:
     """(dx, dw) of the 2-D launcher; dw is an empty (0,) tensor without weight."""
-    dx, dw = _launchers(backend)[1](dy, h, rstd, weight, dh)
+    dx, dw = OP.launcher(backend).bwd(dy, h, rstd, weight, dh)
     return dx, (dw if dw is not None else h.new_empty((0,)))
 
 
@@ -586,9 +581,9 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = 
     Raises:
         TypeError / ValueError naming the offending argument and the expected shape/dtype.
     """
-    _validate(x, weight, eps, residual)
+    OP.checks["rms_norm"](x, weight, eps, residual)
     eps = default_eps(x.dtype) if eps is None else float(eps)
-    be = resolve_backend(backend, x)
+    be = resolve_backend(backend, x, OP.choices)
     if be == "torch":
         return rms_norm_reference(x, weight, eps, residual)
     if x.dtype not in _KERNEL_DTYPES:  # both kernel backends take these three
@@ -729,3 +724,29 @@ num_warps, num_stages, aligned, config), built from the same `_fwd_meta` / `_bwd
 launchers use, so `compile_triton(**cfg, arch=90)` compiles exactly what an H100 launches.
 Compile them in a process without TRITON_INTERPRET=1: under the interpreter, triton.language's own
 @jit helpers (tl.sum, tl.cdiv) are interpreter functions the compiler cannot inline."""
+
+
+def cost(tokens: int, d: int, mode: str = "fwd", weight: bool = False, itemsize: int = 2) -> dict:
+    """Bytes and FLOPs of one call on (tokens, d), each tensor moved once. Forward: read x, write y,
+    write rstd (fp32) [, read w]. Backward ("fwd+bwd"): read dy, x, rstd, write dx [, read w, write
+    dw]. A handful of FLOPs per element: far below any GPU's ridge point."""
+    nd = tokens * d * itemsize
+    fwd = 2 * nd + 4 * tokens + (d * itemsize if weight else 0)
+    if mode == "fwd":
+        return {"bytes": fwd, "flops": 4 * tokens * d}
+    if mode != "fwd+bwd":
+        raise ValueError(f"mode must be 'fwd' or 'fwd+bwd', got {mode!r}")
+    return {"bytes": fwd + 3 * nd + 4 * tokens + (2 * d * itemsize if weight else 0), "flops": 10 * tokens * d}
+
+
+def _vendor(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = None,
+            residual: Optional[Tensor] = None):
+    h = x if residual is None else x + residual
+    y = torch.nn.functional.rms_norm(h, (h.shape[-1],), weight, eps)
+    return y if residual is None else (y, h)
+
+
+OP = Op(name="rms_norm", vendor="torch", kernels=("triton", "cuda"), unmeasured="triton",
+        why="memory-bound: the fused kernel reads and writes each element once",
+        checks={"rms_norm": _validate}, references={"rms_norm": rms_norm_reference}, vendor_path=_vendor,
+        launchers={"triton": TRITON_LAUNCHERS, "cuda": "rms_norm_cuda"}, cost=cost, configs=lambda arch=90: KERNEL_CONFIGS)

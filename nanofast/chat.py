@@ -93,7 +93,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="where train.py wrote its runs, searched for the newest checkpoint when --checkpoint is not "
                         "given (default: $NANOFAST_BASE_DIR, else ~/.cache/nanofast)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--kernel-backend", choices=BACKENDS, default=None, help=KERNEL_BACKEND_HELP)
 
 

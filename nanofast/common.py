@@ -282,23 +282,62 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) by GPU name fragment, most specific first.
-_PEAK_BF16 = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
-    ("B200", 2250e12), ("GH200", 989e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
-    ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+@dataclass(frozen=True)
+class GpuPeak:
+    """Spec peaks of one GPU model (dense, no sparsity)."""
+    bf16_flops: float  # tensor-core bf16 FLOP/s
+    gbps: float | None  # DRAM bandwidth, GB/s (None: not listed; the driver's clock and bus width give it)
+    fp8_flops: float | None = None  # tensor-core fp8 FLOP/s (None: no fp8 tensor cores, or not listed)
+
+
+# The one GPU peak table: MFU (peak_flops), the benchmarks' and the guard's fractions of peak
+# (peak_bandwidth_gbps, bench/gpu_peaks.py) and the performance page's roofline all read it. Keys are
+# fragments of torch.cuda.get_device_name(), most specific first: the first one in the name wins.
+GPU_PEAKS: list[tuple[str, GpuPeak]] = [
+    ("H100 PCIe", GpuPeak(756e12, 2000, 1513e12)),
+    ("H100 NVL", GpuPeak(835e12, 3900, 1671e12)),
+    ("H100", GpuPeak(989e12, 3350, 1979e12)),
+    ("GH200 480GB", GpuPeak(989e12, 4000, 1979e12)),  # 96 GB HBM3
+    ("GH200", GpuPeak(989e12, None, 1979e12)),  # the HBM3e versions: bandwidth from the driver
+    ("H200", GpuPeak(989e12, 4800, 1979e12)),
+    ("H800", GpuPeak(989e12, 3350, 1979e12)),
+    ("B200", GpuPeak(2250e12, 8000, 4500e12)),
+    ("A100-SXM4-80GB", GpuPeak(312e12, 2039)),
+    ("A100 80GB PCIe", GpuPeak(312e12, 1935)),
+    ("A100", GpuPeak(312e12, 1555)),
+    ("A800", GpuPeak(312e12, None)),
+    ("L40S", GpuPeak(362e12, 864)),
+    ("L4", GpuPeak(121e12, 300)),
+    ("A10", GpuPeak(125e12, None)),
+    ("RTX 4090", GpuPeak(165e12, 1008)),
+    ("RTX 3090", GpuPeak(71e12, 936)),
 ]
+
+
+def gpu_peak(name: str) -> GpuPeak | None:
+    """The table's peaks for a device name (e.g. "NVIDIA H100 80GB HBM3"), or None for an unlisted one."""
+    return next((peak for fragment, peak in GPU_PEAKS if fragment in name), None)
 
 
 def peak_flops(device: str) -> float | None:
     """Peak dense bf16 FLOP/s of the current GPU, or None (CPU, or an unknown GPU): MFU is then n/a."""
     if device != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    for fragment, flops in _PEAK_BF16:
-        if fragment in name:
-            return flops
-    return None
+    peak = gpu_peak(torch.cuda.get_device_name())
+    return None if peak is None else peak.bf16_flops
+
+
+def peak_bandwidth_gbps(device: str) -> float | None:
+    """Peak DRAM bandwidth of the current GPU in GB/s: 2 (double data rate) x memory clock x bus
+    width as the driver reports them, else the table by name; None on CPU or an unknown GPU."""
+    if device != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+    peak = gpu_peak(props.name)
+    return None if peak is None else peak.gbps
 
 
 def system_info() -> dict:

@@ -3,8 +3,8 @@
 nanofast ships its own kernels for ops a user could otherwise run through a vendor path (plain
 torch, cuBLAS through torch.matmul, torch._scaled_mm). A kernel is only worth running where it was
 measured to be correct and faster on that kind of GPU, so the choice comes from a committed table
-of measured results, `bench/baselines/<device class>/gpu_check.json` (written by
-`python -m bench.gpu_check`), and falls back to a per-op default where nothing was measured:
+of measured results, `nanofast/dispatch_tables/<device class>.json` (the `gpu_check.json` that
+`python -m bench.gpu_check` wrote on such a GPU), and falls back to a per-op default where nothing was measured:
 
 - memory-bound fused kernels (norms, QK-norm + rotary, paged attention, the fused loss head)
   default to nanofast's Triton kernel: fusing removes HBM round trips, which is where their time
@@ -26,56 +26,30 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from nanofast.kernels import registry
+from nanofast.kernels.op import Op
+
 TABLE_ENV = "NANOFAST_DISPATCH_TABLE"
-BASELINES = Path(__file__).resolve().parents[1] / "bench" / "baselines"
-TABLE_NAME = "gpu_check.json"
+# Inside the package (package data), so an installed nanofast finds the measured tables too.
+TABLES = Path(__file__).resolve().parent / "dispatch_tables"
 
 # The short GPU names a device class uses; the first one found in the device name wins, which is
 # why "L40S" comes before "L4" (every L40S name contains "L4").
 _GPU_SHORT_NAMES = ("H200", "H100", "H800", "A100", "L40S", "L4", "B200")
 
 
-@dataclass(frozen=True)
-class OpBackends:
-    """The backends one op can run on: `vendor` is what a user would call without nanofast,
-    `kernels` are nanofast's kernels for it, `unmeasured` the choice where the table has nothing."""
-
-    vendor: str
-    kernels: tuple[str, ...]
-    unmeasured: str
-    why: str
-
-    @property
-    def backends(self) -> tuple[str, ...]:
-        return (self.vendor, *self.kernels)
+# Each op's vendor path, kernels, unmeasured default and the reason for it are declared with the
+# op itself (nanofast.kernels.registry): a new op or backend needs no change here.
+# fp8_gemm and fp8_quant are not dispatched on their own: fp8_linear's backend names theirs.
+OPS: Mapping[str, Op] = {name: op for name, op in registry.OPS.items() if op.part_of is None}
 
 
-OPS: dict[str, OpBackends] = {
-    "rms_norm": OpBackends("torch", ("triton", "cuda"), "triton",
-                           "memory-bound: the fused kernel reads and writes each element once"),
-    "qk_norm_rope": OpBackends("torch", ("triton", "cuda"), "triton",
-                               "memory-bound: rotary, norm and scale in one pass instead of several"),
-    "paged_attention": OpBackends("torch", ("triton", "cuda"), "triton",
-                                  "memory-bound: reads the pages in place instead of gathering them "
-                                  "(paged decode and paged_kv_write)"),
-    "linear_cross_entropy": OpBackends("torch", ("triton",), "triton",
-                                       "the (tokens x vocab) logits never reach HBM"),
-    "newton_schulz": OpBackends("torch", ("triton",), "torch",
-                                "GEMM-class: torch.matmul (cuBLAS) is known correct and fast; "
-                                "the Triton GEMMs are unmeasured on a GPU"),
-    "fp8_linear": OpBackends("scaled_mm", ("triton", "triton_persistent"), "scaled_mm",
-                             "GEMM-class: torch._scaled_mm (cuBLASLt) is known correct and fast; "
-                             "the Triton fp8 GEMMs are unmeasured on a GPU"),
-}
-
-
-def _spec(op: str) -> OpBackends:
+def _spec(op: str) -> Op:
     try:
         return OPS[op]
     except KeyError:
@@ -99,7 +73,7 @@ def table_path(cls: str) -> Path:
     override = os.environ.get(TABLE_ENV)
     if override:
         return Path(override)
-    return BASELINES / cls / TABLE_NAME
+    return TABLES / f"{cls}.json"
 
 
 def table(cls: str) -> dict[str, dict[str, dict[str, Any]]]:

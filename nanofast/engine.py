@@ -7,7 +7,7 @@ spread over several steps instead of stalling everybody's decoding. All of a ste
 through the model in ONE forward: decode rows through the paged decode kernel as one batch,
 all chunks in one batched prefill call against their pages (`nanofast.kv_cache.PagedBatch`,
 `nanofast.attention`). Where QK-norm+rotary runs on a kernel backend, each layer computes q, k, v
-with one GEMM into a packed buffer normalised and rotated in place (`CausalSelfAttention._forward_packed`).
+with one GEMM into a packed buffer normalised and rotated in place (`nanofast.attention.packed_step`).
 
 Memory: pages come from a fixed pool (`BlockManager`). Prompts that share a prefix share its pages
 (prefix cache). When the pool runs out, the most recently admitted sequence is preempted: its

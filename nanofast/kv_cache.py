@@ -155,5 +155,6 @@ class PagedBatch:
     # (max_position, D) [cos | sin] rotary tables in the compute dtype (GPT.cos_sin_cache): read by
     # the packed-qkv attention path (kernels.qk_norm_rope_inplace at `positions`); None without it.
     cos_sin_cache: torch.Tensor | None = None
-    # index tensors of the batched prefill, built by the first layer and reused by the others
+    # index tensors of the batched prefill (attention.paged_prefill_attention_batched's `plan`), built
+    # by the first layer and reused by the others
     prefill_plan: dict = field(default_factory=dict)

@@ -14,7 +14,12 @@ import torch
 import torch.nn as nn
 
 from nanofast import ops
-from nanofast.attention import paged_step_attention
+from nanofast.optim import MUON_DEFAULTS
+from nanofast.attention import packed_step, paged_step_attention
+
+# nanochat's base_train optimizer hyperparameters: AdamW LRs of the embeddings, lm_head and
+# scalars (the matrices' Muon LR is the optimizer's default) and Muon's weight decay.
+EMBEDDING_LR, UNEMBEDDING_LR, SCALAR_LR, WEIGHT_DECAY = 0.3, 0.008, 0.5, 0.28
 
 VOCAB_PAD = 64  # pad the vocab so the lm_head GEMM has tensor-core friendly N
 SMEAR_CHANNELS = 24
@@ -171,7 +176,7 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         if (kv is not None and kv.cos_sin_cache is not None and not torch.is_grad_enabled()
                 and ops.op_backend("qk_norm_rope", x) != "torch"):
-            return self._forward_packed(x, ve, window, kv)
+            return packed_step(self, x, ve, window, kv, qk_scale=QK_SCALE, gate_channels=VE_GATE_CHANNELS)
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -182,33 +187,6 @@ class CausalSelfAttention(nn.Module):
         q, k = ops.qk_norm_rope(q, k, cos, sin, scale=QK_SCALE)
         y = ops.attention(q, k, v, window) if kv is None else paged_step_attention(kv, self.layer, q, k, v, window)
         return self.c_proj(y.reshape(B, T, -1))
-
-    def _forward_packed(self, x: torch.Tensor, ve: torch.Tensor | None, window: int, kv) -> torch.Tensor:
-        """The engine's attention when QK-norm+rotary runs on a kernel backend: one GEMM into a
-        packed qkv buffer (N, (Hq + 2 Hkv) D), the value embedding added into its v heads in place,
-        then kernels.qk_norm_rope_inplace normalises, rotates (at each token's own position, from
-        kv.cos_sin_cache) and scales the q and k heads in place, and the q, k, v views go to the
-        paged attention. The same maths as `forward`'s separate c_q/c_k/c_v + qk_norm_rope, which
-        on a kernel backend also normalises before rotating; only the GEMM's blocking may differ
-        (one N = (Hq + 2 Hkv) D GEMM instead of three). x: (1, N, n_embd) -> (1, N, n_embd)."""
-        _, N, _ = x.shape
-        Hq, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        precisions = {m.active_precision for m in (self.c_q, self.c_k, self.c_v)}
-        if len(precisions) == 1:
-            precision = precisions.pop()
-            w = self.packed_qkv_weight(x.dtype if precision is None else self.c_q.weight.dtype)
-            qkv = ops.linear(x[0], w, precision, self.c_q.recipe)
-        else:  # per-layer precisions differ: three GEMMs, packed afterwards
-            qkv = torch.cat([self.c_q(x[0]), self.c_k(x[0]), self.c_v(x[0])], dim=-1)
-        q = qkv[:, :Hq * D].view(N, Hq, D)
-        k = qkv[:, Hq * D:(Hq + Hkv) * D].view(N, Hkv, D)
-        v = qkv[:, (Hq + Hkv) * D:].view(N, Hkv, D)
-        if ve is not None:
-            gate = 3 * torch.sigmoid(self.ve_gate(x[0, :, :VE_GATE_CHANNELS]))
-            v.add_(gate.unsqueeze(-1) * ve[0].view(N, Hkv, D))
-        ops.qk_norm_rope_packed_(qkv, kv.positions, kv.cos_sin_cache, Hq, Hkv, scale=QK_SCALE)
-        y = paged_step_attention(kv, self.layer, q[None], k[None], v[None], window)
-        return self.c_proj(y.reshape(1, N, -1))
 
 
 class MLP(nn.Module):
@@ -401,12 +379,14 @@ class GPT(nn.Module):
         return 6 * matmul + attn
 
     # ---- optimizer groups ---------------------------------------------------------------------
-    def param_groups(self, unembedding_lr: float = 0.008, embedding_lr: float = 0.3, matrix_lr: float = 0.02,
-                     scalar_lr: float = 0.5, weight_decay: float = 0.28, lr_scale: float = 1.0,
-                     lr_frac: float = 1.0) -> list[dict]:
-        """nanochat's MuonAdamW groups. AdamW LRs scale as (d_model/768)^-0.5; `lr_scale` is the
-        batch-size correction, applied to every LR but the smear/backout group's (nanochat fixes
-        that one at 0.2); `lr_frac` multiplies every LR (fine-tuning's fraction of pretraining's)."""
+    def param_groups(self, unembedding_lr: float = UNEMBEDDING_LR, embedding_lr: float = EMBEDDING_LR,
+                     matrix_lr: float = MUON_DEFAULTS["lr"], scalar_lr: float = SCALAR_LR,
+                     weight_decay: float = WEIGHT_DECAY, lr_scale: float = 1.0, lr_frac: float = 1.0) -> list[dict]:
+        """nanochat's MuonAdamW groups (its base_train LRs by default; the run settings,
+        nanofast.presets, take these defaults as theirs). AdamW LRs scale as (d_model/768)^-0.5;
+        `lr_scale` is the batch-size correction, applied to every LR but the smear/backout group's
+        (nanochat fixes that one at 0.2); `lr_frac` multiplies every LR (fine-tuning's fraction of
+        pretraining's)."""
         dscale = (self.config.n_embd / 768) ** -0.5
         adam = dict(kind="adamw", eps=1e-10)
         matrices = list(self.transformer.h.parameters())

@@ -48,7 +48,11 @@ SMALL_PARAM_NUMEL = 1024  # AdamW params below this are all-reduced whole: shard
 
 
 # -----------------------------------------------------------------------------
-# Schedules (used by the training loop once per step, before optimizer.step())
+# Schedules (used by the training loop once per step, before optimizer.step()). The defaults are
+# nanochat's base_train schedule, which the run settings (nanofast.presets) take as theirs;
+# fine-tuning and RL pass their own.
+
+WARMUP_STEPS, WARMDOWN_RATIO, FINAL_LR_FRAC = 40, 0.65, 0.05
 
 def _check_step(step: int, num_iterations: int) -> None:
     if num_iterations < 1:
@@ -57,8 +61,9 @@ def _check_step(step: int, num_iterations: int) -> None:
         raise ValueError(f"step must be in [0, num_iterations={num_iterations}], got {step}")
 
 
-def lr_multiplier(step: int, num_iterations: int, warmup_steps: int = 40,
-                  warmdown_ratio: float = 0.65, final_lr_frac: float = 0.05) -> float:
+def lr_multiplier(step: int, num_iterations: int, warmup_steps: int = WARMUP_STEPS,
+                  warmdown_ratio: float = WARMDOWN_RATIO,
+                  final_lr_frac: float = FINAL_LR_FRAC) -> float:
     """Linear warmup (step+1)/warmup_steps, then 1.0, then a linear warmdown over the last
     round(warmdown_ratio * num_iterations) steps that reaches final_lr_frac at num_iterations."""
     _check_step(step, num_iterations)
@@ -71,7 +76,7 @@ def lr_multiplier(step: int, num_iterations: int, warmup_steps: int = 40,
     return progress + (1 - progress) * final_lr_frac
 
 
-def muon_momentum(step: int, num_iterations: int, warmdown_ratio: float = 0.65) -> float:
+def muon_momentum(step: int, num_iterations: int, warmdown_ratio: float = WARMDOWN_RATIO) -> float:
     """0.85 -> 0.97 linearly over the first 400 steps, then 0.97, then 0.97 -> 0.90 linearly
     during the LR warmdown (the warmup wins where the two overlap in very short runs)."""
     _check_step(step, num_iterations)
@@ -99,8 +104,9 @@ def muon_weight_decay(step: int, num_iterations: int, base: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * step / num_iterations))
 
 
-def apply_schedules(optimizer: "MuonAdamW", step: int, num_iterations: int, warmup_steps: int = 40,
-                    warmdown_ratio: float = 0.65, final_lr_frac: float = 0.05, finetune: bool = False) -> float:
+def apply_schedules(optimizer: "MuonAdamW", step: int, num_iterations: int,
+                    warmup_steps: int = WARMUP_STEPS, warmdown_ratio: float = WARMDOWN_RATIO,
+                    final_lr_frac: float = FINAL_LR_FRAC, finetune: bool = False) -> float:
     """Set every group's lr = initial_lr * lr_multiplier, and each Muon group's momentum
     (pretraining's `muon_momentum`, or `finetune_momentum`) and (cosine-decayed from
     initial_weight_decay) weight decay for `step`. Returns the multiplier."""

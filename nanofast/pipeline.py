@@ -26,7 +26,7 @@ from nanofast.model import GPT, config_for_depth, parse_linear_precision
 from nanofast.optim import MuonAdamW
 from nanofast.plan import plan_training
 from nanofast.precision import precision_report, precision_table
-from nanofast.presets import STAGE_SETTINGS, Settings, changed_settings, default_run_name
+from nanofast.presets import SETTING_STAGES, Settings, changed_settings, default_run_name, stage_settings
 from nanofast.report import build_report, read_section, write_section
 from nanofast.rl import policy_loss, rollout_batches
 from nanofast.tasks import TaskMixture, load_task
@@ -34,7 +34,7 @@ from nanofast.tokenizer import Tokenizer, compression_report, compression_table
 from nanofast.trainer import LoopSettings, LoopState, LossScaler, mfu_percent, resume_state, train, warm_start
 from nanofast.wandb_log import WandbLog
 
-STAGES = ("tokenizer", "pretrain", "midtrain", "sft", "rl", "eval", "report")
+STAGES = (*SETTING_STAGES, "report")  # the report: every stage's results, no settings of its own
 NANOFAST_ONLY = ("midtrain", "rl")  # post-training stages nanochat's runs/speedrun.sh does not run
 # Checkpoint folder of each training stage, and which earlier one a stage starts from.
 CHECKPOINTS = {"pretrain": "base", "midtrain": "mid", "sft": "sft", "rl": "rl"}
@@ -226,7 +226,7 @@ def tokenizer_cache(run: Run) -> Path:
     """Where runs share a trained tokenizer: one folder per value of the tokenizer's settings, so
     a depth sweep trains it once (nanochat shares one across model tags)."""
     s = run.settings
-    key = json.dumps({n: getattr(s, n) for n in STAGE_SETTINGS["tokenizer"]}, sort_keys=True)
+    key = json.dumps({n: getattr(s, n) for n in stage_settings("tokenizer")}, sort_keys=True)
     return run.base / "tokenizers" / f"v{s.vocab_size}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
@@ -265,6 +265,13 @@ def stage_tokenizer(run: Run, t0: float) -> None:
 
 
 # ---- pretraining ------------------------------------------------------------------------------
+def base_lrs(s: Settings) -> dict[str, float]:
+    """GPT.param_groups' base learning rates, from the settings: pretraining's (batch-scaled there),
+    of which fine-tuning and RL take a fraction."""
+    return dict(embedding_lr=s.embedding_lr, unembedding_lr=s.unembedding_lr, matrix_lr=s.matrix_lr,
+                scalar_lr=s.scalar_lr)
+
+
 def compiled(model: GPT, s: Settings) -> torch.nn.Module:
     """The module that runs training steps: `model` compiled for its one (batch, seq_len) shape, or
     `model` itself. Evaluation, sampling and checkpoints use `model` (the shapes vary there, and its
@@ -316,8 +323,8 @@ def stage_pretrain(run: Run, t0: float) -> None:
     model.to_empty(device=device)
     model.init_weights()
     model.set_linear_precision(parse_linear_precision(s.linear_precision), s.fp8_recipe)
-    plan = plan_training(model, s, run.dist.world_size)
-    optimizer = MuonAdamW(model.param_groups(lr_scale=plan.lr_scale, weight_decay=plan.weight_decay))
+    plan = plan_training(model, s, run.dist.world_size, base_weight_decay=s.weight_decay)
+    optimizer = MuonAdamW(model.param_groups(**base_lrs(s), lr_scale=plan.lr_scale, weight_decay=plan.weight_decay))
     ckpt_dir = run.checkpoint_dir("base")
     resumed = resume_state(ckpt_dir, model, optimizer, run.dist.rank, run.dist.world_size)
     state, loader_state = resumed if resumed else (LoopState(), None)
@@ -340,6 +347,7 @@ def stage_pretrain(run: Run, t0: float) -> None:
         return result
 
     settings = LoopSettings(num_iterations=plan.num_iterations, grad_accum=plan.grad_accum,
+                            warmup_steps=s.warmup_steps, warmdown_ratio=s.warmdown_ratio, final_lr_frac=s.final_lr_frac,
                             eval_every=s.eval_every, save_every=s.save_every, save_minutes=s.save_minutes,
                             keep_checkpoints=s.keep_checkpoints, log_every=s.log_every,
                             tokens_per_step=plan.total_batch_size, flops_per_token=flops, peak_flops=peak_flops(device))
@@ -428,7 +436,7 @@ def _finetune(run: Run, t0: float, stage: str, init_from: str, mix: tuple[str, .
     rows_per_step = plan.total_batch_size // s.seq_len
     if iterations <= 0:  # one epoch, counting ~2 conversations per row as packing typically gives
         iterations = max(1, len(train_mix) // (2 * rows_per_step))
-    optimizer = MuonAdamW(model.param_groups(weight_decay=0.0, lr_frac=s.finetune_lr_scale))
+    optimizer = MuonAdamW(model.param_groups(**base_lrs(s), weight_decay=0.0, lr_frac=s.finetune_lr_scale))
     ckpt_dir = run.checkpoint_dir(CHECKPOINTS[stage])
     resumed = resume_state(ckpt_dir, model, optimizer, run.dist.rank, run.dist.world_size)
     state, loader_state = resumed if resumed else (LoopState(), None)
@@ -489,7 +497,7 @@ def stage_rl(run: Run, t0: float) -> None:
     tokenizer = load_tokenizer(run)
     model = load_stage_model(run, "sft", dtype)
     train_task, test_task = _load_task(run, RL_TASK, "train"), _load_task(run, RL_TASK, "test")
-    optimizer = MuonAdamW(model.param_groups(lr_frac=s.rl_lr_scale))
+    optimizer = MuonAdamW(model.param_groups(**base_lrs(s), weight_decay=s.weight_decay, lr_frac=s.rl_lr_scale))
     ckpt_dir = run.checkpoint_dir(CHECKPOINTS["rl"])
     resumed = resume_state(ckpt_dir, model, optimizer, rank, world)
     state = resumed[0] if resumed else LoopState()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from nanofast.common import print0
-from nanofast.model import GPT, config_for_depth
+from nanofast.model import GPT, WEIGHT_DECAY, config_for_depth
 from nanofast.presets import Settings
 
 # nanochat's reference point for its batch-size and horizon rules: depth 12 trains best at 2^19 tokens/step.
@@ -32,7 +32,7 @@ def scaling_params(model: GPT) -> int:
     return counts["transformer_matrices"] + counts["lm_head"]
 
 
-def plan_training(model: GPT, s: Settings, world_size: int, base_weight_decay: float = 0.28) -> Plan:
+def plan_training(model: GPT, s: Settings, world_size: int, base_weight_decay: float = WEIGHT_DECAY) -> Plan:
     """nanochat's rules. Horizon: `target_param_data_ratio` x scaling params tokens (unless
     num_iterations is given). Batch: 2^19 at depth 12, growing as D^0.383 (Power Lines), rounded to
     a power of two. LRs scale as sqrt(B/B_ref); weight decay as sqrt(B/B_ref) * D_ref/D."""

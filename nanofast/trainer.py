@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from nanofast import checkpoint
 from nanofast.common import Dist, print0
-from nanofast.optim import apply_schedules
+from nanofast.optim import FINAL_LR_FRAC, WARMDOWN_RATIO, WARMUP_STEPS, apply_schedules
 
 
 class NonFiniteLoss(ValueError):
@@ -142,9 +142,10 @@ class Checkpointer:
 class LoopSettings:
     num_iterations: int
     grad_accum: int = 1
-    warmup_steps: int = 40
-    warmdown_ratio: float = 0.65
-    final_lr_frac: float = 0.05
+    # the LR schedule (optim.lr_multiplier); by default pretraining's settings (nanofast.presets)
+    warmup_steps: int = WARMUP_STEPS
+    warmdown_ratio: float = WARMDOWN_RATIO
+    final_lr_frac: float = FINAL_LR_FRAC
     finetune: bool = False      # fine-tuning's Muon momentum schedule (optim.finetune_momentum)
     eval_every: int = 250       # <= 0: only at the end
     save_every: int = -1        # <= 0: only at the end (and by save_minutes)

@@ -41,3 +41,23 @@ def chromium(width: int = 1200, height: int = 900) -> Iterator:
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def set_greedy(driver) -> None:
+    """The page's temperature field set to 0 (greedy answers, comparable with the engine's)."""
+    from selenium.webdriver.common.by import By
+
+    temperature = driver.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("0")
+
+
+def open_page(driver, url: str, model_id: str) -> None:
+    """The chat page at `url`, loaded (its model card fetched: `model_id` shown), answering greedily."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.set_window_size(1200, 900)
+    driver.get(url + "/")
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model").text == model_id)
+    set_greedy(driver)

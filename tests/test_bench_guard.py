@@ -15,7 +15,7 @@ if str(ROOT) not in sys.path:  # `bench` is a package at the repository root, no
     sys.path.insert(0, str(ROOT))
 
 from bench import guard  # noqa: E402
-from bench import performance  # noqa: E402
+from bench import performance, render  # noqa: E402
 
 # The byte models live in bench/ files whose gpu / expensive markers bench/conftest.py registers;
 # imported from here (outside that conftest) pytest would warn about them.
@@ -192,22 +192,25 @@ def test_performance_page_renders_and_says_not_measured(tmp_path):
     facts = tmp_path / "facts.json"
     facts.write_text(json.dumps({"versions": {"triton": "3.9.0", "nvcc": "13.0"}, "kernels": {
         "k [c] sm_90": dict(TABLE_ROW, kernel="k", config="c")}}))
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n## Benchmarks\n\ntext\n\n{performance.START}\nold\n{performance.END}\n\n## Layout\n")
+    readme = ROOT / "README.md"
+    readme_before = readme.read_bytes()
     out, png = tmp_path / "page.md", tmp_path / "roofline.png"
     assert performance.main(["--results", str(results), "--facts", str(facts), "--guard", str(guard_json),
-                             "--out", str(out), "--png", str(png), "--readme", str(readme)]) == 0
-    page, text = out.read_text(), readme.read_text()
+                             "--out", str(out), "--png", str(png)]) == 0
+    page = out.read_text()
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
-    for md in (page, text):
-        assert performance.NOT_MEASURED in md and "Test CPU" in md and "| paged_engine |" in md and "4.50x" in md
-        assert "1 Triton configs" in md and "0 spill" in md
+    assert render.NOT_MEASURED in page and "Test CPU" in page and "| paged_engine |" in page and "4.50x" in page
+    assert "1 Triton configs" in page and "0 spill" in page
     assert "`test_a[eager]`" in page and "2.00x" in page  # full page: every benchmark, vs the group's best
-    assert "old" not in text and text.count(performance.START) == 1 and text.endswith("## Layout\n")
+    assert "](roofline.png)" in page  # the PNG beside the page, linked relative to it
+    # The tool writes the page and its PNG only: the README links to the page, no tool rewrites it.
+    assert readme.read_bytes() == readme_before and "bench/performance.md" in readme_before.decode()
+    with pytest.raises(SystemExit):
+        performance.main(["--readme", str(tmp_path / "README.md")])
     # Byte models come from the benchmark files: a GPU cell is filled only from a GPU result.
     gpu = dict(cpu, machine_info={"nanofast": {"gpu": "NVIDIA H100 80GB HBM3", "machine_class": "gpu-H100"}},
                benchmarks=[_bench("test_bench_rms_norm[16384x1280-triton-fwd+bwd-plain]", "g", 2e-3, calls_per_round=20)])
-    table, points = performance.gpu_kernel_table(performance.kernel_models(), [cpu, gpu])
+    table, points = render.gpu_kernel_table(performance.kernel_models(), [cpu, gpu])
     row = next(line for line in table.splitlines() if line.startswith("| rms_norm fwd+bwd"))
     assert "NVIDIA H100" in row and "100.0 us" in row and len(points) == 1
-    assert table.count(performance.NOT_MEASURED) == 4 * (len(performance.kernel_models()) - 1)
+    assert table.count(render.NOT_MEASURED) == 4 * (len(performance.kernel_models()) - 1)

@@ -91,11 +91,7 @@ def test_the_web_page_holds_the_conversation(memorized, recording):
     tokenizer, model, _ = memorized
     with ServerThread(create_app(recording(model, tokenizer), tokenizer, MODEL_ID)) as server, \
             chromium_browser.chromium() as driver:
-        driver.get(server.url + "/")
-        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model").text == MODEL_ID)
-        temperature = driver.find_element(By.ID, "temperature")
-        temperature.clear()
-        temperature.send_keys("0")
+        chromium_browser.open_page(driver, server.url, MODEL_ID)
         box = driver.find_element(By.ID, "input")
         for k, user in enumerate(USER):
             box.send_keys(user, Keys.ENTER)

@@ -32,7 +32,9 @@ import pytest
 import torch
 
 from nanofast.kernels import cuda_abi, cuda_build, cuda_facts
-from nanofast.kernels import cuda_ops as co
+from nanofast.kernels import cuda_args, paged_attention_cuda
+from nanofast.kernels import qk_norm_rope_cuda as qk_cuda
+from nanofast.kernels import rms_norm_cuda as rn_cuda
 
 from cuda_emu_helpers import CSRC, HAVE_CXX, HAVE_NVCC, SOURCES, emu, needs_cxx  # noqa: F401 (emu: the fixture)
 
@@ -354,7 +356,7 @@ def test_bindings_module_exports_the_launch_functions(emu, tmp_path):
     args = args_type(dtype=0, N=3, D=40, x=x.data_ptr(), x_stride=40, y=y.data_ptr(), y_stride=40,
                      rstd=rstd.data_ptr(), eps=1e-6)  # fields left out are zero / null
     assert fn(ctypes.byref(args), None) == 0
-    ref, ref_rstd, _ = co.rms_norm_fwd_cuda(x, None, None, 1e-6)
+    ref, ref_rstd, _ = rn_cuda.rms_norm_fwd_cuda(x, None, None, 1e-6)
     assert torch.equal(y, ref) and torch.equal(rstd, ref_rstd)
 
 
@@ -472,15 +474,15 @@ def test_emulator_reports_deadlock_and_misuse(selftest, monkeypatch):
 # ------------------------------------------------------------------------------------------------ empty inputs (both norm families)
 
 def test_empty_inputs(emu):
-    y, rstd, h = co.rms_norm_fwd_cuda(torch.empty(0, 8), torch.ones(8), torch.empty(0, 8), 1e-6)
+    y, rstd, h = rn_cuda.rms_norm_fwd_cuda(torch.empty(0, 8), torch.ones(8), torch.empty(0, 8), 1e-6)
     assert y.shape == (0, 8) and rstd.shape == (0,) and h.shape == (0, 8)
-    dx, dw = co.rms_norm_bwd_cuda(torch.empty(0, 8), torch.empty(0, 8), torch.empty(0), torch.ones(8), None)
+    dx, dw = rn_cuda.rms_norm_bwd_cuda(torch.empty(0, 8), torch.empty(0, 8), torch.empty(0), torch.ones(8), None)
     assert dx.shape == (0, 8) and torch.equal(dw, torch.zeros(8))
     q, k = torch.empty(2, 0, 3, 4), torch.empty(2, 0, 1, 4)
     cs = torch.empty(0, 2)
-    qo, ko, qr, kr = co.qk_norm_rope_fwd_cuda(q, k, cs, cs, None, None, 1.0, 1e-6, False)
+    qo, ko, qr, kr = qk_cuda.qk_norm_rope_fwd_cuda(q, k, cs, cs, None, None, 1.0, 1e-6, False)
     assert qo.shape == q.shape and kr.shape == (2, 0, 1)
-    co.qk_norm_rope_inplace_cuda(torch.empty(0, 16), torch.empty(0, dtype=torch.int64), torch.ones(3, 4), 2, 1,
+    qk_cuda.qk_norm_rope_inplace_cuda(torch.empty(0, 16), torch.empty(0, dtype=torch.int64), torch.ones(3, 4), 2, 1,
                                  None, None, 1.0, 1e-6, False)
 
 
@@ -496,8 +498,8 @@ def _err_cases():
     qkv = torch.randn(3, 32)
     pos = torch.tensor([0, 1, 2])
     cache = torch.randn(4, 8)
-    fwd, bwd = co.rms_norm_fwd_cuda, co.rms_norm_bwd_cuda
-    qf, qb, qi = co.qk_norm_rope_fwd_cuda, co.qk_norm_rope_bwd_cuda, co.qk_norm_rope_inplace_cuda
+    fwd, bwd = rn_cuda.rms_norm_fwd_cuda, rn_cuda.rms_norm_bwd_cuda
+    qf, qb, qi = qk_cuda.qk_norm_rope_fwd_cuda, qk_cuda.qk_norm_rope_bwd_cuda, qk_cuda.qk_norm_rope_inplace_cuda
     return [
         (lambda: fwd(x.numpy(), w, None, 1e-6), TypeError, "x must be a torch.Tensor"),
         (lambda: fwd(x[None], w, None, 1e-6), ValueError, "x must have 2 dims"),
@@ -584,7 +586,7 @@ def test_paths_are_relative_and_overridable(monkeypatch, tmp_path):
     monkeypatch.setenv("NANOFAST_CSRC", str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="NANOFAST_CSRC"):
         cuda_build.csrc_dir()
-    modules = (cuda_abi, cuda_build, cuda_facts, co)
+    modules = (cuda_abi, cuda_build, cuda_facts, cuda_args, rn_cuda, qk_cuda, paged_attention_cuda)
     src = ("".join(Path(m.__file__).read_text() for m in modules) +
            "".join(p.read_text() for p in CSRC.iterdir() if p.is_file()))
     checkout = str(Path(cuda_build.__file__).resolve().parents[1])  # this checkout's own location

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanofast import dispatch, ops
+from nanofast import attention, dispatch, ops
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
-REAL_BASELINES = dispatch.BASELINES  # the fixture below points dispatch at a temporary folder
+REAL_TABLES = dispatch.TABLES  # the fixture below points dispatch at a temporary folder
 UNMEASURED = {"rms_norm": "triton", "qk_norm_rope": "triton", "paged_attention": "triton",
               "linear_cross_entropy": "triton", "newton_schulz": "torch", "fp8_linear": "scaled_mm"}
 
@@ -28,7 +28,7 @@ def r(ms: float | None, ok: bool = True) -> dict:
 def clean(monkeypatch, tmp_path):
     """No table from the environment or the repository; no cached loads; no forced backend."""
     monkeypatch.delenv(dispatch.TABLE_ENV, raising=False)
-    monkeypatch.setattr(dispatch, "BASELINES", tmp_path / "baselines")
+    monkeypatch.setattr(dispatch, "TABLES", tmp_path / "tables")
     dispatch.clear_cache()
     ops.set_kernel_backend(None)
     ops.set_fp8_backend(None)
@@ -147,7 +147,7 @@ def test_bench_machine_class_uses_the_same_rule(monkeypatch, gpu_named):
 def test_committed_table_location_per_device_class(tmp_path, gpu_named):
     gpu_named("NVIDIA H100 80GB HBM3")
     assert dispatch.backend_for("rms_norm", CUDA) == "triton"  # no table: the default
-    write_table(tmp_path / "baselines" / "gpu-H100" / "gpu_check.json",
+    write_table(tmp_path / "tables" / "gpu-H100.json",
                 {"dispatch": {"rms_norm": {"torch": r(1.0), "triton": r(2.0)}}})
     dispatch.clear_cache()
     assert dispatch.backend_for("rms_norm", CUDA) == "torch"
@@ -155,10 +155,13 @@ def test_committed_table_location_per_device_class(tmp_path, gpu_named):
     assert dispatch.backend_for("rms_norm", CUDA) == "triton"
 
 
-def test_repository_location_is_bench_baselines():
-    assert REAL_BASELINES == Path(dispatch.__file__).resolve().parents[1] / "bench" / "baselines"
-    assert REAL_BASELINES.is_dir() and (REAL_BASELINES / "kernel_facts.json").is_file()
-    assert dispatch.table_path("gpu-H100") == dispatch.BASELINES / "gpu-H100" / "gpu_check.json"
+def test_tables_ship_inside_the_package():
+    """The measured tables live in the package (package data), so an installed nanofast uses them."""
+    assert REAL_TABLES == Path(dispatch.__file__).resolve().parent / "dispatch_tables"
+    assert REAL_TABLES.is_dir() and (REAL_TABLES / "README.md").is_file()
+    assert dispatch.table_path("gpu-H100") == dispatch.TABLES / "gpu-H100.json"
+    setup = (Path(dispatch.__file__).resolve().parents[1] / "setup.py").read_text()
+    assert '"dispatch_tables/*.json"' in setup
 
 
 def test_env_var_names_the_table(monkeypatch, tmp_path, gpu_named):
@@ -216,7 +219,7 @@ def test_malformed_table_is_an_error_naming_the_file(monkeypatch, tmp_path, gpu_
 
 def test_committed_tables_are_well_formed():
     """Every gpu_check.json in the repository loads (a malformed one would fail every GPU run)."""
-    for path in sorted(REAL_BASELINES.glob("*/gpu_check.json")):
+    for path in sorted(REAL_TABLES.glob("*.json")):
         dispatch._load(str(path))
 
 
@@ -231,7 +234,7 @@ def measured_gpu(monkeypatch, tmp_path):
              "linear_cross_entropy": {"torch": r(1.0), "triton": r(2.0)},
              "newton_schulz": {"torch": r(2.0), "triton": r(1.0)},
              "fp8_linear": {"scaled_mm": r(3.0), "triton": r(2.0), "triton_persistent": r(1.0)}}
-    write_table(tmp_path / "baselines" / "gpu-Test" / "gpu_check.json", {"dispatch": table})
+    write_table(tmp_path / "tables" / "gpu-Test.json", {"dispatch": table})
     monkeypatch.setattr(dispatch, "device_class", lambda device: "gpu-Test" if torch.device(device).type == "cuda"
                         else "cpu")
     return {"rms_norm": "torch", "qk_norm_rope": "triton", "paged_attention": "cuda",
@@ -254,7 +257,8 @@ def test_cpu_default_is_the_vendor_path_for_every_op_whatever_the_table(measured
     assert {op: ops.decide_backend(op, CPU) for op in dispatch.OPS} == vendor
     assert {op: dispatch.backend_for(op, CPU) for op in dispatch.OPS} == vendor
     x = torch.zeros(2, 4)
-    assert (ops.kernel_backend(x), ops.triton_backend(x), ops.op_backend("fp8_linear", x)) == ("torch", "torch", "scaled_mm")
+    assert (ops.op_backend("rms_norm", x), ops.op_backend("linear_cross_entropy", x), ops.op_backend("fp8_linear", x)) \
+        == ("torch", "torch", "scaled_mm")
 
 
 @pytest.mark.parametrize("forced,want", [
@@ -282,12 +286,12 @@ def test_a_forced_fp8_backend_wins_over_everything(measured_gpu):
     assert ops.decide_backend("fp8_linear", CUDA) == "triton_persistent"
 
 
-def test_triton_backend_never_answers_cuda():
+def test_forced_cuda_runs_triton_where_an_op_has_no_cuda_kernel():
     x = torch.zeros(2, 4)
     ops.set_kernel_backend("cuda")
-    assert ops.kernel_backend(x) == "cuda"
-    assert ops.triton_backend(x) == "triton"
-    assert ops.triton_backend(x, op="rms_norm") == "triton"
+    assert ops.op_backend("rms_norm", x) == "cuda"
+    assert ops.op_backend("linear_cross_entropy", x) == "triton"
+    assert ops.op_backend("newton_schulz", x) == "triton"
 
 
 def test_each_op_asks_for_its_own_backend(monkeypatch):
@@ -315,9 +319,9 @@ def test_each_op_asks_for_its_own_backend(monkeypatch):
     q, k = torch.randn(1, 3, 2, 8, generator=g), torch.randn(1, 3, 1, 8, generator=g)
     expect("qk_norm_rope", lambda: ops.qk_norm_rope(q, k, cos, sin))
     kc, vc = torch.zeros(4, 2, 1, 8), torch.zeros(4, 2, 1, 8)
-    expect("paged_attention", lambda: ops.paged_kv_write(k[0], k[0], kc, vc, torch.tensor([0, 1, 2])))
-    expect("paged_attention", lambda: ops.paged_decode_attention(q[:, 0], kc, vc, torch.tensor([[0, 1]]),
-                                                                 torch.tensor([3]), 8))
+    expect("paged_attention", lambda: attention.paged_kv_write(k[0], k[0], kc, vc, torch.tensor([0, 1, 2])))
+    expect("paged_attention", lambda: attention.paged_decode_attention(q[:, 0], kc, vc, torch.tensor([[0, 1]]),
+                                                                       torch.tensor([3]), 8))
     w = torch.randn(16, 8, generator=g)
     targets = torch.randint(0, 10, (2, 3), generator=g)
     expect("linear_cross_entropy", lambda: ops.linear_softcap_cross_entropy(x, w, targets, 10))
@@ -361,7 +365,7 @@ def test_dispatch_as_gives_cpu_tensors_an_unmeasured_gpus_choices():
     ops.set_kernel_backend(None, "cpu", dispatch_as="gpu-Unmeasured")
     assert {op: ops.decide_backend(op, CPU) for op in dispatch.OPS} == UNMEASURED
     x = torch.zeros(2, 4)
-    assert (ops.kernel_backend(x), ops.op_backend("newton_schulz", x), ops.op_backend("fp8_linear", x)) \
+    assert (ops.op_backend("rms_norm", x), ops.op_backend("newton_schulz", x), ops.op_backend("fp8_linear", x)) \
         == ("triton", "torch", "scaled_mm")
 
 

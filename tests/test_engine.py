@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanofast import kernels, kv_cache, ops
+from nanofast import attention, kernels, kv_cache, ops
 from nanofast.engine import Engine, SamplingParams, sample_seed
 from nanofast.kv_cache import BlockManager
 from nanofast.model import GPT, config_for_depth
@@ -180,8 +180,8 @@ def test_decode_plans_from_the_engines_host_lengths(monkeypatch):
 def test_a_step_with_several_chunks_makes_one_prefill_call_per_layer(monkeypatch):
     model = _model(2, [5, 48])
     prompts = _prompts(seed=8)[4:8]  # 17, 30, 9 and 11 tokens: several chunks per step
-    batched = _counting(monkeypatch, ops, "paged_prefill_attention_batched")
-    per_chunk = _counting(monkeypatch, ops, "paged_prefill_attention")
+    batched = _counting(monkeypatch, attention, "paged_prefill_attention_batched")
+    per_chunk = _counting(monkeypatch, attention, "paged_prefill_attention")
     engine = Engine(model, page_size=4, num_pages=60, max_batch_tokens=64)
     for p in prompts:
         engine.add_request(p, SamplingParams(max_tokens=3, temperature=0.0))

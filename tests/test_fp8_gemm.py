@@ -379,7 +379,7 @@ from collections import Counter
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from nanofast.kernels.compile_gate import _tool, cubin_facts
+from nanofast.kernels.compile_gate import cuda_tool, cubin_facts
 from nanofast.kernels.fp8_gemm import KERNEL_CONFIGS
 
 rows = []
@@ -394,7 +394,7 @@ for cfg in KERNEL_CONFIGS:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(ck.asm["cubin"])
-        sass = subprocess.run([_tool("nvdisasm"), path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuda_tool("nvdisasm"), path], capture_output=True, text=True, check=True).stdout
     ops = Counter(re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass, flags=re.M))
     ttir = ck.asm["ttir"]
     rows.append(dict(config=cfg["config"], registers=facts.registers,

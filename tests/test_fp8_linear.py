@@ -86,13 +86,16 @@ def test_persistent_backend_takes_tma_for_any_token_count(monkeypatch, tokens):
     operands always have 16-byte rows."""
     gemm = importlib.import_module("nanofast.kernels.fp8_gemm")  # the module (the package exports the function)
 
-    calls, real = [], gemm.fp8_gemm_triton
+    calls = []
 
-    def spy(*args, persistent=False, **kwargs):
-        calls.append(persistent)
-        return real(*args, persistent=persistent, **kwargs)
+    def spy(persistent, launch):
+        def run(*args, **kwargs):
+            calls.append(persistent)
+            return launch(*args, **kwargs)
+        return run
 
-    monkeypatch.setattr(gemm, "fp8_gemm_triton", spy)
+    for persistent, launchers in ((False, gemm.TRITON_LAUNCHERS), (True, gemm.TRITON_PERSISTENT_LAUNCHERS)):
+        monkeypatch.setattr(launchers, "gemm", spy(persistent, launchers.gemm))
     x, w, gy = _case(tokens, 48, 32)
     got = _run(x, w, gy, recipe="tensorwise", backend="triton_persistent")
     assert calls == [True, True, True]

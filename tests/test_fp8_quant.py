@@ -452,7 +452,7 @@ def test_backend_selection(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the triton launcher ran")
 
-    monkeypatch.setattr(fq, "quantize_fp8_triton", boom)
+    monkeypatch.setattr(fq.OP.launcher("triton"), "quantize", boom)
     q, scale, _, amax = quantize_fp8(x)  # CPU tensor, backend None -> the torch reference
     rq, rscale, _, ramax = quantize_fp8_reference(x)
     assert torch.equal(bits(q), bits(rq)) and torch.equal(scale, rscale) and torch.equal(amax, ramax)
@@ -608,7 +608,7 @@ for cfg in KERNEL_CONFIGS:
     asm = compiled[-1].asm
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(asm["cubin"]); f.flush()
-        sass = subprocess.run([compile_gate._tool("nvdisasm"), f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([compile_gate.cuda_tool("nvdisasm"), f.name], capture_output=True, text=True, check=True).stdout
     ops = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass, flags=re.M)
     out.append(dict(facts=dict(dataclasses.asdict(facts), **facts.ttir),
                     cvt=sorted(set(re.findall(r"cvt\.[\w.]*(?:e4m3|e5m2)[\w.]*", asm["ptx"]))),

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import gpu_check, performance
+from bench import gpu_check, render
 from nanofast import dispatch
 from nanofast.kernels.cuda_abi import ABI, ERROR_FN
 from nanofast.kernels.cuda_facts import nvcc_path
@@ -52,14 +52,30 @@ def dry_run(tmp_path_factory) -> dict:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert gpu_check.main(["--dry-run", "--out", str(out)]) == 0
-    return json.loads(out.read_text()) | {"printed": printed.getvalue().splitlines()}
+    return json.loads(out.read_text()) | {"printed": printed.getvalue().splitlines(), "_out": str(out)}
+
+
+def test_the_run_writes_the_dispatch_table_nanofast_reads(dry_run):
+    """Beside the record: {"dispatch": ...} in the format nanofast.dispatch loads (what is
+    committed as nanofast/dispatch_tables/<class>.json from a GPU run)."""
+    from nanofast import dispatch
+
+    path = Path(dry_run["_out"]).with_name(Path(dry_run["_out"]).stem + ".dispatch.json")
+    table = json.loads(path.read_text())
+    assert table["dispatch"] == dry_run["dispatch"] and table["machine_class"] == dry_run["machine_class"]
+    assert dispatch._load(str(path)) == dry_run["dispatch"]
+    assert gpu_check.dispatch_table_path(None, None, None, "gpu-H100") is None
+    assert gpu_check.dispatch_table_path(Path("d"), Path("d/gpu_check.json"), None, "gpu-H100") == Path(
+        "d/dispatch_table.json")
+    default = gpu_check.BASELINES / "gpu-H100" / "gpu_check.json"
+    assert gpu_check.dispatch_table_path(None, default, default, "gpu-H100") == dispatch.TABLES / "gpu-H100.json"
 
 
 def test_the_dry_run_executes_and_passes_every_check(dry_run):
     results = {r["name"]: r for r in dry_run["checks"]}
     assert list(results) == [c.name for c in gpu_check.CHECKS] and len(results) >= 40  # the left-out ones too
     assert {r["status"] for r in results.values()} == {"pass"}, \
-        {n: gpu_check._summary(r) for n, r in results.items() if r["status"] != "pass"}
+        {n: render.check_summary(r) for n, r in results.items() if r["status"] != "pass"}
     assert dry_run["dry_run"] and dry_run["finished"] and {r["section"] for r in results.values()} == {
         "numerics", "model", "speed"}
     assert dry_run["cuda_backend"]["status"] == "ready" and dry_run["plan"]["runs"] == list(results)
@@ -124,12 +140,12 @@ def test_the_dry_run_dispatch_table_feeds_the_dispatch_rule(dry_run, tmp_path, m
 
 
 def test_the_page_renders_a_record_and_says_when_there_is_none(dry_run, tmp_path):
-    text = gpu_check.render(dry_run)
+    text = render.gpu_check_markdown(dry_run)
     assert "dry run" in text and f"{len(dry_run['checks'])} passed" in text and "| paged_decode |" in text
-    assert "No GPU has run `make gpu-check` yet" in performance.gpu_check_section(tmp_path)
+    assert "No GPU has run `make gpu-check` yet" in render.gpu_check_section(tmp_path)
     (tmp_path / "gpu-X").mkdir()
     (tmp_path / "gpu-X" / "gpu_check.json").write_text(json.dumps(dry_run))
-    assert performance.gpu_check_section(tmp_path).startswith("**gpu-X**: ")
+    assert render.gpu_check_section(tmp_path).startswith("**gpu-X**: ")
 
 
 # Checks for the runner's own tests: module-level, so that a worker imports them by name.

@@ -444,9 +444,9 @@ def test_host_seq_lens_plan_without_reading_seq_lens_back(backend, monkeypatch):
     real = pa.host_lengths
     monkeypatch.setattr(pa, "host_lengths", spy)
     if backend == "cuda":
-        from nanofast.kernels import cuda_ops
+        from nanofast.kernels import paged_attention_cuda
 
-        monkeypatch.setattr(cuda_ops, "host_lengths", spy)
+        monkeypatch.setattr(paged_attention_cuda, "host_lengths", spy)
     out = paged_decode_attention(q, kc, vc, bt, sl, host_seq_lens=[37, 1, 12], backend=backend)
     assert seen == [[37, 1, 12]] and torch.equal(out, want)
     assert real(None, [5, 2]).tolist() == [5, 2]  # the host copy is used as is: seq_lens is never touched

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from nanofast.kernels import cuda_abi, cuda_build, cuda_facts
-from nanofast.kernels import cuda_ops as co
+from nanofast.kernels import paged_attention_cuda as pa_cuda
 from nanofast.kernels import paged_attention as pa
 
 import cuda_emu_helpers
@@ -143,7 +143,7 @@ def test_paged_attention_matches_fp64_reference(emu, dtype, case):
     q, kc, vc, bt, sl, dense = _paged_problem(B, Hkv, G, D, ps, lens, window, dtype, ql, kl, seed=len(CASES) + D + B)
     scale = 1.0 / math.sqrt(D)
     before = [_bits(t) for t in (q, kc, vc, bt, sl)]
-    out = co.paged_decode_attention_cuda(q, kc, vc, bt, sl, scale, window, S)
+    out = pa_cuda.paged_decode_attention_cuda(q, kc, vc, bt, sl, scale, window, S)
     assert out.dtype == dtype and out.shape == (B, Hkv * G, D)
     ref64 = _reference(q, dense, scale, torch.float64)
     lowp = _reference(q, dense, scale, torch.float32).to(dtype)
@@ -159,12 +159,12 @@ def test_splits_agree_and_are_deterministic(emu, dtype):
     ref64 = _reference(q, dense, 0.3, torch.float64)
     lowp = _reference(q, dense, 0.3, torch.float32).to(dtype)
     for S in (1, 2, 3, 9):  # 9 splits: several are empty for the two shorter sequences
-        a = co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, None, S)
-        b = co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, None, S)
+        a = pa_cuda.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, None, S)
+        b = pa_cuda.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, None, S)
         assert torch.equal(_bits(a), _bits(b)), f"num_splits={S}: two runs differ"
         _assert_budget(a, ref64, lowp, dtype, f"num_splits={S}")
-    default = co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, None, None)  # emulation default: 1 split
-    assert torch.equal(_bits(default), _bits(co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, None, 1)))
+    default = pa_cuda.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, None, None)  # emulation default: 1 split
+    assert torch.equal(_bits(default), _bits(pa_cuda.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, None, 1)))
 
 
 @pytest.mark.parametrize("S", [1, 3])
@@ -179,10 +179,10 @@ def test_paged_attention_writes_only_its_output(emu, dtype, pad, S):
     out = buf[1:1 + B, :, :D]
     mask = torch.zeros(buf.shape, dtype=torch.bool)
     mask[1:1 + B, :, :D] = True
-    co._paged_decode_attention_into(q, kc, vc, bt, sl, 0.25, 5, S, out)
+    pa_cuda.decode_into(q, kc, vc, bt, sl, 0.25, 5, S, out)
     assert torch.isnan(buf[~mask].float()).all(), "a guard element was written"
     assert torch.isfinite(buf[mask].float()).all(), "an output element was not written"
-    ref = co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.25, 5, S)
+    ref = pa_cuda.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.25, 5, S)
     if pad != 3:  # same (vectorised) path: same bits
         assert torch.equal(_bits(out), _bits(ref))
     _assert_budget(out, _reference(q, dense, 0.25, torch.float64),
@@ -192,29 +192,29 @@ def test_paged_attention_writes_only_its_output(emu, dtype, pad, S):
 def test_empty_batch(emu):
     q = torch.randn(0, 4, 16)
     kc = torch.randn(2, 4, 2, 16)
-    out = co.paged_decode_attention_cuda(q, kc, kc, torch.zeros(0, 3, dtype=torch.int32),
+    out = pa_cuda.paged_decode_attention_cuda(q, kc, kc, torch.zeros(0, 3, dtype=torch.int32),
                                          torch.zeros(0, dtype=torch.int32), 0.25, None, None)
     assert out.shape == (0, 4, 16)
-    co.paged_kv_write_cuda(torch.randn(0, 2, 16), torch.randn(0, 2, 16), kc, kc.clone(), torch.zeros(0, dtype=torch.int64))
+    pa_cuda.paged_kv_write_cuda(torch.randn(0, 2, 16), torch.randn(0, 2, 16), kc, kc.clone(), torch.zeros(0, dtype=torch.int64))
 
 
 def test_default_plan_targets_16_warps_per_sm(monkeypatch):
     """On CUDA: splits from the actual lengths (the Triton backend's rule), sized for ~16 warps per SM."""
     dev = torch.device("cuda", 0)
-    monkeypatch.setattr(co, "sm_count", lambda device: 132)  # an H100 SXM, without one
+    monkeypatch.setattr(pa_cuda, "sm_count", lambda device: 132)  # an H100 SXM, without one
     lens = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     # G = 4: one 1-warp block per KV head; 8 KV heads -> target 16 x 132 / 8 = 264 units of 64+ keys.
-    plan = co._paged_plan(dev, lens(4096), -1, 1 << 20, 8, 4)
+    plan = pa_cuda.plan_splits(dev, lens(4096), -1, 1 << 20, 8, 4)
     assert plan == [64]  # 64 tiles of 64 keys: one per unit (the old rule: 33 splits, ~2 warps per SM)
-    ragged = co._paged_plan(dev, lens(1 << 16, *[1] * 63), -1, 1 << 20, 8, 4)
+    ragged = pa_cuda.plan_splits(dev, lens(1 << 16, *[1] * 63), -1, 1 << 20, 8, 4)
     assert ragged[1:] == [1] * 63 and 190 <= ragged[0] <= 256  # the long one is spread, the short stay whole
     warps = sum(ragged) * 8 * 1
     assert 0.9 * 16 * 132 <= warps <= 1.5 * 16 * 132
     # G = 16: 4 warps per block (4 heads each): a quarter of the units for the same warps.
-    assert co._paged_plan(dev, lens(1 << 16), -1, 1 << 20, 8, 16) == [64]  # 66 units wanted: 1024 / 16 tiles
-    assert co._paged_plan(dev, lens(100), -1, 1 << 20, 1, 1) == [2]  # too short to split further
-    assert co._paged_plan(dev, lens(5000), 10, 1 << 20, 1, 1) == [1]  # window: 11 visible keys
-    assert co._paged_plan(torch.device("cpu"), lens(1 << 20, 5), -1, 1 << 21, 1, 1) == [1, 1]
+    assert pa_cuda.plan_splits(dev, lens(1 << 16), -1, 1 << 20, 8, 16) == [64]  # 66 units wanted: 1024 / 16 tiles
+    assert pa_cuda.plan_splits(dev, lens(100), -1, 1 << 20, 1, 1) == [2]  # too short to split further
+    assert pa_cuda.plan_splits(dev, lens(5000), 10, 1 << 20, 1, 1) == [1]  # window: 11 visible keys
+    assert pa_cuda.plan_splits(torch.device("cpu"), lens(1 << 20, 5), -1, 1 << 21, 1, 1) == [1, 1]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
@@ -232,21 +232,21 @@ def test_planned_ragged_batch(emu, dtype, lens, G, ps, window, monkeypatch):
     if max(lens) > 64:
         assert int(plan.max()) > 1
     calls = []
-    real = co.launch
-    monkeypatch.setattr(co, "launch", lambda name, *a: (calls.append(name), real(name, *a))[1])
+    real = pa_cuda.launch
+    monkeypatch.setattr(pa_cuda, "launch", lambda name, *a: (calls.append(name), real(name, *a))[1])
     out = pa.paged_decode_attention(q, kc, vc, bt, sl, 0.3, window, plan=plan, backend="cuda")
     assert calls == ["nf_paged_attention_fwd"]
     _assert_budget(out, _reference(q, dense, 0.3, torch.float64), _reference(q, dense, 0.3, torch.float32).to(dtype),
                    dtype, f"plan {plan.tolist()}")
     # A hand-written plan with more splits than keys (empty units) and the uniform plan agree.
     odd = torch.tensor([min(n, 9) + 2 for n in lens], dtype=torch.int32)
-    _assert_budget(co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, window, None, odd),
+    _assert_budget(pa_cuda.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, window, None, odd),
                    _reference(q, dense, 0.3, torch.float64), _reference(q, dense, 0.3, torch.float32).to(dtype),
                    dtype, "odd plan")
     with pytest.raises(ValueError, match="either num_splits"):
-        co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, window, 2, plan)
+        pa_cuda.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, window, 2, plan)
     with pytest.raises(ValueError, match="plan entries must lie in"):
-        co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, window, None, plan * 0)
+        pa_cuda.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, window, None, plan * 0)
 
 
 # ------------------------------------------------------------------------------------------------ cache write
@@ -273,7 +273,7 @@ def test_paged_kv_write_exact(emu, dtype, slot_dtype, layout):
     slots[0] = P * ps - 1  # the very last slot of the pool
     slots = slots.to(slot_dtype)
     kc_before, vc_before, k_before = _bits(kc_buf), _bits(vc_buf), _bits(k)
-    co.paged_kv_write_cuda(k, v, kc, vc, slots)
+    pa_cuda.paged_kv_write_cuda(k, v, kc, vc, slots)
     exp_k, exp_v = kc_before.clone(), vc_before.clone()
     kb, vb = _bits(k), _bits(v)
     for n, s in enumerate(slots.tolist()):
@@ -298,9 +298,9 @@ def test_write_then_attend(emu, dtype):
     V = [torch.randn(L, Hkv, D, generator=gen).to(dtype) for L in lens]
     for b, L in enumerate(lens):  # every position, the newest included, goes in through the kernel
         slots = torch.tensor([int(bt[b, j // ps]) * ps + j % ps for j in range(L)], dtype=torch.int64)
-        co.paged_kv_write_cuda(K[b], V[b], kc, vc, slots)
+        pa_cuda.paged_kv_write_cuda(K[b], V[b], kc, vc, slots)
     q = torch.randn(B, Hkv * G, D, generator=gen).to(dtype)
-    out = co.paged_decode_attention_cuda(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), 0.2, None, 2)
+    out = pa_cuda.paged_decode_attention_cuda(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), 0.2, None, 2)
     dense = list(zip(K, V))
     _assert_budget(out, _reference(q, dense, 0.2, torch.float64), _reference(q, dense, 0.2, torch.float32).to(dtype),
                    dtype, "write then attend")
@@ -313,10 +313,10 @@ def _err_cases():
     kc = torch.randn(5, 3, 2, 16)
     bt = torch.zeros(2, 3, dtype=torch.int32)
     sl = torch.tensor([1, 9], dtype=torch.int32)
-    att = co.paged_decode_attention_cuda
+    att = pa_cuda.paged_decode_attention_cuda
     k = torch.randn(3, 2, 16)
     sm = torch.tensor([0, 4, -1])
-    wr = co.paged_kv_write_cuda
+    wr = pa_cuda.paged_kv_write_cuda
     return [
         (lambda: att(q.numpy(), kc, kc, bt, sl, 0.25, None, 1), TypeError, "q must be a torch.Tensor"),
         (lambda: att(q[0], kc, kc, bt, sl, 0.25, None, 1), ValueError, "q must have 3 dims"),
@@ -347,7 +347,7 @@ def _err_cases():
         (lambda: att(q, kc, kc, bt, sl, 0.25, 2.0, 1), TypeError, "window must be an int >= -1"),
         (lambda: att(q, kc, kc, bt, sl, 0.25, None, 0), ValueError, "num_splits must be >= 1"),
         (lambda: att(q, kc, kc, bt, sl, 0.25, None, 1.5), TypeError, "num_splits must be an int"),
-        (lambda: att(q, kc, kc, bt, sl, 0.25, None, 70000), ValueError, "num_splits must be <= 65535"),
+        (lambda: att(q, kc, kc, bt, sl, 0.25, None, 257), ValueError, "num_splits must be <= 256"),
         (lambda: att(q, kc, kc.to("meta"), bt, sl, 0.25, None, 1), ValueError, "v_cache must be on a CPU or CUDA"),
         (lambda: wr(k.numpy(), k, kc, kc, sm), TypeError, "k must be a torch.Tensor"),
         (lambda: wr(k, k[:2], kc, kc, sm), ValueError, "v must have shape (3, 2, 16)"),
@@ -372,7 +372,7 @@ def test_unread_block_table_entries_are_not_validated(emu):
     """Entries past the used pages, and before a window, are the caller's garbage: accepted."""
     kc = torch.randn(4, 2, 1, 8)
     bt = torch.tensor([[-1, 3, 99]], dtype=torch.int32)  # position 2..3 live in page 3; window 1 skips page 0
-    out = co.paged_decode_attention_cuda(torch.randn(1, 1, 8), kc, kc, bt, torch.tensor([4], dtype=torch.int32), 0.3,
+    out = pa_cuda.paged_decode_attention_cuda(torch.randn(1, 1, 8), kc, kc, bt, torch.tensor([4], dtype=torch.int32), 0.3,
                                          1, 1)
     assert torch.isfinite(out).all()
 
@@ -385,15 +385,15 @@ def test_small_operands_with_strided_last_dim_are_copied(emu):
     bt = torch.tensor([[2, 0]], dtype=torch.int32)
     sl = torch.tensor([3], dtype=torch.int32)
     q = torch.randn(1, 8, 2, generator=gen).transpose(1, 2)  # (1, 2, 8), last-dim stride 2
-    assert torch.equal(co.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, None, 1),
-                       co.paged_decode_attention_cuda(q.contiguous(), kc, vc, bt, sl, 0.3, None, 1))
+    assert torch.equal(pa_cuda.paged_decode_attention_cuda(q, kc, vc, bt, sl, 0.3, None, 1),
+                       pa_cuda.paged_decode_attention_cuda(q.contiguous(), kc, vc, bt, sl, 0.3, None, 1))
     k = torch.randn(2, 8, 1, generator=gen).transpose(1, 2)
     kc2, vc2 = kc.clone(), vc.clone()
-    co.paged_kv_write_cuda(k, k, kc2, vc2, torch.tensor([5, -1]))
+    pa_cuda.paged_kv_write_cuda(k, k, kc2, vc2, torch.tensor([5, -1]))
     assert torch.equal(kc2[2, 1], k[0]) and torch.equal(vc2[2, 1], k[0]) and torch.equal(kc2[:2], kc[:2])
     with pytest.raises(ValueError, match="k_cache must have a contiguous last dimension"):
         strided = torch.randn(3, 2, 1, 16)[..., ::2]
-        co.paged_kv_write_cuda(k, k, strided, strided.clone(), torch.tensor([5, -1]))
+        pa_cuda.paged_kv_write_cuda(k, k, strided, strided.clone(), torch.tensor([5, -1]))
 
 
 def test_kernels_mask_bad_values_without_faulting(emu):
@@ -412,7 +412,7 @@ def test_kernels_mask_bad_values_without_faulting(emu):
     sl = torch.tensor([4, 100, 0], dtype=torch.int32)
     for S in (1, 3):
         out = torch.full((3, 2, 8), float("nan"))
-        co._paged_decode_attention_into(q, kc, vc, bt, sl, 0.3, -1, S, out)
+        pa_cuda.decode_into(q, kc, vc, bt, sl, 0.3, -1, S, out)
         ref = _reference(q[:2], [(K[:2], V[:2]), (K, V)], 0.3, torch.float64)  # page 2**30 dropped; 100 -> 4
         assert (out[:2].double() - ref).abs().max() < 1e-5, S
         assert torch.equal(out[2], torch.zeros(2, 8)), f"no keys (length 0) must give zeros, got {out[2]}"
@@ -469,7 +469,7 @@ def _resident_warps(registers: int, shared: int) -> int:
     registers are allocated per warp in units of 256 (registers x 32 rounded up), 64 K per SM, at
     most 64 warps; no shared memory is used (asserted below)."""
     per_warp = -(-registers * 32 // 256) * 256
-    return min(64, co._PAGED_REGS_PER_SM // per_warp)
+    return min(64, pa_cuda.REGS_PER_SM // per_warp)
 INSTANTIATIONS = {"paged_attention_kernel": 21, "paged_attention_merge_kernel": 3, "paged_kv_write_kernel": 4}
 
 
@@ -486,9 +486,9 @@ def test_nvcc_facts_paged_attention(arch):
         assert f.shared_bytes == 0, f"{what}: {f.shared_bytes} B shared (the design uses shuffles only)"
         assert f.barriers == 0, f"{what}: uses a block barrier"
         if f.kernel == "paged_attention_kernel":
-            # The occupancy the plan targets (cuda_ops._PAGED_WARPS_PER_SM) fits: 16 warps x ~1 KB of
+            # The occupancy the plan targets (paged_attention_cuda.WARPS_PER_SM) fits: 16 warps x ~1 KB of
             # K/V rows in flight each ~= 16 KB per SM (Little's law on an H100: ~15 KB).
-            assert _resident_warps(f.registers, f.shared_bytes) >= co._PAGED_WARPS_PER_SM, f"{what}: {f.registers}"
+            assert _resident_warps(f.registers, f.shared_bytes) >= pa_cuda.WARPS_PER_SM, f"{what}: {f.registers}"
         if not f.instructions:
             continue  # no nvdisasm (triton wheel) to read SASS
         assert f.instructions.get("STL", 0) == 0 and f.instructions.get("LDL", 0) == 0, what

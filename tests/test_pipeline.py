@@ -582,12 +582,92 @@ def test_each_run_has_its_own_directory(ran_all, capsys):
 
 
 def test_every_setting_is_either_a_stage_input_or_operational():
+    """Each field declares its kind where it is defined: exactly one of a stage (with a stage that
+    has settings) and operational; the lists derived from that cover every field once."""
     from dataclasses import fields
 
-    from nanofast.presets import OPERATIONAL, STAGE_SETTINGS, Settings
+    from nanofast.presets import SETTING_STAGES, Settings, operational_settings, setting, stage_settings
 
-    classified = [n for group in STAGE_SETTINGS.values() for n in group] + list(OPERATIONAL)
+    for f in fields(Settings):
+        stage, operational = f.metadata["stage"], f.metadata["operational"]
+        assert (stage is not None) + operational == 1 and stage in (None, *SETTING_STAGES), f.name
+    classified = [n for stage in SETTING_STAGES for n in stage_settings(stage)] + list(operational_settings())
     assert sorted(classified) == sorted(f.name for f in fields(Settings))
+    assert list(SETTING_STAGES) == list(STAGES[:-1]) and STAGES[-1] == "report"
+    for bad in (dict(), dict(stage="pretrain", operational=True), dict(stage="report")):
+        with pytest.raises(TypeError, match="declare exactly one of operational=True and stage="):
+            setting(1, "a setting of no kind", **bad)
+
+
+def test_settings_kinds_keep_their_values():
+    """What the code derives from the fields' declarations: the sizes that must be positive, each
+    stage's own settings, the operational ones and the architecture's run-name tags."""
+    from nanofast.presets import model_tags, operational_settings, positive_settings, stage_settings
+
+    assert set(positive_settings()) == {
+        "corpus_shards", "corpus_chars", "vocab_size", "tokenizer_chars", "depth", "aspect_ratio", "head_dim",
+        "seq_len", "device_batch_size", "target_param_data_ratio", "eval_tokens", "core_examples",
+        "dist_timeout_minutes", "wait_minutes", "task_size", "rl_steps", "rl_questions", "rl_samples",
+        "rl_max_tokens", "rl_lr_scale", "rl_eval_examples", "finetune_lr_scale", "eval_max_tokens"}
+    assert {s: set(stage_settings(s)) for s in ("tokenizer", "midtrain", "sft", "rl", "eval")} == {
+        "tokenizer": {"data", "corpus_shards", "corpus_chars", "vocab_size", "tokenizer_chars"},
+        "midtrain": {"download_tasks", "task_size", "midtrain_iterations", "finetune_lr_scale"},
+        "sft": {"post_training", "sft_iterations"},
+        "rl": {"rl_steps", "rl_questions", "rl_samples", "rl_max_tokens", "rl_lr_scale", "rl_eval_examples",
+               "rl_dtype"},
+        "eval": {"eval_examples", "eval_max_tokens"}}
+    assert set(stage_settings("pretrain")) == {
+        "depth", "aspect_ratio", "head_dim", "window_pattern", "seq_len", "total_batch_size", "num_iterations",
+        "target_param_data_ratio", "dtype", "linear_precision", "fp8_recipe", "seed",
+        # nanochat's base_train optimizer hyperparameters
+        "embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "warmup_steps",
+        "warmdown_ratio", "final_lr_frac"}
+    assert set(operational_settings()) == {
+        "device_batch_size", "eval_every", "eval_tokens", "core_every", "core_examples", "save_every",
+        "save_minutes", "keep_checkpoints", "log_every", "sample_tokens", "compile", "kernel_backend",
+        "dispatch_as", "dist_timeout_minutes", "wait_minutes", "wandb"}
+    assert model_tags() == (("depth", "d"), ("aspect_ratio", "a"), ("head_dim", "h"), ("window_pattern", "w"),
+                            ("seq_len", "s"), ("vocab_size", "v"))
+
+
+def test_pretraining_hyperparameters_are_settings_and_old_records_stay_valid():
+    """nanochat's base_train LRs, weight decay and LR schedule are settings (flags), with its
+    defaults, which the model's param groups, the optimizer's schedules and the loop default to; a
+    changed one stales pretraining (and so every later stage); a record written before they were
+    settings does not name them and stays valid."""
+    import inspect
+    from dataclasses import asdict
+
+    from nanofast.model import GPT, config_for_depth
+    from nanofast.optim import apply_schedules, lr_multiplier, muon_momentum
+    from nanofast.presets import DEFAULTS, changed_settings
+    from nanofast.trainer import LoopSettings
+
+    groups = dict(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5, weight_decay=0.28)
+    schedule = dict(warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05)
+    nanochat = {**groups, **schedule}
+    assert {k: getattr(DEFAULTS, k) for k in nanochat} == nanochat
+    for fn in (lr_multiplier, muon_momentum, apply_schedules, LoopSettings):
+        for name, p in inspect.signature(fn).parameters.items():
+            if name in schedule:
+                assert p.default == schedule[name], (fn, name)
+
+    def hyper(param_groups):
+        return [{k: v for k, v in g.items() if k != "params"} for g in param_groups]
+
+    model = GPT(config_for_depth(1, 64, 16, head_dim=64))
+    assert hyper(model.param_groups()) == hyper(model.param_groups(**groups))
+    assert hyper(model.param_groups()) != hyper(model.param_groups(**dict(groups, matrix_lr=0.03)))
+    s = make_settings("smoke", matrix_lr=0.03, warmup_steps=5)
+    args = train.parse_args(["--stage", "all", "--matrix-lr", "0.03", "--warmup-steps", "5", "--final-lr-frac", "0"])
+    assert (args.matrix_lr, args.warmup_steps, args.final_lr_frac) == (0.03, 5, 0.0)
+    recorded = asdict(make_settings("smoke"))
+    for stage in ("pretrain", "sft", "report"):
+        assert changed_settings(recorded, s, stage) == {"matrix_lr": (0.02, 0.03), "warmup_steps": (40, 5)}
+    assert changed_settings(recorded, s, "tokenizer") == {}
+    old_record = {k: v for k, v in recorded.items() if k not in nanochat}
+    assert changed_settings(old_record, make_settings("smoke"), "report") == {}
+    assert changed_settings(old_record, s, "report") == {}
 
 
 def test_wandb_logs_the_reports_numbers_offline(tokenized, tmp_path, monkeypatch):

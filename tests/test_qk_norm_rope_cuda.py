@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanofast.kernels import cuda_ops as co
+from nanofast.kernels import qk_norm_rope_cuda as qk_cuda
 
 from cuda_emu_helpers import (DT_ID, DTYPES, _assert_budget, _assert_guards, _bits, _case_id, _guarded, _module,
                               _weight, emu)  # noqa: F401 (emu: the fixture)
@@ -88,7 +88,7 @@ def test_qk_norm_rope_forward_backward(emu, dtype, case, variant, interleaved):
     inputs = [*bufs, cos, sin, *(w for w in (qw, kw) if w is not None)]
     before = [_bits(t) for t in inputs]
 
-    q_out, k_out, q_rstd, k_rstd = co.qk_norm_rope_fwd_cuda(q, k, cos, sin, qw, kw, scale, eps, interleaved)
+    q_out, k_out, q_rstd, k_rstd = qk_cuda.qk_norm_rope_fwd_cuda(q, k, cos, sin, qw, kw, scale, eps, interleaved)
     for out, x, w, r, name in ((q_out, q, qw, q_rstd, "q"), (k_out, k, kw, k_rstd, "k")):
         assert out.dtype == dtype and out.is_contiguous() and out.shape == x.shape
         ref64 = qk_ref(x, cos, sin, w, scale, eps, interleaved)
@@ -102,7 +102,7 @@ def test_qk_norm_rope_forward_backward(emu, dtype, case, variant, interleaved):
     gq = torch.randn(B, T, Hq, D, generator=gen).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
     gk = torch.randn(B, T, Hk, D, generator=gen).to(dtype)
     before += [_bits(t) for t in (gq, gk, q_rstd, k_rstd)]
-    dq, dk, dqw, dkw = co.qk_norm_rope_bwd_cuda(gq, gk, q, k, cos, sin, qw, kw, q_rstd, k_rstd, scale, interleaved)
+    dq, dk, dqw, dkw = qk_cuda.qk_norm_rope_bwd_cuda(gq, gk, q, k, cos, sin, qw, kw, q_rstd, k_rstd, scale, interleaved)
     grads = {}
     for prec in (torch.float64, torch.float32):
         xs = [t.detach().to(prec).requires_grad_() for t in (q, k)]
@@ -120,7 +120,7 @@ def test_qk_norm_rope_forward_backward(emu, dtype, case, variant, interleaved):
         assert got.dtype == odt and got.is_contiguous()
         _assert_budget(got, ref64, ref32.to(odt), odt, name)
     if qw is not None:
-        again = co.qk_norm_rope_bwd_cuda(gq, gk, q, k, cos, sin, qw, kw, q_rstd, k_rstd, scale, interleaved)
+        again = qk_cuda.qk_norm_rope_bwd_cuda(gq, gk, q, k, cos, sin, qw, kw, q_rstd, k_rstd, scale, interleaved)
         for a, b in zip(again, (dq, dk, dqw, dkw)):
             assert torch.equal(_bits(a), _bits(b)), "backward must be bit-reproducible"
     after = [_bits(t) for t in [*inputs, gq, gk, q_rstd, k_rstd]]
@@ -143,12 +143,12 @@ def test_qk_norm_rope_writes_only_its_outputs(emu, dtype, D, pad, interleaved):
     krflat = torch.full((B * T * Hk + 8,), float("nan"))
     qr = qrflat[4:4 + B * T * Hq].view(B, T, Hq)
     kr = krflat[4:4 + B * T * Hk].view(B, T, Hk)
-    co._qk_norm_rope_fwd_into(q, k, cos, sin, qw, kw, 0.5, 1e-6, interleaved, qo, ko, qr, kr)
+    qk_cuda.fwd_into(q, k, cos, sin, qw, kw, 0.5, 1e-6, interleaved, qo, ko, qr, kr)
     _assert_guards(qobuf, qomask, "q_out")
     _assert_guards(kobuf, komask, "k_out")
     for flat, name in ((qrflat, "q_rstd"), (krflat, "k_rstd")):
         assert torch.isnan(flat[:4]).all() and torch.isnan(flat[-4:]).all() and torch.isfinite(flat[4:-4]).all(), name
-    ref = co.qk_norm_rope_fwd_cuda(q, k, cos, sin, qw, kw, 0.5, 1e-6, interleaved)
+    ref = qk_cuda.qk_norm_rope_fwd_cuda(q, k, cos, sin, qw, kw, 0.5, 1e-6, interleaved)
     assert torch.equal(_bits(qo), _bits(ref[0])) and torch.equal(_bits(ko), _bits(ref[1]))
 
     gq, gk = torch.randn_like(q), torch.randn_like(k)
@@ -156,11 +156,11 @@ def test_qk_norm_rope_writes_only_its_outputs(emu, dtype, D, pad, interleaved):
     dk, dkbuf, dkmask = _guarded(k.shape, dtype, pad)
     dqw, dqwbuf, dqwmask = _guarded((D,), qw.dtype, 0)
     dkw, dkwbuf, dkwmask = _guarded((D,), kw.dtype, 0)
-    co._qk_norm_rope_bwd_into(gq, gk, q, k, cos, sin, qw, kw, ref[2], ref[3], 0.5, interleaved, dq, dk, dqw, dkw)
+    qk_cuda.bwd_into(gq, gk, q, k, cos, sin, qw, kw, ref[2], ref[3], 0.5, interleaved, dq, dk, dqw, dkw)
     for buf, mask, name in ((dqbuf, dqmask, "dq"), (dkbuf, dkmask, "dk"), (dqwbuf, dqwmask, "dq_weight"),
                             (dkwbuf, dkwmask, "dk_weight")):
         _assert_guards(buf, mask, name)
-    bref = co.qk_norm_rope_bwd_cuda(gq, gk, q, k, cos, sin, qw, kw, ref[2], ref[3], 0.5, interleaved)
+    bref = qk_cuda.qk_norm_rope_bwd_cuda(gq, gk, q, k, cos, sin, qw, kw, ref[2], ref[3], 0.5, interleaved)
     for got, exp in zip((dq, dk, dqw, dkw), bref):
         assert torch.equal(_bits(got), _bits(exp))
 
@@ -191,7 +191,7 @@ def test_qk_norm_rope_inplace(emu, dtype, case, interleaved, weights):
     kw = (1 + 0.3 * torch.randn(D, generator=gen)) if weights else None
     orig = qkv.clone()
     before_cache, before_pos = _bits(cache), positions.clone()
-    co.qk_norm_rope_inplace_cuda(qkv, positions, cache, Hq, Hkv, qw, kw, 0.8, 1e-6, interleaved)
+    qk_cuda.qk_norm_rope_inplace_cuda(qkv, positions, cache, Hq, Hkv, qw, kw, 0.8, 1e-6, interleaved)
     assert torch.isnan(buf[:, W:].float()).all(), "row padding was written"
     assert torch.equal(_bits(qkv[:, (Hq + Hkv) * D:]), _bits(orig[:, (Hq + Hkv) * D:])), "v heads were modified"
     cos, sin = cache[positions, :D // 2], cache[positions, D // 2:]  # token n's own row
@@ -203,7 +203,7 @@ def test_qk_norm_rope_inplace(emu, dtype, case, interleaved, weights):
         _assert_budget(got, ref64, lowp, dtype, f"in-place {name}")
     assert torch.equal(_bits(cache), before_cache) and torch.equal(positions, before_pos)
     # the same as the out-of-place launcher at those positions
-    out = co.qk_norm_rope_fwd_cuda(orig[:, :Hq * D].view(1, N, Hq, D), orig[:, Hq * D:(Hq + Hkv) * D].view(1, N, Hkv, D),
+    out = qk_cuda.qk_norm_rope_fwd_cuda(orig[:, :Hq * D].view(1, N, Hq, D), orig[:, Hq * D:(Hq + Hkv) * D].view(1, N, Hkv, D),
                                    cos.contiguous(), sin.contiguous(), qw, kw, 0.8, 1e-6, interleaved)
     assert torch.equal(_bits(qkv[:, :Hq * D]), _bits(out[0].view(N, -1)))
 
@@ -214,8 +214,8 @@ def test_qk_norm_rope_inplace_int32_positions(emu):
     cache = torch.randn(6, 8, generator=gen)
     pos = torch.tensor([5, 0, 2, 2])
     a, b = qkv.clone(), qkv.clone()
-    co.qk_norm_rope_inplace_cuda(a, pos, cache, 2, 1, None, None, 1.0, 1e-6, False)
-    co.qk_norm_rope_inplace_cuda(b, pos.int(), cache, 2, 1, None, None, 1.0, 1e-6, False)
+    qk_cuda.qk_norm_rope_inplace_cuda(a, pos, cache, 2, 1, None, None, 1.0, 1e-6, False)
+    qk_cuda.qk_norm_rope_inplace_cuda(b, pos.int(), cache, 2, 1, None, None, 1.0, 1e-6, False)
     assert torch.equal(a, b) and not torch.equal(a, qkv)
 
 

@@ -36,7 +36,7 @@ QK-norm+rotary, paged attention) through their CPU emulation build, the fp8 line
 Newton-Schulz on their Triton kernels (they have no CUDA source).
 
 What this cannot show: speed, and the numerics of the compiled GPU kernels (the interpreter runs the
-kernels' source in numpy, and Inductor emits C++ here); see the README's "Rehearsal" section.
+kernels' source in numpy, and Inductor emits C++ here); see docs/rehearsal.md.
 """
 import json
 import math

@@ -405,8 +405,8 @@ def test_torch_compile_fullgraph_matches_eager(monkeypatch):
             return fn(*args)
         return wrapper
 
-    monkeypatch.setattr(rn, "_fwd_triton", counting("fwd", rn._fwd_triton))
-    monkeypatch.setattr(rn, "_bwd_triton", counting("bwd", rn._bwd_triton))
+    monkeypatch.setattr(rn.TRITON_LAUNCHERS, "fwd", counting("fwd", rn.TRITON_LAUNCHERS.fwd))
+    monkeypatch.setattr(rn.TRITON_LAUNCHERS, "bwd", counting("bwd", rn.TRITON_LAUNCHERS.bwd))
 
     def block(x, w, r):
         a = rms_norm(x, backend="triton")  # nanochat's parameter-free norm

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanofast.kernels import cuda_ops as co
+from nanofast.kernels import rms_norm_cuda as rn_cuda
 
 from cuda_emu_helpers import (DT_ID, DTYPES, _assert_budget, _assert_guards, _bits, _case_id, _guarded, _module,
                               _rows_view, _weight, emu)  # noqa: F401 (emu: the fixture)
@@ -84,7 +84,7 @@ def test_rms_norm_forward_backward(emu, dtype, case, variant):
     eps = 1e-5
     before = [_bits(t) for t in (xbuf, rbuf, w) if t is not None]
 
-    y, rstd, h = co.rms_norm_fwd_cuda(x, w, res, eps)
+    y, rstd, h = rn_cuda.rms_norm_fwd_cuda(x, w, res, eps)
     y64, rstd64, h_ref = rms_ref64(x, w, res, eps)
     assert y.dtype == dtype and y.is_contiguous() and rstd.dtype == torch.float32 and rstd.shape == (N,)
     _assert_budget(y, y64, rms_lowp(x, w, res, eps), dtype, "y")
@@ -101,7 +101,7 @@ def test_rms_norm_forward_backward(emu, dtype, case, variant):
     dh = _rows_view(N, D, dtype, "contig", gen)[0] if with_res else None
     hs = h if with_res else x
     before += [_bits(t) for t in (dybuf, rstd, dh) if t is not None]
-    dx, dw = co.rms_norm_bwd_cuda(dy, hs, rstd, w, dh)
+    dx, dw = rn_cuda.rms_norm_bwd_cuda(dy, hs, rstd, w, dh)
     (dx64, dw64), (dx32, dw32) = rms_bwd_ref(dy, hs, w, dh, eps, dtype)
     assert dx.dtype == dtype and dx.is_contiguous()
     _assert_budget(dx, dx64, dx32, dtype, "dx")
@@ -110,7 +110,7 @@ def test_rms_norm_forward_backward(emu, dtype, case, variant):
     else:
         assert dw.dtype == w.dtype and dw.shape == (D,)
         _assert_budget(dw, dw64, dw32, w.dtype, "dw")
-        dx2, dw2 = co.rms_norm_bwd_cuda(dy, hs, rstd, w, dh)  # deterministic: bit-identical reruns
+        dx2, dw2 = rn_cuda.rms_norm_bwd_cuda(dy, hs, rstd, w, dh)  # deterministic: bit-identical reruns
         assert torch.equal(_bits(dw2), _bits(dw)) and torch.equal(_bits(dx2), _bits(dx))
     after = [_bits(t) for t in (xbuf, rbuf, w, dybuf, rstd, dh) if t is not None]
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "an input was modified"
@@ -129,7 +129,7 @@ def test_rms_norm_writes_only_its_outputs(emu, dtype, D, pad):
     y, ybuf, ymask = _guarded((N, D), dtype, pad)
     h, hbuf, hmask = _guarded((N, D), dtype, pad)
     rstd, rbuf, rmask = _guarded((N,), torch.float32, 0)
-    co._rms_norm_fwd_into(x, w, res, 1e-5, y, rstd, h)
+    rn_cuda.fwd_into(x, w, res, 1e-5, y, rstd, h)
     for buf, mask, name in ((ybuf, ymask, "y"), (hbuf, hmask, "h"), (rbuf, rmask, "rstd")):
         _assert_guards(buf, mask, name)
     # Padding that keeps rows 16-byte aligned keeps the launch identical to the contiguous one (bit
@@ -142,7 +142,7 @@ def test_rms_norm_writes_only_its_outputs(emu, dtype, D, pad):
         else:
             torch.testing.assert_close(a, b)
 
-    y_ref, rstd_ref, h_ref = co.rms_norm_fwd_cuda(x, w, res, 1e-5)
+    y_ref, rstd_ref, h_ref = rn_cuda.rms_norm_fwd_cuda(x, w, res, 1e-5)
     same(y, y_ref)
     same(rstd, rstd_ref)
     assert torch.equal(_bits(h), _bits(h_ref))  # an elementwise add: no reduction order
@@ -150,10 +150,10 @@ def test_rms_norm_writes_only_its_outputs(emu, dtype, D, pad):
     dy = torch.randn(N, D, generator=gen).to(dtype)
     dx, dxbuf, dxmask = _guarded((N, D), dtype, pad)
     dw, dwbuf, dwmask = _guarded((D,), dtype, 0)
-    co._rms_norm_bwd_into(dy, h_ref, rstd_ref, w, res, dx, dw)
+    rn_cuda.bwd_into(dy, h_ref, rstd_ref, w, res, dx, dw)
     _assert_guards(dxbuf, dxmask, "dx")
     _assert_guards(dwbuf, dwmask, "dw")
-    dx_ref, dw_ref = co.rms_norm_bwd_cuda(dy, h_ref, rstd_ref, w, res)
+    dx_ref, dw_ref = rn_cuda.rms_norm_bwd_cuda(dy, h_ref, rstd_ref, w, res)
     same(dx, dx_ref)
     same(dw, dw_ref)
 
@@ -166,12 +166,12 @@ def test_rms_norm_dw_partials_any_block_count(emu, D):
     h = torch.randn(N, D, generator=gen)
     dy = torch.randn(N, D, generator=gen)
     w = torch.randn(D, generator=gen)
-    _, rstd, _ = co.rms_norm_fwd_cuda(h, w, None, 1e-6)
+    _, rstd, _ = rn_cuda.rms_norm_fwd_cuda(h, w, None, 1e-6)
     results = []
     for g in (1, 2, 9):
         dx = torch.empty(N, D)
         dw = torch.empty(D)
-        co._rms_norm_bwd_into(dy, h, rstd, w, None, dx, dw, num_partials=g)
+        rn_cuda.bwd_into(dy, h, rstd, w, None, dx, dw, num_partials=g)
         results.append((dx, dw))
     for dx, dw in results[1:]:
         assert torch.equal(dx, results[0][0])  # rows are independent of the partition

@@ -17,7 +17,7 @@ import weakref
 import pytest
 import torch
 
-from nanofast import ops
+from nanofast import attention, ops
 from nanofast.kernels import fp8_linear, paged_decode_attention, plan_paged_decode, vendor
 from nanofast.model import GPT, config_for_depth
 from nanofast.precision import SETTINGS, precision_report
@@ -203,9 +203,9 @@ def test_window_below_minus_one_raises_on_every_attention_path():
     kc, vc = torch.randn(4, 4, 2, 8), torch.randn(4, 4, 2, 8)
     table, lens = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32), torch.tensor([5, 8], dtype=torch.int32)
     calls = [lambda: ops.attention(q, k, v, -2),
-             lambda: ops.paged_decode_attention(q[:, 0], kc, vc, table, lens, -2),
-             lambda: ops.paged_prefill_attention(q[0, :3], kc, vc, table[0].long(), 5, -2),
-             lambda: ops.paged_prefill_attention_batched(q[0, :3], kc, vc, table, [(0, 0, 3)], [5, 8], -2),
+             lambda: attention.paged_decode_attention(q[:, 0], kc, vc, table, lens, -2),
+             lambda: attention.paged_prefill_attention(q[0, :3], kc, vc, table[0].long(), 5, -2),
+             lambda: attention.paged_prefill_attention_batched(q[0, :3], kc, vc, table, [(0, 0, 3)], [5, 8], -2),
              lambda: paged_decode_attention(q[:, 0], kc, vc, table, lens, window=-2),
              lambda: plan_paged_decode([5, 8], 2, window=-2)]
     for call in calls:
@@ -223,18 +223,19 @@ def test_paged_decode_window_minus_one_is_full_causal(backend):
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
     assert (plan_paged_decode([9, 12], 2, window=-1, sm_count=4) == plan_paged_decode([9, 12], 2, sm_count=4)).all()
     if backend == "torch":  # the model's own decode path (gather + SDPA)
-        torch.testing.assert_close(ops.paged_decode_attention(q, kc, vc, table, lens, -1), full, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attention.paged_decode_attention(q, kc, vc, table, lens, -1), full,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_paged_prefill_window_minus_one_is_full_causal():
     g = torch.Generator().manual_seed(4)
     q, kc, vc = torch.randn(3, 4, 8, generator=g), torch.randn(4, 4, 2, 8, generator=g), torch.randn(4, 4, 2, 8, generator=g)
     pages = torch.tensor([2, 0])
-    full = ops.paged_prefill_attention(q, kc, vc, pages, 7, 10_000)
-    torch.testing.assert_close(ops.paged_prefill_attention(q, kc, vc, pages, 7, -1), full)
+    full = attention.paged_prefill_attention(q, kc, vc, pages, 7, 10_000)
+    torch.testing.assert_close(attention.paged_prefill_attention(q, kc, vc, pages, 7, -1), full)
     table = torch.tensor([[2, 0]], dtype=torch.int32)
-    torch.testing.assert_close(ops.paged_prefill_attention_batched(q, kc, vc, table, [(0, 0, 3)], [7], -1), full,
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(attention.paged_prefill_attention_batched(q, kc, vc, table, [(0, 0, 3)], [7], -1),
+                               full, rtol=1e-6, atol=1e-6)
 
 
 # ---- fp8: every path's _scaled_mm calls obey the contract -------------------------------------

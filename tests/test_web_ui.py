@@ -87,11 +87,7 @@ def no_horizontal_overflow(driver) -> bool:
 
 
 def test_chat_page_streams_answers_over_two_turns(server, browser):
-    browser.get(server.url + "/")
-    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text == MODEL_ID)
-    temperature = browser.find_element(By.ID, "temperature")
-    temperature.clear()
-    temperature.send_keys("0")
+    open_page(browser, server)
 
     box = browser.find_element(By.ID, "input")
     box.send_keys("Hello there", Keys.ENTER)  # Enter sends
@@ -330,17 +326,8 @@ def test_answers_render_as_safe_markdown(server, browser):
     assert unfinished == ["so far:", "let a = 1;\nlet b"]
 
 
-def set_greedy(driver) -> None:
-    temperature = driver.find_element(By.ID, "temperature")
-    temperature.clear()
-    temperature.send_keys("0")
-
-
 def open_page(driver, server) -> None:
-    driver.set_window_size(1200, 900)
-    driver.get(server.url + "/")
-    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model").text == MODEL_ID)
-    set_greedy(driver)
+    browser_tools.open_page(driver, server.url, MODEL_ID)
 
 
 @pytest.fixture(scope="module")
@@ -480,7 +467,7 @@ def test_the_page_asks_for_the_api_key_and_again_when_it_is_refused(browser):
         assert "API key" in answer_prompt(browser, "wrong")  # GET /v1/models was refused: asked
         assert "refused" in answer_prompt(browser, "sekrit")  # a wrong key: asked again
         WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text == MODEL_ID)
-        set_greedy(browser)
+        browser_tools.set_greedy(browser)
         box = browser.find_element(By.ID, "input")
         box.send_keys("Hello there", Keys.ENTER)
         good = {"Authorization": "Bearer sekrit"}

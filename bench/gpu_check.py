@@ -743,8 +743,8 @@ def check_engine(ctx: Ctx) -> dict:
 # Speed: each kernel beside what the model runs without it, same run
 # --------------------------------------------------------------------------------------------
 
-def _peaks() -> tuple[float | None, float | None]:
-    """(DRAM bytes/s, dense bf16 FLOP/s) of this GPU; (None, None) on CPU or an unknown GPU."""
+def _peaks(precision: str = "bf16") -> tuple[float | None, float | None]:
+    """(DRAM bytes/s, dense FLOP/s in `precision`) of this GPU; (None, None) on CPU or an unknown GPU."""
     import torch
 
     if not torch.cuda.is_available():
@@ -753,17 +753,17 @@ def _peaks() -> tuple[float | None, float | None]:
     from nanofast.common import peak_flops
 
     gbps = peak_bandwidth_gbps()
-    return (gbps * 1e9 if gbps else None), peak_flops("cuda")
+    return (gbps * 1e9 if gbps else None), peak_flops("cuda", precision)
 
 
 def speed(ctx: Ctx, impls: dict[str, Callable[[], object]], nbytes: int = 0, flops: int = 0,
-          flop_peak_factor: float = 1.0, extras: dict[str, Callable[[], object]] | None = None,
+          precision: str = "bf16", extras: dict[str, Callable[[], object]] | None = None,
           not_timed: dict[str, str] | None = None) -> dict:
     """Time each implementation (CUDA events), and each one's fraction of the DRAM peak (bytes
-    given) or the FLOP peak (flops given; fp8 peaks are 2x bf16's). `impls` are the op's dispatch
+    given) or the FLOP peak in `precision` (flops given). `impls` are the op's dispatch
     backends: one that raises fails the check. `extras` are the page's comparisons (flash-attn,
     Liger, ...): one that raises is reported in "not_timed" beside those `not_timed` names."""
-    bw, fl = _peaks()
+    bw, fl = _peaks(precision)
     times, fractions, missing = {}, {}, dict(not_timed or {})
     for name, fn in {**impls, **(extras or {})}.items():
         try:
@@ -777,7 +777,7 @@ def speed(ctx: Ctx, impls: dict[str, Callable[[], object]], nbytes: int = 0, flo
         if nbytes and bw:
             fractions[name] = nbytes / (ms / 1e3) / bw
         elif flops and fl:
-            fractions[name] = flops / (ms / 1e3) / (fl * flop_peak_factor)
+            fractions[name] = flops / (ms / 1e3) / fl
     out = {"times_ms": times, "fraction_of_peak": fractions, "bytes": nbytes, "flops": flops}
     return out | ({"not_timed": missing} if missing else {})
 
@@ -955,10 +955,9 @@ def speed_fp8_linear(ctx: Ctx) -> dict:
             row[name] = [ctx.median_ms(f) for f in (fwd, dgrad, wgrad)]
             totals[name] += count * sum(row[name])
         flops += count * 3 * 2 * M * N * K
-    _, fl = _peaks()
-    # Hopper's dense fp8 peak is twice its bf16 peak
-    fractions = {} if fl is None else {b: flops / (ms / 1e3) / (fl * (1 if b == "bf16_matmul" else 2))
-                                       for b, ms in totals.items()}
+    peaks = {"bf16": _peaks("bf16")[1], "fp8": _peaks("fp8")[1]}
+    fractions = {b: flops / (ms / 1e3) / peak for b, ms in totals.items()
+                 if (peak := peaks["bf16" if b == "bf16_matmul" else "fp8"]) is not None}
     return {"times_ms": totals, "fraction_of_peak": fractions, "flops": flops, "tokens": M,
             "gemm_ms": per_layer, "gemm_order": ["forward", "input gradient", "weight gradient"]}
 
@@ -974,7 +973,7 @@ def speed_fp8_gemm(ctx: Ctx) -> dict:
     b, sb = _fp8(ctx, ctx.randn(N, K, seed=2), torch.float8_e4m3fn, "tensorwise")
     backends = ("triton", "triton_persistent", "scaled_mm")
     return speed(ctx, {be: (lambda be=be: fp8_gemm(a, b, sa, sb, backend=be)) for be in backends},
-                 flops=2 * M * N * K, flop_peak_factor=2.0)  # Hopper's dense fp8 peak is twice its bf16 peak
+                 flops=2 * M * N * K, precision="fp8")
 
 
 def speed_quantize_fp8(ctx: Ctx) -> dict:
@@ -1107,7 +1106,6 @@ def speed_train_step(ctx: Ctx, depth: int) -> dict:
 # run this: each result records its "seconds"; replace an estimate with what the first run measured.
 
 # 1. The dispatch table, op by op: every numerics check of each (op, backend), then the op's speed.
-_DISPATCH_ORDER = ("rms_norm", "qk_norm_rope", "paged_attention", "linear_cross_entropy", "newton_schulz", "fp8_linear")
 for _b, _est in (("triton", 8), ("cuda", 3)):  # the CUDA sources are prebuilt: no compile in the check
     _add("numerics", f"rms_norm[{_b}]", _est, check_rms_norm, "rms_norm", _b, {"backend": _b})
 _add("numerics", "past_2^31[rms_norm,triton]", 3, check_past_2_31, "rms_norm", "triton", {"kernel": "rms_norm"})
@@ -1403,7 +1401,7 @@ def _plan_lines(fits: list[Check], over: list[Check], left_out: list[Check], pla
             + (f"budget {budget_s:.0f} s" if budget_s is not None else "no budget (dry run)"))
     lines = [head, "  runs, in order: " + (", ".join(c.name for c in fits) or "nothing")]
     if over:
-        lines.append(f"  will not run (over the budget by estimate): "
+        lines.append("  will not run (over the budget by estimate): "
                      + ", ".join(f"{c.name} ({c.est_s:g} s)" for c in over))
     lines += [f"  left out of the default plan: {c.name}: {c.left_out} (--all or --only runs it)" for c in left_out]
     return lines

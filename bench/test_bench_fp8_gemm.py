@@ -4,7 +4,7 @@ bf16 torch.mm.
 Run with
     python -m pytest bench/test_bench_fp8_gemm.py --benchmark-only
 GPU cases (skipped without CUDA) use nanochat's linear-layer shapes and record TFLOP/s and the
-fraction of the H100 SXM's dense peak (fp8 1979 TFLOP/s, bf16 989 TFLOP/s) in extra_info. The CPU
+fraction of the device's dense fp8 or bf16 peak (nanofast.common.GPU_PEAKS) in extra_info. The CPU
 case times only the torch reference and torch._scaled_mm's CPU fallback, so the file collects and
 runs quickly without a GPU (the Triton interpreter's speed says nothing about the kernel).
 """
@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from bench.workloads import quantize_e4m3
+from nanofast.common import gpu_peak
 from nanofast.kernels.fp8_gemm import fp8_gemm, fp8_gemm_reference
-
-H100_SXM_DENSE_TFLOPS = {"fp8": 1979.0, "bf16": 989.0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,11 +92,15 @@ def test_bench_fp8_gemm_gpu(benchmark, case, impl):
     out = benchmark(run)
     flops = 2 * m * n * k
     kind = "bf16" if impl == "bf16_mm" else "fp8"
+    peak = gpu_peak(torch.cuda.get_device_name())
+    peak_flops = None if peak is None else (peak.bf16_flops if kind == "bf16" else peak.fp8_flops)
+    peak_tflops = None if peak_flops is None else peak_flops / 1e12
     benchmark.extra_info.update(case=name, shape=[m, n, k], impl=impl, device=torch.cuda.get_device_name(),
-                                flops=flops, peak_tflops=H100_SXM_DENSE_TFLOPS[kind])
+                                flops=flops, peak_tflops=peak_tflops)
     if benchmark.stats is not None:  # None under --benchmark-disable
         tflops = flops / benchmark.stats.stats.mean / 1e12
-        benchmark.extra_info.update(tflops=tflops, pct_of_peak=100 * tflops / H100_SXM_DENSE_TFLOPS[kind])
+        benchmark.extra_info.update(tflops=tflops,
+                                    pct_of_peak=None if peak_tflops is None else 100 * tflops / peak_tflops)
     assert out.shape == (m, n) and torch.isfinite(out[:64]).all()
     if impl in ("triton", "triton_persistent"):  # the kernel agrees with the dequantised reference on a slice of rows
         want = fp8_gemm_reference(a[:256], b, sa, sb, out_dtype=torch.float32)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanofast.common import peak_flops
 from nanofast.kernels.registry import OPS
 
 from bench import guard
@@ -70,7 +71,6 @@ def _cuda_median_seconds(fn, reps: int = 20, warmup: int = 3) -> float:
 def _peaks() -> tuple[float | None, float | None]:
     """(DRAM bytes/s, dense bf16 FLOP/s) of this GPU (None when unknown)."""
     from bench.gpu_peaks import peak_bandwidth_gbps
-    from nanofast.common import peak_flops
 
     gbps = peak_bandwidth_gbps()
     return (gbps * 1e9 if gbps else None), peak_flops("cuda")
@@ -78,7 +78,7 @@ def _peaks() -> tuple[float | None, float | None]:
 
 def _peak_case(name: str) -> guard.PeakResult:
     """One kernel at a representative nanochat shape: (call, bytes, FLOPs) -> its PeakResult."""
-    bw, bf16 = _peaks()
+    bw, flop_peak = _peaks()
     if name == "rms_norm_fwd_16384x1536":
         from nanofast.kernels.rms_norm import rms_norm
 
@@ -125,12 +125,13 @@ def _peak_case(name: str) -> guard.PeakResult:
         a, sa = quantize_e4m3(torch.randn(32768, 1280, device="cuda", dtype=torch.bfloat16))
         b, sb = quantize_e4m3(torch.randn(5120, 1280, device="cuda", dtype=torch.bfloat16))
         fn = lambda: fp8_gemm(a, b, sa, sb, out_dtype=torch.bfloat16, backend="triton")  # noqa: E731
-        nbytes, flops, bound = 32768 * 1280 + 5120 * 1280 + 2 * 32768 * 5120, 2 * 32768 * 5120 * 1280, "compute"
-        bf16 = None if bf16 is None else 2 * bf16  # Hopper's dense fp8 peak is twice its bf16 peak
+        cost = OPS["fp8_gemm"].cost(m=32768, n=5120, k=1280)
+        nbytes, flops, bound = cost["bytes"], cost["flops"], "compute"
+        flop_peak = peak_flops("cuda", "fp8")  # an fp8 GEMM is held to the fp8 peak
     else:
         raise ValueError(name)
     seconds = _cuda_median_seconds(fn)
-    return guard.PeakResult(name, seconds, nbytes, flops, bw, bf16, bound)
+    return guard.PeakResult(name, seconds, nbytes, flops, bw, flop_peak, bound)
 
 
 PEAK_CASES = ["rms_norm_fwd_16384x1536", "qk_norm_rope_fwd_B32_T2048_H10", "paged_decode_B64_ctx2048_q32kv8",

@@ -59,6 +59,14 @@ def paged_step_attention(batch: PagedBatch, layer: int, q: torch.Tensor, k: torc
     return (parts[0] if len(parts) == 1 else torch.cat(parts))[None]
 
 
+def takes_packed_path(batch: PagedBatch, x: torch.Tensor) -> bool:
+    """Whether a layer of the engine's step runs `packed_step`: the batch carries its rotary cache,
+    no autograd, and QK-norm+rotary runs on a kernel backend (whose in-place kernel the packed path
+    is; the torch path computes q, k, v apart, as in training)."""
+    return (batch.cos_sin_cache is not None and not torch.is_grad_enabled()
+            and ops.op_backend("qk_norm_rope", x) != "torch")
+
+
 def packed_step(attn: torch.nn.Module, x: torch.Tensor, ve: torch.Tensor | None, window: int, batch: PagedBatch,
                 qk_scale: float, gate_channels: int) -> torch.Tensor:
     """A `nanofast.model.CausalSelfAttention` layer's engine step when QK-norm+rotary runs on a

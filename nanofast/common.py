@@ -319,12 +319,15 @@ def gpu_peak(name: str) -> GpuPeak | None:
     return next((peak for fragment, peak in GPU_PEAKS if fragment in name), None)
 
 
-def peak_flops(device: str) -> float | None:
-    """Peak dense bf16 FLOP/s of the current GPU, or None (CPU, or an unknown GPU): MFU is then n/a."""
+def peak_flops(device: str, precision: str = "bf16") -> float | None:
+    """Peak dense FLOP/s of the current GPU's tensor cores in `precision` ("bf16" or "fp8"), or None
+    (CPU, an unknown GPU, or no fp8 tensor cores): MFU is then n/a."""
+    if precision not in ("bf16", "fp8"):
+        raise ValueError(f"precision must be 'bf16' or 'fp8', got {precision!r}")
     if device != "cuda":
         return None
     peak = gpu_peak(torch.cuda.get_device_name())
-    return None if peak is None else peak.bf16_flops
+    return None if peak is None else peak.bf16_flops if precision == "bf16" else peak.fp8_flops
 
 
 def peak_bandwidth_gbps(device: str) -> float | None:

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from nanofast import ops
 from nanofast.optim import MUON_DEFAULTS
-from nanofast.attention import packed_step, paged_step_attention
+from nanofast.attention import packed_step, paged_step_attention, takes_packed_path
 
 # nanochat's base_train optimizer hyperparameters: AdamW LRs of the embeddings, lm_head and
 # scalars (the matrices' Muon LR is the optimizer's default) and Muon's weight decay.
@@ -174,8 +174,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 window: int, kv=None) -> torch.Tensor:
         B, T, _ = x.shape
-        if (kv is not None and kv.cos_sin_cache is not None and not torch.is_grad_enabled()
-                and ops.op_backend("qk_norm_rope", x) != "torch"):
+        if kv is not None and takes_packed_path(kv, x):
             return packed_step(self, x, ve, window, kv, qk_scale=QK_SCALE, gate_channels=VE_GATE_CHANNELS)
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)

@@ -393,3 +393,17 @@ def test_compiled_kernels_on_this_gpu(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--sections", "numerics,model",
                            "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+def test_every_declared_backend_has_its_numerics_and_every_op_its_race():
+    """The checks cover the registry: each kernel backend of each dispatched op (nanofast.kernels.
+    registry) has a numerics check, and each op a speed check, so a backend added to a declaration
+    is measured before a table can pick it. (The checks are listed by hand: the module must import
+    on a bare machine before nanofast can.)"""
+    from nanofast import dispatch
+
+    numerics = {(c.op, c.backend) for c in gpu_check.CHECKS if c.section == "numerics"}
+    speed = {c.op for c in gpu_check.CHECKS if c.section == "speed"}
+    for name, op in dispatch.OPS.items():
+        assert {(name, b) for b in op.kernels} <= numerics, name
+        assert name in speed, name

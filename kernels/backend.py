@@ -27,7 +27,7 @@ def triton_interpreting() -> bool:
 
 def resolve_backend(backend: str | None, x: torch.Tensor, choices: tuple[str, ...] = BACKENDS) -> str:
     """The backend to run on tensor `x`: `backend` if given (validated against `choices`, an op's
-    `Op.backends`), else by device."""
+    `Op.choices`), else by device."""
     if torch.compiler.is_compiling():
         return _resolve_constant(backend, x.device, choices)
     return _resolve(backend, x.device, choices)
@@ -51,7 +51,7 @@ def _resolve(backend: str | None, device: torch.device, choices: tuple[str, ...]
                              f"backend must be one of {choices} or None")
         raise ValueError(f"backend must be one of {choices} or None, got {backend!r}")
     if backend.startswith("triton") and not is_cuda and not triton_interpreting():
-        raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+        raise RuntimeError(f"backend={backend!r} on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
                            "in the environment before triton is imported")
     return backend
 

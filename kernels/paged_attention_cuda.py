@@ -214,8 +214,9 @@ def paged_decode_attention_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, blo
     int32, page ids of each sequence's positions in order; entries past a sequence's used pages are
     never read. seq_lens: (B,) int32 in [1, max_pages * page_size], the length including the current
     token. Values (lengths, used page ids) are checked for CPU tensors; on CUDA (no host sync) the
-    kernel clamps lengths and skips keys in pages outside the pool instead. scale > 0 multiplies q.k. window None or -1: all keys; w >= 0: keys j with len-1-w <= j <= len-1.
-    num_splits: the uniform plan, this many splits of every sequence (1..65535). plan: (B,) int32
+    kernel clamps lengths and skips keys in pages outside the pool instead. scale > 0 multiplies
+    q.k. window None or -1: all keys; w >= 0: keys j with len-1-w <= j <= len-1.
+    num_splits: the uniform plan, this many splits of every sequence (1..256, paged_plan.MAX_SPLITS). plan: (B,) int32
     CPU tensor of splits per sequence (`paged_attention.plan_paged_decode`), exclusive with
     num_splits. Both None: planned from the lengths (`plan_splits`: ~16 warps per SM of similar-sized
     work units, one launch; on CUDA a device->host copy of seq_lens unless host_seq_lens (the same

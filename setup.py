@@ -55,7 +55,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-benchmark>=4", f"triton>={MIN_TRITON}", "pybind11", "ninja",
             "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "selenium>=4.11", "openai>=1.40",
-            "wandb>=0.19"],
+            "wandb>=0.19", "transformers==5.25.0"],  # transformers: tests/test_hf.py's tiny models
     "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
     "wandb": ["wandb>=0.19"],  # --wandb PROJECT: optional logging, imported only when asked for
     # GPU machines. `kernels`: the Hugging Face kernel hub client, which downloads a prebuilt FA3

@@ -187,6 +187,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
     return torch.cat([a * cos + b * sin, b * cos - a * sin], dim=-1)
 
 
+def rotary_tables(seq_len: int, head_dim: int, base: float = 100_000.0,
+                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables for `qk_norm_rope`: cos, sin of shape (seq_len, head_dim // 2), fp32, angle
+    t * base^(-2i / head_dim) for position t and pair i. base: nanochat's 100,000 by default
+    (Llama uses 10,000, Llama 3 500,000: pass the model's `rope_theta`)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
 def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
                            scale: float = 1.0, eps: float | None = None,

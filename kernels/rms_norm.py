@@ -23,6 +23,7 @@ residual; backward: dy and h, in a separate row-reduction kernel). nanochat's d_
 """
 from __future__ import annotations
 
+import math
 import numbers
 from types import SimpleNamespace
 from typing import Optional
@@ -75,16 +76,18 @@ def default_eps(dtype: torch.dtype) -> float:
 # --------------------------------------------------------------------------------------------
 
 def rms_norm_reference(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = None,
-                       residual: Optional[Tensor] = None):
+                       residual: Optional[Tensor] = None, offset: float = 0.0):
     """Plain-torch RMSNorm over the last dim (differentiable through torch autograd).
 
     Args:
         x: (..., D) floating tensor, any layout.
-        weight: (D,) or None (no affine scale).
+        weight: (D,) of any floating dtype, or None (no affine scale).
         eps: added to mean(h^2); None -> `default_eps(x.dtype)`, which reproduces
             `F.rms_norm(x, (D,))` bit for bit.
         residual: (..., D) like x, or None. When given, h = x + residual (in x's dtype) is
             normalised and also returned.
+        offset: the scale is (offset + weight), formed in fp32 (Gemma's 1 + w: in bf16 the sum
+            would round); 0 (default) scales by the weight itself.
     Returns:
         y (x's shape and dtype), or (y, h) when residual is given. Statistics and the weight
         product are computed in fp32 (fp64 for fp64 inputs) and rounded once.
@@ -97,7 +100,7 @@ def rms_norm_reference(x: Tensor, weight: Optional[Tensor] = None, eps: Optional
     rstd = torch.rsqrt(hf.pow(2).mean(dim=-1, keepdim=True) + eps)
     y = hf * rstd
     if weight is not None:
-        y = y * weight.to(opmath)
+        y = y * (weight.to(opmath) + offset if offset else weight.to(opmath))
     y = y.to(x.dtype)
     return y if residual is None else (y, h)
 
@@ -333,17 +336,24 @@ def _check_lead(launcher: str, name: str, t: Tensor) -> tuple[int, int]:
 # Launchers
 # --------------------------------------------------------------------------------------------
 
+def _check_weight(weight: Tensor, D: int) -> None:
+    _check_launch("weight", weight, (D,))
+    if weight.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"weight must be float16, bfloat16 or float32, got {weight.dtype}")
+
+
 def rms_norm_fwd_triton(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor],
                         eps: float) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Triton forward. x: (N, D) fp16/bf16/fp32, any row stride, unit column stride; weight: (D,)
-    contiguous in x's dtype or None; residual: (N, D) in x's dtype (any row stride) or None.
+    contiguous fp16/bf16/fp32 (read in fp32) or None; residual: (N, D) in x's dtype (any row
+    stride) or None.
 
     Returns (y, rstd, h): y (N, D) contiguous in x's dtype; rstd (N,) fp32; h = x + residual
     (N, D) contiguous in x's dtype, or None without residual. Inputs are never written.
     """
     N, D = _check_lead("rms_norm_fwd_triton", "x", x)
     if weight is not None:
-        _check_launch("weight", weight, (D,), x.dtype)
+        _check_weight(weight, D)
     if residual is not None:
         _check_launch("residual", residual, (N, D), x.dtype)
     return _fwd_triton(x, weight, residual, eps)
@@ -373,8 +383,8 @@ def _fwd_triton(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor],
 def rms_norm_bwd_triton(dy: Tensor, h: Tensor, rstd: Tensor, weight: Optional[Tensor],
                         dh: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
     """Triton backward. dy, h: (N, D) in h's dtype, any row stride, unit column stride; rstd (N,)
-    fp32 from the forward; weight (D,) or None; dh (N, D) or None: gradient arriving at the h the
-    forward returned (the residual stream).
+    fp32 from the forward; weight (D,) fp16/bf16/fp32 or None; dh (N, D) or None: gradient arriving
+    at the h the forward returned (the residual stream).
 
     Returns (dx, dw): dx (N, D) contiguous in h's dtype (also the residual's gradient); dw (D,) in
     weight's dtype, summed deterministically (per-CTA fp32 partials, then a fixed-order sum), or
@@ -384,7 +394,7 @@ def rms_norm_bwd_triton(dy: Tensor, h: Tensor, rstd: Tensor, weight: Optional[Te
     _check_launch("dy", dy, (N, D), h.dtype)
     _check_launch("rstd", rstd, (N,), torch.float32)
     if weight is not None:
-        _check_launch("weight", weight, (D,), h.dtype)
+        _check_weight(weight, D)
     if dh is not None:
         _check_launch("dh", dh, (N, D), h.dtype)
     return _bwd_triton(dy, h, rstd, weight, dh)
@@ -523,14 +533,14 @@ class _RMSNormFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 def _check_with_x(name: str, t: Tensor, x: Tensor) -> None:
-    """weight and residual are read in x's dtype on x's device."""
+    """residual is read in x's dtype on x's device."""
     if t.dtype != x.dtype:
         raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
-def _validate(x, weight, eps, residual) -> None:
+def _validate(x, weight, eps, residual, offset=0.0) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (..., D), got {type(x).__name__}")
     if not x.is_floating_point():
@@ -548,7 +558,12 @@ def _validate(x, weight, eps, residual) -> None:
             raise TypeError(f"weight must be a torch.Tensor of shape ({D},) or None, got {type(weight).__name__}")
         if tuple(weight.shape) != (D,):
             raise ValueError(f"weight must have shape ({D},) (the last dim of x), got {tuple(weight.shape)}")
-        _check_with_x("weight", weight, x)
+        # Any floating dtype: an fp32 weight with 16-bit activations (mixed precision, autocast) is
+        # read in fp32; the product is fp32 either way and only the result takes x's dtype.
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must have a floating dtype, got {weight.dtype}")
+        if weight.device != x.device:
+            raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
     if residual is not None:
         if not isinstance(residual, Tensor):
             raise TypeError(f"residual must be a torch.Tensor of shape {tuple(x.shape)} or None, "
@@ -560,19 +575,29 @@ def _validate(x, weight, eps, residual) -> None:
             raise ValueError(f"residual must have a contiguous last dim (stride 1), got strides {residual.stride()}")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0):
         raise ValueError(f"eps must be a real number >= 0 or None, got {eps!r}")
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not math.isfinite(offset):
+        raise ValueError(f"offset must be a finite real number, got {offset!r}")
+    if offset and weight is None:
+        raise ValueError(f"offset={offset} scales by (offset + weight): it needs a weight")
 
 
 def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = None,
-             residual: Optional[Tensor] = None, backend: Optional[str] = None):
+             residual: Optional[Tensor] = None, backend: Optional[str] = None, offset: float = 0.0):
     """RMSNorm over the last dim of x, optionally fused with a preceding residual add.
 
     Args:
         x: (..., D) fp16/bf16/fp32 (fp64 with backend="torch"), any leading shape and strides, but
             the last dim must be contiguous.
-        weight: (D,) in x's dtype on x's device, or None (nanochat's parameter-free norm).
-        eps: None -> `default_eps(x.dtype)`, matching `F.rms_norm(x, (D,))` exactly.
+        weight: (D,) on x's device in any floating dtype (fp16/bf16/fp32 on the kernel backends),
+            e.g. fp32 parameters under 16-bit autocast: read in fp32, the product in fp32, the
+            result in x's dtype, its gradient in the weight's dtype. None: nanochat's
+            parameter-free norm.
+        eps: None -> `default_eps(x.dtype)`, matching `F.rms_norm(x, (D,))` exactly; pass the
+            model's own (Hugging Face's `variance_epsilon`, e.g. 1e-6) to match it.
         residual: (..., D) like x, or None. When given, h = x + residual is normalised.
         backend: "torch" | "triton" | "cuda" | None (triton on CUDA tensors, torch on CPU).
+        offset: scale by (offset + weight), summed in fp32 (Gemma's norms: offset=1.0); needs a
+            weight. The gradient still reaches `weight`.
     Returns:
         y of x's shape and dtype; or (y, h) with residual, h = x + residual (the new residual
         stream, contiguous). Differentiable w.r.t. x, weight, residual. Under
@@ -581,13 +606,17 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = 
     Raises:
         TypeError / ValueError naming the offending argument and the expected shape/dtype.
     """
-    OP.checks["rms_norm"](x, weight, eps, residual)
+    OP.checks["rms_norm"](x, weight, eps, residual, offset)
     eps = default_eps(x.dtype) if eps is None else float(eps)
     be = resolve_backend(backend, x, OP.choices)
     if be == "torch":
-        return rms_norm_reference(x, weight, eps, residual)
-    if x.dtype not in _KERNEL_DTYPES:  # both kernel backends take these three
-        raise TypeError(f"x must be float16, bfloat16 or float32 for backend={be!r}, got {x.dtype}")
+        return rms_norm_reference(x, weight, eps, residual, offset)
+    if x.dtype not in _KERNEL_DTYPES or (weight is not None and weight.dtype not in _KERNEL_DTYPES):
+        raise TypeError(f"x and weight must be float16, bfloat16 or float32 for backend={be!r}, got {x.dtype}"
+                        f"{'' if weight is None else f' and {weight.dtype}'}")
+    if offset:
+        # (offset + w) in fp32, the kernels' fp32 weight; autograd carries its gradient to w.
+        weight = weight.float() + offset
     D = x.shape[-1]
     if weight is not None:
         weight = weight.contiguous()  # (D,) only: a copy is cheap if it is ever needed
@@ -599,29 +628,37 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = 
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim, with an optional learned (D,) scale initialised to ones.
+    """RMSNorm over the last dim, with an optional learned (D,) scale: the scale is (offset +
+    weight), the weight initialised so that it starts at 1 (ones, or zeros with Gemma's offset=1).
 
-    forward(x, residual=None) -> y, or (y, h) with residual; see `rms_norm`.
+    forward(x, residual=None) -> y, or (y, h) with residual; see `rms_norm`. Parameters in another
+    dtype than x (fp32 under 16-bit autocast) are read in fp32.
     """
 
     def __init__(self, dim: int, eps: Optional[float] = None, elementwise_affine: bool = True,
-                 backend: Optional[str] = None, device=None, dtype=None) -> None:
+                 backend: Optional[str] = None, device=None, dtype=None, offset: float = 0.0) -> None:
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
             raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+        if isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not math.isfinite(offset):
+            raise ValueError(f"offset must be a finite real number, got {offset!r}")
+        if offset and not elementwise_affine:
+            raise ValueError(f"offset={offset} scales by (offset + weight): it needs elementwise_affine=True")
         self.dim = int(dim)
         self.eps = eps
         self.backend = backend
+        self.offset = float(offset)
         if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(self.dim, device=device, dtype=dtype))
+            self.weight = nn.Parameter(torch.full((self.dim,), 1.0 - self.offset, device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
-        return rms_norm(x, self.weight, self.eps, residual, self.backend)
+        return rms_norm(x, self.weight, self.eps, residual, self.backend, self.offset)
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}, backend={self.backend}"
+        return (f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}, backend={self.backend}"
+                + (f", offset={self.offset}" if self.offset else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,8 +667,11 @@ class RMSNorm(nn.Module):
 
 
 
-def _fwd_config(D: int, dtype: torch.dtype, weight: bool, residual: bool) -> dict:
+def _fwd_config(D: int, dtype: torch.dtype, weight: bool, residual: bool,
+                weight_dtype: Optional[torch.dtype] = None) -> dict:
     t = _TL_DTYPE[dtype]
+    w_types = {"W": "*" + _TL_DTYPE[weight_dtype]} if weight and weight_dtype is not None else {}
+    w_label = f" w:{_TL_DTYPE[weight_dtype]}" if w_types else ""
     m = _fwd_meta(D)
     const = {"BLOCK_N": m["BLOCK_N"], "BLOCK_D": m["BLOCK_D"], "NUM_CHUNKS": m["NUM_CHUNKS"],
              "HAS_WEIGHT": weight, "HAS_RESIDUAL": residual}
@@ -639,19 +679,22 @@ def _fwd_config(D: int, dtype: torch.dtype, weight: bool, residual: bool) -> dic
         const.update(R=None, H=None)
     if not weight:
         const["W"] = None
-    sig = gate_signature(_rms_norm_fwd_kernel, const, t, {"RSTD": "*fp32"})
+    sig = gate_signature(_rms_norm_fwd_kernel, const, t, {"RSTD": "*fp32", **w_types})
     # What Triton's launcher specialises for contiguous nanochat activations: 16-byte aligned
     # pointers, row strides and D multiples of 16 (every nanochat width is).
     aligned = tuple(a for a in ("X", "R", "W", "Y", "H", "stride_x", "stride_r", "stride_y", "stride_h", "D")
                     if sig[a] != "constexpr")
     return dict(fn=_rms_norm_fwd_kernel, signature=sig, constexprs=const, num_warps=m["num_warps"],
                 num_stages=3, aligned=aligned,
-                config=f"fwd D={D} {t}{' +w' if weight else ''}{' +res' if residual else ''} "
+                config=f"fwd D={D} {t}{' +w' if weight else ''}{w_label}{' +res' if residual else ''} "
                        f"BLOCK={m['BLOCK_N']}x{m['BLOCK_D']}x{m['NUM_CHUNKS']} warps={m['num_warps']}")
 
 
-def _bwd_config(D: int, dtype: torch.dtype, weight: bool, dh: bool) -> dict:
+def _bwd_config(D: int, dtype: torch.dtype, weight: bool, dh: bool,
+                weight_dtype: Optional[torch.dtype] = None) -> dict:
     t = _TL_DTYPE[dtype]
+    w_types = {"W": "*" + _TL_DTYPE[weight_dtype]} if weight and weight_dtype is not None else {}
+    w_label = f" w:{_TL_DTYPE[weight_dtype]}" if w_types else ""
     m = _bwd_meta(D)
     pre = m["NUM_CHUNKS"] > 1
     const = {"BLOCK_N": m["BLOCK_N"], "BLOCK_D": m["BLOCK_D"], "HAS_WEIGHT": weight, "HAS_DH": dh,
@@ -659,12 +702,13 @@ def _bwd_config(D: int, dtype: torch.dtype, weight: bool, dh: bool) -> dict:
     for name, used in (("W", weight), ("DH", dh), ("DW_PARTIAL", weight), ("C", pre)):
         if not used:
             const[name] = None
-    sig = gate_signature(_rms_norm_bwd_kernel, const, t, {"RSTD": "*fp32", "DW_PARTIAL": "*fp32", "C": "*fp32"})
+    sig = gate_signature(_rms_norm_bwd_kernel, const, t, {"RSTD": "*fp32", "DW_PARTIAL": "*fp32", "C": "*fp32",
+                                                         **w_types})
     aligned = tuple(a for a in ("DY", "Hs", "W", "DH", "DX", "DW_PARTIAL", "stride_dy", "stride_h", "stride_dh",
                                 "stride_dx", "stride_dw", "D") if sig[a] != "constexpr")
     return dict(fn=_rms_norm_bwd_kernel, signature=sig, constexprs=const, num_warps=m["num_warps"],
                 num_stages=3, aligned=aligned,
-                config=f"bwd D={D} {t}{' +w' if weight else ''}{' +dh' if dh else ''} "
+                config=f"bwd D={D} {t}{' +w' if weight else ''}{w_label}{' +dh' if dh else ''} "
                        f"BLOCK={m['BLOCK_N']}x{m['BLOCK_D']}x{m['NUM_CHUNKS']} warps={m['num_warps']}")
 
 
@@ -704,6 +748,9 @@ def _kernel_configs() -> list[dict]:
         _bwd_config(1536, bf16, weight=True, dh=True),
         _fwd_config(768, fp16, weight=True, residual=True),
         _bwd_config(768, fp16, weight=True, dh=True),
+        # Mixed precision (Hugging Face models, autocast): fp32 weight, bf16 activations.
+        _fwd_config(2048, bf16, weight=True, residual=False, weight_dtype=fp32),
+        _bwd_config(2048, bf16, weight=True, dh=False, weight_dtype=fp32),
         _fwd_config(128, fp16, weight=False, residual=False),
         # fp32 (CPU-parity / debugging runs).
         _fwd_config(768, fp32, weight=True, residual=False),

@@ -23,12 +23,9 @@ Calls:
 from __future__ import annotations
 
 import functools
-import importlib.metadata
-import importlib.util
+import importlib
 import numbers
 import os
-import sys
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -263,30 +260,10 @@ def _import_optional(name: str):
 
 
 def _hub_client():
-    """The kernel hub's client package `kernels`, loaded from its installed distribution: from a
-    nanofast checkout, `import kernels` would find nanofast's own kernels/ folder instead."""
-    try:
-        dist = importlib.metadata.distribution("kernels")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    init = Path(dist.locate_file("kernels/__init__.py"))
-    if not init.is_file():
-        return None
-    loaded = sys.modules.get("kernels")
-    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == init.resolve():
-        return loaded
-    spec = importlib.util.spec_from_file_location("kernels", init, submodule_search_locations=[str(init.parent)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kernels"] = module  # its own submodules import `kernels.…`
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        if loaded is None:
-            sys.modules.pop("kernels", None)
-        else:
-            sys.modules["kernels"] = loaded
-        return None
-    return module
+    """The kernel hub's client package `kernels`, or None. From a nanofast checkout's root the import
+    finds nanofast's own kernels/ folder first, which hands it over to the installed package
+    (kernels/_shadowed.py)."""
+    return _import_optional("kernels")
 
 
 def load_flash_attn_3():

@@ -169,12 +169,8 @@ def _few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight @ rows.T).T[:n].contiguous().reshape(*x.shape[:-1], weight.size(0))
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float = 100_000.0,
-                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (seq_len, head_dim // 2), fp32: angle t * base^(-2i/head_dim)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return freqs.cos(), freqs.sin()
+# The model's rotary tables, defined beside the kernel that takes them.
+rotary_tables = kernels.rotary_tables
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -599,7 +599,7 @@ def test_torch_compile_fullgraph_through_the_cuda_backend_ops():
     """The CUDA backend goes through the same custom ops as Triton: torch.compile(fullgraph=True)
     traces them and the compiled forward+backward equals eager (here: the emulation build)."""
     from nanofast.kernels import qk_norm_rope, rms_norm
-    from nanofast.ops import rotary_tables
+    from nanofast.kernels import rotary_tables
 
     torch.manual_seed(0)
     x = torch.randn(3, 40, requires_grad=True)

@@ -1,7 +1,7 @@
-"""The README's Python examples run as written (on CPU: the Triton examples through the interpreter,
-which conftest.py turns on). Two need state outside the example and are run by the tests of what
-they show instead: the checkpoint loader (tests/test_pipeline.py loads `make run`'s checkpoints)
-and the HTTP client (tests/test_serve.py drives the server)."""
+"""The README's Python examples, and those of docs/kernels.md, run as written (on CPU: the Triton
+examples through the interpreter, which conftest.py turns on). Two need state outside the example
+and are run by the tests of what they show instead: the checkpoint loader (tests/test_pipeline.py
+loads `make run`'s checkpoints) and the HTTP client (tests/test_serve.py drives the server)."""
 from __future__ import annotations
 
 import re
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+KERNEL_DOCS = README.parent / "docs" / "kernels.md"
+BLOCKS = [b for doc in (README, KERNEL_DOCS) for b in re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)]
 NEEDS_OUTSIDE_STATE = ("load_nanochat(", "http://127.0.0.1")  # a trained checkpoint, a running server
 
 
@@ -25,4 +26,4 @@ def test_the_readme_has_examples_and_runs_most():
 @pytest.mark.parametrize("block", [b for _, b in _runnable()], ids=[f"block{i}" for i, _ in _runnable()])
 def test_readme_example_runs(block, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, str(README), "exec"), {"__name__": "__readme__"})
+    exec(compile(block, "README.md or docs/kernels.md", "exec"), {"__name__": "__readme__"})

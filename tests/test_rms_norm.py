@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from nanofast.kernels.rms_norm import (KERNEL_CONFIGS, RMSNorm, default_eps, rms_norm, rms_norm_bwd_triton,
                                        rms_norm_fwd_triton, rms_norm_reference)
 from compile_gate_helpers import check_common_facts, gate_facts_fixture, gate_tests
+from cuda_emu_helpers import emu  # noqa: F401 (emu: the fixture building the CUDA sources' CPU emulation)
 from error_budget import check_budget
 from oob_guard import GuardedAlloc
 
@@ -148,6 +149,50 @@ def test_triton_matches_reference(shape, dtype, variant):
         assert torch.equal(dr_k, dx_k)  # x and residual enter through h = x + residual
     if with_weight:
         _check_budget("bwd", dtype, "dw", dw_k, dw_t, dw64)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DT_ID.get)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_fp32_weight_with_16_bit_activations_and_an_offset(backend, dtype, offset, request):
+    """Mixed precision as Hugging Face models and autocast hold it: fp32 weight, 16-bit x. The
+    statistics and the product are fp32, the result is x's dtype, the weight's gradient fp32; the
+    scale is (offset + w) summed in fp32 (Gemma: offset 1). Against fp64, within the budgets."""
+    if backend == "cuda":
+        request.getfixturevalue("emu")
+    g = _seeded(7)
+    shape, D = (3, 5, 96), 96
+    x, r = _randn(shape, dtype, g), _randn(shape, dtype, g)
+    w = 0.5 * torch.randn(D, generator=g)  # fp32
+    dy, dh = _randn(shape, dtype, g), _randn(shape, dtype, g)
+
+    def run(be):
+        xs, rs, ws = (t.clone().requires_grad_() for t in (x, r, w))
+        y, h = rms_norm(xs, ws, 1e-6, rs, backend=be, offset=offset)
+        torch.autograd.backward([y, h], [dy, dh])
+        assert y.dtype == dtype and h.dtype == dtype and ws.grad.dtype == torch.float32
+        return y.detach(), xs.grad, ws.grad
+
+    y_k, dx_k, dw_k = run(backend)
+    y_t, dx_t, dw_t = run("torch")
+    y64, dx64, dw64 = _ref64(x + r, w.double() + offset, 1e-6, dy, dh)
+    _check_budget("fwd", dtype, "y", y_k, y_t, y64)
+    _check_budget("bwd", dtype, "dx", dx_k, dx_t, dx64)
+    # dw is fp32, summed over rows of the h the forward rounded to x's dtype: the input dtype's
+    # budget (the interpreter truncates that bf16 h, see BUDGET).
+    _check_budget("bwd", dtype, "dw", dw_k, dw_t, dw64)
+
+
+def test_module_under_autocast_keeps_fp32_parameters():
+    """nanofast's RMSNorm in the standard mixed-precision set-up: fp32 parameters, bf16 autocast."""
+    m = RMSNorm(16, eps=1e-6)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and m.weight.dtype == torch.float32
+    torch.testing.assert_close(y, rms_norm_reference(x.bfloat16(), m.weight, 1e-6))
+    gemma = RMSNorm(16, eps=1e-6, offset=1.0)
+    assert torch.equal(gemma.weight, torch.zeros(16)) and torch.equal(gemma(x), rms_norm_reference(x, None, 1e-6))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
@@ -324,7 +369,13 @@ def _bad_cases():
         (lambda: rms_norm(torch.randn(8, 4).t()), ValueError, "contiguous last dim"),
         (lambda: rms_norm(x, torch.randn(7)), ValueError, r"weight must have shape \(8,\)"),
         (lambda: rms_norm(x, torch.randn(8, 1)), ValueError, r"weight must have shape \(8,\)"),
-        (lambda: rms_norm(x, torch.randn(8, dtype=torch.float16)), TypeError, "weight must have x's dtype"),
+        (lambda: rms_norm(x, torch.ones(8, dtype=torch.int32)), TypeError, "weight must have a floating dtype"),
+        (lambda: rms_norm(x, torch.ones(8).double(), backend="triton"), TypeError, "x and weight must be float16"),
+        (lambda: rms_norm(x, offset=1.0), ValueError, r"offset=1.0 scales by \(offset \+ weight\): it needs a weight"),
+        (lambda: rms_norm(x, torch.ones(8), offset=float("nan")), ValueError, "offset must be a finite"),
+        (lambda: RMSNorm(8, offset=1.0, elementwise_affine=False), ValueError, "needs elementwise_affine=True"),
+        (lambda: rms_norm_fwd_triton(x, torch.ones(8, dtype=torch.int32), None, 1e-6), TypeError,
+         "weight must be float16, bfloat16 or float32"),
         (lambda: rms_norm(x, torch.randn(8, device="meta")), ValueError, "weight must be on x's device"),
         (lambda: rms_norm(x, "w"), TypeError, "weight must be a torch.Tensor"),
         (lambda: rms_norm(x, residual=torch.randn(4, 7)), ValueError, r"residual must have x's shape \(4, 8\)"),

@@ -106,7 +106,8 @@ def test_bad_calls_are_refused():
 
 def test_import_kernels_from_the_checkout_root_gets_the_installed_package():
     """transformers imports Hugging Face's `kernels`; from a nanofast checkout's root the folder
-    kernels/ (nanofast.kernels) comes first on sys.path and hands the import over."""
+    kernels/ (nanofast.kernels) comes first on sys.path and hands the import over
+    (kernels/_shadowed.py, executed in these subprocesses)."""
     hub = subprocess.run([sys.executable, "-c", "import kernels, transformers.integrations.hub_kernels; "
                           "print(kernels.__file__)"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert hub.returncode == 0, hub.stderr[-2000:]

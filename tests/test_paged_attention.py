@@ -720,3 +720,15 @@ def _check_facts(cfg: dict, f: dict, arch: int) -> None:
 
 
 test_compile_gate_sm90, test_compile_gate_sm80 = gate_tests(KERNEL_CONFIGS, SM80_CONFIGS, _check_facts)
+
+
+def test_both_backends_share_one_split_plan_module():
+    """kernels/paged_plan.py: the plan the Triton and CUDA launchers take, and its packed unit tables."""
+    from nanofast.kernels import paged_attention_cuda, paged_plan
+
+    assert pa.plan_paged_decode is paged_plan.plan_paged_decode is paged_attention_cuda.plan_paged_decode
+    assert pa.MAX_SPLITS == paged_attention_cuda.MAX_SPLITS == paged_plan.MAX_SPLITS == 256
+    packed, units = paged_plan.plan_tensors([2, 1, 3], 3, 1, torch.device("cpu"))
+    assert units == 6 and packed.tolist() == [0, 2, 3, 6] + [0, 0, 1, 2, 2, 2] + [0, 1, 0, 0, 1, 2]
+    with pytest.raises(ValueError, match="plan entries must lie in"):
+        paged_plan.check_plan(torch.tensor([0, 1], dtype=torch.int32), 2)

@@ -205,3 +205,14 @@ def test_the_dispatch_docs_table_is_the_registry():
             rows[name] = (re.match(r"`(\w+)`", cells[1]).group(1), tuple(re.findall(r"`(\w+)`", cells[2])),
                           cells[3].strip("`"))
     assert rows == {n: (op.vendor, op.kernels, op.unmeasured) for n, op in dispatch.OPS.items()}
+
+
+def test_vendor_paths_compute_the_references_maths():
+    """Each op's declared vendor path (what runs without nanofast's kernel) agrees with its reference."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(3, 8, generator=g), torch.randn(8, generator=g)
+    torch.testing.assert_close(registry.op("rms_norm").vendor_path(x, w, 1e-6), K.rms_norm_reference(x, w, 1e-6))
+    p = _paged()
+    for window in (None, 1):
+        torch.testing.assert_close(registry.op("paged_attention").vendor_path(**p, window=window),
+                                   K.paged_decode_attention_reference(**p, window=window))

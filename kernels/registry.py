@@ -7,8 +7,8 @@ from .op import Op
 
 # Modules, not names: the package re-exports each op's function under its module's name
 # (nanofast.kernels.rms_norm is the function), so the modules are looked up by path.
-_MODULES = ("rms_norm", "qk_norm_rope", "paged_attention", "linear_cross_entropy", "newton_schulz", "fp8_linear",
-            "fp8_gemm", "fp8_quant")
+_MODULES = ("rms_norm", "qk_norm_rope", "rotary", "paged_attention", "linear_cross_entropy", "newton_schulz",
+            "fp8_linear", "fp8_gemm", "fp8_quant")
 OPS: dict[str, Op] = {op.name: op for op in (importlib.import_module(f"{__package__}.{m}").OP for m in _MODULES)}
 
 

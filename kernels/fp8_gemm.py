@@ -544,6 +544,24 @@ def _triton(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, rowwise: tup
     return out
 
 
+# Under torch.compile a kernel backend is one opaque op (Dynamo cannot trace into a Triton launch,
+# and under the interpreter not at all); eager calls skip the op dispatcher. `config` travels by
+# name (a schema takes no TileConfig), `rowwise` as the two flags `_check` derived.
+
+@torch.library.custom_op("nanofast::fp8_gemm", mutates_args=())
+def _fp8_gemm_op(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
+                 bias: Tensor | None, use_fast_accum: bool, rowwise_a: bool, rowwise_b: bool, config: str | None,
+                 backend: str) -> Tensor:
+    """(M, N) out_dtype: launcher `backend`'s GEMM of validated arguments."""
+    return OP.launcher(backend).gemm(a, b, scale_a, scale_b, (rowwise_a, rowwise_b), config=config,
+                                     out_dtype=out_dtype, bias=bias, use_fast_accum=use_fast_accum)
+
+
+@_fp8_gemm_op.register_fake
+def _(a, b, scale_a, scale_b, out_dtype, bias, use_fast_accum, rowwise_a, rowwise_b, config, backend):
+    return a.new_empty((a.size(0), b.size(0)), dtype=out_dtype)
+
+
 def fp8_gemm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *, out_dtype: torch.dtype = torch.bfloat16,
              bias: Tensor | None = None, use_fast_accum: bool = False, backend: str | None = None,
              config: str | None = None) -> Tensor:
@@ -567,7 +585,8 @@ def fp8_gemm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *, out_dtyp
         config: the Triton kernels' tiles, a name from FP8_GEMM_CONFIGS (see `fp8_gemm_triton`), or
             None for the default; only with a Triton backend (ValueError otherwise).
     Returns:
-        (M, N) tensor in out_dtype, contiguous, on a's device.
+        (M, N) tensor in out_dtype, contiguous, on a's device. Under torch.compile(fullgraph=True) a
+        Triton backend runs as the `nanofast::fp8_gemm` custom op (torch and scaled_mm are traced).
     """
     if backend is not None and backend not in OP.choices:
         raise ValueError(f"backend must be one of {OP.choices} or None, got {backend!r}")
@@ -585,7 +604,11 @@ def fp8_gemm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *, out_dtyp
         return _reference(a, b, scale_a, scale_b, rowwise, **kwargs)
     if be == "scaled_mm":
         return _scaled_mm(a, b, scale_a, scale_b, rowwise, **kwargs)
-    return OP.launcher(be).gemm(a, b, scale_a, scale_b, rowwise, config=config, **kwargs)
+    if not torch.compiler.is_compiling():
+        return OP.launcher(be).gemm(a, b, scale_a, scale_b, rowwise, config=config, **kwargs)
+    if config is not None:  # checked here, so a bad config raises at trace time as it would eagerly
+        config = select_config(config, FP8_GEMM_CONFIGS, "config", "fp8_gemm_triton").name
+    return torch.ops.nanofast.fp8_gemm(a, b, scale_a, scale_b, out_dtype, bias, use_fast_accum, *rowwise, config, be)
 
 
 # --------------------------------------------------------------------------------------------

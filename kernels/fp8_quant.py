@@ -496,6 +496,36 @@ def _triton(x: Tensor, dtype: torch.dtype, recipe: str, scale: Optional[Tensor],
 
 
 # --------------------------------------------------------------------------------------------
+# Custom op: what torch.compile sees of a kernel backend
+# --------------------------------------------------------------------------------------------
+
+# Dynamo cannot trace into a Triton launch (under the interpreter not at all; on a GPU it would
+# re-trace the kernel), so under torch.compile a kernel backend is one opaque op with a fake
+# implementation for its shapes. Eager calls skip it: the op dispatcher costs more than these
+# bandwidth-bound kernels at small sizes. Custom-op schemas cannot return None nor an output that
+# aliases an input: an absent q_t and a given scale come back as (0,) placeholders, replaced by
+# None and by the caller's own scale in `quantize_fp8`, so compiled calls return what eager ones do.
+
+@torch.library.custom_op("nanofast::quantize_fp8", mutates_args=())
+def _quantize_op(x: Tensor, dtype: torch.dtype, recipe: str, scale: Optional[Tensor], transpose: bool,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(q, scale, q_t, amax) of launcher `backend`; scale (0,) when given, q_t (0,) without transpose."""
+    q, out_scale, q_t, amax = OP.launcher(backend).quantize(x, dtype, recipe, scale, transpose)
+    if scale is not None:
+        out_scale = x.new_empty((0,), dtype=torch.float32)
+    return q, out_scale, q_t if q_t is not None else x.new_empty((0,), dtype=dtype), amax
+
+
+@_quantize_op.register_fake
+def _(x, dtype, recipe, scale, transpose, backend):
+    M, K = x.shape
+    stat = (M, 1) if recipe == "rowwise" else ()
+    out_scale = x.new_empty((0,) if scale is not None else stat, dtype=torch.float32)
+    q_t = x.new_empty((K, M) if transpose else (0,), dtype=dtype)
+    return x.new_empty((M, K), dtype=dtype), out_scale, q_t, x.new_empty(stat, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
 # Functional API
 # --------------------------------------------------------------------------------------------
 
@@ -528,12 +558,17 @@ def quantize_fp8(x: Tensor, dtype: torch.dtype = torch.float8_e4m3fn, *, recipe:
         stays NaN; computed scale: the scale itself becomes inf / NaN).
     Raises:
         TypeError / ValueError naming the offending argument and the expected shape/dtype.
+    Under torch.compile(fullgraph=True) a kernel backend runs as the `nanofast::quantize_fp8` custom
+    op (the torch backend is traced as plain torch); the results are the same as eager.
     """
     OP.checks["quantize_fp8"](x, dtype, recipe, scale, transpose)
     be = resolve_backend(backend, x, OP.choices)
     if be == "torch":
         return _reference(x, dtype, recipe, scale, transpose)
-    return OP.launcher(be).quantize(x, dtype, recipe, scale, transpose)
+    if not torch.compiler.is_compiling():
+        return OP.launcher(be).quantize(x, dtype, recipe, scale, transpose)
+    q, out_scale, q_t, amax = torch.ops.nanofast.quantize_fp8(x, dtype, recipe, scale, transpose, be)
+    return q, scale.reshape(()) if scale is not None else out_scale, q_t if transpose else None, amax
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ CLASSIC_NS_COEFFS: tuple[tuple[float, float, float], ...] = ((3.4445, -4.7750, 2
 
 __all__ = ["newton_schulz", "newton_schulz_reference", "resolve_coefficients", "default_iteration_dtype",
            "nesterov_normalize_", "nesterov_normalize_reference", "row_scales",
-           "POLAR_EXPRESS_COEFFS", "CLASSIC_NS_COEFFS"]
+           "POLAR_EXPRESS_COEFFS", "CLASSIC_NS_COEFFS", "zeropower_via_newtonschulz5"]
 
 _NAMED = {"polar_express": POLAR_EXPRESS_COEFFS, "classic": CLASSIC_NS_COEFFS}
 
@@ -277,6 +277,31 @@ def _prologue_reference(grad, momentum_buf, momentum, equilibrate_rows, eps, dty
     return (u.float() * row_scales(row_sq, equilibrate_rows, eps)).to(dtype)
 
 
+# Under torch.compile the kernel backend's two launches are custom ops (Dynamo cannot trace into a
+# Triton launch); eager calls run the launchers directly, without the op dispatcher.
+
+@torch.library.custom_op("nanofast::nesterov_rows_", mutates_args=("grad", "momentum_buf"))
+def _nesterov_rows_op(grad: Tensor, momentum_buf: Tensor, momentum: float, backend: str) -> Tensor:
+    """In place: momentum_buf <- lerp(m, g, 1 - mu), grad <- lerp(g, m', mu); returns (..., m) fp32 row sums of u^2."""
+    return OP.launcher(backend).nesterov_rows_triton(grad, momentum_buf, momentum)
+
+
+@_nesterov_rows_op.register_fake
+def _(grad, momentum_buf, momentum, backend):
+    return grad.new_empty(grad.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("nanofast::scale_rows", mutates_args=())
+def _scale_rows_op(u: Tensor, scales: Tensor, dtype: torch.dtype, backend: str) -> Tensor:
+    """u (..., m, n) * scales (..., m, 1), contiguous, in `dtype`."""
+    return OP.launcher(backend).scale_rows_triton(u, scales, dtype)
+
+
+@_scale_rows_op.register_fake
+def _(u, scales, dtype, backend):
+    return u.new_empty(u.shape, dtype=dtype)
+
+
 def nesterov_normalize_(grad: Tensor, momentum_buf: Tensor, momentum: float, *, equilibrate_rows: bool = True,
                         eps: float = 1e-6, dtype: torch.dtype | None = None, backend: str | None = None) -> Tensor:
     """Muon's prologue in two passes over the data: Nesterov momentum, row equilibration and
@@ -297,6 +322,8 @@ def nesterov_normalize_(grad: Tensor, momentum_buf: Tensor, momentum: float, *, 
     scalings); the Triton path reads g and m once (writing m' and u plus each row's sum of squares),
     forms the per-row factors on the tiny (..., m) vector, and reads u once more to write X_0: 5.5
     passes. X_0 is rounded to `dtype` once, where the unfused path rounds before normalising.
+    Under torch.compile(fullgraph=True) the two Triton launches are the custom ops
+    `nanofast::nesterov_rows_` (in place on grad and momentum_buf) and `nanofast::scale_rows`.
     """
     dtype = OP.checks["nesterov_normalize_"](grad, momentum_buf, momentum, eps, dtype)
     backend = resolve_backend(backend, grad, OP.choices)
@@ -306,6 +333,9 @@ def nesterov_normalize_(grad: Tensor, momentum_buf: Tensor, momentum: float, *, 
     for name, dt in (("grad", grad.dtype), ("dtype", dtype)):
         if dt not in kernel.TRITON_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32 for backend='triton', got {dt}")
+    if torch.compiler.is_compiling():  # the same launchers as custom ops (see above)
+        row_sq = torch.ops.nanofast.nesterov_rows_(grad, momentum_buf, float(momentum), backend)
+        return torch.ops.nanofast.scale_rows(grad, row_scales(row_sq, equilibrate_rows, eps), dtype, backend)
     row_sq = kernel.nesterov_rows_triton(grad, momentum_buf, float(momentum))
     return kernel.scale_rows_triton(grad, row_scales(row_sq, equilibrate_rows, eps), dtype)
 
@@ -333,6 +363,65 @@ def _triton_configs(arch: int = 90) -> list[dict]:
     # The iteration's tiles depend on the target (an A100 has less shared memory); the prologue's do not.
     kernel = OP.launcher("triton")
     return [*(kernel.KERNEL_CONFIGS_SM80 if arch < 90 else kernel.KERNEL_CONFIGS), *kernel.PROLOGUE_CONFIGS]
+
+
+# --------------------------------------------------------------------------------------------
+# Muon's orthogonaliser under its own name, so a Muon user swaps one import
+# --------------------------------------------------------------------------------------------
+
+# Muon adds this to the Frobenius norm (not nanofast's `* 1.01 + eps`): the iteration starts from
+# exactly Muon's X_0.
+MUON_NORM_EPS = 1e-7
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, *, backend: str | None = None,
+                                dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Keller Jordan's Muon `zeropower_via_newtonschulz5`, run by nanofast's Newton-Schulz kernels.
+
+    Same call and result as Muon's function of that name (replace its import with this one):
+        G: (..., m, n) floating tensor (any float dtype, any layout), m, n >= 1; leading dims are a
+            batch of independent matrices. Wide, square or tall.
+        steps: iterations, an int >= 1 (Muon's default 5), each of the classic quintic
+            (a, b, c) = CLASSIC_NS_COEFFS[0] = (3.4445, -4.7750, 2.0315).
+    Returns:
+        (..., m, n), contiguous, in bf16 (Muon's output dtype; see `dtype`): G's singular vectors
+        with its singular values pushed into a band around 1 (the classic coefficients maximise the
+        slope at zero instead of converging, so the band is roughly 0.7 to 1.2, as in Muon).
+
+    Maths, per matrix, as Muon computes it: X_0 = bf16(G) / (||bf16(G)||_F + 1e-7), the norm
+    rounded to bf16 like Muon's `X.norm()` on a bf16 tensor; a tall matrix (m > n) iterates on its
+    transpose (the m x m Gram matrix would be the larger one) and is transposed back; then `steps`
+    updates X <- a X + (b A + c A^2) X with A = X X^T. The updates are `newton_schulz(X_0,
+    coefficients="classic", normalized=True)`, i.e. nanofast's torch reference or Triton kernels.
+
+    What differs from `newton_schulz(G, coefficients="classic")`: the normalisation (Muon's
+    ||G||_F + 1e-7, not ||G||_F * 1.01 + eps), the iteration dtype (bf16 on every device, where
+    newton_schulz defaults to fp32 on CPU) and the output dtype (the iteration's, not G's). What
+    differs from Muon's code, in bf16 roundings only: Muon writes `c * A @ A`, which Python reads
+    as (c A) @ A, rounding c A to bf16 first; nanofast forms A @ A and scales it (the Triton
+    kernel in fp32 before one rounding), so bf16 results agree to bf16 rounding, not bitwise
+    (tests/test_newton_schulz.py states the budget; in fp32 they agree to ~1e-6).
+
+    backend: "torch" (newton_schulz's plain-torch reference), "triton" (nanofast's batched Triton
+        kernels; on CPU through Triton's interpreter) or None (Triton on CUDA tensors, torch on CPU).
+    dtype: nanofast's addition (Muon has no such argument): the iteration and output dtype, bf16 by
+        default as in Muon; float32 to check the maths without bf16 rounding (and float16 on the
+        Triton backend).
+    Raises TypeError / ValueError naming G, steps, backend or dtype.
+    """
+    _check_input(G)
+    if G.size(-2) == 0 or G.size(-1) == 0:
+        raise ValueError(f"G must have m, n >= 1 in its shape (..., m, n), got {tuple(G.shape)}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype (Muon's is torch.bfloat16), got {dtype!r}")
+    coeffs = resolve_coefficients("classic", steps)  # checks steps (an int >= 1) before any work
+    backend = resolve_backend(backend, G, OP.choices)
+    X = G.to(dtype)
+    # Muon's normalisation, in the iteration dtype as Muon does it (vector_norm accumulates in fp32
+    # for 16-bit inputs and rounds the norm once). Transpose-invariant, so it is taken before
+    # newton_schulz decides which side to iterate on.
+    X = X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + MUON_NORM_EPS)
+    return newton_schulz(X, len(coeffs), coefficients="classic", dtype=dtype, backend=backend, normalized=True)
 
 
 OP = Op(name="newton_schulz", vendor="torch", kernels=("triton",), unmeasured="torch",

@@ -51,6 +51,11 @@ only. On CUDA the kernels instead clamp/mask so that bad values can never read o
 the tensors: seq_lens are clamped to max_pages * page_size, keys whose page id is outside
 [0, num_pages) are skipped, slots outside the cache are skipped (the result is then wrong, but no
 memory fault and no corruption of other tensors).
+
+torch.compile(fullgraph=True): the kernel backends run as the custom ops
+`nanofast::paged_decode_attention` / `nanofast::paged_kv_write` (the split plan is computed from
+values inside them), which also run the CPU value checks; the torch backend is traced as plain torch
+and skips them (values are unknown at trace time).
 """
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ from .backend import resolve_backend
 from .compile_gate import gate_signature
 from .op import Op
 from .launch import TL_DTYPE as _TL_DTYPE, next_pow2 as _next_pow2, sm_count as _sm_count
-from .paged_plan import MAX_SPLITS, check_plan, host_lengths, plan_paged_decode, plan_tensors
+from .paged_plan import MAX_SPLITS, check_plan, hnd_hint, host_lengths, plan_paged_decode, plan_tensors
 
 try:  # triton is optional: backend="torch" (and "cuda") work without it
     import triton
@@ -129,7 +134,10 @@ def _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num
         raise ValueError(f"k_cache and v_cache must have q's head dim D={D} in (num_pages, page_size, Hkv, D), "
                          f"got D={Dk} (shape {tuple(k_cache.shape)})")
     if Hq % Hkv:
-        raise ValueError(f"q's head count Hq={Hq} must be a multiple of the caches' kv head count Hkv={Hkv} (GQA)")
+        # Only the transposed (HND) reading fits q's heads: name that layout too, not just GQA.
+        hint = hnd_hint(k_cache, f"q's Hq={Hq} heads fit its Hkv = dim 1 ({page_size})") if Hq % page_size == 0 else ""
+        raise ValueError(f"q's head count Hq={Hq} must be a multiple of the caches' kv head count Hkv={Hkv} (GQA)"
+                         + hint)
     _check_tensor("block_table", block_table, 2, f"(B, max_pages) = ({B}, max_pages)")
     if block_table.dtype != torch.int32:
         raise TypeError(f"block_table must be an int32 tensor of shape (B, max_pages), got dtype {block_table.dtype}")
@@ -156,7 +164,7 @@ def _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num
         if num_splits is not None:
             raise ValueError("pass either num_splits (the same split count for every sequence) or plan "
                              "(splits per sequence), not both")
-        check_plan(plan, B)
+        check_plan(plan, B, values=not torch.compiler.is_compiling())
     if host_seq_lens is not None:
         if num_splits is not None or plan is not None:
             raise ValueError("pass at most one of num_splits, plan and host_seq_lens (all three decide the split plan)")
@@ -164,21 +172,37 @@ def _check_decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num
                 or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in host_seq_lens)):
             raise ValueError(f"host_seq_lens must be a list of B = {B} ints (seq_lens on the host), "
                              f"got {host_seq_lens!r}"[:300])
-        if not q.is_cuda and seq_lens.tolist() != list(host_seq_lens):
-            raise ValueError(f"host_seq_lens must equal seq_lens, got {list(host_seq_lens)[:8]} vs "
-                             f"{seq_lens.tolist()[:8]}")
     # Value checks read the tensors back: free on CPU, a device sync per call on CUDA (skipped
-    # there; the kernels clamp and mask instead, see the module docstring).
-    if not q.is_cuda and B > 0:
-        cap = block_table.shape[1] * page_size
-        lo, hi = int(seq_lens.min()), int(seq_lens.max())
-        if lo < 1 or hi > cap:
-            raise ValueError(f"seq_lens must lie in [1, max_pages * page_size = {cap}], got values in [{lo}, {hi}]")
-        used = torch.arange(block_table.shape[1]) < ((seq_lens.long() + page_size - 1) // page_size)[:, None]
-        ids = block_table[used]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_pages):
-            raise ValueError(f"block_table entries of used pages must be page ids in [0, num_pages = {num_pages}), "
-                             f"got values in [{int(ids.min())}, {int(ids.max())}]")
+    # there; the kernels clamp and mask instead, see the module docstring). Under torch.compile the
+    # values are unknown at trace time (a guard on them is a data-dependent error, no fullgraph):
+    # the kernel backends' custom op runs this check when it executes instead.
+    if not torch.compiler.is_compiling():
+        _check_decode_values(q, k_cache, block_table, seq_lens, host_seq_lens)
+
+
+def _check_decode_values(q, k_cache, block_table, seq_lens, host_seq_lens=None) -> None:
+    """The value checks of a decode call (CPU tensors only; no-op on CUDA): host_seq_lens equal to
+    seq_lens, seq_lens within the block table's capacity, page ids of used pages within the pool."""
+    B = q.shape[0]
+    if q.is_cuda or B == 0:
+        return
+    if host_seq_lens is not None and seq_lens.tolist() != list(host_seq_lens):
+        raise ValueError(f"host_seq_lens must equal seq_lens, got {list(host_seq_lens)[:8]} vs "
+                         f"{seq_lens.tolist()[:8]}")
+    num_pages, page_size, Hkv = k_cache.shape[:3]
+    cap = block_table.shape[1] * page_size
+    lo, hi = int(seq_lens.min()), int(seq_lens.max())
+    if lo < 1 or hi > cap:
+        # A cache in HND layout, where q's heads fit either reading, shows up here first: its
+        # "page_size" is the kv head count, usually far smaller than a page.
+        hnd = lo >= 1 and hi <= block_table.shape[1] * Hkv and Hkv > page_size and q.shape[1] % page_size == 0
+        hint = hnd_hint(k_cache, f"seq_lens up to {hi} fit its page_size = dim 2 ({Hkv})") if hnd else ""
+        raise ValueError(f"seq_lens must lie in [1, max_pages * page_size = {cap}], got values in [{lo}, {hi}]" + hint)
+    used = torch.arange(block_table.shape[1]) < ((seq_lens.long() + page_size - 1) // page_size)[:, None]
+    ids = block_table[used]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_pages):
+        raise ValueError(f"block_table entries of used pages must be page ids in [0, num_pages = {num_pages}), "
+                         f"got values in [{int(ids.min())}, {int(ids.max())}]")
 
 
 def _check_write(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -195,8 +219,10 @@ def _check_write(k, v, k_cache, v_cache, slot_mapping) -> None:
     _check_caches(k_cache, v_cache, k.dtype, k.device, "k")
     N, Hkv, D = k.shape
     if tuple(k_cache.shape[2:]) != (Hkv, D):
+        hnd = k_cache.shape[1] == Hkv and k_cache.shape[3] == D
         raise ValueError(f"k_cache and v_cache must have shape (num_pages, page_size, Hkv, D) with (Hkv, D) = "
-                         f"{(Hkv, D)} from k, got {tuple(k_cache.shape)}")
+                         f"{(Hkv, D)} from k, got {tuple(k_cache.shape)}"
+                         + (hnd_hint(k_cache, f"dim 1 is k's Hkv = {Hkv}") if hnd else ""))
     _check_tensor("slot_mapping", slot_mapping, 1, f"(N,) = ({N},)")
     if slot_mapping.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"slot_mapping must be an int32 or int64 tensor of shape (N,), got dtype {slot_mapping.dtype}")
@@ -206,7 +232,15 @@ def _check_write(k, v, k_cache, v_cache, slot_mapping) -> None:
     if slot_mapping.device != k.device:
         raise ValueError(f"slot_mapping is on {slot_mapping.device} but k is on {k.device}: all tensors must be "
                          "on one device")
-    if not k.is_cuda and N > 0:  # value check: host sync on CUDA, so CPU only (the kernel masks instead)
+    # Under torch.compile the values are unknown at trace time: the custom op checks them instead.
+    if not torch.compiler.is_compiling():
+        _check_write_values(k, k_cache, slot_mapping)
+
+
+def _check_write_values(k, k_cache, slot_mapping) -> None:
+    """CPU tensors: every slot below the cache's capacity (a host sync on CUDA, where the kernels
+    skip out-of-range slots instead)."""
+    if not k.is_cuda and k.shape[0] > 0:
         slots = k_cache.shape[0] * k_cache.shape[1]
         hi = int(slot_mapping.max())
         if hi >= slots:
@@ -576,6 +610,45 @@ def paged_kv_write_triton(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor
 
 
 # ----------------------------------------------------------------------------------------------
+# Custom ops: what torch.compile sees of a kernel backend
+# ----------------------------------------------------------------------------------------------
+
+# Dynamo cannot trace into a Triton launch (under the interpreter not at all) nor into the CUDA
+# backend's ctypes launch, and the split plan is computed from tensor values on the host: under
+# torch.compile a kernel backend's call is one opaque op, which also runs the value checks the
+# traced public entry had to skip. Eager calls run the launchers directly (no op dispatcher: a
+# decode step calls these once per layer).
+
+@torch.library.custom_op("nanofast::paged_decode_attention", mutates_args=())
+def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float,
+               window: int | None, num_splits: int | None, plan: Tensor | None, host_seq_lens: list[int] | None,
+               backend: str) -> Tensor:
+    """(B, Hq, D) contiguous in q's dtype: launcher `backend`'s decode of shape-checked arguments."""
+    _check_decode_values(q, k_cache, block_table, seq_lens, host_seq_lens)
+    if plan is not None:
+        check_plan(plan, q.shape[0])
+    return OP.launcher(backend).decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits,
+                                       plan=plan, host_seq_lens=host_seq_lens)
+
+
+@_decode_op.register_fake
+def _(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan, host_seq_lens, backend):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("nanofast::paged_kv_write", mutates_args=("k_cache", "v_cache"))
+def _write_op(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, backend: str) -> None:
+    """Launcher `backend`'s write of shape-checked arguments, into k_cache and v_cache in place."""
+    _check_write_values(k, k_cache, slot_mapping)
+    OP.launcher(backend).write(k, v, k_cache, v_cache, slot_mapping)
+
+
+@_write_op.register_fake
+def _(k, v, k_cache, v_cache, slot_mapping, backend):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
 # Functional API
 # ----------------------------------------------------------------------------------------------
 
@@ -591,7 +664,10 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
             small copy (the kernel needs D contiguous for 128-bit loads).
         k_cache, v_cache: (num_pages, page_size, Hkv, D) "NHD" pools, q's dtype and device, D
             contiguous (stride 1); the other strides are free, e.g. k_cache = kv[:, 0] of a
-            (num_pages, 2, page_size, Hkv, D) buffer. Any page_size >= 1. Hq % Hkv == 0.
+            (num_pages, 2, page_size, Hkv, D) buffer. Any page_size >= 1. Hq % Hkv == 0. A cache
+            in the transposed HND layout (num_pages, Hkv, page_size, D) raises a ValueError naming
+            the layout when its shape only fits that reading (q's heads, or on CPU seq_lens that
+            only fit its page size); pass k_cache.transpose(1, 2) (a view) instead.
         block_table: (B, max_pages) int32, page ids of each sequence in order. Only the first
             ceil(seq_lens[b] / page_size) entries of row b are read; the rest may hold anything.
         seq_lens: (B,) int32, each in [1, max_pages * page_size]: the sequence length including
@@ -623,6 +699,8 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         TypeError / ValueError naming the offending argument and the expected shape/dtype. Value
         checks (seq_lens range, used page ids) run for CPU tensors only: on CUDA they would cost a
         host sync per call, and the kernel masks out-of-range values instead (module docstring).
+        Under torch.compile the kernel backends run them inside their custom op; the traced torch
+        backend has none.
     """
     OP.checks["paged_decode_attention"](q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan,
                                         host_seq_lens)
@@ -635,6 +713,9 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         launcher.check_limits(q, k_cache)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     window = None if window is None else int(window)
+    if torch.compiler.is_compiling():
+        return torch.ops.nanofast.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window,
+                                                         num_splits, plan, host_seq_lens, be)
     return launcher.decode(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, plan=plan,
                            host_seq_lens=host_seq_lens)
 
@@ -649,7 +730,7 @@ def paged_kv_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
         slot_mapping: (N,) int32 or int64, slot = page_id * page_size + offset_in_page for token i;
             slot < 0 skips the token (padding). Slots must be distinct (duplicates: unspecified
             winner). Slots >= num_pages * page_size raise on CPU and are skipped on CUDA (no check
-            there: it would be a host sync).
+            there: it would be a host sync; under torch.compile only the kernel backends check).
         backend: "torch" | "triton" | "cuda" | None (triton on CUDA tensors, torch on CPU).
     Every other cache slot is left bitwise untouched.
     """
@@ -659,6 +740,9 @@ def paged_kv_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
         _write_reference(k, v, k_cache, v_cache, slot_mapping)
         return
     _check_kernel_dtype(k, "k")
+    if torch.compiler.is_compiling():
+        torch.ops.nanofast.paged_kv_write(k, v, k_cache, v_cache, slot_mapping, be)
+        return
     OP.launcher(be).write(k, v, k_cache, v_cache, slot_mapping)
 
 

@@ -15,7 +15,7 @@ from .cuda_args import (check_device, check_index_tensor, check_int, check_like,
                         check_shape, check_tensor, ptr, unit_last)
 from .cuda_build import launch
 from .launch import sm_count
-from .paged_plan import MAX_SPLITS, check_plan, host_lengths, plan_paged_decode, plan_tensors
+from .paged_plan import MAX_SPLITS, check_plan, hnd_hint, host_lengths, plan_paged_decode, plan_tensors
 
 
 MAX_D = 256  # kMaxD in csrc/paged_attention.cu: at most 8 elements per lane in registers
@@ -95,7 +95,11 @@ def _check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, wi
     if Dq != D:
         raise ValueError(f"q must have shape (B, Hq, D = {D}) to match k_cache, got {tuple(q.shape)}")
     if Hq < 1 or Hq % Hkv:
-        raise ValueError(f"q has Hq = {Hq} heads: must be a positive multiple of the k_cache KV heads Hkv = {Hkv}")
+        hint = ""
+        if Hq >= 1 and Hq % ps == 0:  # only the transposed (HND) reading fits q's heads: name that layout
+            hint = hnd_hint(k_cache, f"q's Hq={Hq} heads fit its Hkv = dim 1 ({ps})")
+        raise ValueError(f"q has Hq = {Hq} heads: must be a positive multiple of the k_cache KV heads Hkv = {Hkv}"
+                         + hint)
     check_limits(q, k_cache)
     if block_table.shape[0] != B or block_table.shape[1] < 1:
         raise ValueError(f"block_table must have shape (B = {B}, max_pages >= 1), got {tuple(block_table.shape)}")

@@ -4,7 +4,8 @@ Decode attention reads every visible key of every sequence once; with few or rag
 program per (sequence, kv head) leaves most SMs idle while one walks a long context. A plan cuts
 each sequence's visible keys into work units of similar size (flash-decoding, planned as FlashInfer
 does) so one launch keeps the machine busy. Both backends take the same plan tensor; each picks its
-own occupancy target (`waves`) when it plans for itself.
+own occupancy target (`waves`) when it plans for itself. Also shared: `hnd_hint`, the layout hint
+both backends' validations add when a cache looks transposed.
 """
 from __future__ import annotations
 
@@ -89,7 +90,10 @@ def host_lengths(seq_lens: Tensor, host_seq_lens: list[int] | None) -> Tensor:
     return seq_lens.to("cpu", torch.int64)
 
 
-def check_plan(plan, B: int) -> None:
+def check_plan(plan, B: int, values: bool = True) -> None:
+    """A plan tensor's type, shape, dtype and device; with `values`, also its entries (read on the
+    host: the plan is a CPU tensor). Under torch.compile the entries are unknown at trace time, so
+    the traced entry passes values=False and the kernel backends' custom op checks them when it runs."""
     if not isinstance(plan, Tensor):
         raise TypeError(f"plan must be a (B,) int32 tensor of splits per sequence (plan_paged_decode), "
                         f"got {type(plan).__name__}")
@@ -98,7 +102,7 @@ def check_plan(plan, B: int) -> None:
                          f"got shape {tuple(plan.shape)} dtype {plan.dtype}")
     if plan.is_cuda:
         raise ValueError("plan must be a CPU tensor (it is read on the host to size the launch)")
-    if B and (int(plan.min()) < 1 or int(plan.max()) > MAX_SPLITS):
+    if values and B and (int(plan.min()) < 1 or int(plan.max()) > MAX_SPLITS):
         raise ValueError(f"plan entries must lie in [1, {MAX_SPLITS}] splits, got values in "
                          f"[{int(plan.min())}, {int(plan.max())}]")
 
@@ -115,3 +119,13 @@ def plan_tensors(splits: list[int] | None, B: int, uniform: int, device: torch.d
     unit_idx = [i for n in splits for i in range(n)]
     packed = torch.tensor(start + unit_seq + unit_idx, dtype=torch.int32)
     return packed.to(device, non_blocking=True) if device.type == "cuda" else packed, start[-1]
+
+
+def hnd_hint(k_cache: Tensor, why: str) -> str:
+    """The tail of an error whose cache shape fits the transposed HND layout (num_pages, Hkv,
+    page_size, D) where the NHD reading failed (FlashInfer's other layout, vLLM's v1 cache
+    transposed): it names the layout, since the failing check alone (GQA, seq_lens) would not."""
+    return (f"; k_cache and v_cache must be in NHD layout (num_pages, page_size, Hkv, D), and their shape "
+            f"{tuple(k_cache.shape)} fits the HND layout (num_pages, Hkv, page_size, D) instead ({why}): if that is "
+            "their layout, pass k_cache.transpose(1, 2) and v_cache.transpose(1, 2) (views: the kernels take any "
+            "strides with a contiguous D)")

@@ -153,15 +153,23 @@ def _check_inplace(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_w
     if cos_sin_cache.stride(1) != 1:
         raise ValueError(f"cos_sin_cache must be contiguous in its last dim, got strides {cos_sin_cache.stride()}")
     # A range check reads positions back: free on CPU, a device sync on CUDA (skipped there; the
-    # kernels mask the cache load, so a bad position never reads outside the cache).
-    if not positions.is_cuda and positions.numel() and (
-            int(positions.min()) < 0 or int(positions.max()) >= cos_sin_cache.shape[0]):
-        raise ValueError(f"positions must lie in [0, max_position = {cos_sin_cache.shape[0]}), got values in "
-                         f"[{int(positions.min())}, {int(positions.max())}]")
+    # kernels mask the cache load, so a bad position never reads outside the cache). Under
+    # torch.compile the values are unknown at trace time (a guard on them is a data-dependent error
+    # that breaks fullgraph): the kernel backends' custom op checks them when it runs instead.
+    if not torch.compiler.is_compiling():
+        _check_positions(positions, cos_sin_cache)
     _check_weight("q_weight", q_weight, D, qkv)
     _check_weight("k_weight", k_weight, D, qkv)
     _check_scalars(scale, eps, interleaved)
     return D
+
+
+def _check_positions(positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """CPU tensors: every position within the cache's rows (ValueError naming positions)."""
+    if not positions.is_cuda and positions.numel() and (
+            int(positions.min()) < 0 or int(positions.max()) >= cos_sin_cache.shape[0]):
+        raise ValueError(f"positions must lie in [0, max_position = {cos_sin_cache.shape[0]}), got values in "
+                         f"[{int(positions.min())}, {int(positions.max())}]")
 
 
 def _resolve_eps(eps: float | None, dtype: torch.dtype) -> float:
@@ -718,6 +726,9 @@ def _qk_norm_rope_inplace_op(qkv: torch.Tensor, positions: torch.Tensor, cos_sin
                              num_q_heads: int, num_kv_heads: int, q_weight: torch.Tensor | None,
                              k_weight: torch.Tensor | None, scale: float, eps: float, interleaved: bool,
                              backend: str) -> None:
+    # Eager calls run the launcher without this op (their entry checked positions); compiled calls
+    # reach it with that check skipped at trace time (see _check_inplace), so it runs here.
+    _check_positions(positions, cos_sin_cache)
     OP.launcher(backend).inplace(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight, k_weight, scale,
                            eps, interleaved)
 
@@ -795,6 +806,9 @@ def qk_norm_rope_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cac
     qkv: (N, (Hq + 2*Hkv) * D) fp16/bf16/fp32, rows [q heads | k heads | v heads], last dim
     contiguous (row stride >= width); positions: (N,) int64, any order, repeats allowed;
     cos_sin_cache: (max_position, D) fp32 with [cos | sin] halves. v is not touched. No autograd.
+    Positions outside [0, max_position) raise ValueError for CPU tensors (on CUDA the kernels mask
+    the cache load instead of a host sync); under torch.compile the kernel backends still check them
+    (inside their custom op); the traced torch backend has no value check.
     """
     OP.checks["qk_norm_rope_inplace"](qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_weight,
                                       k_weight, scale, eps, interleaved)

@@ -644,6 +644,44 @@ def test_bad_write_input_raises_clear_errors(case):
             paged_kv_write(**kwargs, **extra)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_hnd_cache_raises_a_layout_error_and_its_transpose_runs(backend):
+    """A cache in the transposed HND layout (num_pages, Hkv, page_size, D) is named as such, on
+    every backend, wherever its shape only fits that reading: q's heads (Hq a multiple of dim 1,
+    not of dim 2), or (CPU values) seq_lens that only fit dim 2 as the page size; the write names
+    it when dim 1 is k's Hkv. The fix the message gives, transpose(1, 2), is a view that runs."""
+    g = _gen(21)
+    P, Hkv, ps, D = 4, 2, 8, 16
+    nhd = torch.randn(P, ps, Hkv, D, generator=g), torch.randn(P, ps, Hkv, D, generator=g)
+    hnd = tuple(c.transpose(1, 2).contiguous() for c in nhd)  # (P, Hkv, ps, D), as an HND engine holds it
+    bt, sl = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32), torch.tensor([11, 5], dtype=torch.int32)
+    layout = r"k_cache and v_cache must be in NHD layout \(num_pages, page_size, Hkv, D\).* fits the HND layout"
+    # Hq = 4: a multiple of Hkv = 2 (dim 1 of HND) but not of page_size = 8 (dim 2).
+    q = torch.randn(2, 4, D, generator=g)
+    with pytest.raises(ValueError, match=r"Hq=4 must be a multiple of .* Hkv=8 \(GQA\); " + layout):
+        paged_decode_attention(q, *hnd, bt, sl, backend=backend)
+    if backend == "cuda":  # the CUDA launcher's own drop-in API says the same
+        from nanofast.kernels.paged_attention_cuda import paged_decode_attention_cuda
+
+        with pytest.raises(ValueError, match=r"Hq = 4 heads: .* Hkv = 8; " + layout):
+            paged_decode_attention_cuda(q, *hnd, bt, sl, 0.25, None, None)
+    # Hq = 8 fits both readings; seq_lens 11 > max_pages * dim 1 = 4 but <= 2 * dim 2 = 16.
+    q8 = torch.randn(2, 8, D, generator=g)
+    with pytest.raises(ValueError, match=r"seq_lens must lie in \[1, max_pages \* page_size = 4\].*" + layout):
+        paged_decode_attention(q8, *hnd, bt, sl, backend=backend)
+    with pytest.raises(ValueError, match=r"\(Hkv, D\) = \(2, 16\) from k, got \(4, 2, 8, 16\); " + layout):
+        paged_kv_write(torch.randn(3, Hkv, D), torch.randn(3, Hkv, D), *hnd, torch.tensor([0, 9, 30]),
+                       backend=backend)
+    # The suggested views compute what the NHD cache does.
+    views = tuple(c.transpose(1, 2) for c in hnd)
+    for qq in (q, q8):
+        want = paged_decode_attention_reference(qq, *nhd, bt, sl)
+        assert _max_err(paged_decode_attention(qq, *views, bt, sl, backend=backend), want) <= 1e-5
+    # A genuine GQA mismatch that fits neither reading keeps the plain message.
+    with pytest.raises(ValueError, match=r"Hq=3 must be a multiple of .* Hkv=8 \(GQA\)$"):
+        paged_decode_attention(torch.randn(2, 3, D), *hnd, bt, sl, backend=backend)
+
+
 # ----------------------------------------------------------------------------------------------
 # Compile gate: what an H100 runs, compiled for sm_90 (and sm_80), machine code checked
 # ----------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ tensors, torch on CPU).
 from __future__ import annotations
 
 import functools
+import operator
 from types import SimpleNamespace
 
 import torch
@@ -47,7 +48,7 @@ from .op import Op
 from .fp8_gemm import fp8_gemm, tma_aligned
 from .fp8_quant import quantize_fp8
 
-__all__ = ["fp8_linear", "FP8_BACKENDS", "FP8_RECIPES"]
+__all__ = ["fp8_linear", "FP8Linear", "FP8_BACKENDS", "FP8_RECIPES"]
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8_RECIPES = ("tensorwise", "rowwise")
@@ -288,6 +289,89 @@ def cost(m: int, n: int, k: int, itemsize: int = 2) -> dict:
     quant = (mk + nk + mn) * (itemsize + 2)
     gemms = 2 * (mk + nk + mn)
     return {"bytes": quant + gemms + (mn + mk) * itemsize + 4 * nk, "flops": 6 * m * n * k}
+
+
+def _feature_count(name: str, value) -> int:
+    """in_features / out_features as an int >= 16 and a multiple of 16 (fp8_linear's K and N)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if n < 16 or n % 16:
+        raise ValueError(f"{name} must be a positive multiple of 16 (fp8_linear's FP8 GEMMs need K and N "
+                         f"multiples of 16), got {n}: pad the layer or keep it an nn.Linear")
+    return n
+
+
+def _check_recipe_backend(recipe, backend) -> None:
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"recipe must be one of {FP8_RECIPES}, got {recipe!r}")
+    if backend is not None and backend not in OP.choices:
+        raise ValueError(f"backend must be one of {OP.choices} or None, got {backend!r}")
+
+
+class FP8Linear(torch.nn.Linear):
+    """Drop-in for `nn.Linear(in_features, out_features, bias)` whose forward is `fp8_linear`.
+
+    An nn.Linear subclass: the same constructor (recipe and backend are keyword-only additions),
+    parameters (`weight` (out_features, in_features), `bias` (out_features,) or None, in the
+    high-precision `dtype` you give, fp32 by default, initialised as nn.Linear does), state_dict
+    keys, and `isinstance(m, nn.Linear)`, so optimizers, checkpoints and code that walks a
+    model's Linear layers see no difference. Only the GEMMs change: the forward quantises x and
+    weight to fp8 on every call (dynamic scaling, `recipe`), and the backward quantises the output
+    gradient (see `fp8_linear` and this module's docstring for the formats and roundings).
+
+    forward(x): x (..., in_features) fp32/bf16/fp16, any leading dims, last dim contiguous or not
+    (a copy is made where needed) -> (..., out_features) in x's dtype. The bias is fused into the
+    GEMM where the GEMM writes x's 16-bit dtype, else added after it in x's dtype; its gradient is
+    the fp32 sum of the output gradient. The weight gradient is computed in fp32 and stored in the
+    weight's dtype.
+
+    Args:
+        in_features, out_features: ints, multiples of 16 (the FP8 GEMMs' K and N: a ValueError
+            otherwise, rather than silent padding on every call).
+        bias, device, dtype: as nn.Linear.
+        recipe: "tensorwise" or "rowwise" (FP8_RECIPES).
+        backend: "torch", "scaled_mm", "triton", "triton_persistent" (FP8_BACKENDS) or None
+            (Triton on CUDA tensors, the torch reference on CPU).
+    Raises TypeError / ValueError naming in_features, out_features, recipe or backend.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 recipe: str = "tensorwise", backend: str | None = None) -> None:
+        in_features = _feature_count("in_features", in_features)
+        out_features = _feature_count("out_features", out_features)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool (as in nn.Linear), got {type(bias).__name__}")
+        _check_recipe_backend(recipe, backend)
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.recipe, self.backend = recipe, backend
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, *, recipe: str = "tensorwise",
+                    backend: str | None = None) -> "FP8Linear":
+        """An FP8Linear that SHARES `linear`'s parameters (the same nn.Parameter objects: no copy,
+        an optimizer built on the old layer keeps updating the new one, and training either trains
+        both). Copy first (`copy.deepcopy(linear)`) for an independent layer. Any nn.Linear
+        (subclasses included, e.g. a model's own Linear that casts its weight to x's dtype: fp8_linear
+        quantises the weight from its stored dtype, which the cast would only have rounded).
+        The training/eval mode is carried over."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        # Built on the meta device: its own parameters are placeholders, replaced at once by linear's.
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
+                     recipe=recipe, backend=backend)
+        module.weight = linear.weight
+        module.bias = linear.bias
+        return module.train(linear.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fp8_linear(x, self.weight, self.bias, self.recipe, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.recipe!r}, backend={self.backend!r}"
 
 
 # A kernel backend of fp8_linear is a pair: the quantisation's backend and the GEMM's.

@@ -261,3 +261,109 @@ def test_set_fp8_backend_takes_the_kernels_own_list():
         ops.set_fp8_backend(None)
     with pytest.raises(ValueError, match="triton_persistent"):
         ops.set_fp8_backend("cublas")
+
+
+# ---- FP8Linear: the nn.Linear drop-in ----------------------------------------------------------
+
+def _linear_pair(bias=True, seed=3, **fp8_kwargs):
+    from nanofast.kernels.fp8_linear import FP8Linear
+
+    torch.manual_seed(seed)
+    ref = torch.nn.Linear(64, 48, bias=bias)
+    fp8 = FP8Linear(64, 48, bias=bias, **fp8_kwargs)
+    fp8.load_state_dict(ref.state_dict())
+    return ref, fp8
+
+
+def _fwd_bwd(module, x, gy):
+    x = x.clone().requires_grad_()
+    y = module(x)
+    y.backward(gy)
+    return y.detach(), x.grad, module.weight.grad, None if module.bias is None else module.bias.grad
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_linear_module_matches_nn_linear_within_budget(recipe, backend):
+    """FP8Linear vs nn.Linear with the same parameters, fp32, leading dims (2, 5): 10 tokens, so
+    fp8_linear's zero-row padding runs too. y, dx and dW within the file's fp8 budgets; the bias
+    gradient (an fp32 sum of the output gradient, no fp8 on its path) to fp32 rounding."""
+    ref, fp8 = _linear_pair(recipe=recipe, backend=backend)
+    g = torch.Generator().manual_seed(4)
+    x, gy = torch.randn(2, 5, 64, generator=g), torch.randn(2, 5, 48, generator=g)
+    want, got = _fwd_bwd(ref, x, gy), _fwd_bwd(fp8, x, gy)
+    assert got[0].shape == (2, 5, 48) and got[0].dtype == torch.float32 and got[2].dtype == torch.float32
+    for name, a, b in zip(("y", "dx", "dw"), got, want):
+        assert _rel(a, b) <= BUDGET[name], (name, _rel(a, b))
+    torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=1e-5)
+    # The layer really quantised: fp8's error is far above fp32 rounding (a guard against a forward
+    # that fell back to F.linear).
+    assert _rel(got[0], want[0]) > 1e-3
+
+
+def test_fp8_linear_module_is_fp8_linear_on_bf16_activations_without_bias():
+    ref, fp8 = _linear_pair(bias=False, recipe="rowwise")
+    x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(5)).bfloat16()
+    y = fp8(x)
+    assert y.dtype == torch.bfloat16 and fp8.bias is None and set(fp8.state_dict()) == {"weight"}
+    assert torch.equal(y, fp8_linear(x, ref.weight, recipe="rowwise"))
+
+
+def test_fp8_linear_from_linear_shares_parameters():
+    from nanofast.kernels.fp8_linear import FP8Linear
+
+    ref, _ = _linear_pair()
+    ref.eval()
+    fp8 = FP8Linear.from_linear(ref, recipe="rowwise", backend="torch")
+    assert isinstance(fp8, torch.nn.Linear) and fp8.weight is ref.weight and fp8.bias is ref.bias
+    assert (fp8.in_features, fp8.out_features, fp8.recipe, fp8.backend) == (64, 48, "rowwise", "torch")
+    assert not fp8.training and fp8.weight.device.type == "cpu"
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(fp8(x), fp8_linear(x, ref.weight, ref.bias, recipe="rowwise", backend="torch"))
+    # Shared, not copied: an optimizer step on the old layer's parameters moves the new layer.
+    before = fp8(x).detach()
+    with torch.no_grad():
+        ref.weight.mul_(2)
+    assert not torch.equal(fp8(x), before)
+    no_bias = FP8Linear.from_linear(torch.nn.Linear(32, 16, bias=False))
+    assert no_bias.bias is None and no_bias.recipe == "tensorwise" and no_bias.backend is None
+    text = repr(fp8)
+    assert "in_features=64, out_features=48, bias=True" in text and "recipe='rowwise'" in text and "backend='torch'" in text
+
+
+def test_fp8_linear_state_dict_round_trips_with_nn_linear():
+    from nanofast.kernels.fp8_linear import FP8Linear
+
+    torch.manual_seed(7)
+    fp8 = FP8Linear(32, 16, dtype=torch.bfloat16)
+    assert fp8.weight.dtype == torch.bfloat16 and fp8.weight.shape == (16, 32) and fp8.bias.shape == (16,)
+    plain = torch.nn.Linear(32, 16, dtype=torch.bfloat16)
+    plain.load_state_dict(fp8.state_dict())  # strict: the same keys, shapes and dtypes
+    back = FP8Linear(32, 16, dtype=torch.bfloat16)
+    back.load_state_dict(plain.state_dict())
+    assert list(back.state_dict()) == list(plain.state_dict()) == ["weight", "bias"]
+    for k, v in fp8.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v) and torch.equal(plain.state_dict()[k], v)
+    # nn.Linear's initialisation, not zeros or a constant: the weight bound is 1/sqrt(in_features).
+    assert 0 < fp8.weight.float().abs().max() <= 32 ** -0.5 and fp8.weight.float().std() > 0.05
+
+
+@pytest.mark.parametrize("make, exc, msg", [
+    (lambda C: C(20, 16), ValueError, "in_features must be a positive multiple of 16"),
+    (lambda C: C(32, 24), ValueError, "out_features must be a positive multiple of 16"),
+    (lambda C: C(0, 16), ValueError, "in_features"),
+    (lambda C: C(32.0, 16), TypeError, "in_features must be an int"),
+    (lambda C: C(True, 16), TypeError, "in_features must be an int"),
+    (lambda C: C(32, 16, bias="yes"), TypeError, "bias must be a bool"),
+    (lambda C: C(32, 16, recipe="blockwise"), ValueError, "recipe must be one of"),
+    (lambda C: C(32, 16, backend="te"), ValueError, "backend must be one of"),
+    (lambda C: C.from_linear(torch.nn.Conv1d(32, 16, 1)), TypeError, "linear must be a torch.nn.Linear"),
+    (lambda C: C.from_linear(torch.nn.Linear(20, 16)), ValueError, "in_features must be a positive multiple"),
+    (lambda C: C.from_linear(torch.nn.Linear(32, 16), recipe="delayed"), ValueError, "recipe"),
+    (lambda C: C(32, 16)(torch.randn(4, 48)), ValueError, "must equal weight's K"),
+])
+def test_fp8_linear_module_errors(make, exc, msg):
+    from nanofast.kernels.fp8_linear import FP8Linear
+
+    with pytest.raises(exc, match=msg):
+        make(FP8Linear)

@@ -152,3 +152,108 @@ def test_errors(kwargs, exc, match):
     kwargs = {"G": torch.randn(4, 6), **kwargs}
     with pytest.raises(exc, match=match):
         newton_schulz(**kwargs)
+
+
+# ---- zeropower_via_newtonschulz5: Muon's function on nanofast's kernels ------------------------
+
+def muon_zeropower(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Muon's published orthogonaliser, written out here as the reference (plain torch, one dtype
+    throughout): bf16 cast, tall matrices on their transpose, X / (||X||_F + 1e-7), then the classic
+    quintic; `c * B @ B` is Python's (c * B) @ B, as in Muon."""
+    a, b, c = CLASSIC
+    X = G.to(dtype)
+    flip = G.size(-2) > G.size(-1)
+    if flip:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        S = X @ X.mT
+        X = a * X + (b * S + c * S @ S) @ X
+    return X.mT if flip else X
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# Budgets, relative Frobenius distance to Muon's formula (measured worst case in brackets):
+#  * fp32 iteration (dtype=torch.float32): <= 1e-5 [2.5e-6]. Only fp32 rounding differs, so this
+#    is where a wrong normalisation shows: nanofast's own ||G|| * 1.01 + eps would be ~2e-2 away.
+#  * bf16 (Muon's dtype): the classic quintic does not converge, it amplifies rounding, so even Muon's
+#    own bf16 result is e = 1-13% from its fp32 result (13% for the square 40 x 40 at 7 steps, whose
+#    small singular values are the most sensitive). Ours must be within 2 e + 0.01 of Muon's bf16
+#    output [<= 1.5 e] and of Muon's fp32 result [<= 1.25 e]: two bf16 runs of the same iteration
+#    differ by about as much as either differs from fp32. (One-row matrices are bitwise Muon's on
+#    the torch backend: a 1 x 1 Gram matrix rounds the same either way.)
+MUON_CASES = [((48, 32), 5), ((32, 48), 3), ((40, 40), 7), ((3, 16, 24), 5), ((1, 64), 2), ((64, 1), 5),
+              ((2, 1, 40), 4)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape,steps", MUON_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_zeropower_via_newtonschulz5_matches_muon(shape, steps, backend):
+    from nanofast.kernels.newton_schulz import zeropower_via_newtonschulz5
+
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape) + steps))
+    ref32, ref16 = muon_zeropower(G, steps, torch.float32), muon_zeropower(G, steps)
+    out32 = zeropower_via_newtonschulz5(G, steps, backend=backend, dtype=torch.float32)
+    assert out32.dtype == torch.float32 and out32.shape == G.shape
+    assert _rel(out32, ref32) <= 1e-5, _rel(out32, ref32)
+    out = zeropower_via_newtonschulz5(G, steps, backend=backend)
+    assert out.dtype == torch.bfloat16 and out.shape == G.shape and out.is_contiguous()
+    e = _rel(ref16, ref32)
+    assert _rel(out, ref16) <= 2 * e + 0.01, (_rel(out, ref16), e)
+    assert _rel(out, ref32) <= 2 * e + 0.01, (_rel(out, ref32), e)
+
+
+def test_zeropower_via_newtonschulz5_runs_nanofasts_kernel_with_muons_start(monkeypatch):
+    """The Triton backend hands nanofast's iteration op Muon's X_0 (wide side, ||X_0||_F = 1 up to
+    the 1e-7) and the classic tuple once per step; fp16 G is cast to bf16 as in Muon."""
+    from nanofast.kernels import newton_schulz_triton
+    from nanofast.kernels.newton_schulz import zeropower_via_newtonschulz5
+
+    calls = []
+    real = newton_schulz_triton.newton_schulz_iterate_op
+
+    def spy(X, coefficients, config=None):
+        calls.append((X.clone(), list(coefficients)))
+        return real(X, coefficients, config)
+
+    monkeypatch.setattr(newton_schulz_triton, "newton_schulz_iterate_op", spy)
+    G = (3.0 * torch.randn(24, 8, generator=torch.Generator().manual_seed(5))).half()
+    out = zeropower_via_newtonschulz5(G, 3, backend="triton")
+    (X0, coeffs), = calls
+    assert coeffs == list(CLASSIC) * 3
+    assert X0.shape == (8, 24) and X0.dtype == torch.bfloat16  # tall G iterates on its transpose
+    G16 = G.bfloat16()
+    torch.testing.assert_close(X0, (G16 / (G16.norm() + 1e-7)).mT, rtol=0, atol=0)
+    assert out.shape == G.shape and out.dtype == torch.bfloat16
+
+
+def test_zeropower_via_newtonschulz5_zero_matrix():
+    from nanofast.kernels.newton_schulz import zeropower_via_newtonschulz5
+
+    out = zeropower_via_newtonschulz5(torch.zeros(2, 5, 3))  # Muon's + 1e-7: zero in, zero out
+    assert (out == 0).all()
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(G=[[1.0, 2.0]]), TypeError, "G must be a torch.Tensor"),
+    (dict(G=torch.randn(5)), ValueError, "G must have shape"),
+    (dict(G=torch.ones(3, 3, dtype=torch.int64)), TypeError, "G must have a floating dtype"),
+    (dict(G=torch.ones(0, 3)), ValueError, "G must have m, n >= 1"),
+    (dict(steps=0), ValueError, "steps must be an int >= 1"),
+    (dict(steps=2.0), TypeError, "steps must be an int"),
+    (dict(steps=True), TypeError, "steps must be an int"),
+    (dict(backend="cuda"), ValueError, "backend"),
+    (dict(backend="tritonn"), ValueError, "backend must be one of"),
+    (dict(dtype=torch.int32), TypeError, "dtype must be a floating torch.dtype"),
+    (dict(dtype="bf16"), TypeError, "dtype must be a floating torch.dtype"),
+    (dict(dtype=torch.float64, backend="triton"), TypeError, "dtype must be float16, bfloat16 or float32"),
+])
+def test_zeropower_via_newtonschulz5_errors(kwargs, exc, match):
+    from nanofast.kernels.newton_schulz import zeropower_via_newtonschulz5
+
+    kwargs = {"G": torch.randn(4, 6), **kwargs}
+    with pytest.raises(exc, match=match):
+        zeropower_via_newtonschulz5(**kwargs)

@@ -66,6 +66,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench import hf_speed
 from bench.render import check_summary, gpu_check_markdown, status_counts
 
 if TYPE_CHECKING:  # torch is imported inside functions: `--help` answers without loading it
@@ -78,7 +79,9 @@ GPU_FLOORS = BASELINES / "gpu_floors.json"
 # A lent machine runs one command for at most 10 minutes: 9 for the plan leaves a minute for the
 # parent's start, the page and a worker that must be killed.
 BUDGET_S = 540.0
-BUILD_EST_S = 30.0  # nvcc of csrc/'s three sources in parallel: 35 s on 2 shared cores here, less on 16
+# nvcc of csrc/'s three sources, one process each in parallel: 35 s here where the three share 2
+# loaded cores (1.5 per core); with a core each on the GPU machine's 16, about 35 / 1.5.
+BUILD_EST_S = 24.0
 WORKER_START_S = 10.0  # a worker's torch import and CUDA context, once per worker
 WORKER_START_TIMEOUT_S = 120.0
 MIN_TIMEOUT_S, TIMEOUT_FACTOR = 30.0, 3.0  # a check's timeout: max(30 s, 3 x its estimate)
@@ -279,6 +282,52 @@ def check_qk_norm_rope(ctx: Ctx, backend: str) -> dict:
     labels = ("q fwd", "k fwd", "q bwd", "k bwd")
     return _cases([budget(f"{lab} B{B} T{T} {hq}/{hk} heads", kk, tt, rr)
                    for lab, kk, tt, rr in zip(labels, outs["kernel"], outs["torch"], outs["fp64"])])
+
+
+def _llama_rotary_tables(ctx: Ctx, rows: int, d: int, base: float = 500_000.0):
+    """Llama 3's (rows, D) fp32 rotary tables, HF's layout: angle t * base^(-2i/D), both halves equal."""
+    import torch
+
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    ang = torch.outer(torch.arange(rows, dtype=torch.float32), inv_freq)
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().to(ctx.device), ang.sin().to(ctx.device)
+
+
+def check_rotary(ctx: Ctx, backend: str) -> dict:
+    """HF-convention rotary forward and backward on HF's layout ((B, H, T, D) views transposed from
+    the projections) at Llama 3 8B's heads (32 q / 8 kv of 128): per-position (B, T, D) bf16
+    tables as HF models pass them, and left-padding position ids into fp32 (L, D) tables."""
+    import torch
+
+    from nanofast.kernels.rotary import apply_rotary_pos_emb, apply_rotary_pos_emb_reference
+
+    B, T, hq, hk, d = ctx.pick((4, 2048, 32, 8, 128), (2, 7, 3, 1, 64))
+    dtype = torch.bfloat16
+    q = ctx.randn(B, T, hq, d, dtype=dtype, seed=1).transpose(1, 2)
+    k = ctx.randn(B, T, hk, d, dtype=dtype, seed=2).transpose(1, 2)
+    gq, gk = ctx.randn(B, hq, T, d, dtype=dtype, seed=3), ctx.randn(B, hk, T, d, dtype=dtype, seed=4)
+    cos, sin = _llama_rotary_tables(ctx, T + 16, d)
+    pad = torch.arange(B, device=ctx.device)[:, None] * 3  # sequence b left-padded by 3b tokens
+    pos = (torch.arange(T, device=ctx.device)[None] - pad).clamp(min=0) + (torch.arange(T, device=ctx.device) < pad)
+    cases = []
+    for label, c, s, ids in (("(B, T, D) bf16 tables", cos[:T].to(dtype).expand(B, T, d), sin[:T].to(dtype).expand(
+            B, T, d), None), ("position ids, fp32 (L, D) tables", cos, sin, pos)):
+        outs = {}
+        for name, fn, dt in (
+                ("kernel", lambda a, b: apply_rotary_pos_emb(a, b, c, s, ids, backend=backend), dtype),
+                # HF's model: tables in q's dtype
+                ("torch", lambda a, b: apply_rotary_pos_emb_reference(a, b, c.to(dtype), s.to(dtype), ids), dtype),
+                ("fp64", lambda a, b: apply_rotary_pos_emb_reference(a, b, c.double(), s.double(), ids),
+                 torch.float64)):
+            a, b = q.to(dt).detach().requires_grad_(True), k.to(dt).detach().requires_grad_(True)
+            oq, ok_ = fn(a, b)
+            torch.autograd.backward([oq, ok_], [gq.to(dt), gk.to(dt)])
+            outs[name] = (oq.detach(), ok_.detach(), a.grad, b.grad)
+        cases += [budget(f"{lab} B{B} T{T} {hq}/{hk} heads, {label}", kk, tt, rr)
+                  for lab, kk, tt, rr in zip(("q fwd", "k fwd", "q bwd", "k bwd"), outs["kernel"], outs["torch"],
+                                             outs["fp64"])]
+    return _cases(cases)
 
 
 def _paged_cache(ctx: Ctx, lens: list[int], hkv: int, d: int, page: int, dtype, spare: int = 3):
@@ -844,6 +893,31 @@ def speed_qk_norm_rope(ctx: Ctx) -> dict:
     return speed(ctx, impls, nbytes=4 * B * T * H * d * 2, not_timed=_no_cuda(ctx))
 
 
+def speed_rotary(ctx: Ctx) -> dict:
+    """The kernel against HF's formula (`q * cos + rotate_half(q) * sin`) compiled, as in a compiled
+    HF model; HF's eager formula (a model's default) and Liger-Kernel's rope, when installed, for
+    the page. Llama 3 8B's heads at 8 x 2048 tokens, HF's layout and (B, T, D) bf16 tables."""
+    import torch
+
+    from nanofast.kernels.registry import OPS
+    from nanofast.kernels.rotary import apply_rotary_pos_emb, apply_rotary_pos_emb_reference
+
+    B, T, hq, hk, d = ctx.pick((8, 2048, 32, 8, 128), (2, 16, 3, 1, 64))
+    q = ctx.randn(B, T, hq, d, dtype=torch.bfloat16, seed=1).transpose(1, 2)
+    k = ctx.randn(B, T, hk, d, dtype=torch.bfloat16, seed=2).transpose(1, 2)
+    cos, sin = (t[:T].to(torch.bfloat16).expand(B, T, d) for t in _llama_rotary_tables(ctx, T, d))
+    vendor = _compiled(lambda a, b: apply_rotary_pos_emb_reference(a, b, cos, sin))
+    impls = {b: (lambda b=b: apply_rotary_pos_emb(q, k, cos, sin, backend=b)) if b != "torch"
+             else (lambda: vendor(q, k)) for b in ctx.backends("rotary")}
+    extras = {"torch_eager": lambda: apply_rotary_pos_emb_reference(q, k, cos, sin)}
+    liger = _optional("liger_kernel.transformers.rope")
+    if liger is not None:
+        extras["liger"] = lambda: liger.liger_rotary_pos_emb(q, k, cos, sin)
+    nbytes = OPS["rotary"].cost(B=B, T=T, HQ=hq, HK=hk, D=d, itemsize=2)["bytes"]
+    return speed(ctx, impls, nbytes=nbytes, extras=extras,
+                 not_timed=None if liger is not None else {"liger": "liger-kernel is not installed"})
+
+
 def speed_paged_decode(ctx: Ctx) -> dict:
     """One decode step of 64 sequences of 2048 tokens as the engine calls it
     (attention.paged_decode_attention with the host's lengths) on each backend: the kernels, and "torch",
@@ -1039,6 +1113,13 @@ def speed_linear_cross_entropy(ctx: Ctx) -> dict:
     return speed(ctx, impls, flops=3 * 2 * N * D * V, extras=extras)
 
 
+def speed_hf_models(ctx: Ctx) -> dict:
+    """Training steps of Hugging Face models as transformers runs them, nanofast-patched and
+    Liger-patched (bench/hf_speed.py)."""
+    return hf_speed.speed_hf_models(ctx, speed, _optional("transformers"),
+                                    _optional("liger_kernel.transformers") if ctx.device.type == "cuda" else None)
+
+
 def speed_train_step(ctx: Ctx, depth: int) -> dict:
     """Tokens/s and MFU (of the bf16 peak) of the speedrun's training step (nanofast.presets'
     "speedrun": fp8 linears, device batch 16 x 2048 tokens, bf16, compiled, MuonAdamW) at `depth`,
@@ -1117,6 +1198,8 @@ for _b, _est in (("triton", 6), ("cuda", 3)):
          {"backend": _b})
 _add("speed", "qk_norm_rope", 15, speed_qk_norm_rope, "qk_norm_rope",
      floor=("qk_norm_rope_fwd_B32_T2048_H10", "triton"))
+_add("numerics", "rotary[triton]", 3, check_rotary, "rotary", "triton", {"backend": "triton"})
+_add("speed", "rotary", 8, speed_rotary, "rotary")
 for _b, _est in (("triton", 3), ("cuda", 1.5)):
     for _g in (1, 4, 8):
         for _p in (16, 256):
@@ -1150,7 +1233,14 @@ _add("numerics", "past_2^31[quantize_fp8,triton]", 3, check_past_2_31, args={"ke
 _add("speed", "fp8_gemm", 8, speed_fp8_gemm, floor=("fp8_gemm_32768x5120x1280", "triton"))
 _add("speed", "quantize_fp8", 5, speed_quantize_fp8, floor=("fp8_quant_tensorwise_T_16384x6144", "triton"))
 _add("speed", "muon_prologue", 5, speed_muon_prologue, floor=("muon_prologue_12x5120x1280", "triton"))
-_add("speed", "paged_prefill", 5, speed_paged_prefill)
+_add("speed", "paged_prefill", 5, speed_paged_prefill,
+     left_out="the batched prefill decides no backend and its numerics run above; its speed is also measured by "
+              "bench/test_bench_paged_attention.py on a GPU, and the 9-minute budget is full")
+# 5. Hugging Face models, patched (bench/hf_speed.py): transformers and Liger-Kernel are not on a
+# bare GPU machine, so this runs on request, after their wheels were carried there (bench/README.md).
+_add("speed", "hf_models", 40, speed_hf_models,
+     left_out="needs transformers (and Liger-Kernel for its column), which a bare GPU machine lacks: carry their "
+              "wheels and run `--only hf_models` (bench/README.md)")
 
 
 # --------------------------------------------------------------------------------------------

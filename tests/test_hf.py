@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanofast.kernels import registry
-from nanofast.kernels.hf import NORMS, apply_nanofast_kernels
+from nanofast.kernels.hf import NORMS, ROTARY, apply_nanofast_kernels
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,11 +48,32 @@ def batch():
     return ids, mask
 
 
-def run(model, ids, mask):
-    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+def run(model, ids, mask, labels):
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), out.loss.detach(), grads
+    model.zero_grad(set_to_none=True)
+    return out.logits, out.loss.detach(), grads
+
+
+def spy(monkeypatch) -> dict[str, list]:
+    """Count the calls of each patched kernel through its validation (run once per public call)."""
+    calls = {}
+    for op_name, entry in (("rms_norm", "rms_norm"), ("rotary", "apply_rotary_pos_emb"),
+                           ("linear_cross_entropy", "linear_cross_entropy")):
+        op, seen = registry.op(op_name), []
+        check = op.checks[entry]
+        monkeypatch.setitem(op.checks, entry, lambda *a, _c=check, _s=seen, **k: (_s.append(1), _c(*a, **k))[1])
+        calls[entry] = seen
+    return calls
+
+
+def close(got, want, atol, name=""):
+    assert (got - want).abs().max().item() <= atol * max(1.0, want.abs().max().item()), name
+
+
+def names_of(model, classes) -> set[str]:
+    return {n for n, m in model.named_modules() if type(m).__name__ in classes}
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -61,30 +82,84 @@ def test_patched_model_matches_the_unpatched_one(family, backend, monkeypatch):
     model = tiny_model(family)
     patched = copy.deepcopy(model)
     replaced = apply_nanofast_kernels(patched, backend=backend)
-    assert replaced and set(replaced.values()) <= set(NORMS)
-    assert set(replaced) == {n for n, m in model.named_modules() if type(m).__name__ in NORMS}
-    # The spy: every patched norm runs nanofast's rms_norm (its validation counts the calls).
-    op, calls = registry.op("rms_norm"), []
-    check = op.checks["rms_norm"]
-    monkeypatch.setitem(op.checks, "rms_norm", lambda *a, **k: (calls.append(1), check(*a, **k))[1])
-
+    assert replaced == {**{n: type(m).__name__ for n, m in model.named_modules()
+                           if n in names_of(model, NORMS) | names_of(model, ROTARY)}, "": FAMILIES[family][1]}
+    n_norms, n_attn = len(names_of(model, NORMS)), len(names_of(model, ROTARY))
+    assert n_norms and n_attn
+    calls = spy(monkeypatch)
     ids, mask = batch()
-    logits, loss, grads = run(model, ids, mask)
-    assert not calls
-    logits_p, loss_p, grads_p = run(patched, ids, mask)
-    assert len(calls) == len(replaced)  # each patched norm ran once, on nanofast's kernel
-    scale = max(1.0, logits.abs().max().item())
-    assert (logits_p - logits).abs().max().item() <= LOGITS_ATOL * scale
-    assert abs(loss_p.item() - loss.item()) <= LOGITS_ATOL * max(1.0, loss.item())
+    labels = ids.masked_fill(mask == 0, -100)  # no loss on the left padding, as a collator masks it
+
+    # Eval mode: the model's own head (logits, loss from them); norms and rotary on the kernels.
+    logits, loss, grads = run(model, ids, mask, labels)
+    assert not any(calls.values())  # the unpatched copy runs none of them
+    logits_p, loss_p, grads_p = run(patched, ids, mask, labels)
+    assert len(calls["rms_norm"]) == n_norms and len(calls["apply_rotary_pos_emb"]) == n_attn
+    assert not calls["linear_cross_entropy"]
+    close(logits_p, logits, LOGITS_ATOL)
+    close(loss_p, loss, LOGITS_ATOL)
     assert grads.keys() == grads_p.keys()
     for name, g in grads.items():
-        assert (grads_p[name] - g).abs().max().item() <= GRAD_ATOL * max(1.0, g.abs().max().item()), name
+        close(grads_p[name], g, GRAD_ATOL, name)
 
-    calls.clear()
+    # Training mode with labels: the fused loss head, no logits.
+    model.train(), patched.train()
+    _, loss, grads = run(model, ids, mask, labels)
+    for c in calls.values():
+        c.clear()
+    logits_p, loss_p, grads_p = run(patched, ids, mask, labels)
+    assert logits_p is None and len(calls["linear_cross_entropy"]) == 1
+    close(loss_p, loss, LOGITS_ATOL)
+    assert grads.keys() == grads_p.keys()
+    for name, g in grads.items():
+        close(grads_p[name], g, GRAD_ATOL, name)
+    model.eval(), patched.eval()
+
+    calls["rms_norm"].clear()
     with torch.no_grad():  # generation with the KV cache, from left-padded prompts
         want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
         got = patched.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(got, want) and calls
+    assert torch.equal(got, want) and calls["rms_norm"]
+
+
+def test_the_loss_head_takes_the_trainers_conventions(monkeypatch):
+    """num_items_in_batch (a sum over the accumulation steps' tokens), shift_labels, another
+    ignore_index, return_dict=False, positional input ids: as transformers' own loss."""
+    model = tiny_model("qwen3").train()
+    patched = copy.deepcopy(model)
+    apply_nanofast_kernels(patched, backend="torch")
+    ids, mask = batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    n = torch.tensor(40)
+    close(patched(ids, labels=labels, num_items_in_batch=n).loss, model(ids, labels=labels, num_items_in_batch=n).loss,
+          LOGITS_ATOL)
+    shifted = torch.roll(labels, -1, dims=1)
+    shifted[:, -1] = 7  # a label transformers would never make by shifting: taken as given
+    close(patched(input_ids=ids, labels=labels, shift_labels=shifted).loss,
+          model(input_ids=ids, labels=labels, shift_labels=shifted).loss, LOGITS_ATOL)
+    other = labels.masked_fill(mask == 0, 5)  # ignore index 5: token 5's positions carry no loss either
+    close(patched(input_ids=ids, labels=other, ignore_index=5).loss,
+          model(input_ids=ids, labels=other, ignore_index=5).loss, LOGITS_ATOL)
+    out = patched(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and out[0].ndim == 0
+    apply_nanofast_kernels(patched, backend="torch")  # patching twice keeps one fused head, no recursion
+    close(patched(input_ids=ids, labels=labels).loss, model(input_ids=ids, labels=labels).loss, LOGITS_ATOL)
+
+
+def test_the_patch_changes_only_the_patched_instance(monkeypatch):
+    """Rotary is called by global name in transformers' attention forwards: the patch gives the
+    instance its own copy of the forward, so the family's module and other models are untouched."""
+    modeling = sys.modules[type(tiny_model("llama")).__module__]
+    before = (modeling.apply_rotary_pos_emb, modeling.LlamaAttention.forward, modeling.LlamaForCausalLM.forward)
+    patched, other = tiny_model("llama"), tiny_model("llama")
+    apply_nanofast_kernels(patched)
+    assert (modeling.apply_rotary_pos_emb, modeling.LlamaAttention.forward, modeling.LlamaForCausalLM.forward) == before
+    calls = spy(monkeypatch)
+    ids, mask = batch()
+    other.train()(input_ids=ids, labels=ids)
+    assert not any(calls.values())
+    patched.train()(input_ids=ids, labels=ids)
+    assert all(calls.values())
 
 
 def test_patch_keeps_parameters_and_state_dict():
@@ -100,6 +175,10 @@ def test_bad_calls_are_refused():
         apply_nanofast_kernels("llama")
     with pytest.raises(ValueError, match="backend must be one of"):
         apply_nanofast_kernels(tiny_model("llama"), backend="cudnn")
+    with pytest.raises(ValueError, match="backend='cuda' exists for the norms only"):
+        apply_nanofast_kernels(tiny_model("llama"), backend="cuda")
+    assert set(apply_nanofast_kernels(tiny_model("llama"), backend="cuda", rotary=False, loss=False).values()) \
+        == {"LlamaRMSNorm"}
     with pytest.raises(ValueError, match="Linear has no module this patch knows"):
         apply_nanofast_kernels(torch.nn.Linear(4, 4))
 

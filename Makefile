@@ -1,17 +1,19 @@
 # The two commands of the README. Each sets up .venv once (idempotent: redone only when setup.py
 # changes), then runs. torch is pinned first so pip never pulls a different build as a dependency.
 PYTHON ?= python3
+TORCH_VERSION := 2.13.0
+TRITON_VERSION := 3.9.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test compat bench guard gpu-check browser
+.PHONY: run test compat wheel-test bench guard gpu-check browser
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet triton==3.9.0
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --quiet triton==$(TRITON_VERSION)
 	$(BIN)/pip install --quiet --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
@@ -19,11 +21,61 @@ $(STAMP): setup.py pyproject.toml
 run: $(STAMP)
 	$(BIN)/python train.py --stage all $(ARGS)
 
-# The test suite (what .ci/run calls), then the triton 3.6 leg (compat, below).
+# The test suite (what .ci/run calls), then the install as a kernel user gets it (wheel-test) and
+# the triton 3.6 leg (compat), both below.
 test: $(STAMP) browser
 	$(BIN)/python -m pytest tests -q
 	$(BIN)/python -m pytest bench -m guard -q
+	$(MAKE) --no-print-directory wheel-test
 	$(MAKE) --no-print-directory compat
+
+# The light install (issue 33; docs/install.md): the wheel of this working tree (built in place
+# without the CUDA extension; setup.py keeps build/ and the egg-info out of the tree, and this
+# checks that the ignored files `git status --porcelain --ignored` lists are the same before and
+# after: build/ and *.egg-info/ are ignored, so that is where they would appear), installed into a
+# fresh venv in a temporary directory with torch and triton pinned as in .venv and nothing else.
+# Installing the wheel may add only what install_requires names (so nothing of the `train` extra;
+# its filelock comes with torch itself), and tiktoken and pyarrow must not import. Then, from
+# outside the repository: the installed nanofast.kernels runs every op on every CPU backend
+# against its reference (the smoke; the CUDA sources shipped in the wheel run through the CPU
+# emulation where g++ exists) and its report compiles one Triton configuration. About 2 minutes
+# on 2 shared cores, most of it installing torch (not byte-compiled: the venv is thrown away);
+# the CUDA emulation builds are cached (NANOFAST_CACHE, else ~/.cache/nanofast), so after the
+# main suite they are not rebuilt.
+WHEEL_ADDED_ONLY_BASE := import re, sys, importlib.util as u; s = u.spec_from_file_location('nf_setup', 'setup.py'); \
+	m = u.module_from_spec(s); s.loader.exec_module(m); \
+	canon = lambda name: re.sub(r'[-_.]+', '-', name).lower(); \
+	reqs = {canon(re.match(r'[A-Za-z0-9._-]+', r).group(0)) for r in m.INSTALL_REQUIRES}; \
+	names = lambda f: {canon(line.split('==')[0].split(' @ ')[0].strip()) for line in open(f) if line.strip()}; \
+	added = names(sys.argv[2]) - names(sys.argv[1]); extra = added - reqs - {'nanofast'}; \
+	print('wheel-test: the wheel added', *sorted(added), '(nothing of the train extra)' if not extra else ''); \
+	sys.exit(f'wheel-test: FAIL: the wheel installed more than install_requires: {sorted(extra)}' if extra else 0)
+WHEEL_REPORT_CONFIG := fwd D=768 bf16 BLOCK
+
+wheel-test: $(STAMP)
+	@set -eu; start=$$(date +%s); tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	before=$$(git status --porcelain --ignored | grep '^!!' || true); \
+	echo "wheel-test: building the wheel of the working tree"; \
+	NANOFAST_CUDA_EXT=0 $(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w "$$tmp/dist" .; \
+	after=$$(git status --porcelain --ignored | grep '^!!' || true); \
+	if [ "$$after" != "$$before" ]; then \
+	  echo "wheel-test: FAIL: building the wheel left files in the source tree:"; \
+	  printf '%s\n' "$$after" | grep -vxF "$$before" || true; exit 1; fi; \
+	whl=$$(ls "$$tmp"/dist/nanofast-*.whl); echo "wheel-test: $$(basename $$whl), $$(du -k $$whl | cut -f1) KB"; \
+	echo "wheel-test: a fresh venv with torch $(TORCH_VERSION), triton $(TRITON_VERSION) and the wheel"; \
+	$(PYTHON) -m venv "$$tmp/venv"; py="$$tmp/venv/bin/python"; \
+	"$$py" -m pip install --quiet --no-compile torch==$(TORCH_VERSION); \
+	"$$py" -m pip install --quiet --no-compile triton==$(TRITON_VERSION); \
+	"$$py" -m pip list --format=freeze > "$$tmp/before.txt"; \
+	"$$py" -m pip install --quiet "$$whl"; \
+	"$$py" -m pip list --format=freeze > "$$tmp/after.txt"; \
+	$(BIN)/python -c "$(WHEEL_ADDED_ONLY_BASE)" "$$tmp/before.txt" "$$tmp/after.txt"; \
+	if "$$py" -c "import tiktoken" 2>/dev/null || "$$py" -c "import pyarrow" 2>/dev/null; then \
+	  echo "wheel-test: FAIL: tiktoken or pyarrow importable in the light install"; exit 1; fi; \
+	cd "$$tmp"; unset PYTHONPATH NANOFAST_CSRC; \
+	TRITON_INTERPRET=1 "$$py" -m nanofast.kernels.smoke; \
+	"$$py" -m nanofast.kernels.report --no-cuda --only '$(WHEEL_REPORT_CONFIG)' >/dev/null; \
+	echo "wheel-test: passed in $$(( $$(date +%s) - start )) s"
 
 # The compatibility leg (issue 31; docs/install.md): the tests of every Triton kernel, the model
 # and the engine's kernel path under the lowest triton setup.py allows (MIN_TRITON; 3.6 is also
@@ -43,7 +95,7 @@ COMPAT_TESTS := tests/test_rms_norm.py tests/test_qk_norm_rope.py tests/test_pag
 	tests/test_newton_schulz_triton.py tests/test_newton_schulz.py tests/test_fp8_gemm.py \
 	tests/test_fp8_quant.py tests/test_fp8_linear.py tests/test_linear_cross_entropy.py \
 	tests/test_kernel_defaults.py tests/test_tile_config.py tests/test_dispatch.py tests/test_ops.py \
-	tests/test_model.py tests/test_compat.py tests/test_registry.py \
+	tests/test_rotary.py tests/test_model.py tests/test_compat.py tests/test_registry.py \
 	'tests/test_engine.py::test_kernel_backends_in_the_engine[triton]' \
 	'tests/test_engine.py::test_the_in_place_qk_norm_rope_kernel_runs_on_the_kernel_path[triton]' \
 	tests/test_engine.py::test_decode_plans_from_the_engines_host_lengths

@@ -12,17 +12,28 @@ default only where nvcc exists, torch is a CUDA build and nvcc's CUDA major vers
 (one warning line where a CUDA torch is present), and nanofast.kernels.cuda_build builds the same
 sources just in time on first use. NANOFAST_CUDA_EXT=0 skips the build, =1 forces it.
 
+What installs what (docs/install.md): the bare distribution is what `nanofast.kernels` imports
+(torch, triton on Linux, numpy); the `train` extra adds the training driver's dependencies (the
+tokenizer, the data pipeline, the report's plots, the chat server). The CUDA sources ship inside
+the package as `nanofast.kernels.csrc` (the repository's `csrc/`), so an installed wheel builds the
+CUDA backend (just in time, or the CPU emulation) without a checkout.
+
+Building writes nothing into the source tree: `build/` and `nanofast.egg-info/` go to a temporary
+directory removed when the build process exits (out_of_tree_options).
+
 Importing this file does nothing; only running it as __main__ (which setuptools' build backend
 does) probes the machine and calls setup(), so tests/test_install.py can test the rules on CPU.
 """
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Mapping
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,26 +48,36 @@ ENV_VAR = "NANOFAST_CUDA_EXT"
 MIN_TORCH = "2.11"
 MIN_TRITON = "3.6"
 
+# What nanofast.kernels imports, nothing else (tests/test_install.py checks both ways).
 INSTALL_REQUIRES = [
     f"torch>={MIN_TORCH}",
     f"triton>={MIN_TRITON}; platform_system == 'Linux'",  # Linux wheels only (CPU users on Linux get it too)
     "numpy",
+]
+
+# The training driver (train.py, nanofast/ outside nanofast.kernels): every third-party module it
+# imports, except wandb, which is imported only for --wandb (its own extra).
+TRAIN = [
     "tiktoken>=0.7",
     "rustbpe>=0.1.0",
     "pyarrow>=15",
     "filelock",
     "pyyaml",  # the CORE eval bundle's core.yaml
     "tqdm",
-    "matplotlib",
+    "matplotlib",  # the report's plots
+    "fastapi>=0.110",  # the chat server (nanofast.serve); fastapi brings starlette and anyio
+    "uvicorn>=0.29",
 ]
 
 # Every extra installs from prebuilt wheels in seconds, except `fa2`. Keep each entry something the
 # code imports or uses (tests/test_install.py checks it).
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-benchmark>=4", f"triton>={MIN_TRITON}", "pybind11", "ninja",
-            "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "selenium>=4.11", "openai>=1.40",
-            "wandb>=0.19", "transformers==5.25.0"],  # transformers: tests/test_hf.py's tiny models
-    "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+    "train": TRAIN,
+    # `dev`: the driver, its optional logger, and what the tests and benchmarks use.
+    "dev": [*TRAIN, "wandb>=0.19", "pytest>=8", "pytest-benchmark>=4", f"triton>={MIN_TRITON}", "pybind11",
+            "ninja", "httpx>=0.27", "selenium>=4.11", "openai>=1.40",
+            "transformers==5.25.0"],  # transformers: tests/test_hf.py's tiny models
+    "serve": TRAIN,  # the chat server needs the driver (model, tokenizer): the same as `train`
     "wandb": ["wandb>=0.19"],  # --wandb PROJECT: optional logging, imported only when asked for
     # GPU machines. `kernels`: the Hugging Face kernel hub client, which downloads a prebuilt FA3
     # for Hopper at run time (get_kernel). `ninja`: torch's extension builder needs it for the just
@@ -66,6 +87,43 @@ EXTRAS = {
     # source (up to hours; install ninja first, e.g. with the `gpu` extra, and cap MAX_JOBS).
     "fa2": ["flash-attn"],
 }
+
+# The CUDA sources, shipped as package data of nanofast.kernels.csrc (kernels/cuda_build.csrc_dir
+# finds them there in an install, and beside kernels/ in a checkout).
+CSRC_PATTERNS = ["*.cu", "*.cuh", "*.h", "*.cpp", "README.md"]
+
+PACKAGES = ["nanofast", "nanofast.tasks", "nanofast.kernels", "nanofast.kernels.csrc"]
+PACKAGE_DIR = {"nanofast": "nanofast", "nanofast.kernels": "kernels", "nanofast.kernels.csrc": "csrc"}
+PACKAGE_DATA = {
+    "nanofast": ["static/*.html", "dispatch_tables/*.json"],  # the chat page; the measured dispatch tables
+    "nanofast.kernels.csrc": CSRC_PATTERNS,
+}
+
+
+def read_version() -> str:
+    """nanofast.__version__, read from nanofast/__init__.py's text (the one place it is written),
+    without importing nanofast (which would need torch in the build)."""
+    with open(os.path.join(HERE, "nanofast", "__init__.py"), encoding="utf-8") as f:
+        m = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M)
+    if m is None:
+        raise SystemExit('nanofast/__init__.py must set __version__ = "X.Y.Z" on a line of its own')
+    return m.group(1)
+
+
+def read_readme() -> str:
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def out_of_tree_options() -> dict:
+    """setup()'s `options` that keep the build out of the source tree: setuptools' build/ and
+    nanofast.egg-info/ go into a temporary directory, removed when this process exits (pip and the
+    build backend run each build step in a process of its own; the wheel is written elsewhere, and
+    an editable install points at the sources, not at build/). Command-line options override."""
+    tmp = tempfile.mkdtemp(prefix="nanofast-build-")
+    atexit.register(shutil.rmtree, tmp, True)
+    return {"build": {"build_base": os.path.join(tmp, "build")}, "egg_info": {"egg_base": tmp}}
+
 
 NVCC_FLAGS = ["-O3", "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"]
 
@@ -197,14 +255,21 @@ if __name__ == "__main__":
     ext_modules, cmdclass = cuda_extensions(os.environ)
     setup(
         name="nanofast",
-        version="0.1.0",
+        version=read_version(),
         description="Fast GPU kernels and a thin nanochat-style training driver",
+        long_description=read_readme(),
+        long_description_content_type="text/markdown",
+        license="MIT",
+        license_files=["LICENSE"],
+        classifiers=["Programming Language :: Python :: 3", "Operating System :: POSIX :: Linux",
+                     "Environment :: GPU :: NVIDIA CUDA"],
         python_requires=">=3.10",
-        packages=["nanofast", "nanofast.kernels", "nanofast.tasks"],
-        package_dir={"nanofast": "nanofast", "nanofast.kernels": "kernels"},
-        package_data={"nanofast": ["static/*.html", "dispatch_tables/*.json"]},  # the chat page; measured tables
+        packages=PACKAGES,
+        package_dir=PACKAGE_DIR,
+        package_data=PACKAGE_DATA,
         install_requires=INSTALL_REQUIRES,
         extras_require=EXTRAS,
         ext_modules=ext_modules,
         cmdclass=cmdclass,
+        options=out_of_tree_options(),
     )

@@ -12,9 +12,11 @@ it returns 0 or an error code):
   cache directory keyed by a hash of the sources and flags, then loaded with ctypes. This is how the
   kernels are *executed* on machines without a GPU; it is slow and meant for small test shapes.
 
-Locations: csrc/ is found next to this package's parent directory (kernels/ is installed in editable
-mode as nanofast.kernels) unless NANOFAST_CSRC points elsewhere; builds go under NANOFAST_CACHE, else
-$XDG_CACHE_HOME/nanofast, else ~/.cache/nanofast. Never into the source tree.
+Locations: the CUDA sources are $NANOFAST_CSRC when set, else the package data `csrc/` inside this
+package (an installed wheel: setup.py ships the repository's csrc/ as nanofast.kernels.csrc), else
+the checkout's csrc/ beside kernels/ (an editable install or a checkout on sys.path); builds go
+under NANOFAST_CACHE, else $XDG_CACHE_HOME/nanofast, else ~/.cache/nanofast. Never into the source
+tree.
 """
 from __future__ import annotations
 
@@ -33,16 +35,36 @@ import torch
 
 from .cuda_abi import ABI, ERROR_FN
 
-__all__ = ["csrc_dir", "csrc_headers", "cache_dir", "sources_digest", "EMU_CXXFLAGS", "emulation_library", "launch"]
+__all__ = ["csrc_dir", "csrc_candidates", "csrc_headers", "cache_dir", "sources_digest", "EMU_CXXFLAGS", "emulation_library", "launch"]
 
 
-def csrc_dir() -> Path:
-    """The csrc/ directory: $NANOFAST_CSRC, else the repository root next to this package."""
+# A file every csrc/ has: tells the sources apart from an unrelated folder named csrc.
+CSRC_MARKER = "nf_abi.h"
+
+
+def csrc_candidates(package_dir: Path | None = None) -> list[Path]:
+    """Where the CUDA sources may be, in order: inside the package (an installed wheel), then beside
+    it (a checkout: csrc/ next to kernels/)."""
+    here = package_dir or Path(__file__).resolve().parent
+    return [here / "csrc", here.parent / "csrc"]
+
+
+def csrc_dir(package_dir: Path | None = None) -> Path:
+    """The CUDA sources: $NANOFAST_CSRC, else the first of csrc_candidates() that holds them."""
     env = os.environ.get("NANOFAST_CSRC")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "csrc"
-    if not path.is_dir():
-        raise FileNotFoundError(f"CUDA sources not found at {path}: set NANOFAST_CSRC to the csrc/ directory")
-    return path
+    if env:
+        path = Path(env)
+        if not path.is_dir():
+            raise FileNotFoundError(f"CUDA sources not found at {path} (NANOFAST_CSRC): point NANOFAST_CSRC at "
+                                    "the csrc/ directory, or unset it to use the sources installed with nanofast")
+        return path
+    candidates = csrc_candidates(package_dir)
+    for path in candidates:
+        if (path / CSRC_MARKER).is_file():
+            return path
+    raise FileNotFoundError(f"CUDA sources not found (looked for {CSRC_MARKER} in {', '.join(map(str, candidates))}): "
+                            "this nanofast was installed without its csrc/ package data; reinstall it from a "
+                            "wheel or checkout that has them, or set NANOFAST_CSRC to a csrc/ directory")
 
 
 def cache_dir(kind: str) -> Path:

@@ -3,13 +3,21 @@
 setup.py is imported under another name than __main__ (which probes nothing and builds nothing):
 the decision whether to build the CUDA extension nanofast._C, the parser of `nvcc --version`,
 and the extras, which must install from wheels and hold only what the code imports or uses.
+The light install (issue 33): install_requires is what nanofast.kernels imports, the `train` extra
+what the driver adds, the wheel carries the CUDA sources and leaves the tree clean, and the
+report and smoke commands an installed user runs fail fast and say why. `make wheel-test`
+installs that wheel into a fresh venv; these tests hold the rules it relies on.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import runpy
+import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -297,8 +305,9 @@ def test_the_compat_leg_runs_the_lowest_triton_allowed_and_make_test_runs_it():
     leg = _make_var("COMPAT_TRITON")
     assert _version(leg)[:2] == _version(S.MIN_TRITON), (leg, S.MIN_TRITON)
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
-    main_torch = re.search(r"pip install --quiet torch==([\d.]+)", makefile).group(1)
-    main_triton = re.search(r"pip install --quiet triton==([\d.]+)", makefile).group(1)
+    main_torch, main_triton = _make_var("TORCH_VERSION"), _make_var("TRITON_VERSION")
+    assert "install --quiet torch==$(TORCH_VERSION)" in makefile
+    assert "install --quiet triton==$(TRITON_VERSION)" in makefile
     assert _version(main_torch) >= _version(S.MIN_TORCH) and _version(main_triton) > _version(leg)
     test_recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
     assert "compat" in test_recipe.splitlines()[-1]  # after the main tests and the guard
@@ -314,3 +323,297 @@ def test_the_compat_leg_covers_every_triton_kernel_and_the_model():
     assert len(jit_modules) >= 7, jit_modules
     assert {f"tests/test_{m}.py" for m in jit_modules} <= files, jit_modules
     assert {"tests/test_model.py", "tests/test_ops.py"} <= files
+
+
+# ---- the light install: what each part of the package imports (issue 33) ------------------------------
+
+# Module name -> the distribution that provides it, where the two differ; starlette and anyio come
+# with fastapi (its own requirements), which nanofast.serve is written against.
+DISTRIBUTION_OF = {"yaml": "pyyaml", "starlette": "fastapi", "anyio": "fastapi"}
+# Imported only inside a function, for a feature whose user has the package already or asked for
+# it by name: module -> why it is no requirement of the part that imports it.
+OPTIONAL_IMPORTS = {
+    "transformers": "nanofast.kernels.hf patches a transformers model: whoever calls it has transformers",
+    "wandb": "nanofast.wandb_log, for --wandb only: the `wandb` extra",
+}
+FIRST_PARTY = {"nanofast", "kernels", "bench", "__future__"}
+
+
+def _third_party_imports(*globs: str, exclude: str | None = None) -> dict[str, dict[str, bool]]:
+    """{top-level module: {file: imported at module level}} of the absolute imports in the files."""
+    import ast
+
+    found: dict[str, dict[str, bool]] = {}
+    for g in globs:
+        for path in sorted(ROOT.glob(g)):
+            rel = path.relative_to(ROOT).as_posix()
+            if exclude and rel.startswith(exclude):
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                           for n in ast.walk(f) if n is not f}
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in sys.stdlib_module_names or top in FIRST_PARTY:
+                        continue
+                    at_top = found.setdefault(top, {}).get(rel, False)
+                    found[top][rel] = at_top or id(node) not in in_function
+    return found
+
+
+def _names(reqs) -> set[str]:
+    return {_name(r) for r in reqs}
+
+
+def _check_imports(found: dict[str, dict[str, bool]], allowed: set[str], part: str) -> None:
+    for module, files in sorted(found.items()):
+        if module in OPTIONAL_IMPORTS:
+            at_top = sorted(f for f, top in files.items() if top)
+            assert not at_top, f"{module} ({OPTIONAL_IMPORTS[module]}) is imported at module level in {at_top}"
+            continue
+        dist = DISTRIBUTION_OF.get(module, module).lower().replace("_", "-")
+        assert dist in allowed, f"{part} imports {module} ({sorted(files)}) but {dist} is not among {sorted(allowed)}"
+
+
+def test_the_kernels_need_only_what_install_requires_lists():
+    found = _third_party_imports("kernels/**/*.py")
+    _check_imports(found, _names(S.INSTALL_REQUIRES), "nanofast.kernels")
+    # ... and install_requires holds nothing the kernels do not import
+    assert _names(S.INSTALL_REQUIRES) == {"torch", "triton", "numpy"} <= set(found)
+
+
+def test_the_driver_needs_only_install_requires_and_the_train_extra():
+    found = _third_party_imports("nanofast/**/*.py", "train.py", exclude="nanofast/kernels/")
+    _check_imports(found, _names(S.INSTALL_REQUIRES) | _names(S.EXTRAS["train"]), "the driver (nanofast/, train.py)")
+    used = {DISTRIBUTION_OF.get(m, m).lower() for m in found}
+    assert _names(S.EXTRAS["train"]) <= used, _names(S.EXTRAS["train"]) - used  # nothing listed for nothing
+
+
+def test_extras_dev_holds_train_and_train_holds_none_of_the_base():
+    train = _names(S.EXTRAS["train"])
+    assert train <= _names(S.EXTRAS["dev"])  # `make run` / `make test` install '.[dev]'
+    assert not train & _names(S.INSTALL_REQUIRES)
+    assert S.EXTRAS["serve"] == S.EXTRAS["train"]  # the chat server is the driver's
+
+
+def _train_only_modules() -> list[str]:
+    """Top-level modules the driver imports that the light install does not have."""
+    found = _third_party_imports("nanofast/**/*.py", "train.py", exclude="nanofast/kernels/")
+    base = _names(S.INSTALL_REQUIRES)
+    return sorted(m for m in found if DISTRIBUTION_OF.get(m, m).lower() not in base) + ["transformers"]
+
+
+def test_importing_nanofast_and_every_kernels_module_needs_none_of_the_train_extra():
+    """In a process where every train-only module (and transformers) fails to import, nanofast,
+    every module of nanofast.kernels and a kernel call still work, and none of them got loaded."""
+    blocked = _train_only_modules()
+    assert {"tiktoken", "pyarrow", "matplotlib", "yaml", "fastapi", "wandb"} <= set(blocked)
+    code = f"""
+import importlib, importlib.abc, importlib.util, pkgutil, sys
+BLOCKED = {blocked!r}
+class Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    # found (torch probes some of these with find_spec), but importing one fails as if absent
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return importlib.util.spec_from_loader(name, self)
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        raise ModuleNotFoundError(f"{{module.__name__}} is blocked: not part of the light install",
+                                  name=module.__name__)
+sys.meta_path.insert(0, Block())
+import nanofast, nanofast.kernels as K
+for m in pkgutil.iter_modules(K.__path__):
+    importlib.import_module("nanofast.kernels." + m.name)
+import torch
+x = torch.randn(3, 8)
+torch.testing.assert_close(K.rms_norm(x), K.rms_norm_reference(x))
+loaded = sorted(n for n in sys.modules if n.split(".")[0] in BLOCKED)
+assert not loaded, loaded
+print(nanofast.__version__)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests",
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == S.read_version()
+
+
+# ---- version, license, long description ------------------------------------------------------------
+
+def test_the_version_is_written_once_and_read_without_importing_torch(monkeypatch):
+    import nanofast
+
+    assert nanofast.__version__ == S.read_version()
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+|rc\d+)?", nanofast.__version__)
+    hits = [p.relative_to(ROOT).as_posix() for g in ("setup.py", "nanofast/**/*.py", "kernels/**/*.py")
+            for p in ROOT.glob(g) if re.search(r"""(version\s*=|__version__\s*=)\s*["']\d""", p.read_text())]
+    assert hits == ["nanofast/__init__.py"], hits
+    # the changelog has an entry for it (the release part of a .devN version: its Unreleased entry)
+    release = re.match(r"\d+\.\d+\.\d+", nanofast.__version__).group(0)
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    assert re.search(rf"^## .*\b{re.escape(release)}\b", changelog, re.M)
+
+
+def test_setup_passes_version_license_readme_and_the_package_data(monkeypatch):
+    import setuptools
+
+    seen = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: seen.update(kw))
+    monkeypatch.setenv(VAR, "0")
+    runpy.run_path(str(SETUP_PY), run_name="__main__")
+    assert seen["version"] == S.read_version()
+    assert seen["license"] == "MIT" and seen["license_files"] == ["LICENSE"]
+    assert "MIT License" in (ROOT / "LICENSE").read_text() and "the nanofast authors" in (ROOT / "LICENSE").read_text()
+    assert seen["long_description"] == (ROOT / "README.md").read_text(encoding="utf-8")
+    assert seen["long_description_content_type"] == "text/markdown"
+    for package, folder in seen["package_dir"].items():
+        assert package in seen["packages"] and (ROOT / folder).is_dir(), package
+    assert seen["package_dir"]["nanofast.kernels.csrc"] == "csrc"
+    # every file of csrc/ is package data (a new kind of file would otherwise be left out silently)
+    import fnmatch
+
+    patterns = seen["package_data"]["nanofast.kernels.csrc"]
+    left_out = [p.name for p in (ROOT / "csrc").iterdir() if not any(fnmatch.fnmatch(p.name, pat) for pat in patterns)]
+    assert not left_out, left_out
+    # the build goes to a temporary directory, never into the source tree
+    opts = seen["options"]
+    assert not Path(opts["build"]["build_base"]).resolve().is_relative_to(ROOT)
+    assert not Path(opts["egg_info"]["egg_base"]).resolve().is_relative_to(ROOT)
+
+
+# ---- the CUDA sources in a checkout and in an install -----------------------------------------------------
+
+def test_the_cuda_sources_are_found_installed_and_in_a_checkout(tmp_path, monkeypatch):
+    from nanofast.kernels import cuda_build
+
+    monkeypatch.delenv("NANOFAST_CSRC", raising=False)
+    installed = tmp_path / "site" / "nanofast" / "kernels"
+    (installed / "csrc").mkdir(parents=True)
+    (installed / "csrc" / cuda_build.CSRC_MARKER).write_text("")
+    (tmp_path / "site" / "nanofast" / "csrc").mkdir()  # an unrelated folder of that name: not picked
+    assert cuda_build.csrc_dir(installed) == installed / "csrc"
+    checkout = tmp_path / "repo"
+    (checkout / "kernels").mkdir(parents=True)
+    (checkout / "csrc").mkdir()
+    (checkout / "csrc" / cuda_build.CSRC_MARKER).write_text("")
+    assert cuda_build.csrc_dir(checkout / "kernels") == checkout / "csrc"
+    with pytest.raises(FileNotFoundError, match="NANOFAST_CSRC") as exc:
+        cuda_build.csrc_dir(tmp_path / "site" / "nanofast")
+    assert cuda_build.CSRC_MARKER in str(exc.value)
+    monkeypatch.setenv("NANOFAST_CSRC", str(checkout / "csrc"))
+    assert cuda_build.csrc_dir(installed) == checkout / "csrc"
+    # this checkout: the sources beside kernels/
+    monkeypatch.delenv("NANOFAST_CSRC")
+    assert cuda_build.csrc_dir() == ROOT / "csrc"
+
+
+# ---- the wheel ----------------------------------------------------------------------------------------------
+
+def _build_artifacts() -> set[str]:
+    return {p.relative_to(ROOT).as_posix() for g in ("build", "*.egg-info", "*/*.egg-info") for p in ROOT.glob(g)}
+
+
+def test_the_wheel_holds_the_package_data_and_building_it_leaves_the_tree_alone(tmp_path):
+    """`pip wheel .` as a user runs it: the CUDA sources, the chat page, the dispatch tables, the
+    license and the readme are in the wheel; no build/ or egg-info is left in the source tree."""
+    before = _build_artifacts()
+    env = dict(os.environ, **{VAR: "0"})
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _build_artifacts() == before, "the build wrote into the source tree"
+    (wheel,) = tmp_path.glob("nanofast-*.whl")
+    assert wheel.name.startswith(f"nanofast-{S.read_version()}-")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    csrc = {f"nanofast/kernels/csrc/{p.name}" for p in (ROOT / "csrc").iterdir()}
+    tables = {f"nanofast/{p.relative_to(ROOT / 'nanofast').as_posix()}"
+              for p in (ROOT / "nanofast" / "dispatch_tables").glob("*.json")}
+    assert csrc | tables | {"nanofast/static/index.html", "nanofast/kernels/smoke.py"} <= names
+    dist_info = f"nanofast-{S.read_version()}.dist-info"
+    assert f"{dist_info}/licenses/LICENSE" in names
+    meta = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
+    assert "Description-Content-Type: text/markdown" in meta and "Provides-Extra: train" in meta
+    requires = [line.split(": ", 1)[1] for line in meta.splitlines() if line.startswith("Requires-Dist: ")]
+    assert {_name(r) for r in requires if "extra ==" not in r} == {"torch", "triton", "numpy"}
+    assert not any(n.startswith(("kernels/", "csrc/", "tests/", "bench/")) for n in names)
+
+
+def test_make_test_runs_the_wheel_test_with_the_main_venvs_pins():
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    test_recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.M).group(1).splitlines()
+    assert any("wheel-test" in line for line in test_recipe[:-1])
+    recipe = re.search(r"^wheel-test:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    for pin in ("torch==$(TORCH_VERSION)", "triton==$(TRITON_VERSION)"):
+        assert pin in recipe and f"install --quiet {pin}" in makefile.split("wheel-test:")[0], pin
+    assert "mktemp -d" in recipe and "nanofast.kernels.smoke" in recipe and "TRITON_INTERPRET=1" in recipe
+
+
+# ---- python -m nanofast.kernels.report and .smoke in an install ---------------------------------------------
+
+def _report(*args: str, **env_changes) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_changes)
+    return subprocess.run([sys.executable, "-m", "nanofast.kernels.report", *args], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=ROOT / "tests")
+
+
+def test_the_report_refuses_at_once_what_would_fail_after_minutes_of_compiling(tmp_path):
+    """It used to compile every Triton configuration (4 minutes) before looking for nvcc and the
+    CUDA sources, with the tables held back until the end: a missing one died with nothing printed."""
+    t0 = time.perf_counter()
+    proc = _report(NANOFAST_CSRC=str(tmp_path / "missing"))
+    assert time.perf_counter() - t0 < 60
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "CUDA sources" in proc.stderr and "--no-cuda" in proc.stderr and "[1/" not in proc.stderr
+    proc = _report(NVCC=str(tmp_path / "no-nvcc"))
+    assert proc.returncode == 2 and "nvcc" in proc.stderr and "--no-cuda" in proc.stderr
+    proc = _report("--only", "no such kernel")
+    assert proc.returncode == 2 and "matches no" in proc.stderr
+
+
+def test_the_report_prints_progress_per_config_and_one_selected_table(tmp_path):
+    out = tmp_path / "facts.md"
+    proc = _report("--no-cuda", "--only", "fwd D=768 bf16 BLOCK", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| _")]
+    assert len(rows) == 1 and rows[0].startswith("| _rms_norm_fwd_kernel | fwd D=768 bf16")
+    assert "triton sm_90 [1/1] _rms_norm_fwd_kernel" in proc.stderr and "done" in proc.stderr
+    assert out.read_text() == proc.stdout
+
+
+def test_the_smoke_has_a_case_for_every_public_entry():
+    from nanofast.kernels import registry, smoke
+
+    assert set(smoke.CASES) == {e for op in registry.OPS.values() for e in op.checks}
+
+
+def test_the_smoke_passes_and_fails_on_a_wrong_reference(monkeypatch):
+    import io
+
+    from nanofast.kernels import registry, smoke
+
+    out = io.StringIO()
+    assert smoke.run(["newton_schulz"], out=out) == 0, out.getvalue()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4 and all(": ok (" in line for line in lines), lines  # 2 entries x torch, triton
+    op = registry.op("newton_schulz")
+    ref = op.references["newton_schulz"]
+    monkeypatch.setitem(op.references, "newton_schulz", lambda G, **kw: ref(G, **kw) * 1.01)
+    out = io.StringIO()
+    assert smoke.run(["newton_schulz"], out=out) == 2  # torch and triton both differ from it now
+    assert out.getvalue().count("FAIL") == 2
+
+
+def test_the_smoke_skips_what_this_machine_cannot_run_and_says_why(monkeypatch):
+    from nanofast.kernels import smoke
+
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert "no-such-compiler" in smoke.skip_reason("cuda")
+    assert smoke.skip_reason("torch") is None and smoke.skip_reason("scaled_mm") is None

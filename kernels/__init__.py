@@ -24,16 +24,19 @@ else:
         patch_bf16_dot()
         patch_scalar_index()  # triton 3.6's interpreter: range(pid, ...) under NumPy >= 2.4
     from .fp8_gemm import fp8_gemm, fp8_gemm_reference
-    from .fp8_linear import FP8_BACKENDS, fp8_linear
+    from .fp8_linear import FP8_BACKENDS, FP8Linear, fp8_linear
     from .fp8_quant import DelayedScaling, quantize_fp8, quantize_fp8_reference
-    from .linear_cross_entropy import (LinearSoftcapCrossEntropy, linear_softcap_cross_entropy,
+    from .linear_cross_entropy import (LinearCrossEntropyLoss, LinearSoftcapCrossEntropy, linear_cross_entropy,
+                                       linear_cross_entropy_reference, linear_softcap_cross_entropy,
                                        linear_softcap_cross_entropy_reference)
     from .newton_schulz import (CLASSIC_NS_COEFFS, POLAR_EXPRESS_COEFFS, nesterov_normalize_, newton_schulz,
-                                newton_schulz_reference)
+                                newton_schulz_reference, zeropower_via_newtonschulz5)
     from .paged_attention import (paged_decode_attention, paged_decode_attention_reference, paged_kv_write,
                                   paged_kv_write_reference, plan_paged_decode)
     from .qk_norm_rope import QKNormRope, qk_norm_rope, qk_norm_rope_inplace, qk_norm_rope_reference, rotary_tables
     from .rms_norm import RMSNorm, rms_norm, rms_norm_reference
+    from .rotary import (apply_rotary_pos_emb, apply_rotary_pos_emb_reference, rotary_embedding,
+                         rotary_embedding_reference)
 
     __all__ = ["BACKENDS", "FP8_BACKENDS", "resolve_backend", "fp8_gemm", "fp8_gemm_reference", "fp8_linear",
                "quantize_fp8", "quantize_fp8_reference", "DelayedScaling", "newton_schulz", "newton_schulz_reference",
@@ -41,4 +44,7 @@ else:
                "paged_decode_attention_reference", "plan_paged_decode", "paged_kv_write", "paged_kv_write_reference",
                "rms_norm", "rms_norm_reference", "RMSNorm", "qk_norm_rope", "qk_norm_rope_inplace",
                "qk_norm_rope_reference", "QKNormRope", "rotary_tables", "linear_softcap_cross_entropy",
-               "linear_softcap_cross_entropy_reference", "LinearSoftcapCrossEntropy"]
+               "linear_softcap_cross_entropy_reference", "LinearSoftcapCrossEntropy", "apply_rotary_pos_emb",
+               "apply_rotary_pos_emb_reference", "rotary_embedding", "rotary_embedding_reference", "FP8Linear",
+               "zeropower_via_newtonschulz5", "linear_cross_entropy", "linear_cross_entropy_reference",
+               "LinearCrossEntropyLoss"]

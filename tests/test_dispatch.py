@@ -16,7 +16,7 @@ from nanofast import attention, dispatch, ops
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
 REAL_TABLES = dispatch.TABLES  # the fixture below points dispatch at a temporary folder
-UNMEASURED = {"rms_norm": "triton", "qk_norm_rope": "triton", "paged_attention": "triton",
+UNMEASURED = {"rms_norm": "triton", "qk_norm_rope": "triton", "rotary": "triton", "paged_attention": "triton",
               "linear_cross_entropy": "triton", "newton_schulz": "torch", "fp8_linear": "scaled_mm"}
 
 
@@ -230,6 +230,7 @@ def measured_gpu(monkeypatch, tmp_path):
     """A CUDA device of class gpu-Test whose table makes a different backend win for each op."""
     table = {"rms_norm": {"torch": r(1.0), "triton": r(2.0), "cuda": r(3.0)},
              "qk_norm_rope": {"torch": r(3.0), "triton": r(1.0), "cuda": r(2.0)},
+             "rotary": {"torch": r(1.0), "triton": r(2.0)},
              "paged_attention": {"torch": r(3.0), "triton": r(2.0), "cuda": r(1.0)},
              "linear_cross_entropy": {"torch": r(1.0), "triton": r(2.0)},
              "newton_schulz": {"torch": r(2.0), "triton": r(1.0)},
@@ -237,7 +238,7 @@ def measured_gpu(monkeypatch, tmp_path):
     write_table(tmp_path / "tables" / "gpu-Test.json", {"dispatch": table})
     monkeypatch.setattr(dispatch, "device_class", lambda device: "gpu-Test" if torch.device(device).type == "cuda"
                         else "cpu")
-    return {"rms_norm": "torch", "qk_norm_rope": "triton", "paged_attention": "cuda",
+    return {"rms_norm": "torch", "qk_norm_rope": "triton", "rotary": "torch", "paged_attention": "cuda",
             "linear_cross_entropy": "torch", "newton_schulz": "triton", "fp8_linear": "triton_persistent"}
 
 
@@ -264,7 +265,7 @@ def test_cpu_default_is_the_vendor_path_for_every_op_whatever_the_table(measured
 @pytest.mark.parametrize("forced,want", [
     ("torch", {op: "torch" for op in UNMEASURED}),
     ("triton", {op: "triton" for op in UNMEASURED}),
-    ("cuda", {"rms_norm": "cuda", "qk_norm_rope": "cuda", "paged_attention": "cuda",
+    ("cuda", {"rms_norm": "cuda", "qk_norm_rope": "cuda", "rotary": "triton", "paged_attention": "cuda",
               "linear_cross_entropy": "triton", "newton_schulz": "triton", "fp8_linear": "triton"}),
 ])
 @pytest.mark.parametrize("device", [CUDA, CPU])

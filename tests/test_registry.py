@@ -48,6 +48,8 @@ def _calls():
     grad, buf = torch.randn(2, 4, 6, generator=g), torch.zeros(2, 4, 6)
     xl, wl = torch.randn(5, 16, generator=g, requires_grad=True), torch.randn(16, 16, generator=g)
     kv = torch.randn(2, 1, 4, generator=g)
+    rq, rk = torch.randn(1, 3, 2, 4, generator=g, requires_grad=True), torch.randn(1, 3, 1, 4, generator=g)
+    rc, rs = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
     return {
         "rms_norm": lambda be: K.rms_norm(x, backend=be).sum().backward(),
         "qk_norm_rope": lambda be: sum(t.sum() for t in K.qk_norm_rope(q, k, cos, sin, backend=be)).backward(),
@@ -57,12 +59,19 @@ def _calls():
         "paged_kv_write": lambda be: K.paged_kv_write(
             kv, kv, *(lambda p: (p["k_cache"], p["v_cache"]))(_paged()), torch.tensor([5, -1]), backend=be),
         "linear_softcap_cross_entropy": lambda be: K.linear_softcap_cross_entropy(
-            xs, w, targets, backend=be).backward(),
+            xs, w, targets, 15.0, backend=be).backward(),
+        "linear_cross_entropy": lambda be: K.linear_cross_entropy(
+            xs, w, targets, torch.randn(5, generator=g, requires_grad=True), ignore_index=-1, label_smoothing=0.1,
+            z_loss=1e-4, backend=be).backward(),
         "newton_schulz": lambda be: K.newton_schulz(G, backend=be),
         "nesterov_normalize_": lambda be: K.nesterov_normalize_(grad.clone(), buf.clone(), 0.9, backend=be),
         "fp8_linear": lambda be: K.fp8_linear(xl, wl, backend=be).sum().backward(),
         "fp8_gemm": lambda be: K.fp8_gemm(*_fp8_operands(), backend=be),
         "quantize_fp8": lambda be: K.quantize_fp8(torch.randn(4, 16, generator=g), backend=be),
+        "apply_rotary_pos_emb": lambda be: sum(t.sum() for t in K.apply_rotary_pos_emb(
+            rq.transpose(1, 2), rk.transpose(1, 2), rc, rs, backend=be)).backward(),
+        "rotary_embedding": lambda be: K.rotary_embedding(rq, rc, rs, torch.tensor([2, 0, 1]), unsqueeze_dim=2,
+                                                          backend=be).sum().backward(),
     }
 
 

@@ -15,7 +15,9 @@ pages are released and it is recomputed later from its tokens (often straight fr
 cache), so no request ever fails for lack of memory once it fits the pool alone.
 
 Sampling (presence/frequency penalties, temperature, top-k, top-p, a seed per request) runs on the
-model's device; the engine reads the sampled ids, their log-probabilities and any requested top
+model's device for all rows at once (`nanofast.sampling`: each request's random stream is a function
+of its seed and draw index alone, so its tokens do not depend on the batch or on preemption); the
+engine reads the sampled ids, their log-probabilities and any requested top
 alternatives back once per step for all sequences, not once per token per sequence.
 The calculator tool is nanochat's: <|python_start|>expr<|python_end|> is evaluated by
 `nanofast.tools.calculate` and its result forced in as <|output_start|>result<|output_end|>.
@@ -32,6 +34,7 @@ import torch
 
 from nanofast.kv_cache import BlockManager, KVCache, PagedBatch
 from nanofast.model import GPT
+from nanofast.sampling import sample, split_seed
 from nanofast.tools import calculate
 
 if TYPE_CHECKING:  # the engine only calls a tokenizer it is given: serving token ids needs no tokenizer libraries
@@ -117,7 +120,7 @@ class _Sequence:
     id: int
     tokens: list[int]
     params: SamplingParams
-    rng: torch.Generator
+    seed: int               # the request's seed (drawn when it had none): with `draws`, its random stream
     prompt_len: int
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0   # tokens whose K/V are in the cache
@@ -125,6 +128,7 @@ class _Sequence:
     in_python: bool = False
     python_tokens: list[int] = field(default_factory=list)
     counts: torch.Tensor | None = None  # (V,) occurrences of each token in the answer, when penalised
+    draws: int = 0          # tokens sampled so far (forced calculator tokens are not drawn)
 
     @property
     def num_generated(self) -> int:
@@ -186,8 +190,7 @@ class Engine:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the engine's "
                              f"context of {self.max_context} tokens")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        rng = torch.Generator(device=self.device).manual_seed(seed)
-        seq = _Sequence(self._next_id, list(prompt), params, rng, len(prompt))
+        seq = _Sequence(self._next_id, list(prompt), params, seed, len(prompt))
         if params.penalised:
             seq.counts = torch.zeros(vocab, dtype=torch.float32, device=self.device)
         self._next_id += 1
@@ -341,28 +344,31 @@ class Engine:
     @staticmethod
     def _sample(logits: torch.Tensor, seqs: list[_Sequence]) -> list[tuple[int, float, tuple]]:
         """logits (S, V) fp32 -> per sequence (token, its log-probability, its top_logprobs
-        alternatives), log-probabilities of the model's own distribution, with a single
-        device-to-host read for all of them."""
-        out = logits.argmax(dim=-1)
-        for i, seq in enumerate(seqs):
-            p = seq.params
-            row = logits[i]
-            if seq.counts is not None:
-                row = row - p.frequency_penalty * seq.counts - p.presence_penalty * (seq.counts > 0).float()
-                if p.temperature == 0.0:
-                    out[i] = row.argmax()
-            if p.temperature == 0.0:
-                continue
-            row = row / p.temperature
-            if p.top_k is not None and p.top_k < row.numel():
-                kth = torch.topk(row, p.top_k).values[-1]
-                row = row.masked_fill(row < kth, float("-inf"))
-            if p.top_p < 1.0:
-                probs, order = torch.sort(torch.softmax(row, dim=-1), descending=True)
-                # drop a token once the mass before it already reaches top_p (the first always stays)
-                drop = (probs.cumsum(0) - probs) >= p.top_p
-                row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-            out[i] = torch.multinomial(torch.softmax(row, dim=-1), 1, generator=seq.rng)[0]
+        alternatives), log-probabilities of the model's own distribution. Every row is sampled at
+        once on the device (nanofast.sampling: penalties, temperature, top-k, top-p, each row's
+        own seeded stream), with one host-to-device copy of the rows' settings and a single
+        device-to-host read of the results."""
+        S, V = logits.shape
+        dev = logits.device
+        penalised = [i for i, seq in enumerate(seqs) if seq.counts is not None]
+        rows = logits
+        if penalised:
+            counts = torch.stack([seqs[i].counts for i in penalised])
+            weights = torch.tensor([[seqs[i].params.frequency_penalty, seqs[i].params.presence_penalty]
+                                    for i in penalised], dtype=torch.float32, device=dev)
+            rows = logits.clone()
+            rows[penalised] -= weights[:, :1] * counts + weights[:, 1:] * (counts > 0).float()
+        # fp64 holds every setting exactly (seed halves < 2^32): one copy for all of them
+        halves = [split_seed(seq.seed) for seq in seqs]
+        limits = [seq.params.top_k if seq.params.top_k and seq.params.top_k < V else 0 for seq in seqs]
+        settings = torch.tensor([[seq.params.temperature, k, seq.params.top_p, lo, hi, seq.draws]
+                                 for seq, k, (lo, hi) in zip(seqs, limits, halves)], dtype=torch.float64).to(dev)
+        filtered = any(limits) or any(seq.params.top_p < 1.0 for seq in seqs)
+        out = sample(rows, settings[:, 0].float(), settings[:, 1].long(), settings[:, 2].float(),
+                     settings[:, 3:5].long(), settings[:, 5].long(), filtered=filtered,
+                     candidates=max(limits) if all(limits) else None)
+        for seq in seqs:
+            seq.draws += 1
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         columns = [out.double()[:, None], logprobs.gather(1, out[:, None]).double()]
         k = max(seq.params.top_logprobs for seq in seqs)

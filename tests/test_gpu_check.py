@@ -88,6 +88,9 @@ def test_the_dry_run_executes_and_passes_every_check(dry_run):
     assert results["engine_greedy_vs_generate"]["identical"] == results["engine_greedy_vs_generate"]["requests"]
     fp8 = [c["case"] for c in results["fp8_training_paths"]["cases"]]  # both recipes, odd M, the report
     assert fp8 == ["fp8 tensorwise step, 25 tokens", "fp8 rowwise step, 25 tokens", "precision report"]
+    hf = results["hf_models"]  # transformers is in the dev extra: both families, patched and not
+    assert set(hf["times_ms"]) == {f"{f}:{i}" for f in ("llama", "qwen3") for i in ("transformers", "nanofast")}
+    assert hf["not_timed"] == {"llama:liger": "GPU only", "qwen3:liger": "GPU only"}
 
 
 def test_each_race_is_against_what_the_model_runs_without_the_kernel(dry_run):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -104,23 +105,59 @@ LINEAR_PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 LINEAR_CLASSES = ("attn", "mlp", "lm_head")
 
 
+class WeightCache:
+    """A copy derived from some weights (cast to a dtype, stacked), rebuilt when one of them
+    changes: another tensor, an in-place update (an optimizer step, load_state_dict: both bump the
+    version counter) or new storage (model.to() swaps a parameter's data without a new object or a
+    version bump), or another dtype asked for. The key holds the weight tensors themselves,
+    compared by identity, so a freed weight's address can never be mistaken for a new one."""
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+
+    def get(self, weights: tuple[torch.Tensor, ...], dtype: torch.dtype,
+            build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = (dtype, *((w._version, w.data_ptr(), w.device) for w in weights))
+        entry = self._entry
+        if entry is None or entry[1] != key or any(a is not b for a, b in zip(entry[0], weights)):
+            with torch.no_grad():
+                entry = self._entry = (weights, key, build())
+        return entry[2]
+
+
 class Linear(nn.Linear):
     """Bias-free linear over an fp32 master weight (out, in), computed in the activation's dtype
     unless `precision` says otherwise (see ops.linear). fp8 applies in training only: in eval mode
     (evaluation, the inference engine) an fp8 layer runs in the activation dtype, as nanochat swaps
-    its fp8 layers back to bf16 for inference."""
+    its fp8 layers back to bf16 for inference.
+
+    In eval mode without autograd (evaluation, the engine's steps) the weight cast to the
+    activation's dtype is kept (`WeightCache`) instead of redone every call: every decode step
+    would otherwise re-read each fp32 master and write its 16-bit copy. The copy costs half the
+    fp32 weight's memory in bf16; going back to training mode drops it, so training never carries
+    it (RL rebuilds it once per rollout phase)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.precision: str | None = None
         self.recipe = "tensorwise"
+        self._cast = WeightCache()
 
     @property
     def active_precision(self) -> str | None:
         return None if (self.precision == "fp8" and not self.training) else self.precision
 
+    def train(self, mode: bool = True) -> Linear:
+        if mode:
+            self._cast = WeightCache()
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.active_precision, self.recipe)
+        precision, w = self.active_precision, self.weight
+        if (precision is None and not self.training and w.dtype != x.dtype and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):  # a compiled graph casts inside itself
+            w = self._cast.get((w,), x.dtype, lambda: self.weight.detach().to(x.dtype))
+        return ops.linear(x, w, precision, self.recipe)
 
 
 def parse_linear_precision(text: str | None) -> dict[str, str]:
@@ -153,23 +190,14 @@ class CausalSelfAttention(nn.Module):
         self.c_v = Linear(config.n_embd, config.n_kv_head * config.head_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.ve_gate = Linear(VE_GATE_CHANNELS, config.n_kv_head) if has_value_embed(layer, config.n_layer) else None
-        self._qkv_cache: tuple | None = None  # (weights, versions, packed weight): packed_qkv_weight
+        self._qkv_cache = WeightCache()  # packed_qkv_weight
 
     def packed_qkv_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """c_q, c_k, c_v's weights stacked, ((Hq + 2 Hkv) D, n_embd) in `dtype`, for the engine's one
-        qkv GEMM. Cached; rebuilt when a weight changes (another tensor, or an in-place update
-        such as an optimizer step or load_state_dict, which bumps its version counter) or the
-        dtype asked for changes. Costs one more copy of the attention input weights in memory."""
+        qkv GEMM. Cached; rebuilt when a weight changes or the dtype asked for changes
+        (`WeightCache`). Costs one more copy of the attention input weights in memory."""
         ws = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
-        versions = (dtype, *((w._version, w.data_ptr(), w.device) for w in ws))
-        cached = self._qkv_cache
-        # The key holds the weight tensors themselves (compared by identity, so a freed weight's
-        # address can never be mistaken for a new one), their version counters, and their storage
-        # (model.to() swaps a parameter's data without a new object or a version bump).
-        if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], ws)):
-            with torch.no_grad():
-                cached = self._qkv_cache = (ws, versions, torch.cat([w.detach() for w in ws]).to(dtype))
-        return cached[2]
+        return self._qkv_cache.get(ws, dtype, lambda: torch.cat([w.detach() for w in ws]).to(dtype))
 
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 window: int, kv=None) -> torch.Tensor:

@@ -161,6 +161,33 @@ def test_packed_qkv_weight_is_cached_and_follows_weight_updates():
     assert torch.equal(attn.packed_qkv_weight(torch.float32)[:attn.c_q.weight.size(0)], attn.c_q.weight)
 
 
+def test_inference_casts_each_weight_once_and_follows_weight_updates():
+    """In eval mode without autograd a Linear keeps its weight cast to the activation dtype
+    (rebuilt when the weight changes, dropped in training mode); with autograd it casts per call,
+    so the gradient reaches the fp32 master."""
+    from nanofast.model import Linear
+
+    lin = Linear(24, 8).eval()
+    x = torch.randn(5, 24).to(torch.bfloat16)
+    with torch.no_grad():
+        y = lin(x)
+        cached = lin._cast.get((lin.weight,), torch.bfloat16, lambda: None)
+        assert cached.dtype == torch.bfloat16 and lin(x).equal(y)
+        assert lin._cast.get((lin.weight,), torch.bfloat16, lambda: None) is cached  # not rebuilt
+        assert y.equal(torch.nn.functional.linear(x, lin.weight.to(torch.bfloat16)))
+        lin.weight.mul_(2.0)  # an optimizer step between rollouts
+        assert lin(x).equal(torch.nn.functional.linear(x, lin.weight.to(torch.bfloat16)))
+    lin(x).float().sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.dtype == torch.float32
+    assert lin.train()._cast._entry is None  # training carries no copy
+    with torch.no_grad():
+        lin(x)
+        assert lin._cast._entry is None  # training mode never caches (its weights move every step)
+        fresh = Linear(24, 8).eval()  # activations in the weights' dtype: nothing to cast, nothing kept
+        fresh(torch.randn(3, 24))
+        assert fresh._cast._entry is None
+
+
 def test_decode_plans_from_the_engines_host_lengths(monkeypatch):
     """The engine hands the decode kernel its lengths as host ints, so the split plan costs no
     device->host copy per layer and step on a GPU; they are the lengths the kernel reads."""

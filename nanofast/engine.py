@@ -358,17 +358,24 @@ class Engine:
                                     for i in penalised], dtype=torch.float32, device=dev)
             rows = logits.clone()
             rows[penalised] -= weights[:, :1] * counts + weights[:, 1:] * (counts > 0).float()
-        # fp64 holds every setting exactly (seed halves < 2^32): one copy for all of them
-        halves = [split_seed(seq.seed) for seq in seqs]
-        limits = [seq.params.top_k if seq.params.top_k and seq.params.top_k < V else 0 for seq in seqs]
-        settings = torch.tensor([[seq.params.temperature, k, seq.params.top_p, lo, hi, seq.draws]
-                                 for seq, k, (lo, hi) in zip(seqs, limits, halves)], dtype=torch.float64).to(dev)
-        filtered = any(limits) or any(seq.params.top_p < 1.0 for seq in seqs)
-        out = sample(rows, settings[:, 0].float(), settings[:, 1].long(), settings[:, 2].float(),
-                     settings[:, 3:5].long(), settings[:, 5].long(), filtered=filtered,
-                     candidates=max(limits) if all(limits) else None)
-        for seq in seqs:
-            seq.draws += 1
+        out = rows.argmax(dim=-1)  # greedy rows (temperature 0) need nothing else
+        hot = [i for i, seq in enumerate(seqs) if seq.params.temperature > 0]
+        if hot:
+            drawn = [seqs[i] for i in hot]
+            limits = [seq.params.top_k if seq.params.top_k and seq.params.top_k < V else 0 for seq in drawn]
+            # fp64 holds every setting exactly (seed halves < 2^32): one copy for all of them
+            settings = torch.tensor([[seq.params.temperature, k, seq.params.top_p, *split_seed(seq.seed), seq.draws]
+                                     for seq, k in zip(drawn, limits)], dtype=torch.float64).to(dev)
+            filtered = any(limits) or any(seq.params.top_p < 1.0 for seq in drawn)
+            picked = sample(rows if len(hot) == S else rows[hot], settings[:, 0].float(), settings[:, 1].long(),
+                            settings[:, 2].float(), settings[:, 3:5].long(), settings[:, 5].long(),
+                            filtered=filtered, candidates=max(limits) if all(limits) else None)
+            if len(hot) == S:
+                out = picked
+            else:
+                out[hot] = picked
+            for seq in drawn:
+                seq.draws += 1
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         columns = [out.double()[:, None], logprobs.gather(1, out[:, None]).double()]
         k = max(seq.params.top_logprobs for seq in seqs)

@@ -21,7 +21,7 @@ import pytest
 import torch
 from nanofast.kernels.registry import OPS
 
-from bench.gpu_peaks import peak_bandwidth_gbps
+from bench.workloads import qk_pair_step, record_bandwidth
 
 qnr = importlib.import_module("nanofast.kernels.qk_norm_rope")  # the module (the package re-exports the function)
 
@@ -38,11 +38,6 @@ def make_inputs(B, T, H, D, dtype, device, requires_grad):
     k = torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
     ang = torch.outer(torch.arange(T, dtype=torch.float32), torch.rand(D // 2, generator=g))
     return q, k, ang.cos().to(device=device, dtype=dtype), ang.sin().to(device=device, dtype=dtype)
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_step(impl: str, q, k, cos, sin, backward: bool):
@@ -69,20 +64,7 @@ def make_step(impl: str, q, k, cos, sin, backward: bool):
             return liger_rotary_pos_emb(ql, kl, cl, sl)
     else:
         raise ValueError(impl)
-    grads = None
-
-    def step():
-        nonlocal grads
-        qo, ko = fwd()
-        if backward:
-            if grads is None:
-                grads = (torch.randn_like(qo), torch.randn_like(ko))
-            # autograd.grad, not .backward(): no .grad accumulation kernels inside the timed region
-            torch.autograd.grad((qo, ko), leaves, grads)
-        _sync()
-        return qo
-
-    return step
+    return qk_pair_step(fwd, leaves, backward)
 
 
 # (B, T, heads): 16 .. 65536 tokens; 6 / 10 / 13 heads = nanochat depth 12 / 20 / 26 at D = 128.
@@ -98,16 +80,9 @@ def _run(benchmark, impl, B, T, H, D, dtype, backward):
     benchmark.group = f"qk_norm_rope {'fwd+bwd' if backward else 'fwd'} B{B} T{T} H{H} D{D} {DEVICE}"
     out = benchmark.pedantic(step, rounds=20 if DEVICE == "cuda" else 10, iterations=1, warmup_rounds=2)
     assert torch.isfinite(out).all()
-    if benchmark.stats is None:  # --benchmark-disable: ran once as a smoke test, nothing timed
-        return
-    seconds = benchmark.stats.stats.median
     moved = OPS["qk_norm_rope"].cost(B=B, T=T, HQ=H, HK=H, D=D, itemsize=q.element_size(), backward=backward,
                                       norm=impl != "liger_rope_only")["bytes"]
-    peak = peak_bandwidth_gbps()
-    gbps = moved / seconds / 1e9
-    benchmark.extra_info.update(impl=impl, device=DEVICE, dtype=str(dtype), tokens=B * T, heads=H, head_dim=D,
-                                bytes=moved, gb_per_s=round(gbps, 2),
-                                pct_of_peak_bandwidth=None if peak is None else round(100 * gbps / peak, 1))
+    record_bandwidth(benchmark, moved, impl=impl, device=DEVICE, dtype=str(dtype), tokens=B * T, heads=H, head_dim=D)
 
 
 @pytest.mark.gpu

@@ -23,7 +23,7 @@ import pytest
 import torch
 from nanofast.kernels.registry import OPS
 
-from bench.gpu_peaks import peak_bandwidth_gbps
+from bench.workloads import qk_pair_step, record_bandwidth
 
 rot = importlib.import_module("nanofast.kernels.rotary")
 
@@ -48,11 +48,6 @@ def make_inputs(B, T, HQ, HK, D, dtype, device, requires_grad):
     return q.requires_grad_(requires_grad), k.requires_grad_(requires_grad), cos, sin
 
 
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 def make_step(impl: str, q, k, cos, sin, backward: bool):
     """A callable running one forward (and backward) of `impl`, synchronised."""
     if impl == "triton":
@@ -71,20 +66,7 @@ def make_step(impl: str, q, k, cos, sin, backward: bool):
             return liger_rotary_pos_emb(q, k, cos, sin)
     else:
         raise ValueError(impl)
-    grads = None
-
-    def step():
-        nonlocal grads
-        qo, ko = fwd()
-        if backward:
-            if grads is None:
-                grads = (torch.randn_like(qo), torch.randn_like(ko))
-            # autograd.grad, not .backward(): no .grad accumulation kernels inside the timed region
-            torch.autograd.grad((qo, ko), (q, k), grads)
-        _sync()
-        return qo
-
-    return step
+    return qk_pair_step(fwd, (q, k), backward)
 
 
 # (B, T): 16 .. 65536 tokens at Llama 3 8B's heads (32 q / 8 kv of 128).
@@ -101,15 +83,9 @@ def _run(benchmark, impl, B, T, HQ, HK, D, dtype, backward):
     benchmark.group = f"rotary {'fwd+bwd' if backward else 'fwd'} B{B} T{T} Hq{HQ} Hk{HK} D{D} {DEVICE}"
     out = benchmark.pedantic(step, rounds=20 if DEVICE == "cuda" else 10, iterations=1, warmup_rounds=2)
     assert torch.isfinite(out).all()
-    if benchmark.stats is None:  # --benchmark-disable: ran once as a smoke test, nothing timed
-        return
-    seconds = benchmark.stats.stats.median
     moved = OPS["rotary"].cost(B=B, T=T, HQ=HQ, HK=HK, D=D, itemsize=q.element_size(), backward=backward)["bytes"]
-    peak = peak_bandwidth_gbps()
-    gbps = moved / seconds / 1e9
-    benchmark.extra_info.update(impl=impl, device=DEVICE, dtype=str(dtype), tokens=B * T, q_heads=HQ, kv_heads=HK,
-                                head_dim=D, bytes=moved, gb_per_s=round(gbps, 2),
-                                pct_of_peak_bandwidth=None if peak is None else round(100 * gbps / peak, 1))
+    record_bandwidth(benchmark, moved, impl=impl, device=DEVICE, dtype=str(dtype), tokens=B * T, q_heads=HQ,
+                     kv_heads=HK, head_dim=D)
 
 
 @pytest.mark.gpu

@@ -8,6 +8,8 @@ bench/test_guard.py): the code a benchmark times, in one non-test module that bo
 * `TOKENIZER_MODULES`, `DOC_CHARS`, `tokenizer_sources`, `split_documents`: the tokenizer
   benchmark's text (bench/test_bench_tokenizer.py).
 * `quantize_e4m3`: tensorwise e4m3 quantisation of a GEMM operand (bench/test_bench_fp8_gemm.py).
+* `qk_pair_step`, `record_bandwidth`: the timed step of an op on a (q, k) pair, and the GB/s a
+  timed op reached (bench/test_bench_qk_norm_rope.py, bench/test_bench_rotary.py).
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def prologue_impl(name: str, dtype: torch.dtype):
 # --------------------------------------------------------------------------------------------
 
 
-def _sync() -> None:
+def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -62,7 +64,7 @@ def offline_throughput(model, requests, one_at_a_time: bool) -> dict:
     tokens generated, tokens/s and the outputs."""
     from nanofast.engine import Engine
 
-    _sync()
+    sync()
     t0 = time.perf_counter()
     if one_at_a_time:
         outs = [Engine(model, max_num_seqs=1).generate([p], sp)[0] for p, sp in requests]
@@ -74,7 +76,7 @@ def offline_throughput(model, requests, one_at_a_time: bool) -> dict:
             for ev in engine.step():
                 got[ev.request_id].append(ev.token)
         outs = [got[i] for i in ids]
-    _sync()
+    sync()
     dt = time.perf_counter() - t0
     return {"seconds": dt, "tokens": sum(map(len, outs)), "tokens_per_s": sum(map(len, outs)) / dt, "outputs": outs}
 
@@ -109,3 +111,39 @@ def quantize_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Tensorwise e4m3 quantisation: (x / s).to(e4m3), s = amax / 448 (fp32 scalar)."""
     scale = (x.abs().amax().float() / torch.finfo(E4M3).max).clamp_min(1e-12)
     return (x.float() / scale).to(E4M3), scale
+
+
+# --------------------------------------------------------------------------------------------
+# Memory-bound ops on a (q, k) pair: the timed step and its bandwidth
+# --------------------------------------------------------------------------------------------
+
+def qk_pair_step(fwd, leaves: tuple, backward: bool):
+    """A callable running `fwd()` -> (q_out, k_out), then (if `backward`) the gradient into
+    `leaves` for fixed random upstream gradients, then a device sync; returns q_out."""
+    grads = None
+
+    def step():
+        nonlocal grads
+        qo, ko = fwd()
+        if backward:
+            if grads is None:
+                grads = (torch.randn_like(qo), torch.randn_like(ko))
+            # autograd.grad, not .backward(): no .grad accumulation kernels inside the timed region
+            torch.autograd.grad((qo, ko), leaves, grads)
+        sync()
+        return qo
+
+    return step
+
+
+def record_bandwidth(benchmark, moved: int, **info) -> None:
+    """Put the median's GB/s for `moved` bytes (and its share of the device's DRAM peak) with
+    `info` into the benchmark's extra_info; nothing under --benchmark-disable (nothing timed)."""
+    if benchmark.stats is None:
+        return
+    from bench.gpu_peaks import peak_bandwidth_gbps
+
+    gbps = moved / benchmark.stats.stats.median / 1e9
+    peak = peak_bandwidth_gbps()
+    benchmark.extra_info.update(**info, bytes=moved, gb_per_s=round(gbps, 2),
+                                pct_of_peak_bandwidth=None if peak is None else round(100 * gbps / peak, 1))

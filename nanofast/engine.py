@@ -358,8 +358,9 @@ class Engine:
                                     for i in penalised], dtype=torch.float32, device=dev)
             rows = logits.clone()
             rows[penalised] -= weights[:, :1] * counts + weights[:, 1:] * (counts > 0).float()
-        out = rows.argmax(dim=-1)  # greedy rows (temperature 0) need nothing else
         hot = [i for i, seq in enumerate(seqs) if seq.params.temperature > 0]
+        if len(hot) < S:
+            out = rows.argmax(dim=-1)  # greedy rows (temperature 0) need nothing else
         if hot:
             drawn = [seqs[i] for i in hot]
             limits = [seq.params.top_k if seq.params.top_k and seq.params.top_k < V else 0 for seq in drawn]

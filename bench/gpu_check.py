@@ -1179,6 +1179,182 @@ def speed_train_step(ctx: Ctx, depth: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# The engine's decode step: captured CUDA graphs against the general path
+# --------------------------------------------------------------------------------------------
+
+# What the host calls to launch GPU work, as torch.profiler lists them: the runtime's kernel launches
+# (torch's own kernels), the driver's (Triton's), and a graph's replay (one call for all its kernels).
+LAUNCH_CALLS = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperativeKernel", "cuLaunchKernel",
+                          "cuLaunchKernelEx", "cuLaunchCooperativeKernel", "cudaGraphLaunch", "cuGraphLaunch"})
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _engine_run(engine, prompts: list[list[int]], n_new: int) -> dict:
+    """`prompts` run to completion through `engine` as Engine.generate runs them (greedy, `n_new`
+    tokens each), the steps up to every request's first token (the prefill) and the decode steps
+    after them timed apart: each step reads its tokens back, so the host's clock is the device's.
+    {"tokens", "prefill_s", "decode_s", "decode_tokens", "decode_steps", "static_steps"}."""
+    from nanofast.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=n_new, temperature=0.0)
+    ids = [engine.add_request(p, params) for p in prompts]
+    out: dict[int, list[int]] = {i: [] for i in ids}
+    static_before = engine.stats["static_steps"]
+    _sync(engine.device)
+    t0 = time.perf_counter()
+    t_first, decode_steps = None, 0
+    while engine.has_unfinished():
+        for ev in engine.step():
+            out[ev.request_id].append(ev.token)
+        if t_first is not None:
+            decode_steps += 1
+        elif all(out.values()):
+            _sync(engine.device)
+            t_first = time.perf_counter()
+    _sync(engine.device)
+    end = time.perf_counter()
+    tokens = [out[i] for i in ids]
+    return {"tokens": tokens, "prefill_s": t_first - t0, "decode_s": end - t_first,
+            "decode_tokens": sum(len(t) - 1 for t in tokens), "decode_steps": decode_steps,
+            "static_steps": engine.stats["static_steps"] - static_before}
+
+
+def _launches_per_step(engine, prompts: list[list[int]], steps: int) -> dict:
+    """Launch calls per decode step: `prompts` prefilled, then `steps` engine.step() calls of the
+    running decode batch under torch.profiler (the last one finishes the requests), each call of
+    LAUNCH_CALLS counted (a graph replay is one cudaGraphLaunch). Run after a warm-up of the same
+    shapes: a capture inside the profiled steps would count its eager run. {"per_step", "by_name"
+    (every profiled call named *Launch*, per step), "static_steps"}; "per_step" is None where the
+    profiler recorded no launch call at all (on CPU, where nothing launches, or a profiler that saw
+    no CUDA activity), never a count of 0 that was not measured."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanofast.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=steps + 1, temperature=0.0)
+    ids = {engine.add_request(p, params) for p in prompts}
+    try:
+        started: set[int] = set()
+        while started != ids:  # the prefill: every request has its first token
+            started |= {ev.request_id for ev in engine.step()}
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+        static_before = engine.stats["static_steps"]
+        _sync(engine.device)
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                engine.step()
+            _sync(engine.device)
+        if engine.has_unfinished():
+            raise RuntimeError(f"{steps} steps left requests unfinished: the profiled steps were not all decode")
+    finally:  # what an error left running must not join the next runs
+        for i in ids:
+            engine.abort(i)
+    calls = Counter()
+    for e in prof.key_averages():
+        if "Launch" in e.key:
+            calls[e.key] += e.count
+    launches = sum(n for name, n in calls.items() if name in LAUNCH_CALLS)
+    return {"per_step": launches / steps if calls else None,
+            "by_name": {name: n / steps for name, n in sorted(calls.items())},
+            "static_steps": engine.stats["static_steps"] - static_before}
+
+
+def speed_decode_step(ctx: Ctx) -> dict:
+    """The engine's decode, its decode-only steps replayed as CUDA graphs (Engine(decode_step=
+    "graph")) against the general path ("off"): decode tokens/s and ms per decode step at batch 1
+    and 64 of a d12 and a d24 model (random weights, bf16, built as the model checks build theirs),
+    16-token prompts, 64 new tokens greedy, timed (median of 3) after a warm-up run of the same
+    shapes that captures every graph they replay; and the launch calls per decode step of each
+    (torch.profiler, LAUNCH_CALLS). The CPU's stand-in for "graph" is "eager" (the same static step
+    uncaptured). Each op runs on the backend this checkout's dispatch gives the GPU ("backends").
+
+    Correctness: every run's greedy tokens, both modes, equal the general path's. Bitwise equality
+    is the expectation, not a tolerance: at these lengths the static step's fixed split plan of the
+    paged decode kernels (planned for the bucket's width) gives every row the split count the
+    general path plans from its lengths, and every other op is the same call on the same rows, so a
+    difference is a finding. Also: the graph engine ran every timed decode step static and the
+    general one none (else its times are not the graphs'). A failing check leaves `times_ms` out,
+    so its summary names the failing cases; each configuration's numbers stay under "configs". A
+    launch count the profiler could not take is named under "launches_not_counted"."""
+    import torch
+
+    from nanofast import dispatch, ops
+    from nanofast.engine import Engine
+
+    depths = ctx.pick((12, 24), (1, 2))
+    vocab, T, hd = ctx.pick((32768, 1024, 128), (300, 48, 16))  # the model checks' vocabulary and length
+    batches, max_seqs = ctx.pick(((1, 64), 64), ((1, 3), 4))  # the dry run's 3 rows: a bucket with a padding row
+    prompt_len, n_new, reps, profiled = ctx.pick((16, 64, 3, 5), (5, 4, 1, 2))
+    static = "graph" if ctx.device.type == "cuda" else "eager"
+    g = torch.Generator().manual_seed(8)
+    prompts = torch.randint(0, vocab, (max(batches), prompt_len), generator=g).tolist()
+    configs, captured, not_counted, cases = {}, {}, {}, []
+    for depth in depths:
+        model = _model(ctx, depth, vocab, T, hd, torch.bfloat16).eval()
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for mode in (static, "off"):
+            engine = Engine(model, page_size=16, max_num_seqs=max_seqs, decode_step=mode)
+            for B in batches:
+                key = f"{mode} d{depth} b{B}"
+                # the first run captures every graph the timed runs and the profiled steps replay
+                done = runs[mode, B] = [_engine_run(engine, prompts[:B], n_new) for _ in range(1 + reps)]
+                timed = sorted(done[1:], key=lambda r: r["decode_s"])[len(done[1:]) // 2]
+                configs[key] = {"decode_tokens_per_s": timed["decode_tokens"] / timed["decode_s"],
+                                "ms_per_decode_step": 1e3 * timed["decode_s"] / timed["decode_steps"],
+                                "prefill_ms": 1e3 * timed["prefill_s"], "decode_steps": timed["decode_steps"],
+                                "static_steps": [r["static_steps"] for r in done]}
+                try:
+                    launches = _launches_per_step(engine, prompts[:B], profiled)
+                except Exception as e:  # the profiler's failure; the engine's own shows in the runs above
+                    not_counted[key] = f"{type(e).__name__}: {e}"[:300]
+                    continue
+                if launches["per_step"] is None:
+                    not_counted[key] = "the profiler recorded no launch call" + (
+                        "" if ctx.device.type == "cuda" else " (CPU: nothing launches)")
+                configs[key] |= {"launches_per_step": launches["per_step"], "launches_by_name": launches["by_name"],
+                                 "profiled_static_steps": launches["static_steps"]}
+            captured[f"{mode} d{depth}"] = engine.graphs.captures if engine.graphs else 0
+            del engine
+        for B in batches:
+            want = runs["off", B][0]["tokens"]
+            got = [r["tokens"] for mode in (static, "off") for r in runs[mode, B]]
+            first = runs[static, B][1]["tokens"]
+            cases.append({"case": f"d{depth} batch {B}: greedy tokens, {static} == off",
+                          "ok": all(t == want for t in got),
+                          "identical": sum(a == b for a, b in zip(first, want)), "requests": B})
+        static_ok = all(r["static_steps"] == r["decode_steps"] for B in batches for r in runs[static, B])
+        none_off = not any(r["static_steps"] for B in batches for r in runs["off", B])
+        cases.append({"case": f"d{depth}: {static} ran every decode step static, off none",
+                      "ok": static_ok and none_off,
+                      "static_steps": {k: v["static_steps"] for k, v in configs.items() if f" d{depth} " in k}})
+        del model
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    ok = all(c["ok"] for c in cases)
+    speedup = {f"d{d} b{B}": configs[f"off d{d} b{B}"]["ms_per_decode_step"]
+               / configs[f"{static} d{d} b{B}"]["ms_per_decode_step"] for d in depths for B in batches}
+    out = {"ok": ok, "cases": cases, "configs": configs, "graphs_captured": captured,
+           f"speedup_{static}_vs_off": speedup,
+           "tokens_per_s": {k: v["decode_tokens_per_s"] for k, v in configs.items()},
+           "launches_per_step": {k: v.get("launches_per_step") for k, v in configs.items()},
+           "settings": {"depths": depths, "vocab": vocab, "seq_len": T, "head_dim": hd, "dtype": "torch.bfloat16",
+                        "batches": batches, "max_num_seqs": max_seqs, "prompt_len": prompt_len, "new_tokens": n_new,
+                        "timed_runs": reps, "profiled_steps": profiled, "static_mode": static},
+           "backends": {op: ops.decide_backend(op, ctx.device) for op in dispatch.OPS}}
+    if not_counted:
+        out["launches_not_counted"] = not_counted
+    if ok:
+        out["times_ms"] = {k: v["ms_per_decode_step"] for k, v in configs.items()}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # The registry, in plan order
 # --------------------------------------------------------------------------------------------
 # Estimates are H100 seconds with compile time: ~1 s per Triton kernel specialisation (the guard's
@@ -1241,6 +1417,12 @@ _add("speed", "paged_prefill", 5, speed_paged_prefill,
 _add("speed", "hf_models", 40, speed_hf_models,
      left_out="needs transformers (and Liger-Kernel for its column), which a bare GPU machine lacks: carry their "
               "wheels and run `--only hf_models` (bench/README.md)")
+# 6. The engine's decode step, CUDA graphs against the general path: two model builds (d24's ~1.4B
+# parameters initialised on the host first, as _model builds), the kernels' compiles at both
+# widths, and per depth 2 modes x 2 batches x 4 runs of 64 tokens, the general path's d24 steps
+# launch-bound.
+_add("speed", "decode_step[graph vs off]", 90, speed_decode_step,
+     left_out="decides no backend and the default plan's 9 minutes are full: run `--only decode_step`")
 
 
 # --------------------------------------------------------------------------------------------

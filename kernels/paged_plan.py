@@ -9,6 +9,7 @@ both backends' validations add when a cache looks transposed.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -109,9 +110,18 @@ def check_plan(plan, B: int, values: bool = True) -> None:
 
 def plan_tensors(splits: list[int] | None, B: int, uniform: int, device: torch.device) -> tuple[Tensor, int]:
     """One int32 tensor [seq_start (B+1) | unit_seq (U) | unit_idx (U)] on `device` (one host->device
-    copy) and U. splits None: the uniform plan, `uniform` splits for every sequence."""
-    if splits is None:
-        splits = [uniform] * B
+    copy) and U. splits None: the uniform plan, `uniform` splits for every sequence.
+
+    A uniform plan (splits None, or every entry equal) is built once per (B, splits, device) and
+    reused: a CUDA graph that captured a decode step replays the plan tensor it captured, so that
+    tensor must stay alive and unchanged, and the capture itself cannot make a pageable
+    host->device copy. Callers only read the result."""
+    if splits is None or (splits and all(n == splits[0] for n in splits)):
+        return _uniform_plan(B, uniform if splits is None else splits[0], device)
+    return _plan_tensors(splits, device)
+
+
+def _plan_tensors(splits: list[int], device: torch.device) -> tuple[Tensor, int]:
     start = [0]
     for n in splits:
         start.append(start[-1] + n)
@@ -119,6 +129,11 @@ def plan_tensors(splits: list[int] | None, B: int, uniform: int, device: torch.d
     unit_idx = [i for n in splits for i in range(n)]
     packed = torch.tensor(start + unit_seq + unit_idx, dtype=torch.int32)
     return packed.to(device, non_blocking=True) if device.type == "cuda" else packed, start[-1]
+
+
+@functools.lru_cache(maxsize=256)
+def _uniform_plan(B: int, n: int, device: torch.device) -> tuple[Tensor, int]:
+    return _plan_tensors([n] * B, device)
 
 
 def hnd_hint(k_cache: Tensor, why: str) -> str:

@@ -645,6 +645,7 @@ def _inplace_triton(qkv, positions, cos_sin_cache, num_q_heads: int, num_kv_head
     if N == 0:
         return
     const, nw = _token_meta(num_q_heads, num_kv_heads, D, q_weight is not None, k_weight is not None, interleaved)
+    positions = positions.contiguous()  # the kernel reads positions[i] at offset i (a strided column would misread)
     _qk_norm_rope_inplace_kernel[(N,)](
         qkv, positions, cos_sin_cache, qkv if q_weight is None else q_weight, qkv if k_weight is None else k_weight,
         qkv.stride(0), cos_sin_cache.stride(0), cos_sin_cache.shape[0], num_q_heads, num_kv_heads,

@@ -50,8 +50,12 @@ def paged_step_attention(batch: PagedBatch, layer: int, q: torch.Tensor, k: torc
     nd = batch.num_decode
     parts = []
     if nd:
+        if batch.context_lens is None:  # the static step: its fixed plan (none on the torch path), no host lengths
+            plan = {"num_splits": None if batch.decode_splits is None else batch.decode_splits[window]}
+        else:
+            plan = {"host_seq_lens": batch.context_lens[:nd]}
         parts.append(paged_decode_attention(q[0, :nd], k_cache, v_cache, batch.block_table[:nd],
-                                            batch.seq_lens[:nd], window, host_seq_lens=batch.context_lens[:nd]))
+                                            batch.seq_lens[:nd], window, **plan))
     if batch.chunks:  # chunks follow the decode rows, back to back: one call for all of them
         parts.append(paged_prefill_attention_batched(q[0, nd:], k_cache, v_cache, batch.block_table,
                                                      [(row, start - nd, n) for row, start, n in batch.chunks],
@@ -122,11 +126,13 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                           seq_lens: torch.Tensor, window: int, host_seq_lens: list[int] | None = None
-                           ) -> torch.Tensor:
+                           seq_lens: torch.Tensor, window: int, host_seq_lens: list[int] | None = None,
+                           num_splits: int | None = None) -> torch.Tensor:
     """One query token per sequence, q (B, Hq, D), against its pages; see kernels.paged_decode_attention.
     host_seq_lens: seq_lens as host ints (the engine knows them): the kernels plan their splits from
-    these instead of reading seq_lens back, a host sync per call and layer on a GPU.
+    these instead of reading seq_lens back, a host sync per call and layer on a GPU. num_splits
+    instead: one fixed split count for every sequence (the static decode step's plan, which a
+    captured graph can replay). Both are ignored on the torch path.
 
     The torch path (CPU) is the op's vendor path (nanofast.kernels.registry): the block table's
     pages gathered and one fused SDPA with a length and window mask, faster than the kernels'
@@ -137,7 +143,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     backend = ops.op_backend("paged_attention", q)
     if backend != "torch":
         return kernels.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, window=window,
-                                              host_seq_lens=host_seq_lens, backend=backend)
+                                              host_seq_lens=host_seq_lens, num_splits=num_splits, backend=backend)
     vendor.left_window(window)  # flash-attn's rule: an int >= -1
     return registry.op("paged_attention").vendor_path(q, k_cache, v_cache, block_table, seq_lens, None, window)
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nanofast.decode_graph import MODES as DECODE_MODES, DecodeGraphs, Row
 from nanofast.kv_cache import BlockManager, KVCache, PagedBatch
 from nanofast.model import GPT
 from nanofast.sampling import sample, split_seed
@@ -146,12 +147,18 @@ class Engine:
             length (sequences may grow longer, to the rotary table's 10x, as pages allow).
         max_num_seqs: most sequences running at once.
         max_batch_tokens: token budget of one step (decode tokens + prefill chunks).
+        decode_step: how a decode-only step runs (every running sequence adds one token, none needs
+            penalties or top_logprobs): "graph" (a CUDA graph per batch bucket, replayed), "compile"
+            (the same static step under torch.compile), "eager" (the same static step uncaptured),
+            "off" (the general path, as mixed prefill + decode steps always run), or "auto": "graph"
+            on CUDA, "eager" on CPU (see `nanofast.decode_graph`). stats["static_steps"] counts the
+            steps it ran.
     Not thread-safe: one thread calls add_request / abort / step.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, *, page_size: int = 16,
                  num_pages: int | None = None, max_num_seqs: int = 64, max_batch_tokens: int = 2048,
-                 tools: bool = True):
+                 tools: bool = True, decode_step: str = "auto"):
         for name, v in (("page_size", page_size), ("max_num_seqs", max_num_seqs),
                         ("max_batch_tokens", max_batch_tokens)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -161,12 +168,21 @@ class Engine:
             num_pages = max_num_seqs * math.ceil(cfg.sequence_len / page_size)
         self.model, self.tokenizer = model, tokenizer
         self.device = model.cos.device
+        if decode_step not in ("auto", "off", *DECODE_MODES):
+            raise ValueError(f"decode_step must be one of {('auto', 'off', *DECODE_MODES)}, got {decode_step!r}")
+        if decode_step == "auto":
+            decode_step = "graph" if self.device.type == "cuda" else "eager"
         self.blocks = BlockManager(num_pages, page_size)
-        self.cache = KVCache(cfg.n_layer, num_pages, page_size, cfg.n_kv_head, cfg.head_dim, model.compute_dtype,
-                             self.device)
+        # The static decode step's padding rows write to and read from one more page that the block
+        # manager never hands out.
+        static = decode_step != "off"
+        self.cache = KVCache(cfg.n_layer, num_pages + static, page_size, cfg.n_kv_head, cfg.head_dim,
+                             model.compute_dtype, self.device)
         self.page_size, self.max_num_seqs, self.max_batch_tokens = page_size, max_num_seqs, max_batch_tokens
         # A sequence must fit the pool alone (so preemption always makes progress) and the rotary table.
         self.max_context = min(model.cos.size(0), num_pages * page_size)
+        self.graphs = DecodeGraphs(model, self.cache, num_pages, max_num_seqs, math.ceil(self.max_context / page_size),
+                                   decode_step) if static else None
         self.tools = None
         if tools and tokenizer is not None:
             self.tools = {name: tokenizer.encode_special(f"<|{name}|>")
@@ -175,7 +191,7 @@ class Engine:
         self.running: list[_Sequence] = []
         self._next_id = 0
         self._seed_rng = random.Random(0)
-        self.stats = {"steps": 0, "preemptions": 0, "tokens": 0}
+        self.stats = {"steps": 0, "preemptions": 0, "tokens": 0, "static_steps": 0}
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> int:
@@ -219,10 +235,35 @@ class Engine:
         scheduled = self._schedule()
         if not scheduled:
             return []
+        if self._static(scheduled):
+            seqs = [seq for seq, _ in scheduled]
+            sampled = self.graphs.run([self._row(seq) for seq in seqs])
+            for seq in seqs:
+                seq.draws += int(seq.params.temperature > 0)
+            self._computed(scheduled, len(seqs))
+            self.stats["static_steps"] += 1
+            events: list[TokenEvent] = []
+            for seq, (token, logprob) in zip(seqs, sampled):
+                self._append(seq, token, events, logprob=logprob)
+            return events
         batch, idx = self._build_batch(scheduled)
         logits = self.model(idx, kv=batch)
+        ready = self._computed(scheduled, idx.size(1))
+        if not ready:
+            return []
+        rows = [row for row, _ in ready]
+        # every row ready (a decoding batch): the logits are already in order, no gather needed
+        sampled = self._sample(logits if len(rows) == logits.size(0) else logits[rows], [seq for _, seq in ready])
+        events = []
+        for (_, seq), (token, logprob, top) in zip(ready, sampled):
+            self._append(seq, token, events, logprob=logprob, top=top)
+        return events
+
+    def _computed(self, scheduled: list[tuple[_Sequence, int]], tokens: int) -> list[tuple[int, _Sequence]]:
+        """After the model ran a step of `tokens` tokens: advance each sequence, enter its newly full
+        pages into the prefix cache; (row, sequence) of those whose every token is now computed."""
         self.stats["steps"] += 1
-        self.stats["tokens"] += idx.size(1)
+        self.stats["tokens"] += tokens
         ready = []
         for row, (seq, n) in enumerate(scheduled):
             seq.num_computed += n
@@ -232,15 +273,21 @@ class Engine:
                 seq.registered = full
             if seq.num_computed == len(seq.tokens):
                 ready.append((row, seq))
-        if not ready:
-            return []
-        rows = [row for row, _ in ready]
-        # every row ready (a decoding batch): the logits are already in order, no gather needed
-        sampled = self._sample(logits if len(rows) == logits.size(0) else logits[rows], [seq for _, seq in ready])
-        events: list[TokenEvent] = []
-        for (_, seq), (token, logprob, top) in zip(ready, sampled):
-            self._append(seq, token, events, logprob=logprob, top=top)
-        return events
+        return ready
+
+    def _static(self, scheduled: list[tuple[_Sequence, int]]) -> bool:
+        """Whether this step runs the static decode step: every sequence computes its last token (so
+        each then samples), none needing what only the general sampler does (penalties, top_logprobs)."""
+        return self.graphs is not None and all(
+            n == 1 and seq.num_computed + 1 == len(seq.tokens) and seq.counts is None and not seq.params.top_logprobs
+            for seq, n in scheduled)
+
+    def _row(self, seq: _Sequence) -> Row:
+        j, P, p = seq.num_computed, self.page_size, seq.params
+        top_k = p.top_k if p.top_k and p.top_k < self.model.config.vocab_size else 0
+        return Row(token=seq.tokens[j], position=j, prev=seq.tokens[j - 1] if j > 0 else 0,
+                   slot=seq.pages[j // P] * P + j % P, pages=seq.pages, temperature=p.temperature, top_k=top_k,
+                   top_p=p.top_p, seed=seq.seed, draw=seq.draws)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[list[int]]:
         """Run prompts to completion together; the emitted tokens of each (a final stop token included)."""

@@ -148,13 +148,17 @@ class PagedBatch:
     slot_mapping: torch.Tensor  # (N,) int64 cache slot of each token: page * page_size + offset
     block_table: torch.Tensor   # (S, max_pages) int32, rows in the order of the sequences
     seq_lens: torch.Tensor      # (S,) int32 context length after this step
-    logits_rows: torch.Tensor   # (S,) int64 flat row of each sequence's last token
+    logits_rows: torch.Tensor | None  # (S,) int64 flat row of each sequence's last token; None: every row
     num_decode: int
     chunks: list[tuple[int, int, int]]  # per chunked sequence: (sequence row, first flat row, tokens)
-    context_lens: list[int]     # seq_lens on the host
+    context_lens: list[int] | None  # seq_lens on the host; None in the static decode step (nothing on the host)
     # (max_position, D) [cos | sin] rotary tables in the compute dtype (GPT.cos_sin_cache): read by
     # the packed-qkv attention path (kernels.qk_norm_rope_inplace at `positions`); None without it.
     cos_sin_cache: torch.Tensor | None = None
     # index tensors of the batched prefill (attention.paged_prefill_attention_batched's `plan`), built
     # by the first layer and reused by the others
     prefill_plan: dict = field(default_factory=dict)
+    # The static decode step's split plan (`nanofast.decode_graph`): layer window -> splits for every
+    # sequence (paged_decode_attention's uniform num_splits), fixed per captured bucket so that no
+    # layer plans from lengths on the host. None: the kernels plan from context_lens.
+    decode_splits: dict[int, int] | None = None

@@ -325,7 +325,7 @@ class GPT(nn.Module):
 
         kv: a `nanofast.kv_cache.PagedBatch` for the inference engine: idx is then (1, N), the new
         tokens of several sequences flattened, each at its own position, attending to its pages of
-        the KV cache; returns the logits (S, vocab_size) of kv.logits_rows only.
+        the KV cache; returns the logits (S, vocab_size) of kv.logits_rows only (of every row if None).
         """
         B, T = idx.shape
         dtype = self.compute_dtype
@@ -357,8 +357,8 @@ class GPT(nn.Module):
                 x_mid = x
         # Backout: remove the cached mid-depth residual (low-level features) before the head.
         x = x - self.backout_lambda.to(dtype) * x_mid
-        if kv is not None:
-            x = x[0, kv.logits_rows]  # only the rows the engine samples from
+        if kv is not None:  # only the rows the engine samples from
+            x = x[0] if kv.logits_rows is None else x[0, kv.logits_rows]
         x = ops.norm(x)
         head, V = self.lm_head, self.config.vocab_size
         if targets is None:

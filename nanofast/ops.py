@@ -158,7 +158,7 @@ _MAX_ROWS, _LARGE_WEIGHT = 1024, 1 << 20
 
 def _few_rows_large_weight(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and not torch.is_grad_enabled() and weight.numel() >= _LARGE_WEIGHT
-            and x.numel() <= _MAX_ROWS * x.size(-1) and not torch.compiler.is_compiling())
+            and x.numel() <= _MAX_ROWS * x.size(-1))
 
 
 def _few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

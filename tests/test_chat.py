@@ -13,6 +13,7 @@ import pytest
 from nanofast import chat
 from nanofast.checkpoint import save_checkpoint
 from nanofast.detokenize import answer_parts, display_text, parts_display, truncate_parts
+from nanofast.decode_graph import DecodeGraphs
 from nanofast.engine import Engine, SamplingParams
 from test_serve import stop_ids, tiny_model, tiny_tokenizer
 
@@ -74,12 +75,16 @@ def test_default_checkpoint_of_a_base_dir_is_the_latest_runs(base, tmp_path):
     assert chat.default_checkpoint(tmp_path) == newer / "base"
 
 
-def test_one_shot_prompt(base, reference):
+def test_one_shot_prompt(base, reference, monkeypatch):
     expected, _ = answer(reference, [reference[0].bos_token_id, *user_turn(reference[0], "Hi there")], 10)
+    static = []  # a spy: the chat's decode steps run the engine's static decode step
+    run = DecodeGraphs.run
+    monkeypatch.setattr(DecodeGraphs, "run", lambda self, rows: static.append(len(rows)) or run(self, rows))
     code, out, err = run_main(["--checkpoint", str(base / "checkpoints" / "sft"), "-p", "Hi there",
                                "--temperature", "0", "--max-tokens", "10"])
     assert code == 0, err
     assert out == expected + "\n" and expected
+    assert static and set(static) == {1}
 
 
 def test_one_shot_as_a_subprocess_with_the_default_checkpoint(base, reference):

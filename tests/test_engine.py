@@ -188,20 +188,27 @@ def test_inference_casts_each_weight_once_and_follows_weight_updates():
         assert fresh._cast._entry is None
 
 
-def test_decode_plans_from_the_engines_host_lengths(monkeypatch):
-    """The engine hands the decode kernel its lengths as host ints, so the split plan costs no
-    device->host copy per layer and step on a GPU; they are the lengths the kernel reads."""
+@pytest.mark.parametrize("decode_step", ["off", "eager"])
+def test_decode_plans_without_reading_lengths_back(monkeypatch, decode_step):
+    """The decode kernel never plans from lengths read back from the device (a sync per layer and
+    step on a GPU): the general path hands it the engine's host lengths (the lengths the kernel
+    reads), the static decode step a fixed split count per bucket and window."""
     model = _model(2, [5, 48])
     calls = _counting(monkeypatch, kernels, "paged_decode_attention")
     ops.set_kernel_backend("triton")
     try:
-        Engine(model, page_size=4, num_pages=40, max_batch_tokens=12).generate(
-            _prompts(seed=2)[:3], SamplingParams(max_tokens=4, temperature=0.0))
+        engine = Engine(model, page_size=4, num_pages=40, max_batch_tokens=12, decode_step=decode_step)
+        engine.generate(_prompts(seed=2)[:3], SamplingParams(max_tokens=4, temperature=0.0))
     finally:
         ops.set_kernel_backend(None)
     assert calls
+    static = [kwargs for _, kwargs in calls if kwargs.get("num_splits") is not None]
     for args, kwargs in calls:
-        assert kwargs["host_seq_lens"] == args[4].tolist()
+        if kwargs.get("num_splits") is None:
+            assert kwargs["host_seq_lens"] == args[4].tolist()
+        else:
+            assert kwargs.get("host_seq_lens") is None and kwargs.get("plan") is None
+    assert bool(static) == (decode_step == "eager") == (engine.stats["static_steps"] > 0)
 
 
 def test_a_step_with_several_chunks_makes_one_prefill_call_per_layer(monkeypatch):
@@ -417,7 +424,7 @@ def test_calculator_output_is_forced_into_the_sequence(monkeypatch):
     model = _model()
     sp = {n: tok.encode_special(f"<|{n}|>") for n in ("python_start", "python_end", "output_start", "output_end")}
     script = [sp["python_start"], *tok.encode("2+3"), sp["python_end"], 7, 8]
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, decode_step="off")  # every token through the scripted general sampler
     computed = []
     real_sample = engine._sample
 

@@ -88,6 +88,8 @@ def test_the_dry_run_executes_and_passes_every_check(dry_run):
     assert results["engine_greedy_vs_generate"]["identical"] == results["engine_greedy_vs_generate"]["requests"]
     fp8 = [c["case"] for c in results["fp8_training_paths"]["cases"]]  # both recipes, odd M, the report
     assert fp8 == ["fp8 tensorwise step, 25 tokens", "fp8 rowwise step, 25 tokens", "precision report"]
+    decode = results["decode_step[graph vs off]"]  # the CPU's stand-in for the graphs: the static step eager
+    assert decode["settings"]["static_mode"] == "eager" and len(decode["times_ms"]) == 8
     hf = results["hf_models"]  # transformers is in the dev extra: both families, patched and not
     assert set(hf["times_ms"]) == {f"{f}:{i}" for f in ("llama", "qwen3") for i in ("transformers", "nanofast")}
     assert hf["not_timed"] == {"llama:liger": "GPU only", "qwen3:liger": "GPU only"}
@@ -149,6 +151,54 @@ def test_the_page_renders_a_record_and_says_when_there_is_none(dry_run, tmp_path
     (tmp_path / "gpu-X").mkdir()
     (tmp_path / "gpu-X" / "gpu_check.json").write_text(json.dumps(dry_run))
     assert render.gpu_check_section(tmp_path).startswith("**gpu-X**: ")
+
+
+def _cpu_ctx() -> gpu_check.Ctx:
+    return gpu_check.Ctx(torch.device("cpu"), dry_run=True)
+
+
+def test_the_decode_check_times_both_modes_and_compares_their_tokens_on_cpu():
+    """The decode check at its toy sizes, in this process (~10 s on 2 cores): the static step
+    ("eager", the CPU's stand-in for the graphs) and the general path at both depths and batches,
+    the static engine on every decode step, the tokens equal; no launch count on CPU, said so, not
+    0. `--only decode_step` picks it alone."""
+    assert [c.name for c in gpu_check.CHECKS if "decode_step" in c.name] == ["decode_step[graph vs off]"]
+    out = gpu_check.speed_decode_step(_cpu_ctx())
+    assert out["ok"], [c for c in out["cases"] if not c["ok"]]
+    keys = {f"{m} d{d} b{b}" for m in ("eager", "off") for d in (1, 2) for b in (1, 3)}
+    assert set(out["times_ms"]) == set(out["configs"]) == set(out["tokens_per_s"]) == keys
+    assert [c["case"] for c in out["cases"]] == [
+        f"d{d}{case}" for d in (1, 2) for case in (" batch 1: greedy tokens, eager == off",
+                                                   " batch 3: greedy tokens, eager == off",
+                                                   ": eager ran every decode step static, off none")]
+    for key, config in out["configs"].items():
+        static = key.startswith("eager")
+        assert config["decode_steps"] == 3 and config["static_steps"] == [3 if static else 0] * 2, key
+        assert config["profiled_static_steps"] == (2 if static else 0), key
+        assert config["launches_per_step"] is None and "CPU" in out["launches_not_counted"][key], key
+        assert config["decode_tokens_per_s"] > 0 and config["ms_per_decode_step"] > 0, key
+    assert out["settings"]["max_num_seqs"] == 4  # batch 3 runs in the bucket of 4: one padding row
+    assert out["graphs_captured"] == {f"{m} d{d}": 0 for m in ("eager", "off") for d in (1, 2)}
+
+
+def test_the_decode_check_reports_different_tokens_as_a_failure(monkeypatch):
+    """A static step whose tokens differ from the general path's fails the check, naming the case
+    (the summary shows the failing cases, not times), instead of raising."""
+    real = gpu_check._engine_run
+
+    def static_differs(engine, prompts, n_new):
+        run = real(engine, prompts, n_new)
+        if engine.graphs is not None and len(prompts) == 3 and engine.model.config.n_layer == 2:
+            run["tokens"][1] = [(run["tokens"][1][0] + 1) % engine.model.config.vocab_size, *run["tokens"][1][1:]]
+        return run
+
+    monkeypatch.setattr(gpu_check, "_engine_run", static_differs)
+    out = gpu_check.speed_decode_step(_cpu_ctx())
+    assert not out["ok"] and "times_ms" not in out
+    assert [c["case"] for c in out["cases"] if not c["ok"]] == ["d2 batch 3: greedy tokens, eager == off"]
+    assert next(c for c in out["cases"] if not c["ok"])["identical"] == 2
+    summary = render.check_summary({"status": "fail", **out})
+    assert summary == ": failing ['d2 batch 3: greedy tokens, eager == off']"
 
 
 # Checks for the runner's own tests: module-level, so that a worker imports them by name.
@@ -237,7 +287,7 @@ def test_the_plan_names_what_does_not_fit_before_anything_runs(tmp_path):
 def test_the_default_plan_fits_the_default_budget_in_the_issues_order():
     checks = gpu_check.CHECKS
     left_out = [c for c in checks if c.left_out]
-    assert [c.name for c in left_out] == ["train_step[d12]", "paged_prefill", "hf_models"]
+    assert [c.name for c in left_out] == ["train_step[d12]", "paged_prefill", "hf_models", "decode_step[graph vs off]"]
     default = [c for c in checks if not c.left_out]
     fits, over, estimate = gpu_check.plan(default, gpu_check.BUDGET_S, build=True)
     # every default check, the CUDA build and a worker start within 9 minutes: a 10-minute command

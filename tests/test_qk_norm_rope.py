@@ -314,6 +314,23 @@ def test_inplace_matches_reference(case, dtype):
     assert torch.equal(buf[i, :HQ * D], want_q.flatten()) and torch.equal(buf[i, HQ * D:nqk], want_k.flatten())
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_inplace_reads_strided_positions(backend):
+    """positions as a strided column of a wider index table (the static decode step's layout): each
+    token rotates at its own position, as with a contiguous copy (the Triton launcher once read
+    positions[i] at offset i and silently used the wrong rows)."""
+    g = _gen(31)
+    N, HQ, HKV, D = 5, 3, 1, 8
+    cache = _cache(12, D, g)
+    table = torch.tensor([[7, 0, 3], [1, 0, 3], [11, 0, 3], [4, 0, 3], [0, 0, 3]])
+    positions = table[:, 0]  # stride 3
+    _, qkv = _packed_qkv(N, HQ, HKV, D, torch.float32, g)
+    want = qkv.clone()
+    qk_norm_rope_inplace(want, positions.contiguous(), cache, HQ, HKV, scale=1.2, backend=backend)
+    qk_norm_rope_inplace(qkv, positions, cache, HQ, HKV, scale=1.2, backend=backend)
+    assert torch.equal(qkv, want)
+
+
 def test_inplace_out_of_range_position_never_reads_outside_cache():
     """Bypass the (CPU-only) range check: the kernel's masked cache load keeps a bad position
     from reading the NaN rows around the cache; the heads are then rotated by zero tables."""

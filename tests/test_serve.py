@@ -184,6 +184,7 @@ def test_models_health_and_index(server):
 
 
 def test_non_stream_is_greedy_engine_output_with_exact_usage(server, model, tokenizer):
+    static = server.engine.stats["static_steps"]
     r = chat(server, messages=HELLO, temperature=0, max_tokens=12)
     assert r.status_code == 200, r.text
     obj = r.json()
@@ -197,6 +198,8 @@ def test_non_stream_is_greedy_engine_output_with_exact_usage(server, model, toke
     # greedy is deterministic: the same request again gives the same text
     again = chat(server, messages=HELLO, temperature=0, max_tokens=12).json()
     assert again["choices"][0]["message"]["content"] == text and again["id"] != obj["id"]
+    # the server's decode steps ran the engine's static decode step (nanofast.decode_graph)
+    assert server.engine.stats["static_steps"] > static
 
 
 def test_stream_matches_non_stream_and_reports_usage(server, tokenizer):

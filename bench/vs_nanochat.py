@@ -1,8 +1,9 @@
 """nanofast against nanochat on the same machine, in the same run: CPU pretraining steps and
 decoding, each system in its own child process, alternating, so that a machine's drift hits both.
 
-    python -m bench.vs_nanochat                  # the full comparison (7 minutes measured on 2 cores)
+    python -m bench.vs_nanochat                  # the full comparison (several minutes on 2 cores)
     python -m bench.vs_nanochat --what decode    # one part: train | decode
+    python -m bench.vs_nanochat --what decode --decode-step compile   # nanofast's compiled static decode step
 
 nanochat is imported from NANOCHAT_SRC (default: `../shared/peers/nanochat` beside the checkout).
 Each system runs as its own command would:
@@ -54,6 +55,7 @@ class Shape:
     prompt_len: int = 32
     new_tokens: int = 128
     repeats: int = 2        # timed generations per decoding process
+    decode_step: str = "auto"  # nanofast's Engine(decode_step=...): "auto" (eager on CPU), "compile", ...
 
     @property
     def model_dim(self) -> int:
@@ -168,7 +170,7 @@ def _prompts(shape: Shape, count: int) -> list[list[int]]:
 
 
 def _best_rate(generate, tokens: int, shape: Shape) -> float:
-    generate(4)  # warm-up: first-call allocations
+    generate(shape.new_tokens)  # warm-up: first-call allocations, and every shape a compiled step meets
     best = float("inf")
     for _ in range(shape.repeats):
         t0 = time.perf_counter()
@@ -223,7 +225,8 @@ def decode_nanofast(shape: Shape, checkpoint: str) -> dict:
     cpu_process_setup()
     model = load_nanochat(checkpoint, compute_dtype=parse_dtype(shape.dtype))
     prompts = _prompts(shape, shape.batch)
-    engine = Engine(model, max_num_seqs=shape.batch, max_batch_tokens=max(2048, shape.batch * shape.prompt_len))
+    engine = Engine(model, max_num_seqs=shape.batch, max_batch_tokens=max(2048, shape.batch * shape.prompt_len),
+                    decode_step=shape.decode_step)
 
     def generate(new_tokens: int) -> int:
         return sum(map(len, engine.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0))))
@@ -261,7 +264,7 @@ def compare_train(shape: Shape, rounds: int = 2) -> dict:
     return alternate("train", shape, rounds)
 
 
-def compare_decode(shape: Shape, batches: tuple[int, ...] = (1, 8, 32), rounds: int = 2) -> list[dict]:
+def compare_decode(shape: Shape, batches: tuple[int, ...] = (1, 8, 32, 64), rounds: int = 2) -> list[dict]:
     with tempfile.TemporaryDirectory() as directory:
         child("nanochat", "checkpoint", shape, directory)
         return [alternate("decode", replace(shape, batch=b), rounds, directory) for b in batches]
@@ -273,7 +276,8 @@ def table(results: list[dict], shape: Shape) -> str:
     rows = []
     for r in results:
         what = (f"pretraining, batch {r['batch']}, {r['dtype']}" if r["what"] == "train"
-                else f"decode, batch {r['batch']}, {shape.prompt_len}-token prompt, {shape.new_tokens} new, {r['dtype']}")
+                else f"decode, batch {r['batch']}, {shape.prompt_len}-token prompt, {shape.new_tokens} new, {r['dtype']}"
+                + (f", decode_step {shape.decode_step}" if shape.decode_step != "auto" else ""))
         rows.append(f"| {what} | {r['nanochat']:,.0f} | {r['nanofast']:,.0f} | {r['ratio']:.2f}x |")
     return head + "\n".join(rows)
 
@@ -286,14 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="fp32,bf16", help="pretraining dtypes, comma-separated")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--shape", default="", help="Shape fields to change, e.g. depth=1,seq_len=64 (CI's short run)")
-    parser.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma-separated")
+    parser.add_argument("--batches", default="1,8,32,64", help="decode batch sizes, comma-separated")
+    parser.add_argument("--decode-step", default="auto", help="nanofast's Engine(decode_step=...) for decoding: "
+                        "auto (eager on CPU), eager, compile or off")
     args = parser.parse_args(argv)
     if args.child:
         system, what, shape_json, *rest = args.child
         print(json.dumps(CHILDREN[system, what](Shape(**json.loads(shape_json)), *rest)))
         return 0
     changes = dict(item.split("=", 1) for item in args.shape.split(",") if item)
-    shape = replace(Shape(), **{k: int(v) if k != "dtype" else v for k, v in changes.items()})
+    shape = replace(Shape(), **{k: int(v) if k != "dtype" else v for k, v in changes.items()},
+                    decode_step=args.decode_step)
     results = []
     if args.what in ("all", "train"):
         results += [compare_train(replace(shape, dtype=d), args.rounds) for d in args.dtypes.split(",")]

@@ -54,8 +54,9 @@ memory fault and no corruption of other tensors).
 
 torch.compile(fullgraph=True): the kernel backends run as the custom ops
 `nanofast::paged_decode_attention` / `nanofast::paged_kv_write` (the split plan is computed from
-values inside them), which also run the CPU value checks; the torch backend is traced as plain torch
-and skips them (values are unknown at trace time).
+values inside them), which also run the CPU value checks; the torch backend's decode is traced as
+plain torch and skips them (values are unknown at trace time), while its write runs as the same
+custom op (traced, an in-place write into a view of a larger pool becomes a copy of the whole pool).
 """
 from __future__ import annotations
 
@@ -638,8 +639,12 @@ def _(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, pla
 
 @torch.library.custom_op("nanofast::paged_kv_write", mutates_args=("k_cache", "v_cache"))
 def _write_op(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, backend: str) -> None:
-    """Launcher `backend`'s write of shape-checked arguments, into k_cache and v_cache in place."""
+    """Launcher `backend`'s write of shape-checked arguments, into k_cache and v_cache in place
+    ("torch": the reference's indexed assignment)."""
     _check_write_values(k, k_cache, slot_mapping)
+    if backend == "torch":
+        _write_reference(k, v, k_cache, v_cache, slot_mapping)
+        return
     OP.launcher(backend).write(k, v, k_cache, v_cache, slot_mapping)
 
 
@@ -736,13 +741,17 @@ def paged_kv_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
     """
     OP.checks["paged_kv_write"](k, v, k_cache, v_cache, slot_mapping)
     be = resolve_backend(backend, k, OP.choices)
+    if torch.compiler.is_compiling():
+        # One opaque op on every backend, torch's too: traced, the reference's masked assignment
+        # into a slice of a larger pool is functionalised into a copy of that whole pool per call.
+        if be != "torch":
+            _check_kernel_dtype(k, "k")
+        torch.ops.nanofast.paged_kv_write(k, v, k_cache, v_cache, slot_mapping, be)
+        return
     if be == "torch":
         _write_reference(k, v, k_cache, v_cache, slot_mapping)
         return
     _check_kernel_dtype(k, "k")
-    if torch.compiler.is_compiling():
-        torch.ops.nanofast.paged_kv_write(k, v, k_cache, v_cache, slot_mapping, be)
-        return
     OP.launcher(be).write(k, v, k_cache, v_cache, slot_mapping)
 
 

@@ -29,7 +29,9 @@ Modes (`Engine(decode_step=...)`):
   graph and replayed from then on. A change of any parameter (an optimizer step, a load, train())
   drops the graphs: they hold the weights' addresses and the copies cast from them.
 - "compile": the same step under torch.compile (fullgraph, static shapes), one compilation per
-  shape; on CPU this is the captured step's stand-in (the compiler cannot run CUDA graphs there).
+  shape, shared by every engine of the same model and pool size; on CPU this is the captured
+  step's stand-in (there are no CUDA graphs there), opt-in: a compilation costs more than a
+  short-lived engine (RL's, the evaluations') saves.
 - "eager": the same static step without capture, e.g. where compiling costs more than it saves.
 The sampled tokens do not depend on the mode: each is the same computation on the same rows.
 """
@@ -44,6 +46,7 @@ from nanofast import ops
 from nanofast.kernels.paged_plan import plan_paged_decode
 from nanofast.kernels.launch import sm_count
 from nanofast.kv_cache import KVCache, PagedBatch
+from nanofast.model import Linear
 from nanofast.sampling import sample, split_seed
 
 MODES = ("graph", "compile", "eager")
@@ -155,8 +158,11 @@ class DecodeGraphs:
     # ---- the static function and its captures --------------------------------------------------
     def _step(self, key: tuple) -> Callable[[], torch.Tensor]:
         if self.mode == "graph":
-            weights = tuple((p._version, p.data_ptr()) for p in self.model.parameters()) + (self.model.training,)
-            if weights != self._weights:  # a graph replays the addresses (and casts) it captured
+            # A graph replays the addresses it captured: the parameters' and the copies cast from them
+            # (model.Linear's cache, dropped by train(), rebuilt when a weight changes).
+            weights = (*((p._version, p.data_ptr()) for p in self.model.parameters()), self.model.training,
+                       Linear.casts_dropped)
+            if weights != self._weights:
                 self.steps.clear()
                 self._weights = weights
         fn = self.steps.get(key)
@@ -167,19 +173,14 @@ class DecodeGraphs:
     def _build(self, key: tuple) -> Callable[[], torch.Tensor]:
         B, W, sampling, candidates = key
         inputs = self.inputs[:B, :FIXED_COLUMNS + W]
-        splits = self._splits(B, W)
-        cos_sin = self.model.cos_sin_cache()
-
-        def step() -> torch.Tensor:
-            return self._forward(inputs, cos_sin, splits, sampling, candidates)
-
+        args = (self.model, self.cache.k, self.cache.v, inputs, self.model.cos_sin_cache(), self._splits(B, W),
+                sampling, candidates)
         if self.mode == "eager":
-            return step
+            return lambda: decode_forward(*args)
         self.captures += 1
         if self.mode == "compile":
-            compiled = torch.compile(step, fullgraph=True, dynamic=False)
-            return compiled
-        return self._capture(step)
+            return lambda: _compiled(*args)
+        return self._capture(lambda: decode_forward(*args))
 
     def _capture(self, step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         """Run `step` once on a side stream (what it allocates for good: plan tensors, cast weights),
@@ -214,23 +215,42 @@ class DecodeGraphs:
         return {w: int(plan_paged_decode([W * self.page_size] * B, hkv, window=w, sm_count=sm)[0])
                 for w in set(self.model.windows)}
 
-    def _forward(self, inputs: torch.Tensor, cos_sin: torch.Tensor, splits: dict[int, int] | None, sampling: str,
-                 candidates: int | None) -> torch.Tensor:
-        """The step itself, on tensors only (nothing read back on the host): (B, 2) fp64 [token, logprob]."""
-        ints = inputs.to(torch.int64)
-        positions = ints[:, POSITION]
-        batch = PagedBatch(
-            cache=self.cache, positions=positions, prev_tokens=ints[:, PREV], has_prev=positions > 0,
-            slot_mapping=ints[:, SLOT], block_table=ints[:, FIXED_COLUMNS:].to(torch.int32),
-            seq_lens=ints[:, LENGTH].to(torch.int32), logits_rows=None, num_decode=inputs.size(0), chunks=[],
-            context_lens=None, cos_sin_cache=cos_sin, decode_splits=splits)
-        logits = self.model(ints[None, :, TOKEN], kv=batch)
-        if sampling == "greedy":
-            token = logits.argmax(dim=-1)
-        else:
-            token = sample(logits, inputs[:, TEMPERATURE].float(), ints[:, TOP_K], inputs[:, TOP_P].float(),
-                           ints[:, SEED_LO:SEED_HI + 1], ints[:, DRAW], filtered=sampling == "filtered",
-                           candidates=candidates)
-        logprob = torch.log_softmax(logits.float(), dim=-1).gather(1, token[:, None])[:, 0]
-        return torch.stack([token.double(), logprob.double()], dim=1)
 
+
+def decode_forward(model: torch.nn.Module, k_cache: torch.Tensor, v_cache: torch.Tensor, inputs: torch.Tensor,
+                   cos_sin: torch.Tensor, splits: dict[int, int] | None, sampling: str,
+                   candidates: int | None) -> torch.Tensor:
+    """The static step itself, on tensors only (nothing read back on the host).
+
+    model: the GPT; k_cache, v_cache: the engine's (layers, pages, page_size, Hkv, D) pools; inputs:
+    (B, 11 + W) fp64 rows as `DecodeGraphs` stages them; cos_sin: model.cos_sin_cache(); splits:
+    the bucket's split count per layer window (None on the torch path); sampling: "greedy",
+    "sample" or "filtered" (top-k / top-p, over the `candidates` most likely tokens, None: all).
+    Returns (B, 2) fp64 [token, log-probability]. Module level, with every tensor an argument, so
+    that one compilation per shape serves every engine of the same model and pool size."""
+    ints = inputs.to(torch.int64)
+    positions = ints[:, POSITION]
+    batch = PagedBatch(
+        cache=KVCache.of(k_cache, v_cache), positions=positions, prev_tokens=ints[:, PREV], has_prev=positions > 0,
+        slot_mapping=ints[:, SLOT], block_table=ints[:, FIXED_COLUMNS:].to(torch.int32),
+        seq_lens=ints[:, LENGTH].to(torch.int32), logits_rows=None, num_decode=inputs.size(0), chunks=[],
+        context_lens=None, cos_sin_cache=cos_sin, decode_splits=splits)
+    logits = model(ints[None, :, TOKEN], kv=batch)
+    if sampling == "greedy":
+        token = logits.argmax(dim=-1)
+    else:
+        token = sample(logits, inputs[:, TEMPERATURE].float(), ints[:, TOP_K], inputs[:, TOP_P].float(),
+                       ints[:, SEED_LO:SEED_HI + 1], ints[:, DRAW], filtered=sampling == "filtered",
+                       candidates=candidates)
+    logprob = torch.log_softmax(logits.float(), dim=-1).gather(1, token[:, None])[:, 0]
+    return torch.stack([token.double(), logprob.double()], dim=1)
+
+
+_compiled_forward = torch.compile(decode_forward, fullgraph=True, dynamic=False)
+
+
+def _compiled(*args) -> torch.Tensor:
+    # Every shape (bucket, width, sampling) of every engine is one compilation of this one function:
+    # more than Dynamo's default of 8 per function, which would otherwise fall back to eager.
+    with torch._dynamo.config.patch(recompile_limit=1024):
+        return _compiled_forward(*args)

@@ -127,6 +127,13 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.page_size = page_size
 
+    @classmethod
+    def of(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        """A KVCache over existing (num_layers, num_pages, page_size, Hkv, D) pools (no copy)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.page_size = k, v, k.shape[2]
+        return cache
+
     @staticmethod
     def bytes_per_page(num_layers: int, page_size: int, n_kv_head: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * page_size * n_kv_head * head_dim * torch.finfo(dtype).bits // 8

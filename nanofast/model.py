@@ -137,6 +137,10 @@ class Linear(nn.Linear):
     fp32 weight's memory in bf16; going back to training mode drops it, so training never carries
     it (RL rebuilds it once per rollout phase)."""
 
+    # How many times any Linear dropped its cached casts (train()): a captured CUDA graph reads the
+    # cast copies it was captured with, so nanofast.decode_graph re-captures when this moves.
+    casts_dropped = 0
+
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.precision: str | None = None
@@ -150,6 +154,7 @@ class Linear(nn.Linear):
     def train(self, mode: bool = True) -> Linear:
         if mode:
             self._cast = WeightCache()
+            Linear.casts_dropped += 1
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,3 +18,21 @@ def test_benchmarks_collect():
                  "test_bench_fp8_gemm", "test_bench_fp8_linear", "test_bench_cpu_memory",
                  "test_bench_decode_linear", "test_bench_linear_cross_entropy"):
         assert any(name in line for line in collected), name
+
+
+def test_the_decode_step_benchmark_splits_a_step_into_model_and_host_time():
+    """bench/test_bench_decode_step.py's measurement on a toy model: every timed step of the static
+    modes is static, and the model's share of a step is positive."""
+    import torch
+
+    from bench.test_bench_decode_step import measure
+    from nanofast.model import GPT, config_for_depth
+
+    torch.manual_seed(0)
+    model = GPT(config_for_depth(1, vocab_size=300, sequence_len=64, head_dim=16))
+    model.init_weights()
+    model.eval()
+    for mode in ("off", "eager"):
+        row = measure(model, mode, batch=3, steps=3)
+        assert row["mode"] == mode and row["batch"] == 3 and row["step_ms"] > 0 and row["model_ms"] > 0
+        assert abs(row["model_ms"] + row["host_ms"] - row["step_ms"]) < 1e-6

@@ -216,7 +216,6 @@ class DecodeGraphs:
                 for w in set(self.model.windows)}
 
 
-
 def decode_forward(model: torch.nn.Module, k_cache: torch.Tensor, v_cache: torch.Tensor, inputs: torch.Tensor,
                    cos_sin: torch.Tensor, splits: dict[int, int] | None, sampling: str,
                    candidates: int | None) -> torch.Tensor:

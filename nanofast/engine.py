@@ -8,6 +8,9 @@ through the model in ONE forward: decode rows through the paged decode kernel as
 all chunks in one batched prefill call against their pages (`nanofast.kv_cache.PagedBatch`,
 `nanofast.attention`). Where QK-norm+rotary runs on a kernel backend, each layer computes q, k, v
 with one GEMM into a packed buffer normalised and rotated in place (`nanofast.attention.packed_step`).
+A decode-only step (every running sequence adds one token) runs instead as a static step on
+persistent buffers in batch buckets (`nanofast.decode_graph`): one input copy, a fixed attention
+plan, sampling on the device, captured as a CUDA graph per shape on a GPU (`decode_step=`).
 
 Memory: pages come from a fixed pool (`BlockManager`). Prompts that share a prefix share its pages
 (prefix cache). When the pool runs out, the most recently admitted sequence is preempted: its

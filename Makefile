@@ -87,7 +87,8 @@ wheel-test: $(STAMP)
 # measured with triton 3.9; they compile under 3.6 too, but 3.6 spends more registers: three fp8
 # cast+transpose configs need 93 against the cap of 64; they run in the main leg), the fp8 training test,
 # which runs no Triton code (torch._scaled_mm) and takes 4 minutes; of test_engine.py only the
-# tests that run the Triton kernels. About 4 minutes on 2 idle cores (6 on busy ones).
+# tests that run the Triton kernels, and the static decode step's test on them. About 4 minutes
+# on 2 idle cores (6 on busy ones).
 COMPAT_TRITON := 3.6.0
 COMPAT_DIR := .venv-compat/triton-$(COMPAT_TRITON)
 COMPAT_STAMP := $(COMPAT_DIR)/.installed
@@ -98,7 +99,8 @@ COMPAT_TESTS := tests/test_rms_norm.py tests/test_qk_norm_rope.py tests/test_pag
 	tests/test_rotary.py tests/test_model.py tests/test_compat.py tests/test_registry.py \
 	'tests/test_engine.py::test_kernel_backends_in_the_engine[triton]' \
 	'tests/test_engine.py::test_the_in_place_qk_norm_rope_kernel_runs_on_the_kernel_path[triton]' \
-	tests/test_engine.py::test_decode_plans_from_the_engines_host_lengths
+	tests/test_engine.py::test_decode_plans_without_reading_lengths_back \
+	tests/test_decode_graph.py::test_the_kernels_static_step_equals_the_general_path
 COMPAT_DESELECT := not compile_gate and not test_tiny_model_trains_in_fp8_and_fp16_about_as_well_as_bf16
 COMPAT_ENV := PYTHONPATH=$(CURDIR)/$(COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH}
 

@@ -1274,11 +1274,11 @@ def speed_decode_step(ctx: Ctx) -> dict:
     (torch.profiler, LAUNCH_CALLS). The CPU's stand-in for "graph" is "eager" (the same static step
     uncaptured). Each op runs on the backend this checkout's dispatch gives the GPU ("backends").
 
-    Correctness: every run's greedy tokens, both modes, equal the general path's. Bitwise equality
-    is the expectation, not a tolerance: at these lengths the static step's fixed split plan of the
-    paged decode kernels (planned for the bucket's width) gives every row the split count the
-    general path plans from its lengths, and every other op is the same call on the same rows, so a
-    difference is a finding. Also: the graph engine ran every timed decode step static and the
+    Correctness: every run's greedy tokens, both modes, equal the general path's. Every op is the
+    same call on the same rows except the paged decode's split plan: the static step plans for its
+    bucket's width, the general path from the actual lengths, so a row may get more splits (some
+    empty) and its attention output a different bf16 rounding. A flipped token is reported (with
+    `identical`), not assumed a bug: it asks whether the rows were near-ties. Also: the graph engine ran every timed decode step static and the
     general one none (else its times are not the graphs'). A failing check leaves `times_ms` out,
     so its summary names the failing cases; each configuration's numbers stay under "configs". A
     launch count the profiler could not take is named under "launches_not_counted"."""

@@ -50,12 +50,11 @@ def paged_step_attention(batch: PagedBatch, layer: int, q: torch.Tensor, k: torc
     nd = batch.num_decode
     parts = []
     if nd:
-        if batch.context_lens is None:  # the static step: its fixed plan (none on the torch path), no host lengths
-            plan = {"num_splits": None if batch.decode_splits is None else batch.decode_splits[window]}
-        else:
-            plan = {"host_seq_lens": batch.context_lens[:nd]}
+        # the general step plans from its host lengths; the static step has a fixed plan (none on torch)
+        host = None if batch.context_lens is None else batch.context_lens[:nd]
+        splits = None if batch.decode_splits is None else batch.decode_splits[window]
         parts.append(paged_decode_attention(q[0, :nd], k_cache, v_cache, batch.block_table[:nd],
-                                            batch.seq_lens[:nd], window, **plan))
+                                            batch.seq_lens[:nd], window, host_seq_lens=host, num_splits=splits))
     if batch.chunks:  # chunks follow the decode rows, back to back: one call for all of them
         parts.append(paged_prefill_attention_batched(q[0, nd:], k_cache, v_cache, batch.block_table,
                                                      [(row, start - nd, n) for row, start, n in batch.chunks],

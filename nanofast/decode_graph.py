@@ -47,7 +47,7 @@ from nanofast.kernels.paged_plan import plan_paged_decode
 from nanofast.kernels.launch import sm_count
 from nanofast.kv_cache import KVCache, PagedBatch
 from nanofast.model import Linear
-from nanofast.sampling import sample, split_seed
+from nanofast.sampling import ranking, sample, split_seed
 
 MODES = ("graph", "compile", "eager")
 
@@ -103,6 +103,8 @@ class DecodeGraphs:
                              f"{self.device} (use 'compile' or 'eager' there)")
         self.model, self.cache, self.mode = model, cache, mode
         self.page_size, self.scratch_page = cache.page_size, scratch_page
+        # the SMs the kernels' split plan fills (None: CPU, one split per sequence)
+        self.sm = sm_count(self.device) if self.device.type == "cuda" else None
         self.buckets = batch_buckets(max_rows)
         self.widths = batch_buckets(max_pages)
         cols = FIXED_COLUMNS + max_pages
@@ -123,16 +125,10 @@ class DecodeGraphs:
         B = bucket_of(S, self.buckets)
         W = bucket_of(max(len(r.pages) for r in rows), self.widths)
         hot = [r for r in rows if r.temperature > 0]
-        if not hot:
-            sampling = ("greedy", None)
-        elif any(r.top_k for r in hot) or any(r.top_p < 1.0 for r in hot):
-            # the general path's rule (Engine._sample): a partial top-k over the largest limit when
-            # every drawn row has one, else a ranking of the whole vocabulary
-            sampling = ("filtered", max(r.top_k for r in hot) if all(r.top_k for r in hot) else None)
-        else:
-            sampling = ("sample", None)
+        filtered, candidates = ranking([r.top_k for r in hot], [r.top_p for r in hot])  # as Engine._sample ranks
+        sampling = "greedy" if not hot else "filtered" if filtered else "sample"
         self._stage(rows, B, W)
-        self.last_key = (B, W, *sampling)
+        self.last_key = (B, W, sampling, candidates)
         out = self._step(self.last_key)()
         return [(int(t), lp) for t, lp in out[:S].tolist()]
 
@@ -207,12 +203,10 @@ class DecodeGraphs:
         """Per layer window, the split count every row gets in this bucket: the kernels' own plan for B
         rows at the bucket's full width (their longest possible sequences), so a replay never plans
         from lengths it would have to read on the host. None on the torch path (no plan)."""
-        probe = self.cache.k[0, :1, 0, 0]
-        if ops.op_backend("paged_attention", probe) == "torch":
+        if ops.decide_backend("paged_attention", self.device) == "torch":
             return None
         hkv = self.cache.k.shape[3]
-        sm = sm_count(self.device) if self.device.type == "cuda" else None
-        return {w: int(plan_paged_decode([W * self.page_size] * B, hkv, window=w, sm_count=sm)[0])
+        return {w: int(plan_paged_decode([W * self.page_size] * B, hkv, window=w, sm_count=self.sm)[0])
                 for w in set(self.model.windows)}
 
 

@@ -38,7 +38,7 @@ import torch
 from nanofast.decode_graph import MODES as DECODE_MODES, DecodeGraphs, Row
 from nanofast.kv_cache import BlockManager, KVCache, PagedBatch
 from nanofast.model import GPT
-from nanofast.sampling import sample, split_seed
+from nanofast.sampling import ranking, sample, split_seed, top_k_limit
 from nanofast.tools import calculate
 
 if TYPE_CHECKING:  # the engine only calls a tokenizer it is given: serving token ids needs no tokenizer libraries
@@ -179,8 +179,8 @@ class Engine:
         # The static decode step's padding rows write to and read from one more page that the block
         # manager never hands out.
         static = decode_step != "off"
-        self.cache = KVCache(cfg.n_layer, num_pages + static, page_size, cfg.n_kv_head, cfg.head_dim,
-                             model.compute_dtype, self.device)
+        self.cache = KVCache(cfg.n_layer, num_pages + 1 if static else num_pages, page_size, cfg.n_kv_head,
+                             cfg.head_dim, model.compute_dtype, self.device)
         self.page_size, self.max_num_seqs, self.max_batch_tokens = page_size, max_num_seqs, max_batch_tokens
         # A sequence must fit the pool alone (so preemption always makes progress) and the rotary table.
         self.max_context = min(model.cos.size(0), num_pages * page_size)
@@ -287,10 +287,10 @@ class Engine:
 
     def _row(self, seq: _Sequence) -> Row:
         j, P, p = seq.num_computed, self.page_size, seq.params
-        top_k = p.top_k if p.top_k and p.top_k < self.model.config.vocab_size else 0
         return Row(token=seq.tokens[j], position=j, prev=seq.tokens[j - 1] if j > 0 else 0,
-                   slot=seq.pages[j // P] * P + j % P, pages=seq.pages, temperature=p.temperature, top_k=top_k,
-                   top_p=p.top_p, seed=seq.seed, draw=seq.draws)
+                   slot=seq.pages[j // P] * P + j % P, pages=seq.pages, temperature=p.temperature,
+                   top_k=top_k_limit(p.top_k, self.model.config.vocab_size), top_p=p.top_p, seed=seq.seed,
+                   draw=seq.draws)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[list[int]]:
         """Run prompts to completion together; the emitted tokens of each (a final stop token included)."""
@@ -413,14 +413,14 @@ class Engine:
             out = rows.argmax(dim=-1)  # greedy rows (temperature 0) need nothing else
         if hot:
             drawn = [seqs[i] for i in hot]
-            limits = [seq.params.top_k if seq.params.top_k and seq.params.top_k < V else 0 for seq in drawn]
+            limits = [top_k_limit(seq.params.top_k, V) for seq in drawn]
             # fp64 holds every setting exactly (seed halves < 2^32): one copy for all of them
             settings = torch.tensor([[seq.params.temperature, k, seq.params.top_p, *split_seed(seq.seed), seq.draws]
                                      for seq, k in zip(drawn, limits)], dtype=torch.float64).to(dev)
-            filtered = any(limits) or any(seq.params.top_p < 1.0 for seq in drawn)
+            filtered, candidates = ranking(limits, [seq.params.top_p for seq in drawn])
             picked = sample(rows if len(hot) == S else rows[hot], settings[:, 0].float(), settings[:, 1].long(),
                             settings[:, 2].float(), settings[:, 3:5].long(), settings[:, 5].long(),
-                            filtered=filtered, candidates=max(limits) if all(limits) else None)
+                            filtered=filtered, candidates=candidates)
             if len(hot) == S:
                 out = picked
             else:

@@ -65,6 +65,19 @@ def seed_halves(seeds: list[int], device: torch.device | str) -> Tensor:
     return torch.tensor([split_seed(s) for s in seeds], dtype=torch.int64, device=device).reshape(len(seeds), 2)
 
 
+def top_k_limit(top_k: int | None, vocab_size: int) -> int:
+    """A request's top_k as `sample` takes it: 0 for no limit, which a limit >= the vocabulary is too."""
+    return top_k if top_k and top_k < vocab_size else 0
+
+
+def ranking(top_ks: list[int], top_ps: list[float]) -> tuple[bool, int | None]:
+    """`sample`'s (filtered, candidates) for rows drawn with these limits (top_ks as `top_k_limit`
+    gives them): rank only when some row has a limit, and then over the largest top_k when every row
+    has one (a partial top-k instead of a full sort of the vocabulary)."""
+    filtered = any(top_ks) or any(p < 1.0 for p in top_ps)
+    return filtered, (max(top_ks) if filtered and all(top_ks) else None)
+
+
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor, draws: Tensor,
            filtered: bool = True, candidates: int | None = None) -> Tensor:
     """Sample one token per row.

@@ -129,6 +129,30 @@ def test_the_kernels_static_step_equals_the_general_path():
     assert got == want and engine.stats["static_steps"] > 0
 
 
+def test_the_kernels_static_step_with_a_gpus_split_plan():
+    """The split plan a GPU's static step gets (its SM count): 2 splits per row at the bucket's
+    width, on Triton through the interpreter. Rows shorter than the bucket leave splits empty (the
+    padding row's all but one); the tokens still equal the general path's."""
+    model = _model(6)
+    model.windows = [5, 200]  # the long layer sees every key of these ~80-token sequences
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (70, 66, 75)]
+    params = SamplingParams(max_tokens=3, temperature=0.0)
+    ops.set_kernel_backend("triton")
+    try:
+        kw = dict(page_size=16, num_pages=24, max_num_seqs=4)
+        want = Engine(model, decode_step="off", **kw).generate(prompts, params)
+        engine = Engine(model, decode_step="eager", **kw)
+        engine.graphs.sm = 132  # an H100's SMs
+        got = engine.generate(prompts, params)
+        plan = engine.graphs._splits(4, 8)  # the bucket these steps ran in: 3 rows, 5-page sequences
+    finally:
+        ops.set_kernel_backend(None)
+    assert got == want and engine.stats["static_steps"] > 0
+    assert {k[:2] for k in engine.graphs.steps} == {(4, 8)}
+    assert plan == {5: 1, 200: 2}  # the short window sees one 64-key tile, the long one two
+
+
 def test_compiled_static_step_equals_the_general_path():
     """The CPU's stand-in for capture: the same static step under torch.compile (fullgraph: nothing
     in it reads a tensor back on the host), greedy and sampled, in the padded bucket of 3 rows.

@@ -4,7 +4,8 @@ step split into model time and host time, in the same run.
     python -m pytest bench/test_bench_decode_step.py --benchmark-only -s
 
 Modes: "off" (the general path: batch tensors rebuilt from lists, per-layer plans, the general
-sampler), "eager" (the static step uncaptured) and the captured form of the device: "compile" on
+sampler), "eager" (the static step uncaptured, in the graphs' buckets), "exact" (uncaptured at the
+step's own batch and width: the CPU default) and the captured form of the device: "compile" on
 CPU, "graph" (CUDA graphs) on a GPU. Per mode and batch size, on nanochat's depth-4 CPU model (d20
 on a GPU), a running greedy decode batch: ms per `Engine.step` (synchronised), the model's share
 (static modes: the step's device work replayed alone, `graphs.steps[graphs.last_key]()`; "off": the
@@ -27,7 +28,7 @@ GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 DEPTH, VOCAB, SEQ = (20, 65536, 2048) if GPU else (4, 32768, 512)
 BATCHES = (1, 8, 32, 64)
-MODES = ("off", "eager", "graph" if GPU else "compile")
+MODES = ("off", "eager", "exact", "graph" if GPU else "compile")
 PROMPT_LEN, WARM, STEPS = 32, 4, 16
 
 

@@ -123,6 +123,36 @@ def test_bench_paged_decode(benchmark, shape, impl):
     benchmark.extra_info.update(info)
 
 
+GATHER_SHAPES = [(64, 8, 4, 64), (8, 32, 4, 128)]  # (sequences, pages each, Hkv, D): RL's decode batch, longer contexts
+
+
+@pytest.mark.parametrize("impl", ["gather_pages", "advanced_index"])
+@pytest.mark.parametrize("shape", GATHER_SHAPES, ids=lambda s: f"B{s[0]}-pages{s[1]}-kv{s[2]}-D{s[3]}")
+def test_bench_page_gather(benchmark, shape, impl):
+    """The torch path's page gather (what the CPU decode and prefill pay per layer, for K and V):
+    `gather_pages` (index_select, one block copy per page) against `cache[pages]` (advanced
+    indexing, the generic element-wise index kernel)."""
+    B, per_seq, hkv, d = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    num_pages = B * per_seq + 8
+    cache = torch.randn((num_pages, PAGE_SIZE, hkv, d), generator=g).to(DEVICE, DTYPE)
+    pages = torch.randperm(num_pages, generator=g)[:B * per_seq].view(B, per_seq).to(DEVICE, torch.int32)
+    fn = (lambda: pa.gather_pages(cache, pages)) if impl == "gather_pages" else (lambda: cache[pages.long()])
+    assert torch.equal(fn(), cache[pages.long()])
+
+    def run():
+        for _ in range(10):
+            out = fn()
+        if GPU:
+            torch.cuda.synchronize()
+        return out
+
+    benchmark.group = f"page gather B={B} pages={per_seq} Hkv={hkv} D={d} {DEVICE}"
+    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(bytes_per_call=2 * cache[0].numel() * cache.element_size() * B * per_seq,
+                                calls_per_round=10)
+
+
 def test_triton_path_sanity_cpu():
     """The benchmarked Triton call path on a tiny case, through the interpreter (CPU only)."""
     if GPU:

@@ -55,7 +55,7 @@ class Shape:
     prompt_len: int = 32
     new_tokens: int = 128
     repeats: int = 2        # timed generations per decoding process
-    decode_step: str = "auto"  # nanofast's Engine(decode_step=...): "auto" (eager on CPU), "compile", ...
+    decode_step: str = "auto"  # nanofast's Engine(decode_step=...): "auto" (exact on CPU), "compile", ...
 
     @property
     def model_dim(self) -> int:
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="", help="Shape fields to change, e.g. depth=1,seq_len=64 (CI's short run)")
     parser.add_argument("--batches", default="1,8,32,64", help="decode batch sizes, comma-separated")
     parser.add_argument("--decode-step", default="auto", help="nanofast's Engine(decode_step=...) for decoding: "
-                        "auto (eager on CPU), eager, compile or off")
+                        "auto (exact on CPU), exact, eager, compile or off")
     args = parser.parse_args(argv)
     if args.child:
         system, what, shape_json, *rest = args.child

@@ -31,8 +31,8 @@ else:
                                        linear_softcap_cross_entropy_reference)
     from .newton_schulz import (CLASSIC_NS_COEFFS, POLAR_EXPRESS_COEFFS, nesterov_normalize_, newton_schulz,
                                 newton_schulz_reference, zeropower_via_newtonschulz5)
-    from .paged_attention import (paged_decode_attention, paged_decode_attention_reference, paged_kv_write,
-                                  paged_kv_write_reference, plan_paged_decode)
+    from .paged_attention import (gather_pages, paged_decode_attention, paged_decode_attention_reference,
+                                  paged_kv_write, paged_kv_write_reference, plan_paged_decode)
     from .qk_norm_rope import QKNormRope, qk_norm_rope, qk_norm_rope_inplace, qk_norm_rope_reference, rotary_tables
     from .rms_norm import RMSNorm, rms_norm, rms_norm_reference
     from .rotary import (apply_rotary_pos_emb, apply_rotary_pos_emb_reference, rotary_embedding,
@@ -42,7 +42,7 @@ else:
                "quantize_fp8", "quantize_fp8_reference", "DelayedScaling", "newton_schulz", "newton_schulz_reference",
                "POLAR_EXPRESS_COEFFS", "CLASSIC_NS_COEFFS", "nesterov_normalize_", "paged_decode_attention",
                "paged_decode_attention_reference", "plan_paged_decode", "paged_kv_write", "paged_kv_write_reference",
-               "rms_norm", "rms_norm_reference", "RMSNorm", "qk_norm_rope", "qk_norm_rope_inplace",
+               "gather_pages", "rms_norm", "rms_norm_reference", "RMSNorm", "qk_norm_rope", "qk_norm_rope_inplace",
                "qk_norm_rope_reference", "QKNormRope", "rotary_tables", "linear_softcap_cross_entropy",
                "linear_softcap_cross_entropy_reference", "LinearSoftcapCrossEntropy", "apply_rotary_pos_emb",
                "apply_rotary_pos_emb_reference", "rotary_embedding", "rotary_embedding_reference", "FP8Linear",

@@ -333,7 +333,46 @@ def _chunked(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
     scale given (() or (N,) fp32): gradients for the rows, dx (N, C) in x's dtype if want_x,
     dW (V, C) fp32 if want_w, db (V,) fp32 if want_b. With lse_in (the backward of reduction
     "none") the forward pass is skipped and each row's lse is read from it.
+
+    Rows whose target is ignore_index have zero loss and zero gradient, yet their (R, V) logits cost
+    as much as any row's: three or four GEMMs and the vocabulary-wide softcap / exp passes. Where
+    counting them needs no device sync (CPU tensors) and no trace is being recorded, only the kept
+    rows go through the loop: RL's batches (prompts masked) and SFT's (user turns masked) keep a
+    fraction of their rows. The kept rows' values are what the full loop computes for them (each
+    row's maths reads only its own logits row); ignored rows get loss 0, lse 0 (never read: they
+    are dropped again in the backward) and dx 0. On CUDA a count is a host sync per call, and under
+    torch.compile or a CUDA graph the row count must stay static: the full loop runs there.
     """
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and x.shape[0]:
+        keep = (targets != opts.ignore_index).nonzero()[:, 0]
+        if keep.numel() < x.shape[0]:
+            return _compacted(keep, x, weight, bias, targets, opts, backend, chunk_rows, scale, want_x, want_w,
+                              want_b, lse_in)
+    return _chunk_loop(x, weight, bias, targets, opts, backend, chunk_rows, scale, want_x, want_w, want_b, lse_in)
+
+
+def _compacted(keep: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, opts: _Loss,
+               backend: str, chunk_rows: Optional[int], scale: Optional[Tensor], want_x: bool, want_w: bool,
+               want_b: bool, lse_in: Optional[Tensor]):
+    """_chunk_loop over the rows `keep` (int64 (K,)), its per-row results scattered back to N rows."""
+    N = x.shape[0]
+    sub = lambda t: None if t is None or t.ndim == 0 else t.index_select(0, keep)  # noqa: E731
+    loss, lse, gx, gw, gb = _chunk_loop(x.index_select(0, keep), weight, bias, targets.index_select(0, keep), opts,
+                                        backend, chunk_rows, scale if scale is None or scale.ndim == 0 else sub(scale),
+                                        want_x, want_w, want_b, sub(lse_in))
+
+    def scatter(t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None:
+            return None
+        full = t.new_zeros((N,) + t.shape[1:])
+        return full.index_copy_(0, keep, t)
+    return scatter(loss), (lse_in if lse_in is not None else scatter(lse)), scatter(gx), gw, gb
+
+
+def _chunk_loop(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, opts: _Loss, backend: str,
+                chunk_rows: Optional[int], scale: Optional[Tensor], want_x: bool, want_w: bool, want_b: bool,
+                lse_in: Optional[Tensor]):
+    """_chunked's loop over every row."""
     step = _step_torch if backend == "torch" else OP.launcher(backend).step
     N, C = x.shape
     V = weight.shape[0]

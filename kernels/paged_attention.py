@@ -82,7 +82,8 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
     tl = None
 
 __all__ = ["paged_decode_attention", "paged_decode_attention_reference", "paged_decode_attention_triton",
-           "plan_paged_decode", "paged_kv_write", "paged_kv_write_reference", "paged_kv_write_triton", "KERNEL_CONFIGS"]
+           "plan_paged_decode", "paged_kv_write", "paged_kv_write_reference", "paged_kv_write_triton", "gather_pages",
+           "KERNEL_CONFIGS"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_DOT = 16  # tl.dot needs every tile dim >= 16 (mma.sync m16n8k16 fragments)
@@ -858,11 +859,20 @@ def cost(seq_lens: list[int], hq: int, hkv: int, d: int, itemsize: int = 2) -> d
             "flops": 4 * hq * sum(seq_lens) * d}
 
 
+def gather_pages(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """cache (num_pages, page_size, ...) gathered at `pages` (any shape, integer page ids) ->
+    (*pages.shape, page_size, ...), a new contiguous tensor: what `cache[pages]` gives.
+
+    index_select copies each page as one contiguous block; advanced indexing (`cache[pages]`) goes
+    through the generic strided index kernel element by element, several times slower on CPU for
+    the same bytes (bench/test_bench_paged_attention.py times both)."""
+    return cache.index_select(0, pages.reshape(-1).long()).view(*pages.shape, *cache.shape[1:])
+
+
 def _vendor(q, k_cache, v_cache, block_table, seq_lens, scale=None, window=None):
     # Without a paged kernel the pages are gathered into a dense view for SDPA: one extra copy of
     # the visible cache, the cost the kernels avoid.
-    pages = block_table.long()
-    k, v = k_cache[pages].flatten(1, 2), v_cache[pages].flatten(1, 2)  # (B, n, Hkv, D)
+    k, v = gather_pages(k_cache, block_table).flatten(1, 2), gather_pages(v_cache, block_table).flatten(1, 2)
     pos = torch.arange(k.size(1), device=q.device)[None, :]
     lens = seq_lens.long()[:, None]
     valid = pos < lens

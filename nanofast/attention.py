@@ -158,8 +158,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     so the gather is a small share, and prompts run in chunks of at most the engine's token budget.
     """
     n, window = q.size(0), _mask_window(window)
-    k = k_cache[pages].flatten(0, 1)[:context_len]
-    v = v_cache[pages].flatten(0, 1)[:context_len]
+    k = kernels.gather_pages(k_cache, pages).flatten(0, 1)[:context_len]
+    v = kernels.gather_pages(v_cache, pages).flatten(0, 1)[:context_len]
     qi = torch.arange(context_len - n, context_len, device=q.device)[:, None]
     kj = torch.arange(context_len, device=q.device)[None, :]
     mask = (kj <= qi) & (kj >= qi - window)
@@ -238,8 +238,8 @@ def paged_prefill_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_ca
     outs = []
     for g in plan["groups"]:
         qp = q[g["q_index"]]  # (S', n_max, Hq, D)
-        k = k_cache[g["pages"]].flatten(1, 2)  # (S', L, Hkv, D)
-        v = v_cache[g["pages"]].flatten(1, 2)
+        k = kernels.gather_pages(k_cache, g["pages"]).flatten(1, 2)  # (S', L, Hkv, D)
+        v = kernels.gather_pages(v_cache, g["pages"]).flatten(1, 2)
         mask = g["masks"].get(window)
         if mask is None:  # once per window per step: the layers share a few windows
             kj = torch.arange(k.size(1), device=dev)[None, None, :]

@@ -32,7 +32,12 @@ Modes (`Engine(decode_step=...)`):
   shape, shared by every engine of the same model and pool size; on CPU this is the captured
   step's stand-in (there are no CUDA graphs there), opt-in: a compilation costs more than a
   short-lived engine (RL's, the evaluations') saves.
-- "eager": the same static step without capture, e.g. where compiling costs more than it saves.
+- "eager": the same static step without capture, in the same buckets: the captured step's
+  rehearsal on CPU (its padding rows and padded block tables execute here).
+- "exact": the static step without capture at each step's own batch and width: no padding rows,
+  no padded block-table columns. Shapes are static only for a capture; uncaptured, padding is
+  work the step does for nothing (a batch of 33 in bucket 64 computes 31 more rows, a 10-page
+  sequence in width 16 gathers and attends over 6 pages more on the torch path). The CPU default.
 The sampled tokens do not depend on the mode: each is the same computation on the same rows.
 """
 from __future__ import annotations
@@ -49,7 +54,7 @@ from nanofast.kv_cache import KVCache, PagedBatch
 from nanofast.model import Linear
 from nanofast.sampling import ranking, sample, split_seed
 
-MODES = ("graph", "compile", "eager")
+MODES = ("graph", "compile", "eager", "exact")
 
 # Columns of the inputs buffer, before the block table.
 TOKEN, POSITION, PREV, SLOT, LENGTH, TEMPERATURE, TOP_K, TOP_P, SEED_LO, SEED_HI, DRAW = range(11)
@@ -121,9 +126,8 @@ class DecodeGraphs:
     # ---- one step ----------------------------------------------------------------------------
     def run(self, rows: list[Row]) -> list[tuple[int, float]]:
         """Decode one token for each row; (token, log-probability) per row, in order."""
-        S = len(rows)
-        B = bucket_of(S, self.buckets)
-        W = bucket_of(max(len(r.pages) for r in rows), self.widths)
+        S, longest = len(rows), max(len(r.pages) for r in rows)
+        B, W = (S, longest) if self.mode == "exact" else (bucket_of(S, self.buckets), bucket_of(longest, self.widths))
         hot = [r for r in rows if r.temperature > 0]
         filtered, candidates = ranking([r.top_k for r in hot], [r.top_p for r in hot])  # as Engine._sample ranks
         sampling = "greedy" if not hot else "filtered" if filtered else "sample"
@@ -171,7 +175,7 @@ class DecodeGraphs:
         inputs = self.inputs[:B, :FIXED_COLUMNS + W]
         args = (self.model, self.cache.k, self.cache.v, inputs, self.model.cos_sin_cache(), self._splits(B, W),
                 sampling, candidates)
-        if self.mode == "eager":
+        if self.mode in ("eager", "exact"):
             return lambda: decode_forward(*args)
         self.captures += 1
         if self.mode == "compile":

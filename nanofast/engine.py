@@ -152,9 +152,10 @@ class Engine:
         max_batch_tokens: token budget of one step (decode tokens + prefill chunks).
         decode_step: how a decode-only step runs (every running sequence adds one token, none needs
             penalties or top_logprobs): "graph" (a CUDA graph per batch bucket, replayed), "compile"
-            (the same static step under torch.compile), "eager" (the same static step uncaptured),
+            (the same static step under torch.compile), "eager" (the same static step uncaptured, in
+            the same buckets), "exact" (uncaptured, at each step's own batch and width: no padding),
             "off" (the general path, as mixed prefill + decode steps always run), or "auto": "graph"
-            on CUDA, "eager" on CPU (see `nanofast.decode_graph`). stats["static_steps"] counts the
+            on CUDA, "exact" on CPU (see `nanofast.decode_graph`). stats["static_steps"] counts the
             steps it ran.
     Not thread-safe: one thread calls add_request / abort / step.
     """
@@ -174,7 +175,7 @@ class Engine:
         if decode_step not in ("auto", "off", *DECODE_MODES):
             raise ValueError(f"decode_step must be one of {('auto', 'off', *DECODE_MODES)}, got {decode_step!r}")
         if decode_step == "auto":
-            decode_step = "graph" if self.device.type == "cuda" else "eager"
+            decode_step = "graph" if self.device.type == "cuda" else "exact"
         self.blocks = BlockManager(num_pages, page_size)
         # The static decode step's padding rows write to and read from one more page that the block
         # manager never hands out.

@@ -41,20 +41,32 @@ def test_buckets():
     assert [bucket_of(n, batch_buckets(6)) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
 
 
+@pytest.mark.parametrize("mode", ["eager", "exact"])
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 7])
-def test_greedy_equals_the_general_path_in_every_bucket_with_preemption(n):
+def test_greedy_equals_the_general_path_in_every_bucket_with_preemption(n, mode):
     """Every bucket of max_num_seqs 7 (1, 2, 4, 7; padding rows in 3 and 5), in a pool so small that
-    sequences are preempted and recomputed mid-decode: the same tokens as the general path."""
+    sequences are preempted and recomputed mid-decode: the same tokens as the general path. "exact"
+    (the CPU default) runs each step at its own batch and width: it never pads, so it never writes
+    the scratch page, and its steps run at batch sizes that are no bucket."""
     model = _model()
     prompts = _prompts(n)
     kw = dict(num_pages=max(9, 3 * n), max_num_seqs=7, max_batch_tokens=16)
     want, off = _run(model, prompts, GREEDY, "off", **kw)
-    got, engine = _run(model, prompts, GREEDY, "eager", **kw)
+    got, engine = _run(model, prompts, GREEDY, mode, **kw)
     assert got == want
     assert engine.stats["static_steps"] > 0 and off.stats["static_steps"] == 0
     if n >= 5:
         assert engine.stats["preemptions"] > 0
     assert engine.blocks.in_use == 0
+    graphs = engine.graphs
+    scratch = graphs.cache.k[:, graphs.scratch_page]
+    batches, widths = {k[0] for k in graphs.steps}, {k[1] for k in graphs.steps}
+    if mode == "exact":
+        assert not scratch.any()
+        assert (n in (3, 5)) <= bool(batches - set(graphs.buckets)) and bool(widths - set(graphs.widths))
+    else:
+        assert batches <= set(graphs.buckets) and widths <= set(graphs.widths)
+        assert (n in (3, 5)) <= bool(scratch.any())  # padding rows ran
 
 
 def test_sampled_tokens_equal_the_general_path_for_the_same_seeds():
@@ -64,7 +76,7 @@ def test_sampled_tokens_equal_the_general_path_for_the_same_seeds():
     prompts = _prompts(5, seed=3)
     settings = [dict(temperature=1.0), dict(temperature=0.8, top_k=7), dict(temperature=1.3, top_p=0.6),
                 dict(temperature=0.9, top_k=20, top_p=0.8), dict(temperature=0.0)]
-    for decode_step in ("off", "eager"):
+    for decode_step in ("off", "eager", "exact"):
         engine = Engine(model, page_size=4, max_num_seqs=8, decode_step=decode_step)
         ids = [engine.add_request(p, SamplingParams(max_tokens=10, seed=sample_seed(5, i), **s))
                for i, (p, s) in enumerate(zip(prompts, settings))]
@@ -185,6 +197,6 @@ def test_captured_graphs_equal_the_general_path_and_follow_weight_updates():
 
 def test_the_engine_picks_its_mode_by_device():
     engine = Engine(_model(), decode_step="auto")
-    assert engine.graphs.mode == ("graph" if engine.device.type == "cuda" else "eager")
+    assert engine.graphs.mode == ("graph" if engine.device.type == "cuda" else "exact")
     assert Engine(_model(), decode_step="off").graphs is None
-    assert decode_graph.MODES == ("graph", "compile", "eager")
+    assert decode_graph.MODES == ("graph", "compile", "eager", "exact")

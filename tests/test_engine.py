@@ -188,7 +188,7 @@ def test_inference_casts_each_weight_once_and_follows_weight_updates():
         assert fresh._cast._entry is None
 
 
-@pytest.mark.parametrize("decode_step", ["off", "eager"])
+@pytest.mark.parametrize("decode_step", ["off", "eager", "exact"])
 def test_decode_plans_without_reading_lengths_back(monkeypatch, decode_step):
     """The decode kernel never plans from lengths read back from the device (a sync per layer and
     step on a GPU): the general path hands it the engine's host lengths (the lengths the kernel
@@ -208,7 +208,7 @@ def test_decode_plans_without_reading_lengths_back(monkeypatch, decode_step):
             assert kwargs["host_seq_lens"] == args[4].tolist()
         else:
             assert kwargs.get("host_seq_lens") is None and kwargs.get("plan") is None
-    assert bool(static) == (decode_step == "eager") == (engine.stats["static_steps"] > 0)
+    assert bool(static) == (decode_step != "off") == (engine.stats["static_steps"] > 0)
 
 
 def test_a_step_with_several_chunks_makes_one_prefill_call_per_layer(monkeypatch):

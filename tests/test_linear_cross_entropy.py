@@ -384,7 +384,7 @@ def _record_steps(monkeypatch, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grads_in_forward_and_recompute_for_none(monkeypatch, backend):
     calls = _record_steps(monkeypatch, backend)
-    x, w, t, b = _inputs((10,), 8, 20, torch.float32, 6, ignore_index=-100, bias=True)
+    x, w, t, b = _inputs((10,), 8, 20, torch.float32, 6, ignore_frac=0.0, bias=True)  # every row kept
     xs, ws, bs = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
     loss = linear_cross_entropy(xs, ws, t, bs, reduction="mean", backend=backend, chunk_rows=4)
     assert calls == [(4, True, True), (4, True, True), (2, True, True)]  # 3 chunks, loss and grads
@@ -401,7 +401,7 @@ def test_grads_in_forward_and_recompute_for_none(monkeypatch, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_computes_loss_only(monkeypatch, backend):
     calls = _record_steps(monkeypatch, backend)
-    x, w, t, b = _inputs((9,), 8, 20, torch.float32, 7, ignore_index=-100, bias=True)
+    x, w, t, b = _inputs((9,), 8, 20, torch.float32, 7, ignore_frac=0.0, bias=True)
     want = linear_cross_entropy_reference(x, w, t, b, softcap=15.0)
     with torch.no_grad():
         got = linear_cross_entropy(x.requires_grad_(), w, t, b, softcap=15.0, backend=backend, chunk_rows=5)
@@ -427,6 +427,38 @@ def test_only_some_inputs_require_grad(backend, reduction):
                 torch.testing.assert_close(leaf.grad, ref[i + 1], rtol=1e-5, atol=1e-6)
             else:
                 assert leaf.grad is None
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_skip_the_chunk_loop(monkeypatch, backend, reduction):
+    """On CPU only the kept rows reach the GEMMs and the per-row step (RL's and SFT's masked
+    prompts cost nothing), in the forward and in "none"'s recomputing backward; the values equal the
+    loop over every row, and ignored rows get zero loss and zero dx."""
+    x, w, t, b = _inputs((11, 3), 8, 20, torch.float32, 12, ignore_index=-100, bias=True)
+    t[:, 0] = -100
+    t[2] = -100
+    kept = int((t != -100).sum())
+    assert 0 < kept < t.numel() - 11
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=15.0, reduction=reduction, backend=backend, chunk_rows=4)
+    gout = _upstream(reduction, (11, 3), 13)
+    calls = _record_steps(monkeypatch, backend)
+    got = _run(linear_cross_entropy, x, w, t, gout, b, **kw)
+    chunks = [min(4, kept - s) for s in range(0, kept, 4)]
+    if reduction == "none":
+        assert calls == [(r, True, False) for r in chunks] + [(r, False, True) for r in chunks]
+    else:
+        assert calls == [(r, True, True) for r in chunks]
+    # The same call with the compaction switched off (the path CUDA and torch.compile take).
+    monkeypatch.setattr(lce, "_chunked", lambda *a, **k: lce._chunk_loop(*a, **{"lse_in": None, **k}))
+    calls.clear()
+    full = _run(linear_cross_entropy, x, w, t, gout, b, **kw)
+    assert sum(r for r, fwd, _ in calls if fwd) == t.numel()
+    for a, c in zip(got, full):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-7)
+    if reduction == "none":
+        assert not got[0][t == -100].any()
+    assert not got[1][t == -100].any()
 
 
 def test_deterministic_and_chunking_invariant():

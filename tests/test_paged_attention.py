@@ -211,6 +211,21 @@ def test_torch_backend_bf16_and_fp64():
     assert _max_err(out, dense_attention(q, dense, None, 0.25)) <= 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_gather_pages_is_advanced_indexing(dtype, index_dtype):
+    """The torch path's page gather equals cache[pages] for a block table (2-d, repeated and
+    shuffled pages), one sequence's page list (1-d) and an empty table; the result owns its memory."""
+    g = torch.Generator().manual_seed(3)
+    cache = torch.randn((9, 5, 3, 7), generator=g).to(dtype)  # odd page size, heads, head dim
+    for pages in (torch.tensor([[4, 0, 4], [8, 2, 1]]), torch.tensor([7, 3]), torch.zeros((0, 3), dtype=torch.long)):
+        got = pa.gather_pages(cache, pages.to(index_dtype))
+        assert torch.equal(got, cache[pages.long()]) and got.is_contiguous()
+    before = cache.clone()
+    pa.gather_pages(cache, torch.tensor([[4, 0]], dtype=index_dtype)).add_(1)  # a copy, never a view of the pool
+    assert torch.equal(cache, before)
+
+
 def test_cache_views_with_free_strides():
     # k_cache / v_cache as views kv[:, 0] / kv[:, 1] of one (pages, 2, page, Hkv, D) buffer, and a
     # contiguous q: only D must be contiguous.

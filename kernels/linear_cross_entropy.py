@@ -337,8 +337,8 @@ def _chunked(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
     Rows whose target is ignore_index have zero loss and zero gradient, yet their (R, V) logits cost
     as much as any row's: three or four GEMMs and the vocabulary-wide softcap / exp passes. Where
     counting them needs no device sync (CPU tensors) and no trace is being recorded, only the kept
-    rows go through the loop: RL's batches (prompts masked) and SFT's (user turns masked) keep a
-    fraction of their rows. The kept rows' values are what the full loop computes for them (each
+    rows go through the loop: RL's policy loss (eager; its prompts masked) keeps about 40% of its
+    rows. A compiled training step (the cpu preset's pretraining, mid-training and SFT) runs every row. The kept rows' values are what the full loop computes for them (each
     row's maths reads only its own logits row); ignored rows get loss 0, lse 0 (never read: they
     are dropped again in the backward) and dx 0. On CUDA a count is a host sync per call, and under
     torch.compile or a CUDA graph the row count must stay static: the full loop runs there.

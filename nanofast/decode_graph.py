@@ -15,9 +15,9 @@ the step is one fixed function of two persistent buffers:
 - the output, (rows, 2) fp64: the token and its log-probability under the model's distribution,
   read back in one device-to-host copy.
 
-A step of S sequences runs in the smallest batch bucket >= S (powers of two up to `max_num_seqs`,
-and `max_num_seqs` itself) and the smallest block-table width bucket (powers of two pages) that
-holds its longest sequence; the padding rows decode token 0 at position 0 into a scratch page of
+In the bucketed modes (graph, compile, eager) a step of S sequences runs in the smallest batch
+bucket >= S (powers of two up to `max_num_seqs`, and `max_num_seqs` itself) and the smallest
+block-table width bucket (powers of two pages) that holds its longest sequence; the padding rows decode token 0 at position 0 into a scratch page of
 the cache that no sequence owns, so they change nothing a real row reads. The split plan of the
 paged decode kernels is fixed per bucket (`paged_plan.plan_paged_decode` for every row at the
 bucket's full width, per layer window) instead of read from the lengths, and sampling runs on the
@@ -105,7 +105,7 @@ class DecodeGraphs:
         self.device = model.cos.device
         if mode == "graph" and self.device.type != "cuda":
             raise ValueError(f"decode_step 'graph' captures CUDA graphs: it needs a CUDA model, got one on "
-                             f"{self.device} (use 'compile' or 'eager' there)")
+                             f"{self.device} (use 'exact', 'eager' or 'compile' there)")
         self.model, self.cache, self.mode = model, cache, mode
         self.page_size, self.scratch_page = cache.page_size, scratch_page
         # the SMs the kernels' split plan fills (None: CPU, one split per sequence)

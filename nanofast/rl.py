@@ -15,6 +15,14 @@ tiles: in bf16 that gap is large enough to bias the policy gradient (arXiv 2510.
 10-bit mantissa shrinks it (~7x measured through the paged decode kernel, tests/test_rl.py).
 Each step reports mean |logp_engine - logp_trainer| and the KL(engine || trainer) estimated on
 the sampled tokens (k3: E[r - 1 - log r], r = p_trainer / p_engine).
+
+Rows whose advantage is exactly 0 (every answer of a group got the same reward: all right or all
+wrong, the common case once the policy is good) add exactly 0 to the loss and to its gradient, so
+the policy step forwards only the others: the same update for a fraction of the work. Each row's
+forward depends on that row alone (causal attention, no batch statistics), and the training loop
+still divides by every sampled token of the step, so the step equals the full batch's up to the
+GEMMs' rounding. The mismatch statistics are then measured on the rows that are trained, the ones
+whose gradient the mismatch biases.
 """
 from __future__ import annotations
 
@@ -119,6 +127,22 @@ class PolicyBatch:
     advantages: torch.Tensor       # (N,)
     engine_logprobs: torch.Tensor  # (N, T) the sampler's log p of each target, 0 elsewhere
     reward: float                  # the mean reward of the batch's answers
+    rows: torch.Tensor             # (M,) int64, the rows the policy step forwards: advantage != 0 (row 0 if none)
+    width: int                     # the longest of those rows: positions past it are padding for all of them
+    trained: float                 # the share of the batch's rows with advantage != 0
+
+
+def step_batch(rolls: list[Rollout], pad_id: int, device: torch.device) -> tuple[PolicyBatch, torch.Tensor]:
+    """The policy step's batch of `rolls` and its targets (N, T): every row, so that the training
+    loop counts every sampled token, with the rows to forward, those whose advantage is not 0."""
+    x, y, advantages, engine_lp = policy_batch(rolls, pad_id, device)
+    # Decided on the host, from the rewards: no device sync. One row stays when no row counts,
+    # so that the step still has a graph (every gradient 0, not missing) and statistics.
+    live = [i for i, r in enumerate(rolls) if r.advantage != 0.0]
+    rows = live or [0]
+    width = max(len(rolls[i].prompt) + len(rolls[i].tokens) for i in rows) - 1
+    return (PolicyBatch(x, advantages, engine_lp, sum(r.reward for r in rolls) / len(rolls),
+                        torch.tensor(rows, device=device), width, len(live) / len(rolls)), y)
 
 
 def rollout_batches(model: GPT, tokenizer: Tokenizer, task: Any, *, start_step: int, questions: int, samples: int,
@@ -136,14 +160,17 @@ def rollout_batches(model: GPT, tokenizer: Tokenizer, task: Any, *, start_step: 
         indices = [(first + i) % len(task) for i in range(per_rank)]
         rolls = rollouts(model, tokenizer, task, indices, samples, max_new_tokens=max_new_tokens,
                          seed=seed + step * 7919 + rank)
-        x, y, advantages, engine_lp = policy_batch(rolls, tokenizer.bos_token_id, device)
+        batch, y = step_batch(rolls, tokenizer.bos_token_id, device)
         step += 1
-        yield PolicyBatch(x, advantages, engine_lp, sum(r.reward for r in rolls) / len(rolls)), y, {"step": step}
+        yield batch, y, {"step": step}
 
 
 def policy_loss(model: GPT, batch: PolicyBatch, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """The training loop's loss_fn for RL: GRPO's loss summed over the sampled tokens, and the
-    numbers each step reports (mean reward, sampler/trainer mismatch)."""
-    loss, stats = grpo_loss(model, batch.x, targets, batch.advantages, batch.engine_logprobs, loss_reduction="sum")
-    return loss, {"reward": batch.reward, "logp_abs_diff": stats["logp_abs_diff"],
-                  "kl_engine_trainer": stats["kl_engine_trainer"]}
+    """The training loop's loss_fn for RL: GRPO's loss summed over the sampled tokens, forwarding
+    only `batch.rows` (the others' advantage is 0: they add nothing), and the numbers each step
+    reports (mean reward, the share of rows trained, the sampler/trainer mismatch on those rows)."""
+    rows, width = batch.rows, batch.width
+    loss, stats = grpo_loss(model, batch.x[rows, :width], targets[rows, :width], batch.advantages[rows],
+                            batch.engine_logprobs[rows, :width], loss_reduction="sum")
+    return loss, {"reward": batch.reward, "rows_trained": batch.trained,
+                  "logp_abs_diff": stats["logp_abs_diff"], "kl_engine_trainer": stats["kl_engine_trainer"]}

@@ -10,7 +10,7 @@ import torch
 
 from nanofast import ops
 from nanofast.model import GPT, config_for_depth
-from nanofast.rl import Rollout, grpo_loss, policy_batch, rollouts
+from nanofast.rl import Rollout, grpo_loss, policy_batch, policy_loss, rollouts, step_batch
 from nanofast.tasks import load_task
 from nanofast.tokenizer import Tokenizer
 
@@ -93,6 +93,66 @@ def test_one_update_moves_probability_towards_rewarded_answers(tok):
     delta = after - before
     win = adv > 0
     assert delta[win].mean() > delta[~win].mean()
+
+
+def _regroup(rolls: list[Rollout], rewards: list[float], samples: int) -> None:
+    for r, reward in zip(rolls, rewards):
+        r.reward = reward
+    for q in range(0, len(rolls), samples):
+        group = rolls[q:q + samples]
+        for r in group:
+            r.advantage = r.reward - sum(g.reward for g in group) / samples
+
+
+@pytest.mark.parametrize("mixed", [(0,), (2,), (0, 2)])
+def test_zero_advantage_rows_are_not_forwarded_and_the_update_is_the_full_batchs(tok, mixed):
+    """A group whose answers all got the same reward adds exactly 0: the policy step forwards only
+    the other groups' rows, cut to their longest, and the loss and every gradient equal the full
+    batch's up to the GEMMs' rounding (row counts differ). The targets stay whole, so the training
+    loop's normaliser still counts every sampled token."""
+    task = load_task("arithmetic", "train", size=6)
+    model = _model(tok)
+    rolls = rollouts(model, tok, task, [0, 1, 2], samples=4, max_new_tokens=10, seed=2)
+    rewards = [float(q in mixed and s % 2) if q in mixed else float(q == 1) for q in range(3) for s in range(4)]
+    _regroup(rolls, rewards, 4)
+    batch, y = step_batch(rolls, tok.bos_token_id, torch.device("cpu"))
+    live = [i for i in range(12) if i // 4 in mixed]
+    assert batch.rows.tolist() == live and batch.trained == len(live) / 12
+    assert batch.width == max(len(rolls[i].prompt) + len(rolls[i].tokens) for i in live) - 1
+    x, y_full, adv, elp = policy_batch(rolls, tok.bos_token_id, torch.device("cpu"))
+    assert torch.equal(y, y_full) and torch.equal(batch.x, x)
+
+    seen = []
+
+    def spy(inputs, targets, **kw):
+        seen.append(tuple(inputs.shape))
+        return model(inputs, targets, **kw)
+
+    loss, stats = policy_loss(spy, batch, y)
+    assert seen == [(len(live), batch.width)] and stats["rows_trained"] == batch.trained
+    loss.backward()
+    skipped = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    full, _ = grpo_loss(model, x, y, adv, elp, loss_reduction="sum")
+    full.backward()
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():  # atol: a gradient that cancels to ~0 (backout_lambda's ~3e-7)
+        torch.testing.assert_close(skipped[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert any(g.abs().max() > 0 for g in skipped.values())
+
+
+def test_a_batch_without_advantage_forwards_one_row_with_zero_gradients(tok):
+    task = load_task("arithmetic", "train", size=4)
+    model = _model(tok)
+    rolls = rollouts(model, tok, task, [0, 1], samples=3, max_new_tokens=6, seed=4)
+    _regroup(rolls, [1.0, 1.0, 1.0, 0.0, 0.0, 0.0], 3)
+    batch, y = step_batch(rolls, tok.bos_token_id, torch.device("cpu"))
+    assert batch.rows.tolist() == [0] and batch.trained == 0.0
+    assert batch.width == len(rolls[0].prompt) + len(rolls[0].tokens) - 1
+    loss, stats = policy_loss(model, batch, y)
+    loss.backward()
+    assert loss.item() == 0.0 and stats["rows_trained"] == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
 def _token_mismatch(model: GPT, tok: Tokenizer, task, questions: int, max_new_tokens: int, seed: int = 9

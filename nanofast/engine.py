@@ -13,7 +13,7 @@ persistent buffers in batch buckets (`nanofast.decode_graph`): one input copy, a
 plan, sampling on the device, captured as a CUDA graph per shape on a GPU (`decode_step=`).
 
 Memory: pages come from a fixed pool (`BlockManager`). Prompts that share a prefix share its pages
-(prefix cache). When the pool runs out, the most recently admitted sequence is preempted: its
+(prefix cache); copies of a prompt admitted together wait a step for the first copy's pages. When the pool runs out, the most recently admitted sequence is preempted: its
 pages are released and it is recomputed later from its tokens (often straight from the prefix
 cache), so no request ever fails for lack of memory once it fits the pool alone.
 
@@ -318,13 +318,27 @@ class Engine:
                 i += 1
             else:  # out of pages: recompute-preempt the newest sequence (possibly this one)
                 self._preempt(self.running[-1])
+        # A prompt's pages enter the prefix cache once computed, so copies of one prompt admitted in
+        # the same step would each compute it (OpenAI's n, RL's group of samples per question). A
+        # waiting sequence whose first full page another one admitted this step is computing waits
+        # one step instead, then takes those pages from the cache; other prompts are admitted past it.
+        computing: set[tuple[int, ...]] = set()
+        deferred: list[_Sequence] = []
+        P = self.page_size
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not seq.pages:
                 # Reuse cached full pages of the prefix, but leave at least the last token to
                 # compute: its logits give the first new token.
-                seq.pages = self.blocks.match_prefix(seq.tokens, (len(seq.tokens) - 1) // self.page_size)
-                seq.num_computed, seq.registered = len(seq.pages) * self.page_size, len(seq.pages)
+                shareable = (len(seq.tokens) - 1) // P
+                seq.pages = self.blocks.match_prefix(seq.tokens, shareable)
+                seq.num_computed, seq.registered = len(seq.pages) * P, len(seq.pages)
+                first = tuple(seq.tokens[:P])
+                if shareable and not seq.pages:
+                    if first in computing:
+                        deferred.append(self.waiting.popleft())
+                        continue
+                    computing.add(first)
             n = min(len(seq.tokens) - seq.num_computed, budget)
             if not self._reserve(seq, seq.num_computed + n):
                 self._release(seq)
@@ -333,6 +347,7 @@ class Engine:
             self.running.append(seq)
             scheduled.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))  # first in line next step, in their order
         return sorted(scheduled, key=lambda s: s[1] > 1)  # stable: decode rows first
 
     def _reserve(self, seq: _Sequence, num_tokens: int) -> bool:

@@ -60,6 +60,38 @@ def test_greedy_equals_full_recompute_under_pressure(n_kv_head, windows):
     assert engine.blocks.available == engine.blocks.num_pages and not engine.has_unfinished()
 
 
+@pytest.mark.parametrize("budget", [4096, 10])
+def test_copies_of_a_prompt_compute_it_once(budget):
+    """n requests of one prompt arriving together (OpenAI's n, RL's group): the first computes the
+    prompt, the copies wait one step and take its full pages from the prefix cache, computing only
+    the rest; another prompt is admitted past them. The tokens are each prompt's own. With a budget
+    of 10 tokens the first copy's prompt takes two steps: the copies then share what is cached."""
+    model = _model()
+    g = torch.Generator().manual_seed(5)
+    page, n = 4, 5
+    prompt = torch.randint(0, 300, (14,), generator=g).tolist()  # 3 full pages and 2 tokens
+    other = torch.randint(0, 300, (9,), generator=g).tolist()
+    prompts = [prompt] * n + [other]
+    engine = Engine(model, page_size=page, max_num_seqs=8, max_batch_tokens=budget)
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    out = {i: [] for i in ids}
+    first = engine.step()
+    # the other prompt goes past the copies, which wait
+    assert [ev.request_id for ev in first] == ([ids[0], ids[-1]] if budget > 30 else [])
+    for ev in first:
+        out[ev.request_id].append(ev)
+    while engine.has_unfinished():
+        for ev in engine.step():
+            out[ev.request_id].append(ev)
+    assert [[ev.token for ev in out[i]] for i in ids] == _reference(model, prompts, GREEDY.max_tokens)
+    shareable = (len(prompt) - 1) // page
+    if budget > 30:  # one step computes the first copy's whole prompt: every copy shares all of it
+        assert engine.blocks.hits == (n - 1) * shareable
+    else:
+        assert engine.blocks.hits >= (n - 2) * shareable
+    assert engine.stats["preemptions"] == 0
+
+
 def test_roomy_pool_single_step_prefill_matches_too():
     model = _model()
     prompts = _prompts(seed=2)
@@ -213,7 +245,8 @@ def test_decode_plans_without_reading_lengths_back(monkeypatch, decode_step):
 
 def test_a_step_with_several_chunks_makes_one_prefill_call_per_layer(monkeypatch):
     model = _model(2, [5, 48])
-    prompts = _prompts(seed=8)[4:8]  # 17, 30, 9 and 11 tokens: several chunks per step
+    # 5, 17, 30 and 9 tokens: several chunks per step (no two share a first page: a copy would wait)
+    prompts = _prompts(seed=8)[3:7]
     batched = _counting(monkeypatch, attention, "paged_prefill_attention_batched")
     per_chunk = _counting(monkeypatch, attention, "paged_prefill_attention")
     engine = Engine(model, page_size=4, num_pages=60, max_batch_tokens=64)

@@ -13,9 +13,10 @@ persistent buffers in batch buckets (`nanofast.decode_graph`): one input copy, a
 plan, sampling on the device, captured as a CUDA graph per shape on a GPU (`decode_step=`).
 
 Memory: pages come from a fixed pool (`BlockManager`). Prompts that share a prefix share its pages
-(prefix cache); copies of a prompt admitted together wait a step for the first copy's pages. When the pool runs out, the most recently admitted sequence is preempted: its
-pages are released and it is recomputed later from its tokens (often straight from the prefix
-cache), so no request ever fails for lack of memory once it fits the pool alone.
+(prefix cache); copies of a prompt admitted together wait a step for the first copy's pages. When
+the pool runs out, the most recently admitted sequence is preempted: its pages are released and it
+is recomputed later from its tokens (often straight from the prefix cache), so no request ever
+fails for lack of memory once it fits the pool alone.
 
 Sampling (presence/frequency penalties, temperature, top-k, top-p, a seed per request) runs on the
 model's device for all rows at once (`nanofast.sampling`: each request's random stream is a function
@@ -333,8 +334,8 @@ class Engine:
                 shareable = (len(seq.tokens) - 1) // P
                 seq.pages = self.blocks.match_prefix(seq.tokens, shareable)
                 seq.num_computed, seq.registered = len(seq.pages) * P, len(seq.pages)
-                first = tuple(seq.tokens[:P])
                 if shareable and not seq.pages:
+                    first = tuple(seq.tokens[:P])
                     if first in computing:
                         deferred.append(self.waiting.popleft())
                         continue

@@ -338,8 +338,9 @@ def _chunked(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
     as much as any row's: three or four GEMMs and the vocabulary-wide softcap / exp passes. Where
     counting them needs no device sync (CPU tensors) and no trace is being recorded, only the kept
     rows go through the loop: RL's policy loss (eager; its prompts masked) keeps about 40% of its
-    rows. A compiled training step (the cpu preset's pretraining, mid-training and SFT) runs every row. The kept rows' values are what the full loop computes for them (each
-    row's maths reads only its own logits row); ignored rows get loss 0, lse 0 (never read: they
+    rows. A compiled training step (the cpu preset's pretraining, mid-training and SFT) runs every
+    row. The kept rows' values are what the full loop computes for them (each row's maths reads
+    only its own logits row); ignored rows get loss 0, lse 0 (never read: they
     are dropped again in the backward) and dx 0. On CUDA a count is a host sync per call, and under
     torch.compile or a CUDA graph the row count must stay static: the full loop runs there.
     """

@@ -17,8 +17,9 @@ the step is one fixed function of two persistent buffers:
 
 In the bucketed modes (graph, compile, eager) a step of S sequences runs in the smallest batch
 bucket >= S (powers of two up to `max_num_seqs`, and `max_num_seqs` itself) and the smallest
-block-table width bucket (powers of two pages) that holds its longest sequence; the padding rows decode token 0 at position 0 into a scratch page of
-the cache that no sequence owns, so they change nothing a real row reads. The split plan of the
+block-table width bucket (powers of two pages) that holds its longest sequence; the padding rows
+decode token 0 at position 0 into a scratch page of the cache that no sequence owns, so they change
+nothing a real row reads. The split plan of the
 paged decode kernels is fixed per bucket (`paged_plan.plan_paged_decode` for every row at the
 bucket's full width, per layer window) instead of read from the lengths, and sampling runs on the
 device for every row at once (`nanofast.sampling`: temperature, top-k, top-p, per-row seeds).

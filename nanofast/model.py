@@ -17,6 +17,7 @@ import torch.nn as nn
 from nanofast import ops
 from nanofast.optim import MUON_DEFAULTS
 from nanofast.attention import packed_step, paged_step_attention, takes_packed_path
+from nanofast.prefix_tree import PrefixTree
 
 # nanochat's base_train optimizer hyperparameters: AdamW LRs of the embeddings, lm_head and
 # scalars (the matrices' Muon LR is the optimizer's default) and Muon's weight decay.
@@ -207,7 +208,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 window: int, kv=None) -> torch.Tensor:
         B, T, _ = x.shape
-        if kv is not None and takes_packed_path(kv, x):
+        tree = isinstance(kv, PrefixTree)
+        if kv is not None and not tree and takes_packed_path(kv, x):
             return packed_step(self, x, ve, window, kv, qk_scale=QK_SCALE, gate_channels=VE_GATE_CHANNELS)
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -217,7 +219,12 @@ class CausalSelfAttention(nn.Module):
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = ops.qk_norm_rope(q, k, cos, sin, scale=QK_SCALE)
-        y = ops.attention(q, k, v, window) if kv is None else paged_step_attention(kv, self.layer, q, k, v, window)
+        if kv is None:
+            y = ops.attention(q, k, v, window)
+        elif tree:
+            y = kv.attention(q, k, v, window)
+        else:
+            y = paged_step_attention(kv, self.layer, q, k, v, window)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -331,6 +338,9 @@ class GPT(nn.Module):
         kv: a `nanofast.kv_cache.PagedBatch` for the inference engine: idx is then (1, N), the new
         tokens of several sequences flattened, each at its own position, attending to its pages of
         the KV cache; returns the logits (S, vocab_size) of kv.logits_rows only (of every row if None).
+        Or a `nanofast.prefix_tree.PrefixTree`: idx (1, N) is sequences packed as prefix trees (each
+        token at its position, after its parent, attending to its ancestors), differentiable; the
+        head then takes kv.logits_rows only, with targets (M,) aligned to them.
         """
         B, T = idx.shape
         dtype = self.compute_dtype
@@ -343,8 +353,8 @@ class GPT(nn.Module):
         x = ops.norm(self.transformer.wte(idx).to(dtype))
         # Smear: a gated copy of the previous token's embedding, cheap bigram information.
         if kv is not None:
-            # Each sequence's previous token comes with the batch (the last token of the previous
-            # step or chunk): recomputing its normed embedding is one row gather, no state to keep.
+            # Each token's previous token comes with the batch (the engine's last token of the
+            # previous step or chunk, the tree's parent): its normed embedding is one row gather.
             prev = ops.norm(self.transformer.wte(kv.prev_tokens[None]).to(dtype))
             gate = self.smear_lambda.to(dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
             x = x + gate * prev * kv.has_prev[None, :, None].to(dtype)
@@ -362,7 +372,7 @@ class GPT(nn.Module):
                 x_mid = x
         # Backout: remove the cached mid-depth residual (low-level features) before the head.
         x = x - self.backout_lambda.to(dtype) * x_mid
-        if kv is not None:  # only the rows the engine samples from
+        if kv is not None:  # only the rows the engine samples from / the tree's trained tokens
             x = x[0] if kv.logits_rows is None else x[0, kv.logits_rows]
         x = ops.norm(x)
         head, V = self.lm_head, self.config.vocab_size

@@ -16,13 +16,15 @@ tiles: in bf16 that gap is large enough to bias the policy gradient (arXiv 2510.
 Each step reports mean |logp_engine - logp_trainer| and the KL(engine || trainer) estimated on
 the sampled tokens (k3: E[r - 1 - log r], r = p_trainer / p_engine).
 
-Rows whose advantage is exactly 0 (every answer of a group got the same reward: all right or all
-wrong, the common case once the policy is good) add exactly 0 to the loss and to its gradient, so
-the policy step forwards only the others: the same update for a fraction of the work. Each row's
-forward depends on that row alone (causal attention, no batch statistics), and the training loop
-still divides by every sampled token of the step, so the step equals the full batch's up to the
-GEMMs' rounding. The mismatch statistics are then measured on the rows that are trained, the ones
-whose gradient the mismatch biases.
+Answers whose advantage is exactly 0 (every answer of a group got the same reward: all right or
+all wrong, the common case once the policy is good) add exactly 0 to the loss and to its gradient,
+so the policy step forwards only the others, and packs them (`step_batch`): per question a prefix
+tree (`nanofast.prefix_tree`) with the prompt once and each answer a branch from its last token,
+each token at its own position attending to its ancestors, no padding. Each answer's tokens get
+the log-probabilities its own padded row gives them (causal attention, no batch statistics), and
+the training loop still divides by every sampled token of the step, so the step equals the full
+padded batch's (`grpo_loss`, the reference) up to the GEMMs' rounding. The mismatch statistics
+are measured on the trained tokens, the ones whose gradient the mismatch biases.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch
 
 from nanofast.engine import Engine, SamplingParams
 from nanofast.model import GPT
+from nanofast.prefix_tree import PrefixTree, pack_prefix_tree
 from nanofast.tokenizer import Tokenizer
 
 
@@ -122,27 +125,62 @@ def grpo_loss(model: GPT, x: torch.Tensor, y: torch.Tensor, advantages: torch.Te
 
 @dataclass
 class PolicyBatch:
-    """The inputs of one RL micro-batch (its targets travel beside it, as the loop's loaders do)."""
-    x: torch.Tensor                # (N, T) prompts + sampled answers, right-padded
-    advantages: torch.Tensor       # (N,)
-    engine_logprobs: torch.Tensor  # (N, T) the sampler's log p of each target, 0 elsewhere
+    """The inputs of one RL micro-batch: the answers whose advantage is not 0, packed as prefix trees
+    (`nanofast.prefix_tree`): per question its prompt once, each answer a branch from the prompt's
+    last token. The head takes only the sampled tokens. Its targets travel beside it, as the loop's
+    loaders do."""
+    idx: torch.Tensor              # (1, N) the packed tokens
+    tree: PrefixTree               # their layout; tree.logits_rows (M,): the packed row predicting each token below
+    targets: torch.Tensor          # (M,) int64 the sampled tokens of the trained answers
+    advantages: torch.Tensor       # (M,) each one's answer's advantage
+    engine_logprobs: torch.Tensor  # (M,) the sampler's log p of each
+    tokens: int                    # M; 0 when no answer has an advantage (then one 0-weighted token stands in)
     reward: float                  # the mean reward of the batch's answers
-    rows: torch.Tensor             # (M,) int64, the rows the policy step forwards: advantage != 0 (row 0 if none)
-    width: int                     # the longest of those rows: positions past it are padding for all of them
-    trained: float                 # the share of the batch's rows with advantage != 0
+    trained: float                 # the share of the batch's answers with advantage != 0
+    packed: float                  # N over the tokens those answers forward as padded rows (the work kept)
 
 
-def step_batch(rolls: list[Rollout], pad_id: int, device: torch.device) -> tuple[PolicyBatch, torch.Tensor]:
-    """The policy step's batch of `rolls` and its targets (N, T): every row, so that the training
-    loop counts every sampled token, with the rows to forward, those whose advantage is not 0."""
-    x, y, advantages, engine_lp = policy_batch(rolls, pad_id, device)
-    # Decided on the host, from the rewards: no device sync. One row stays when no row counts,
-    # so that the step still has a graph (every gradient 0, not missing) and statistics.
-    live = [i for i, r in enumerate(rolls) if r.advantage != 0.0]
-    rows = live or [0]
-    width = max(len(rolls[i].prompt) + len(rolls[i].tokens) for i in rows) - 1
-    return (PolicyBatch(x, advantages, engine_lp, sum(r.reward for r in rolls) / len(rolls),
-                        torch.tensor(rows, device=device), width, len(live) / len(rolls)), y)
+def step_batch(rolls: list[Rollout], device: torch.device) -> tuple[PolicyBatch, torch.Tensor]:
+    """The policy step's packed batch of `rolls` and the step's targets: every sampled token of every
+    answer (K,), which the training loop counts to normalise the loss, trained or not.
+
+    Answers that follow one another with the same prompt (a question's group) share it in one tree.
+    Only answers whose advantage is not 0 are packed (decided on the host, from the rewards: no
+    device sync); when none has one, the first answer stands in with weight 0, so that the step
+    still has a graph (every gradient 0, not missing) and statistics."""
+    live = [i for i, r in enumerate(rolls) if r.advantage != 0.0] or [0]
+    groups: list[list[int]] = []
+    for i in live:
+        if groups and rolls[groups[-1][-1]].prompt == rolls[i].prompt:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    # row i's inputs are prompt + answer minus the last token; input t predicts answer[t - P + 1]
+    idx, tree, rows = pack_prefix_tree([[(rolls[i].prompt + rolls[i].tokens)[:-1] for i in g] for g in groups],
+                                       device)
+    head, targets, advantages, engine_lp = [], [], [], []
+    for g, group_rows in zip(groups, rows):
+        for i, seq_rows in zip(g, group_rows):
+            r = rolls[i]
+            start = len(r.prompt) - 1
+            for j, (tok, trained, lp) in enumerate(zip(r.tokens, r.trained, r.engine_logprobs)):
+                if trained:
+                    head.append(seq_rows[start + j])
+                    targets.append(tok)
+                    advantages.append(r.advantage)
+                    engine_lp.append(lp)
+    tokens = len(head)
+    if not tokens:  # nothing sampled in the packed answers: one token, weight 0
+        head, targets, advantages, engine_lp = [0], [int(idx[0, 0])], [0.0], [0.0]
+    tree.logits_rows = torch.tensor(head, device=device)
+    unpacked = sum(len(rolls[i].prompt) + len(rolls[i].tokens) - 1 for i in live)
+    sampled = [t for r in rolls for t, trained in zip(r.tokens, r.trained) if trained]
+    batch = PolicyBatch(idx, tree, torch.tensor(targets, device=device),
+                        torch.tensor(advantages, dtype=torch.float32, device=device),
+                        torch.tensor(engine_lp, dtype=torch.float32, device=device), tokens,
+                        sum(r.reward for r in rolls) / len(rolls),
+                        sum(r.advantage != 0.0 for r in rolls) / len(rolls), tree.num_tokens / unpacked)
+    return batch, torch.tensor(sampled, dtype=torch.long, device=device)
 
 
 def rollout_batches(model: GPT, tokenizer: Tokenizer, task: Any, *, start_step: int, questions: int, samples: int,
@@ -160,17 +198,21 @@ def rollout_batches(model: GPT, tokenizer: Tokenizer, task: Any, *, start_step: 
         indices = [(first + i) % len(task) for i in range(per_rank)]
         rolls = rollouts(model, tokenizer, task, indices, samples, max_new_tokens=max_new_tokens,
                          seed=seed + step * 7919 + rank)
-        batch, y = step_batch(rolls, tokenizer.bos_token_id, device)
+        batch, y = step_batch(rolls, device)
         step += 1
         yield batch, y, {"step": step}
 
 
 def policy_loss(model: GPT, batch: PolicyBatch, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """The training loop's loss_fn for RL: GRPO's loss summed over the sampled tokens, forwarding
-    only `batch.rows` (the others' advantage is 0: they add nothing), and the numbers each step
-    reports (mean reward, the share of rows trained, the sampler/trainer mismatch on those rows)."""
-    rows, width = batch.rows, batch.width
-    loss, stats = grpo_loss(model, batch.x[rows, :width], targets[rows, :width], batch.advantages[rows],
-                            batch.engine_logprobs[rows, :width], loss_reduction="sum")
-    return loss, {"reward": batch.reward, "rows_trained": batch.trained,
-                  "logp_abs_diff": stats["logp_abs_diff"], "kl_engine_trainer": stats["kl_engine_trainer"]}
+    """The training loop's loss_fn for RL: GRPO's loss summed over the sampled tokens of the packed
+    answers (the others' advantage is 0: they add nothing; `targets`, every sampled token, is what
+    the loop normalises by), and the numbers each step reports: mean reward, the share of answers
+    trained, the share of their padded tokens forwarded, the sampler/trainer mismatch on the
+    trained tokens. The same loss and gradients as `grpo_loss` on the padded batch, up to rounding."""
+    logp = -model(batch.idx, batch.targets, loss_reduction="none", kv=batch.tree).float()  # (M,) log p(target)
+    loss = -(batch.advantages * logp).sum()
+    with torch.no_grad():
+        diff = (logp - batch.engine_logprobs)[:batch.tokens]  # log(p_trainer / p_engine)
+        mismatch = (diff.abs().mean().item(), (diff.exp() - 1 - diff).mean().item()) if batch.tokens else (0.0, 0.0)
+    return loss, {"reward": batch.reward, "rows_trained": batch.trained, "tokens_forwarded": batch.packed,
+                  "logp_abs_diff": mismatch[0], "kl_engine_trainer": mismatch[1]}

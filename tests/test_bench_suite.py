@@ -16,7 +16,7 @@ def test_benchmarks_collect():
                  "test_bench_optimizer_step", "test_bench_rms_norm", "test_bench_qk_norm_rope",
                  "test_bench_paged_attention", "test_bench_engine", "test_bench_fp8_quant",
                  "test_bench_fp8_gemm", "test_bench_fp8_linear", "test_bench_cpu_memory",
-                 "test_bench_decode_linear", "test_bench_linear_cross_entropy"):
+                 "test_bench_decode_linear", "test_bench_linear_cross_entropy", "test_bench_policy_step"):
         assert any(name in line for line in collected), name
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 
 import pytest
 import torch
@@ -105,22 +106,24 @@ def _regroup(rolls: list[Rollout], rewards: list[float], samples: int) -> None:
 
 
 @pytest.mark.parametrize("mixed", [(0,), (2,), (0, 2)])
-def test_zero_advantage_rows_are_not_forwarded_and_the_update_is_the_full_batchs(tok, mixed):
-    """A group whose answers all got the same reward adds exactly 0: the policy step forwards only
-    the other groups' rows, cut to their longest, and the loss and every gradient equal the full
-    batch's up to the GEMMs' rounding (row counts differ). The targets stay whole, so the training
-    loop's normaliser still counts every sampled token."""
+def test_the_policy_step_packs_the_answers_with_advantage_and_its_update_is_the_padded_batchs(tok, mixed):
+    """A group whose answers all got the same reward adds exactly 0: the policy step packs only the
+    other groups' answers, each group's prompt once (nanofast.prefix_tree), and its loss and every
+    gradient equal the full padded batch's up to the GEMMs' rounding. The step's targets are every
+    sampled token, which the training loop counts to normalise."""
     task = load_task("arithmetic", "train", size=6)
     model = _model(tok)
     rolls = rollouts(model, tok, task, [0, 1, 2], samples=4, max_new_tokens=10, seed=2)
     rewards = [float(q in mixed and s % 2) if q in mixed else float(q == 1) for q in range(3) for s in range(4)]
     _regroup(rolls, rewards, 4)
-    batch, y = step_batch(rolls, tok.bos_token_id, torch.device("cpu"))
+    batch, y = step_batch(rolls, torch.device("cpu"))
     live = [i for i in range(12) if i // 4 in mixed]
-    assert batch.rows.tolist() == live and batch.trained == len(live) / 12
-    assert batch.width == max(len(rolls[i].prompt) + len(rolls[i].tokens) for i in live) - 1
     x, y_full, adv, elp = policy_batch(rolls, tok.bos_token_id, torch.device("cpu"))
-    assert torch.equal(y, y_full) and torch.equal(batch.x, x)
+    assert sorted(y.tolist()) == sorted(y_full[y_full >= 0].tolist())
+    assert batch.tokens == int((y_full[live] >= 0).sum()) and batch.trained == len(live) / 12
+    padded = sum(len(rolls[i].prompt) + len(rolls[i].tokens) - 1 for i in live)
+    shared = sum(len(rolls[i].prompt) for i in live) - len(rolls[0].prompt) * len(mixed)  # prompts beyond the first
+    assert batch.idx.size(1) <= padded - shared and batch.packed == batch.idx.size(1) / padded
 
     seen = []
 
@@ -129,29 +132,47 @@ def test_zero_advantage_rows_are_not_forwarded_and_the_update_is_the_full_batchs
         return model(inputs, targets, **kw)
 
     loss, stats = policy_loss(spy, batch, y)
-    assert seen == [(len(live), batch.width)] and stats["rows_trained"] == batch.trained
+    assert seen == [tuple(batch.idx.shape)] and stats["rows_trained"] == batch.trained
+    assert stats["tokens_forwarded"] == batch.packed
     loss.backward()
-    skipped = {n: p.grad.clone() for n, p in model.named_parameters()}
+    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    full, _ = grpo_loss(model, x, y, adv, elp, loss_reduction="sum")
+    full, full_stats = grpo_loss(model, x, y_full, adv, elp, loss_reduction="sum")
     full.backward()
     torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-6)
     for n, p in model.named_parameters():  # atol: a gradient that cancels to ~0 (backout_lambda's ~3e-7)
-        torch.testing.assert_close(skipped[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
-    assert any(g.abs().max() > 0 for g in skipped.values())
+        torch.testing.assert_close(packed[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert any(g.abs().max() > 0 for g in packed.values())
+    # the mismatch statistics are over the trained tokens: a sampler 0.25 nats off reads as such
+    batch.engine_logprobs += 0.25
+    _, stats = policy_loss(model, batch, y)
+    assert stats["logp_abs_diff"] == pytest.approx(0.25, abs=1e-5)
+    assert stats["kl_engine_trainer"] == pytest.approx(math.exp(-0.25) - 1 + 0.25, abs=1e-5)
 
 
-def test_a_batch_without_advantage_forwards_one_row_with_zero_gradients(tok):
+def test_a_batch_without_advantage_forwards_one_answer_with_zero_gradients(tok):
     task = load_task("arithmetic", "train", size=4)
     model = _model(tok)
     rolls = rollouts(model, tok, task, [0, 1], samples=3, max_new_tokens=6, seed=4)
     _regroup(rolls, [1.0, 1.0, 1.0, 0.0, 0.0, 0.0], 3)
-    batch, y = step_batch(rolls, tok.bos_token_id, torch.device("cpu"))
-    assert batch.rows.tolist() == [0] and batch.trained == 0.0
-    assert batch.width == len(rolls[0].prompt) + len(rolls[0].tokens) - 1
+    batch, y = step_batch(rolls, torch.device("cpu"))
+    assert batch.idx.size(1) == len(rolls[0].prompt) + len(rolls[0].tokens) - 1 and batch.trained == 0.0
+    assert y.numel() == sum(sum(r.trained) for r in rolls)
     loss, stats = policy_loss(model, batch, y)
     loss.backward()
     assert loss.item() == 0.0 and stats["rows_trained"] == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+def test_answers_whose_tokens_were_all_forced_train_nothing(tok):
+    model = _model(tok)
+    rolls = [Rollout(prompt=[1, 2, 3], tokens=[5, 6], trained=[False, False], engine_logprobs=[0.0, 0.0],
+                     reward=r, advantage=a) for r, a in ((1.0, 0.5), (0.0, -0.5))]
+    batch, y = step_batch(rolls, torch.device("cpu"))
+    assert batch.tokens == 0 and y.numel() == 0 and batch.idx.tolist() == [[1, 2, 3, 5]]  # both inputs, once
+    loss, stats = policy_loss(model, batch, y)
+    loss.backward()
+    assert loss.item() == 0.0 and stats["logp_abs_diff"] == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 

@@ -55,3 +55,18 @@ def test_bench_sampling(benchmark, rows, setting, impl):
     p = torch.full((rows,), top_p, device=DEVICE)
     filtered = bool(top_k) or top_p < 1.0
     benchmark(lambda: sample(logits, t, k, p, seeds, draws, filtered=filtered, candidates=top_k or None).tolist())
+
+
+@pytest.mark.parametrize("impl", ["ops.softcap_logits", "tanh"])
+@pytest.mark.parametrize("rows", BATCHES)
+def test_bench_softcap(benchmark, rows, impl):
+    """The logit softcap of a decode step's rows (inference): nanofast.ops.softcap_logits (on CPU
+    through sigmoid) against softcap * tanh(logits / softcap) as written, in place as the op does."""
+    from nanofast.ops import softcap_logits
+
+    logits = torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(0)).to(DEVICE) * 20
+    fn = softcap_logits if impl == "ops.softcap_logits" else lambda x, c=15.0: x.div(c).tanh_().mul_(c)
+    benchmark.group = f"softcap {rows}x{VOCAB} fp32 (inference)"
+    with torch.inference_mode():
+        torch.testing.assert_close(fn(logits), 15 * torch.tanh(logits / 15), rtol=0, atol=1e-5)
+        benchmark(fn, logits)

@@ -119,7 +119,7 @@ class DecodeGraphs:
         self.staging = torch.zeros((max_rows, cols), dtype=torch.float64, pin_memory=pin)
         self.steps: dict[tuple, Callable[[], torch.Tensor]] = {}
         self.captures = 0  # graphs captured or shapes compiled so far
-        self.last_key: tuple | None = None  # (bucket, width, sampling, candidates) of the last step: steps[last_key]
+        self.last_key: tuple | None = None  # (bucket, width, sampling, candidates, greedy rows) of the last step: steps[last_key]
         # replays its device work alone (the step benchmark's model time)
         self._weights: tuple | None = None
         self._pool = None
@@ -133,7 +133,7 @@ class DecodeGraphs:
         filtered, candidates = ranking([r.top_k for r in hot], [r.top_p for r in hot])  # as Engine._sample ranks
         sampling = "greedy" if not hot else "filtered" if filtered else "sample"
         self._stage(rows, B, W)
-        self.last_key = (B, W, sampling, candidates)
+        self.last_key = (B, W, sampling, candidates, len(hot) < S)
         out = self._step(self.last_key)()
         return [(int(t), lp) for t, lp in out[:S].tolist()]
 
@@ -172,10 +172,10 @@ class DecodeGraphs:
         return fn
 
     def _build(self, key: tuple) -> Callable[[], torch.Tensor]:
-        B, W, sampling, candidates = key
+        B, W, sampling, candidates, greedy_rows = key
         inputs = self.inputs[:B, :FIXED_COLUMNS + W]
         args = (self.model, self.cache.k, self.cache.v, inputs, self.model.cos_sin_cache(), self._splits(B, W),
-                sampling, candidates)
+                sampling, candidates, greedy_rows)
         if self.mode in ("eager", "exact"):
             return lambda: decode_forward(*args)
         self.captures += 1
@@ -217,13 +217,14 @@ class DecodeGraphs:
 
 def decode_forward(model: torch.nn.Module, k_cache: torch.Tensor, v_cache: torch.Tensor, inputs: torch.Tensor,
                    cos_sin: torch.Tensor, splits: dict[int, int] | None, sampling: str,
-                   candidates: int | None) -> torch.Tensor:
+                   candidates: int | None, greedy_rows: bool = True) -> torch.Tensor:
     """The static step itself, on tensors only (nothing read back on the host).
 
     model: the GPT; k_cache, v_cache: the engine's (layers, pages, page_size, Hkv, D) pools; inputs:
     (B, 11 + W) fp64 rows as `DecodeGraphs` stages them; cos_sin: model.cos_sin_cache(); splits:
     the bucket's split count per layer window (None on the torch path); sampling: "greedy",
-    "sample" or "filtered" (top-k / top-p, over the `candidates` most likely tokens, None: all).
+    "sample" or "filtered" (top-k / top-p, over the `candidates` most likely tokens, None: all);
+    greedy_rows: whether some real row is greedy among sampled ones (padding rows' tokens are unused).
     Returns (B, 2) fp64 [token, log-probability]. Module level, with every tensor an argument, so
     that one compilation per shape serves every engine of the same model and pool size."""
     ints = inputs.to(torch.int64)
@@ -239,7 +240,7 @@ def decode_forward(model: torch.nn.Module, k_cache: torch.Tensor, v_cache: torch
     else:
         token = sample(logits, inputs[:, TEMPERATURE].float(), ints[:, TOP_K], inputs[:, TOP_P].float(),
                        ints[:, SEED_LO:SEED_HI + 1], ints[:, DRAW], filtered=sampling == "filtered",
-                       candidates=candidates)
+                       candidates=candidates, greedy_rows=greedy_rows)
     logprob = torch.log_softmax(logits.float(), dim=-1).gather(1, token[:, None])[:, 0]
     return torch.stack([token.double(), logprob.double()], dim=1)
 

@@ -437,7 +437,7 @@ class Engine:
             filtered, candidates = ranking(limits, [seq.params.top_p for seq in drawn])
             picked = sample(rows if len(hot) == S else rows[hot], settings[:, 0].float(), settings[:, 1].long(),
                             settings[:, 2].float(), settings[:, 3:5].long(), settings[:, 5].long(),
-                            filtered=filtered, candidates=candidates)
+                            filtered=filtered, candidates=candidates, greedy_rows=False)
             if len(hot) == S:
                 out = picked
             else:

@@ -79,7 +79,7 @@ def ranking(top_ks: list[int], top_ps: list[float]) -> tuple[bool, int | None]:
 
 
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor, draws: Tensor,
-           filtered: bool = True, candidates: int | None = None) -> Tensor:
+           filtered: bool = True, candidates: int | None = None, greedy_rows: bool = True) -> Tensor:
     """Sample one token per row.
 
     logits: (S, V) float, penalties already applied. temperature: (S,) fp32, 0 = greedy (argmax of
@@ -89,7 +89,8 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, se
     (S, 2) int64 (`seed_halves`); draws: (S,) int64. filtered=False skips the ranking when no row
     has a top-k or top-p limit. candidates: how many of each row's most likely tokens can survive
     the limits (the largest top_k when every row has one: a partial top-k instead of a full sort
-    of V), None for V. Returns (S,) int64 token ids.
+    of V), None for V. greedy_rows=False: no row's token is used where temperature is 0 (none is
+    greedy, or those rows are padding), so their argmax is skipped. Returns (S,) int64 token ids.
     """
     S, V = logits.shape
     greedy = temperature == 0
@@ -109,6 +110,6 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, se
     u = uniforms(seeds, draws) * cdf[:, -1]
     token = torch.searchsorted(cdf, u[:, None], right=True)[:, 0]
     # fp32 rounding can put u at the very top of the cdf: take the last token that has mass then
-    last = V - 1 - torch.argmax(torch.flip(probs > 0, dims=[1]).to(torch.uint8), dim=-1)
+    last = torch.where(probs > 0, torch.arange(V, dtype=torch.int32, device=x.device), -1).amax(dim=-1)
     token = torch.minimum(token, last)
-    return torch.where(greedy, logits.argmax(dim=-1), token)
+    return torch.where(greedy, logits.argmax(dim=-1), token) if greedy_rows else token

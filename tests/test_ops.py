@@ -92,6 +92,18 @@ def test_softcap_cross_entropy_matches_manual_and_ignores():
     assert ops.softcap_logits(logits).abs().max() < 15
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_softcap_logits_is_the_tanh_cap_and_leaves_its_input(grad):
+    # inference on CPU computes it through sigmoid (faster there): within 1e-5 of tanh's, any range
+    logits = torch.cat([torch.linspace(-400, 400, 4001), torch.linspace(-1e-3, 1e-3, 101)])[None].repeat(3, 1)
+    before = logits.clone()
+    with torch.set_grad_enabled(grad):
+        capped = ops.softcap_logits(logits)
+    assert torch.equal(logits, before)
+    torch.testing.assert_close(capped.double(), 15 * torch.tanh(logits.double() / 15), rtol=0, atol=1e-5)
+    assert capped.abs().max() <= 15  # (near 0 sigmoid rounds to 1/2: an absolute error, within the bound)
+
+
 def test_linear_casts_master_weight_to_activation_dtype():
     w = torch.randn(6, 4)
     x = torch.randn(3, 4, dtype=torch.bfloat16)

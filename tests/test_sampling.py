@@ -78,6 +78,30 @@ def test_top_k_top_p_and_greedy():
     assert torch.equal(greedy, torch.randn(5, 11, generator=torch.Generator().manual_seed(0)).argmax(-1))
 
 
+def test_a_uniform_at_the_top_of_the_cdf_takes_the_last_token_with_mass(monkeypatch):
+    """fp32 rounding can put u * total at the cdf's very top, past every token: the draw then takes
+    the row's last token (in vocabulary order) that has probability, never a filtered or
+    underflowed one."""
+    import nanofast.sampling as sampling
+
+    monkeypatch.setattr(sampling, "uniforms", lambda seeds, draws: torch.ones(seeds.size(0)))
+    assert _draw(LOGITS, [0], [0], top_k=2).tolist() == [6]  # kept: 0 (2.0) and 6 (1.5)
+    # at temperature 0.01 every token but index 1 underflows to probability 0
+    assert _draw(torch.tensor([0.0, 5.0, -100.0, -100.0]), [0], [0], temperature=0.01).tolist() == [1]
+
+
+def test_greedy_rows_false_skips_the_argmax_and_changes_nothing_else():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(2)) * 3
+    t = torch.tensor([1.0, 0.0, 0.7, 1.0])
+    args = (torch.zeros(4, dtype=torch.int64), torch.ones(4), seed_halves([3, 4, 5, 6], "cpu"), torch.arange(4))
+    both, hot_only = sample(logits, t, *args, filtered=False), sample(logits, t, *args, filtered=False, greedy_rows=False)
+    assert both[1] == logits[1].argmax()
+    keep = torch.tensor([True, False, True, True])
+    assert torch.equal(both[keep], hot_only[keep])
+    # the temperature-0 row was drawn as at temperature 1: its token is unused when no row is greedy
+    assert hot_only[1] == sample(logits, torch.ones(4), *args, filtered=False)[1]
+
+
 def test_a_rows_token_does_not_depend_on_the_batch_around_it():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(9, 50, generator=g) * 2

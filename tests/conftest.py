@@ -9,6 +9,13 @@ import pytest
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests import benchmark modules (bench/) whose marks bench/conftest.py registers for its own
+    # runs: registered here too, for the test session that imports them.
+    config.addinivalue_line("markers", "expensive: long on a CPU machine (bench/conftest.py)")
+
+
 # Every process this session starts inherits this mark in its environment (the tests' subprocess
 # environments are copies of os.environ), so that one left running is found at the session's end
 # even after its parent died and it was reparented out of this process's tree (a torchrun rank

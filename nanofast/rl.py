@@ -137,7 +137,7 @@ class PolicyBatch:
     tokens: int                    # M; 0 when no answer has an advantage (then one 0-weighted token stands in)
     reward: float                  # the mean reward of the batch's answers
     trained: float                 # the share of the batch's answers with advantage != 0
-    packed: float                  # N over the tokens those answers forward as padded rows (the work kept)
+    packed: float                  # N over those answers' own tokens (prompt + answer each, no padding)
 
 
 def step_batch(rolls: list[Rollout], device: torch.device) -> tuple[PolicyBatch, torch.Tensor]:
@@ -171,7 +171,7 @@ def step_batch(rolls: list[Rollout], device: torch.device) -> tuple[PolicyBatch,
                     engine_lp.append(lp)
     tokens = len(head)
     if not tokens:  # nothing sampled in the packed answers: one token, weight 0
-        head, targets, advantages, engine_lp = [0], [int(idx[0, 0])], [0.0], [0.0]
+        head, targets, advantages, engine_lp = [0], [rolls[live[0]].prompt[0]], [0.0], [0.0]
     tree.logits_rows = torch.tensor(head, device=device)
     unpacked = sum(len(rolls[i].prompt) + len(rolls[i].tokens) - 1 for i in live)
     sampled = [t for r in rolls for t, trained in zip(r.tokens, r.trained) if trained]
@@ -207,7 +207,7 @@ def policy_loss(model: GPT, batch: PolicyBatch, targets: torch.Tensor) -> tuple[
     """The training loop's loss_fn for RL: GRPO's loss summed over the sampled tokens of the packed
     answers (the others' advantage is 0: they add nothing; `targets`, every sampled token, is what
     the loop normalises by), and the numbers each step reports: mean reward, the share of answers
-    trained, the share of their padded tokens forwarded, the sampler/trainer mismatch on the
+    trained, the share of their own tokens forwarded, the sampler/trainer mismatch on the
     trained tokens. The same loss and gradients as `grpo_loss` on the padded batch, up to rounding."""
     logp = -model(batch.idx, batch.targets, loss_reduction="none", kv=batch.tree).float()  # (M,) log p(target)
     loss = -(batch.advantages * logp).sum()

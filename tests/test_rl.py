@@ -121,9 +121,9 @@ def test_the_policy_step_packs_the_answers_with_advantage_and_its_update_is_the_
     x, y_full, adv, elp = policy_batch(rolls, tok.bos_token_id, torch.device("cpu"))
     assert sorted(y.tolist()) == sorted(y_full[y_full >= 0].tolist())
     assert batch.tokens == int((y_full[live] >= 0).sum()) and batch.trained == len(live) / 12
-    padded = sum(len(rolls[i].prompt) + len(rolls[i].tokens) - 1 for i in live)
-    shared = sum(len(rolls[i].prompt) for i in live) - len(rolls[0].prompt) * len(mixed)  # prompts beyond the first
-    assert batch.idx.size(1) <= padded - shared and batch.packed == batch.idx.size(1) / padded
+    own = sum(len(rolls[i].prompt) + len(rolls[i].tokens) - 1 for i in live)  # their rows' tokens, no padding
+    shared = sum(len(rolls[i].prompt) for i in live) - sum(len(rolls[4 * q].prompt) for q in mixed)  # repeated prompts
+    assert batch.idx.size(1) <= own - shared and batch.packed == batch.idx.size(1) / own
 
     seen = []
 

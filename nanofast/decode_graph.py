@@ -133,7 +133,10 @@ class DecodeGraphs:
         filtered, candidates = ranking([r.top_k for r in hot], [r.top_p for r in hot])  # as Engine._sample ranks
         sampling = "greedy" if not hot else "filtered" if filtered else "sample"
         self._stage(rows, B, W)
-        self.last_key = (B, W, sampling, candidates, len(hot) < S)
+        # Uncaptured, a step whose rows all sample skips the greedy argmax; a captured step keeps one
+        # graph / compilation per shape with the argmax in it rather than one more per shape.
+        greedy_rows = len(hot) < S or self.mode in ("graph", "compile")
+        self.last_key = (B, W, sampling, candidates, greedy_rows)
         out = self._step(self.last_key)()
         return [(int(t), lp) for t, lp in out[:S].tolist()]
 

@@ -36,7 +36,6 @@ class PrefixTree:
     prev_tokens: torch.Tensor  # (N,) int64 its parent's token (any id at a root)
     has_prev: torch.Tensor     # (N,) bool: not a root (the smear applies)
     query_rows: torch.Tensor   # (S, Q) int64 packed rows a block queries (padding repeats its last query)
-    query_pos: torch.Tensor    # (S, Q, 1) int64 their positions
     key_rows: torch.Tensor     # (S, K) int64 the block's sequence from its root: key j at position j (padding: the root)
     slots: torch.Tensor        # (N,) int64 each packed row's query slot in the flattened (S * Q) blocks
     logits_rows: torch.Tensor | None = None  # (M,) int64 rows whose outputs go through the head; None: all
@@ -53,10 +52,11 @@ class PrefixTree:
         mask = self.masks.get(window)
         if mask is None:
             reach = vendor.left_window(window)
+            query_pos = self.positions[self.query_rows][:, :, None]  # (S, Q, 1)
             key_pos = torch.arange(self.key_rows.size(1), device=self.key_rows.device)
-            mask = key_pos <= self.query_pos  # causal on the path; keys past the path's end are past every query
+            mask = key_pos <= query_pos  # causal on the path; keys past the path's end are past every query
             if reach is not None:
-                mask &= key_pos >= self.query_pos - reach
+                mask &= key_pos >= query_pos - reach
             mask = self.masks[window] = mask[:, None]
         qb = q[0][self.query_rows].transpose(1, 2)  # (S, Hq, Q, D)
         kb, vb = (t[0][self.key_rows].transpose(1, 2) for t in (k, v))  # (S, Hkv, K, D)
@@ -104,21 +104,19 @@ def pack_prefix_tree(groups: list[list[list[int]]], device: torch.device | str =
     Q = max(len(path) - own for path, own in blocks)
     K = max(len(path) for path, _ in blocks)
     query_rows = torch.empty((S, Q), dtype=torch.int64)
-    query_pos = torch.empty((S, Q), dtype=torch.int64)
     key_rows = torch.empty((S, K), dtype=torch.int64)
     slots = torch.empty(N, dtype=torch.int64)
     for b, (path, own) in enumerate(blocks):
         n = len(path) - own
-        pos = torch.arange(own, own + Q).clamp_max(len(path) - 1)  # padded queries repeat the last one
-        query_pos[b] = pos
-        query_rows[b] = torch.tensor(path)[pos]
-        key_rows[b] = torch.tensor(path + [path[0]] * (K - len(path)))
-        slots[torch.tensor(path[own:])] = b * Q + torch.arange(n)
+        path_rows = torch.tensor(path)
+        query_rows[b] = path_rows[torch.arange(own, own + Q).clamp_max(len(path) - 1)]  # padding repeats the last
+        key_rows[b, :len(path)], key_rows[b, len(path):] = path_rows, path[0]
+        slots[path_rows[own:]] = b * Q + torch.arange(n)
     parent_rows = torch.tensor(parents)
     has_prev = parent_rows >= 0
     idx = torch.tensor(tokens, dtype=torch.int64)
     prev = torch.where(has_prev, idx[parent_rows.clamp_min(0)], idx)
     tree = PrefixTree(positions=torch.tensor(depths).to(device), prev_tokens=prev.to(device),
-                      has_prev=has_prev.to(device), query_rows=query_rows.to(device),
-                      query_pos=query_pos[:, :, None].to(device), key_rows=key_rows.to(device), slots=slots.to(device))
+                      has_prev=has_prev.to(device), query_rows=query_rows.to(device), key_rows=key_rows.to(device),
+                      slots=slots.to(device))
     return idx[None].to(device), tree, rows

@@ -178,6 +178,17 @@ def test_compiled_static_step_equals_the_general_path():
         engine = Engine(model, page_size=16, decode_step="compile", **kw)
         assert engine.generate(prompts, params) == want
         assert engine.stats["static_steps"] > 0 and engine.graphs.captures == len(engine.graphs.steps) > 0
+        assert all(greedy_rows for *_, greedy_rows in engine.graphs.steps)  # captured: one shape, argmax in it
+
+
+def test_an_uncaptured_step_whose_rows_all_sample_skips_the_greedy_argmax():
+    model = _model(2)
+    prompts = _prompts(3, seed=5)
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=4)
+    want, _ = _run(model, prompts, params, "off")
+    got, engine = _run(model, prompts, params, "exact")
+    assert got == want and engine.stats["static_steps"] > 0
+    assert not any(greedy_rows for *_, greedy_rows in engine.graphs.steps)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (CPU siblings: the eager and "
